@@ -1,0 +1,3 @@
+from heavyranker.cli import main
+
+raise SystemExit(main())

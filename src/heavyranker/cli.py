@@ -1,0 +1,202 @@
+"""`heavyranker <command>`: one entry point for every job. Handlers are thin: parse, load the
+config, call the library function that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from .config import Config, ConfigError, dump_config, load_config
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.set)
+
+
+def _config_validate(args: argparse.Namespace) -> int:
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def _data_generate(args: argparse.Namespace) -> int:
+    from .data.synthetic import generate_for_config
+
+    generate_for_config(
+        _load(args), out=args.out, examples=args.examples, files=args.files, seed=args.seed,
+        downsampled_split=args.downsampled_split,
+    )
+    return 0
+
+
+def _data_dump(args: argparse.Namespace) -> int:
+    from .data.dump import dump_batches
+
+    dump_batches(_load(args), split=args.split, inputs=args.inputs, batches=args.batches,
+                 shuffle=not args.no_shuffle, out=args.out)
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    from .data.stats import write_feature_stats
+
+    write_feature_stats(_load(args), out=args.out, batches=args.batches)
+    return 0
+
+
+def _model_summary(args: argparse.Namespace) -> int:
+    from .model.summary import print_summary
+
+    print_summary(_load(args))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1:
+        from .train.distributed import launch_torchrun
+
+        return launch_torchrun(sys.argv[1:], nproc=args.nproc)
+    from .train.loop import train
+
+    train(_load(args), amp=args.amp)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .eval.evaluator import evaluate_command
+
+    evaluate_command(_load(args), checkpoint=args.checkpoint, watch=args.watch, split=args.split)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .serve.export import export_model
+
+    export_model(_load(args), checkpoint=args.checkpoint, out=args.out)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .serve.predict import predict_files
+
+    predict_files(model_dir=args.model, inputs=args.inputs, out=args.out, batch_size=args.batch_size)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve.app import run_server
+
+    run_server(model_dir=args.model, host=args.host, port=args.port)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.config, overrides=args.set)
+    return 0
+
+
+def _with_config(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        parser.add_argument("config", help="the YAML config")
+    else:
+        parser.add_argument("--config", "-c", required=True, help="the YAML config")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="DOTTED.PATH=VALUE",
+        help="override a config value (parsed as YAML); repeatable; keys may contain dots",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heavyranker", description="Train, evaluate and serve a heavy ranker.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(parent: argparse._SubParsersAction, name: str, help: str, handler: Callable) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    config = commands.add_parser("config", help="config tools").add_subparsers(dest="sub", required=True)
+    _with_config(command(config, "validate", "print the resolved config, or what is wrong with it", _config_validate),
+                 positional=True)
+
+    data = commands.add_parser("data", help="data tools").add_subparsers(dest="sub", required=True)
+    p = command(data, "generate", "write synthetic data with a planted truth for the config's splits", _data_generate)
+    _with_config(p)
+    p.add_argument("--out", help="folder (default: where the config's globs point)")
+    p.add_argument("--examples", type=int, default=20000, help="examples per split")
+    p.add_argument("--files", type=int, default=4, help="files per split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--downsampled-split", action="store_true",
+                   help="downsample each validation split's negatives at its configured rates")
+    p = command(data, "dump", "write the arrays of some batches to an .npz for inspection", _data_dump)
+    _with_config(p)
+    p.add_argument("--split", default="train", help="train, or a validation split name")
+    p.add_argument("--inputs", help="a glob that replaces the split's inputs")
+    p.add_argument("--batches", type=int, default=1)
+    p.add_argument("--no-shuffle", action="store_true")
+    p.add_argument("--out", required=True, help="FILE.npz")
+    p = command(data, "stats", "per-feature statistics for z_score_log featurization", _data_stats)
+    _with_config(p)
+    p.add_argument("--out", required=True, help="FILE.json")
+    p.add_argument("--batches", type=int, default=100, help="training batches to read")
+
+    model = commands.add_parser("model", help="model tools").add_subparsers(dest="sub", required=True)
+    _with_config(command(model, "summary", "each module with its parameter count", _model_summary))
+
+    p = command(commands, "train", "train the model (resumes from save_dir)", _train)
+    _with_config(p)
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--nproc", type=int, default=0, help="launch this many processes with torchrun")
+
+    p = command(commands, "evaluate", "metrics of a checkpoint on each validation split", _evaluate)
+    _with_config(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="a checkpoint (default: the newest in save_dir)")
+    which.add_argument("--watch", action="store_true", help="evaluate each new checkpoint as it appears")
+    p.add_argument("--split", help="only this validation split")
+
+    p = command(commands, "export", "write a self-contained scoring artifact", _export)
+    _with_config(p)
+    p.add_argument("--checkpoint", help="a checkpoint (default: the newest in save_dir)")
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = command(commands, "predict", "score TFRecord files with an exported model", _predict)
+    p.add_argument("--model", required=True, help="an exported model folder")
+    p.add_argument("--inputs", required=True, help="a glob of TFRecord files")
+    p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
+    p.add_argument("--batch-size", type=int, default=1024)
+
+    p = command(commands, "serve", "HTTP ranking service for an exported model", _serve)
+    p.add_argument("--model", required=True, help="an exported model folder")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)
+    _with_config(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.handler(args)
+    except ConfigError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130

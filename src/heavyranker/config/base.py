@@ -1,0 +1,48 @@
+"""Shared pieces of the config models: strictness, one-of groups, paths relative to the YAML."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from pydantic_core import PydanticCustomError
+
+
+class StrictModel(BaseModel):
+    """Every config section: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def exactly_one_of(model: BaseModel, *fields: str) -> str:
+    """Return the one field of `fields` that is set; raise a readable error otherwise."""
+    chosen = [f for f in fields if getattr(model, f) is not None]
+    if len(chosen) != 1:
+        got = ", ".join(chosen) if chosen else "none"
+        raise PydanticCustomError(
+            "one_of", "exactly one of {fields} must be set (got: {got})", {"fields": ", ".join(fields), "got": got}
+        )
+    return chosen[0]
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    """Relative paths (and globs) are relative to the folder of the YAML file that names them."""
+    base = (info.context or {}).get("base_dir")
+    if base is None or Path(value).is_absolute():
+        return value
+    return os.path.normpath(os.path.join(base, value))
+
+
+def _must_exist(value: str, info: ValidationInfo) -> str:
+    if not Path(value).is_file():
+        raise PydanticCustomError("file_not_found", "file not found: {path}", {"path": value})
+    return value
+
+
+# A path in the config, resolved against the YAML file's folder.
+ConfigPath = Annotated[str, AfterValidator(_resolve_path)]
+# The same, and the file must exist when the config is loaded.
+ExistingFile = Annotated[str, AfterValidator(_resolve_path), AfterValidator(_must_exist)]
+

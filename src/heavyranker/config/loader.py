@@ -1,0 +1,203 @@
+"""Reading a config: YAML (anchors, merge keys), ${VAR} from the environment, --set overrides,
+validation, and errors that say `FILE: dotted.path: what is wrong`."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .root import Config, Problem, cross_check
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(Exception):
+    """A config a user must fix; `problems` holds one (dotted path, message) per problem."""
+
+    def __init__(self, file: str, problems: list[Problem]):
+        self.file = file
+        self.problems = problems
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{self.file}: {path}: {message}" if path else f"{self.file}: {message}" for path, message in self.problems]
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Load, substitute, override and validate the YAML at `path`."""
+    path = Path(path)
+    data = _read_yaml(path)
+    for override in overrides or []:
+        _apply_override(data, override, str(path))
+    try:
+        config = Config.model_validate(data, context={"base_dir": str(path.resolve().parent)})
+    except ValidationError as e:
+        raise ConfigError(str(path), [_describe(error) for error in e.errors()]) from None
+    problems = cross_check(config)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config (defaults filled) as YAML."""
+    data = config.model_dump(mode="json")
+    data["serving"]["engagement_weights"] = config.engagement_weights
+    return yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(str(path), [("", f"cannot read the config: {e.strerror}")]) from None
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise ConfigError(str(path), [("", "the file is empty")])
+            _substitute_env(node, loader, str(path))
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [("", f"not valid YAML: {e}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [("", "the top level must be a mapping of sections (training, model, ...)")])
+    return _unshare(data)
+
+
+def _substitute_env(node: yaml.Node, loader: yaml.SafeLoader, file: str, seen: set[int] | None = None) -> None:
+    """Replace ${VAR} in every scalar, before the document is built, so the error can name the line."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: already done
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        if "${" not in node.value:
+            return
+
+        def value_of(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(file, [(f"line {node.start_mark.line + 1}", f"environment variable {name} is not set")])
+            return os.environ[name]
+
+        node.value = _ENV_VAR.sub(value_of, node.value)
+        if node.style is None:  # a plain scalar: let `${STEPS}` -> `100` become an int again
+            node.tag = loader.resolve(yaml.ScalarNode, node.value, (True, False))
+    elif isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _substitute_env(child, loader, file, seen)
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            _substitute_env(key, loader, file, seen)
+            _substitute_env(value, loader, file, seen)
+
+
+def _unshare(value: Any) -> Any:
+    """A copy in which YAML aliases no longer share objects, so an override changes one place only."""
+    if isinstance(value, dict):
+        return {k: _unshare(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshare(v) for v in value]
+    return value
+
+
+def _apply_override(data: dict[str, Any], override: str, file: str) -> None:
+    """`a.b.c=value`, value parsed as YAML. Keys may contain dots (task names): at each level the
+    longest run of segments that names an existing key wins."""
+    dotted, sep, raw = override.partition("=")
+    if not sep or not dotted:
+        raise ConfigError(file, [("--set", f"{override!r} is not of the form dotted.path=value")])
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(file, [("--set", f"{override!r}: the value is not valid YAML: {e}")]) from None
+    segments = dotted.split(".")
+    node = data
+    while True:
+        if not isinstance(node, dict):
+            raise ConfigError(file, [(dotted, "--set goes through a value that is not a mapping")])
+        key, used = _longest_key(node, segments)
+        segments = segments[used:]
+        if not segments:
+            node[key] = value
+            return
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+
+
+def _longest_key(node: dict[str, Any], segments: list[str]) -> tuple[str, int]:
+    for n in range(len(segments), 0, -1):
+        key = ".".join(segments[:n])
+        if key in node:
+            return key, n
+    return segments[0], 1
+
+
+def _describe(error: dict[str, Any]) -> Problem:
+    loc = error["loc"]
+    path = _dotted(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return path, "unknown field" + _suggestion(loc)
+    if kind == "missing":
+        return path, "required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind not in ("one_of",) and not isinstance(error.get("input"), dict | list):
+        message += f" (got {error.get('input')!r:.80})"
+    return path, message
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    """Name the allowed fields of the section that holds the unknown one, closest first."""
+    model = _model_at(Config, loc[:-1])
+    if model is None:
+        return ""
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f" (allowed: {', '.join(allowed)}){hint}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk the config classes along an error location (through dicts, lists and optionals)."""
+    annotation: Any = model
+    for part in loc:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return None
+            annotation = field.annotation
+        else:
+            annotation = _element_type(annotation)
+        annotation = _strip_optional(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _strip_optional(annotation: Any) -> Any:
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if len(args) == 1 and type(None) in getattr(annotation, "__args__", ()):
+        return args[0]
+    return annotation
+
+
+def _element_type(annotation: Any) -> Any:
+    args = getattr(annotation, "__args__", ())
+    return args[-1] if args else None

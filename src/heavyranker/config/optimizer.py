@@ -1,0 +1,81 @@
+"""`optimizer:` — Adam and one learning-rate schedule per tower (or one for everything)."""
+
+from __future__ import annotations
+
+from pydantic import Field, PositiveInt, model_validator
+from pydantic_core import PydanticCustomError
+
+from .base import StrictModel, exactly_one_of
+
+
+class PiecewiseConstant(StrictModel):
+    learning_rate_boundaries: list[int]
+    learning_rate_values: list[float]
+
+    @model_validator(mode="after")
+    def _lists_fit(self) -> PiecewiseConstant:
+        b, v = self.learning_rate_boundaries, self.learning_rate_values
+        if len(v) != len(b) + 1:
+            raise PydanticCustomError(
+                "piecewise",
+                "learning_rate_values needs one more entry than learning_rate_boundaries (got {nv} values for "
+                "{nb} boundaries)",
+                {"nv": len(v), "nb": len(b)},
+            )
+        if any(later <= earlier for earlier, later in zip(b, b[1:], strict=False)):
+            raise PydanticCustomError("piecewise", "learning_rate_boundaries must be strictly increasing", {})
+        return self
+
+
+class LinearRampToConstant(StrictModel):
+    learning_rate: float
+    num_ramp_steps: PositiveInt
+
+
+class LinearRampToCosine(StrictModel):
+    learning_rate: float
+    final_learning_rate: float
+    num_ramp_steps: PositiveInt
+    final_num_steps: PositiveInt
+
+    @model_validator(mode="after")
+    def _decay_after_ramp(self) -> LinearRampToCosine:
+        if self.final_num_steps <= self.num_ramp_steps:
+            raise PydanticCustomError("cosine", "final_num_steps must be greater than num_ramp_steps", {})
+        return self
+
+
+class LearningRate(StrictModel):
+    constant: float | None = None
+    linear_ramp_to_constant: LinearRampToConstant | None = None
+    linear_ramp_to_cosine: LinearRampToCosine | None = None
+    piecewise_constant: PiecewiseConstant | None = None
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> LearningRate:
+        exactly_one_of(self, "constant", "linear_ramp_to_constant", "linear_ramp_to_cosine", "piecewise_constant")
+        return self
+
+
+class AdamConfig(StrictModel):
+    beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta_2: float = Field(0.999, ge=0.0, lt=1.0)
+    epsilon: float = Field(1e-7, gt=0.0)
+
+
+class MultiTaskLearningRates(StrictModel):
+    tower_learning_rates: dict[str, LearningRate]
+    backbone_learning_rate: LearningRate | None = Field(
+        None, description="For every parameter outside the towers (backbone, featurization, embeddings)."
+    )
+
+
+class OptimizerConfig(StrictModel):
+    adam: AdamConfig = AdamConfig()
+    multi_task_learning_rates: MultiTaskLearningRates | None = None
+    single_task_learning_rate: LearningRate | None = None
+
+    @model_validator(mode="after")
+    def _one_lr(self) -> OptimizerConfig:
+        exactly_one_of(self, "multi_task_learning_rates", "single_task_learning_rate")
+        return self

@@ -1,0 +1,202 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from heavyranker.cli import main
+from heavyranker.config import ConfigError, load_config
+from heavyranker.config.serving import PUBLISHED_ENGAGEMENT_WEIGHTS
+from tests.conftest import CONFIGS, REFERENCE
+
+FAV = "recap.engagement.is_favorited"
+
+
+def problems(path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return info.value.lines()
+
+
+def write(tmp_path: Path, data: dict, name: str = "c.yaml") -> Path:
+    shutil.copy(CONFIGS / "segdense_small.json", tmp_path / "segdense_small.json")
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def small() -> dict:
+    return yaml.safe_load((CONFIGS / "local_small.yaml").read_text())
+
+
+def test_reference_yaml_loads_unchanged_with_tml_base(tmp_path, monkeypatch):
+    schema_dir = tmp_path / "projects/home/recap/config/home_recap_2022"
+    schema_dir.mkdir(parents=True)
+    shutil.copy(REFERENCE / "segdense.json", schema_dir / "segdense.json")
+    monkeypatch.setenv("TML_BASE", str(tmp_path))
+    monkeypatch.setenv("HOME", "/home/someone")
+    config = load_config(REFERENCE / "local_prod.yaml")
+    assert len(config.model.tasks) == 10 and len(config.train_data.tasks) == 13
+    assert config.training.save_dir == "/home/someone/tmp/runs/recap_local_debug"
+    assert config.train_data.seg_dense_schema.schema_path == str(schema_dir / "segdense.json")
+    # merge keys: the split overrides one task's rates and inherits the other twelve
+    split = config.validation_data[FAV]
+    assert split.tasks[FAV].neg_downsampling_rate == 0.01 and len(split.tasks) == 13
+    assert split.tasks["recap.engagement.is_replied"].neg_downsampling_rate == 1.0
+    assert config.engagement_weights == PUBLISHED_ENGAGEMENT_WEIGHTS
+
+
+@pytest.mark.parametrize("name", ["local_prod.yaml", "local_small.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(CONFIGS / name)
+    assert config.task_names == list(config.model.tasks)
+
+
+def test_relative_paths_resolve_against_the_yaml_folder(tmp_path, monkeypatch, small):
+    path = write(tmp_path, small)
+    monkeypatch.chdir("/")
+    config = load_config(path)
+    assert config.train_data.seg_dense_schema.schema_path == str(tmp_path / "segdense_small.json")
+    assert config.train_data.inputs == str(tmp_path.parent / "data/local_small/train/*.gz")
+    assert config.training.save_dir == str(tmp_path.parent / "runs/local_small")
+
+
+def test_set_reaches_a_dotted_task_name(small_config_path):
+    config = load_config(small_config_path, [f"model.tasks.{FAV}.pos_weight=2.5", "training.num_train_steps=7"])
+    assert config.model.tasks[FAV].pos_weight == 2.5
+    assert config.training.num_train_steps == 7
+
+
+def test_set_changes_one_place_even_through_a_yaml_alias(small_config_path):
+    config = load_config(small_config_path, [f"train_data.tasks.{FAV}.neg_downsampling_rate=0.5"])
+    assert config.train_data.tasks[FAV].neg_downsampling_rate == 0.5
+    assert config.validation_data["validation"].tasks[FAV].neg_downsampling_rate == 1.0
+
+
+def test_set_value_is_yaml(small_config_path):
+    config = load_config(small_config_path, ["model.stratifiers=[{name: s, index: 1, value: 3}]"])
+    assert config.model.stratifiers[0].index == 1
+
+
+def test_unknown_key_at_depth_names_path_and_suggests(tmp_path, small):
+    small["model"]["backbone"]["mask_net_config"]["mask_blocks"][0]["output_sise"] = 3
+    [line] = problems(write(tmp_path, small))
+    assert "model.backbone.mask_net_config.mask_blocks[0].output_sise: unknown field" in line
+    assert "did you mean output_size?" in line
+
+
+def test_two_members_of_a_one_of(tmp_path, small):
+    small["model"]["tasks"][FAV]["dcn_config"] = {"poly_degree": 2}
+    [line] = problems(write(tmp_path, small))
+    assert f"model.tasks.{FAV}: exactly one of mlp_config, dcn_config, dlrm_config, mask_net_config" in line
+    assert "got: mlp_config, dcn_config" in line
+
+
+def test_none_of_a_required_one_of(tmp_path, small):
+    del small["train_data"]["inputs"]
+    [line] = problems(write(tmp_path, small))
+    assert "train_data: exactly one of inputs, explicit_date_inputs, explicit_datetime_inputs" in line
+    assert "got: none" in line
+
+
+def test_share_none_with_backbone(tmp_path, small):
+    small["model"]["multi_task_type"] = "share_none"
+    [line] = problems(write(tmp_path, small))
+    assert "model: multi_task_type share_none cannot have a backbone" in line
+
+
+def test_share_all_without_backbone(tmp_path, small):
+    del small["model"]["backbone"]
+    [line] = problems(write(tmp_path, small))
+    assert "model: multi_task_type share_all needs a backbone" in line
+
+
+def test_tower_lr_for_unknown_task_and_missing_task(tmp_path, small):
+    lrs = small["optimizer"]["multi_task_learning_rates"]["tower_learning_rates"]
+    lrs["recap.engagement.is_nothing"] = lrs.pop(FAV)
+    lines = problems(write(tmp_path, small))
+    assert any(f"tower_learning_rates: no learning rate for task {FAV}" in line for line in lines)
+    assert any("tower_learning_rates.recap.engagement.is_nothing: not a task of model.tasks" in line for line in lines)
+
+
+def test_model_task_without_label(tmp_path, small):
+    del small["train_data"]["tasks"][FAV]
+    lines = problems(write(tmp_path, small))
+    assert any(f"model.tasks.{FAV}: no label of that name in train_data.tasks" in line for line in lines)
+
+
+def test_evaluation_task_not_in_split(tmp_path, small):
+    small["validation_data"]["validation"]["evaluation_tasks"] = ["recap.engagement.is_nothing"]
+    [line] = problems(write(tmp_path, small))
+    assert "validation_data.validation.evaluation_tasks: recap.engagement.is_nothing is not in this split" in line
+
+
+def test_engagement_weight_for_unknown_task(tmp_path, small):
+    small["serving"] = {"engagement_weights": {"recap.engagement.is_bookmarked": 2.0}}
+    [line] = problems(write(tmp_path, small))
+    assert "serving.engagement_weights.recap.engagement.is_bookmarked: not a task of model.tasks" in line
+
+
+def test_wrong_type_names_field_and_value(tmp_path, small):
+    small["training"]["num_train_steps"] = "many"
+    [line] = problems(write(tmp_path, small))
+    assert "training.num_train_steps: Input should be a valid integer" in line and "'many'" in line
+
+
+def test_missing_schema_file(tmp_path, small):
+    path = write(tmp_path, small)
+    (tmp_path / "segdense_small.json").unlink()
+    lines = problems(path)
+    assert f"train_data.seg_dense_schema.schema_path: file not found: {tmp_path / 'segdense_small.json'}" in lines[0]
+
+
+def test_unset_env_var_names_it_and_the_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEAVYRANKER_NOPE", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  save_dir: ${HEAVYRANKER_NOPE}/runs\n")
+    [line] = problems(path)
+    assert line == f"{path}: line 2: environment variable HEAVYRANKER_NOPE is not set"
+
+
+def test_env_var_becomes_a_number(tmp_path, monkeypatch, small):
+    monkeypatch.setenv("STEPS", "42")
+    text = yaml.safe_dump(small).replace("num_train_steps: 600", "num_train_steps: ${STEPS}")
+    path = write(tmp_path, small)
+    path.write_text(text)
+    assert load_config(path).training.num_train_steps == 42
+
+
+def test_piecewise_lists_must_fit(small_config_path):
+    lines = problems(small_config_path, [
+        "optimizer.multi_task_learning_rates.backbone_learning_rate="
+        "{piecewise_constant: {learning_rate_boundaries: [10, 20], learning_rate_values: [1.0, 0.1]}}"
+    ])
+    assert "backbone_learning_rate.piecewise_constant: learning_rate_values needs one more entry" in lines[0]
+
+
+def test_cli_validate_prints_resolved_yaml_and_exits_0(small_config_path, capsys):
+    assert main(["config", "validate", str(small_config_path)]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["training"]["checkpoint_every_n"] == 200
+    assert resolved["serving"]["engagement_weights"][FAV] == 0.5
+
+
+def test_cli_invalid_config_exits_2_one_line_per_problem_no_traceback(tmp_path, small):
+    small["training"]["bogus"] = 1
+    small["training"]["num_train_steps"] = -3
+    path = write(tmp_path, small)
+    result = subprocess.run(
+        [sys.executable, "-m", "heavyranker", "config", "validate", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{path}: training.") for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_config_file(tmp_path, capsys):
+    assert main(["config", "validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: cannot read the config" in capsys.readouterr().err
