@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..config.data import DataConfig
+from .preprocess import mask_columns
 from .schema import load_schema
 
 
@@ -27,7 +26,7 @@ def feature_shapes(data: DataConfig) -> dict[str, tuple[int, ...]]:
                 if limit is not None:
                     width = min(width, limit)
                 if mask is not None:
-                    width = int(np.count_nonzero(np.load(mask)[:width]))
+                    width = len(mask_columns(mask, width))
                 shapes[name] = (width,)
     if pre and pre.extract_features:
         for row in pre.extract_features.extract_feature_table:

@@ -1,0 +1,61 @@
+"""`heavyranker data dump`: the arrays of a few batches, as the model would see them, in an .npz file."""
+
+from __future__ import annotations
+
+import logging
+from itertools import islice
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..errors import UserError
+from .dataset import RecapDataset
+
+log = logging.getLogger(__name__)
+
+
+def dump_batches(
+    config: Config,
+    split: str = "train",
+    inputs: str | None = None,
+    batches: int = 1,
+    shuffle: bool = True,
+    out: str = "batches.npz",
+) -> None:
+    """Writes `batches` batches of `split` ("train" or a validation split) to `out`: every feature under its
+    renamed name, `labels` and `weights` [N, T], and `tasks` (the label order). shuffle=True reads as
+    training does (shuffled, seeded by training.seed); shuffle=False reads the files in order. `inputs`
+    (a glob) replaces the split's files. bfloat16 features are written as float32 (numpy has no bfloat16)."""
+    if batches < 1:
+        raise UserError(f"--batches must be at least 1, got {batches}")
+    data = _split(config, split)
+    dataset = RecapDataset(data, seed=config.training.seed, training=shuffle, inputs=inputs)
+    try:
+        read = list(islice(dataset, batches))
+    finally:
+        dataset.close()
+    if not read:
+        raise UserError(f"split {split}: no examples to dump")
+    arrays = {name: _numpy([b.features[name] for b in read]) for name in read[0].features}
+    arrays["labels"] = _numpy([b.labels for b in read])
+    arrays["weights"] = _numpy([b.weights for b in read])
+    arrays["tasks"] = np.array(read[0].tasks)
+    with open(out, "wb") as f:  # a file object: np.savez would append .npz to a name without it
+        np.savez(f, **arrays)
+    log.info("wrote %d examples of %s (%d batches) to %s", len(arrays["labels"]), split, len(read), out)
+
+
+def _split(config: Config, split: str):
+    if split == "train":
+        return config.train_data
+    if split not in config.validation_data:
+        raise UserError(
+            f"no split {split!r}: the splits are train, {', '.join(config.validation_data) or '(none)'}"
+        )
+    return config.validation_data[split]
+
+
+def _numpy(tensors: list[torch.Tensor]) -> np.ndarray:
+    joined = torch.cat(tensors)
+    return (joined.float() if joined.dtype == torch.bfloat16 else joined).numpy()

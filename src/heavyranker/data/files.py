@@ -1,0 +1,97 @@
+"""Which files a data config reads: an `inputs` glob, or dated folders (data_root/YYYY/MM/DD[/HH])."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from datetime import datetime, timedelta
+
+from ..config.data import (
+    DATE_FORMAT,
+    DataConfig,
+    ExplicitDateInputs,
+    ExplicitDatetimeInputs,
+    parse_end_datetime,
+)
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def select_files(data: DataConfig) -> list[str]:
+    """The files `data` names, sorted, cut to `num_files_to_keep`. Raises UserError when none is found,
+    or when more dated folders are missing (or hold no .gz file) than the config tolerates."""
+    if data.inputs is not None:
+        files = glob_files(data.inputs)
+    elif data.explicit_date_inputs is not None:
+        files = date_files(data.explicit_date_inputs)
+    else:
+        assert data.explicit_datetime_inputs is not None  # the config allows exactly one of the three
+        files = datetime_files(data.explicit_datetime_inputs)
+    if data.num_files_to_keep is not None and len(files) > data.num_files_to_keep:
+        log.info("keeping %d of %d files (num_files_to_keep)", data.num_files_to_keep, len(files))
+        files = files[: data.num_files_to_keep]
+    return files
+
+
+def glob_files(pattern: str) -> list[str]:
+    """Every file the glob matches, sorted. The pattern chose the files, so any extension is read:
+    plain (uncompressed) TFRecord files work too."""
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise UserError(f"no files match inputs {pattern!r}")
+    return files
+
+
+def date_files(spec: ExplicitDateInputs) -> list[str]:
+    """The .gz files under data_root/YYYY/MM/DD for the `days` days ending at end_date (inclusive)."""
+    end = datetime.strptime(spec.end_date, DATE_FORMAT)
+    folders = [
+        os.path.join(spec.data_root, (end - timedelta(days=i)).strftime("%Y/%m/%d")) for i in range(spec.days)
+    ]
+    return _folder_files(
+        sorted(folders), spec.num_missing_days_tol, "day", "explicit_date_inputs.num_missing_days_tol"
+    )
+
+
+def datetime_files(spec: ExplicitDatetimeInputs) -> list[str]:
+    """The .gz files under data_root/YYYY/MM/DD/HH, `hours` hours ending at end_datetime (inclusive)."""
+    end = parse_end_datetime(spec.end_datetime).replace(minute=0)
+    folders = [
+        os.path.join(spec.data_root, (end - timedelta(hours=i)).strftime("%Y/%m/%d/%H"))
+        for i in range(spec.hours)
+    ]
+    return _folder_files(
+        sorted(folders), spec.num_missing_hours_tol, "hour", "explicit_datetime_inputs.num_missing_hours_tol"
+    )
+
+
+def _folder_files(folders: list[str], tolerance: int, unit: str, field: str) -> list[str]:
+    """The .gz files of `folders`, sorted; a folder that is missing or holds no .gz file counts as missing."""
+    files: list[str] = []
+    missing: list[str] = []
+    for folder in folders:
+        found = _gz_files(folder)
+        if not found:
+            log.warning("no .gz data files in %s (missing %s of data)", folder, unit)
+            missing.append(folder)
+        files += found
+    if len(missing) > tolerance:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(
+            f"{len(missing)} of {len(folders)} {unit}s have no .gz data files ({shown}); "
+            f"{field} allows {tolerance}"
+        )
+    if not files:
+        raise UserError(f"no .gz data files in {folders[0]} .. {folders[-1]}")
+    return sorted(files)
+
+
+def _gz_files(folder: str) -> list[str]:
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    paths = (os.path.join(folder, name) for name in names if name.lower().endswith(".gz"))
+    return [p for p in paths if os.path.isfile(p)]

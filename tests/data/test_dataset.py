@@ -1,0 +1,365 @@
+"""The Recap dataset on tiny files made here: order, determinism, positioning, sharding, batches, errors.
+
+Every example carries its id in `meta.id` (renamed meta__id), and its other values are functions of the id,
+so each test can say which examples a batch must hold and what their values must be."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from heavyranker.config.data import DataConfig
+from heavyranker.data.dataset import RecapDataset
+from heavyranker.data.example import encode_example
+from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.tfrecord import write_records
+from heavyranker.errors import DataError, UserError
+
+SCHEMA = [
+    ("cont", "float_list", 6),
+    ("bin", "int64_list", 4),
+    ("disc", "int64_list", 3),
+    ("meta.id", "int64_list", 1),
+    ("a", "int64_list", 1),
+    ("b", "int64_list", 1),
+    ("ts.served", "int64_list", 1),
+    ("ts.impressed", "int64_list", 1),
+    ("ts.engaged_a", "int64_list", 1),
+    ("unused", "float_list", 5),
+]
+HOUR_MS = 3_600_000
+
+
+def data_config(folder: Path, **fields) -> DataConfig:
+    """A data config over folder/*.gz with the schema above; `fields` override the defaults."""
+    schema = folder / "schema.json"
+    schema.write_text(
+        json.dumps({"schema": [{"feature_name": n, "dtype": d, "length": k} for n, d, k in SCHEMA]})
+    )
+    config = {
+        "inputs": str(folder / "*.gz"),
+        "global_batch_size": 4,
+        "file_batch_size": 2,
+        "examples_shuffle_buffer_size": 8,
+        "seg_dense_schema": {
+            "schema_path": str(schema),
+            "renamed_features": {
+                "continuous": "cont",
+                "binary": "bin",
+                "discrete": "disc",
+                "meta__id": "meta.id",
+            },
+        },
+        "tasks": {"a": {}, "b": {}},
+        **fields,
+    }
+    return DataConfig.model_validate(config)
+
+
+def example(i: int) -> dict[str, np.ndarray]:
+    served = 1_000_000 + 1000 * i
+    return {
+        "cont": i + 0.125 * np.arange(6, dtype=np.float32),
+        "bin": np.array([(i >> k) & 1 for k in range(4)]),
+        "disc": np.array([i, -i, i * 2**40]),
+        "meta.id": np.array([i]),
+        "a": np.array([int(i % 3 == 0)]),
+        "b": np.array([2 if i % 5 == 0 else 0]),  # any value > 0 is a positive
+        "ts.served": np.array([served]),
+        "ts.impressed": np.array([served + 10]),
+        "ts.engaged_a": np.array([served + (2 * HOUR_MS if i % 2 else 20)]),  # odd ids engage 2 hours later
+        "unused": np.ones(5, dtype=np.float32),
+    }
+
+
+def write_files(folder: Path, sizes: list[int]) -> list[list[int]]:
+    """Files part-0.gz, part-1.gz, ... holding consecutive ids; returns each file's ids."""
+    ids, start = [], 0
+    for f, size in enumerate(sizes):
+        ids.append(list(range(start, start + size)))
+        write_records(str(folder / f"part-{f}.gz"), [encode_example(example(i)) for i in ids[-1]])
+        start += size
+    return ids
+
+
+def batch_ids(dataset, batches: int | None = None) -> list[list[int]]:
+    return [b.features["meta__id"].tolist() for b in islice(dataset, batches)]
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    write_files(tmp_path, [10, 6, 3])
+    return tmp_path
+
+
+def test_batch_values_shapes_and_dtypes(folder):
+    batch = next(iter(RecapDataset(data_config(folder), training=False)))
+    ids = batch.features["meta__id"]
+    assert ids.dtype == torch.int64 and ids.shape == (4,)
+    expected = [example(i) for i in ids.tolist()]
+    assert set(batch.features) == {"continuous", "binary", "discrete", "meta__id"}
+    cont, binary, disc = (batch.features[k] for k in ("continuous", "binary", "discrete"))
+    assert cont.dtype == torch.float32 and cont.shape == (4, 6)
+    assert binary.dtype == torch.float32 and binary.shape == (4, 4)
+    assert disc.dtype == torch.int64 and disc.shape == (4, 3)
+    np.testing.assert_array_equal(cont.numpy(), [e["cont"] for e in expected])
+    np.testing.assert_array_equal(binary.numpy(), [e["bin"] for e in expected])
+    np.testing.assert_array_equal(disc.numpy(), [e["disc"] for e in expected])
+    assert batch.tasks == ("a", "b")
+    np.testing.assert_array_equal(batch.labels.numpy(), [[i % 3 == 0, i % 5 == 0] for i in ids.tolist()])
+    assert batch.labels.dtype == torch.float32 and batch.weights.dtype == torch.float32
+
+
+def test_evaluation_order_interleaves_blocks_of_four(folder):
+    # file_batch_size 2: part-0 and part-1 in blocks of 4 until both end, then part-2; last batch kept.
+    assert batch_ids(RecapDataset(data_config(folder), training=False)) == [
+        [0, 1, 2, 3],
+        [10, 11, 12, 13],
+        [4, 5, 6, 7],
+        [14, 15, 8, 9],
+        [16, 17, 18],
+    ]
+    one_at_a_time = data_config(folder, file_batch_size=1, global_batch_size=19)
+    assert batch_ids(RecapDataset(one_at_a_time, training=False)) == [list(range(19))]
+
+
+def test_training_is_deterministic_per_seed_and_repeats(folder):
+    data = data_config(folder)
+    first = batch_ids(RecapDataset(data, seed=3), 12)  # 48 examples: more than two passes over 19
+    assert first == batch_ids(RecapDataset(data, seed=3), 12)
+    assert first != batch_ids(RecapDataset(data, seed=4), 12)
+    assert all(len(ids) == 4 for ids in first)
+    assert sorted(set(sum(first, []))) == list(range(19))
+    assert first[:5] != batch_ids(RecapDataset(data, training=False), 5)  # shuffled
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_skip_to_resumes_exactly(folder, training):
+    data = data_config(folder)
+    fresh = batch_ids(RecapDataset(data, seed=7, training=training), 5)
+    for k in (0, 2, 4):
+        resumed = RecapDataset(data, seed=7, training=training)
+        resumed.skip_to(k)
+        assert batch_ids(resumed, 1)[0] == fresh[k]
+    resumed.skip_to(2)
+    assert batch_ids(resumed, 3) == fresh[2:5]
+    assert batch_ids(resumed, 1)[0] == fresh[0]  # skip_to positions the next iteration only
+
+
+def test_ranks_read_disjoint_files_covering_everything(tmp_path):
+    files = write_files(tmp_path, [5, 4, 3, 2])
+    data = data_config(tmp_path, global_batch_size=4)
+    seen = []
+    for rank in range(2):
+        batches = list(RecapDataset(data, rank=rank, world_size=2, training=False))
+        assert all(len(b) <= 2 for b in batches)  # global 4 over 2 processes
+        seen.append(sorted(i for b in batches for i in b.features["meta__id"].tolist()))
+    assert seen[0] == sorted(files[0] + files[2]) and seen[1] == sorted(files[1] + files[3])
+    assert sorted(seen[0] + seen[1]) == list(range(14))
+
+
+def test_weights_from_downsampling_rates(folder):
+    data = data_config(
+        folder, tasks={"a": {"pos_downsampling_rate": 0.5, "neg_downsampling_rate": 0.1}, "b": {}}
+    )
+    for batch in RecapDataset(data, training=False):
+        for i, w in zip(batch.features["meta__id"].tolist(), batch.weights.tolist(), strict=True):
+            assert w == pytest.approx([2.0 if i % 3 == 0 else 10.0, 1.0])
+
+
+def test_downsample_negatives_in_the_dataset(tmp_path):
+    write_files(tmp_path, [16])
+    data = data_config(
+        tmp_path,
+        tasks={"a": {"neg_downsampling_rate": 0.1}, "b": {}},
+        preprocess={
+            "downsample_negatives": {"batch_multiplier": 2, "engagements_list": ["a"], "num_engagements": 2}
+        },
+    )
+    first = next(iter(RecapDataset(data, training=False)))
+    # Records 0..7 read for a batch of 4: positives of a are 0, 3, 6; the first negative, 1, fills the batch
+    # and stands for the 5 negatives read: weights 10 * 5 on a (neg rate 0.1), 1 * 5 on b.
+    assert first.features["meta__id"].tolist() == [0, 3, 6, 1]
+    np.testing.assert_allclose(first.weights.numpy(), [[1, 1], [1, 1], [1, 1], [50, 5]])
+
+
+def test_rectify_labels_reads_timestamps_it_does_not_output(folder):
+    data = data_config(
+        folder,
+        preprocess={
+            "rectify_labels": {
+                "label_rectification_window_in_hours": 1.0,
+                "served_timestamp_field": "ts.served",
+                "impressed_timestamp_field": "ts.impressed",
+                "label_to_engaged_timestamp_field": {"a": "ts.engaged_a"},
+            }
+        },
+    )
+    batches = list(RecapDataset(data, training=False))
+    assert set(batches[0].features) == {"continuous", "binary", "discrete", "meta__id"}
+    for batch in batches:
+        for i, (a, b) in zip(batch.features["meta__id"].tolist(), batch.labels.tolist(), strict=True):
+            assert a == (i % 3 == 0 and i % 2 == 0)  # odd ids engaged 2 hours after serving: outside 1 hour
+            assert b == (i % 5 == 0)
+
+
+def test_feature_shapes_match_the_batches(folder):
+    np.save(folder / "mask.npy", np.array([1, 0, 1, 1]))
+    data = data_config(
+        folder,
+        preprocess={
+            "truncate_and_slice": {
+                "continuous_feature_truncation": 4,
+                "binary_feature_mask_path": str(folder / "mask.npy"),
+            },
+            "extract_features": {
+                "extract_feature_table": [{"name": "c2", "source_tensor": "continuous", "index": 2}]
+            },
+        },
+    )
+    batch = next(iter(RecapDataset(data, training=False)))
+    assert {k: tuple(v.shape[1:]) for k, v in batch.features.items()} == feature_shapes(data)
+    assert feature_shapes(data)["continuous"] == (4,) and feature_shapes(data)["binary"] == (3,)
+    np.testing.assert_array_equal(batch.features["c2"].numpy(), batch.features["meta__id"].numpy() + 0.25)
+
+
+def test_mask_mantissa(folder):
+    data = data_config(
+        folder,
+        seg_dense_schema={
+            **data_config(folder).seg_dense_schema.model_dump(),
+            "mask_mantissa_features": {"continuous": 20},
+        },
+    )
+    batch = next(iter(RecapDataset(data, training=False)))
+    expected = np.array([example(i)["cont"] for i in batch.features["meta__id"].tolist()], dtype=np.float32)
+    expected = (expected.view(np.uint32) & ~np.uint32(2**20 - 1)).view(np.float32)
+    np.testing.assert_array_equal(batch.features["continuous"].numpy(), expected)
+    assert not np.array_equal(expected, [example(i)["cont"] for i in batch.features["meta__id"].tolist()])
+
+
+def test_prediction_reads_no_labels(folder):
+    batch = next(iter(RecapDataset(data_config(folder), training=False, require_labels=False)))
+    assert batch.tasks == () and batch.labels.shape == (4, 0) and batch.weights.shape == (4, 0)
+
+
+def test_cache_serves_later_passes_from_memory(folder):
+    dataset = RecapDataset(data_config(folder, cache=True), training=False)
+    first = batch_ids(dataset)
+    for path in folder.glob("*.gz"):
+        path.unlink()
+    assert batch_ids(dataset) == first
+
+
+def test_decode_error_names_file_and_record(folder):
+    bad = [encode_example(example(100 + i)) for i in range(5)]
+    bad[3] = encode_example({**example(103), "cont": np.zeros(5, dtype=np.float32)})
+    write_records(str(folder / "part-3.gz"), bad)
+    with pytest.raises(DataError, match=r"part-3\.gz: record 3: feature cont: 5 values, the schema says 6"):
+        list(islice(RecapDataset(data_config(folder), seed=1), 20))
+
+
+def test_damaged_file_fails_or_is_skipped(folder):
+    path = folder / "part-1.gz"
+    path.write_bytes(path.read_bytes()[:-30])  # cut inside the last record
+    with pytest.raises(DataError, match=r"part-1\.gz: record \d"):
+        list(RecapDataset(data_config(folder), training=False))
+    dataset = RecapDataset(data_config(folder, ignore_data_errors=True), training=False)
+    ids = sorted(i for ids in batch_ids(dataset) for i in ids)
+    assert dataset.damaged_files == [str(path)]
+    # Every record of the other files; of part-1 those before the damage (gzip may notice it at the start).
+    assert set(range(19)) - set(ids) <= set(range(10, 16)) and len(ids) == len(set(ids))
+
+
+def test_training_on_nothing_readable_stops(tmp_path):
+    (tmp_path / "empty.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="no records could be read from any of the 1 files"):
+        next(iter(RecapDataset(data_config(tmp_path, ignore_data_errors=True))))
+
+
+def test_batch_must_divide_among_processes(folder):
+    with pytest.raises(UserError, match="global_batch_size 5 is not divisible by the 2 processes"):
+        RecapDataset(data_config(folder, global_batch_size=5), world_size=2)
+
+
+def test_more_processes_than_files(folder):
+    with pytest.raises(UserError, match="3 data file.* for 4 processes.* at least 4 files"):
+        RecapDataset(data_config(folder), world_size=4)
+
+
+def test_no_files_names_the_pattern(tmp_path):
+    with pytest.raises(UserError, match=r"no files match inputs '.*/nowhere/\*\.gz'"):
+        RecapDataset(data_config(tmp_path, inputs=str(tmp_path / "nowhere" / "*.gz")))
+
+
+def test_data_dump_command(tmp_path, small_config_path, capsys):
+    from heavyranker.cli import main
+    from heavyranker.data.schema import load_schema
+
+    specs = load_schema(str(small_config_path.parent / "segdense_small.json"))
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            n: rng.integers(0, 2, s.length) if s.dtype == "int64_list" else rng.random(s.length)
+            for n, s in specs.items()
+        }
+        for _ in range(10)
+    ]
+    write_records(str(tmp_path / "part-0.gz"), [encode_example(row) for row in rows])
+    out = tmp_path / "dump.npz"
+    argv = ["data", "dump", "--config", str(small_config_path), "--inputs", str(tmp_path / "*.gz")]
+    assert main([*argv, "--split", "validation", "--no-shuffle", "--out", str(out)]) == 0
+    dumped = np.load(out)
+    assert dumped["labels"].shape == (10, 13) and dumped["weights"].shape == (10, 13)  # one partial batch
+    assert dumped["tasks"][1] == "recap.engagement.is_favorited"
+    np.testing.assert_array_equal(dumped["meta__user_id"], [row["meta.user_id"][0] for row in rows])
+    np.testing.assert_allclose(
+        dumped["continuous"], [row["home_recap_2022_cont__segdense_vals"] for row in rows]
+    )
+    assert main([*argv, "--split", "nope", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "no split 'nope': the splits are train, validation, validation_downsampled" in error
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"tasks": {"cont": {}}},
+            r"label cont: the schema gives it 6 values; a label is one value per example",
+        ),
+        ({"tasks": {"nope": {}}}, r"label nope: no feature of that name in the schema .*schema\.json"),
+        ({"seg_dense_schema": {"features": ["gone"]}}, r"feature gone: gone is not in the schema"),
+        (
+            {"seg_dense_schema": {"mask_mantissa_features": {"discrete": 3}}},
+            r"mask_mantissa_features\.discrete: only float features have a mantissa",
+        ),
+        (
+            {"seg_dense_schema": {"mask_mantissa_features": {"cont": 3}}},
+            r"mask_mantissa_features\.cont: not a feature read by this config \(features: continuous, ",
+        ),
+        (
+            {
+                "preprocess": {
+                    "rectify_labels": {
+                        "served_timestamp_field": "ts.nope",
+                        "impressed_timestamp_field": "ts.impressed",
+                        "label_to_engaged_timestamp_field": {"a": "ts.engaged_a"},
+                    }
+                }
+            },
+            r"rectify_labels: the timestamp ts\.nope is neither a renamed feature nor in the schema",
+        ),
+    ],
+)
+def test_config_problems_are_named(folder, fields, message):
+    base = data_config(folder).model_dump()
+    if "seg_dense_schema" in fields:
+        fields = {"seg_dense_schema": {**base["seg_dense_schema"], **fields["seg_dense_schema"]}}
+    with pytest.raises(UserError, match=message):
+        RecapDataset(data_config(folder, **fields))

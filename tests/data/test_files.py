@@ -1,0 +1,88 @@
+"""File selection: globs, dated folders with missing days/hours, num_files_to_keep, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from heavyranker.config.data import DataConfig, ExplicitDateInputs, ExplicitDatetimeInputs
+from heavyranker.data.files import date_files, datetime_files, glob_files, select_files
+from heavyranker.errors import UserError
+
+
+def touch(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return str(path)
+
+
+def test_glob_sorted_files_only(tmp_path):
+    b = touch(tmp_path / "b.gz")
+    a = touch(tmp_path / "a.gz")
+    (tmp_path / "c.gz").mkdir()  # a folder that matches is not a file
+    assert glob_files(str(tmp_path / "*.gz")) == [a, b]
+
+
+def test_glob_without_match_names_the_pattern(tmp_path):
+    pattern = str(tmp_path / "nothing" / "*.gz")
+    with pytest.raises(UserError, match=r"no files match inputs '.*nothing/\*\.gz'"):
+        glob_files(pattern)
+
+
+def test_dates_inclusive_end_and_gz_only(tmp_path):
+    day1 = touch(tmp_path / "2023/01/01/part-1.gz")
+    day3b = touch(tmp_path / "2023/01/03/b.gz")
+    day3a = touch(tmp_path / "2023/01/03/a.GZ")
+    touch(tmp_path / "2023/01/03/_SUCCESS")
+    touch(tmp_path / "2023/01/04/later.gz")  # after end_date
+    touch(tmp_path / "2022/12/31/earlier.gz")  # before the window
+    (tmp_path / "2023/01/02").mkdir(parents=True)  # an empty day: missing
+    spec = ExplicitDateInputs(data_root=str(tmp_path), end_date="2023-01-03", days=3, num_missing_days_tol=1)
+    assert date_files(spec) == [day1, day3a, day3b]
+
+
+def test_dates_missing_past_tolerance(tmp_path):
+    touch(tmp_path / "2023/01/03/a.gz")
+    (tmp_path / "2023/01/02").mkdir(parents=True)
+    touch(tmp_path / "2023/01/02/README")  # no .gz: counts as missing
+    spec = ExplicitDateInputs(data_root=str(tmp_path), end_date="2023-01-03", days=3, num_missing_days_tol=1)
+    with pytest.raises(UserError) as e:
+        date_files(spec)
+    message = str(e.value)
+    assert "2 of 3 days have no .gz data files" in message
+    assert str(tmp_path / "2023/01/01") in message and str(tmp_path / "2023/01/02") in message
+    assert "num_missing_days_tol allows 1" in message
+
+
+def test_datetimes_cross_midnight(tmp_path):
+    a = touch(tmp_path / "2022/12/31/23/a.gz")
+    b = touch(tmp_path / "2023/01/01/01/b.gz")
+    touch(tmp_path / "2023/01/01/02/after.gz")
+    spec = ExplicitDatetimeInputs(
+        data_root=str(tmp_path), end_datetime="2023-01-01T01", hours=3, num_missing_hours_tol=1
+    )  # hour 00 is missing
+    assert datetime_files(spec) == [a, b]
+    strict = spec.model_copy(update={"num_missing_hours_tol": 0})
+    with pytest.raises(UserError, match=r"1 of 3 hours .*2023/01/01/00.*num_missing_hours_tol allows 0"):
+        datetime_files(strict)
+
+
+def test_all_missing_within_tolerance_is_still_no_files(tmp_path):
+    spec = ExplicitDateInputs(data_root=str(tmp_path), end_date="2023-01-03", days=2, num_missing_days_tol=5)
+    with pytest.raises(UserError, match=r"no \.gz data files in .*2023/01/02 \.\. .*2023/01/03"):
+        date_files(spec)
+
+
+def test_select_files_keeps_the_first_n(tmp_path):
+    paths = [touch(tmp_path / f"{i}.gz") for i in range(5)]
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"schema": [{"feature_name": "a", "dtype": "int64_list", "length": 1}]}')
+    data = DataConfig(
+        inputs=str(tmp_path / "*.gz"),
+        num_files_to_keep=2,
+        global_batch_size=1,
+        seg_dense_schema={"schema_path": str(schema)},
+        tasks={"a": {}},
+    )
+    assert select_files(data) == paths[:2]
