@@ -1,0 +1,19 @@
+"""Undo the downsampling of the training data: if negatives were kept at rate n and positives at rate p, a
+probability q learned on that data corresponds to q * r / (1 - q + r * q) with r = n / p on the full data."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config.data import DataConfig
+
+
+def calibrate(probabilities: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """probabilities [B, T], ratio [T] (r = neg_downsampling_rate / pos_downsampling_rate per task)."""
+    return probabilities * ratio / (1.0 - probabilities + ratio * probabilities)
+
+
+def downsampling_ratios(data: DataConfig, task_names: list[str]) -> torch.Tensor:
+    """r per task, in task_names order; 1 (identity) for a task kept at equal rates."""
+    rates = [data.tasks[t].neg_downsampling_rate / data.tasks[t].pos_downsampling_rate for t in task_names]
+    return torch.tensor(rates, dtype=torch.float32)

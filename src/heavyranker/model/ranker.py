@@ -1,0 +1,234 @@
+"""The multi-task ranker: featurize -> [embeddings] -> backbone -> one tower per task -> logits
+-> probabilities -> calibrated probabilities."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..config.model import ModelConfig, MultiTaskType, TaskModel
+from ..errors import UserError
+from .calibration import calibrate, downsampling_ratios
+from .dcn import build_dcn
+from .dlrm import Slice, build_dlrm
+from .embeddings import LargeEmbedding, PositionDebias, SmallEmbedding
+from .featurize import Featurizer, build_featurizer
+from .masknet import build_mask_net
+from .mlp import StackedMlps, build_mlp, can_stack
+
+# The pretrained TwHIN embeddings the data may carry, each through its own LayerNorm (the reference's order).
+TWHIN_FEATURES = ("user_embedding", "user_eng_embedding", "author_embedding")
+
+
+def module_name(task: str) -> str:
+    """Torch module names cannot hold "."."""
+    return task.replace(".", "__")
+
+
+class Ranker(nn.Module):
+    """Built by build_model. forward(features) -> logits, probabilities, calibrated_probabilities [B, T] in
+    task_names order (and the towers' input as "backbone" on request)."""
+
+    def __init__(
+        self,
+        task_names: list[str],
+        featurizer: Featurizer,
+        large_embeddings: dict[str, LargeEmbedding],
+        small_embeddings: dict[str, SmallEmbedding],
+        twhin_norms: dict[str, nn.LayerNorm],
+        position_debias: PositionDebias | None,
+        backbone: nn.Module | None,
+        multi_task_type: MultiTaskType,
+        towers: dict[str, nn.Module],
+        affine_maps: dict[str, nn.Linear],
+        calibration_ratios: torch.Tensor,
+    ):
+        super().__init__()
+        self.task_names = list(task_names)
+        self.featurizer = featurizer
+        self.large_embeddings = nn.ModuleDict(large_embeddings)
+        self.small_embeddings = nn.ModuleDict(small_embeddings)
+        self.twhin_norms = nn.ModuleDict(twhin_norms)
+        self.position_debias = position_debias
+        self.backbone = backbone
+        self.share_partial = multi_task_type == MultiTaskType.SHARE_PARTIAL
+        self.towers = nn.ModuleDict(towers)  # module name = task name with "." -> "__"
+        # Same-shaped MLP towers (the seed's ten) run as batched matmuls over their own parameters.
+        mlps = list(self.towers.values())
+        self.tower_stack = StackedMlps(mlps) if can_stack(mlps) else None
+        self.affine_maps = nn.ModuleDict(affine_maps)
+        # From the config, not the checkpoint: the data's downsampling rates are not learned.
+        self.register_buffer("calibration_ratios", calibration_ratios, persistent=False)
+
+    def inputs(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, input width]: featurized dense features, then each embedding block (see `input_layout`)."""
+        parts = [self.featurizer(features)]
+        parts += [table(features[table.feature_name]) for table in self.large_embeddings.values()]
+        parts += [table(features["discrete"]) for table in self.small_embeddings.values()]
+        parts += [norm(features[name]) for name, norm in self.twhin_norms.items()]
+        if self.position_debias is not None:
+            parts.append(self.position_debias(features["discrete"]))
+        return torch.cat(parts, dim=1)
+
+    def forward(
+        self, features: dict[str, torch.Tensor], return_backbone: bool = False
+    ) -> dict[str, torch.Tensor]:
+        x = self.inputs(features)
+        net = x
+        if self.backbone is not None:
+            net = self.backbone(x)
+            if self.share_partial:
+                net = torch.cat([x, net], dim=1)
+        if self.tower_stack is not None:
+            logits = self.tower_stack(net).squeeze(-1)
+        else:
+            logits = torch.cat([tower(net) for tower in self.towers.values()], dim=1)
+        if len(self.affine_maps) > 0:
+            logits = self._affine(logits)
+        probabilities = torch.sigmoid(logits)
+        out = {
+            "logits": logits,
+            "probabilities": probabilities,
+            "calibrated_probabilities": calibrate(probabilities, self.calibration_ratios),
+        }
+        if return_backbone:
+            out["backbone"] = net
+        return out
+
+    def _affine(self, logits: torch.Tensor) -> torch.Tensor:
+        columns = []
+        for i, task in enumerate(self.task_names):
+            column = logits[:, i : i + 1]
+            name = module_name(task)
+            columns.append(self.affine_maps[name](column) if name in self.affine_maps else column)
+        return torch.cat(columns, dim=1)
+
+    def tower_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Task name -> the parameters of its tower and affine map; every other parameter is shared."""
+        out = {}
+        for task in self.task_names:
+            name = module_name(task)
+            params = list(self.towers[name].parameters())
+            if name in self.affine_maps:
+                params += list(self.affine_maps[name].parameters())
+            out[task] = params
+        return out
+
+
+def build_model(config: Config, input_shapes: dict[str, tuple[int, ...]]) -> Ranker:
+    """The ranker for `config`, reading features of these per-example shapes (data.shapes.feature_shapes)."""
+    model = config.model
+    featurizer = build_featurizer(model.featurization_config, input_shapes)
+    large, small, twhin, position = _embeddings(model, input_shapes)
+    widths = [featurizer.out_features] + [m.out_features for m in (*large.values(), *small.values())]
+    widths += [input_shapes[name][-1] for name in twhin]
+    if position is not None:
+        widths.append(position.out_features)
+    in_features, vectors = input_layout(widths)
+
+    backbone = None
+    tower_in, tower_vectors = in_features, vectors
+    if model.multi_task_type != MultiTaskType.SHARE_NONE:
+        assert model.backbone is not None  # the config requires one when sharing
+        backbone = build_architecture(model.backbone, in_features, vectors, "model.backbone")
+        if model.multi_task_type == MultiTaskType.SHARE_ALL:
+            tower_in, tower_vectors = backbone.out_features, []
+        else:
+            tower_in = in_features + backbone.out_features
+
+    towers, affine_maps = {}, {}
+    for task, task_model in model.tasks.items():
+        tower = build_architecture(task_model, tower_in, tower_vectors, f"model.tasks.{task}")
+        if tower.out_features != 1:
+            raise UserError(
+                f"model.tasks.{task}: the tower must end in one output (a logit), not {tower.out_features}"
+            )
+        towers[module_name(task)] = tower
+        if task_model.affine_map is not None:
+            affine_maps[module_name(task)] = _affine_map(
+                task_model.affine_map.scale, task_model.affine_map.bias
+            )
+    ratios = downsampling_ratios(config.train_data, config.task_names)
+    return Ranker(
+        config.task_names,
+        featurizer,
+        large,
+        small,
+        twhin,
+        position,
+        backbone,
+        model.multi_task_type,
+        towers,
+        affine_maps,
+        ratios,
+    )
+
+
+def input_layout(widths: list[int]) -> tuple[int, list[Slice]]:
+    """Total width and the (first column, width) of each embedding block: every block after the first
+    (the featurized dense features) is an embedding vector for DLRM's interactions."""
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    return sum(widths), list(zip(starts[1:], widths[1:], strict=True))
+
+
+def build_architecture(
+    task: TaskModel, in_features: int, vector_slices: list[Slice], where: str
+) -> nn.Module:
+    """The one architecture a backbone or tower config names; `where` is its config path, for errors."""
+    if task.mlp_config is not None:
+        return build_mlp(in_features, task.mlp_config)
+    if task.mask_net_config is not None:
+        return build_mask_net(in_features, task.mask_net_config, f"{where}.mask_net_config")
+    if task.dcn_config is not None:
+        return build_dcn(in_features, task.dcn_config)
+    assert task.dlrm_config is not None  # the config allows exactly one architecture
+    return build_dlrm(in_features, task.dlrm_config, vector_slices, f"{where}.dlrm_config")
+
+
+def _affine_map(scale: float, bias: float) -> nn.Linear:
+    # A Linear(1, 1) as in the reference: trainable, starting at the configured scale and bias.
+    layer = nn.Linear(1, 1)
+    with torch.no_grad():
+        layer.weight.fill_(scale)
+        layer.bias.fill_(bias)
+    return layer
+
+
+def _embeddings(
+    model: ModelConfig, input_shapes: dict[str, tuple[int, ...]]
+) -> tuple[
+    dict[str, LargeEmbedding], dict[str, SmallEmbedding], dict[str, nn.LayerNorm], PositionDebias | None
+]:
+    large = {}
+    for i, t in enumerate(model.large_embeddings.tables if model.large_embeddings else []):
+        feature = t.feature_name or t.name
+        if feature not in input_shapes:
+            raise UserError(
+                f"model.large_embeddings.tables[{i}] ({t.name}): no id feature {feature!r} in train_data "
+                f"(it has {', '.join(input_shapes)})"
+            )
+        large[module_name(t.name)] = LargeEmbedding(t.num_embeddings, t.embedding_dim, feature)
+
+    discrete = input_shapes.get("discrete")
+    small = {}
+    for i, t in enumerate(model.small_embeddings.tables if model.small_embeddings else []):
+        _check_column(discrete, t.index, f"model.small_embeddings.tables[{i}].index")
+        small[module_name(t.name)] = SmallEmbedding(t.num_embeddings, t.embedding_dim, t.index)
+
+    twhin = {name: nn.LayerNorm(input_shapes[name][-1]) for name in TWHIN_FEATURES if name in input_shapes}
+
+    position = None
+    if (p := model.position_debias_config) is not None:
+        _check_column(
+            discrete, p.position_feature_index, "model.position_debias_config.position_feature_index"
+        )
+        position = PositionDebias(p.max_position, p.num_dims, p.drop_probability, p.position_feature_index)
+    return large, small, twhin, position
+
+
+def _check_column(discrete: tuple[int, ...] | None, index: int, where: str) -> None:
+    if discrete is None:
+        raise UserError(f"{where}: train_data has no `discrete` feature to read column {index} of")
+    if index >= discrete[-1]:
+        raise UserError(f"{where}: column {index} is outside the discrete tensor ({discrete[-1]} columns)")

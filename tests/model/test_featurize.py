@@ -1,0 +1,162 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from heavyranker.config.model import FeaturizationConfig
+from heavyranker.errors import DataError, UserError
+from heavyranker.model.featurize import build_featurizer
+
+SHAPES = {"continuous": (4,), "binary": (3,), "discrete": (2,)}
+CONTINUOUS = np.array(
+    [[0.0, -2.5, 1e6, np.nan], [3.0, 0.5, -1e30, np.inf], [-1.0, 7.0, 2.0, -np.inf], [0.25, -0.5, 9.0, 1.0]],
+    dtype=np.float32,
+)
+BINARY = np.array([[1, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=np.float32)
+
+
+def _features(binary_dtype=torch.float32, continuous=CONTINUOUS):
+    return {
+        "continuous": torch.from_numpy(continuous),
+        "binary": torch.from_numpy(BINARY).to(binary_dtype),
+        "discrete": torch.zeros(4, 2, dtype=torch.long),
+    }
+
+
+def _log(x):
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def _run(config, **kwargs):
+    featurizer = build_featurizer(FeaturizationConfig(**config), SHAPES)
+    return featurizer, featurizer(_features(**kwargs)).detach().numpy()
+
+
+def test_double_norm_log_against_numpy():
+    config = {
+        "double_norm_log_config": {
+            "batch_norm_config": {"affine": True, "momentum": 0.01},
+            "clip_magnitude": 1.5,
+            "layer_norm_config": {"epsilon": 0.0, "center": True, "scale": True},
+        }
+    }
+    featurizer, got = _run(config)
+    x = _log(np.where(np.isfinite(CONTINUOUS), CONTINUOUS, 0.0).astype(np.float64))
+    x = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)  # batch statistics in training; affine starts at 1, 0
+    x = np.clip(x, -1.5, 1.5)
+    x = np.concatenate([x, BINARY], axis=1)
+    x = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True))
+    assert featurizer.out_features == 7
+    np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-5)
+    bn = featurizer.transform[2]
+    assert bn.momentum == 0.01 and bn.weight.shape == (4,)
+    assert featurizer.layer_norm.weight.shape == (7,) and featurizer.layer_norm.bias.shape == (7,)
+
+
+def test_double_norm_log_without_norms_and_with_a_bool_binary():
+    _, got = _run({"double_norm_log_config": {"clip_magnitude": 5.0}}, binary_dtype=torch.bool)
+    x = np.clip(_log(np.where(np.isfinite(CONTINUOUS), CONTINUOUS, 0.0)), -5, 5)
+    np.testing.assert_allclose(got, np.concatenate([x, BINARY], axis=1), rtol=1e-6)
+
+
+def test_log1p_abs_against_numpy():
+    _, got = _run({"log1p_abs_config": {}, "feature_names_to_concat": []})
+    finite = np.isfinite(CONTINUOUS)
+    np.testing.assert_allclose(got[finite], _log(CONTINUOUS.astype(np.float64))[finite], rtol=1e-6)
+
+
+def test_clip_log1p_abs_against_numpy():
+    featurizer, got = _run({"clip_log1p_abs_config": {"clip_magnitude": 2.0}, "feature_names_to_concat": []})
+    finite = np.isfinite(CONTINUOUS)
+    np.testing.assert_allclose(
+        got[finite], np.clip(_log(CONTINUOUS.astype(np.float64)), -2, 2)[finite], rtol=1e-6
+    )
+    assert featurizer.out_features == 4 and not list(featurizer.parameters())
+
+
+def _stats(tmp_path, entries):
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"features": entries}))
+    return str(path)
+
+
+STATS = [
+    {"mean": 0.5, "std": 2.0},
+    {"mean": -1.0, "std": 0.5},
+    {"mean": 3.0, "std": 0.0},
+    {"mean": 0.0, "std": 1.0},
+]
+
+
+@pytest.mark.parametrize("norm", [None, "use_batch_norm", "use_renorm"])
+def test_z_score_log_against_numpy(tmp_path, norm):
+    config = {"analysis_path": _stats(tmp_path, STATS), "clip_magnitude": 1.0}
+    continuous = CONTINUOUS
+    if norm:
+        config[norm] = True
+        continuous = np.nan_to_num(
+            CONTINUOUS, nan=0.0, posinf=np.inf, neginf=-np.inf
+        )  # NaN: whole-column stats
+    featurizer, got = _run({"z_score_log_config": config}, continuous=continuous)
+    mean = np.array([e["mean"] for e in STATS])
+    std = np.array([1.0 if e["std"] == 0 else e["std"] for e in STATS])  # a constant column: std read as 1
+    x = np.clip((_log(continuous.astype(np.float64)) - mean) / std, -1, 1)
+    if norm == "use_batch_norm":  # training: batch statistics
+        x = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    # use_renorm: in training the value is normalised by the running statistics, which start at 0 and 1
+    elif norm == "use_renorm":
+        x = x / np.sqrt(1 + 1e-5)
+    want = np.concatenate([x, BINARY], axis=1)
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-5)
+    assert np.array_equal(np.isfinite(got), finite)  # NaN stays NaN: only double_norm_log zeroes it
+
+
+def test_batch_renorm_gradients_flow_through_batch_statistics_and_stats_update(tmp_path):
+    config = {"analysis_path": _stats(tmp_path, [{"mean": 0.0, "std": 1.0}] * 4), "use_renorm": True}
+    featurizer = build_featurizer(
+        FeaturizationConfig(z_score_log_config=config, feature_names_to_concat=[]), SHAPES
+    )
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 1.0, 0.0]], requires_grad=True)
+    renorm = featurizer.transform[3]
+    y = renorm(x)
+    # d/dx of sum(y) through batch normalisation is zero: the batch mean absorbs any shift
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.zeros_like(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(renorm.running_mean, 0.1 * x.detach().mean(0))
+    renorm.eval()
+    torch.testing.assert_close(renorm(x), (x - renorm.running_mean) / (renorm.running_var + 1e-5).sqrt())
+
+
+def test_z_score_stats_file_errors_name_the_file(tmp_path):
+    short = _stats(tmp_path, STATS[:3])
+    with pytest.raises(DataError, match=r"stats.json .*analysis_path.*statistics for 3 features.*has 4"):
+        _run({"z_score_log_config": {"analysis_path": short}})
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"features": [{"mean": 1}]}')
+    with pytest.raises(DataError, match=r"bad.json .*not a feature statistics file"):
+        _run({"z_score_log_config": {"analysis_path": str(bad)}})
+    with pytest.raises(DataError, match=r"missing.json .*cannot read"):
+        _run({"z_score_log_config": {"analysis_path": str(tmp_path / "missing.json")}})
+    negative = _stats(tmp_path, [*STATS[:3], {"mean": 0.0, "std": -1.0}])
+    with pytest.raises(DataError, match=r"features\[3\]"):
+        _run({"z_score_log_config": {"analysis_path": negative}})
+
+
+def test_unknown_feature_to_concat_names_the_field():
+    with pytest.raises(
+        UserError, match=r"feature_names_to_concat: sparse is not a feature .*continuous, binary"
+    ):
+        _run({"log1p_abs_config": {}, "feature_names_to_concat": ["binary", "sparse"]})
+
+
+def test_layer_norm_center_without_scale_is_refused():
+    config = {"double_norm_log_config": {"layer_norm_config": {"center": True, "scale": False}}}
+    with pytest.raises(UserError, match="layer_norm_config: center without scale"):
+        _run(config)
+
+
+def test_layer_norm_scale_without_center_has_no_bias():
+    featurizer, _ = _run({"double_norm_log_config": {"layer_norm_config": {"center": False, "scale": True}}})
+    assert featurizer.layer_norm.weight.shape == (7,) and featurizer.layer_norm.bias is None

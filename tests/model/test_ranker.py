@@ -1,0 +1,285 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from heavyranker.config import load_config
+from heavyranker.data.shapes import feature_shapes
+from heavyranker.errors import UserError
+from heavyranker.model import build_model, module_name
+from heavyranker.model.summary import print_summary
+
+TASKS = [
+    "recap.engagement.is_favorited",
+    "recap.engagement.is_good_clicked_convo_desc_favorited_or_replied",
+    "recap.engagement.is_good_clicked_convo_desc_v2",
+    "recap.engagement.is_negative_feedback_v2",
+    "recap.engagement.is_profile_clicked_and_profile_engaged",
+    "recap.engagement.is_replied",
+    "recap.engagement.is_replied_reply_engaged_by_author",
+    "recap.engagement.is_report_tweet_clicked",
+    "recap.engagement.is_retweeted",
+    "recap.engagement.is_video_playback_50",
+]
+# local_small: continuous 48 + binary 16, then three 16-wide TwHIN embeddings
+SMALL_INPUT = 48 + 16 + 3 * 16
+
+
+# is_replied's negatives kept at 1%, its positives at 50%: r = 0.02
+REPLIED_RATES = (
+    "train_data.tasks.recap.engagement.is_replied={pos_downsampling_rate: 0.5, neg_downsampling_rate: 0.01}"
+)
+
+
+def _config(path, *overrides):
+    return load_config(path, list(overrides))
+
+
+def _build(config):
+    torch.manual_seed(0)
+    return build_model(config, feature_shapes(config.train_data))
+
+
+def _features(config, batch=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in feature_shapes(config.train_data).items():
+        size = (batch, *shape)
+        if name in ("discrete",) or name.startswith("meta__"):
+            out[name] = torch.randint(0, 50, size, generator=gen)
+        elif name == "binary":
+            out[name] = torch.randint(0, 2, size, generator=gen).float()
+        else:
+            out[name] = torch.randn(size, generator=gen) * 3
+    return out
+
+
+def test_seed_config_parameter_shapes():
+    config = _config(Path(__file__).resolve().parents[2] / "configs" / "local_prod.yaml")
+    model = _build(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # input: 2117 continuous + 59 binary (featurized) + 3 x 200 TwHIN = 2776
+    backbone = {}
+    for k in range(4):
+        block = f"backbone.mask_blocks.{k}"
+        backbone |= {
+            f"{block}.mask_layer.0.weight": (1024, 2776),
+            f"{block}.mask_layer.0.bias": (1024,),
+            f"{block}.mask_layer.2.weight": (2776, 1024),
+            f"{block}.mask_layer.2.bias": (2776,),
+            f"{block}.hidden_layer.weight": (1024, 2776),
+            f"{block}.hidden_layer.bias": (1024,),
+            f"{block}.layer_norm.weight": (1024,),
+            f"{block}.layer_norm.bias": (1024,),
+        }
+    backbone |= {"backbone.mlp.layers.0.weight": (2048, 4096), "backbone.mlp.layers.0.bias": (2048,)}
+    inputs = {
+        "featurizer.transform.2.weight": (2117,),
+        "featurizer.transform.2.bias": (2117,),
+        "featurizer.layer_norm.weight": (2176,),
+        "featurizer.layer_norm.bias": (2176,),
+    }
+    for name in ("user_embedding", "user_eng_embedding", "author_embedding"):
+        inputs |= {f"twhin_norms.{name}.weight": (200,), f"twhin_norms.{name}.bias": (200,)}
+    fav = "towers.recap__engagement__is_favorited.layers"
+    tower = {
+        f"{fav}.0.weight": (256, 2048),
+        f"{fav}.0.bias": (256,),
+        f"{fav}.3.weight": (128, 256),
+        f"{fav}.3.bias": (128,),
+        f"{fav}.6.weight": (1, 128),
+        f"{fav}.6.bias": (1,),
+    }
+    assert {n: s for n, s in shapes.items() if not n.startswith("towers.")} == inputs | backbone
+    assert {n: s for n, s in shapes.items() if n.startswith(fav)} == tower
+    # a tower with dropout has the dropout in its layer list, as the reference: Linear, BN, ReLU, Dropout, ...
+    neg = "towers.recap__engagement__is_negative_feedback_v2.layers"
+    assert [n for n in shapes if n.startswith(neg)] == [
+        f"{neg}.{i}.{p}" for i in (0, 4, 8) for p in ("weight", "bias")
+    ]
+    # tower batch norms are not affine: running statistics only
+    buffers = {n: tuple(b.shape) for n, b in model.named_buffers() if n.startswith(fav)}
+    assert buffers == {
+        f"{fav}.1.running_mean": (256,),
+        f"{fav}.1.running_var": (256,),
+        f"{fav}.1.num_batches_tracked": (),
+        f"{fav}.4.running_mean": (128,),
+        f"{fav}.4.running_var": (128,),
+        f"{fav}.4.num_batches_tracked": (),
+    }
+    assert len([n for n in shapes if n.startswith("towers.")]) == 10 * 6
+    assert sum(p.numel() for p in model.parameters()) == 48_115_108
+
+
+def test_outputs_in_task_order_with_probabilities(small_config_path):
+    config = _config(small_config_path)
+    model = _build(config)
+    assert model.task_names == TASKS
+    out = model(_features(config, batch=5), return_backbone=True)
+    assert set(out) == {"logits", "probabilities", "calibrated_probabilities", "backbone"}
+    for key in ("logits", "probabilities", "calibrated_probabilities"):
+        assert out[key].shape == (5, 10)
+    torch.testing.assert_close(out["probabilities"], torch.sigmoid(out["logits"]))
+    torch.testing.assert_close(out["calibrated_probabilities"], out["probabilities"])  # rates are all 1
+    assert out["backbone"].shape == (5, 128)
+    assert "backbone" not in model(_features(config, batch=5))
+
+
+def test_towers_match_their_own_modules(small_config_path):
+    """The stacked evaluation of same-shaped towers gives each tower module's own output."""
+    config = _config(small_config_path)
+    model = _build(config).eval()
+    assert model.tower_stack is not None
+    features = _features(config)
+    out = model(features, return_backbone=True)
+    each = torch.cat([model.towers[module_name(t)](out["backbone"]) for t in TASKS], dim=1)
+    torch.testing.assert_close(out["logits"], each)
+
+
+@pytest.mark.parametrize(
+    ("sharing", "tower_in"),
+    [("share_all", 128), ("share_partial", SMALL_INPUT + 128), ("share_none", SMALL_INPUT)],
+)
+def test_sharing_modes_input_widths(small_config_path, sharing, tower_in):
+    overrides = [f"model.multi_task_type={sharing}"] + (
+        ["model.backbone=null"] if sharing == "share_none" else []
+    )
+    config = _config(small_config_path, *overrides)
+    model = _build(config)
+    if sharing == "share_none":
+        assert model.backbone is None
+    else:
+        assert model.backbone.mask_blocks[0].hidden_layer.in_features == SMALL_INPUT
+    for tower in model.towers.values():
+        assert tower.layers[0].in_features == tower_in
+    out = model(_features(config), return_backbone=True)
+    assert out["backbone"].shape == (8, tower_in) and out["logits"].shape == (8, 10)
+
+
+def test_calibrated_probabilities_use_each_tasks_rates(small_config_path):
+    config = _config(
+        small_config_path,
+        REPLIED_RATES,
+    )
+    out = _build(config).eval()(_features(config))
+    p, q = out["probabilities"], out["calibrated_probabilities"]
+    replied = TASKS.index("recap.engagement.is_replied")
+    torch.testing.assert_close(
+        q[:, replied], p[:, replied] * 0.02 / (1 - p[:, replied] + 0.02 * p[:, replied])
+    )
+    others = [i for i in range(10) if i != replied]
+    torch.testing.assert_close(q[:, others], p[:, others])
+
+
+def test_affine_map_scales_the_logit(small_config_path):
+    task = "recap.engagement.is_retweeted"
+    config = _config(small_config_path, f"model.tasks.{task}.affine_map={{scale: 2.0, bias: -1.0}}")
+    model = _build(config).eval()
+    out = model(_features(config), return_backbone=True)
+    raw = model.towers[module_name(task)](out["backbone"])[:, 0]
+    torch.testing.assert_close(out["logits"][:, TASKS.index(task)], 2.0 * raw - 1.0)
+    affine = model.affine_maps[module_name(task)]
+    assert {id(affine.weight), id(affine.bias)} <= {id(p) for p in model.tower_parameters()[task]}
+
+
+def test_tower_parameters_partition(small_config_path):
+    model = _build(_config(small_config_path))
+    towers = model.tower_parameters()
+    assert list(towers) == TASKS
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for task, params in towers.items():
+        names = {by_id[id(p)] for p in params}
+        assert names == {n for n in by_id.values() if n.startswith(f"towers.{module_name(task)}.")}
+        assert not seen & names
+        seen |= names
+    rest = set(by_id.values()) - seen
+    assert rest and all(n.startswith(("featurizer.", "twhin_norms.", "backbone.")) for n in rest)
+
+
+def test_embeddings_and_dlrm_towers_read_the_input_layout(small_config_path):
+    """share_none with DLRM towers: the small embedding, the three TwHIN vectors (all 16 wide) and the
+    position embedding are the vectors the bottom MLP's output is dotted with."""
+    overrides = [
+        "model.multi_task_type=share_none",
+        "model.backbone=null",
+        "model.small_embeddings={tables: [{name: a.b, num_embeddings: 10, embedding_dim: 16, index: 3}]}",
+        "model.position_debias_config={max_position: 8, num_dims: 16, position_feature_index: 0}",
+    ]
+    dlrm = "{bottom_mlp: {layer_sizes: [16]}, top_mlp: {layer_sizes: [1]}}"
+    for task in TASKS:
+        overrides += [f"model.tasks.{task}.mlp_config=null", f"model.tasks.{task}.dlrm_config={dlrm}"]
+    config = _config(small_config_path, *overrides)
+    model = _build(config)
+    tower = model.towers[module_name(TASKS[0])]
+    width = SMALL_INPUT + 16 + 16
+    assert tower.vector_slices == [(64, 16), (80, 16), (96, 16), (112, 16), (128, 16)]
+    assert tower.dense_slices == [(0, 64)] and tower.bottom_mlp.layers[0].in_features == 64
+    assert tower.top_mlp.layers[0].in_features == 16 + 6 * 5 // 2
+    assert model.small_embeddings["a__b"].embedding.weight.shape == (11, 16)
+    features = _features(config)
+    assert model.inputs(features).shape == (8, width)
+    model.train()
+    train = model(features)["logits"]
+    model.eval()
+    assert train.shape == model(features)["logits"].shape == (8, 10)
+
+
+def test_build_errors_name_the_field(small_config_path):
+    task = TASKS[2]
+    config = _config(small_config_path, f"model.tasks.{task}.mlp_config.layer_sizes=[4, 2]")
+    with pytest.raises(UserError, match=rf"model.tasks.{task}: the tower must end in one output.*not 2"):
+        _build(config)
+    config = _config(small_config_path, "model.position_debias_config={position_feature_index: 8}")
+    with pytest.raises(
+        UserError, match=r"position_feature_index: column 8 is outside the discrete tensor \(8"
+    ):
+        _build(config)
+    config = _config(
+        small_config_path,
+        "model.large_embeddings={tables: [{name: ids, num_embeddings: 5, embedding_dim: 4}]}",
+    )
+    with pytest.raises(UserError, match=r"large_embeddings.tables\[0\] \(ids\): no id feature 'ids'"):
+        _build(config)
+
+
+def test_large_embedding_reads_its_feature(small_config_path):
+    config = _config(
+        small_config_path,
+        "model.large_embeddings={tables: [{name: authors, num_embeddings: 100, "
+        "embedding_dim: 4, feature_name: meta__author_id}]}",
+    )
+    model = _build(config)
+    features = _features(config)
+    table = model.large_embeddings["authors"]
+    x = model.inputs(features)
+    torch.testing.assert_close(x[:, 64:68], table.embedding.weight[features["meta__author_id"]])
+
+
+def test_torch_export_matches_eager(small_config_path):
+    config = _config(small_config_path)
+    model = _build(config)
+    model(_features(config, batch=16))  # move the batch-norm statistics off their initial values
+    model.eval()
+    example = _features(config, batch=4)
+    batch = torch.export.Dim("batch", min=2)
+    exported = torch.export.export(
+        model, (example,), dynamic_shapes={"features": {k: {0: batch} for k in example}}
+    )
+    features = _features(config, batch=9, seed=1)
+    got, want = exported.module()(features), model(features)
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+
+
+def test_summary_prints_each_module_and_the_total(small_config_path, capsys):
+    config = _config(small_config_path)
+    print_summary(config)
+    lines = capsys.readouterr().out.splitlines()
+    total = sum(p.numel() for p in _build(config).parameters())
+    assert lines[-1].split() == ["total", f"{total:,}"]
+    assert any(line.split()[:2] == ["backbone", "(MaskNet)"] for line in lines)
+    tower = next(line for line in lines if "recap__engagement__is_favorited (Mlp)" in line)
+    assert tower.split()[-1] == f"{128 * 64 + 64 + 64 * 32 + 32 + 32 * 1 + 1:,}"
+    assert sum("(MaskBlock)" in line for line in lines) == 2
