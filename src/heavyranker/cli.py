@@ -27,10 +27,7 @@ def _config_validate(args: argparse.Namespace) -> int:
 def _data_generate(args: argparse.Namespace) -> int:
     from .data.synthetic import generate_for_config
 
-    generate_for_config(
-        _load(args), out=args.out, examples=args.examples, files=args.files, seed=args.seed,
-        downsampled_split=args.downsampled_split,
-    )
+    generate_for_config(_load(args), out=args.out, examples=args.examples, files=args.files, seed=args.seed)
     return 0
 
 
@@ -131,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(data, "generate", "write synthetic data with a planted truth for the config's splits", _data_generate)
     _with_config(p)
     p.add_argument("--out", help="folder (default: where the config's globs point)")
-    p.add_argument("--examples", type=int, default=20000, help="examples per split")
-    p.add_argument("--files", type=int, default=4, help="files per split")
+    p.add_argument("--examples", type=int,
+                   help="rows of the train split (default: by schema width, at most 200000); "
+                        "each validation split gets a tenth")
+    p.add_argument("--files", type=int, help="files per split (default 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--downsampled-split", action="store_true",
-                   help="downsample each validation split's negatives at its configured rates")
     p = command(data, "dump", "write the arrays of some batches to an .npz for inspection", _data_dump)
     _with_config(p)
     p.add_argument("--split", default="train", help="train, or a validation split name")

@@ -1,0 +1,84 @@
+"""`heavyranker data stats`: per-feature statistics of the continuous features for z_score_log featurization
+(model.featurization_config.z_score_log_config.analysis_path).
+
+The file, JSON: {"transform": ..., "examples": N, "features": [{"mean", "std", "count"}, ...]}, one entry per
+column of the `continuous` tensor as the model sees it (after truncate_and_slice), in column order: the mean
+and the population standard deviation of sign(x) * log1p(|x|) over the finite values of the column (count of
+them), over the first `batches` batches of the training data read in order. A column without a finite value
+gets mean 0 and std 0 (the featurizer reads a std of 0 as 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from ..config import Config
+from ..errors import DataError, UserError
+from .dataset import RecapDataset
+
+log = logging.getLogger(__name__)
+
+
+def write_feature_stats(config: Config, *, out: str, batches: int) -> None:
+    if batches < 1:
+        raise UserError(f"--batches must be positive, got {batches}")
+    count, mean, m2 = _moments(config, batches)
+    std = np.sqrt(np.divide(m2, count, out=np.zeros_like(m2), where=count > 0))
+    stats = {
+        "transform": "sign(x) * log1p(|x|)",
+        "examples": int(count.max(initial=0)),
+        "features": [
+            {"mean": float(m), "std": float(s), "count": int(c)}
+            for m, s, c in zip(mean, std, count, strict=True)
+        ],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    temporary = f"{out}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(stats, f, indent=1)
+    os.replace(temporary, out)
+    log.info(
+        "wrote statistics of %d continuous features over %d examples to %s", len(mean), stats["examples"], out
+    )
+
+
+def _moments(config: Config, batches: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column: the count, mean and sum of squared deviations of the finite transformed values,
+    merged batch by batch (Chan et al.'s pairwise update: no cancellation on large sums)."""
+    if "continuous" not in config.train_data.seg_dense_schema.renamed_features:
+        raise UserError(
+            "train_data.seg_dense_schema.renamed_features has no `continuous` feature to describe"
+        )
+    dataset = RecapDataset(config.train_data, seed=config.training.seed, training=False)
+    count = mean = m2 = None
+    try:
+        for i, batch in enumerate(dataset):
+            if i == batches:
+                break
+            x = batch.features["continuous"].double().numpy()
+            t = np.sign(x) * np.log1p(np.abs(x))
+            finite = np.isfinite(t)
+            n = finite.sum(axis=0).astype(np.float64)
+            t = np.where(finite, t, 0.0)
+            batch_mean = np.divide(t.sum(axis=0), n, out=np.zeros_like(n), where=n > 0)
+            batch_m2 = (np.where(finite, t - batch_mean, 0.0) ** 2).sum(axis=0)
+            if count is None:
+                count, mean, m2 = n, batch_mean, batch_m2
+                continue
+            total = count + n
+            delta = batch_mean - mean
+            share = np.divide(n, total, out=np.zeros_like(n), where=total > 0)
+            mean = mean + delta * share
+            m2 = m2 + batch_m2 + delta**2 * count * share
+            count = total
+    finally:
+        dataset.close()
+    if count is None:
+        raise DataError(
+            f"no training examples to describe in {config.train_data.inputs or 'the dated inputs'}"
+        )
+    return count, mean, m2

@@ -1,0 +1,103 @@
+"""`heavyranker data stats`: per-column mean and std of sign(x) * log1p(|x|), against numpy on the rows."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from heavyranker.cli import main
+from heavyranker.data.stats import write_feature_stats
+from heavyranker.data.synthetic import encode_examples, generate_for_config
+from heavyranker.data.tfrecord import write_records
+from heavyranker.errors import UserError
+from heavyranker.model.featurize import load_feature_stats
+from tests.data.test_synthetic import TASKS, decode, write_config
+
+
+def numpy_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """count, mean and std of the finite values of sign(x) * log1p(|x|), per column; 0, 0, 0 for none."""
+    t = np.sign(x.astype(np.float64)) * np.log1p(np.abs(x.astype(np.float64)))
+    t[~np.isfinite(t)] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the mean of an all-NaN column
+        return (
+            np.isfinite(t).sum(axis=0),
+            np.nan_to_num(np.nanmean(t, axis=0)),
+            np.nan_to_num(np.nanstd(t, axis=0)),
+        )
+
+
+def read(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    features = json.loads(path.read_text())["features"]
+    return tuple(np.array([f[k] for f in features]) for k in ("count", "mean", "std"))
+
+
+def truncated(data):
+    data["train_data"]["preprocess"] = {"truncate_and_slice": {"continuous_feature_truncation": 40}}
+
+
+def test_stats_of_all_training_rows_match_numpy(tmp_path):
+    config = write_config(tmp_path, truncated)
+    files = [f for f in generate_for_config(config, examples=1000, files=2, seed=0) if "/train/" in f]
+    write_feature_stats(config, out=str(tmp_path / "stats.json"), batches=100)
+    count, mean, std = read(tmp_path / "stats.json")
+    continuous = decode(files, config, ["home_recap_2022_cont__segdense_vals"])[
+        "home_recap_2022_cont__segdense_vals"
+    ]
+    expected = numpy_stats(continuous[:, :40])
+    assert len(mean) == 40 and (count == 1000).all()
+    np.testing.assert_allclose(mean, expected[1], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(std, expected[2], rtol=1e-9, atol=1e-12)
+    # What the z_score_log featurization reads back.
+    loaded_mean, loaded_std = load_feature_stats(str(tmp_path / "stats.json"), 40)
+    np.testing.assert_allclose(loaded_mean.numpy(), mean, rtol=1e-6)
+
+
+def test_stats_read_the_first_batches_only(tmp_path):
+    config = write_config(tmp_path)  # batches of 256
+    files = [f for f in generate_for_config(config, examples=1000, files=1, seed=0) if "/train/" in f]
+    write_feature_stats(config, out=str(tmp_path / "stats.json"), batches=2)
+    count, mean, std = read(tmp_path / "stats.json")
+    continuous = decode(files, config, ["home_recap_2022_cont__segdense_vals"])[
+        "home_recap_2022_cont__segdense_vals"
+    ]
+    _, expected_mean, expected_std = numpy_stats(continuous[:512])
+    assert (count == 512).all()
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(std, expected_std, rtol=1e-9, atol=1e-12)
+
+
+def test_non_finite_values_are_left_out_and_an_empty_column_gets_zeros(tmp_path):
+    config = write_config(tmp_path)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((300, 48)) * 100).astype(np.float32)  # negatives too: sign(x) log1p(|x|)
+    x[::3, 0] = np.nan
+    x[1::7, 1] = np.inf
+    x[:, 2] = -np.inf
+    rows = {"home_recap_2022_cont__segdense_vals": x, **{t: np.zeros((300, 1), np.int64) for t in TASKS}}
+    folder = tmp_path / "data" / "train"
+    folder.mkdir(parents=True)
+    write_records(str(folder / "part-0.gz"), encode_examples(rows))
+    write_feature_stats(config, out=str(tmp_path / "stats.json"), batches=10)
+    count, mean, std = read(tmp_path / "stats.json")
+    expected_count, expected_mean, expected_std = numpy_stats(x)
+    assert count[0] == 200 and count[2] == 0 and mean[2] == 0 and std[2] == 0
+    np.testing.assert_array_equal(count, expected_count)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(std, expected_std, rtol=1e-9, atol=1e-12)
+
+
+def test_cli_writes_stats_and_refuses_no_batches(tmp_path, capsys):
+    write_config(tmp_path)
+    config_path = str(tmp_path / "config.yaml")
+    main(["data", "generate", "--config", config_path, "--examples", "300", "--files", "1"])
+    out = tmp_path / "sub" / "stats.json"
+    assert main(["data", "stats", "--config", config_path, "--out", str(out), "--batches", "1"]) == 0
+    assert len(read(out)[1]) == 48
+    assert main(["data", "stats", "--config", config_path, "--out", str(out), "--batches", "0"]) == 2
+    assert "--batches must be positive" in capsys.readouterr().err
+    with pytest.raises(UserError):
+        write_feature_stats(write_config(tmp_path), out=str(out), batches=-1)
