@@ -21,3 +21,26 @@ def _quiet_threads():
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     yield
+
+
+SMALL_SPLITS = ("validation", "validation_downsampled")
+
+
+def small_config(data_dir: Path, save_dir: Path, *overrides: str):
+    """configs/local_small.yaml reading the data generated under data_dir and writing to save_dir."""
+    from heavyranker.config import load_config
+
+    paths = [f"train_data.inputs={data_dir}/train/*.gz", f"training.save_dir={save_dir}"]
+    paths += [f"validation_data.{s}.inputs={data_dir}/{s}/*.gz" for s in SMALL_SPLITS]
+    return load_config(CONFIGS / "local_small.yaml", [*paths, *overrides])
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """Planted-truth data for local_small (4,000 training rows in 4 files), generated once per worker."""
+    from heavyranker.config import load_config
+    from heavyranker.data.synthetic import generate_for_config
+
+    out = tmp_path_factory.mktemp("small_data")
+    generate_for_config(load_config(CONFIGS / "local_small.yaml"), out=str(out), examples=4000, files=4, seed=0)
+    return out

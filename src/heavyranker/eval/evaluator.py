@@ -1,0 +1,157 @@
+"""Evaluation: per-task metrics of a model on each validation split, for one checkpoint or, with
+--watch, for every checkpoint a training run writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..config.data import DataConfig
+from ..data.dataset import RecapDataset
+from ..data.shapes import feature_shapes
+from ..errors import UserError
+from ..model import Ranker, build_model
+from ..train.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, load_model_weights
+from ..train.checkpoint import resolve_checkpoint
+from ..train.distributed import Runtime, check_sharding, distributed_runtime, gather_metrics
+from .metrics import MetricAccumulator
+
+log = logging.getLogger(__name__)
+
+Results = dict[str, dict[str, dict[str, float]]]  # split -> task (or task/stratifier) -> metric -> value
+POLL_SECONDS = 2.0
+
+
+def evaluation_tasks(config: Config, data: DataConfig) -> list[str]:
+    return list(data.evaluation_tasks) or config.task_names
+
+
+@torch.no_grad()
+def evaluate_split(config: Config, model: Ranker, data: DataConfig, runtime: Runtime) -> dict[str, dict[str, float]]:
+    """num_eval_steps batches of the split in order (all of it when < 0), weighted by the split's own weights.
+    Metrics use the calibrated probabilities, so a downsampled split measures the population."""
+    tasks = evaluation_tasks(config, data)
+    model_columns = [model.task_names.index(t) for t in tasks]
+    stratifiers = config.model.stratifiers or []
+    overall = MetricAccumulator(len(tasks))
+    strata = [MetricAccumulator(len(tasks)) for _ in stratifiers]
+    dataset = RecapDataset(
+        data, seed=config.training.seed, rank=runtime.rank, world_size=runtime.world_size, training=False
+    )
+    limit = config.training.num_eval_steps
+    try:
+        for i, batch in enumerate(dataset):
+            if 0 <= limit <= i:
+                break
+            batch = batch.to(runtime.device)
+            probs = model(batch.features)["calibrated_probabilities"][:, model_columns].float().cpu()
+            columns = batch.columns(tasks)
+            labels, weights = batch.labels[:, columns].cpu(), batch.weights[:, columns].cpu()
+            overall.add(labels, probs, weights)
+            for stratifier, accumulator in zip(stratifiers, strata, strict=True):
+                keep = (batch.features["discrete"][:, stratifier.index] == stratifier.value).cpu()
+                accumulator.add(labels[keep], probs[keep], weights[keep])
+    finally:
+        dataset.close()
+    # Each rank read its own files: the metrics are those of all ranks' examples together.
+    overall, strata = gather_metrics(overall, runtime), [gather_metrics(a, runtime) for a in strata]
+    results = overall.compute(tasks)
+    for stratifier, accumulator in zip(stratifiers, strata, strict=True):
+        for task, metrics in accumulator.compute(tasks).items():
+            results[f"{task}/{stratifier.name}"] = metrics
+    return results
+
+
+def evaluate_splits(
+    config: Config, model: Ranker, step: int, runtime: Runtime, only: str | None = None
+) -> Results:
+    """Evaluate every validation split (or `only`), write save_dir/eval/<split>/step_<N>.json and print a table."""
+    if only is not None and only not in config.validation_data:
+        raise UserError(f"no validation split {only!r} (the config has {', '.join(config.validation_data)})")
+    results: Results = {}
+    for split, data in config.validation_data.items():
+        if only is None or split == only:
+            results[split] = evaluate_split(config, model, data, runtime)
+            if runtime.is_main:
+                _write(config, split, step, results[split])
+    if runtime.is_main:
+        print(format_table(results, step))
+    return results
+
+
+def format_table(results: Results, step: int) -> str:
+    columns = ("auroc", "rce", "nrce", "ctr", "pctr", "loss", "num_examples", "num_positives")
+    rows = [f"evaluation at step {step}", f"{'split':<24} {'task':<58} " + " ".join(f"{c:>13}" for c in columns)]
+    for split, tasks in results.items():
+        for task, metrics in tasks.items():
+            values = " ".join(f"{metrics[c]:>13.5g}" for c in columns)
+            rows.append(f"{split[:24]:<24} {task[-58:]:<58} {values}")
+    return "\n".join(rows)
+
+
+def result_path(config: Config, split: str, step: int) -> Path:
+    return Path(config.training.save_dir) / "eval" / split / f"step_{step}.json"
+
+
+def _write(config: Config, split: str, step: int, metrics: dict[str, dict[str, float]]) -> None:
+    path = result_path(config, split, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    strict = {task: {k: (None if math.isnan(v) else v) for k, v in m.items()} for task, m in metrics.items()}
+    temporary.write_text(json.dumps({"step": step, "split": split, "metrics": strict}, indent=1))
+    temporary.replace(path)  # a result file is complete or absent: a restarted --watch trusts it
+
+
+def evaluate_command(config: Config, *, checkpoint: str | None, watch: bool, split: str | None) -> Results | None:
+    with distributed_runtime() as runtime:
+        check_sharding(config, runtime.world_size, train=False)
+        model = build_model(config, feature_shapes(config.train_data)).to(runtime.device).eval()
+        if watch:
+            if runtime.distributed:
+                raise UserError("--watch runs in one process (without torchrun); with torchrun, evaluate one "
+                                "checkpoint: --checkpoint PATH, or the newest by default")
+            watch_checkpoints(config, model, runtime, split)
+            return None
+        # Every rank evaluates the checkpoint rank 0 found, even if a newer one appears meanwhile.
+        path = runtime.broadcast(resolve_checkpoint(checkpoint or config.training.save_dir))
+        state = load_checkpoint(path)
+        load_model_weights(model, state["model"], str(path))
+        return evaluate_splits(config, model, int(state["step"]), runtime, split)
+
+
+def watch_checkpoints(
+    config: Config, model: Ranker, runtime: Runtime, split: str | None, poll_seconds: float = POLL_SECONDS
+) -> list[int]:
+    """Evaluate each checkpoint once, as it appears. A checkpoint counts as done when every split it is
+    evaluated on has its result file, so a restarted evaluator skips it. Stops after the checkpoint at
+    num_train_steps, or after eval_timeout_in_s with no new checkpoint. Returns the steps evaluated."""
+    splits = [split] if split else list(config.validation_data)
+    evaluated: list[int] = []
+    last_new = time.monotonic()
+    while True:
+        found = list_checkpoints(checkpoint_dir(config.training.save_dir))
+        for step, path in found:
+            if all(result_path(config, s, step).exists() for s in splits):
+                continue
+            try:
+                state = load_checkpoint(path)
+            except UserError:
+                if not path.exists():  # pruned by the trainer's checkpoint_max_to_keep meanwhile
+                    continue
+                raise
+            load_model_weights(model, state["model"], str(path))
+            evaluate_splits(config, model, step, runtime, split)
+            evaluated.append(step)
+            last_new = time.monotonic()
+        if found and found[-1][0] >= config.training.num_train_steps:
+            return evaluated
+        if time.monotonic() - last_new > config.training.eval_timeout_in_s:
+            log.info("no new checkpoint for %.0f s: stopping", config.training.eval_timeout_in_s)
+            return evaluated
+        time.sleep(poll_seconds)

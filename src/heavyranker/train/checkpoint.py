@@ -1,0 +1,100 @@
+"""Checkpoints that survive a kill: written under a temporary name, fsynced, renamed into place.
+
+A checkpoint is one file `save_dir/checkpoints/step_<N>.pt`. A file of that name is complete by
+construction (os.replace is atomic), so the newest one is always safe to resume from. Loading uses
+`torch.load(weights_only=True)`: a checkpoint holds tensors and plain containers, never code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_dir(save_dir: str) -> Path:
+    return Path(save_dir) / "checkpoints"
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `folder`, oldest first (temporary files are not listed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / m.group(0)) for m in map(_NAME.match, os.listdir(folder)) if m]
+    return sorted(found)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], max_to_keep: int | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step_{step}.pt"
+    temporary = folder / f".step_{step}.pt.tmp-{os.getpid()}"
+    with open(temporary, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, final)
+    _fsync_dir(folder)
+    if max_to_keep is not None:
+        for _, old in list_checkpoints(folder)[:-max_to_keep]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the newest checkpoint of a run folder / checkpoints folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        newest = latest_checkpoint(folder)
+        if newest is not None:
+            return newest
+    raise UserError(f"no checkpoint at {path} (expected a step_<N>.pt file or a folder holding one)")
+
+
+def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Copy weights whose names and shapes must all match; a mismatch names every offending parameter."""
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in own]
+    problems += [
+        f"{k}: shape {tuple(state_dict[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+        for k, v in own.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if problems:
+        raise UserError(f"{source} does not fit this model: " + "; ".join(problems))
+    model.load_state_dict(state_dict)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,216 @@
+"""Where this process runs: one process, or one rank of a torchrun job (PyTorch DDP: gloo on CPU, nccl on
+CUDA). The collectives the loop and the evaluator need are methods of Runtime that do nothing in a single
+process, so that code reads the same either way."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, NoReturn, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import Config
+from ..data.files import select_files
+from ..errors import UserError
+from ..eval.metrics import MetricAccumulator
+
+T = TypeVar("T")
+
+# A rank that stops answering without exiting (hung storage, a lost node) fails the job after this long
+# instead of hanging it: the others' collectives time out and raise. (A rank that exits is noticed at once:
+# torchrun stops the others.) It must exceed the longest a rank legitimately waits for a slower one: a
+# checkpoint write on rank 0, an uneven share of a validation split, the data skipped on resume.
+TIMEOUT_ENV = "HEAVYRANKER_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Part of a torchrun job (the process group exists), even a job of one process."""
+        return dist.is_available() and dist.is_initialized()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to train: DDP, which averages the gradients over the ranks during backward, or the
+        model itself. Keep using the bare model for checkpoints and evaluation: its state_dict keys do not
+        depend on the world size, and its forward runs no collective (ranks may run different numbers)."""
+        if not self.distributed:
+            return model
+        # The towers' stacked matmuls give their [1, n] output weights gradients whose stride in the size-1
+        # dimension differs from DDP's bucket: the same memory layout, yet DDP warns on every rank.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        devices = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=devices)
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of `tensor` over the ranks (a new tensor)."""
+        if not self.distributed:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)  # ReduceOp.AVG is nccl only
+        return total / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any: a decision every rank must take together."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's `obj` (picklable) on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (batch-norm running statistics) on every rank. DDP sends rank 0's at the start of
+        each forward, so after a step each rank holds its own batch's update; an evaluation must use the
+        statistics the checkpoint holds, on every rank."""
+        if self.distributed:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
+
+def init_runtime() -> Runtime:
+    """CUDA when available (TF32 matmuls on), else CPU. Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK and the
+    rendezvous address in the environment) it also joins the job's process group, once per process, and
+    quiets the logging of every rank but 0 to warnings and errors."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=_collective_timeout()),
+            device_id=device if device.type == "cuda" else None,
+        )
+        if rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)
+    return Runtime(rank, world_size, device)
+
+
+@contextmanager
+def distributed_runtime() -> Iterator[Runtime]:
+    """init_runtime() for the length of a job, leaving the process group after a clean finish. Not after an
+    error: tearing down a group whose other ranks may be inside a collective can block, and the exit of this
+    process ends its part anyway (torchrun then stops the other ranks)."""
+    runtime = init_runtime()
+    yield runtime
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_timeout() -> float:
+    value = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"{TIMEOUT_ENV}={value!r}: expected a number of seconds > 0")
+    return seconds
+
+
+def check_sharding(config: Config, world_size: int, *, train: bool = True) -> None:
+    """Each rank reads its own files (files[rank::world_size]) in batches of global_batch_size / world_size.
+    Raise now, naming the config section, if a split cannot be shared that way, rather than when the split
+    is first read (for a validation split, maybe hours into training). `train`: check train_data too."""
+    if world_size == 1:
+        return
+    sections = {"train_data": config.train_data} if train else {}
+    sections |= {f"validation_data.{split}": data for split, data in config.validation_data.items()}
+    for where, data in sections.items():
+        if data.global_batch_size % world_size:
+            raise UserError(
+                f"{where}.global_batch_size: {data.global_batch_size} is not divisible by the world size "
+                f"{world_size}; each process takes global_batch_size / {world_size} examples per batch, so "
+                f"make it a multiple of {world_size}"
+            )
+        files = select_files(data)
+        if len(files) < world_size:
+            raise UserError(
+                f"{where}: {len(files)} data file(s) ({', '.join(files[:3])}) for {world_size} processes; "
+                f"each process reads its own files, so split the data into at least {world_size} files"
+            )
+
+
+def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:
+    """DDP averages the gradients in every backward; with gradient accumulation only the last micro-batch
+    needs it (the others' gradients add up locally first), which saves all but one all-reduce per step."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    return nullcontext()
+
+
+def gather_metrics(accumulator: MetricAccumulator, runtime: Runtime) -> MetricAccumulator:
+    """Every rank's examples in one accumulator, on every rank: the metrics are exactly those of one process
+    that saw them all (MetricAccumulator puts the examples in a canonical order before summing)."""
+    if not runtime.distributed:
+        return accumulator
+    merged = MetricAccumulator(accumulator.num_tasks)
+    for state in runtime.gather(accumulator.state()):
+        merged.merge(MetricAccumulator.from_state(state))
+    return merged
+
+
+def launch_torchrun(argv: list[str], nproc: int) -> NoReturn:
+    """`heavyranker <argv>` as `nproc` ranks on this machine: replaces this process with torchrun, so that
+    signals and the exit status are torchrun's own (it stops every rank when one fails)."""
+    env = dict(os.environ)
+    # torchrun gives each worker 1 thread when OMP_NUM_THREADS is unset: give each its share of the cores.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [*torchrun, "-m", "heavyranker", *_without_nproc(argv)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, command, env)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv less `--nproc N` and `--nproc=N`: each worker runs the command as one process."""
+    kept: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--nproc":
+            next(args, None)  # its value
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept

@@ -1,0 +1,71 @@
+"""Training logs: a line per train_log_every_n steps to metrics.jsonl and TensorBoard (console via the loop)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class TrainLogger:
+    """Averages the losses of the steps since the last flush; writes nothing unless `enabled` (rank 0)."""
+
+    def __init__(self, save_dir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self._reset()
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only where it writes
+
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(Path(save_dir) / "metrics.jsonl", "a")
+        self.tensorboard = SummaryWriter(str(Path(save_dir) / "tensorboard"))
+
+    def _reset(self) -> None:
+        self.steps = 0
+        self.examples = 0
+        self.seconds = 0.0
+        self.total: torch.Tensor | float = 0.0
+        self.per_task: torch.Tensor | float = 0.0
+
+    def add(self, total: torch.Tensor, per_task: torch.Tensor, examples: int, seconds: float) -> None:
+        self.steps += 1
+        self.examples += examples
+        self.seconds += seconds
+        self.total = self.total + total
+        self.per_task = self.per_task + per_task
+
+    def flush(self, step: int, task_names: list[str], learning_rates: dict[str, float]) -> dict[str, Any]:
+        per_task = (self.per_task / self.steps).tolist()
+        line: dict[str, Any] = {
+            "step": step,
+            "loss": float(self.total) / self.steps,
+            **{f"loss/{t}": v for t, v in zip(task_names, per_task, strict=True)},
+            **{f"lr/{name}": lr for name, lr in learning_rates.items()},
+            "steps_per_s": self.steps / self.seconds,
+            "examples_per_s": self.examples / self.seconds,
+        }
+        self._reset()
+        if self.enabled:
+            self.jsonl.write(json.dumps(line) + "\n")
+            self.jsonl.flush()
+            for key, value in line.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(f"train/{key}", value, step)
+        return line
+
+    def eval_scalars(self, step: int, results: dict[str, dict[str, dict[str, float]]]) -> None:
+        if not self.enabled:
+            return
+        for split, tasks in results.items():
+            for task, metrics in tasks.items():
+                for name, value in metrics.items():
+                    self.tensorboard.add_scalar(f"eval/{split}/{task}/{name}", value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()

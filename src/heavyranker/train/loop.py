@@ -1,0 +1,201 @@
+"""The training loop: data -> model -> multi-task loss -> Adam, with logging, evaluation and
+checkpoints that a restarted run resumes from exactly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import Config
+from ..data.batch import Batch
+from ..data.dataset import RecapDataset
+from ..data.shapes import feature_shapes
+from ..errors import UserError
+from ..eval.evaluator import evaluate_splits
+from ..model import Ranker, build_model
+from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, load_model_weights, resolve_checkpoint
+from .checkpoint import save_checkpoint
+from .distributed import Runtime, check_sharding, distributed_runtime, gradient_sync, init_runtime
+from .logger import TrainLogger
+from .loss import MultiTaskLoss, build_loss
+from .optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class Trainer:
+    """One training run. `run()` trains from wherever save_dir's newest checkpoint left off."""
+
+    def __init__(self, config: Config, *, amp: bool = False, runtime: Runtime | None = None):
+        self.config = config
+        self.runtime = runtime or init_runtime()
+        check_sharding(config, self.runtime.world_size)
+        self.amp = amp
+        torch.manual_seed(config.training.seed)
+        self.model: Ranker = build_model(config, feature_shapes(config.train_data)).to(self.runtime.device)
+        self.train_model = self.runtime.wrap(self.model)  # DDP across ranks; checkpoints use the bare model
+        self.loss_fn: MultiTaskLoss = build_loss(config).to(self.runtime.device)
+        self.optimizer, self.scheduler = build_optimizer(config, self.model)
+        self.accumulation = config.training.gradient_accumulation or 1
+        self.step = 0
+        self.checkpoints = checkpoint_dir(config.training.save_dir)
+        self._stop_requested = False
+
+    def restore(self) -> None:
+        """Resume from save_dir's newest checkpoint, else warm start from initial_checkpoint_dir."""
+        # Every rank resumes from the checkpoint rank 0 sees (save_dir is one folder that every node shares).
+        newest = self.runtime.broadcast(latest_checkpoint(self.checkpoints))
+        if newest is not None:
+            state = load_checkpoint(newest)
+            load_model_weights(self.model, state["model"], str(newest))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            torch.set_rng_state(state["rng"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            log.info("resumed from %s at step %d", newest, self.step)
+        elif self.config.training.initial_checkpoint_dir:
+            source = self.runtime.broadcast(resolve_checkpoint(self.config.training.initial_checkpoint_dir))
+            load_model_weights(self.model, load_checkpoint(source)["model"], str(source))
+            log.info("warm start from the weights of %s", source)
+
+    def save(self) -> Path | None:
+        if not self.runtime.is_main:
+            return None
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        return save_checkpoint(self.checkpoints, self.step, state, self.config.training.checkpoint_max_to_keep)
+
+    def run(self) -> None:
+        training = self.config.training
+        self.restore()
+        if self.step >= training.num_train_steps:
+            log.info("already at step %d of %d: nothing to do", self.step, training.num_train_steps)
+            return
+        dataset = RecapDataset(
+            self.config.train_data, seed=training.seed, rank=self.runtime.rank,
+            world_size=self.runtime.world_size, training=True,
+        )
+        dataset.skip_to(self.step * self.accumulation)
+        logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main)
+        batches = iter(dataset)
+        self.model.train()
+        try:
+            with self._stop_on_signals(), tqdm(
+                total=training.num_train_steps, initial=self.step, disable=not self.runtime.is_main,
+                dynamic_ncols=True, desc="train",
+            ) as bar:
+                # A signal may reach some ranks only, or at different times: all ranks stop at the same step.
+                while self.step < training.num_train_steps and not self.runtime.any(self._stop_requested):
+                    started = time.perf_counter()
+                    total, per_task, examples = self._train_step(batches)
+                    self.step += 1
+                    logger.add(total, per_task, examples, time.perf_counter() - started)
+                    bar.update(1)
+                    if self.step % training.train_log_every_n == 0:
+                        line = logger.flush(self.step, self.model.task_names, self._learning_rates())
+                        bar.set_postfix(loss=f"{line['loss']:.4f}")
+                        log.info(_format_log_line(line))
+                    if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
+                        self.save()
+                    if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
+                        self._evaluate(logger)
+            if self.step < training.num_train_steps:
+                log.info("stopping on a signal at step %d", self.step)
+                self.save()
+        finally:
+            dataset.close()
+            logger.close()
+
+    def _train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        device = self.runtime.device
+        total_sum = torch.zeros((), device=device)
+        per_task_sum = torch.zeros(len(self.model.task_names), device=device)
+        examples = 0
+        for i in range(self.accumulation):
+            batch = next(batches).to(device, non_blocking=True)
+            columns = batch.columns(self.model.task_names)
+            with gradient_sync(self.train_model, enabled=i == self.accumulation - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    logits = self.train_model(batch.features)["logits"]
+                labels, weights = batch.labels[:, columns], batch.weights[:, columns]
+                total, per_task = self.loss_fn(logits.float(), labels, weights)
+                (total / self.accumulation).backward()
+            total_sum += total.detach() / self.accumulation
+            per_task_sum += per_task.detach() / self.accumulation
+            examples += len(batch)
+        # The global batch's loss (ranks hold equal shares), so that every rank agrees on a non-finite one.
+        total_sum, per_task_sum = self.runtime.mean(total_sum), self.runtime.mean(per_task_sum)
+        bad = ~torch.isfinite(per_task_sum)
+        if bad.any():
+            tasks = [t for t, b in zip(self.model.task_names, bad.tolist(), strict=True) if b]
+            raise NonFiniteLoss(
+                f"step {self.step + 1}: the loss of {', '.join(tasks)} is not finite; training stopped, the newest "
+                f"checkpoint in {self.checkpoints} is the last good state"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_sum, per_task_sum, examples * self.runtime.world_size
+
+    def _learning_rates(self) -> dict[str, float]:
+        return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+
+    def _evaluate(self, logger: TrainLogger) -> None:
+        self.runtime.sync_buffers(self.model)  # evaluate the weights a checkpoint of this step holds
+        self.model.eval()
+        try:
+            results = evaluate_splits(self.config, self.model, self.step, self.runtime)
+        finally:
+            self.model.train()
+        logger.eval_scalars(self.step, results)
+
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the current step, save a checkpoint and return."""
+
+        def request_stop(signum: int, frame: object) -> None:
+            self._stop_requested = True
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _format_log_line(line: dict[str, float]) -> str:
+    worst = ", ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in line.items() if k.startswith("loss/"))
+    return (
+        f"step {line['step']}: loss {line['loss']:.4f} | {line['steps_per_s']:.2f} steps/s, "
+        f"{line['examples_per_s']:.0f} examples/s | {worst}"
+    )
+
+
+def train(config: Config, *, amp: bool = False) -> None:
+    with distributed_runtime() as runtime:
+        Trainer(config, amp=amp, runtime=runtime).run()

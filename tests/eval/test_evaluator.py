@@ -1,0 +1,99 @@
+"""The evaluator: metrics against sklearn on the same predictions, stratifiers, result files, --watch."""
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from heavyranker.cli import main
+from heavyranker.data.dataset import RecapDataset
+from heavyranker.eval.evaluator import evaluate_command, result_path, watch_checkpoints
+from heavyranker.train.distributed import init_runtime
+from heavyranker.train.loop import Trainer
+from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
+
+FAV = "recap.engagement.is_favorited"
+FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "training.train_log_every_n=10")
+
+
+@pytest.fixture(scope="module")
+def trained(small_data, tmp_path_factory):
+    """A run of 4 steps with checkpoints at steps 2 and 4."""
+    save_dir = tmp_path_factory.mktemp("run")
+    Trainer(small_config(small_data, save_dir, *FAST, "training.num_train_steps=4",
+                         "training.checkpoint_every_n=2")).run()
+    return save_dir
+
+
+def test_metrics_equal_sklearn_on_the_same_predictions_with_the_split_weights(small_data, trained):
+    config = small_config(small_data, trained, *FAST)
+    results = evaluate_command(config, checkpoint=None, watch=False, split="validation_downsampled")
+    trainer = Trainer(config)
+    trainer.restore()
+    model = trainer.model.eval()
+    probs, labels, weights = [], [], []
+    column = model.task_names.index(FAV)
+    with torch.no_grad():
+        for batch in RecapDataset(config.validation_data["validation_downsampled"], training=False):
+            probs.append(model(batch.features)["calibrated_probabilities"][:, column])
+            [label_column] = batch.columns([FAV])
+            labels.append(batch.labels[:, label_column])
+            weights.append(batch.weights[:, label_column])
+    probs, labels, weights = (torch.cat(x).double().numpy() for x in (probs, labels, weights))
+    assert len(np.unique(weights)) == 2  # the split's downsampling is undone by its weights
+    metrics = results["validation_downsampled"][FAV]
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(labels, probs, sample_weight=weights), abs=1e-9)
+    assert metrics["ctr"] == pytest.approx(np.average(labels, weights=weights), rel=1e-9)
+    assert metrics["num_examples"] == len(labels)
+    saved = json.loads(result_path(config, "validation_downsampled", 4).read_text())
+    assert saved["metrics"][FAV]["auroc"] == pytest.approx(metrics["auroc"])
+
+
+def test_stratified_metrics_cover_the_matching_rows(small_data, trained):
+    config = small_config(small_data, trained, *FAST, "model.stratifiers=[{name: first_is_zero, index: 0, value: 0}]")
+    results = evaluate_command(config, checkpoint=str(trained / "checkpoints/step_2.pt"), watch=False,
+                               split="validation")["validation"]
+    matching = sum(int((b.features["discrete"][:, 0] == 0).sum())
+                   for b in RecapDataset(config.validation_data["validation"], training=False))
+    assert 0 < matching < results[FAV]["num_examples"]
+    assert results[f"{FAV}/first_is_zero"]["num_examples"] == matching
+
+
+def test_watch_evaluates_each_checkpoint_once_as_it_appears(small_data, trained, tmp_path):
+    config = small_config(small_data, tmp_path, *FAST, "training.num_train_steps=4")
+    trainer = Trainer(config)
+
+    def publish():
+        for step in (2, 4):
+            time.sleep(0.3)
+            (tmp_path / "checkpoints").mkdir(exist_ok=True)
+            shutil.copy(trained / f"checkpoints/step_{step}.pt", tmp_path / f"checkpoints/.tmp{step}")
+            (tmp_path / f"checkpoints/.tmp{step}").rename(tmp_path / f"checkpoints/step_{step}.pt")
+
+    writer = threading.Thread(target=publish)
+    writer.start()
+    evaluated = watch_checkpoints(config, trainer.model.eval(), init_runtime(), None, poll_seconds=0.05)
+    writer.join()
+    assert evaluated == [2, 4]
+    assert all(result_path(config, s, step).exists() for s in SMALL_SPLITS for step in (2, 4))
+    # A restarted evaluator finds everything done and stops at once.
+    assert watch_checkpoints(config, trainer.model, init_runtime(), None, poll_seconds=0.05) == []
+
+
+def test_watch_stops_after_the_timeout_without_checkpoints(small_data, tmp_path):
+    config = small_config(small_data, tmp_path, *FAST, "training.eval_timeout_in_s=0.2")
+    started = time.monotonic()
+    assert watch_checkpoints(config, Trainer(config).model, init_runtime(), None, poll_seconds=0.05) == []
+    assert time.monotonic() - started >= 0.2
+
+
+def test_unknown_split_is_a_user_error(small_data, trained, capsys):
+    args = ["evaluate", "--config", str(CONFIGS / "local_small.yaml"), "--set", f"training.save_dir={trained}",
+            "--split", "nope"]
+    assert main(args) == 2
+    assert "no validation split 'nope'" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from heavyranker.errors import UserError
+from heavyranker.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+# A child that saves step 2 but hangs inside fsync, i.e. after writing part of the file, until killed.
+HANGING_WRITER = """
+import os, sys, time, torch
+from heavyranker.train import checkpoint
+def hang(fd):
+    open(sys.argv[2], "w").close()
+    time.sleep(600)
+os.fsync = hang
+checkpoint.save_checkpoint(sys.argv[1], 2, {"w": torch.ones(1000, 1000)})
+"""
+
+
+def test_kill_during_write_leaves_previous_checkpoint_newest(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(3)})
+    flag = tmp_path.parent / f"{tmp_path.name}-writing"
+    child = subprocess.Popen([sys.executable, "-c", HANGING_WRITER, str(tmp_path), str(flag)])
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert time.monotonic() < deadline and child.poll() is None, "the writer never reached fsync"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [1]
+    assert any(name.endswith(f"tmp-{child.pid}") for name in os.listdir(tmp_path))  # the half file is there...
+    assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], torch.zeros(3))  # ...and ignored
+
+
+def test_max_to_keep_removes_the_oldest(tmp_path):
+    for step in (5, 10, 15, 20):
+        save_checkpoint(tmp_path, step, {"step": step}, max_to_keep=2)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [15, 20]
+
+
+def test_steps_sort_numerically_not_as_text(tmp_path):
+    for step in (9, 10, 100):
+        save_checkpoint(tmp_path, step, {})
+    assert latest_checkpoint(tmp_path).name == "step_100.pt"
+
+
+def test_loading_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "step_1.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(UserError, match="step_1.pt: not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = save_checkpoint(tmp_path, 3, {"w": torch.ones(100)})
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(UserError, match="step_3.pt: not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_weight_mismatch_names_each_parameter():
+    source = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1)).state_dict()
+    target = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 1))
+    with pytest.raises(UserError) as info:
+        load_model_weights(target, source, "run-a")
+    message = str(info.value)
+    assert "0.weight: shape (3, 4) in the checkpoint, (5, 4) in the model" in message
+    assert "1.weight: shape (1, 3) in the checkpoint, (1, 5) in the model" in message
+    assert "0.bias" in message and "1.bias" not in message
+
+
+def test_resolve_finds_newest_in_a_run_folder(tmp_path):
+    save_checkpoint(tmp_path / "checkpoints", 4, {})
+    save_checkpoint(tmp_path / "checkpoints", 8, {})
+    assert resolve_checkpoint(tmp_path).name == "step_8.pt"
+    with pytest.raises(UserError, match="no checkpoint at"):
+        resolve_checkpoint(tmp_path / "elsewhere")

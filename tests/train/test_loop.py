@@ -1,0 +1,132 @@
+"""The training loop: exact resume, warm start, max_to_keep, non-finite stop, signals, end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from heavyranker.errors import UserError
+from heavyranker.train.checkpoint import list_checkpoints, load_checkpoint
+from heavyranker.train.loop import NonFiniteLoss, Trainer
+from tests.conftest import CONFIGS, small_config
+
+FAV = "recap.engagement.is_favorited"
+FAST = (
+    "train_data.global_batch_size=64",
+    "training.train_log_every_n=1",
+    "training.eval_log_every_n=1000",
+    "training.checkpoint_max_to_keep=null",
+)
+
+
+def losses(save_dir) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line for line in lines}
+
+
+def run(data, save_dir, *overrides: str) -> Trainer:
+    trainer = Trainer(small_config(data, save_dir, *FAST, *overrides))
+    trainer.run()
+    return trainer
+
+
+def test_resume_reproduces_the_straight_run(small_data, tmp_path):
+    # Dropout (RNG state) and gradient accumulation (data position = 2 batches per step) both matter here.
+    extra = (f"model.tasks.{FAV}.mlp_config.dropout={{rate: 0.3}}", "training.gradient_accumulation=2",
+             "training.checkpoint_every_n=3")
+    run(small_data, tmp_path / "straight", "training.num_train_steps=6", *extra)
+    run(small_data, tmp_path / "resumed", "training.num_train_steps=3", *extra)
+    run(small_data, tmp_path / "resumed", "training.num_train_steps=6", *extra)
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    for step in (4, 5, 6):
+        assert resumed[step]["loss"] == straight[step]["loss"]
+        assert resumed[step][f"loss/{FAV}"] == straight[step][f"loss/{FAV}"]
+    final = [load_checkpoint(tmp_path / d / "checkpoints/step_6.pt")["model"] for d in ("straight", "resumed")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_a_finished_run_says_so_and_does_nothing(small_data, tmp_path, caplog):
+    run(small_data, tmp_path, "training.num_train_steps=2")
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with caplog.at_level("INFO"):
+        run(small_data, tmp_path, "training.num_train_steps=2")
+    assert "already at step 2 of 2" in caplog.text
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_max_to_keep(small_data, tmp_path):
+    run(small_data, tmp_path, "training.num_train_steps=5", "training.checkpoint_every_n=2",
+        "training.checkpoint_max_to_keep=2")
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [4, 5]
+
+
+def test_warm_start_copies_weights_and_starts_at_step_0(small_data, tmp_path):
+    run(small_data, tmp_path / "a", "training.num_train_steps=2")
+    b = Trainer(small_config(small_data, tmp_path / "b", *FAST, f"training.initial_checkpoint_dir={tmp_path / 'a'}"))
+    b.restore()
+    source = load_checkpoint(tmp_path / "a/checkpoints/step_2.pt")["model"]
+    assert b.step == 0
+    assert all(torch.equal(v, source[k]) for k, v in b.model.state_dict().items())
+
+
+def test_warm_start_shape_mismatch_names_the_parameters(small_data, tmp_path):
+    run(small_data, tmp_path / "a", "training.num_train_steps=1")
+    b = Trainer(small_config(
+        small_data, tmp_path / "b", *FAST, f"training.initial_checkpoint_dir={tmp_path / 'a'}",
+        f"model.tasks.{FAV}.mlp_config.layer_sizes=[16, 1]",
+    ))
+    with pytest.raises(UserError, match="does not fit this model") as info:
+        b.restore()
+    assert "recap__engagement__is_favorited" in str(info.value) and "(16," in str(info.value)
+
+
+def test_non_finite_loss_stops_naming_step_and_task_and_keeps_last_checkpoint(small_data, tmp_path):
+    trainer = Trainer(small_config(small_data, tmp_path, *FAST, "training.num_train_steps=6",
+                                   "training.checkpoint_every_n=2"))
+    real_loss = trainer.loss_fn.forward
+    column = trainer.model.task_names.index(FAV)
+
+    def poisoned(logits, labels, weights):
+        total, per_task = real_loss(logits, labels, weights)
+        if trainer.step == 2:  # the third step
+            per_task = per_task.clone()
+            per_task[column] = float("inf")
+            total = per_task.mean()
+        return total, per_task
+
+    trainer.loss_fn.forward = poisoned
+    with pytest.raises(NonFiniteLoss, match=f"step 3: the loss of {FAV} is not finite"):
+        trainer.run()
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+    state = load_checkpoint(tmp_path / "checkpoints/step_2.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+TRAIN_SCRIPT = """
+import sys
+from heavyranker.cli import main
+sys.exit(main(["train", "--config", sys.argv[1], *sum((["--set", s] for s in sys.argv[2:]), [])]))
+"""
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_data, tmp_path):
+    overrides = [f"train_data.inputs={small_data}/train/*.gz", f"training.save_dir={tmp_path}",
+                 *FAST, "training.num_train_steps=100000", "training.checkpoint_every_n=100000"]
+    overrides += [f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in ("validation", "validation_downsampled")]
+    child = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(CONFIGS / "local_small.yaml"), *overrides],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert child.poll() is None, child.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.kill(child.pid, signal.SIGTERM)
+    assert child.wait(timeout=60) == 0
+    [(step, _)] = list_checkpoints(tmp_path / "checkpoints")
+    assert 3 <= step < 100000
