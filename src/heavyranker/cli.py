@@ -88,7 +88,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .serve.app import run_server
 
-    run_server(model_dir=args.model, host=args.host, port=args.port)
+    run_server(model_dir=args.model, host=args.host, port=args.port, max_candidates=args.max_candidates)
     return 0
 
 
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="an exported model folder")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-candidates", type=int, default=2048, help="per request; more is answered 413")
 
     p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)
     _with_config(p)

@@ -1,0 +1,188 @@
+"""`heavyranker serve`: an HTTP ranking service for an exported model folder (FastAPI under uvicorn).
+
+    POST /v1/rank   {"candidates": [{"id": ..., "features": {input name: [numbers], ...}}, ...]}
+                    -> {"candidates": [{"id", "score", "probabilities": {task: p}}, ...]}, best score first
+    GET  /v1/model  the export manifest
+    GET  /healthz   {"status": "ok"}
+
+Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field. The body is read
+and parsed by hand (request.py) rather than by a pydantic body model, which would validate millions of
+numbers one by one; the pydantic models below only describe the API in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..errors import UserError
+from .request import BadRequest, parse_candidates
+from .scorer import InputSpec, Scorer
+
+MAX_CANDIDATES = 2048
+# Body limit per number: the longest JSON float (-1.2345678901234567e-308) and a separator, with room.
+BYTES_PER_VALUE = 32
+BYTES_PER_CANDIDATE = 256  # the id, the keys and the brackets
+
+
+class RankedCandidate(BaseModel):
+    id: str | int
+    score: float = Field(description="sum over tasks of engagement_weight * probability")
+    probabilities: dict[str, float] = Field(description="task name -> calibrated probability")
+
+
+class RankResponse(BaseModel):
+    candidates: list[RankedCandidate] = Field(description="the request's candidates, highest score first")
+
+
+class ErrorMessage(BaseModel):
+    detail: str = Field(description="what is wrong and where: candidates[index] (id ...): field: problem")
+
+
+def create_app(
+    model_dir: str | Path, *, max_candidates: int = MAX_CANDIDATES, max_body_bytes: int | None = None
+) -> FastAPI:
+    """The app for one model folder. The body limit defaults to what max_candidates candidates need."""
+    if max_candidates < 1:
+        raise UserError(f"--max-candidates must be at least 1, not {max_candidates}")
+    scorer = Scorer(model_dir)
+    scorer.warm_up()
+    if max_body_bytes is None:
+        values = sum(spec.width for spec in scorer.inputs)
+        max_body_bytes = max_candidates * (values * BYTES_PER_VALUE + BYTES_PER_CANDIDATE)
+    app = FastAPI(
+        title="heavyranker",
+        version="1",
+        summary="Ranks candidates by their weighted engagement probabilities.",
+    )
+    request_model = _request_model(scorer.inputs, max_candidates)
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorMessage, "description": "the body is not JSON"},
+        413: {"model": ErrorMessage, "description": "too many candidates, or the body is too large"},
+        422: {"model": ErrorMessage, "description": "a candidate or one of its fields is invalid"},
+    }
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, error: BadRequest) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=error.status)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/model", summary="The export manifest: tasks, inputs, weights, checkpoint, config.")
+    def model() -> dict[str, Any]:
+        return scorer.manifest
+
+    @app.post(
+        "/v1/rank",
+        response_model=RankResponse,
+        responses=errors,
+        summary="Rank one request's candidates.",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}
+                },
+            }
+        },
+    )
+    async def rank(request: Request) -> Response:
+        body = await _read_body(request, max_body_bytes)
+        # A worker thread: parsing and the forward would otherwise stop the event loop for their duration.
+        content = await run_in_threadpool(rank_body, scorer, body, max_candidates)
+        return Response(content, media_type="application/json")
+
+    app.openapi = _openapi(app, request_model)  # type: ignore[method-assign]
+    return app
+
+
+def rank_body(scorer: Scorer, body: bytes | bytearray, max_candidates: int) -> bytes:
+    """A request body -> the response body: candidates sorted by score, best first (ties keep their order)."""
+    ids, arrays = parse_candidates(body, scorer.inputs, max_candidates)
+    if not ids:
+        return b'{"candidates": []}'
+    probabilities, score = scorer({name: torch.from_numpy(array) for name, array in arrays.items()})
+    probabilities, score = probabilities.float().numpy(), score.float().numpy()
+    bad = ~np.isfinite(probabilities).all(axis=1) | ~np.isfinite(score)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise BadRequest(
+            422,
+            f"candidates[{i}] (id {ids[i]!r}): features: the model's output is not finite "
+            "for these values (an extreme value somewhere?)",
+        )
+    order = np.argsort(-score, kind="stable")
+    rows = zip(order.tolist(), score[order].tolist(), probabilities[order].tolist(), strict=True)
+    ranked = [
+        {"id": ids[k], "score": s, "probabilities": dict(zip(scorer.tasks, p, strict=True))}
+        for k, s, p in rows
+    ]
+    return json.dumps({"candidates": ranked}).encode()
+
+
+def run_server(
+    model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_candidates: int = MAX_CANDIDATES
+) -> None:
+    uvicorn.run(create_app(model_dir, max_candidates=max_candidates), host=host, port=port)
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise BadRequest(413, f"the body is {length} bytes, at most {limit} are accepted")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"the body is over {limit} bytes, the most accepted")
+    return body
+
+
+def _request_model(inputs: list[InputSpec], max_candidates: int) -> type[BaseModel]:
+    """The request as a pydantic model of this model's inputs: for the OpenAPI schema only."""
+    strict = ConfigDict(extra="forbid")
+    fields: dict[str, Any] = {}
+    for spec in inputs:
+        number = float if spec.dtype.is_floating_point else int
+        described = f"{spec.dtype}".removeprefix("torch.") + (
+            "; NaN and +-Infinity allowed" if spec.allow_non_finite else "; finite"
+        )
+        if spec.shape:
+            annotation: Any = Annotated[list[number], Field(min_length=spec.width, max_length=spec.width)]
+            described = f"{spec.width} values, {described}"
+        else:
+            annotation = number
+        fields[spec.name] = (annotation, Field(description=described))
+    features = create_model("Features", __config__=strict, **fields)
+    candidate = create_model("Candidate", __config__=strict, id=(str | int, ...), features=(features, ...))
+    return create_model(
+        "RankRequest", __config__=strict, candidates=(list[candidate], Field(max_length=max_candidates))
+    )
+
+
+def _openapi(app: FastAPI, request_model: type[BaseModel]):
+    """FastAPI's schema, with the request model (which no route parameter declares) in its components."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}))
+            components[request_model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi

@@ -1,0 +1,190 @@
+"""A ranking request's JSON body -> candidate ids and one numpy array per model input, or a BadRequest
+whose message names the candidate (index and id) and the field.
+
+    {"candidates": [{"id": "t1", "features": {"continuous": [0.5, ...], "binary": [0, 1, ...], ...}}, ...]}
+
+Speed matters: 1,000 candidates of local_prod's model are 2.8 million numbers. pydantic_core's JSON parser
+(jiter) reads them 5x faster than the json module, and numpy converts each input's rows in one call; the
+structure (objects, ids, vector lengths) is checked per vector, never per value. Validating the same body
+with a pydantic model of list[float] costs more than parsing and converting it (measured on 55 MB: 409 ms
+vs 218 ms + 75 ms). Values are checked per value only to say where a conversion failed, or when the body
+holds `true`/`false` somewhere, because numpy would silently read a boolean as 1 or 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pydantic_core
+import torch
+
+from .scorer import InputSpec
+
+CandidateId = str | int
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_candidates(
+    body: bytes | bytearray, inputs: Sequence[InputSpec], max_candidates: int
+) -> tuple[list[CandidateId], dict[str, np.ndarray]]:
+    """Candidate ids in request order and, per input, an array [candidates, *shape] of its numpy dtype
+    (float32 for the float inputs, the torch dtype's own otherwise)."""
+    try:
+        document = pydantic_core.from_json(body)
+    except ValueError as e:
+        raise BadRequest(400, f"the body is not valid JSON: {e}") from None
+    candidates = _candidate_list(document, max_candidates)
+    ids, rows = _structure(candidates, inputs)
+    booleans = b"true" in body or b"false" in body  # a cheap, conservative test: ids may hold the words too
+    return ids, {spec.name: _column(rows[spec.name], spec, ids, booleans) for spec in inputs}
+
+
+def _candidate_list(document: object, max_candidates: int) -> list:
+    if not isinstance(document, dict):
+        raise _invalid(f'the body must be a JSON object {{"candidates": [...]}}, not {_kind(document)}')
+    unknown = [key for key in document if key != "candidates"]
+    if unknown:
+        raise _invalid(f"{unknown[0]}: unknown field (the body has one field, candidates)")
+    if "candidates" not in document:
+        raise _invalid("candidates: missing")
+    candidates = document["candidates"]
+    if not isinstance(candidates, list):
+        raise _invalid(f"candidates: must be a list of candidates, not {_kind(candidates)}")
+    if len(candidates) > max_candidates:
+        raise BadRequest(413, f"candidates: {len(candidates)} of them, at most {max_candidates} per request")
+    return candidates
+
+
+def _structure(candidates: list, inputs: Sequence[InputSpec]) -> tuple[list[CandidateId], dict[str, list]]:
+    """Checks every candidate's fields and vector lengths; returns the ids and each input's rows."""
+    names = [spec.name for spec in inputs]
+    ids: list[CandidateId] = []
+    rows: dict[str, list] = {name: [] for name in names}
+    for i, candidate in enumerate(candidates):
+        if not isinstance(candidate, dict):
+            raise _invalid(f"candidates[{i}]: must be an object with id and features, not {_kind(candidate)}")
+        if "id" not in candidate:
+            raise _invalid(f"candidates[{i}]: id: missing")
+        cid = candidate["id"]
+        if type(cid) not in (str, int):
+            raise _invalid(f"candidates[{i}]: id: must be a string or an integer, not {_kind(cid)}")
+        where = _candidate(i, cid)
+        unknown = [key for key in candidate if key not in ("id", "features")]
+        if unknown:
+            raise _invalid(f"{where}: {unknown[0]}: unknown field (a candidate has id and features)")
+        features = candidate.get("features")
+        if not isinstance(features, dict):
+            problem = "missing" if features is None else f"must be an object, not {_kind(features)}"
+            raise _invalid(f"{where}: features: {problem}")
+        unknown = [key for key in features if key not in rows]
+        if unknown:
+            raise _invalid(
+                f"{where}: features.{unknown[0]}: not an input of this model (its inputs: {', '.join(names)})"
+            )
+        for spec in inputs:
+            if spec.name not in features:
+                raise _invalid(f"{where}: features.{spec.name}: missing")
+            value, field = features[spec.name], f"{where}: features.{spec.name}"
+            if spec.shape:
+                if type(value) is not list:
+                    raise _invalid(f"{field}: must be a list of {spec.width} numbers, not {_kind(value)}")
+                if len(value) != spec.width:
+                    raise _invalid(f"{field}: {len(value)} values, the model takes {spec.width}")
+            elif type(value) is list:
+                raise _invalid(f"{field}: must be one number, not a list")
+            rows[spec.name].append(value)
+        ids.append(cid)
+    return ids, rows
+
+
+def _column(rows: list, spec: InputSpec, ids: list[CandidateId], booleans: bool) -> np.ndarray:
+    integer = not spec.dtype.is_floating_point
+    try:
+        array = np.array(rows)  # dtype inferred: a string, null or object among the numbers shows in it
+    except (ValueError, TypeError, OverflowError):
+        array = None
+    if array is None or array.dtype.kind not in ("i" if integer else "if") or booleans:
+        _check_values(rows, spec, ids)
+        array = np.array(rows, dtype=np.int64 if integer else np.float64)
+    array = array.reshape(len(rows), *spec.shape)  # also when there are no rows
+    if integer:
+        return _integers(array, spec, ids)
+    with np.errstate(over="ignore"):  # beyond float32's range is inf: allowed or rejected just below
+        array = array.astype(np.float32)
+    if not spec.allow_non_finite:
+        bad = ~np.isfinite(array)
+        if bad.any():
+            i, j = _first(bad)
+            value = rows[i][j] if spec.shape else rows[i]
+            raise _invalid(f"{_field(spec, ids, i, j)}: {value!r}: this input must be finite (as float32)")
+    return array
+
+
+def _integers(array: np.ndarray, spec: InputSpec, ids: list[CandidateId]) -> np.ndarray:
+    info = torch.iinfo(spec.dtype) if spec.dtype != torch.bool else None
+    low, high = (info.min, info.max) if info else (0, 1)
+    bad = (array < low) | (array > high)
+    if bad.any():
+        i, j = _first(bad)
+        raise _invalid(
+            f"{_field(spec, ids, i, j)}: {array[i, j] if spec.shape else array[i]} is outside {low}..{high}"
+        )
+    return array.astype(np.int64)
+
+
+def _check_values(rows: list, spec: InputSpec, ids: list[CandidateId]) -> None:
+    """Raises BadRequest at the first value that is not a JSON number of the input's kind."""
+    integer = not spec.dtype.is_floating_point
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row if spec.shape else [row]):
+            kind = type(value)
+            if kind is int and -(1 << 63) <= value < (1 << 63):
+                continue
+            if kind is float and not integer:
+                continue
+            if kind is int:
+                problem = f"{value} is outside the range of int64"
+            elif kind is float:
+                problem = f"{value!r} is not an integer"
+            else:
+                problem = f"{_kind(value)} is not a number"
+            raise _invalid(f"{_field(spec, ids, i, j)}: {problem}")
+
+
+def _invalid(message: str) -> BadRequest:
+    return BadRequest(422, message)
+
+
+def _candidate(i: int, cid: CandidateId) -> str:
+    return f"candidates[{i}] (id {cid!r})"
+
+
+def _field(spec: InputSpec, ids: list[CandidateId], i: int, j: int) -> str:
+    """Value j of candidate i's input `spec`, as a message names it."""
+    return f"{_candidate(i, ids[i])}: features.{spec.name}" + (f"[{j}]" if spec.shape else "")
+
+
+def _first(bad: np.ndarray) -> tuple[int, int]:
+    """(candidate, position) of the first True of a [candidates] or [candidates, width] mask."""
+    index = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    return int(index[0]), int(index[1]) if len(index) > 1 else 0
+
+
+def _kind(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,97 @@
+"""A model that reads integer inputs too (small embeddings and position debiasing over the discrete tensor,
+a large embedding over one id per example): export, equality with the eager model, and requests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from heavyranker.config import load_config
+from heavyranker.data.shapes import feature_shapes
+from heavyranker.model import build_model
+from heavyranker.serve.app import rank_body
+from heavyranker.serve.export import export_model
+from heavyranker.serve.request import BadRequest, parse_candidates
+from heavyranker.serve.scorer import Scorer
+from heavyranker.train.checkpoint import save_checkpoint
+from tests.conftest import CONFIGS
+from tests.serve.conftest import random_features
+
+EMBEDDINGS = [
+    "model.small_embeddings={tables: [{name: a, num_embeddings: 10, embedding_dim: 4, index: 3}]}",
+    "model.position_debias_config={max_position: 8, num_dims: 4, position_feature_index: 0}",
+    "model.large_embeddings={tables: [{name: author, num_embeddings: 50, embedding_dim: 4, "
+    "feature_name: meta__author_id}]}",
+]
+
+
+@pytest.fixture(scope="module")
+def exported_ids(tmp_path_factory) -> tuple[torch.nn.Module, Scorer]:
+    config = load_config(CONFIGS / "local_small.yaml", EMBEDDINGS)
+    torch.manual_seed(0)
+    model = build_model(config, feature_shapes(config.train_data))
+    folder = tmp_path_factory.mktemp("ids")
+    checkpoint = save_checkpoint(folder / "checkpoints", 0, {"model": model.state_dict(), "step": 0})
+    export_model(config, checkpoint=str(checkpoint), out=str(folder / "model"))
+    return model.eval(), Scorer(folder / "model")
+
+
+def test_integer_inputs_are_in_the_manifest_and_scored_as_the_eager_model(exported_ids):
+    model, scorer = exported_ids
+    inputs = {i["name"]: (i["shape"], i["dtype"]) for i in scorer.manifest["inputs"]}
+    assert inputs["discrete"] == ([8], "int64") and inputs["meta__author_id"] == ([], "int64")
+    shapes = {name: tuple(shape) for name, (shape, _) in inputs.items()}
+    features = {k: torch.from_numpy(v) for k, v in random_features(shapes, 9, seed=2).items()}
+    features["discrete"] %= 12  # some ids inside the tables, some beyond them (their own row)
+    features["meta__author_id"] %= 60
+    with torch.no_grad():
+        expected = model(features)["calibrated_probabilities"]
+    torch.testing.assert_close(scorer(features)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def _body(scorer: Scorer, n: int = 3) -> dict:
+    shapes = {spec.name: spec.shape for spec in scorer.inputs}
+    features = random_features(shapes, n, seed=4)
+    return {
+        "candidates": [
+            {"id": i, "features": {k: v[i].tolist() for k, v in features.items()}} for i in range(n)
+        ]
+    }
+
+
+def test_integer_and_scalar_inputs_parse_to_int64(exported_ids):
+    _, scorer = exported_ids
+    body = _body(scorer)
+    ids, arrays = parse_candidates(json.dumps(body).encode(), scorer.inputs, 10)
+    assert ids == [0, 1, 2]
+    assert arrays["discrete"].dtype == np.int64 and arrays["discrete"].shape == (3, 8)
+    np.testing.assert_array_equal(
+        arrays["meta__author_id"], [c["features"]["meta__author_id"] for c in body["candidates"]]
+    )
+    ranked = json.loads(rank_body(scorer, json.dumps(body).encode(), 10))["candidates"]
+    assert sorted(c["id"] for c in ranked) == [0, 1, 2]
+
+
+WHERE = "candidates[1] (id 1): features."
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("discrete", [1.5] + [0] * 7, "discrete[0]: 1.5 is not an integer"),
+        ("discrete", [0] * 7 + [2**70], "discrete[7]: 1180591620717411303424 is outside the range of int64"),
+        ("meta__author_id", [5], "meta__author_id: must be one number, not a list"),
+        ("meta__author_id", "5", "meta__author_id: a string is not a number"),
+        ("meta__author_id", float("nan"), "meta__author_id: nan is not an integer"),
+    ],
+)
+def test_bad_integer_values_name_candidate_and_field(exported_ids, field, value, message):
+    _, scorer = exported_ids
+    body = _body(scorer)
+    body["candidates"][1]["features"][field] = value
+    with pytest.raises(BadRequest) as error:
+        parse_candidates(json.dumps(body).encode(), scorer.inputs, 10)
+    assert (error.value.status, str(error.value)) == (422, WHERE + message)

@@ -1,0 +1,100 @@
+"""`heavyranker predict` on a small TFRecord file written here without labels: ids, columns, probabilities
+against the eager model, the score against the weights, Parquet and CSV, one row group per batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from heavyranker.cli import main
+from heavyranker.data.example import encode_example
+from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.tfrecord import write_records
+from heavyranker.errors import UserError
+from heavyranker.serve.predict import predict_files
+from tests.serve.conftest import Exported, random_features
+
+EXAMPLES = 50
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def records(exported: Exported, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """One gzipped file of EXAMPLES records holding every feature the config reads and no label."""
+    data = exported.config.train_data
+    features = random_features(feature_shapes(data), EXAMPLES, seed=11)
+    sources = data.seg_dense_schema.renamed_features
+    folder = tmp_path_factory.mktemp("records")
+    rows = []
+    for i in range(EXAMPLES):
+        row = {}
+        for name, values in features.items():
+            value = values[i].reshape(-1)
+            row[sources[name]] = value.astype(np.int64) if name == "binary" else value  # flags are int64_list
+        rows.append(encode_example(row))
+    write_records(str(folder / "part-0.gz"), rows)
+    return folder, features
+
+
+def _predict(exported: Exported, inputs: Path, out: Path, **kwargs) -> int:
+    return predict_files(model_dir=str(exported.folder), inputs=str(inputs), out=str(out), **kwargs)
+
+
+def _expected(exported: Exported, features: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        out = exported.model({name: torch.from_numpy(values) for name, values in features.items()})
+    return out["calibrated_probabilities"].numpy()
+
+
+def test_parquet_rows_hold_ids_probabilities_and_the_weighted_score(exported: Exported, records, tmp_path):
+    folder, features = records
+    out = tmp_path / "scores.parquet"
+    assert _predict(exported, folder / "*.gz", out, batch_size=BATCH) == EXAMPLES
+    tasks = exported.config.task_names
+    table = pq.read_table(out)
+    assert table.column_names == ["user_id", "tweet_id", "author_id", *tasks, "score"]
+    for column in ("user_id", "tweet_id", "author_id"):  # one file, read in order
+        np.testing.assert_array_equal(table[column].to_numpy(), features[f"meta__{column}"])
+    probabilities = np.stack([table[t].to_numpy() for t in tasks], axis=1)
+    np.testing.assert_allclose(probabilities, _expected(exported, features), rtol=1e-5, atol=1e-5)
+    weights = exported.config.engagement_weights
+    by_hand = sum(weights[t] * table[t].to_numpy().astype(np.float64) for t in tasks)
+    np.testing.assert_allclose(table["score"].to_numpy(), by_hand, rtol=1e-5, atol=1e-4)
+    assert pq.ParquetFile(out).num_row_groups == -(-EXAMPLES // BATCH)  # written batch by batch
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.parquet"]  # no temporary file left
+
+
+def test_csv_through_the_command_line_matches_parquet(exported: Exported, records, tmp_path):
+    folder, _ = records
+    common = ["--model", str(exported.folder), "--inputs", str(folder / "*.gz"), "--batch-size", str(BATCH)]
+    assert main(["predict", *common, "--out", str(tmp_path / "scores.csv")]) == 0
+    assert main(["predict", *common, "--out", str(tmp_path / "scores.parquet")]) == 0
+    csv, parquet = pa_csv.read_csv(tmp_path / "scores.csv"), pq.read_table(tmp_path / "scores.parquet")
+    assert csv.column_names == parquet.column_names
+    for name in csv.column_names:
+        np.testing.assert_allclose(csv[name].to_numpy(), parquet[name].to_numpy(), rtol=1e-7)
+
+
+def test_an_unknown_extension_is_refused(exported: Exported, records, tmp_path):
+    folder, _ = records
+    with pytest.raises(UserError, match=r"--out .*scores\.json: the extension says the format"):
+        _predict(exported, folder / "*.gz", tmp_path / "scores.json")
+
+
+def test_no_matching_files_is_an_error(exported: Exported, tmp_path):
+    with pytest.raises(UserError, match="no files match inputs"):
+        _predict(exported, tmp_path / "*.gz", tmp_path / "s.csv")
+
+
+def test_a_damaged_file_names_itself_and_leaves_no_output(exported: Exported, records, tmp_path):
+    folder, _ = records
+    damaged = tmp_path / "damaged.gz"
+    damaged.write_bytes((folder / "part-0.gz").read_bytes()[:-100])
+    with pytest.raises(UserError, match="damaged.gz"):
+        _predict(exported, damaged, tmp_path / "s.parquet")
+    assert [p.name for p in tmp_path.iterdir()] == ["damaged.gz"]
