@@ -163,7 +163,8 @@ def test_unset_env_var_names_it_and_the_line(tmp_path, monkeypatch):
 
 def test_env_var_becomes_a_number(tmp_path, monkeypatch, small):
     monkeypatch.setenv("STEPS", "42")
-    text = yaml.safe_dump(small).replace("num_train_steps: 600", "num_train_steps: ${STEPS}")
+    small["training"]["num_train_steps"] = "STEPS_HERE"
+    text = yaml.safe_dump(small).replace("STEPS_HERE", "${STEPS}")
     path = write(tmp_path, small)
     path.write_text(text)
     assert load_config(path).training.num_train_steps == 42
@@ -180,7 +181,10 @@ def test_piecewise_lists_must_fit(small_config_path):
 def test_cli_validate_prints_resolved_yaml_and_exits_0(small_config_path, capsys):
     assert main(["config", "validate", str(small_config_path)]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["training"]["checkpoint_every_n"] == 200
+    assert resolved["training"]["checkpoint_every_n"] == yaml.safe_load(small_config_path.read_text())["training"][
+        "checkpoint_every_n"
+    ]
+    assert resolved["training"]["gradient_accumulation"] is None  # a default, filled in
     assert resolved["serving"]["engagement_weights"][FAV] == 0.5
 
 

@@ -347,6 +347,17 @@ def test_out_writes_each_split_in_its_own_folder_and_regenerating_replaces(tmp_p
     assert not (tmp_path / "data").exists()
 
 
+def test_out_keeps_splits_that_share_inputs_together(tmp_path):
+    def share(data):  # as in local_prod.yaml, where every split reads the training files
+        data["train_data"]["inputs"] = str(tmp_path / "data" / "*" / "x" / "part-?.gz")
+        data["validation_data"]["validation"]["inputs"] = data["train_data"]["inputs"]
+
+    config = write_config(tmp_path, share)
+    files = generate_for_config(config, out=str(tmp_path / "out"), examples=400, files=3, seed=0)
+    assert {Path(f).parent.name for f in files} == {"train", "validation_downsampled"}
+    assert len([f for f in files if "/train/" in f]) == 3
+
+
 def test_cli_generates(tmp_path, capsys):
     config = write_config(tmp_path)
     path = tmp_path / "config.yaml"
@@ -360,7 +371,7 @@ def test_cli_generates(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        ("data/*/x/*.gz", "has a wildcard in its folder"),
+        ("data/*/x/*.gz", "has a wildcard"),
         ("data/[ab].gz", r"cannot name data files that '\[ab\].gz' matches"),
         ("data/*", "truth sidecars"),
     ],

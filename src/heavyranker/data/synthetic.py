@@ -52,6 +52,7 @@ ROWS_PER_USER = 8  # in the train split; authors are a quarter as many as users,
 VALIDATION_FRACTION = 0.1
 
 EMBEDDINGS = ("user_embedding", "user_eng_embedding", "author_embedding")
+META_IDS = {"meta__user_id": "user_id", "meta__tweet_id": "tweet_id", "meta__author_id": "author_id"}
 WIDE = ("continuous", "binary", "discrete")
 LEVELS = ("user", "author", "tweet", "example")  # where a column's value comes from
 TASTE_DIMS = 8
@@ -137,9 +138,15 @@ STANDARDIZED = ("act", "neg", "pop", "rep", "fav", "age", "aff")
 class SplitPlan:
     name: str
     data: DataConfig
-    folders: list[str]
-    pattern: str  # what the split reads in each folder (a glob)
-    file_name: str  # what is written there: a format with {i} that the pattern matches
+    where: str  # the config field naming the root
+    root: str  # the folder of the inputs glob, or the data_root of dated inputs
+    subfolders: list[str]  # "" for a glob, YYYY/MM/DD[/HH] for dated inputs
+    pattern: str = "*.gz"  # what the split reads in each folder (a glob)
+    file_name: str = "part-{i:05d}.gz"  # what is written there: a format with {i} the pattern matches
+
+    @property
+    def folders(self) -> list[str]:
+        return [os.path.normpath(os.path.join(self.root, sub)) for sub in self.subfolders]
 
 
 def generate_for_config(
@@ -167,11 +174,14 @@ def generate_for_config(
     written: list[str] = []
     writer: dict[str, str] = {}  # folder -> the split written there
     for plan in _plans(config, out):
-        shared = [f for f in plan.folders if f in writer]
-        if shared:
-            log.info("split %s reads %s, written for split %s", plan.name, shared[0], writer[shared[0]])
-            plan.folders = [f for f in plan.folders if f not in writer]
-        if plan.folders:
+        fresh = [
+            sub for sub, folder in zip(plan.subfolders, plan.folders, strict=True) if folder not in writer
+        ]
+        if len(fresh) < len(plan.subfolders):
+            shared = next(f for f in plan.folders if f in writer)
+            log.info("split %s reads %s, written for split %s", plan.name, shared, writer[shared])
+            plan.subfolders = fresh
+        if plan.subfolders:
             n = n_train if plan.name == "train" else max(1, round(n_train * VALIDATION_FRACTION))
             written += _write_split(world, plan, n, files or DEFAULT_FILES, seed)
             writer.update(dict.fromkeys(plan.folders, plan.name))
@@ -184,36 +194,45 @@ def default_examples(layout: Layout) -> int:
 
 
 def _plans(config: Config, out: str | None) -> list[SplitPlan]:
+    """The splits in config order. Under `out`, each root the config names becomes out/<the name of the
+    first split that reads it>, so that splits sharing their inputs still share them."""
     splits = {"train": config.train_data, **config.validation_data}
-    return [_plan(name, data, out and os.path.join(out, name)) for name, data in splits.items()]
+    plans = [_plan(name, data) for name, data in splits.items()]
+    roots: dict[str, str] = {}
+    for plan in plans:
+        if out is not None:
+            plan.root, plan.pattern = roots.setdefault(plan.root, os.path.join(out, plan.name)), "*.gz"
+        elif glob.has_magic(plan.root):
+            raise UserError(
+                f"{plan.where}: the folder {plan.root!r} has a wildcard, so there is no one place to "
+                f"write: give --out DIR and point the inputs there"
+            )
+        else:
+            plan.file_name = _file_name(plan.pattern, plan.where)
+    return plans
 
 
-def _plan(name: str, data: DataConfig, base: str | None) -> SplitPlan:
+def _plan(name: str, data: DataConfig) -> SplitPlan:
     """Where a split's files go: the folder of its glob, or its dated folders (files.py's layout)."""
     where = "train_data" if name == "train" else f"validation_data.{name}"
     if data.inputs is not None:
         folder, pattern = os.path.split(data.inputs)
-        if glob.has_magic(folder):
-            raise UserError(
-                f"{where}.inputs: {data.inputs!r} has a wildcard in its folder, so there is no "
-                f"one place to write: give --out DIR and point the inputs there"
-            )
-        return SplitPlan(name, data, [base or folder], pattern, _file_name(pattern, f"{where}.inputs"))
+        where += ".inputs"
+        return SplitPlan(name, data, where, folder, [""], pattern)
     if data.explicit_date_inputs is not None:
-        dated = data.explicit_date_inputs
+        dated, where = data.explicit_date_inputs, f"{where}.explicit_date_inputs.data_root"
         end = datetime.strptime(dated.end_date, DATE_FORMAT)
         stamps = [(end - timedelta(days=i)).strftime("%Y/%m/%d") for i in range(dated.days)]
     else:
-        dated = data.explicit_datetime_inputs
+        dated, where = data.explicit_datetime_inputs, f"{where}.explicit_datetime_inputs.data_root"
         end = parse_end_datetime(dated.end_datetime).replace(minute=0)
         stamps = [(end - timedelta(hours=i)).strftime("%Y/%m/%d/%H") for i in range(dated.hours)]
-    root = base or dated.data_root
-    return SplitPlan(name, data, [os.path.join(root, s) for s in sorted(stamps)], "*.gz", "part-{i:05d}.gz")
+    return SplitPlan(name, data, where, dated.data_root, sorted(stamps))
 
 
 def _file_name(pattern: str, where: str) -> str:
-    """A file name format the glob `pattern` matches (each * becomes part-00000, ...), and that does not
-    match the truth sidecars."""
+    """A file name format that the glob `pattern` matches (each * becomes part-00000, ...) and the truth
+    sidecars do not."""
     name = pattern.replace("{", "{{").replace("}", "}}").replace("*", "part-{i:05d}").replace("?", "0")
     example = name.format(i=0)
     if not fnmatch.fnmatchcase(example, pattern) or fnmatch.fnmatchcase(truth_path(example), pattern):
@@ -416,13 +435,11 @@ class World:
         """Widths of the wide features, and of the features nobody reads (filled by dtype, as one block)."""
         widths = {"other_float": 0, "other_int": 0}
         for name, spec in self.layout.specs.items():
-            role = self.layout.roles.get(name)
-            if role in WIDE:
-                widths[role] = spec.length
-            elif role != "label" and role not in EMBEDDINGS and not _is_meta(role):
-                other = {"float_list": "other_float", "int64_list": "other_int"}.get(spec.dtype)
-                if other:
-                    widths[other] += spec.length
+            kind = _kind(self.layout.roles.get(name), spec)
+            if kind in WIDE:
+                widths[kind] = spec.length
+            elif kind in widths:
+                widths[kind] += spec.length
         return {role: width for role, width in widths.items() if width}
 
     def _entities(self, rng: np.random.Generator, n: int, level: str, **traits: np.ndarray) -> Entities:
@@ -534,9 +551,8 @@ class World:
         all the truth reads."""
         n = len(users)
         u, a, t = self.users.traits, self.authors.traits, tweets.traits
-        affinity = np.einsum("ij,ij->i", u["taste"][users], a["taste"][author]) * np.sqrt(
-            TASTE_DIMS
-        )  # ~N(0, 1)
+        cosine = np.einsum("ij,ij->i", u["taste"][users], a["taste"][author])
+        affinity = cosine * np.sqrt(TASTE_DIMS)  # ~N(0, 1)
         age = np.exp(4.5 + 1.2 * rng.standard_normal(n))  # minutes since the tweet was posted
         drawn = {
             "user_engagements": rng.poisson(np.exp(1.2 + u["act"][users])),
@@ -570,21 +586,20 @@ class World:
     ) -> dict[str, np.ndarray]:
         out, offsets = {}, {"other_float": 0, "other_int": 0}
         for name, spec in self.layout.specs.items():
-            role = self.layout.roles.get(name)
-            if role == "label":
+            kind = _kind(self.layout.roles.get(name), spec)
+            if kind == "label":
                 continue
-            if _is_meta(role) and role.removeprefix("meta__") in ids:
-                values = ids[role.removeprefix("meta__")][:, None]
-            elif role in EMBEDDINGS:
-                values = embeddings[role]
-            elif role in WIDE:
-                values = blocks[role]
-            elif spec.dtype == "bytes_list":
+            if kind in META_IDS:
+                values = ids[META_IDS[kind]][:, None]
+            elif kind in EMBEDDINGS:
+                values = embeddings[kind]
+            elif kind in WIDE:
+                values = blocks[kind]
+            elif kind == "other_bytes":
                 values = np.full((n, spec.length), b"synthetic", dtype=object)
             else:
-                other = "other_float" if spec.dtype == "float_list" else "other_int"
-                values = blocks[other][:, offsets[other] : offsets[other] + spec.length]
-                offsets[other] += spec.length
+                values = blocks[kind][:, offsets[kind] : offsets[kind] + spec.length]
+                offsets[kind] += spec.length
             out[name] = _as_written(values, spec)
         return out
 
@@ -775,8 +790,11 @@ def _normalized(weights: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _is_meta(role: str | None) -> bool:
-    return role is not None and role.startswith("meta__")
+def _kind(role: str | None, spec: FeatureSpec) -> str:
+    """How a schema feature is filled: as a label, an id, an embedding, a wide feature, or by its dtype."""
+    if role == "label" or role in META_IDS or role in EMBEDDINGS or role in WIDE:
+        return role
+    return {"float_list": "other_float", "int64_list": "other_int"}.get(spec.dtype, "other_bytes")
 
 
 def _numpy_dtype(spec: FeatureSpec | None) -> type:
