@@ -94,14 +94,17 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="decode_micro_")
     path = os.path.join(folder, "part-0.gz")
     write_records(path, records)
-    print(f"{args.examples} records, {sum(map(len, records)) / len(records) / 1e3:.1f} KB each, "
-          f"{os.path.getsize(path) / len(records) / 1e3:.1f} KB gzipped; compiled fast path "
-          f"{'built' if example._wire is not None else 'NOT BUILT'}; batches of {args.batch}")
+    print(
+        f"{args.examples} records, {sum(map(len, records)) / len(records) / 1e3:.1f} KB each, "
+        f"{os.path.getsize(path) / len(records) / 1e3:.1f} KB gzipped; compiled fast path "
+        f"{'built' if example._wire is not None else 'NOT BUILT'}; batches of {args.batch}"
+    )
 
     fast = ExampleDecoder(specs, specs)
     built, example._wire = example._wire, None
     python = ExampleDecoder(specs, specs)  # the general parser for every record
     example._wire = built
+
     def inflate() -> int:
         with igzip.open(path, "rb") as f:
             while f.read(1 << 16):  # 64 KiB at a time: larger reads page-fault under glibc's defaults
@@ -114,8 +117,9 @@ def main() -> None:
     def decode(decoder: ExampleDecoder, sample: list[bytes]):
         def run() -> int:
             for i in range(0, len(sample), args.batch):
-                decoder.decode_batch(sample[i:i + args.batch])
+                decoder.decode_batch(sample[i : i + args.batch])
             return len(sample)
+
         return run
 
     def pipeline() -> int:
@@ -127,8 +131,13 @@ def main() -> None:
                 batch = []
         return count + (len(fast.decode_batch(batch)["meta.user_id"]) if batch else 0)
 
-    stages = {"inflate": inflate, "read": read, "decode (compiled)": decode(fast, records),
-              "decode (python)": decode(python, records[: 4 * args.batch]), "pipeline": pipeline}
+    stages = {
+        "inflate": inflate,
+        "read": read,
+        "decode (compiled)": decode(fast, records),
+        "decode (python)": decode(python, records[: 4 * args.batch]),
+        "pipeline": pipeline,
+    }
     if built is None:
         del stages["decode (compiled)"]
     times: dict[tuple[str, str], list] = {(m, s): [] for m in MALLOC for s in stages}
@@ -140,14 +149,19 @@ def main() -> None:
     best = {key: min(values) for key, values in times.items()}
     print(f"{'':18s}" + "".join(f"{setting + ' malloc':>42s}" for setting in MALLOC))
     for name in stages:
-        cells = [f"{1 / best[m, name][0]:10,.0f} ex/CPU-s {best[m, name][0] * 1e6:6.1f} us "
-                 f"{best[m, name][1]:5.1f} faults" for m in MALLOC]
+        cells = [
+            f"{1 / best[m, name][0]:10,.0f} ex/CPU-s {best[m, name][0] * 1e6:6.1f} us "
+            f"{best[m, name][1]:5.1f} faults"
+            for m in MALLOC
+        ]
         print(f"{name:18s}" + "".join(cells))
     summary = []
     for setting in MALLOC:
         inflate_s, read_s, pipe_s = (best[setting, name][0] for name in ("inflate", "read", "pipeline"))
-        summary.append(f"{setting} malloc: pipeline/inflate {inflate_s / pipe_s:.2f}, framing+CRC "
-                       f"{(read_s - inflate_s) * 1e6:.1f} us, decoding {(pipe_s - read_s) * 1e6:.1f} us")
+        summary.append(
+            f"{setting} malloc: pipeline/inflate {inflate_s / pipe_s:.2f}, framing+CRC "
+            f"{(read_s - inflate_s) * 1e6:.1f} us, decoding {(pipe_s - read_s) * 1e6:.1f} us"
+        )
     print("summary (us per example):", "; ".join(summary))
     os.remove(path)
     os.rmdir(folder)

@@ -42,5 +42,7 @@ def small_data(tmp_path_factory) -> Path:
     from heavyranker.data.synthetic import generate_for_config
 
     out = tmp_path_factory.mktemp("small_data")
-    generate_for_config(load_config(CONFIGS / "local_small.yaml"), out=str(out), examples=4000, files=4, seed=0)
+    generate_for_config(
+        load_config(CONFIGS / "local_small.yaml"), out=str(out), examples=4000, files=4, seed=0
+    )
     return out

@@ -11,10 +11,16 @@ COMMON = ("recap.engagement.is_favorited", "recap.engagement.is_video_playback_5
 
 
 def test_train_then_evaluate_learns_the_common_tasks(tmp_path):
-    generate_for_config(load_config(CONFIGS / "local_small.yaml"), out=str(tmp_path / "data"), examples=20000,
-                        files=4, seed=1)
-    overrides = [f"train_data.inputs={tmp_path}/data/train/*.gz", f"training.save_dir={tmp_path}/run",
-                 "training.num_train_steps=300", "training.eval_log_every_n=1000", "training.checkpoint_every_n=1000"]
+    generate_for_config(
+        load_config(CONFIGS / "local_small.yaml"), out=str(tmp_path / "data"), examples=20000, files=4, seed=1
+    )
+    overrides = [
+        f"train_data.inputs={tmp_path}/data/train/*.gz",
+        f"training.save_dir={tmp_path}/run",
+        "training.num_train_steps=300",
+        "training.eval_log_every_n=1000",
+        "training.checkpoint_every_n=1000",
+    ]
     overrides += [f"validation_data.{s}.inputs={tmp_path}/data/{s}/*.gz" for s in SMALL_SPLITS]
     args = sum((["--set", o] for o in overrides), [])
     assert main(["train", "--config", str(CONFIGS / "local_small.yaml"), *args]) == 0

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable
 
 from .config import Config, ConfigError, dump_config, load_config
-
 from .errors import UserError
+from .memory import keep_freed_memory
 
 EXIT_USER_ERROR = 2
 
@@ -34,8 +34,14 @@ def _data_generate(args: argparse.Namespace) -> int:
 def _data_dump(args: argparse.Namespace) -> int:
     from .data.dump import dump_batches
 
-    dump_batches(_load(args), split=args.split, inputs=args.inputs, batches=args.batches,
-                 shuffle=not args.no_shuffle, out=args.out)
+    dump_batches(
+        _load(args),
+        split=args.split,
+        inputs=args.inputs,
+        batches=args.batches,
+        shuffle=not args.no_shuffle,
+        out=args.out,
+    )
     return 0
 
 
@@ -105,32 +111,46 @@ def _with_config(parser: argparse.ArgumentParser, positional: bool = False) -> N
     else:
         parser.add_argument("--config", "-c", required=True, help="the YAML config")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="DOTTED.PATH=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="DOTTED.PATH=VALUE",
         help="override a config value (parsed as YAML); repeatable; keys may contain dots",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heavyranker", description="Train, evaluate and serve a heavy ranker.")
+    parser = argparse.ArgumentParser(
+        prog="heavyranker", description="Train, evaluate and serve a heavy ranker."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(parent: argparse._SubParsersAction, name: str, help: str, handler: Callable) -> argparse.ArgumentParser:
+    def command(
+        parent: argparse._SubParsersAction, name: str, help: str, handler: Callable
+    ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help, description=help)
         sub.set_defaults(handler=handler)
         return sub
 
     config = commands.add_parser("config", help="config tools").add_subparsers(dest="sub", required=True)
-    _with_config(command(config, "validate", "print the resolved config, or what is wrong with it", _config_validate),
-                 positional=True)
+    _with_config(
+        command(config, "validate", "print the resolved config, or what is wrong with it", _config_validate),
+        positional=True,
+    )
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="sub", required=True)
-    p = command(data, "generate", "write synthetic data with a planted truth for the config's splits", _data_generate)
+    p = command(
+        data, "generate", "write synthetic data with a planted truth for the config's splits", _data_generate
+    )
     _with_config(p)
     p.add_argument("--out", help="folder (default: where the config's globs point)")
-    p.add_argument("--examples", type=int,
-                   help="rows of the train split (default: by schema width, at most 200000); "
-                        "each validation split gets a tenth")
+    p.add_argument(
+        "--examples",
+        type=int,
+        help="rows of the train split (default: by schema width, at most 200000); "
+        "each validation split gets a tenth",
+    )
     p.add_argument("--files", type=int, help="files per split (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p = command(data, "dump", "write the arrays of some batches to an .npz for inspection", _data_dump)
@@ -184,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.handler(args)

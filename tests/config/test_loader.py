@@ -65,7 +65,9 @@ def test_relative_paths_resolve_against_the_yaml_folder(tmp_path, monkeypatch, s
 
 
 def test_set_reaches_a_dotted_task_name(small_config_path):
-    config = load_config(small_config_path, [f"model.tasks.{FAV}.pos_weight=2.5", "training.num_train_steps=7"])
+    config = load_config(
+        small_config_path, [f"model.tasks.{FAV}.pos_weight=2.5", "training.num_train_steps=7"]
+    )
     assert config.model.tasks[FAV].pos_weight == 2.5
     assert config.training.num_train_steps == 7
 
@@ -119,7 +121,10 @@ def test_tower_lr_for_unknown_task_and_missing_task(tmp_path, small):
     lrs["recap.engagement.is_nothing"] = lrs.pop(FAV)
     lines = problems(write(tmp_path, small))
     assert any(f"tower_learning_rates: no learning rate for task {FAV}" in line for line in lines)
-    assert any("tower_learning_rates.recap.engagement.is_nothing: not a task of model.tasks" in line for line in lines)
+    assert any(
+        "tower_learning_rates.recap.engagement.is_nothing: not a task of model.tasks" in line
+        for line in lines
+    )
 
 
 def test_model_task_without_label(tmp_path, small):
@@ -131,7 +136,10 @@ def test_model_task_without_label(tmp_path, small):
 def test_evaluation_task_not_in_split(tmp_path, small):
     small["validation_data"]["validation"]["evaluation_tasks"] = ["recap.engagement.is_nothing"]
     [line] = problems(write(tmp_path, small))
-    assert "validation_data.validation.evaluation_tasks: recap.engagement.is_nothing is not in this split" in line
+    assert (
+        "validation_data.validation.evaluation_tasks: recap.engagement.is_nothing is not in this split"
+        in line
+    )
 
 
 def test_engagement_weight_for_unknown_task(tmp_path, small):
@@ -150,7 +158,10 @@ def test_missing_schema_file(tmp_path, small):
     path = write(tmp_path, small)
     (tmp_path / "segdense_small.json").unlink()
     lines = problems(path)
-    assert f"train_data.seg_dense_schema.schema_path: file not found: {tmp_path / 'segdense_small.json'}" in lines[0]
+    assert (
+        f"train_data.seg_dense_schema.schema_path: file not found: {tmp_path / 'segdense_small.json'}"
+        in lines[0]
+    )
 
 
 def test_unset_env_var_names_it_and_the_line(tmp_path, monkeypatch):
@@ -171,19 +182,23 @@ def test_env_var_becomes_a_number(tmp_path, monkeypatch, small):
 
 
 def test_piecewise_lists_must_fit(small_config_path):
-    lines = problems(small_config_path, [
-        "optimizer.multi_task_learning_rates.backbone_learning_rate="
-        "{piecewise_constant: {learning_rate_boundaries: [10, 20], learning_rate_values: [1.0, 0.1]}}"
-    ])
+    lines = problems(
+        small_config_path,
+        [
+            "optimizer.multi_task_learning_rates.backbone_learning_rate="
+            "{piecewise_constant: {learning_rate_boundaries: [10, 20], learning_rate_values: [1.0, 0.1]}}"
+        ],
+    )
     assert "backbone_learning_rate.piecewise_constant: learning_rate_values needs one more entry" in lines[0]
 
 
 def test_cli_validate_prints_resolved_yaml_and_exits_0(small_config_path, capsys):
     assert main(["config", "validate", str(small_config_path)]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["training"]["checkpoint_every_n"] == yaml.safe_load(small_config_path.read_text())["training"][
-        "checkpoint_every_n"
-    ]
+    assert (
+        resolved["training"]["checkpoint_every_n"]
+        == yaml.safe_load(small_config_path.read_text())["training"]["checkpoint_every_n"]
+    )
     assert resolved["training"]["gradient_accumulation"] is None  # a default, filled in
     assert resolved["serving"]["engagement_weights"][FAV] == 0.5
 

@@ -78,7 +78,8 @@ def test_a_record_spelled_out_byte_by_byte(decoder):
         b"\x0a\x2a"  # Example.features: 42 bytes
         b"\x0a\x19"  # map entry: 25 bytes
         b"\x0a\x05dense"  # key
-        b"\x12\x10\x12\x0e\x0a\x0c" + three_floats  # value: Feature{float_list{packed: 12 bytes}}
+        b"\x12\x10\x12\x0e\x0a\x0c"
+        + three_floats  # value: Feature{float_list{packed: 12 bytes}}
         + b"\x0a\x0d"  # map entry: 13 bytes
         b"\x0a\x05label"  # key
         b"\x12\x04\x1a\x02\x08\x01"  # value: Feature{int64_list{one unpacked value: 1}}
@@ -96,9 +97,15 @@ def test_packed_and_unpacked_values(decoder, packed):
         ([1.5, 0.0, -7.25], [0, 1, 127, 128], [1], [2**62]),
         ([3.0, 1e-3, 2.0**-130], [300, 16383, 16384, 2**40], [0], [BIG[1]]),
     ]
-    records = [record(entry("dense", floats(d, packed)), entry("counts", ints(c, packed)),
-                      entry("label", ints(label, packed)), entry("id", ints(i, packed)))
-               for d, c, label, i in rows]
+    records = [
+        record(
+            entry("dense", floats(d, packed)),
+            entry("counts", ints(c, packed)),
+            entry("label", ints(label, packed)),
+            entry("id", ints(i, packed)),
+        )
+        for d, c, label, i in rows
+    ]
     out = decoder().decode_batch(records)
     np.testing.assert_array_equal(out["dense"], np.array([r[0] for r in rows], dtype=np.float32))
     np.testing.assert_array_equal(out["counts"], np.array([r[1] for r in rows], dtype=np.int64))
@@ -126,8 +133,10 @@ def test_many_records_mixed_with_a_big_value_in_few(decoder):
 
 def test_bytes_list(decoder):
     specs = {"tags": FeatureSpec("tags", "bytes_list", 2), "label": SPECS["label"]}
-    records = [record(entry("tags", strings([b"a", b"\x00\xff"])), entry("label", ints([1]))),
-               record(entry("label", ints([0])))]
+    records = [
+        record(entry("tags", strings([b"a", b"\x00\xff"])), entry("label", ints([1]))),
+        record(entry("label", ints([0]))),
+    ]
     out = decoder(specs).decode_batch(records)
     assert out["tags"].dtype == object and out["tags"].tolist() == [[b"a", b"\x00\xff"], [b"", b""]]
     assert out["label"].tolist() == [[1], [0]]
@@ -136,8 +145,9 @@ def test_bytes_list(decoder):
 def test_unwanted_features_are_not_decoded(decoder, monkeypatch):
     garbage = b"\x12\x03\x0a\x01\x80"  # a float_list of one byte: not decodable
     near_misses = [entry(key, ints([7, 7])) for key in ("labe", "label2", "Label", "")]  # keys like "label"
-    raw = record(entry("other", garbage), *near_misses, entry("label", ints([1])),
-                 entry("dense", floats([1])))
+    raw = record(
+        entry("other", garbage), *near_misses, entry("label", ints([1])), entry("dense", floats([1]))
+    )
     out = decoder(SPECS, ["label"]).decode_batch([raw])
     assert list(out) == ["label"] and out["label"].tolist() == [[1]]
     assert decoder(SPECS, []).decode_batch([raw]) == {}
@@ -184,15 +194,22 @@ def test_feature_without_a_list_counts_as_absent(decoder):
 def test_wrong_length_names_feature_file_and_record(decoder, feature, found):
     name = "dense" if feature[0] == 0x12 else "counts"
     good = record(entry(name, floats([1, 2, 3]) if name == "dense" else ints([1, 2, 3, 4])))
-    with pytest.raises(DataError, match=rf"^part-7\.gz: record 42: feature {name}: {found} values, "
-                                         rf"the schema says {SPECS[name].length}$"):
-        decoder(SPECS, [name]).decode_batch([good, good, record(entry(name, feature))],
-                                            file="part-7.gz", first_index=40)
+    with pytest.raises(
+        DataError,
+        match=rf"^part-7\.gz: record 42: feature {name}: {found} values, "
+        rf"the schema says {SPECS[name].length}$",
+    ):
+        decoder(SPECS, [name]).decode_batch(
+            [good, good, record(entry(name, feature))], file="part-7.gz", first_index=40
+        )
 
 
 def test_wrong_kind_is_an_error(decoder):
-    with pytest.raises(DataError, match=r"f\.gz: record 5: feature label holds a float_list, the schema says "
-                                         r"int64_list"):
+    with pytest.raises(
+        DataError,
+        match=r"f\.gz: record 5: feature label holds a float_list, the schema says "
+        r"int64_list",
+    ):
         decoder().decode_batch([record(entry("label", floats([1.0])))], file="f.gz", first_index=5)
 
 
@@ -215,8 +232,9 @@ def test_malformed_records_name_file_and_record(decoder, raw, problem):
 
 def test_protobuf_layouts_other_writers_may_use(decoder):
     value_first = ld(0x0A, ld(0x12, ints([5])) + ld(0x0A, b"label"))  # map entry: value before key
-    split_list = entry("counts", ld(0x1A, ld(0x0A, varint(1) + varint(2)) + b"\x08" + varint(3)
-                                    + ld(0x0A, varint(2**50))))  # packed, unpacked, packed chunks merge
+    split_list = entry(
+        "counts", ld(0x1A, ld(0x0A, varint(1) + varint(2)) + b"\x08" + varint(3) + ld(0x0A, varint(2**50)))
+    )  # packed, unpacked, packed chunks merge
     repeated_key = [entry("id", ints([1])), entry("id", ints([9]))]  # map semantics: the last one wins
     unknown = b"\x10\x07" + b"\x1d\x00\x00\x00\x00"  # unknown varint and fixed32 fields in Features
     raw = ld(0x0A, value_first + split_list + unknown + b"".join(repeated_key)) + b"\x10\x01"  # and Example
@@ -256,11 +274,20 @@ def test_empty_batch(decoder):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_encode_example_matches_hand_built_bytes(packed):
-    features = {"dense": np.array([0.5, -1.0], dtype=np.float64), "counts": np.array([3, -1, 2**60]),
-                "flag": np.array([True, False]), "tags": [b"x", "y"], "empty": np.zeros(0, np.float32)}
-    expected = record(entry("dense", floats([0.5, -1.0], packed)),
-                      entry("counts", ints([3, -1, 2**60], packed)), entry("flag", ints([1, 0], packed)),
-                      entry("tags", strings([b"x", b"y"])), entry("empty", floats([], packed)))
+    features = {
+        "dense": np.array([0.5, -1.0], dtype=np.float64),
+        "counts": np.array([3, -1, 2**60]),
+        "flag": np.array([True, False]),
+        "tags": [b"x", "y"],
+        "empty": np.zeros(0, np.float32),
+    }
+    expected = record(
+        entry("dense", floats([0.5, -1.0], packed)),
+        entry("counts", ints([3, -1, 2**60], packed)),
+        entry("flag", ints([1, 0], packed)),
+        entry("tags", strings([b"x", b"y"])),
+        entry("empty", floats([], packed)),
+    )
     assert encode_example(features, packed=packed) == expected
 
 
@@ -274,15 +301,22 @@ def test_round_trip_of_realistic_rows(decoder, packed):
     # Seed-like rows: heavy-tailed non-negative floats with many zeros, binary flags, small counts with a
     # few large ones, 62-bit ids, embeddings.
     rng = np.random.default_rng(7)
-    shapes = {"cont": ("float_list", 60), "binary": ("int64_list", 40), "discrete": ("int64_list", 30),
-              "emb": ("float_list", 8), "meta.id": ("int64_list", 1), "label": ("int64_list", 1)}
+    shapes = {
+        "cont": ("float_list", 60),
+        "binary": ("int64_list", 40),
+        "discrete": ("int64_list", 30),
+        "emb": ("float_list", 8),
+        "meta.id": ("int64_list", 1),
+        "label": ("int64_list", 1),
+    }
     specs = {name: FeatureSpec(name, dtype, length) for name, (dtype, length) in shapes.items()}
     n = 70
     columns = {
         "cont": (rng.lognormal(0, 2, (n, 60)) * (rng.random((n, 60)) < 0.4)).astype(np.float32),
         "binary": (rng.random((n, 40)) < 0.1).astype(np.int64),
-        "discrete": np.where(rng.random((n, 30)) < 0.05, rng.integers(0, 2**40, (n, 30)),
-                             rng.integers(0, 20, (n, 30))),
+        "discrete": np.where(
+            rng.random((n, 30)) < 0.05, rng.integers(0, 2**40, (n, 30)), rng.integers(0, 20, (n, 30))
+        ),
         "emb": rng.normal(size=(n, 8)).astype(np.float32),
         "meta.id": rng.integers(0, 2**62, (n, 1)),
         "label": (rng.random((n, 1)) < 0.3).astype(np.int64),
@@ -315,7 +349,7 @@ def test_compiled_and_general_paths_agree_on_damaged_records(monkeypatch):
                 case 0:
                     damaged[at] = int(rng.integers(0, 256))
                 case 1:
-                    del damaged[at:at + int(rng.integers(1, 5))]
+                    del damaged[at : at + int(rng.integers(1, 5))]
                 case 2:
                     damaged[at:at] = rng.integers(0, 256, int(rng.integers(1, 4)), dtype=np.uint8).tobytes()
         results = []

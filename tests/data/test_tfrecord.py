@@ -23,8 +23,12 @@ def spec_masked_crc(data: bytes) -> int:
 
 def frame(payload: bytes) -> bytes:
     length = struct.pack("<Q", len(payload))
-    return (length + struct.pack("<I", spec_masked_crc(length)) + payload
-            + struct.pack("<I", spec_masked_crc(payload)))
+    return (
+        length
+        + struct.pack("<I", spec_masked_crc(length))
+        + payload
+        + struct.pack("<I", spec_masked_crc(payload))
+    )
 
 
 def hand_built(records=RECORDS) -> bytes:

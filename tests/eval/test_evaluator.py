@@ -25,8 +25,11 @@ FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "tr
 def trained(small_data, tmp_path_factory):
     """A run of 4 steps with checkpoints at steps 2 and 4."""
     save_dir = tmp_path_factory.mktemp("run")
-    Trainer(small_config(small_data, save_dir, *FAST, "training.num_train_steps=4",
-                         "training.checkpoint_every_n=2")).run()
+    Trainer(
+        small_config(
+            small_data, save_dir, *FAST, "training.num_train_steps=4", "training.checkpoint_every_n=2"
+        )
+    ).run()
     return save_dir
 
 
@@ -55,11 +58,16 @@ def test_metrics_equal_sklearn_on_the_same_predictions_with_the_split_weights(sm
 
 
 def test_stratified_metrics_cover_the_matching_rows(small_data, trained):
-    config = small_config(small_data, trained, *FAST, "model.stratifiers=[{name: first_is_zero, index: 0, value: 0}]")
-    results = evaluate_command(config, checkpoint=str(trained / "checkpoints/step_2.pt"), watch=False,
-                               split="validation")["validation"]
-    matching = sum(int((b.features["discrete"][:, 0] == 0).sum())
-                   for b in RecapDataset(config.validation_data["validation"], training=False))
+    config = small_config(
+        small_data, trained, *FAST, "model.stratifiers=[{name: first_is_zero, index: 0, value: 0}]"
+    )
+    results = evaluate_command(
+        config, checkpoint=str(trained / "checkpoints/step_2.pt"), watch=False, split="validation"
+    )["validation"]
+    matching = sum(
+        int((b.features["discrete"][:, 0] == 0).sum())
+        for b in RecapDataset(config.validation_data["validation"], training=False)
+    )
     assert 0 < matching < results[FAV]["num_examples"]
     assert results[f"{FAV}/first_is_zero"]["num_examples"] == matching
 
@@ -93,7 +101,14 @@ def test_watch_stops_after_the_timeout_without_checkpoints(small_data, tmp_path)
 
 
 def test_unknown_split_is_a_user_error(small_data, trained, capsys):
-    args = ["evaluate", "--config", str(CONFIGS / "local_small.yaml"), "--set", f"training.save_dir={trained}",
-            "--split", "nope"]
+    args = [
+        "evaluate",
+        "--config",
+        str(CONFIGS / "local_small.yaml"),
+        "--set",
+        f"training.save_dir={trained}",
+        "--split",
+        "nope",
+    ]
     assert main(args) == 2
     assert "no validation split 'nope'" in capsys.readouterr().err

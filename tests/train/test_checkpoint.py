@@ -43,7 +43,9 @@ def test_kill_during_write_leaves_previous_checkpoint_newest(tmp_path):
     finally:
         child.wait()
     assert [step for step, _ in list_checkpoints(tmp_path)] == [1]
-    assert any(name.endswith(f"tmp-{child.pid}") for name in os.listdir(tmp_path))  # the half file is there...
+    assert any(
+        name.endswith(f"tmp-{child.pid}") for name in os.listdir(tmp_path)
+    )  # the half file is there...
     assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], torch.zeros(3))  # ...and ignored
 
 

@@ -37,8 +37,11 @@ def run(data, save_dir, *overrides: str) -> Trainer:
 
 def test_resume_reproduces_the_straight_run(small_data, tmp_path):
     # Dropout (RNG state) and gradient accumulation (data position = 2 batches per step) both matter here.
-    extra = (f"model.tasks.{FAV}.mlp_config.dropout={{rate: 0.3}}", "training.gradient_accumulation=2",
-             "training.checkpoint_every_n=3")
+    extra = (
+        f"model.tasks.{FAV}.mlp_config.dropout={{rate: 0.3}}",
+        "training.gradient_accumulation=2",
+        "training.checkpoint_every_n=3",
+    )
     run(small_data, tmp_path / "straight", "training.num_train_steps=6", *extra)
     run(small_data, tmp_path / "resumed", "training.num_train_steps=3", *extra)
     run(small_data, tmp_path / "resumed", "training.num_train_steps=6", *extra)
@@ -46,7 +49,9 @@ def test_resume_reproduces_the_straight_run(small_data, tmp_path):
     for step in (4, 5, 6):
         assert resumed[step]["loss"] == straight[step]["loss"]
         assert resumed[step][f"loss/{FAV}"] == straight[step][f"loss/{FAV}"]
-    final = [load_checkpoint(tmp_path / d / "checkpoints/step_6.pt")["model"] for d in ("straight", "resumed")]
+    final = [
+        load_checkpoint(tmp_path / d / "checkpoints/step_6.pt")["model"] for d in ("straight", "resumed")
+    ]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
@@ -60,14 +65,21 @@ def test_a_finished_run_says_so_and_does_nothing(small_data, tmp_path, caplog):
 
 
 def test_max_to_keep(small_data, tmp_path):
-    run(small_data, tmp_path, "training.num_train_steps=5", "training.checkpoint_every_n=2",
-        "training.checkpoint_max_to_keep=2")
+    run(
+        small_data,
+        tmp_path,
+        "training.num_train_steps=5",
+        "training.checkpoint_every_n=2",
+        "training.checkpoint_max_to_keep=2",
+    )
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [4, 5]
 
 
 def test_warm_start_copies_weights_and_starts_at_step_0(small_data, tmp_path):
     run(small_data, tmp_path / "a", "training.num_train_steps=2")
-    b = Trainer(small_config(small_data, tmp_path / "b", *FAST, f"training.initial_checkpoint_dir={tmp_path / 'a'}"))
+    b = Trainer(
+        small_config(small_data, tmp_path / "b", *FAST, f"training.initial_checkpoint_dir={tmp_path / 'a'}")
+    )
     b.restore()
     source = load_checkpoint(tmp_path / "a/checkpoints/step_2.pt")["model"]
     assert b.step == 0
@@ -76,18 +88,26 @@ def test_warm_start_copies_weights_and_starts_at_step_0(small_data, tmp_path):
 
 def test_warm_start_shape_mismatch_names_the_parameters(small_data, tmp_path):
     run(small_data, tmp_path / "a", "training.num_train_steps=1")
-    b = Trainer(small_config(
-        small_data, tmp_path / "b", *FAST, f"training.initial_checkpoint_dir={tmp_path / 'a'}",
-        f"model.tasks.{FAV}.mlp_config.layer_sizes=[16, 1]",
-    ))
+    b = Trainer(
+        small_config(
+            small_data,
+            tmp_path / "b",
+            *FAST,
+            f"training.initial_checkpoint_dir={tmp_path / 'a'}",
+            f"model.tasks.{FAV}.mlp_config.layer_sizes=[16, 1]",
+        )
+    )
     with pytest.raises(UserError, match="does not fit this model") as info:
         b.restore()
     assert "recap__engagement__is_favorited" in str(info.value) and "(16," in str(info.value)
 
 
 def test_non_finite_loss_stops_naming_step_and_task_and_keeps_last_checkpoint(small_data, tmp_path):
-    trainer = Trainer(small_config(small_data, tmp_path, *FAST, "training.num_train_steps=6",
-                                   "training.checkpoint_every_n=2"))
+    trainer = Trainer(
+        small_config(
+            small_data, tmp_path, *FAST, "training.num_train_steps=6", "training.checkpoint_every_n=2"
+        )
+    )
     real_loss = trainer.loss_fn.forward
     column = trainer.model.task_names.index(FAV)
 
@@ -115,11 +135,22 @@ sys.exit(main(["train", "--config", sys.argv[1], *sum((["--set", s] for s in sys
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_data, tmp_path):
-    overrides = [f"train_data.inputs={small_data}/train/*.gz", f"training.save_dir={tmp_path}",
-                 *FAST, "training.num_train_steps=100000", "training.checkpoint_every_n=100000"]
-    overrides += [f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in ("validation", "validation_downsampled")]
-    child = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(CONFIGS / "local_small.yaml"), *overrides],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    overrides = [
+        f"train_data.inputs={small_data}/train/*.gz",
+        f"training.save_dir={tmp_path}",
+        *FAST,
+        "training.num_train_steps=100000",
+        "training.checkpoint_every_n=100000",
+    ]
+    overrides += [
+        f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in ("validation", "validation_downsampled")
+    ]
+    child = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(CONFIGS / "local_small.yaml"), *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):

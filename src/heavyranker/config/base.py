@@ -22,7 +22,9 @@ def exactly_one_of(model: BaseModel, *fields: str) -> str:
     if len(chosen) != 1:
         got = ", ".join(chosen) if chosen else "none"
         raise PydanticCustomError(
-            "one_of", "exactly one of {fields} must be set (got: {got})", {"fields": ", ".join(fields), "got": got}
+            "one_of",
+            "exactly one of {fields} must be set (got: {got})",
+            {"fields": ", ".join(fields), "got": got},
         )
     return chosen[0]
 
@@ -45,4 +47,3 @@ def _must_exist(value: str, info: ValidationInfo) -> str:
 ConfigPath = Annotated[str, AfterValidator(_resolve_path)]
 # The same, and the file must exist when the config is loaded.
 ExistingFile = Annotated[str, AfterValidator(_resolve_path), AfterValidator(_must_exist)]
-

@@ -21,7 +21,9 @@ def parse_end_datetime(value: str) -> datetime:
             return datetime.strptime(value, fmt)
         except ValueError:
             continue
-    raise ValueError(f"{value!r} is not a date-hour such as 2023-01-31T05 (formats: {', '.join(DATETIME_FORMATS)})")
+    raise ValueError(
+        f"{value!r} is not a date-hour such as 2023-01-31T05 (formats: {', '.join(DATETIME_FORMATS)})"
+    )
 
 
 class ExplicitDateInputs(StrictModel):
@@ -38,7 +40,9 @@ class ExplicitDateInputs(StrictModel):
         try:
             datetime.strptime(value, DATE_FORMAT)
         except ValueError:
-            raise PydanticCustomError("date", "{v!r} is not a date such as 2023-01-31", {"v": value}) from None
+            raise PydanticCustomError(
+                "date", "{v!r} is not a date such as 2023-01-31", {"v": value}
+            ) from None
         return value
 
 
@@ -71,7 +75,9 @@ class SegDenseSchema(StrictModel):
     def _bits(cls, value: dict[str, int]) -> dict[str, int]:
         for name, bits in value.items():
             if not 0 <= bits <= 23:
-                raise PydanticCustomError("bits", "{n}: a float32 has 23 mantissa bits, got {b}", {"n": name, "b": bits})
+                raise PydanticCustomError(
+                    "bits", "{n}: a float32 has 23 mantissa bits, got {b}", {"n": name, "b": bits}
+                )
         return value
 
 
@@ -85,7 +91,9 @@ class TaskData(StrictModel):
 class TruncateAndSlice(StrictModel):
     continuous_feature_truncation: PositiveInt | None = None
     binary_feature_truncation: PositiveInt | None = None
-    continuous_feature_mask_path: ExistingFile | None = Field(None, description=".npy; nonzero entries are kept.")
+    continuous_feature_mask_path: ExistingFile | None = Field(
+        None, description=".npy; nonzero entries are kept."
+    )
     binary_feature_mask_path: ExistingFile | None = Field(None, description=".npy; nonzero entries are kept.")
 
 
@@ -141,12 +149,18 @@ class DataConfig(StrictModel):
         None, description="Accepted for compatibility with the tf.data service; no effect here."
     )
     examples_shuffle_buffer_size: NonNegativeInt = 1024
-    map_num_parallel_calls: PositiveInt | None = Field(None, description="Decoding workers; default: fastest.")
-    interleave_num_parallel_calls: PositiveInt | None = Field(None, description="Reading workers; default: fastest.")
+    map_num_parallel_calls: PositiveInt | None = Field(
+        None, description="Decoding workers; default: fastest."
+    )
+    interleave_num_parallel_calls: PositiveInt | None = Field(
+        None, description="Reading workers; default: fastest."
+    )
 
     seg_dense_schema: SegDenseSchema
     tasks: dict[str, TaskData]
-    evaluation_tasks: list[str] = Field([], description="Tasks to report metrics for; empty: all model tasks.")
+    evaluation_tasks: list[str] = Field(
+        [], description="Tasks to report metrics for; empty: all model tasks."
+    )
     preprocess: Preprocess | None = None
 
     @model_validator(mode="after")

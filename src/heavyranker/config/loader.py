@@ -26,7 +26,10 @@ class ConfigError(Exception):
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
-        return [f"{self.file}: {path}: {message}" if path else f"{self.file}: {message}" for path, message in self.problems]
+        return [
+            f"{self.file}: {path}: {message}" if path else f"{self.file}: {message}"
+            for path, message in self.problems
+        ]
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
@@ -70,11 +73,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [("", f"not valid YAML: {e}")]) from None
     if not isinstance(data, dict):
-        raise ConfigError(str(path), [("", "the top level must be a mapping of sections (training, model, ...)")])
+        raise ConfigError(
+            str(path), [("", "the top level must be a mapping of sections (training, model, ...)")]
+        )
     return _unshare(data)
 
 
-def _substitute_env(node: yaml.Node, loader: yaml.SafeLoader, file: str, seen: set[int] | None = None) -> None:
+def _substitute_env(
+    node: yaml.Node, loader: yaml.SafeLoader, file: str, seen: set[int] | None = None
+) -> None:
     """Replace ${VAR} in every scalar, before the document is built, so the error can name the line."""
     seen = set() if seen is None else seen
     if id(node) in seen:  # an alias: already done
@@ -87,7 +94,9 @@ def _substitute_env(node: yaml.Node, loader: yaml.SafeLoader, file: str, seen: s
         def value_of(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:
-                raise ConfigError(file, [(f"line {node.start_mark.line + 1}", f"environment variable {name} is not set")])
+                raise ConfigError(
+                    file, [(f"line {node.start_mark.line + 1}", f"environment variable {name} is not set")]
+                )
             return os.environ[name]
 
         node.value = _ENV_VAR.sub(value_of, node.value)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from pydantic_core import PydanticCustomError
@@ -23,7 +23,9 @@ class LayerNormConfig(StrictModel):
     @model_validator(mode="after")
     def _last_axis(self) -> LayerNormConfig:
         if self.axis != -1:
-            raise PydanticCustomError("axis", "only axis -1 (the feature axis) is supported, got {a}", {"a": self.axis})
+            raise PydanticCustomError(
+                "axis", "only axis -1 (the feature axis) is supported, got {a}", {"a": self.axis}
+            )
         return self
 
 
@@ -39,7 +41,9 @@ class DenseLayerConfig(StrictModel):
 
 class MlpConfig(StrictModel):
     layer_sizes: list[PositiveInt] | None = None
-    layers: list[DenseLayerConfig] | None = Field(None, description="Like layer_sizes, with a dropout per layer.")
+    layers: list[DenseLayerConfig] | None = Field(
+        None, description="Like layer_sizes, with a dropout per layer."
+    )
     batch_norm: BatchNormConfig | None = None
     dropout: DropoutConfig | None = None
     final_layer_activation: bool = False
@@ -72,7 +76,9 @@ class MaskNetConfig(StrictModel):
 
 class DcnConfig(StrictModel):
     poly_degree: PositiveInt
-    projection_dim: PositiveInt | None = Field(None, description="Factorise each cross matrix through this width.")
+    projection_dim: PositiveInt | None = Field(
+        None, description="Factorise each cross matrix through this width."
+    )
     parallel_mlp: MlpConfig | None = None
     use_parallel: bool = True
     output_mlp: MlpConfig | None = None
@@ -133,11 +139,15 @@ class FeaturizationConfig(StrictModel):
     clip_log1p_abs_config: ClipLog1pAbsConfig | None = None
     z_score_log_config: ZScoreLogConfig | None = None
     double_norm_log_config: DoubleNormLogConfig | None = None
-    feature_names_to_concat: list[str] = Field(["binary"], description="Raw features appended to the continuous.")
+    feature_names_to_concat: list[str] = Field(
+        ["binary"], description="Raw features appended to the continuous."
+    )
 
     @model_validator(mode="after")
     def _one_featurization(self) -> FeaturizationConfig:
-        exactly_one_of(self, "log1p_abs_config", "clip_log1p_abs_config", "z_score_log_config", "double_norm_log_config")
+        exactly_one_of(
+            self, "log1p_abs_config", "clip_log1p_abs_config", "z_score_log_config", "double_norm_log_config"
+        )
         return self
 
 
@@ -147,7 +157,9 @@ class EmbeddingTableConfig(StrictModel):
     name: str
     num_embeddings: PositiveInt
     embedding_dim: PositiveInt
-    feature_name: str | None = Field(None, description="Batch feature holding the ids; default: the table name.")
+    feature_name: str | None = Field(
+        None, description="Batch feature holding the ids; default: the table name."
+    )
 
 
 class LargeEmbeddingsConfig(StrictModel):
@@ -171,7 +183,9 @@ class PositionDebiasConfig(StrictModel):
     max_position: PositiveInt = Field(256, description="Positions >= this share one bucket.")
     num_dims: PositiveInt = 64
     drop_probability: float = Field(0.5, ge=0.0, le=1.0)
-    position_feature_index: NonNegativeInt = Field(description="Column of the position in the discrete tensor.")
+    position_feature_index: NonNegativeInt = Field(
+        description="Column of the position in the discrete tensor."
+    )
 
 
 class StratifierConfig(StrictModel):
@@ -180,7 +194,7 @@ class StratifierConfig(StrictModel):
     value: int
 
 
-class MultiTaskType(str, Enum):
+class MultiTaskType(StrEnum):
     SHARE_NONE = "share_none"
     SHARE_ALL = "share_all"
     SHARE_PARTIAL = "share_partial"

@@ -18,7 +18,8 @@ class PiecewiseConstant(StrictModel):
         if len(v) != len(b) + 1:
             raise PydanticCustomError(
                 "piecewise",
-                "learning_rate_values needs one more entry than learning_rate_boundaries (got {nv} values for "
+                "learning_rate_values needs one more entry than learning_rate_boundaries "
+                "(got {nv} values for "
                 "{nb} boundaries)",
                 {"nv": len(v), "nb": len(b)},
             )
@@ -53,7 +54,9 @@ class LearningRate(StrictModel):
 
     @model_validator(mode="after")
     def _one_schedule(self) -> LearningRate:
-        exactly_one_of(self, "constant", "linear_ramp_to_constant", "linear_ramp_to_cosine", "piecewise_constant")
+        exactly_one_of(
+            self, "constant", "linear_ramp_to_constant", "linear_ramp_to_cosine", "piecewise_constant"
+        )
         return self
 
 

@@ -48,20 +48,30 @@ def cross_check(config: Config) -> list[Problem]:
         for task in tasks:
             if task not in lrs.tower_learning_rates:
                 problems.append(
-                    ("optimizer.multi_task_learning_rates.tower_learning_rates", f"no learning rate for task {task}")
+                    (
+                        "optimizer.multi_task_learning_rates.tower_learning_rates",
+                        f"no learning rate for task {task}",
+                    )
                 )
         for task in lrs.tower_learning_rates:
             if task not in config.model.tasks:
                 problems.append(
-                    (f"optimizer.multi_task_learning_rates.tower_learning_rates.{task}", "not a task of model.tasks")
+                    (
+                        f"optimizer.multi_task_learning_rates.tower_learning_rates.{task}",
+                        "not a task of model.tasks",
+                    )
                 )
 
     for split, data in config.validation_data.items():
         for task in data.evaluation_tasks:
             if task not in data.tasks:
-                problems.append((f"validation_data.{split}.evaluation_tasks", f"{task} is not in this split's tasks"))
+                problems.append(
+                    (f"validation_data.{split}.evaluation_tasks", f"{task} is not in this split's tasks")
+                )
             elif task not in config.model.tasks:
-                problems.append((f"validation_data.{split}.evaluation_tasks", f"{task} is not a task of model.tasks"))
+                problems.append(
+                    (f"validation_data.{split}.evaluation_tasks", f"{task} is not a task of model.tasks")
+                )
         if not data.evaluation_tasks:
             for task in tasks:
                 if task not in data.tasks:
@@ -88,7 +98,9 @@ def _schema_problems(where: str, data: DataConfig) -> list[Problem]:
     schema = data.seg_dense_schema
     for new_name, old_name in schema.renamed_features.items():
         if old_name not in names:
-            problems.append((f"{where}.seg_dense_schema.renamed_features.{new_name}", f"{old_name} is not in {path}"))
+            problems.append(
+                (f"{where}.seg_dense_schema.renamed_features.{new_name}", f"{old_name} is not in {path}")
+            )
     for name in schema.features:
         if name not in names:
             problems.append((f"{where}.seg_dense_schema.features", f"{name} is not in {path}"))

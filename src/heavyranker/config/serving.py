@@ -26,7 +26,8 @@ DEFAULT_ENGAGEMENT_WEIGHT = 1.0
 
 class ServingConfig(StrictModel):
     engagement_weights: dict[str, float] | None = Field(
-        None, description="Task name -> weight of its probability in the score; default: the published weights."
+        None,
+        description="Task name -> weight of its probability in the score; default: the published weights.",
     )
 
 

@@ -34,5 +34,7 @@ class Batch:
         index = {t: i for i, t in enumerate(self.tasks)}
         missing = [t for t in task_names if t not in index]
         if missing:
-            raise KeyError(f"the batch has no labels for {', '.join(missing)} (it has {', '.join(self.tasks)})")
+            raise KeyError(
+                f"the batch has no labels for {', '.join(missing)} (it has {', '.join(self.tasks)})"
+            )
         return [index[t] for t in task_names]

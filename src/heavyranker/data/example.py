@@ -35,8 +35,10 @@ try:
     from . import _wire  # built from _wire.c by `pip install`
 except ImportError:  # no compiler at install time: every record takes the general parser
     _wire = None
-    log.warning("heavyranker.data._wire is not built (reinstall with gcc available): tf.Example decoding "
-                "runs in pure Python, several times slower")
+    log.warning(
+        "heavyranker.data._wire is not built (reinstall with gcc available): tf.Example decoding "
+        "runs in pure Python, several times slower"
+    )
 
 KINDS = ("bytes_list", "float_list", "int64_list")  # Feature's oneof, field numbers 1, 2, 3
 _DTYPES = {"bytes_list": object, "float_list": np.float32, "int64_list": np.int64}
@@ -58,8 +60,9 @@ class ExampleDecoder:
         names = list(dict.fromkeys(wanted))
         unknown = [name for name in names if name not in specs]
         if unknown:
-            raise UserError(f"feature(s) {', '.join(unknown)} not in the schema, whose features are "
-                            f"{', '.join(specs)}")
+            raise UserError(
+                f"feature(s) {', '.join(unknown)} not in the schema, whose features are {', '.join(specs)}"
+            )
         self.specs = [specs[name] for name in names]
         self.missing_counts: dict[str, int] = dict.fromkeys(names, 0)
         keys = [name.encode() for name in names]
@@ -71,8 +74,9 @@ class ExampleDecoder:
         self._kind_tags = bytes(0x0A + 8 * KINDS.index(spec.dtype) for spec in self.specs)
         self._lengths = np.array([spec.length for spec in self.specs], dtype=np.int64)
 
-    def decode_batch(self, records: Sequence[bytes], *, file: str = "?",
-                     first_index: int = 0) -> dict[str, np.ndarray]:
+    def decode_batch(
+        self, records: Sequence[bytes], *, file: str = "?", first_index: int = 0
+    ) -> dict[str, np.ndarray]:
         """Schema name -> [len(records), length] array: float32 (float_list), int64 (int64_list) or object
         holding bytes (bytes_list). An absent feature takes the default (0, or b"" for bytes)."""
         n = len(records)
@@ -82,8 +86,9 @@ class ExampleDecoder:
         r = 0
         while r < n:
             if self._fast:
-                r = _wire.decode(records, self._keys, self._key_ends, self._kind_tags, self._lengths, outs,
-                                 present, r)
+                r = _wire.decode(
+                    records, self._keys, self._key_ends, self._kind_tags, self._lengths, outs, present, r
+                )
             if r < n:
                 general.append(r)
                 r += 1
@@ -93,8 +98,14 @@ class ExampleDecoder:
         self._count_missing(present.astype(bool), file, first_index)
         return {spec.name: out for spec, out in zip(self.specs, outs, strict=True)}
 
-    def _decode_general(self, records: Sequence[bytes], rows: np.ndarray, outs: list[np.ndarray],
-                        present: np.ndarray, at: _Where) -> None:
+    def _decode_general(
+        self,
+        records: Sequence[bytes],
+        rows: np.ndarray,
+        outs: list[np.ndarray],
+        present: np.ndarray,
+        at: _Where,
+    ) -> None:
         """Fills `rows` of outs and present: _parse finds the values of each record, then numpy converts
         them for all these records at once from one joined buffer."""
         m, k = len(rows), len(self.specs)
@@ -111,7 +122,7 @@ class ExampleDecoder:
                     byte_lists[j][i] = values
                     starts[i, j] = 0
                 elif len(values) == 1:
-                    (a, b), = values
+                    ((a, b),) = values
                     starts[i, j], lengths[i, j] = base + a, b - a
                 else:
                     patches.append(b"".join(record[a:b] for a, b in values))
@@ -139,17 +150,23 @@ class ExampleDecoder:
             raise DataError(f"{file}: record {index}: not a tf.Example: {e}") from None
         for j, (kind, _) in found.items():
             if kind != self.specs[j].dtype:
-                raise DataError(f"{file}: record {index}: feature {self.specs[j].name} holds a {kind}, "
-                                f"the schema says {self.specs[j].dtype}")
+                raise DataError(
+                    f"{file}: record {index}: feature {self.specs[j].name} holds a {kind}, "
+                    f"the schema says {self.specs[j].dtype}"
+                )
         return found
 
     def _count_missing(self, present: np.ndarray, file: str, first_index: int) -> None:
         for j in np.flatnonzero(~present.all(axis=0)):
             name, absent = self.specs[j].name, ~present[:, j]
             if not self.missing_counts[name]:
-                log.warning("%s: feature %s is absent from record %d: it takes the schema default; later "
-                            "absences are counted in missing_counts, not logged",
-                            file, name, first_index + int(np.argmax(absent)))
+                log.warning(
+                    "%s: feature %s is absent from record %d: it takes the schema default; later "
+                    "absences are counted in missing_counts, not logged",
+                    file,
+                    name,
+                    first_index + int(np.argmax(absent)),
+                )
             self.missing_counts[name] += int(absent.sum())
 
 
@@ -176,8 +193,9 @@ def _gather(wire: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
     return windows[starts]
 
 
-def _float_column(wire: np.ndarray, starts: np.ndarray, lengths: np.ndarray, spec: FeatureSpec,
-                  at: _Where) -> np.ndarray:
+def _float_column(
+    wire: np.ndarray, starts: np.ndarray, lengths: np.ndarray, spec: FeatureSpec, at: _Where
+) -> np.ndarray:
     width = 4 * spec.length
     present = starts >= 0
     wrong = np.flatnonzero(present & (lengths != width))
@@ -194,8 +212,9 @@ def _float_column(wire: np.ndarray, starts: np.ndarray, lengths: np.ndarray, spe
     return out
 
 
-def _int64_columns(wire: np.ndarray, starts: np.ndarray, lengths: np.ndarray, specs: list[FeatureSpec],
-                   at: _Where) -> list[np.ndarray]:
+def _int64_columns(
+    wire: np.ndarray, starts: np.ndarray, lengths: np.ndarray, specs: list[FeatureSpec], at: _Where
+) -> list[np.ndarray]:
     """int64 columns [N, length] of several features, their varints decoded together by numpy."""
     feature_of, row_of = np.nonzero(starts.T >= 0)  # feature-major: each feature's rows together, in order
     values, counts, cut = _decode_varints(wire, starts[row_of, feature_of], lengths[row_of, feature_of])
@@ -209,13 +228,14 @@ def _int64_columns(wire: np.ndarray, starts: np.ndarray, lengths: np.ndarray, sp
     for f, spec in enumerate(specs):
         rows = row_of[feature_of == f]
         outs.append(np.zeros((starts.shape[0], spec.length), dtype=np.int64))
-        outs[-1][rows] = values[done:done + rows.size * spec.length].reshape(-1, spec.length)
+        outs[-1][rows] = values[done : done + rows.size * spec.length].reshape(-1, spec.length)
         done += rows.size * spec.length
     return outs
 
 
-def _decode_varints(wire: np.ndarray, starts: np.ndarray,
-                    lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _decode_varints(
+    wire: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decodes the packed varints of the regions wire[s : s + l] together. Returns the values (int64, region
     after region), the count of values in each region, and which regions end inside a varint or hold one
     longer than 10 bytes (their counts are then meaningless)."""
@@ -355,8 +375,10 @@ def encode_example(features: Mapping[str, np.ndarray | Sequence], *, packed: boo
     """tf.Example wire bytes. Floats become a float_list (float32), integers and bools an int64_list,
     bytes or str a bytes_list. packed=False writes one tagged field per value instead of one packed run:
     equally valid protobuf, which some writers emit and every reader must accept."""
-    entries = [_len_field(1, name.encode()) + _len_field(2, _encode_feature(values, packed))
-               for name, values in features.items()]
+    entries = [
+        _len_field(1, name.encode()) + _len_field(2, _encode_feature(values, packed))
+        for name, values in features.items()
+    ]
     return _len_field(1, b"".join(_len_field(1, entry) for entry in entries))
 
 

@@ -30,11 +30,15 @@ def load_schema(path: str) -> dict[str, FeatureSpec]:
     except OSError as e:
         raise SchemaError(f"{path}: cannot read the schema: {e.strerror}") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise SchemaError(f"{path}: not a schema (a JSON object with a 'schema' list of "
-                          f"{{feature_name, dtype, length}}): {e!r}") from None
+        raise SchemaError(
+            f"{path}: not a schema (a JSON object with a 'schema' list of "
+            f"{{feature_name, dtype, length}}): {e!r}"
+        ) from None
     for spec in specs:
         if spec.dtype not in DTYPES:
-            raise SchemaError(f"{path}: feature {spec.name}: dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}")
+            raise SchemaError(
+                f"{path}: feature {spec.name}: dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}"
+            )
         if spec.length < 1:
             raise SchemaError(f"{path}: feature {spec.name}: length must be positive, got {spec.length}")
     return {spec.name: spec for spec in specs}

@@ -59,8 +59,9 @@ def read_records(path: str, *, ignore_errors: bool = False) -> Iterator[bytes]:
         reason = str(e) if isinstance(e, _Damage) else f"unreadable ({type(e).__name__}: {e})"
         if not ignore_errors:
             raise DataError(f"{path}: record {index}: {reason}") from None
-        log.warning("%s: read %d records, skipped the rest of the file: record %d: %s",
-                    path, index, index, reason)
+        log.warning(
+            "%s: read %d records, skipped the rest of the file: record %d: %s", path, index, index, reason
+        )
 
 
 def write_records(path: str, records: Iterable[bytes], *, compress: bool | None = None) -> None:
@@ -71,10 +72,14 @@ def write_records(path: str, records: Iterable[bytes], *, compress: bool | None 
     try:
         # filename="" and mtime=0 keep the gzip header free of the temporary name and the time, so that
         # the same records make the same file.
-        with open(temporary, "wb") as raw, (
-            igzip.IGzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if compress
-            else contextlib.nullcontext(raw)
-        ) as f:
+        with (
+            open(temporary, "wb") as raw,
+            (
+                igzip.IGzipFile(filename="", fileobj=raw, mode="wb", mtime=0)
+                if compress
+                else contextlib.nullcontext(raw)
+            ) as f,
+        ):
             for record in records:
                 length = struct.pack("<Q", len(record))
                 f.write(_HEADER.pack(len(record), masked_crc32c(length)))
@@ -114,15 +119,17 @@ def _records(stream: BinaryIO, hint: str) -> Iterator[bytes]:
             return
         length, length_crc = _HEADER.unpack(header)
         if masked_crc32c(header[:8]) != length_crc:
-            raise _Damage(f"the length's checksum does not match (corrupt data, or not a TFRecord "
-                          f"file{hint})")
+            raise _Damage(
+                f"the length's checksum does not match (corrupt data, or not a TFRecord file{hint})"
+            )
         if length > _MAX_LENGTH:
             raise _Damage(f"a record length of {length} bytes, beyond protobuf's 2 GiB")
         payload = stream.read(length)
         footer = stream.read(4)
         if len(payload) < length or len(footer) < 4:
-            raise _Damage(f"cut short: {len(payload) + len(footer)} of the {length + 4} bytes of payload "
-                          "and checksum")
+            raise _Damage(
+                f"cut short: {len(payload) + len(footer)} of the {length + 4} bytes of payload and checksum"
+            )
         if masked_crc32c(payload) != _FOOTER.unpack(footer)[0]:
             raise _Damage("the payload's checksum does not match (corrupt data)")
         yield payload

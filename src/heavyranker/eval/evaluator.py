@@ -17,8 +17,13 @@ from ..data.dataset import RecapDataset
 from ..data.shapes import feature_shapes
 from ..errors import UserError
 from ..model import Ranker, build_model
-from ..train.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, load_model_weights
-from ..train.checkpoint import resolve_checkpoint
+from ..train.checkpoint import (
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+)
 from ..train.distributed import Runtime, check_sharding, distributed_runtime, gather_metrics
 from .metrics import MetricAccumulator
 
@@ -33,7 +38,9 @@ def evaluation_tasks(config: Config, data: DataConfig) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_split(config: Config, model: Ranker, data: DataConfig, runtime: Runtime) -> dict[str, dict[str, float]]:
+def evaluate_split(
+    config: Config, model: Ranker, data: DataConfig, runtime: Runtime
+) -> dict[str, dict[str, float]]:
     """num_eval_steps batches of the split in order (all of it when < 0), weighted by the split's own weights.
     Metrics use the calibrated probabilities, so a downsampled split measures the population."""
     tasks = evaluation_tasks(config, data)
@@ -71,7 +78,7 @@ def evaluate_split(config: Config, model: Ranker, data: DataConfig, runtime: Run
 def evaluate_splits(
     config: Config, model: Ranker, step: int, runtime: Runtime, only: str | None = None
 ) -> Results:
-    """Evaluate every validation split (or `only`), write save_dir/eval/<split>/step_<N>.json and print a table."""
+    """Evaluate each validation split (or `only`); write eval/<split>/step_<N>.json; print a table."""
     if only is not None and only not in config.validation_data:
         raise UserError(f"no validation split {only!r} (the config has {', '.join(config.validation_data)})")
     results: Results = {}
@@ -87,7 +94,10 @@ def evaluate_splits(
 
 def format_table(results: Results, step: int) -> str:
     columns = ("auroc", "rce", "nrce", "ctr", "pctr", "loss", "num_examples", "num_positives")
-    rows = [f"evaluation at step {step}", f"{'split':<24} {'task':<58} " + " ".join(f"{c:>13}" for c in columns)]
+    rows = [
+        f"evaluation at step {step}",
+        f"{'split':<24} {'task':<58} " + " ".join(f"{c:>13}" for c in columns),
+    ]
     for split, tasks in results.items():
         for task, metrics in tasks.items():
             values = " ".join(f"{metrics[c]:>13.5g}" for c in columns)
@@ -108,14 +118,18 @@ def _write(config: Config, split: str, step: int, metrics: dict[str, dict[str, f
     temporary.replace(path)  # a result file is complete or absent: a restarted --watch trusts it
 
 
-def evaluate_command(config: Config, *, checkpoint: str | None, watch: bool, split: str | None) -> Results | None:
+def evaluate_command(
+    config: Config, *, checkpoint: str | None, watch: bool, split: str | None
+) -> Results | None:
     with distributed_runtime() as runtime:
         check_sharding(config, runtime.world_size, train=False)
         model = build_model(config, feature_shapes(config.train_data)).to(runtime.device).eval()
         if watch:
             if runtime.distributed:
-                raise UserError("--watch runs in one process (without torchrun); with torchrun, evaluate one "
-                                "checkpoint: --checkpoint PATH, or the newest by default")
+                raise UserError(
+                    "--watch runs in one process (without torchrun); with torchrun, evaluate one "
+                    "checkpoint: --checkpoint PATH, or the newest by default"
+                )
             watch_checkpoints(config, model, runtime, split)
             return None
         # Every rank evaluates the checkpoint rank 0 found, even if a newer one appears meanwhile.

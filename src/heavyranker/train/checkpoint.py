@@ -39,7 +39,9 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], max_to_keep: int | None = None) -> Path:
+def save_checkpoint(
+    folder: str | Path, step: int, state: dict[str, Any], max_to_keep: int | None = None
+) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step}.pt"

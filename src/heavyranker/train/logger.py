@@ -1,4 +1,4 @@
-"""Training logs: a line per train_log_every_n steps to metrics.jsonl and TensorBoard (console via the loop)."""
+"""Training logs: a line per train_log_every_n steps to metrics.jsonl and TensorBoard."""
 
 from __future__ import annotations
 

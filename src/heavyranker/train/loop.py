@@ -21,8 +21,14 @@ from ..data.shapes import feature_shapes
 from ..errors import UserError
 from ..eval.evaluator import evaluate_splits
 from ..model import Ranker, build_model
-from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, load_model_weights, resolve_checkpoint
-from .checkpoint import save_checkpoint
+from .checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .distributed import Runtime, check_sharding, distributed_runtime, gradient_sync, init_runtime
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
@@ -84,7 +90,9 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        return save_checkpoint(self.checkpoints, self.step, state, self.config.training.checkpoint_max_to_keep)
+        return save_checkpoint(
+            self.checkpoints, self.step, state, self.config.training.checkpoint_max_to_keep
+        )
 
     def run(self) -> None:
         training = self.config.training
@@ -93,22 +101,31 @@ class Trainer:
             log.info("already at step %d of %d: nothing to do", self.step, training.num_train_steps)
             return
         dataset = RecapDataset(
-            self.config.train_data, seed=training.seed, rank=self.runtime.rank,
-            world_size=self.runtime.world_size, training=True,
+            self.config.train_data,
+            seed=training.seed,
+            rank=self.runtime.rank,
+            world_size=self.runtime.world_size,
+            training=True,
         )
         dataset.skip_to(self.step * self.accumulation)
         logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main)
         batches = iter(dataset)
         self.model.train()
         try:
-            with self._stop_on_signals(), tqdm(
-                total=training.num_train_steps, initial=self.step, disable=not self.runtime.is_main,
-                dynamic_ncols=True, desc="train",
-            ) as bar:
+            with (
+                self._stop_on_signals(),
+                tqdm(
+                    total=training.num_train_steps,
+                    initial=self.step,
+                    disable=not self.runtime.is_main,
+                    dynamic_ncols=True,
+                    desc="train",
+                ) as bar,
+            ):
                 # A signal may reach some ranks only, or at different times: all ranks stop at the same step.
                 while self.step < training.num_train_steps and not self.runtime.any(self._stop_requested):
                     started = time.perf_counter()
-                    total, per_task, examples = self._train_step(batches)
+                    total, per_task, examples = self.train_step(batches)
                     self.step += 1
                     logger.add(total, per_task, examples, time.perf_counter() - started)
                     bar.update(1)
@@ -127,7 +144,7 @@ class Trainer:
             dataset.close()
             logger.close()
 
-    def _train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, int]:
         device = self.runtime.device
         total_sum = torch.zeros((), device=device)
         per_task_sum = torch.zeros(len(self.model.task_names), device=device)
@@ -150,8 +167,8 @@ class Trainer:
         if bad.any():
             tasks = [t for t, b in zip(self.model.task_names, bad.tolist(), strict=True) if b]
             raise NonFiniteLoss(
-                f"step {self.step + 1}: the loss of {', '.join(tasks)} is not finite; training stopped, the newest "
-                f"checkpoint in {self.checkpoints} is the last good state"
+                f"step {self.step + 1}: the loss of {', '.join(tasks)} is not finite; training stopped, "
+                f"the newest checkpoint in {self.checkpoints} is the last good state"
             )
         self.optimizer.step()
         self.scheduler.step()
