@@ -408,7 +408,7 @@ def encode_varints(values: np.ndarray) -> bytes:
     """Protobuf varints of int64 values (negatives in ten bytes), vectorized."""
     v = np.ascontiguousarray(values, dtype=np.int64).ravel().view(np.uint64)
     if v.size <= 8:  # a label or an id: numpy's call overhead would dominate
-        return b"".join(_varint_bytes(x) for x in v.tolist())
+        return b"".join(varint_bytes(x) for x in v.tolist())
     sizes = 1 + np.searchsorted(_VARINT_LIMITS, v, side="right")  # bytes per value, 1..10
     if sizes.max() == 1:
         return v.astype(np.uint8).tobytes()
@@ -425,10 +425,11 @@ def _len_field(number: int, payload: bytes) -> bytes:
     """A length-delimited field: tag, varint length, payload."""
     if len(payload) < 0x80:
         return bytes((number << 3 | _LEN, len(payload))) + payload
-    return bytes((number << 3 | _LEN,)) + _varint_bytes(len(payload)) + payload
+    return bytes((number << 3 | _LEN,)) + varint_bytes(len(payload)) + payload
 
 
-def _varint_bytes(value: int) -> bytes:
+def varint_bytes(value: int) -> bytes:
+    """One non-negative value as a protobuf varint."""
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)

@@ -37,7 +37,7 @@ from scipy.special import expit, ndtri
 from ..config import Config
 from ..config.data import DATE_FORMAT, DataConfig, parse_end_datetime
 from ..errors import UserError
-from .example import encode_varints
+from .example import encode_varints, varint_bytes
 from .preprocess import mask_columns
 from .schema import FeatureSpec, load_schema
 from .tfrecord import write_records
@@ -840,7 +840,7 @@ def encode_examples(features: dict[str, np.ndarray]) -> list[bytes]:
     start = 0
     for i, end in enumerate(np.cumsum(tail_sizes).tolist()):
         size = width + end - start
-        head = example_heads.get(size) or example_heads.setdefault(size, b"\x0a" + _varint(size))
+        head = example_heads.get(size) or example_heads.setdefault(size, b"\x0a" + varint_bytes(size))
         out.append(head + block[i * width : (i + 1) * width] + tail_bytes[start:end])
         start = end
     return out
@@ -852,7 +852,7 @@ def _payloads(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if values.dtype == np.float32:
         return values.astype("<f4").view(np.uint8).ravel(), np.full(n, 4 * values.shape[1])
     if values.dtype == object:  # bytes: each value a length-delimited field 1
-        rows = [b"".join(b"\x0a" + _varint(len(v)) + v for v in row) for row in values]
+        rows = [b"".join(b"\x0a" + varint_bytes(len(v)) + v for v in row) for row in values]
         return np.frombuffer(b"".join(rows), np.uint8), np.array([len(r) for r in rows])
     varint_sizes = 1 + (values.view(np.uint64)[..., None] >= _VARINT_LIMITS).sum(axis=-1)
     return np.frombuffer(encode_varints(values), np.uint8), varint_sizes.sum(axis=1)
@@ -861,11 +861,11 @@ def _payloads(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _entry_head(name: str, dtype: np.dtype, size: int) -> bytes:
     """A Features map entry (field 1 of Features) up to its list payload of `size` bytes."""
     kind = {np.dtype(np.float32): 0x12, np.dtype(np.int64): 0x1A}.get(np.dtype(dtype), 0x0A)
-    packed = b"" if size == 0 or kind == 0x0A else b"\x0a" + _varint(size)  # bytes values are not packed
-    feature = bytes([kind]) + _varint(len(packed) + size) + packed
+    packed = b"" if size == 0 or kind == 0x0A else b"\x0a" + varint_bytes(size)  # bytes values are not packed
+    feature = bytes([kind]) + varint_bytes(len(packed) + size) + packed
     key = name.encode()
-    entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(feature) + size) + feature
-    return b"\x0a" + _varint(len(entry) + size) + entry
+    entry = b"\x0a" + varint_bytes(len(key)) + key + b"\x12" + varint_bytes(len(feature) + size) + feature
+    return b"\x0a" + varint_bytes(len(entry) + size) + entry
 
 
 def _ragged_rows(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -879,12 +879,3 @@ def _ragged_rows(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[n
     for k, (flat, size) in enumerate(pieces):
         out[np.repeat(starts[:, k] - (np.cumsum(size) - size), size) + np.arange(flat.size)] = flat
     return out, sizes.sum(axis=1)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
