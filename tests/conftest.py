@@ -5,7 +5,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-REFERENCE = REPO.parent / "shared" / "reference"
+# A byte-for-byte copy of the reference implementation's local_prod.yaml (shared/reference/).
+REFERENCE_YAML = REPO / "tests" / "fixtures" / "reference_local_prod.yaml"
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import yaml
 from heavyranker.cli import main
 from heavyranker.config import ConfigError, load_config
 from heavyranker.config.serving import PUBLISHED_ENGAGEMENT_WEIGHTS
-from tests.conftest import CONFIGS, REFERENCE
+from tests.conftest import CONFIGS, REFERENCE_YAML
 
 FAV = "recap.engagement.is_favorited"
 
@@ -35,10 +35,10 @@ def small() -> dict:
 def test_reference_yaml_loads_unchanged_with_tml_base(tmp_path, monkeypatch):
     schema_dir = tmp_path / "projects/home/recap/config/home_recap_2022"
     schema_dir.mkdir(parents=True)
-    shutil.copy(REFERENCE / "segdense.json", schema_dir / "segdense.json")
+    shutil.copy(CONFIGS / "segdense.json", schema_dir / "segdense.json")  # the reference schema, verbatim
     monkeypatch.setenv("TML_BASE", str(tmp_path))
     monkeypatch.setenv("HOME", "/home/someone")
-    config = load_config(REFERENCE / "local_prod.yaml")
+    config = load_config(REFERENCE_YAML)
     assert len(config.model.tasks) == 10 and len(config.train_data.tasks) == 13
     assert config.training.save_dir == "/home/someone/tmp/runs/recap_local_debug"
     assert config.train_data.seg_dense_schema.schema_path == str(schema_dir / "segdense.json")
