@@ -1,24 +1,24 @@
 """Training and inference speed of the ranker on CPU, against the matmul-bound limit measured in the same run.
 
-    .venv/bin/python bench/model_step.py [--config configs/local_prod.yaml] [--batch 128] [--profile]
+    .venv/bin/python bench/model_step.py [--config configs/local_prod.yaml] [--batch 128] [--threads N]
+                                         [--profile]
 
 limit (examples/s) = GFLOP/s of a large fp32 matmul / training FLOPs per example, where training FLOPs =
 3 x forward matmul FLOPs (counted by torch.utils.flop_counter: 2 per multiply-add). Each round times the
-matmul, then a few steps of every variant in turn, then the matmul again (see `report`).
-Variants, on the same model: plain torch.optim.Adam over the model's param groups or the project's
-build_optimizer (fused Adam); the ten towers one by one or stacked (model.tower_stack, the default); and,
-measured last, glibc keeping freed memory (see keep_freed_memory), which a training process can do too.
+matmul, then a step of every variant in turn; only quiet measurements count (see `report`).
+Two variants, on the same model: plain torch.optim.Adam over the model's param groups (one per tower, one
+for the rest), and the project's build_optimizer (fused Adam, the same groups).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -30,7 +30,8 @@ from heavyranker.train.loss import build_loss
 from heavyranker.train.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = 0.85
+QUIET = 0.9  # a measurement counts if the process had 90% of its threads' CPU time meanwhile
+T = TypeVar("T")
 
 
 def random_features(
@@ -60,6 +61,12 @@ def matmul_gflops(n: int = 4096) -> float:
     return 2 * n**3 / (time.perf_counter() - start) / 1e9
 
 
+def timed(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> float:
+    start = time.perf_counter()
+    model(features)
+    return time.perf_counter() - start
+
+
 def forward_flops(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(features)
@@ -86,8 +93,8 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "configs/local_prod.yaml"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--inference-batch", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2, help="training steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=1, help="training steps per variant and round")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of a few steps")
     args = parser.parse_args()
@@ -121,82 +128,63 @@ def main() -> int:
         profile(model, fused, loss_fn, features, labels, weights)
         return 0
 
-    def variant(optimizer: torch.optim.Optimizer, stacked: bool) -> Callable[[], list[float]]:
-        stack = model.tower_stack
-
-        def step() -> list[float]:
-            model.tower_stack = stack if stacked else None
-            times = train_step_times(model, optimizer, loss_fn, features, labels, weights)
-            model.tower_stack = stack
-            return times
-
-        return step
+    def step(optimizer: torch.optim.Optimizer) -> Callable[[], list[float]]:
+        return lambda: train_step_times(model, optimizer, loss_fn, features, labels, weights)
 
     model.train()
-    report(
-        args,
-        flops_per_example,
-        {
-            "plain Adam, towers one by one": variant(plain, stacked=False),
-            "plain Adam": variant(plain, stacked=True),
-            "build_optimizer, towers one by one": variant(fused, stacked=False),
-            "build_optimizer": variant(fused, stacked=True),
-        },
-    )
-    keep_freed_memory()  # for the rest of the process: measured last
-    report(args, flops_per_example, {"build_optimizer, freed memory kept": variant(fused, stacked=True)})
+    report(args, flops_per_example, {"plain Adam": step(plain), "build_optimizer": step(fused)})
 
     model.eval()
     batch = random_features(shapes, args.inference_batch, gen)
     with torch.inference_mode():
         model(batch)
-        times = []
-        for _ in range(args.rounds):
-            start = time.perf_counter()
-            model(batch)
-            times.append(time.perf_counter() - start)
-    rate = args.inference_batch / statistics.median(times)
-    print(f"inference: {rate:.0f} examples/s at batch {args.inference_batch}")
+        measured = [quietly(lambda: timed(model, batch)) for _ in range(args.rounds)]
+    rate = args.inference_batch / statistics.median(_quiet(measured))
+    print(f"inference: {rate:.0f} examples/s at batch {args.inference_batch} ({_counted(measured)})")
     return 0
 
 
 def report(args, flops_per_example: float, variants: dict[str, Callable[[], list[float]]]) -> None:
-    """Rounds of: a matmul, a few steps of each variant in turn, a matmul. Only quiet rounds count (both
-    matmuls within QUIET of the best seen; all rounds if none is): the machine is shared, and a round in
-    which a neighbour took a core says nothing about the model. Prints medians over the rounds counted."""
+    """Rounds of: a matmul, then a step of each variant in turn. Only quiet measurements count: those during
+    which this process got its threads' worth of CPU time (a neighbour taking a core stalls every parallel
+    region of a step, far more than it slows one big matmul). Prints, per variant, the median quiet step
+    against the median quiet matmul (all measurements if none was quiet)."""
     for step in variants.values():
         step(), step()  # warm-up: allocations, optimizer state
-    gflops, times = [], {label: [] for label in variants}
+    matmuls: list[tuple[float, float]] = []
+    steps: dict[str, list[tuple[list[float], float]]] = {label: [] for label in variants}
     for _ in range(args.rounds):
-        before = matmul_gflops()
+        matmuls.append(quietly(matmul_gflops))
         for label, step in variants.items():
-            times[label].append([step() for _ in range(args.steps)])
-        gflops.append((before, matmul_gflops()))
-    best = max(max(g) for g in gflops)
-    rounds = [r for r, g in enumerate(gflops) if min(g) >= QUIET * best] or list(range(args.rounds))
-    print(f"matmul: best {best:.0f} GFLOP/s; {len(rounds)} of {args.rounds} rounds counted")
-    for label, per_round in times.items():
-        steps = [per_round[r] for r in rounds]
-        rates = [args.batch / statistics.median(sum(t) for t in s) for s in steps]
-        ratios = [
-            rate * flops_per_example / (max(gflops[r]) * 1e9) for rate, r in zip(rates, rounds, strict=True)
-        ]
-        fwd, bwd, opt = (1e3 * statistics.median(t[i] for s in steps for t in s) for i in range(3))
-        rate, ratio = statistics.median(rates), statistics.median(ratios)
+            steps[label] += [quietly(step) for _ in range(args.steps)]
+    gflops = statistics.median(_quiet(matmuls))
+    print(f"matmul: {gflops:.0f} GFLOP/s ({_counted(matmuls)})")
+    for label, measured in steps.items():
+        times = _quiet(measured)
+        rate = args.batch / statistics.median(sum(t) for t in times)
+        fwd, bwd, opt = (1e3 * statistics.median(t[i] for t in times) for i in range(3))
+        ratio = rate * flops_per_example / (gflops * 1e9)
         print(
             f"train ({label}): {rate:.0f} examples/s, {ratio:.2f} of the matmul-bound limit "
-            f"(forward {fwd:.0f} ms, backward {bwd:.0f} ms, optimizer {opt:.0f} ms per step)"
+            f"(forward {fwd:.0f} ms, backward {bwd:.0f} ms, optimizer {opt:.0f} ms per step; "
+            f"{_counted(measured)})"
         )
 
 
-def keep_freed_memory() -> None:
-    """glibc returns big freed blocks (> 32 MiB, e.g. the 4096 x 2048 weight's gradient) to the OS, so every
-    step faults them in again (about 12k page faults, 20-30 ms of kernel time per step). Serve every
-    allocation from the heap and never trim it: the memory of one step is reused by the next."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)  # a C int: 2 GiB
+def quietly(measure: Callable[[], T]) -> tuple[T, float]:
+    """measure()'s result and the share of this process's threads' CPU time it got meanwhile."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = measure()
+    share = (time.process_time() - cpu) / (time.perf_counter() - wall) / torch.get_num_threads()
+    return result, share
+
+
+def _quiet(measured: list[tuple[T, float]]) -> list[T]:
+    return [m for m, share in measured if share >= QUIET] or [m for m, _ in measured]
+
+
+def _counted(measured: list[tuple[T, float]]) -> str:
+    return f"{sum(share >= QUIET for _, share in measured)} of {len(measured)} quiet"
 
 
 def profile(model, optimizer, loss_fn, features, labels, weights) -> None:

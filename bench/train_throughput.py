@@ -22,7 +22,6 @@ import torch
 from heavyranker.config import load_config
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.synthetic import generate_for_config
-from heavyranker.memory import keep_freed_memory
 from heavyranker.train.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +42,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--examples", type=int, default=4000, help="generated training rows")
     args = parser.parse_args()
-    keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         base = load_config(args.config)
         generate_for_config(base, out=f"{tmp}/data", examples=args.examples, files=4, seed=0)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from heavyranker.config.model import MlpConfig
-from heavyranker.model.mlp import Mlp, StackedMlps, build_mlp, can_stack
+from heavyranker.model.mlp import Mlp, build_mlp
 
 
 def _set(linear: nn.Linear, weight, bias) -> None:
@@ -96,55 +96,3 @@ def test_batch_norm_uses_batch_statistics_in_training():
     # running mean moves half way from 0 to the batch mean; running var to the unbiased batch variance (2)
     np.testing.assert_allclose(mlp.layers[1].running_mean.numpy(), [1.0, -1.0])
     np.testing.assert_allclose(mlp.layers[1].running_var.numpy(), [1.5, 1.5])
-
-
-def _tower() -> Mlp:
-    return Mlp(6, [5, 4, 1], [None] * 3, batch_norm_momentum=0.1, batch_norm_affine=False)
-
-
-def test_stacked_mlps_match_each_mlp_forward_backward_and_running_stats():
-    torch.manual_seed(0)
-    mlps = [_tower() for _ in range(3)]
-    copies = [_tower() for _ in mlps]
-    for a, b in zip(mlps, copies, strict=True):
-        b.load_state_dict(a.state_dict())
-    stacked = StackedMlps(mlps)
-    x = torch.randn(16, 6)
-    for training in (True, True, False):
-        stacked.train(training)
-        for m in (*mlps, *copies):
-            m.train(training)
-        got = stacked(x)
-        want = torch.stack([m(x) for m in copies], dim=1)
-        assert got.shape == (16, 3, 1)
-        torch.testing.assert_close(got, want)
-    got.sum().backward()
-    want.sum().backward()
-    for a, b in zip(mlps, copies, strict=True):
-        for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
-            torch.testing.assert_close(pa.grad, pb.grad, msg=name)
-        for (name, ba), bb in zip(a.named_buffers(), b.buffers(), strict=True):
-            torch.testing.assert_close(ba, bb, msg=name)
-
-
-def test_stacked_dropout_has_each_mlps_rate():
-    torch.manual_seed(0)
-    mlps = [Mlp(4, [2000], [rate], final_layer_activation=True) for rate in (None, 0.5, 0.2)]
-    for m in mlps:
-        _set(m.layers[0], torch.ones(2000, 4), torch.zeros(2000))
-    h = StackedMlps(mlps)
-    x = torch.ones(8, 4)  # every unit: 4
-    out = h.train()(x)  # [8, 3, 2000]
-    assert torch.equal(out[:, 0], torch.full((8, 2000), 4.0))
-    for k, rate in ((1, 0.5), (2, 0.2)):
-        kept = out[:, k] != 0
-        assert kept.float().mean().item() == pytest.approx(1 - rate, abs=0.02)
-        torch.testing.assert_close(out[:, k][kept], torch.full((int(kept.sum()),), 4.0 / (1 - rate)))
-    assert torch.equal(h.eval()(x), torch.full((8, 3, 2000), 4.0))
-
-
-def test_can_stack_needs_same_shapes():
-    assert can_stack([Mlp(4, [3, 1], [None, None]), Mlp(4, [3, 1], [0.5, None])])
-    assert not can_stack([Mlp(4, [3, 1], [None, None]), Mlp(4, [2, 1], [None, None])])
-    assert not can_stack([Mlp(4, [3, 1], [None, None], 0.1), Mlp(4, [3, 1], [None, None])])
-    assert not can_stack([Mlp(4, [3, 1], [None, None])])

@@ -125,17 +125,6 @@ def test_outputs_in_task_order_with_probabilities(small_config_path):
     assert "backbone" not in model(_features(config, batch=5))
 
 
-def test_towers_match_their_own_modules(small_config_path):
-    """The stacked evaluation of same-shaped towers gives each tower module's own output."""
-    config = _config(small_config_path)
-    model = _build(config).eval()
-    assert model.tower_stack is not None
-    features = _features(config)
-    out = model(features, return_backbone=True)
-    each = torch.cat([model.towers[module_name(t)](out["backbone"]) for t in TASKS], dim=1)
-    torch.testing.assert_close(out["logits"], each)
-
-
 @pytest.mark.parametrize(
     ("sharing", "tower_in"),
     [("share_all", 128), ("share_partial", SMALL_INPUT + 128), ("share_none", SMALL_INPUT)],

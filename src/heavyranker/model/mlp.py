@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config.model import MlpConfig
@@ -77,100 +75,3 @@ def build_mlp(in_features: int, config: MlpConfig) -> Mlp:
         batch_norm_affine=bn.affine if bn else True,
         final_layer_activation=config.final_layer_activation,
     )
-
-
-@dataclass
-class _Layer:
-    """One Linear of an Mlp and what follows it."""
-
-    linear: nn.Linear
-    batch_norm: nn.BatchNorm1d | None
-    relu: bool
-    dropout: float
-
-
-def _layers(mlp: Mlp) -> list[_Layer]:
-    out: list[_Layer] = []
-    for module in mlp.layers:
-        if isinstance(module, nn.Linear):
-            out.append(_Layer(module, None, False, 0.0))
-        elif isinstance(module, nn.BatchNorm1d):
-            out[-1].batch_norm = module
-        elif isinstance(module, nn.ReLU):
-            out[-1].relu = True
-        else:
-            out[-1].dropout = module.p
-    return out
-
-
-def _signature(layer: _Layer) -> tuple:
-    bn = layer.batch_norm
-    bn_sig = None if bn is None else (bn.affine, bn.momentum, bn.eps)
-    return layer.linear.in_features, layer.linear.out_features, bn_sig, layer.relu
-
-
-class StackedMlps(nn.Module):
-    """Same-shaped Mlps on one input, computed as one matmul for the first layers and batched matmuls for the
-    rest: the same mathematics as running each, with far fewer and larger kernels. The Mlps keep their own
-    parameters and buffers (per-tower optimizer groups and checkpoint names are unchanged); each forward
-    stacks them (cheap next to the matmuls). Dropout rates may differ between the Mlps."""
-
-    def __init__(self, mlps: list[Mlp]):
-        super().__init__()
-        if not can_stack(mlps):
-            raise ValueError("the Mlps differ in shape, batch norm or activations")
-        # A plain list: the Mlps are registered where they belong (e.g. the ranker's towers), not here.
-        self.stack = [_layers(m) for m in mlps]
-        self.dropout_rates = [[layers[i].dropout for layers in self.stack] for i in range(len(self.stack[0]))]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, in] -> [B, M, out] for M Mlps."""
-        count = len(self.stack)
-        h = x
-        for i, layer in enumerate(self.stack[0]):
-            linears = [layers[i].linear for layers in self.stack]
-            weight = torch.stack([m.weight for m in linears])  # [M, out, in]
-            bias = torch.stack([m.bias for m in linears])  # [M, out]
-            if i == 0:  # one input for all: a single matmul against the concatenated weights
-                h = F.linear(h, weight.flatten(0, 1), bias.flatten()).unflatten(1, (count, -1))
-            else:
-                h = torch.einsum("bmi,moi->bmo", h, weight) + bias
-            if layer.batch_norm is not None:
-                h = self._batch_norm(h, [layers[i].batch_norm for layers in self.stack])
-            if layer.relu:
-                h = torch.relu(h)
-            if self.training and any(self.dropout_rates[i]):
-                h = _dropout(h, torch.tensor(self.dropout_rates[i], dtype=h.dtype, device=h.device))
-        return h
-
-    def _batch_norm(self, h: torch.Tensor, norms: list[nn.BatchNorm1d]) -> torch.Tensor:
-        """Per-feature statistics, so one batch norm over [B, M * out] is each Mlp's own."""
-        first = norms[0]
-        mean = torch.cat([n.running_mean for n in norms])
-        var = torch.cat([n.running_var for n in norms])
-        weight = torch.cat([n.weight for n in norms]) if first.affine else None
-        bias = torch.cat([n.bias for n in norms]) if first.affine else None
-        out = F.batch_norm(h.flatten(1), mean, var, weight, bias, self.training, first.momentum, first.eps)
-        if self.training:
-            with torch.no_grad():  # batch_norm updated the concatenated copies: hand each its slice back
-                width = h.shape[-1]
-                for k, norm in enumerate(norms):
-                    norm.running_mean.copy_(mean[k * width : (k + 1) * width])
-                    norm.running_var.copy_(var[k * width : (k + 1) * width])
-                    norm.num_batches_tracked.add_(1)
-        return out.view_as(h)
-
-
-def _dropout(h: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
-    """Dropout with rate rates[m] on h[:, m]: zero with that probability, scale the rest by 1 / (1 - rate)."""
-    rates = rates.unsqueeze(1)  # [M, 1]
-    keep = torch.rand_like(h) >= rates
-    return h * keep / (1.0 - rates)
-
-
-def can_stack(mlps: Sequence[nn.Module]) -> bool:
-    """Whether StackedMlps can run these: all Mlps with the same layers, batch norms and activations."""
-    if len(mlps) < 2 or not all(isinstance(m, Mlp) for m in mlps):
-        return False
-    signatures = [[_signature(layer) for layer in _layers(m)] for m in mlps]  # type: ignore[arg-type]
-    return all(s == signatures[0] for s in signatures)

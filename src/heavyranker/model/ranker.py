@@ -15,7 +15,7 @@ from .dlrm import Slice, build_dlrm
 from .embeddings import LargeEmbedding, PositionDebias, SmallEmbedding
 from .featurize import Featurizer, build_featurizer
 from .masknet import build_mask_net
-from .mlp import StackedMlps, build_mlp, can_stack
+from .mlp import build_mlp
 
 # The pretrained TwHIN embeddings the data may carry, each through its own LayerNorm (the reference's order).
 TWHIN_FEATURES = ("user_embedding", "user_eng_embedding", "author_embedding")
@@ -54,9 +54,6 @@ class Ranker(nn.Module):
         self.backbone = backbone
         self.share_partial = multi_task_type == MultiTaskType.SHARE_PARTIAL
         self.towers = nn.ModuleDict(towers)  # module name = task name with "." -> "__"
-        # Same-shaped MLP towers (the seed's ten) run as batched matmuls over their own parameters.
-        mlps = list(self.towers.values())
-        self.tower_stack = StackedMlps(mlps) if can_stack(mlps) else None
         self.affine_maps = nn.ModuleDict(affine_maps)
         # From the config, not the checkpoint: the data's downsampling rates are not learned.
         self.register_buffer("calibration_ratios", calibration_ratios, persistent=False)
@@ -80,10 +77,7 @@ class Ranker(nn.Module):
             net = self.backbone(x)
             if self.share_partial:
                 net = torch.cat([x, net], dim=1)
-        if self.tower_stack is not None:
-            logits = self.tower_stack(net).squeeze(-1)
-        else:
-            logits = torch.cat([tower(net) for tower in self.towers.values()], dim=1)
+        logits = torch.cat([tower(net) for tower in self.towers.values()], dim=1)
         if len(self.affine_maps) > 0:
             logits = self._affine(logits)
         probabilities = torch.sigmoid(logits)
