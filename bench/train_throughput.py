@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--examples", type=int, default=4000, help="generated training rows")
+    parser.add_argument("--set", action="append", default=[], help="a config override, as on the CLI")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = load_config(args.config)
@@ -52,6 +53,7 @@ def main() -> None:
                 f"training.save_dir={tmp}/run",
                 "train_data.global_batch_size=128",
                 "validation_data={}",
+                *args.set,
             ],
         )
         trainer = Trainer(config)
