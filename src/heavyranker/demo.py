@@ -17,6 +17,7 @@ from .data.dataset import RecapDataset
 from .data.files import select_files
 from .data.synthetic import generate_for_config
 from .data.truth import load_truth
+from .eval.evaluator import short_names
 from .eval.metrics import auroc, rce
 from .eval.report import write_report
 from .model import Ranker
@@ -142,11 +143,12 @@ def _table(rows: list[tuple]) -> str:
         f"{'logreg AUROC':>12} {'RCE':>6} | {'RCE gap closed':>14}"
     )
     lines = [header, "-" * len(header)]
+    short = short_names([row[0] for row in rows])
     for task, m_auc, m_rce, b_auc, b_rce, l_auc, l_rce, rate in rows:
         gap = b_rce - l_rce
         closed = f"{100 * (m_rce - l_rce) / gap:>13.0f}%" if gap > 0.5 else f"{'n/a':>14}"
         lines.append(
-            f"{task.removeprefix('recap.engagement.'):<46} {rate:>7.4f} | {m_auc:>11.4f} {m_rce:>6.2f} | "
+            f"{short[task]:<46} {rate:>7.4f} | {m_auc:>11.4f} {m_rce:>6.2f} | "
             f"{b_auc:>10.4f} {b_rce:>6.2f} | {l_auc:>12.4f} {l_rce:>6.2f} | {closed}"
         )
     return "\n".join(lines)

@@ -112,3 +112,14 @@ def test_unknown_split_is_a_user_error(small_data, trained, capsys):
     ]
     assert main(args) == 2
     assert "no validation split 'nope'" in capsys.readouterr().err
+
+
+def test_short_names_drop_the_shared_dotted_prefix_only():
+    from heavyranker.eval.evaluator import short_names
+
+    assert short_names(["recap.engagement.is_replied", "recap.engagement.is_retweeted"]) == {
+        "recap.engagement.is_replied": "is_replied",
+        "recap.engagement.is_retweeted": "is_retweeted",
+    }
+    assert short_names(["a.b", "c"]) == {"a.b": "a.b", "c": "c"}
+    assert short_names(["recap.engagement.is_replied"]) == {"recap.engagement.is_replied": "is_replied"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -92,16 +93,25 @@ def evaluate_splits(
     return results
 
 
+def short_names(names: list[str]) -> dict[str, str]:
+    """Task names without the dotted prefix they all share (`recap.engagement.`), for tables and logs."""
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind(".") + 1]
+    return {name: name[len(prefix) :] for name in names}
+
+
 def format_table(results: Results, step: int) -> str:
     columns = ("auroc", "rce", "nrce", "ctr", "pctr", "loss", "num_examples", "num_positives")
+    short = short_names([task for tasks in results.values() for task in tasks])
+    width = max(map(len, short.values()), default=4)
     rows = [
         f"evaluation at step {step}",
-        f"{'split':<24} {'task':<58} " + " ".join(f"{c:>13}" for c in columns),
+        f"{'split':<24} {'task':<{width}} " + " ".join(f"{c:>13}" for c in columns),
     ]
     for split, tasks in results.items():
         for task, metrics in tasks.items():
             values = " ".join(f"{metrics[c]:>13.5g}" for c in columns)
-            rows.append(f"{split[:24]:<24} {task[-58:]:<58} {values}")
+            rows.append(f"{split[:24]:<24} {short[task]:<{width}} {values}")
     return "\n".join(rows)
 
 

@@ -19,7 +19,7 @@ from ..data.batch import Batch
 from ..data.dataset import RecapDataset
 from ..data.shapes import feature_shapes
 from ..errors import UserError
-from ..eval.evaluator import evaluate_splits
+from ..eval.evaluator import evaluate_splits, short_names
 from ..model import Ranker, build_model
 from .checkpoint import (
     checkpoint_dir,
@@ -206,10 +206,12 @@ class Trainer:
 
 
 def _format_log_line(line: dict[str, float]) -> str:
-    worst = ", ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in line.items() if k.startswith("loss/"))
+    losses = {k.removeprefix("loss/"): v for k, v in line.items() if k.startswith("loss/")}
+    short = short_names(list(losses))
+    per_task = ", ".join(f"{short[task]}={value:.4f}" for task, value in losses.items())
     return (
         f"step {line['step']}: loss {line['loss']:.4f} | {line['steps_per_s']:.2f} steps/s, "
-        f"{line['examples_per_s']:.0f} examples/s | {worst}"
+        f"{line['examples_per_s']:.0f} examples/s | {per_task}"
     )
 
 
