@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from heavyranker.data.dataset import RecapDataset
 from heavyranker.errors import UserError
 from heavyranker.train.checkpoint import list_checkpoints, load_checkpoint
 from heavyranker.train.loop import NonFiniteLoss, Trainer
@@ -161,3 +162,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(small_data, tmp_path):
     assert child.wait(timeout=60) == 0
     [(step, _)] = list_checkpoints(tmp_path / "checkpoints")
     assert 3 <= step < 100000
+
+
+def test_non_finite_features_are_named_when_the_loss_goes_non_finite(small_data, tmp_path):
+    # log1p_abs, unlike double_norm_log, does not map NaN to 0: the NaN reaches the loss.
+    trainer = Trainer(
+        small_config(small_data, tmp_path, *FAST, "model.featurization_config={log1p_abs_config: {}}")
+    )
+    batch = next(iter(RecapDataset(trainer.config.train_data, training=False)))
+    batch.features["continuous"][3, 5] = float("nan")
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"step 1: .* not finite \(the batch holds non-finite feature values: 1 in "
+        r"continuous\)",
+    ):
+        trainer.train_step(iter([batch]))

@@ -166,9 +166,10 @@ class Trainer:
         bad = ~torch.isfinite(per_task_sum)
         if bad.any():
             tasks = [t for t, b in zip(self.model.task_names, bad.tolist(), strict=True) if b]
+            where = _nonfinite_inputs(batch)
             raise NonFiniteLoss(
-                f"step {self.step + 1}: the loss of {', '.join(tasks)} is not finite; training stopped, "
-                f"the newest checkpoint in {self.checkpoints} is the last good state"
+                f"step {self.step + 1}: the loss of {', '.join(tasks)} is not finite{where}; "
+                f"training stopped, the newest checkpoint in {self.checkpoints} is the last good state"
             )
         self.optimizer.step()
         self.scheduler.step()
@@ -203,6 +204,18 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def _nonfinite_inputs(batch: Batch) -> str:
+    """Where a non-finite loss most often comes from: NaN or inf in the features (only double_norm_log
+    maps them to 0)."""
+    counts = {
+        name: int((~torch.isfinite(values)).sum())
+        for name, values in batch.features.items()
+        if values.is_floating_point()
+    }
+    found = ", ".join(f"{n} in {name}" for name, n in counts.items() if n)
+    return f" (the batch holds non-finite feature values: {found})" if found else ""
 
 
 def _format_log_line(line: dict[str, float]) -> str:
