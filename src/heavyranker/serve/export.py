@@ -26,9 +26,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..config.data import DataConfig
-from ..data.schema import load_schema
-from ..data.shapes import feature_shapes
+from ..data.shapes import feature_dtypes, feature_shapes
 from ..errors import UserError
 from ..model import Ranker, build_model
 from ..train.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
@@ -69,7 +67,7 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str) -> 
     load_model_weights(model, state["model"], str(source))
     model.eval()
 
-    dtypes = input_dtypes(config.train_data, list(shapes))
+    dtypes = feature_dtypes(config.train_data, list(shapes))
     names = used_inputs(model, {name: example(shape, dtypes[name], 2) for name, shape in shapes.items()})
     # A task the config gives no weight does not count in the score.
     weights = {t: config.engagement_weights.get(t, 0.0) for t in config.task_names}
@@ -129,32 +127,6 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str) -> 
         len(config.task_names),
     )
     return folder
-
-
-def input_dtypes(data: DataConfig, names: list[str]) -> dict[str, torch.dtype]:
-    """The dtype of each feature as RecapDataset yields it: float_list -> float32, int64_list -> int64,
-    `binary` -> float32 (the dataset converts the flags), an extracted feature -> its source's, and
-    preprocess.downcast last."""
-    specs = load_schema(data.seg_dense_schema.schema_path)
-    sources = {**data.seg_dense_schema.renamed_features, **{n: n for n in data.seg_dense_schema.features}}
-    pre = data.preprocess
-    extracted = (
-        {r.name: r.source_tensor for r in pre.extract_features.extract_feature_table}
-        if (pre and pre.extract_features)
-        else {}
-    )
-    downcast = pre.downcast.features if pre and pre.downcast else {}
-
-    def dtype(name: str) -> torch.dtype:
-        if name in downcast:
-            return getattr(torch, downcast[name])
-        if name in extracted:
-            return dtype(extracted[name])
-        if name == "binary":
-            return torch.float32
-        return torch.float32 if specs[sources[name]].dtype == "float_list" else torch.int64
-
-    return {name: dtype(name) for name in names}
 
 
 def used_inputs(model: Ranker, features: dict[str, torch.Tensor]) -> list[str]:
