@@ -6,7 +6,6 @@ construction (os.replace is atomic), so the newest one is always safe to resume 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from pathlib import Path
@@ -17,7 +16,6 @@ from torch import nn
 
 from ..errors import UserError
 
-log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
