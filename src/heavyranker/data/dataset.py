@@ -381,6 +381,19 @@ def shuffle(items: Iterator[Item], size: int, rng: np.random.Generator) -> Itera
     yield from buffer
 
 
+def _yield_to_the_model() -> None:
+    """Runs the calling data thread at the lowest priority (Linux: nice is per thread).
+
+    Reading works ahead behind bounded queues, so it can wait; the model's parallel regions cannot: a data
+    thread that takes a core from one of torch's threads stalls the whole matmul until it yields. At nice 19
+    the scheduler runs data threads mostly when torch's threads are idle, and still fully when the model
+    waits for data."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the process's priority
+        pass
+
+
 class _Run:
     """One iteration: a producer thread turns record runs into Batch futures on the decoder pool, in order,
     through a bounded queue; iterating yields the batches in that order."""
@@ -396,8 +409,12 @@ class _Run:
         read_workers: int,
         map_workers: int,
     ):
-        self._read_pool = ThreadPoolExecutor(read_workers, thread_name_prefix="heavyranker-read")
-        self._map_pool = ThreadPoolExecutor(map_workers, thread_name_prefix="heavyranker-decode")
+        self._read_pool = ThreadPoolExecutor(
+            read_workers, thread_name_prefix="heavyranker-read", initializer=_yield_to_the_model
+        )
+        self._map_pool = ThreadPoolExecutor(
+            map_workers, thread_name_prefix="heavyranker-decode", initializer=_yield_to_the_model
+        )
         self._queue: queue.Queue = queue.Queue(map_workers + PREFETCH)
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -411,6 +428,7 @@ class _Run:
         make_batch: Callable[[list[Item]], Batch],
         skip: int,
     ) -> None:
+        _yield_to_the_model()
         try:
             for run in islice(record_runs(self._read_pool), skip, None):
                 if not self._put(self._map_pool.submit(make_batch, run)):
