@@ -1,7 +1,7 @@
 """Training and inference speed of the ranker on CPU, against the matmul-bound limit measured in the same run.
 
     .venv/bin/python bench/model_step.py [--config configs/local_prod.yaml] [--batch 128] [--threads N]
-                                         [--profile]
+                                         [--profile] [--glibc-default]
 
 limit (examples/s) = GFLOP/s of a large fp32 matmul / training FLOPs per example, where training FLOPs =
 3 x forward matmul FLOPs (counted by torch.utils.flop_counter: 2 per multiply-add). Each round times the
@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from heavyranker.config import load_config
 from heavyranker.data.shapes import feature_shapes
+from heavyranker.memory import keep_freed_memory
 from heavyranker.model import build_model
 from heavyranker.train.loss import build_loss
 from heavyranker.train.optim import build_optimizer
@@ -97,7 +98,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1, help="training steps per variant and round")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of a few steps")
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's heap trimming on, as without `heavyranker` (for comparison)",
+    )
     args = parser.parse_args()
+    if not args.glibc_default:
+        keep_freed_memory()  # as every heavyranker command does
     if args.threads:
         torch.set_num_threads(args.threads)
 

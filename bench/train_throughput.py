@@ -26,6 +26,7 @@ from heavyranker.config import load_config
 from heavyranker.data import dataset as dataset_module
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.synthetic import generate_for_config
+from heavyranker.memory import keep_freed_memory
 from heavyranker.train.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,7 @@ def main() -> None:
         "--same-priority", action="store_true", help="data threads at the model's priority (not nice 19)"
     )
     args = parser.parse_args()
+    keep_freed_memory()  # as every heavyranker command does
     if args.same_priority:
         dataset_module._yield_to_the_model = lambda: None
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from .config import Config, ConfigError, dump_config, load_config
 from .errors import UserError
+from .memory import keep_freed_memory
 
 EXIT_USER_ERROR = 2
 
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
