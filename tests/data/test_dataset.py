@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from itertools import islice
 from pathlib import Path
@@ -367,7 +368,7 @@ def test_config_problems_are_named(folder, fields, message):
         RecapDataset(data_config(folder, **fields))
 
 
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux's")
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
 def test_data_threads_yield_to_the_model(folder):
     """Reading runs at nice 19 so that it never takes a core from torch's threads mid-matmul."""
     dataset = RecapDataset(data_config(folder), seed=0)

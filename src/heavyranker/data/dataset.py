@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -388,9 +389,13 @@ def _yield_to_the_model() -> None:
     thread that takes a core from one of torch's threads stalls the whole matmul until it yields. At nice 19
     the scheduler runs data threads mostly when torch's threads are idle, and still fully when the model
     waits for data."""
+    if (
+        sys.platform != "linux"
+    ):  # elsewhere a thread id is not a pid, and setpriority could renice another process
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: run at the process's priority
+    except OSError:  # not allowed: run at the process's priority
         pass
 
 
