@@ -389,9 +389,8 @@ def _yield_to_the_model() -> None:
     thread that takes a core from one of torch's threads stalls the whole matmul until it yields. At nice 19
     the scheduler runs data threads mostly when torch's threads are idle, and still fully when the model
     waits for data."""
-    if (
-        sys.platform != "linux"
-    ):  # elsewhere a thread id is not a pid, and setpriority could renice another process
+    # Elsewhere a native thread id is not a pid, and setpriority could renice another process.
+    if sys.platform != "linux":
         return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
