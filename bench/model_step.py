@@ -6,8 +6,13 @@
 limit (examples/s) = GFLOP/s of a large fp32 matmul / training FLOPs per example, where training FLOPs =
 3 x forward matmul FLOPs (counted by torch.utils.flop_counter: 2 per multiply-add). Each round times the
 matmul, then a step of every variant in turn; only quiet measurements count (see `report`).
-Two variants, on the same model: plain torch.optim.Adam over the model's param groups (one per tower, one
-for the rest), and the project's build_optimizer (fused Adam, the same groups).
+Variants, on the same model: plain torch.optim.Adam over the model's param groups (one per tower, one for
+the rest); the project's build_optimizer (fused Adam, the same groups); and, as the ceiling, the matmuls
+alone: the mm/addmm calls of one step, recorded with their operands and replayed into preallocated
+outputs, with nothing between them. No step made of these products through torch's matmul beats that
+line; the ceiling adds build_optimizer's measured update, which every Adam step makes (memory bound:
+7 fp32 reads and writes per parameter). Merging products (the four mask blocks' first layers, or the ten
+towers, as one matmul each) measured no faster per FLOP here.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from heavyranker.config import load_config
@@ -55,11 +61,42 @@ def random_features(
 
 
 def matmul_gflops(n: int = 4096) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=out)
     start = time.perf_counter()
-    a @ b
+    torch.mm(a, b, out=out)  # into a warm buffer: a fresh 64 MiB output would time its page faults too
     return 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Records each mm/addmm that runs under it (forward and backward), with copies of its operands in the
+    same memory layout, so the same products can be timed on their own."""
+
+    MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch._ops.OpOverload, list, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.MATMULS:
+            operands = [torch.empty_strided(a.shape, a.stride()).copy_(a) for a in args]
+            self.calls.append((func, operands, kwargs))
+        return func(*args, **kwargs)
+
+
+def replay_matmuls(calls: list[tuple[torch._ops.OpOverload, list, dict]]) -> Callable[[], list[float]]:
+    """A step of only the recorded products, each into an output allocated once (the .out overloads)."""
+    outputs = [func(*args, **kwargs) for func, args, kwargs in calls]
+
+    def step() -> list[float]:
+        start = time.perf_counter()
+        for (func, args, kwargs), out in zip(calls, outputs, strict=True):
+            func.overloadpacket.out(*args, **kwargs, out=out)
+        return [time.perf_counter() - start]
+
+    return step
 
 
 def timed(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> float:
@@ -140,7 +177,12 @@ def main() -> int:
         return lambda: train_step_times(model, optimizer, loss_fn, features, labels, weights)
 
     model.train()
-    report(args, flops_per_example, {"plain Adam": step(plain), "build_optimizer": step(fused)})
+    recorder = MatmulRecorder()
+    with recorder:
+        step(fused)()
+    variants = {"plain Adam": step(plain), "build_optimizer": step(fused)}
+    variants["matmuls alone"] = replay_matmuls(recorder.calls)
+    report(args, flops_per_example, variants)
 
     model.eval()
     batch = random_features(shapes, args.inference_batch, gen)
@@ -156,7 +198,8 @@ def report(args, flops_per_example: float, variants: dict[str, Callable[[], list
     """Rounds of: a matmul, then a step of each variant in turn. Only quiet measurements count: those during
     which this process got its threads' worth of CPU time (a neighbour taking a core stalls every parallel
     region of a step, far more than it slows one big matmul). Prints, per variant, the median quiet step
-    against the median quiet matmul (all measurements if none was quiet)."""
+    against the median quiet matmul (all measurements if none was quiet), then the ceiling: the matmuls
+    alone plus build_optimizer's update."""
     for step in variants.values():
         step(), step()  # warm-up: allocations, optimizer state
     matmuls: list[tuple[float, float]] = []
@@ -167,16 +210,24 @@ def report(args, flops_per_example: float, variants: dict[str, Callable[[], list
             steps[label] += [quietly(step) for _ in range(args.steps)]
     gflops = statistics.median(_quiet(matmuls))
     print(f"matmul: {gflops:.0f} GFLOP/s ({_counted(matmuls)})")
+
+    def ratio(seconds: float) -> str:
+        rate = args.batch / seconds
+        share = rate * flops_per_example / (gflops * 1e9)
+        return f"{rate:.0f} examples/s, {share:.2f} of the matmul-bound limit"
+
+    phases: dict[str, list[float]] = {}
     for label, measured in steps.items():
         times = _quiet(measured)
-        rate = args.batch / statistics.median(sum(t) for t in times)
-        fwd, bwd, opt = (1e3 * statistics.median(t[i] for t in times) for i in range(3))
-        ratio = rate * flops_per_example / (gflops * 1e9)
-        print(
-            f"train ({label}): {rate:.0f} examples/s, {ratio:.2f} of the matmul-bound limit "
-            f"(forward {fwd:.0f} ms, backward {bwd:.0f} ms, optimizer {opt:.0f} ms per step; "
-            f"{_counted(measured)})"
-        )
+        phases[label] = [statistics.median(t[i] for t in times) for i in range(len(times[0]))]
+        detail = ""
+        if len(phases[label]) == 3:
+            fwd, bwd, opt = (1e3 * t for t in phases[label])
+            detail = f"forward {fwd:.0f} ms, backward {bwd:.0f} ms, optimizer {opt:.0f} ms per step; "
+        seconds = statistics.median(sum(t) for t in times)
+        print(f"train ({label}): {ratio(seconds)} ({detail}{_counted(measured)})")
+    ceiling = phases["matmuls alone"][0] + phases["build_optimizer"][2]
+    print(f"ceiling (matmuls alone + build_optimizer's update): {ratio(ceiling)}")
 
 
 def quietly(measure: Callable[[], T]) -> tuple[T, float]:
