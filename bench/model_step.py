@@ -3,21 +3,26 @@
     .venv/bin/python bench/model_step.py [--config configs/local_prod.yaml] [--batch 128] [--threads N]
                                          [--profile] [--glibc-default]
 
-limit (examples/s) = GFLOP/s of a large fp32 matmul / training FLOPs per example, where training FLOPs =
-3 x forward matmul FLOPs (counted by torch.utils.flop_counter: 2 per multiply-add). Each round times the
-matmul, then a step of every variant in turn; only quiet measurements count (see `report`).
-Variants, on the same model: plain torch.optim.Adam over the model's param groups (one per tower, one for
-the rest); the project's build_optimizer (fused Adam, the same groups); and, as the ceiling, the matmuls
-alone: the mm/addmm calls of one step, recorded with their operands and replayed into preallocated
-outputs, with nothing between them. No step made of these products through torch's matmul beats that
-line; the ceiling adds build_optimizer's measured update, which every Adam step makes (memory bound:
-7 fp32 reads and writes per parameter). Merging products (the four mask blocks' first layers, or the ten
-towers, as one matmul each) measured no faster per FLOP here.
+limit (examples/s) = GFLOP/s of a large fp32 matmul (torch.mm: MKL) / training FLOPs per example, where
+training FLOPs = 3 x forward matmul FLOPs (counted by torch.utils.flop_counter: 2 per multiply-add). The
+same large matmul on oneDNN is printed too, with every ratio against it: oneDNN runs it faster here.
+Each round times the large matmuls, then a step of every variant in turn; only quiet measurements count
+(see `report`). Variants, on the same model:
+  plain Adam             torch.optim.Adam over the model's param groups (one per tower, one for the rest)
+  build_optimizer        the project's optimizer (fused Adam, the same groups): what training runs
+  ..., MKL products      the same with heavyranker.model.linear.ONEDNN off: every layer through F.linear
+  matmuls alone          the products of one build_optimizer step (forward and backward), recorded with
+                         their operands and replayed as the step calls them, with nothing in between
+No step made of these products beats `matmuls alone`; the ceiling line adds build_optimizer's measured
+update, which every Adam step makes (memory bound: 7 fp32 reads and writes per parameter). Merging
+products (the four mask blocks' first layers, or the ten towers, as one matmul each) measured no faster
+per FLOP here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -32,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from heavyranker.config import load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.memory import keep_freed_memory
-from heavyranker.model import build_model
+from heavyranker.model import build_model, linear
 from heavyranker.train.loss import build_loss
 from heavyranker.train.optim import build_optimizer
 
@@ -60,19 +65,42 @@ def random_features(
     return features
 
 
-def matmul_gflops(n: int = 4096) -> float:
+def matmul_gflops(n: int = 4096) -> tuple[float, float]:
+    """GFLOP/s of an n x n x n fp32 product on torch.mm (MKL) and on oneDNN's linear kernel (0 without it)."""
     a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=out)
-    start = time.perf_counter()
-    torch.mm(a, b, out=out)  # into a warm buffer: a fresh 64 MiB output would time its page faults too
-    return 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+    def rate(product: Callable[[], object]) -> float:
+        product()
+        start = time.perf_counter()
+        product()
+        return 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+    # into a warm buffer: a fresh 64 MiB output would time its page faults too
+    mkl = rate(lambda: torch.mm(a, b, out=out))
+    if not linear.ONEDNN:
+        return mkl, 0.0
+    return mkl, rate(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+
+
+@contextlib.contextmanager
+def products_on_mkl():
+    """Every Linear through F.linear (torch.mm: MKL) meanwhile, as without heavyranker.model.linear."""
+    saved, linear.ONEDNN = linear.ONEDNN, False
+    try:
+        yield
+    finally:
+        linear.ONEDNN = saved
 
 
 class MatmulRecorder(TorchDispatchMode):
-    """Records each mm/addmm that runs under it (forward and backward), with copies of its operands in the
-    same memory layout, so the same products can be timed on their own."""
+    """Records each matrix product that runs under it (forward and backward), with copies of its operands
+    in the same memory layout, so the same products can be timed on their own."""
 
-    MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    MATMULS = (
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.mkldnn._linear_pointwise.default,
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -81,19 +109,21 @@ class MatmulRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in self.MATMULS:
-            operands = [torch.empty_strided(a.shape, a.stride()).copy_(a) for a in args]
+            operands = [
+                torch.empty_strided(a.shape, a.stride()).copy_(a) if isinstance(a, torch.Tensor) else a
+                for a in args
+            ]
             self.calls.append((func, operands, kwargs))
         return func(*args, **kwargs)
 
 
 def replay_matmuls(calls: list[tuple[torch._ops.OpOverload, list, dict]]) -> Callable[[], list[float]]:
-    """A step of only the recorded products, each into an output allocated once (the .out overloads)."""
-    outputs = [func(*args, **kwargs) for func, args, kwargs in calls]
+    """A step of only the recorded products, each allocating its output as in the step."""
 
     def step() -> list[float]:
         start = time.perf_counter()
-        for (func, args, kwargs), out in zip(calls, outputs, strict=True):
-            func.overloadpacket.out(*args, **kwargs, out=out)
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
         return [time.perf_counter() - start]
 
     return step
@@ -106,7 +136,8 @@ def timed(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> float:
 
 
 def forward_flops(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # The counter knows aten's matmuls, not oneDNN's kernel.
+    with products_on_mkl(), FlopCounterMode(display=False) as counter, torch.no_grad():
         model(features)
     return counter.get_total_flops()
 
@@ -181,6 +212,7 @@ def main() -> int:
     with recorder:
         step(fused)()
     variants = {"plain Adam": step(plain), "build_optimizer": step(fused)}
+    variants["build_optimizer, MKL products"] = on_mkl(step(fused))
     variants["matmuls alone"] = replay_matmuls(recorder.calls)
     report(args, flops_per_example, variants)
 
@@ -194,27 +226,38 @@ def main() -> int:
     return 0
 
 
+def on_mkl(step: Callable[[], list[float]]) -> Callable[[], list[float]]:
+    def step_on_mkl() -> list[float]:
+        with products_on_mkl():
+            return step()
+
+    return step_on_mkl
+
+
 def report(args, flops_per_example: float, variants: dict[str, Callable[[], list[float]]]) -> None:
-    """Rounds of: a matmul, then a step of each variant in turn. Only quiet measurements count: those during
-    which this process got its threads' worth of CPU time (a neighbour taking a core stalls every parallel
-    region of a step, far more than it slows one big matmul). Prints, per variant, the median quiet step
-    against the median quiet matmul (all measurements if none was quiet), then the ceiling: the matmuls
-    alone plus build_optimizer's update."""
+    """Rounds of: the large matmuls, then a step of each variant in turn. Only quiet measurements count:
+    those during which this process got its threads' worth of CPU time (a neighbour taking a core stalls
+    every parallel region of a step, far more than it slows one big matmul). Prints, per variant, the median
+    quiet step against the median quiet matmul rates (all measurements if none was quiet), then the
+    ceiling: the matmuls alone plus build_optimizer's update."""
     for step in variants.values():
         step(), step()  # warm-up: allocations, optimizer state
-    matmuls: list[tuple[float, float]] = []
+    matmuls: list[tuple[tuple[float, float], float]] = []
     steps: dict[str, list[tuple[list[float], float]]] = {label: [] for label in variants}
     for _ in range(args.rounds):
         matmuls.append(quietly(matmul_gflops))
         for label, step in variants.items():
             steps[label] += [quietly(step) for _ in range(args.steps)]
-    gflops = statistics.median(_quiet(matmuls))
-    print(f"matmul: {gflops:.0f} GFLOP/s ({_counted(matmuls)})")
+    mkl, onednn = (statistics.median(m[i] for m in _quiet(matmuls)) for i in range(2))
+    print(f"large matmul: {mkl:.0f} GFLOP/s (torch.mm), {onednn:.0f} GFLOP/s (oneDNN) ({_counted(matmuls)})")
 
     def ratio(seconds: float) -> str:
         rate = args.batch / seconds
-        share = rate * flops_per_example / (gflops * 1e9)
-        return f"{rate:.0f} examples/s, {share:.2f} of the matmul-bound limit"
+        gflops = rate * flops_per_example / 1e9
+        line = f"{rate:.0f} examples/s, {gflops / mkl:.2f} of the matmul-bound limit"
+        if onednn:
+            line += f" [{gflops / onednn:.2f} against oneDNN's]"
+        return line
 
     phases: dict[str, list[float]] = {}
     for label, measured in steps.items():

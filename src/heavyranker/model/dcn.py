@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config.model import DcnConfig
+from .linear import Linear
 from .mlp import Mlp, build_mlp, init_linear
 
 
@@ -15,11 +16,11 @@ class CrossLayer(nn.Module):
     def __init__(self, in_features: int, projection_dim: int | None = None):
         super().__init__()
         if projection_dim is None:
-            self.linear = init_linear(nn.Linear(in_features, in_features))
+            self.linear = init_linear(Linear(in_features, in_features))
         else:
             self.linear = nn.Sequential(
-                init_linear(nn.Linear(in_features, projection_dim, bias=False)),
-                init_linear(nn.Linear(projection_dim, in_features)),
+                init_linear(Linear(in_features, projection_dim, bias=False)),
+                init_linear(Linear(projection_dim, in_features)),
             )
 
     def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

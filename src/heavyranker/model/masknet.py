@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config.model import MaskNetConfig
 from ..errors import UserError
+from .linear import Linear
 from .mlp import Mlp, build_mlp, init_linear
 
 
@@ -25,11 +26,11 @@ class MaskBlock(nn.Module):
         super().__init__()
         self.input_layer_norm = nn.LayerNorm(in_features) if input_layer_norm else None
         self.mask_layer = nn.Sequential(
-            init_linear(nn.Linear(mask_in_features, aggregation_size)),
+            init_linear(Linear(mask_in_features, aggregation_size)),
             nn.ReLU(),
-            init_linear(nn.Linear(aggregation_size, in_features)),
+            init_linear(Linear(aggregation_size, in_features)),
         )
-        self.hidden_layer = init_linear(nn.Linear(in_features, output_size))
+        self.hidden_layer = init_linear(Linear(in_features, output_size))
         self.layer_norm = nn.LayerNorm(output_size)
         self.out_features = output_size
 

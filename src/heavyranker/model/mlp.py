@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config.model import MlpConfig
+from .linear import Linear
 
 
 def init_linear(layer: nn.Linear) -> nn.Linear:
@@ -37,7 +38,7 @@ class Mlp(nn.Module):
         modules: list[nn.Module] = []
         width = in_features
         for i, (size, rate) in enumerate(zip(layer_sizes, dropout_rates, strict=True)):
-            modules.append(init_linear(nn.Linear(width, size)))
+            modules.append(init_linear(Linear(width, size)))
             hidden = i < len(layer_sizes) - 1
             if hidden and batch_norm_momentum is not None:
                 modules.append(nn.BatchNorm1d(size, affine=batch_norm_affine, momentum=batch_norm_momentum))

@@ -1,0 +1,142 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from heavyranker.model import linear
+from heavyranker.model.linear import Linear
+
+needs_onednn = pytest.mark.skipif(not linear.ONEDNN, reason="this torch build has no oneDNN linear kernel")
+
+
+@pytest.fixture(autouse=True)
+def every_size_on_onednn(monkeypatch):
+    """The products of these small layers go to oneDNN too, as a large layer's do."""
+    monkeypatch.setattr(linear, "MIN_WEIGHTS", 0)
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def _layer(in_features: int, out_features: int, bias: bool = True) -> Linear:
+    torch.manual_seed(0)
+    return Linear(in_features, out_features, bias=bias)
+
+
+def test_a_hand_computed_product_forward_and_backward():
+    layer = _layer(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, -1.0]]))
+        layer.bias.fill_(0.5)
+    x = torch.tensor([[1.0, 3.0], [4.0, 2.0]], requires_grad=True)
+    y = layer(x)
+    assert y.tolist() == [[2 - 3 + 0.5], [8 - 2 + 0.5]]
+    (y * torch.tensor([[1.0], [10.0]])).sum().backward()
+    assert x.grad.tolist() == [[2.0, -1.0], [20.0, -10.0]]  # g_i * w
+    assert layer.weight.grad.tolist() == [[1 * 1 + 10 * 4, 1 * 3 + 10 * 2]]  # sum_i g_i * x_i
+    assert layer.bias.grad.tolist() == [11.0]
+
+
+@needs_onednn
+def test_the_products_run_on_onednn_in_training_and_inference():
+    layer, x = _layer(16, 8), torch.randn(4, 16, requires_grad=True)
+    with _Ops() as ops:
+        layer(x).sum().backward()
+    # forward, grad of x, grad of weight: three oneDNN products and no aten matmul
+    assert ops.names.count("mkldnn::_linear_pointwise") == 3
+    assert not {"aten::mm", "aten::addmm", "aten::linear"} & set(ops.names)
+    with _Ops() as ops, torch.no_grad():
+        layer(x)
+    assert ops.names == ["mkldnn::_linear_pointwise"]
+
+
+@pytest.mark.parametrize(
+    "batch, in_features, out_features, bias",
+    [(128, 96, 40, True), (7, 1, 1, True), (5, 33, 1, False), (0, 8, 3, True)],
+)
+def test_forward_and_gradients_match_f_linear(batch, in_features, out_features, bias):
+    layer = _layer(in_features, out_features, bias)
+    x = torch.randn(batch, in_features, requires_grad=True)
+    upstream = torch.randn(batch, out_features)
+    y = layer(x)
+    (y * upstream).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = layer.weight.detach().clone().requires_grad_()
+    b_ref = layer.bias.detach().clone().requires_grad_() if bias else None
+    y_ref = F.linear(x_ref, w_ref, b_ref)
+    (y_ref * upstream).sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.weight.grad, w_ref.grad)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, b_ref.grad)
+
+
+def test_strided_input_and_gradient():
+    # A MaskNet block reads a slice of a concatenation and hands back a slice of its gradient.
+    layer = _layer(12, 6)
+    wide = torch.randn(10, 30, requires_grad=True)
+    x = wide[:, 5:17]
+    y = torch.cat([layer(x), torch.zeros(10, 4)], dim=1)[:, :6]
+    upstream = torch.randn(10, 8)[:, 1:7]
+    (y * upstream).sum().backward()
+    expected = torch.zeros(10, 30)
+    expected[:, 5:17] = upstream @ layer.weight.detach()
+    torch.testing.assert_close(wide.grad, expected)
+    torch.testing.assert_close(layer.weight.grad, upstream.t() @ x.detach())
+
+
+def test_what_onednn_does_not_take_goes_through_f_linear():
+    layer = _layer(6, 3).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with _Ops() as ops:
+        y = layer(x)
+    assert "mkldnn::_linear_pointwise" not in ops.names
+    assert torch.equal(y, F.linear(x, layer.weight, layer.bias))
+    batched = _layer(6, 3)(torch.randn(2, 4, 6))  # 3-D input
+    assert batched.shape == (2, 4, 3)
+
+
+@needs_onednn
+def test_small_layers_stay_on_f_linear(monkeypatch):
+    monkeypatch.setattr(linear, "MIN_WEIGHTS", 1 << 17)
+    small, large, x = _layer(256, 128), _layer(512, 256), torch.randn(4, 512)
+    with _Ops() as ops:
+        small(x[:, :256])
+    assert "mkldnn::_linear_pointwise" not in ops.names
+    with _Ops() as ops:
+        large(x)
+    assert ops.names == ["mkldnn::_linear_pointwise"]
+
+
+def test_switched_off_every_layer_runs_f_linear(monkeypatch):
+    monkeypatch.setattr(linear, "ONEDNN", False)
+    layer, x = _layer(16, 8), torch.randn(4, 16)
+    with _Ops() as ops:
+        layer(x)
+    assert "mkldnn::_linear_pointwise" not in ops.names
+
+
+def test_an_exported_program_holds_plain_linear_nodes():
+    layer = _layer(16, 8)
+    program = torch.export.export(layer, (torch.randn(4, 16),))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert targets == {"aten.linear.default"}
+
+
+def test_state_dict_is_nn_linear_s():
+    layer = _layer(5, 2)
+    reference = torch.nn.Linear(5, 2)
+    assert layer.state_dict().keys() == reference.state_dict().keys()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(layer(x), reference(x))
