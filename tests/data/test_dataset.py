@@ -379,3 +379,14 @@ def test_data_threads_yield_to_the_model(folder):
     assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in data_threads} == {19}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19  # the caller is untouched
     dataset.close()
+
+
+def test_close_returns_once_the_producer_has_ended(folder):
+    """The producer is a daemon thread: one still alive at interpreter exit can free a batch's tensors
+    during finalization, which aborts the process."""
+    dataset = RecapDataset(data_config(folder), seed=0)
+    batches = iter(dataset)
+    next(batches)
+    [producer] = [t for t in threading.enumerate() if t.name == "heavyranker-order"]
+    dataset.close()
+    assert not producer.is_alive()

@@ -457,6 +457,7 @@ class _Run:
             yield item.result()
 
     def close(self) -> None:
+        """Stops the threads; returns once the producer has ended (within a chunk's read)."""
         self._stop.set()
         while True:
             try:
@@ -467,3 +468,8 @@ class _Run:
                 item.cancel()
         self._map_pool.shutdown(wait=False, cancel_futures=True)
         self._read_pool.shutdown(wait=False, cancel_futures=True)
+        # The producer is a daemon thread (an iteration nobody closes must not hold the process at exit),
+        # so it has to be gone before the interpreter finalizes: a daemon thread that frees a batch's
+        # tensors then aborts the process (torch releases the GIL to free them, and re-taking it during
+        # finalization ends the thread through C++ frames: "terminate called without an active exception").
+        self._thread.join()
