@@ -95,6 +95,14 @@ def test_strided_input_and_gradient():
     torch.testing.assert_close(layer.weight.grad, upstream.t() @ x.detach())
 
 
+def test_the_broadcast_gradient_of_a_sum():
+    # sum().backward() hands the layer an expanded gradient: every stride 0.
+    layer, x = _layer(12, 6), torch.randn(5, 12)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(6, 12))
+    torch.testing.assert_close(layer.bias.grad, torch.full((6,), 5.0))
+
+
 def test_what_onednn_does_not_take_goes_through_f_linear():
     layer = _layer(6, 3).double()
     x = torch.randn(4, 6, dtype=torch.float64)

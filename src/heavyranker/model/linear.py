@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 # Off (heavyranker.model.linear.ONEDNN = False) every layer runs F.linear: for comparison, or where
-# oneDNN misbehaves. torch.ops.mkldnn._linear_pointwise is the kernel torch.compile itself emits on CPU.
+# oneDNN misbehaves. The kernel is an internal torch op: a torch without it leaves every layer on F.linear.
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Below this many weights a layer stays on F.linear: a oneDNN call costs about 15 us more than an aten one,
 # and a training step makes three per layer. Measured (forward + backward at batch 128): 256x128 379 us on
