@@ -96,10 +96,8 @@ class MatmulRecorder(TorchDispatchMode):
     """Records each matrix product that runs under it (forward and backward), with copies of its operands
     in the same memory layout, so the same products can be timed on their own."""
 
-    MATMULS = (
-        torch.ops.aten.mm.default,
-        torch.ops.aten.addmm.default,
-        torch.ops.mkldnn._linear_pointwise.default,
+    MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) + (
+        (torch.ops.mkldnn._linear_pointwise.default,) if linear.ONEDNN else ()
     )
 
     def __init__(self) -> None:

@@ -3,7 +3,7 @@
 Why: torch sends an fp32 matmul to MKL. On the AMD EPYC (Zen 4) machines this project is measured on,
 oneDNN, which torch ships for its CPU kernels, is the faster of the two on the 128-row products of a
 training step: one product at a time, MKL ran them at 0.65-1.05 of its own large-matmul rate and oneDNN at
-0.91-1.18 of it, and the local_prod training step took 249-261 ms on oneDNN against 285-304 ms on MKL,
+0.91-1.18 of it, and the local_prod training step took 249-261 ms on oneDNN against 285-325 ms on MKL,
 measured side by side (bench/model_step.py). The arithmetic is the same: fp32 products accumulated in
 fp32, in another order.
 
