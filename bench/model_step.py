@@ -79,7 +79,7 @@ def matmul_gflops(n: int = 4096) -> tuple[float, float]:
     mkl = rate(lambda: torch.mm(a, b, out=out))
     if not linear.ONEDNN:
         return mkl, 0.0
-    return mkl, rate(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    return mkl, rate(lambda: linear.onednn_linear(a, b, None))
 
 
 @contextlib.contextmanager

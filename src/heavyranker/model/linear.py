@@ -29,7 +29,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 MIN_WEIGHTS = 1 << 17
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias on oneDNN; x and weight may be strided views (transposes included)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -40,7 +40,7 @@ class _OneDnnLinear(torch.autograd.Function):
         ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return _product(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -48,9 +48,9 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _product(grad, weight.t(), None)  # grad @ weight
+            grad_x = onednn_linear(grad, weight.t(), None)  # grad @ weight
         if ctx.needs_input_grad[1]:
-            grad_weight = _product(grad.t(), x.t(), None)  # grad.T @ x, laid out as weight
+            grad_weight = onednn_linear(grad.t(), x.t(), None)  # grad.T @ x, laid out as weight
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias
@@ -77,4 +77,4 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled():
             return _OneDnnLinear.apply(x, self.weight, self.bias)
-        return _product(x, self.weight, self.bias)
+        return onednn_linear(x, self.weight, self.bias)
