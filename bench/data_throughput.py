@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO / "src"))
 from heavyranker.config import load_config  # noqa: E402
 from heavyranker.data.dataset import RecapDataset  # noqa: E402
 from heavyranker.data.example import encode_example  # noqa: E402
-from heavyranker.data.schema import load_schema  # noqa: E402
 from heavyranker.data.tfrecord import write_records  # noqa: E402
+from heavyranker.schema import load_schema  # noqa: E402
 
 CONFIG = REPO / "configs" / "local_prod.yaml"
 

@@ -35,8 +35,8 @@ from isal import igzip
 
 from heavyranker.data import example
 from heavyranker.data.example import ExampleDecoder, encode_example
-from heavyranker.data.schema import load_schema
 from heavyranker.data.tfrecord import read_records, write_records
+from heavyranker.schema import load_schema
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ from model_step import random_features  # noqa: E402
 from heavyranker.config import load_config  # noqa: E402
 from heavyranker.data.batch import Batch  # noqa: E402
 from heavyranker.data.shapes import feature_shapes  # noqa: E402
-from heavyranker.train.distributed import Runtime  # noqa: E402
+from heavyranker.runtime import Runtime  # noqa: E402
 from heavyranker.train.loop import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

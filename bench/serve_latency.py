@@ -34,13 +34,13 @@ import httpx
 import numpy as np
 import torch
 
+from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.model import build_model
 from heavyranker.serve.export import export_model
 from heavyranker.serve.request import parse_candidates
 from heavyranker.serve.scorer import InputSpec, Scorer
-from heavyranker.train.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300

@@ -61,7 +61,7 @@ def _model_summary(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1:
-        from .train.distributed import launch_torchrun
+        from .runtime import launch_torchrun
 
         return launch_torchrun(sys.argv[1:], nproc=args.nproc)
     from .train.loop import train

@@ -11,16 +11,15 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from .config import Config, load_config
+from .config import Config, load_config, short_names
 from .data.dataset import RecapDataset
 from .data.files import select_files
 from .data.synthetic import generate_for_config
 from .data.truth import load_truth
-from .eval.evaluator import short_names
 from .eval.metrics import auroc, rce
 from .eval.report import write_report
 from .model import Ranker
-from .train.distributed import init_runtime
+from .runtime import init_runtime
 from .train.loop import Trainer
 
 BASELINE_EXAMPLES = 200_000  # a third of the demo's training rows: enough for a linear model to converge

@@ -302,7 +302,7 @@ def test_no_files_names_the_pattern(tmp_path):
 
 def test_data_dump_command(tmp_path, small_config_path, capsys):
     from heavyranker.cli import main
-    from heavyranker.data.schema import load_schema
+    from heavyranker.schema import load_schema
 
     specs = load_schema(str(small_config_path.parent / "segdense_small.json"))
     rng = np.random.default_rng(0)

@@ -9,8 +9,8 @@ import pytest
 
 from heavyranker.data import example
 from heavyranker.data.example import ExampleDecoder, encode_example, encode_varints
-from heavyranker.data.schema import FeatureSpec
 from heavyranker.errors import DataError, UserError
+from heavyranker.schema import FeatureSpec
 
 # --- protobuf by hand, from the wire format's definition ---
 

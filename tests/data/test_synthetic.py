@@ -21,11 +21,11 @@ from heavyranker.cli import main
 from heavyranker.config import Config, load_config
 from heavyranker.data.example import ExampleDecoder, encode_example
 from heavyranker.data.files import select_files
-from heavyranker.data.schema import load_schema
 from heavyranker.data.synthetic import PROFILES, World, encode_examples, generate_for_config, layout_for
 from heavyranker.data.tfrecord import read_records
 from heavyranker.data.truth import load_truth, truth_path
 from heavyranker.errors import DataError, UserError
+from heavyranker.schema import load_schema
 from tests.conftest import CONFIGS
 
 SMALL = yaml.safe_load((CONFIGS / "local_small.yaml").read_text())

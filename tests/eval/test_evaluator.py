@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from heavyranker.cli import main
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.eval.evaluator import evaluate_command, result_path, watch_checkpoints
-from heavyranker.train.distributed import init_runtime
+from heavyranker.runtime import init_runtime
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
 
@@ -113,13 +113,3 @@ def test_unknown_split_is_a_user_error(small_data, trained, capsys):
     assert main(args) == 2
     assert "no validation split 'nope'" in capsys.readouterr().err
 
-
-def test_short_names_drop_the_shared_dotted_prefix_only():
-    from heavyranker.eval.evaluator import short_names
-
-    assert short_names(["recap.engagement.is_replied", "recap.engagement.is_retweeted"]) == {
-        "recap.engagement.is_replied": "is_replied",
-        "recap.engagement.is_retweeted": "is_retweeted",
-    }
-    assert short_names(["a.b", "c"]) == {"a.b": "a.b", "c": "c"}
-    assert short_names(["recap.engagement.is_replied"]) == {"recap.engagement.is_replied": "is_replied"}

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import Config, load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.model import Ranker, build_model
 from heavyranker.serve.export import export_model
-from heavyranker.train.checkpoint import save_checkpoint
 from tests.conftest import CONFIGS
 
 # is_replied's negatives kept at 1%, its positives at 50%: the calibration is not the identity.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.model import build_model
@@ -16,7 +17,6 @@ from heavyranker.serve.app import rank_body
 from heavyranker.serve.export import export_model
 from heavyranker.serve.request import BadRequest, parse_candidates
 from heavyranker.serve.scorer import Scorer
-from heavyranker.train.checkpoint import save_checkpoint
 from tests.conftest import CONFIGS
 from tests.serve.conftest import random_features
 

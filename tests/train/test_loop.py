@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
+from heavyranker.checkpoint import list_checkpoints, load_checkpoint
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.errors import UserError
-from heavyranker.train.checkpoint import list_checkpoints, load_checkpoint
 from heavyranker.train.loop import NonFiniteLoss, Trainer
 from tests.conftest import CONFIGS, small_config
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic import Field
 
-from ..data.schema import SchemaError, load_schema
+from ..schema import SchemaError, load_schema
 from .base import StrictModel
 from .data import DataConfig
 from .model import ModelConfig
@@ -30,6 +32,13 @@ class Config(StrictModel):
     def engagement_weights(self) -> dict[str, float]:
         weights = self.serving.engagement_weights
         return dict(weights) if weights is not None else default_engagement_weights(self.task_names)
+
+
+def short_names(names: list[str]) -> dict[str, str]:
+    """Task names without the dotted prefix they all share (`recap.engagement.`), for tables and logs."""
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind(".") + 1]
+    return {name: name[len(prefix) :] for name in names}
 
 
 Problem = tuple[str, str]  # (dotted path, what is wrong)

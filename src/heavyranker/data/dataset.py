@@ -32,11 +32,11 @@ import torch
 
 from ..config.data import DataConfig
 from ..errors import DataError, UserError
+from ..schema import load_schema
 from .batch import Batch
 from .example import ExampleDecoder
 from .files import select_files
 from .preprocess import Examples, preprocess
-from .schema import load_schema
 from .tfrecord import read_records
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import DataError, UserError
-from .schema import FeatureSpec
+from ..schema import FeatureSpec
 
 log = logging.getLogger(__name__)
 

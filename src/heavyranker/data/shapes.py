@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..config.data import DataConfig
+from ..schema import load_schema
 from .preprocess import mask_columns
-from .schema import load_schema
 
 
 def feature_shapes(data: DataConfig) -> dict[str, tuple[int, ...]]:

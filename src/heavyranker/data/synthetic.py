@@ -37,9 +37,9 @@ from scipy.special import expit, ndtri
 from ..config import Config
 from ..config.data import DATE_FORMAT, DataConfig, parse_end_datetime
 from ..errors import UserError
+from ..schema import FeatureSpec, load_schema
 from .example import encode_varints, varint_bytes
 from .preprocess import mask_columns
-from .schema import FeatureSpec, load_schema
 from .tfrecord import write_records
 from .truth import truth_path, write_truth
 

@@ -6,27 +6,26 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import Config
-from ..config.data import DataConfig
-from ..data.dataset import RecapDataset
-from ..data.shapes import feature_shapes
-from ..errors import UserError
-from ..model import Ranker, build_model
-from ..train.checkpoint import (
+from ..checkpoint import (
     checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
     load_model_weights,
     resolve_checkpoint,
 )
-from ..train.distributed import Runtime, check_sharding, distributed_runtime, gather_metrics
-from .metrics import MetricAccumulator
+from ..config import Config, short_names
+from ..config.data import DataConfig
+from ..data.dataset import RecapDataset
+from ..data.shapes import feature_shapes
+from ..errors import UserError
+from ..model import Ranker, build_model
+from ..runtime import Runtime, check_sharding, distributed_runtime
+from .metrics import MetricAccumulator, gather_metrics
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +90,6 @@ def evaluate_splits(
     if runtime.is_main:
         print(format_table(results, step))
     return results
-
-
-def short_names(names: list[str]) -> dict[str, str]:
-    """Task names without the dotted prefix they all share (`recap.engagement.`), for tables and logs."""
-    prefix = os.path.commonprefix(names)
-    prefix = prefix[: prefix.rfind(".") + 1]
-    return {name: name[len(prefix) :] for name in names}
 
 
 def format_table(results: Results, step: int) -> str:

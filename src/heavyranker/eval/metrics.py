@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..runtime import Runtime
+
 ArrayLike = np.ndarray | torch.Tensor
 
 # Cross-entropy clips predictions to [EPS, 1 - EPS]. float32 (the model's output) cannot resolve 1 - p
@@ -142,6 +144,17 @@ class MetricAccumulator:
             task: task_metrics(state["labels"][:, j], state["probs"][:, j], state["weights"][:, j])
             for j, task in enumerate(task_names)
         }
+
+
+def gather_metrics(accumulator: MetricAccumulator, runtime: Runtime) -> MetricAccumulator:
+    """Every rank's examples in one accumulator, on every rank: the metrics are exactly those of one process
+    that saw them all (MetricAccumulator puts the examples in a canonical order before summing)."""
+    if not runtime.distributed:
+        return accumulator
+    merged = MetricAccumulator(accumulator.num_tasks)
+    for state in runtime.gather(accumulator.state()):
+        merged.merge(MetricAccumulator.from_state(state))
+    return merged
 
 
 def _numpy(array: ArrayLike) -> np.ndarray:

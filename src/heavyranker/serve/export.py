@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from ..config import Config
 from ..data.shapes import feature_dtypes, feature_shapes
 from ..errors import UserError
 from ..model import Ranker, build_model
-from ..train.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from .scorer import FORMAT, MANIFEST, PROGRAM, sha256_file
 
 log = logging.getLogger(__name__)

@@ -14,14 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config
-from ..data.batch import Batch
-from ..data.dataset import RecapDataset
-from ..data.shapes import feature_shapes
-from ..errors import UserError
-from ..eval.evaluator import evaluate_splits, short_names
-from ..model import Ranker, build_model
-from .checkpoint import (
+from ..checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
@@ -29,7 +22,14 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .distributed import Runtime, check_sharding, distributed_runtime, gradient_sync, init_runtime
+from ..config import Config, short_names
+from ..data.batch import Batch
+from ..data.dataset import RecapDataset
+from ..data.shapes import feature_shapes
+from ..errors import UserError
+from ..eval.evaluator import evaluate_splits
+from ..model import Ranker, build_model
+from ..runtime import Runtime, check_sharding, distributed_runtime, gradient_sync, init_runtime
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
 from .optim import build_optimizer

@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 
+from heavyranker.checkpoint import load_checkpoint
 from heavyranker.config import load_config
 from heavyranker.data.example import encode_example
 from heavyranker.data.shapes import feature_shapes
@@ -32,8 +33,7 @@ from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.eval.evaluator import evaluate_command
 from heavyranker.model import build_model
-from heavyranker.train.checkpoint import load_checkpoint
-from heavyranker.train.distributed import check_sharding
+from heavyranker.runtime import check_sharding
 from heavyranker.train.loop import train
 
 SCHEMA = [

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
+from .errors import UserError
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 

@@ -19,10 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import Config
-from ..data.files import select_files
-from ..errors import UserError
-from ..eval.metrics import MetricAccumulator
+from .config import Config
+from .data.files import select_files
+from .errors import UserError
 
 T = TypeVar("T")
 
@@ -178,17 +177,6 @@ def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:
     if isinstance(model, DistributedDataParallel) and not enabled:
         return model.no_sync()
     return nullcontext()
-
-
-def gather_metrics(accumulator: MetricAccumulator, runtime: Runtime) -> MetricAccumulator:
-    """Every rank's examples in one accumulator, on every rank: the metrics are exactly those of one process
-    that saw them all (MetricAccumulator puts the examples in a canonical order before summing)."""
-    if not runtime.distributed:
-        return accumulator
-    merged = MetricAccumulator(accumulator.num_tasks)
-    for state in runtime.gather(accumulator.state()):
-        merged.merge(MetricAccumulator.from_state(state))
-    return merged
 
 
 def launch_torchrun(argv: list[str], nproc: int) -> NoReturn:

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from heavyranker.errors import UserError
-from heavyranker.train.checkpoint import (
+from heavyranker.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -17,11 +16,12 @@ from heavyranker.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from heavyranker.errors import UserError
 
 # A child that saves step 2 but hangs inside fsync, i.e. after writing part of the file, until killed.
 HANGING_WRITER = """
 import os, sys, time, torch
-from heavyranker.train import checkpoint
+from heavyranker import checkpoint
 def hang(fd):
     open(sys.argv[2], "w").close()
     time.sleep(600)
