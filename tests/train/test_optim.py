@@ -103,24 +103,6 @@ def test_single_task_learning_rate_is_one_group():
     assert optimizer.param_groups[0]["lr"] == 0.01
 
 
-def test_a_tower_without_a_learning_rate_is_named():
-    config = load_config(SMALL)
-    model = FakeRanker([*config.task_names, "recap.engagement.is_new"])
-    with pytest.raises(
-        UserError, match=rf"{RATES}.tower_learning_rates: no learning rate .* recap.engagement.is_new"
-    ):
-        build_optimizer(config, model)
-
-
-def test_a_learning_rate_without_a_tower_is_named():
-    config = load_config(SMALL)
-    model = FakeRanker(config.task_names[1:])
-    with pytest.raises(
-        UserError, match=rf"tower_learning_rates: {config.task_names[0]} has a learning rate .* no"
-    ):
-        build_optimizer(config, model)
-
-
 def test_shared_parameters_need_a_backbone_learning_rate():
     config = load_config(SMALL, [f"{RATES}.backbone_learning_rate=null"])
     with pytest.raises(

@@ -15,7 +15,6 @@ from ..config import Config
 from ..config.optimizer import LearningRate, LinearRampToCosine
 from ..errors import UserError
 
-TOWER_RATES = "optimizer.multi_task_learning_rates.tower_learning_rates"
 BACKBONE_RATE = "optimizer.multi_task_learning_rates.backbone_learning_rate"
 
 
@@ -86,15 +85,8 @@ def _param_groups(config: Config, model: nn.Module) -> tuple[list[dict[str, Any]
         return [{"params": list(model.parameters()), "name": "all"}], [single]
     rates = config.optimizer.multi_task_learning_rates
     assert rates is not None  # the config guarantees exactly one of the two
+    # The config's cross-checks guarantee one tower learning rate per model task and none besides.
     towers = model.tower_parameters()
-    missing = [t for t in towers if t not in rates.tower_learning_rates]
-    if missing:
-        raise UserError(f"{TOWER_RATES}: no learning rate for the tower of {', '.join(missing)}")
-    extra = [t for t in rates.tower_learning_rates if t not in towers]
-    if extra:
-        raise UserError(
-            f"{TOWER_RATES}: {', '.join(extra)} has a learning rate but the model has no such tower"
-        )
 
     groups = [{"params": list(params), "name": task} for task, params in towers.items()]
     schedules = [rates.tower_learning_rates[task] for task in towers]
