@@ -38,8 +38,8 @@ from ..config import Config
 from ..config.data import DATE_FORMAT, DataConfig, parse_end_datetime
 from ..errors import UserError
 from ..schema import FeatureSpec, load_schema
-from .example import encode_varints, varint_bytes
 from .preprocess import mask_columns
+from .tf_example import encode_tf_examples
 from .tfrecord import write_records
 from .truth import truth_path, write_truth
 
@@ -59,7 +59,6 @@ TASTE_DIMS = 8
 MOOD_STD = 0.7  # the hidden per-impression mood, in logit units
 PILOT_EXAMPLES = 20_000  # rows that fix the truth's standardization and biases
 _GH_NODES, _GH_WEIGHTS = np.polynomial.hermite.hermgauss(8)  # 1e-7 relative error on a logistic
-_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)  # 2**7 ... 2**63
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,7 @@ def _write_split(world: World, plan: SplitPlan, n: int, files: int, seed: int) -
         if len(labels) == 0:  # a reader fails on a file without records
             continue
         features.update(world.label_features(labels))
-        write_records(path, encode_examples(features))
+        write_records(path, encode_tf_examples(features))
         write_truth(truth_path(path), world.layout.tasks, probabilities, labels, ids)
         written.append((path, len(labels)))
     if not written:
@@ -802,76 +801,3 @@ def _as_written(values: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     if values.shape[1] != spec.length:
         values = np.resize(values, (len(values), spec.length))
     return values if spec.dtype == "bytes_list" else values.astype(_numpy_dtype(spec))
-
-
-# ------------------------------------------------------------------------------------------- tf.Example
-
-
-def encode_examples(features: dict[str, np.ndarray]) -> list[bytes]:
-    """One serialized tf.Example per row of the [n, length] arrays: float32 -> float_list, int64 ->
-    int64_list, bytes objects -> bytes_list, packed. The bytes of example.encode_example, except that
-    map entries of one size in every row come first (map order is free in protobuf). Vectorized: a
-    per-record encoder costs ~30 us a row, too slow for a few hundred thousand; here numpy lays out whole
-    columns and Python joins three slices per row."""
-    n = len(next(iter(features.values())))
-    fixed, ragged = [], []
-    for name, values in features.items():
-        payload, sizes = _payloads(values)
-        heads = {size: _entry_head(name, values.dtype, size) for size in np.unique(sizes).tolist()}
-        if len(heads) == 1:
-            head = np.frombuffer(heads[int(sizes[0])], np.uint8)
-            fixed += [np.broadcast_to(head, (n, head.size)), payload.reshape(n, -1)]
-        else:
-            row_heads = [heads[size] for size in sizes.tolist()]
-            ragged += [
-                (np.frombuffer(b"".join(row_heads), np.uint8), np.array([len(h) for h in row_heads])),
-                (payload, sizes),
-            ]
-    block = np.hstack(fixed).tobytes() if fixed else b""
-    width = len(block) // n
-    tail, tail_sizes = _ragged_rows(ragged, n)
-    tail_bytes = tail.tobytes()
-    example_heads: dict[int, bytes] = {}  # Example field 1 (Features) and its size, by size
-    out = []
-    start = 0
-    for i, end in enumerate(np.cumsum(tail_sizes).tolist()):
-        size = width + end - start
-        head = example_heads.get(size) or example_heads.setdefault(size, b"\x0a" + varint_bytes(size))
-        out.append(head + block[i * width : (i + 1) * width] + tail_bytes[start:end])
-        start = end
-    return out
-
-
-def _payloads(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's list payload, flat (uint8), and each row's size in bytes."""
-    n = len(values)
-    if values.dtype == np.float32:
-        return values.astype("<f4").view(np.uint8).ravel(), np.full(n, 4 * values.shape[1])
-    if values.dtype == object:  # bytes: each value a length-delimited field 1
-        rows = [b"".join(b"\x0a" + varint_bytes(len(v)) + v for v in row) for row in values]
-        return np.frombuffer(b"".join(rows), np.uint8), np.array([len(r) for r in rows])
-    varint_sizes = 1 + (values.view(np.uint64)[..., None] >= _VARINT_LIMITS).sum(axis=-1)
-    return np.frombuffer(encode_varints(values), np.uint8), varint_sizes.sum(axis=1)
-
-
-def _entry_head(name: str, dtype: np.dtype, size: int) -> bytes:
-    """A Features map entry (field 1 of Features) up to its list payload of `size` bytes."""
-    kind = {np.dtype(np.float32): 0x12, np.dtype(np.int64): 0x1A}.get(np.dtype(dtype), 0x0A)
-    packed = b"" if size == 0 or kind == 0x0A else b"\x0a" + varint_bytes(size)  # bytes values are not packed
-    feature = bytes([kind]) + varint_bytes(len(packed) + size) + packed
-    key = name.encode()
-    entry = b"\x0a" + varint_bytes(len(key)) + key + b"\x12" + varint_bytes(len(feature) + size) + feature
-    return b"\x0a" + varint_bytes(len(entry) + size) + entry
-
-
-def _ragged_rows(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row i of the result is row i of piece 0, then of piece 1, ...; a piece is (flat bytes, bytes per
-    row). Returns the flat result and its bytes per row."""
-    if not pieces:
-        return np.zeros(0, np.uint8), np.zeros(n, np.int64)
-    sizes = np.stack([size for _, size in pieces], axis=1)  # [n, pieces]
-    starts = (np.cumsum(sizes.ravel()) - sizes.ravel()).reshape(sizes.shape)
-    out = np.empty(int(sizes.sum()), np.uint8)
-    for k, (flat, size) in enumerate(pieces):
-        out[np.repeat(starts[:, k] - (np.cumsum(size) - size), size) + np.arange(flat.size)] = flat
-    return out, sizes.sum(axis=1)
