@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from heavyranker.config import load_config  # noqa: E402
 from heavyranker.data.dataset import RecapDataset  # noqa: E402
-from heavyranker.data.example import encode_example  # noqa: E402
+from heavyranker.data.tf_example import encode_example  # noqa: E402
 from heavyranker.data.tfrecord import write_records  # noqa: E402
 from heavyranker.schema import load_schema  # noqa: E402
 

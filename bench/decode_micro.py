@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from isal import igzip
 
-from heavyranker.data import example
-from heavyranker.data.example import ExampleDecoder, encode_example
+from heavyranker.data.tf_example import ExampleDecoder, encode_example
+from heavyranker.data.tf_example import decode as example
 from heavyranker.data.tfrecord import read_records, write_records
 from heavyranker.schema import load_schema
 

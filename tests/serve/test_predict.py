@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from heavyranker.cli import main
-from heavyranker.data.example import encode_example
 from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.tf_example import encode_example
 from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.serve.predict import predict_files
