@@ -28,7 +28,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path for writers that open the file themselves (pyarrow's, torch.export.save); the file
+    """A temporary path for writers that open the file themselves (pyarrow's, shutil.copyfile); the file
     written there replaces `path` when the block ends without error."""
     with _replacing(Path(path)) as temporary:
         yield temporary
