@@ -171,7 +171,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if not args.glibc_default:
-        keep_freed_memory()  # as every heavyranker command does
+        keep_freed_memory()  # as `heavyranker train` does
     if args.threads:
         torch.set_num_threads(args.threads)
 

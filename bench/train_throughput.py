@@ -51,7 +51,7 @@ def main() -> None:
         "--same-priority", action="store_true", help="data threads at the model's priority (not nice 19)"
     )
     args = parser.parse_args()
-    keep_freed_memory()  # as every heavyranker command does
+    keep_freed_memory()  # as `heavyranker train` does
     if args.same_priority:
         dataset_module._yield_to_the_model = lambda: None
     with tempfile.TemporaryDirectory() as tmp:
