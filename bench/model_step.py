@@ -7,10 +7,10 @@ limit (examples/s) = GFLOP/s of a large fp32 matmul (torch.mm: MKL) / training F
 training FLOPs = 3 x forward matmul FLOPs (counted by torch.utils.flop_counter: 2 per multiply-add). The
 same large matmul on oneDNN is printed too, with every ratio against it: oneDNN runs it faster here.
 Each round times the large matmuls, then a step of every variant in turn; only quiet measurements count
-(see `report`). Variants, on the same model:
+(see `report`). Variants, on the same weights:
   plain Adam             torch.optim.Adam over the model's param groups (one per tower, one for the rest)
   build_optimizer        the project's optimizer (fused Adam, the same groups): what training runs
-  ..., MKL products      the same with heavyranker.model.linear.ONEDNN off: every layer through F.linear
+  ..., MKL products      the same on the model built with matmul="aten": every layer through F.linear
   matmuls alone          the products of one build_optimizer step (forward and backward), recorded with
                          their operands and replayed as the step calls them, with nothing in between
 No step made of these products beats `matmuls alone`; the ceiling line adds build_optimizer's measured
@@ -22,7 +22,6 @@ per FLOP here.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -77,19 +76,9 @@ def matmul_gflops(n: int = 4096) -> tuple[float, float]:
 
     # into a warm buffer: a fresh 64 MiB output would time its page faults too
     mkl = rate(lambda: torch.mm(a, b, out=out))
-    if not linear.ONEDNN:
+    if not linear.HAS_ONEDNN:
         return mkl, 0.0
     return mkl, rate(lambda: linear.onednn_linear(a, b, None))
-
-
-@contextlib.contextmanager
-def products_on_mkl():
-    """Every Linear through F.linear (torch.mm: MKL) meanwhile, as without heavyranker.model.linear."""
-    saved, linear.ONEDNN = linear.ONEDNN, False
-    try:
-        yield
-    finally:
-        linear.ONEDNN = saved
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -97,7 +86,7 @@ class MatmulRecorder(TorchDispatchMode):
     in the same memory layout, so the same products can be timed on their own."""
 
     MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) + (
-        (torch.ops.mkldnn._linear_pointwise.default,) if linear.ONEDNN else ()
+        (torch.ops.mkldnn._linear_pointwise.default,) if linear.HAS_ONEDNN else ()
     )
 
     def __init__(self) -> None:
@@ -134,8 +123,8 @@ def timed(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> float:
 
 
 def forward_flops(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> int:
-    # The counter knows aten's matmuls, not oneDNN's kernel.
-    with products_on_mkl(), FlopCounterMode(display=False) as counter, torch.no_grad():
+    """Of a model built with matmul="aten": the counter knows aten's matmuls, not oneDNN's kernel."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(features)
     return counter.get_total_flops()
 
@@ -180,13 +169,15 @@ def main() -> int:
     config = load_config(args.config)
     shapes = feature_shapes(config.train_data)
     model = build_model(config, shapes)
+    on_aten = build_model(config, shapes, matmul="aten")  # the same weights, every product on F.linear
+    on_aten.load_state_dict(model.state_dict())
     loss_fn = build_loss(config)
     features = random_features(shapes, args.batch, gen)
     tasks = len(config.task_names)
     labels = torch.randint(0, 2, (args.batch, tasks), generator=gen).float()
     weights = torch.ones(args.batch, tasks)
 
-    flops_per_example = 3 * forward_flops(model, features) / args.batch
+    flops_per_example = 3 * forward_flops(on_aten, features) / args.batch
     groups = [{"params": p} for p in model.tower_parameters().values()]
     in_towers = {id(p) for g in groups for p in g["params"]}
     groups.append({"params": [p for p in model.parameters() if id(p) not in in_towers]})
@@ -202,15 +193,16 @@ def main() -> int:
         profile(model, fused, loss_fn, features, labels, weights)
         return 0
 
-    def step(optimizer: torch.optim.Optimizer) -> Callable[[], list[float]]:
-        return lambda: train_step_times(model, optimizer, loss_fn, features, labels, weights)
+    def step(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], list[float]]:
+        return lambda: train_step_times(net, optimizer, loss_fn, features, labels, weights)
 
     model.train()
+    on_aten.train()
     recorder = MatmulRecorder()
     with recorder:
-        step(fused)()
-    variants = {"plain Adam": step(plain), "build_optimizer": step(fused)}
-    variants["build_optimizer, MKL products"] = on_mkl(step(fused))
+        step(model, fused)()
+    variants = {"plain Adam": step(model, plain), "build_optimizer": step(model, fused)}
+    variants["build_optimizer, MKL products"] = step(on_aten, build_optimizer(config, on_aten)[0])
     variants["matmuls alone"] = replay_matmuls(recorder.calls)
     report(args, flops_per_example, variants)
 
@@ -222,14 +214,6 @@ def main() -> int:
     rate = args.inference_batch / statistics.median(_quiet(measured))
     print(f"inference: {rate:.0f} examples/s at batch {args.inference_batch} ({_counted(measured)})")
     return 0
-
-
-def on_mkl(step: Callable[[], list[float]]) -> Callable[[], list[float]]:
-    def step_on_mkl() -> list[float]:
-        with products_on_mkl():
-            return step()
-
-    return step_on_mkl
 
 
 def report(args, flops_per_example: float, variants: dict[str, Callable[[], list[float]]]) -> None:
