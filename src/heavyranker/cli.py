@@ -67,6 +67,7 @@ def _train(args: argparse.Namespace) -> int:
         return launch_torchrun(sys.argv[1:], nproc=args.nproc)
     from .train.loop import train
 
+    keep_freed_memory()  # for the training step; each torchrun worker comes through here too
     train(_load(args), amp=args.amp)
     return 0
 
@@ -102,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    keep_freed_memory()  # the demo trains
     run_demo(args.config, overrides=args.set)
     return 0
 
@@ -213,7 +215,6 @@ def log_level(verbose: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
     logging.basicConfig(
         level=log_level(args.verbose),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -9,6 +9,10 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 from pydantic_core import PydanticCustomError
 
+# The description of each field kept only so that the reference's YAML loads; loading a config that sets
+# one logs a warning (root.config_warnings finds them by this description).
+NO_EFFECT = "accepted for compatibility with the reference; has no effect"
+
 
 class StrictModel(BaseModel):
     """Every config section: unknown fields are errors, assignments are validated."""

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import ConfigPath, ExistingFile, StrictModel, exactly_one_of
+from .base import NO_EFFECT, ConfigPath, ExistingFile, StrictModel, exactly_one_of
 
 DATE_FORMAT = "%Y-%m-%d"
 # Accepted spellings of an hour: ISO with 'T' or a space, or the folder layout itself.
@@ -124,7 +124,7 @@ class ExtractFeatures(StrictModel):
 class DownsampleNegatives(StrictModel):
     batch_multiplier: PositiveInt
     engagements_list: list[str] = Field([], description="Engagements whose positives are always kept.")
-    num_engagements: PositiveInt
+    num_engagements: PositiveInt | None = Field(None, description=NO_EFFECT)
 
 
 class Preprocess(StrictModel):
@@ -145,9 +145,7 @@ class DataConfig(StrictModel):
     file_batch_size: PositiveInt = Field(16, description="Files read at once, their records interleaved.")
     cache: bool = Field(False, description="Keep decoded batches in memory after the first pass.")
     ignore_data_errors: bool = Field(False, description="Skip the rest of a corrupt file instead of failing.")
-    dataset_service_compression: Literal["AUTO"] | None = Field(
-        None, description="Accepted for compatibility with the tf.data service; no effect here."
-    )
+    dataset_service_compression: Literal["AUTO"] | None = Field(None, description=NO_EFFECT)
     examples_shuffle_buffer_size: NonNegativeInt = 1024
     map_num_parallel_calls: PositiveInt | None = Field(
         None, description="Decoding workers; default: fastest."

@@ -7,7 +7,7 @@ from enum import StrEnum
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import ConfigPath, StrictModel, exactly_one_of
+from .base import NO_EFFECT, ConfigPath, StrictModel, exactly_one_of
 
 
 class DropoutConfig(StrictModel):
@@ -122,7 +122,7 @@ class ClipLog1pAbsConfig(StrictModel):
 
 class ZScoreLogConfig(StrictModel):
     analysis_path: ConfigPath = Field(description="Per-feature statistics from `heavyranker data stats`.")
-    schema_path: ConfigPath | None = None
+    schema_path: ConfigPath | None = Field(None, description=NO_EFFECT)
     clip_magnitude: float = Field(5.0, gt=0.0)
     use_batch_norm: bool = False
     use_renorm: bool = False
