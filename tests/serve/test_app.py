@@ -198,6 +198,18 @@ def test_a_bad_candidate_is_a_422_naming_candidate_and_field(client: httpx.Clien
     assert response.json()["detail"].startswith(f"candidates[2] (id 'c2'): {message}"), response.json()
 
 
+@pytest.mark.parametrize("field, value", [("continuous", [[1.0, 2.0]] * 48), ("binary", [[1]] * 16)])
+def test_a_vector_of_lists_is_a_422_also_when_every_candidate_sends_one(client: httpx.Client, field, value):
+    # Alike in every candidate, the lists once made one regular array: reshaped (one number each) or a 500.
+    request = body(3)
+    for candidate in request["candidates"]:
+        candidate["features"][field] = value
+    response = post(client, request)
+    assert response.status_code == 422, response.text
+    expected = f"candidates[0] (id 'c0'): features.{field}[0]: a list is not a number"
+    assert response.json()["detail"] == expected
+
+
 @pytest.mark.parametrize(
     "value, message",
     [

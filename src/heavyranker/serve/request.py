@@ -109,7 +109,9 @@ def _column(rows: list, spec: InputSpec, ids: list[CandidateId], booleans: bool)
         array = np.array(rows)  # dtype inferred: a string, null or object among the numbers shows in it
     except (ValueError, TypeError, OverflowError):
         array = None
-    if array is None or array.dtype.kind not in ("i" if integer else "if") or booleans:
+    # Lists in place of numbers, alike in every row, make a regular array of one more dimension.
+    regular = array is not None and array.ndim == 1 + len(spec.shape)
+    if not regular or array.dtype.kind not in ("i" if integer else "if") or booleans:
         _check_values(rows, spec, ids)
         array = np.array(rows, dtype=np.int64 if integer else np.float64)
     array = array.reshape(len(rows), *spec.shape)  # also when there are no rows
