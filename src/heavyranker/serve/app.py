@@ -2,7 +2,7 @@
 
     POST /v1/rank   {"candidates": [{"id": ..., "features": {input name: [numbers], ...}}, ...]}
                     -> {"candidates": [{"id", "score", "probabilities": {task: p}}, ...]}, best score first
-    GET  /v1/model  the export manifest
+    GET  /v1/model  what a client needs of the manifest: tasks, inputs, weights, the program's hash, step
     GET  /healthz   {"status": "ok"}
 
 Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field. The body is read
@@ -65,6 +65,7 @@ def create_app(
         version="1",
         summary="Ranks candidates by their weighted engagement probabilities.",
     )
+    model_description = client_manifest(scorer.manifest)
     request_model = _request_model(scorer.inputs, max_candidates)
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorMessage, "description": "the body is not JSON"},
@@ -80,9 +81,9 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/model", summary="The export manifest: tasks, inputs, weights, checkpoint, config.")
+    @app.get("/v1/model", summary="The model's tasks, inputs, engagement weights, program hash and step.")
     def model() -> dict[str, Any]:
-        return scorer.manifest
+        return model_description
 
     @app.post(
         "/v1/rank",
@@ -130,6 +131,21 @@ def rank_body(scorer: Scorer, body: bytes | bytearray, max_candidates: int) -> b
         for k, s, p in rows
     ]
     return json.dumps({"candidates": ranked}).encode()
+
+
+def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a client needs of the manifest, named field by field: not the checkpoint's path, the schema's
+    file or the resolved config, whose paths and environment-substituted values are the host's own."""
+    input_fields = ("name", "shape", "dtype", "allow_non_finite")
+    return {
+        "format": manifest["format"],
+        "program_sha256": manifest["program_sha256"],
+        "checkpoint": {"step": manifest["checkpoint"]["step"]},
+        "tasks": manifest["tasks"],
+        "inputs": [{field: spec[field] for field in input_fields} for spec in manifest["inputs"]],
+        "outputs": manifest["outputs"],
+        "engagement_weights": manifest["engagement_weights"],
+    }
 
 
 def run_server(
