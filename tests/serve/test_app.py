@@ -290,7 +290,7 @@ def test_a_body_too_large_is_a_413_with_or_without_its_length(client: httpx.Clie
         for start in range(0, len(padded), 8192):
             yield padded[start : start + 8192]
 
-    response = client.post("/v1/rank", content=chunks())
+    response = client.post("/v1/rank", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert response.json()["detail"] == f"the body is over {MAX_BODY} bytes, the most accepted"
 
@@ -353,7 +353,7 @@ def test_the_openapi_schema_describes_the_api(client: httpx.Client):
     assert rank["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/RankResponse"
     }
-    for status in ("400", "413", "422"):
+    for status in ("400", "408", "413", "415", "422", "503"):
         assert rank["responses"][status]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ErrorMessage"
         }
@@ -384,7 +384,8 @@ def test_the_serve_command_listens_on_loopback(exported: Exported, tmp_path):
         port = probe.getsockname()[1]
     log = open(tmp_path / "serve.log", "w")  # the server writes to it until terminated
     server = subprocess.Popen(
-        [sys.executable, "-m", "heavyranker", "serve", "--model", str(exported.folder), "--port", str(port)],
+        [sys.executable, "-m", "heavyranker", "serve", "--model", str(exported.folder), "--port", str(port)]
+        + ["--max-queue", "3", "--read-timeout", "2.5"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -5,8 +5,9 @@
     GET  /v1/model  what a client needs of the manifest: tasks, inputs, weights, the program's hash, step
     GET  /healthz   {"status": "ok"}
 
-Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field. The body is read
-and parsed by hand (request.py) rather than by a pydantic body model, which would validate millions of
+Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field. limits.py
+decides whether a request is read at all (content type, size, place in the queue, read timeout). The body
+is parsed by hand (request.py) rather than by a pydantic body model, which would validate millions of
 numbers one by one; the pydantic models below only describe the API in the OpenAPI schema.
 """
 
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import UserError
+from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits
 from .request import BadRequest, parse_candidates
 from .scorer import InputSpec, Scorer
 
@@ -50,27 +52,38 @@ class ErrorMessage(BaseModel):
 
 
 def create_app(
-    model_dir: str | Path, *, max_candidates: int = MAX_CANDIDATES, max_body_bytes: int | None = None
+    model_dir: str | Path,
+    *,
+    max_candidates: int = MAX_CANDIDATES,
+    max_body_bytes: int | None = None,
+    max_queue: int = MAX_QUEUE,
+    read_timeout_s: float = READ_TIMEOUT_S,
 ) -> FastAPI:
-    """The app for one model folder. The body limit defaults to what max_candidates candidates need."""
+    """The app for one model folder. The body limit defaults to what max_candidates candidates need; see
+    limits.py for max_queue and read_timeout_s. `app.state` holds the scorer and the limits."""
     if max_candidates < 1:
         raise UserError(f"--max-candidates must be at least 1, not {max_candidates}")
     scorer = Scorer(model_dir)
-    scorer.warm_up()
     if max_body_bytes is None:
         values = sum(spec.width for spec in scorer.inputs)
         max_body_bytes = max_candidates * (values * BYTES_PER_VALUE + BYTES_PER_CANDIDATE)
+    limits = RequestLimits(max_body_bytes=max_body_bytes, max_queue=max_queue, read_timeout_s=read_timeout_s)
+    scorer.warm_up()
     app = FastAPI(
         title="heavyranker",
         version="1",
         summary="Ranks candidates by their weighted engagement probabilities.",
     )
+    app.state.scorer, app.state.limits = scorer, limits
     model_description = client_manifest(scorer.manifest)
     request_model = _request_model(scorer.inputs, max_candidates)
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorMessage, "description": "the body is not JSON"},
+        408: {"model": ErrorMessage, "description": "the body was too slow to arrive; the connection closes"},
         413: {"model": ErrorMessage, "description": "too many candidates, or the body is too large"},
+        415: {"model": ErrorMessage, "description": "the content type is not application/json"},
         422: {"model": ErrorMessage, "description": "a candidate or one of its fields is invalid"},
+        503: {"model": ErrorMessage, "description": "the queue is full: retry after Retry-After seconds"},
     }
 
     @app.exception_handler(BadRequest)
@@ -100,9 +113,9 @@ def create_app(
         },
     )
     async def rank(request: Request) -> Response:
-        body = await _read_body(request, max_body_bytes)
-        # A worker thread: parsing and the forward would otherwise stop the event loop for their duration.
-        content = await run_in_threadpool(rank_body, scorer, body, max_candidates)
+        async with limits.admit(request) as body:
+            # A worker thread: parsing and the forward would otherwise stop the event loop for their duration.
+            content = await run_in_threadpool(rank_body, scorer, body, max_candidates)
         return Response(content, media_type="application/json")
 
     app.openapi = _openapi(app, request_model)  # type: ignore[method-assign]
@@ -149,21 +162,17 @@ def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_server(
-    model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_candidates: int = MAX_CANDIDATES
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_candidates: int = MAX_CANDIDATES,
+    max_queue: int = MAX_QUEUE,
+    read_timeout_s: float = READ_TIMEOUT_S,
 ) -> None:
-    uvicorn.run(create_app(model_dir, max_candidates=max_candidates), host=host, port=port)
-
-
-async def _read_body(request: Request, limit: int) -> bytearray:
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise BadRequest(413, f"the body is {length} bytes, at most {limit} are accepted")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, f"the body is over {limit} bytes, the most accepted")
-    return body
+    app = create_app(
+        model_dir, max_candidates=max_candidates, max_queue=max_queue, read_timeout_s=read_timeout_s
+    )
+    uvicorn.run(app, host=host, port=port)
 
 
 def _request_model(inputs: list[InputSpec], max_candidates: int) -> type[BaseModel]:
