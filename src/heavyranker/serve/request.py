@@ -22,6 +22,10 @@ import torch
 from .scorer import InputSpec
 
 CandidateId = str | int
+# Far beyond a key a caller joins on (a UUID has 36 characters), and within the body limit's allowance
+# per candidate: a request's size, and its response's, is its values'.
+MAX_ID_CHARS = 256
+SHOWN_CHARS = 64
 
 
 class BadRequest(Exception):
@@ -50,7 +54,7 @@ def _candidate_list(document: object, max_candidates: int) -> list:
         raise _invalid(f'the body must be a JSON object {{"candidates": [...]}}, not {_kind(document)}')
     unknown = [key for key in document if key != "candidates"]
     if unknown:
-        raise _invalid(f"{unknown[0]}: unknown field (the body has one field, candidates)")
+        raise _invalid(f"{_shown(unknown[0])}: unknown field (the body has one field, candidates)")
     if "candidates" not in document:
         raise _invalid("candidates: missing")
     candidates = document["candidates"]
@@ -69,15 +73,11 @@ def _structure(candidates: list, inputs: Sequence[InputSpec]) -> tuple[list[Cand
     for i, candidate in enumerate(candidates):
         if not isinstance(candidate, dict):
             raise _invalid(f"candidates[{i}]: must be an object with id and features, not {_kind(candidate)}")
-        if "id" not in candidate:
-            raise _invalid(f"candidates[{i}]: id: missing")
-        cid = candidate["id"]
-        if type(cid) not in (str, int):
-            raise _invalid(f"candidates[{i}]: id: must be a string or an integer, not {_kind(cid)}")
+        cid = _id(i, candidate)
         where = _candidate(i, cid)
         unknown = [key for key in candidate if key not in ("id", "features")]
         if unknown:
-            raise _invalid(f"{where}: {unknown[0]}: unknown field (a candidate has id and features)")
+            raise _invalid(f"{where}: {_shown(unknown[0])}: unknown field (a candidate has id and features)")
         features = candidate.get("features")
         if not isinstance(features, dict):
             problem = "missing" if features is None else f"must be an object, not {_kind(features)}"
@@ -85,7 +85,8 @@ def _structure(candidates: list, inputs: Sequence[InputSpec]) -> tuple[list[Cand
         unknown = [key for key in features if key not in rows]
         if unknown:
             raise _invalid(
-                f"{where}: features.{unknown[0]}: not an input of this model (its inputs: {', '.join(names)})"
+                f"{where}: features.{_shown(unknown[0])}: not an input of this model "
+                f"(its inputs: {', '.join(names)})"
             )
         for spec in inputs:
             if spec.name not in features:
@@ -101,6 +102,21 @@ def _structure(candidates: list, inputs: Sequence[InputSpec]) -> tuple[list[Cand
             rows[spec.name].append(value)
         ids.append(cid)
     return ids, rows
+
+
+def _id(i: int, candidate: dict) -> CandidateId:
+    if "id" not in candidate:
+        raise _invalid(f"candidates[{i}]: id: missing")
+    cid = candidate["id"]
+    if type(cid) not in (str, int):
+        raise _invalid(f"candidates[{i}]: id: must be a string or an integer, not {_kind(cid)}")
+    if type(cid) is str and len(cid) > MAX_ID_CHARS:
+        raise _invalid(f"candidates[{i}]: id: {len(cid)} characters, at most {MAX_ID_CHARS}")
+    if type(cid) is int and not -(1 << 63) <= cid < 1 << 64:
+        raise _invalid(
+            f"candidates[{i}]: id: {_shown(str(cid))} does not fit in 64 bits (signed or unsigned)"
+        )
+    return cid
 
 
 def _column(rows: list, spec: InputSpec, ids: list[CandidateId], booleans: bool) -> np.ndarray:
@@ -151,7 +167,7 @@ def _check_values(rows: list, spec: InputSpec, ids: list[CandidateId]) -> None:
             if kind is float and not integer:
                 continue
             if kind is int:
-                problem = f"{value} is outside the range of int64"
+                problem = f"{_shown(str(value))} is outside the range of int64"
             elif kind is float:
                 problem = f"{value!r} is not an integer"
             else:
@@ -176,6 +192,11 @@ def _first(bad: np.ndarray) -> tuple[int, int]:
     """(candidate, position) of the first True of a [candidates] or [candidates, width] mask."""
     index = np.unravel_index(int(np.argmax(bad)), bad.shape)
     return int(index[0]), int(index[1]) if len(index) > 1 else 0
+
+
+def _shown(text: str) -> str:
+    """A client's text (a key, a long number) as a message repeats it: its start, if it is long."""
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
 
 
 def _kind(value: object) -> str:
