@@ -1,6 +1,6 @@
-"""The request parser on bodies written by hand, as a hostile client would: ids too long or too large,
-long text the messages must not repeat whole, and JSON too deep or numbers too large. Two made-up inputs;
-no model needed."""
+"""The request parser on bodies written by hand, as a hostile client would: keys given twice (also where an
+escaped ':' would hide one from the count), ids too long or too large, long text the messages must not
+repeat whole, and JSON too deep or numbers too large. Two made-up inputs; no model needed."""
 
 from __future__ import annotations
 
@@ -28,6 +28,38 @@ def refusal(body: bytes) -> tuple[int, str]:
     with pytest.raises(BadRequest) as error:
         parse_candidates(body, INPUTS, 10)
     return error.value.status, str(error.value)
+
+
+TWICE = "given twice (a key may appear once in an object)"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"candidates": [], "candidates": []}', f"candidates: {TWICE}"),
+        (
+            document(candidate('"c0"'), '{"id": "x", "id": "c1", "features": ' + FEATURES + "}"),
+            f"candidates[1] (id 'c1'): id: {TWICE}",
+        ),
+        (  # the key written with an escape is the same key
+            document(candidate('"c0"'), candidate('"c1"', '{"a": [0, 0], "n": 1, "\\u0061": [0.5, 1]}')),
+            f"candidates[1] (id 'c1'): features.a: {TWICE}",
+        ),
+        (  # an escaped ':' in the id makes the text's count of ':' come out even
+            document(candidate('"x\\u003a"', '{"a": [1, 2], "n": 1, "n": 2}')),
+            f"candidates[0] (id 'x:'): features.n: {TWICE}",
+        ),
+    ],
+    ids=["candidates", "id", "escaped key", "escaped colon"],
+)
+def test_a_key_given_twice_is_a_422_naming_where(body: bytes, message: str):
+    assert refusal(body) == (422, message)
+
+
+def test_colons_in_ids_are_not_taken_for_keys():
+    ids, arrays = parse_candidates(document(candidate('"urn:tweet:1"'), candidate('"a\\u003ab"')), INPUTS, 10)
+    assert ids == ["urn:tweet:1", "a:b"]
+    assert arrays["n"].tolist() == [3, 3]
 
 
 @pytest.mark.parametrize("cid", ['"' + "x" * 256 + '"', str(2**64 - 1), str(-(2**63))])
