@@ -215,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="for a request's whole body to arrive; a slower one is answered 408 and its connection "
-        "closed (default 10)",
+        help="for a request's head, then for its body, to arrive whole; past it the connection closes, "
+        "after a 408 for a body (default 10)",
     )
 
     p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)

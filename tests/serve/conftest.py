@@ -23,6 +23,7 @@ from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import Config, load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.model import Ranker, build_model
+from heavyranker.serve.app import server_config
 from heavyranker.serve.export import export_model
 from tests.conftest import CONFIGS
 
@@ -80,7 +81,7 @@ def serving(app: FastAPI) -> Iterator[str]:
     # response waits 40 ms for a delayed ACK. Port 0: a free port, held from here on.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

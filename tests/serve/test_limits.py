@@ -1,7 +1,8 @@
 """What a request may take of the server before it is parsed, through a real uvicorn server: its content
 type (415), its place among the requests admitted at once (503 with Retry-After beyond the queue), and the
-time its body may take to arrive (408, and the connection closed). No assertion depends on timing: the
-model is held on an Event, and every wait is a bounded loop that fails when its generous bound passes."""
+time its head and body may take to arrive (408 for a body; the connection closes). No assertion depends
+on timing: the model is held on an Event, and every wait is a bounded loop that fails when its generous
+bound passes."""
 
 from __future__ import annotations
 
@@ -158,6 +159,15 @@ def test_a_body_that_stops_half_way_is_a_408_and_the_connection_closes(served):
     assert status.startswith(b"HTTP/1.1 408 ")
     assert json.loads(content) == {"detail": f"the body did not arrive within {READ_TIMEOUT} s"}
     assert app.state.limits.admitted == 0  # its place in the queue is free again
+
+
+@pytest.mark.parametrize(
+    "sent", [b"", b"POST /v1/rank HTTP/1.1\r\nHost: test\r\nContent-Le"], ids=["nothing", "half a head"]
+)
+def test_a_connection_without_a_whole_request_head_closes(served, sent: bytes):
+    # Before a request reaches the app, uvicorn alone would hold this connection as long as the client liked.
+    _, url = served
+    assert exchange(url, sent, 10 * READ_TIMEOUT) == (b"", True), "still open at 10x the read timeout"
 
 
 def test_a_client_that_leaves_during_its_body_is_a_400_not_a_traceback():

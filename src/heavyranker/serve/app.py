@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import UserError
-from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits
+from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline
 from .request import BadRequest, parse_candidates
 from .scorer import InputSpec, Scorer
 
@@ -172,7 +172,12 @@ def run_server(
     app = create_app(
         model_dir, max_candidates=max_candidates, max_queue=max_queue, read_timeout_s=read_timeout_s
     )
-    uvicorn.run(app, host=host, port=port)
+    uvicorn.Server(server_config(app, host=host, port=port)).run()
+
+
+def server_config(app: FastAPI, **options: Any) -> uvicorn.Config:
+    """uvicorn's config for an app of create_app: connections idle past its read timeout close."""
+    return uvicorn.Config(app, http=h11_with_deadline(app.state.limits.read_timeout_s), **options)
 
 
 def _request_model(inputs: list[InputSpec], max_candidates: int) -> type[BaseModel]:

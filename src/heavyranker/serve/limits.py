@@ -1,5 +1,5 @@
 """What one request may take of the server before it is parsed: its content type, its size, how long its
-body may take to arrive, and a place among the requests admitted at once.
+head and body may take to arrive, and a place among the requests admitted at once.
 
 The model scores one request at a time (scorer.py), so requests beyond it wait, each holding its body and
 then its parsed values. Without a bound, a burst queued them all behind the model: 20 requests of 2,048
@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import UserError
 
@@ -24,9 +25,9 @@ from ..errors import UserError
 # waits more than eight forwards (over 20 s for 2,048 candidates of local_prod's model on one core) and
 # does better retrying, or trying another replica, than queueing.
 MAX_QUEUE = 8
-# The whole body, not the gap between two reads: a client sending a byte now and then must not hold its
-# connection and its place in the queue. 10 s carries local_prod's largest body (2,048 candidates,
-# about 50 MB of JSON) at 40 Mbit/s.
+# For the whole head, then the whole body, not the gap between two reads: a client sending a byte now and
+# then must not hold its connection and its place in the queue. 10 s carries local_prod's largest body
+# (2,048 candidates, about 50 MB of JSON at 4 decimals) at 40 Mbit/s.
 READ_TIMEOUT_S = 10.0
 RETRY_AFTER_S = 1  # the queue drains by one forward at a time; the header counts whole seconds
 
@@ -105,3 +106,39 @@ def require_json(request: Request) -> None:
         raise HTTPException(
             415, f"the body must be sent as content-type application/json, not {given or 'none'}"
         )
+
+
+def h11_with_deadline(timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection on which the app has no request for timeout_s seconds.
+
+    uvicorn times a connection only from a response to the next byte (its keep-alive timeout): one that
+    sent nothing, part of a request head, or the body of a request already answered (415, 503) stayed
+    open as long as the client kept sending a byte now and then. Once a request reached the app,
+    RequestLimits times its body."""
+
+    class Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if self._deadline is not None:
+                self._deadline.cancel()
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout_s, self._close_unless_busy)
+
+        def _close_unless_busy(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self.timeout_keep_alive_handler()  # uvicorn's own close of an idle connection
+
+    return Protocol
