@@ -139,7 +139,7 @@ def test_beyond_the_queue_a_request_is_a_503_with_retry_after_and_the_queued_one
         scorer.program = forward
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json() == {
-        "detail": f"the server is busy: {QUEUE} requests are waiting for the model; retry in 1 s"
+        "detail": f"the server is busy: {1 + QUEUE} requests in progress, the most it takes; retry in 1 s"
     }
     assert early.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1\r\n" in early.lower() and closed
     assert [a.status_code for a in answers] == [200] * (1 + QUEUE)

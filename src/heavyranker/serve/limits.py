@@ -58,7 +58,7 @@ class RequestLimits:
         if self.admitted > self.max_queue:
             raise HTTPException(
                 503,
-                f"the server is busy: {self.max_queue} requests are waiting for the model; "
+                f"the server is busy: {1 + self.max_queue} requests in progress, the most it takes; "
                 f"retry in {RETRY_AFTER_S} s",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
