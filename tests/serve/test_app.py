@@ -1,6 +1,6 @@
-"""The HTTP service through a real uvicorn server on a free loopback port: ranking, the manifest, every kind
-of bad input (a 4xx naming the candidate and the field), random malformed bodies (never a 5xx), concurrent
-requests, the OpenAPI schema, and the `serve` command."""
+"""The HTTP service through a real uvicorn server on a free loopback port: ranking, the model's description
+(and no host path in it), every kind of bad input (a 4xx naming the candidate and the field), random
+malformed bodies (never a 5xx), concurrent requests, the OpenAPI schema, and the `serve` command."""
 
 from __future__ import annotations
 
