@@ -96,7 +96,14 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .serve.app import run_server
 
-    run_server(model_dir=args.model, host=args.host, port=args.port, max_candidates=args.max_candidates)
+    run_server(
+        model_dir=args.model,
+        host=args.host,
+        port=args.port,
+        max_candidates=args.max_candidates,
+        max_queue=args.max_queue,
+        read_timeout_s=args.read_timeout,
+    )
     return 0
 
 
@@ -199,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-candidates", type=int, default=2048, help="per request; more is answered 413")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=8,
+        help="requests admitted beside the one being scored (reading, parsing or waiting); "
+        "more are answered 503 with Retry-After (default 8)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="for a request's head, then for its body, to arrive whole; past it the connection closes, "
+        "after a 408 for a body (default 10)",
+    )
 
     p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)
     _with_config(p)

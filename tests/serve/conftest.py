@@ -1,19 +1,29 @@
 """One exported local_small model for every serve test: initial weights with randomized batch-norm
-statistics (so eval-mode normalisation is not the identity), saved as a checkpoint at step 7 and exported."""
+statistics (so eval-mode normalisation is not the identity), saved as a checkpoint at step 7 and exported;
+its config takes save_dir from the environment, as a deployment's might. And a uvicorn server for an app."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import uvicorn
+import yaml
+from fastapi import FastAPI
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import Config, load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.model import Ranker, build_model
+from heavyranker.serve.app import server_config
 from heavyranker.serve.export import export_model
 from tests.conftest import CONFIGS
 
@@ -22,6 +32,7 @@ OVERRIDES = [
     "train_data.tasks.recap.engagement.is_replied={pos_downsampling_rate: 0.5, neg_downsampling_rate: 0.01}"
 ]
 STEP = 7
+ENV_VAR, ENV_VALUE = "HEAVYRANKER_TEST_RUNS", "runs-named-by-the-environment"
 
 
 @dataclass
@@ -35,7 +46,8 @@ class Exported:
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     torch.set_num_threads(1)
-    config = load_config(CONFIGS / "local_small.yaml", OVERRIDES)
+    root = tmp_path_factory.mktemp("serve")
+    config = _load_with_env(root)
     torch.manual_seed(0)
     model = build_model(config, feature_shapes(config.train_data))
     gen = torch.Generator().manual_seed(1)
@@ -43,11 +55,45 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
         if isinstance(module, torch.nn.BatchNorm1d):
             module.running_mean.normal_(0.0, 0.5, generator=gen)
             module.running_var.uniform_(0.5, 2.0, generator=gen)
-    root = tmp_path_factory.mktemp("serve")
     state = {"model": model.state_dict(), "step": STEP}
     checkpoint = save_checkpoint(root / "run" / "checkpoints", STEP, state)
     folder = export_model(config, checkpoint=str(checkpoint), out=str(root / "model"))
     return Exported(config, model.eval(), folder, checkpoint)
+
+
+def _load_with_env(folder: Path) -> Config:
+    """local_small.yaml, written to `folder` with save_dir `${ENV_VAR}/run` and its schema's absolute path,
+    loaded with ENV_VAR set to ENV_VALUE."""
+    data = yaml.safe_load((CONFIGS / "local_small.yaml").read_text())
+    data["training"]["save_dir"] = "${" + ENV_VAR + "}/run"
+    data["train_data"]["seg_dense_schema"]["schema_path"] = str(CONFIGS / "segdense_small.json")
+    path = folder / "local_small.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ENV_VAR, ENV_VALUE)
+        return load_config(path, OVERRIDES)
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """`app` under a real uvicorn server on a free loopback port, in a thread: yields its base URL."""
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without it every
+    # response waits 40 ms for a delayed ACK. Port 0: a free port, held from here on.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(server_config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def random_features(shapes: dict[str, tuple[int, ...]], n: int, seed: int = 0) -> dict[str, np.ndarray]:

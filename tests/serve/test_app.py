@@ -1,10 +1,11 @@
-"""The HTTP service through a real uvicorn server on a free loopback port: ranking, the manifest, every kind
-of bad input (a 4xx naming the candidate and the field), random malformed bodies (never a 5xx), concurrent
-requests, the OpenAPI schema, and the `serve` command."""
+"""The HTTP service through a real uvicorn server on a free loopback port: ranking, the model's description
+(and no host path in it), every kind of bad input (a 4xx naming the candidate and the field), random
+malformed bodies (never a 5xx), concurrent requests, the OpenAPI schema, and the `serve` command."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -12,7 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +21,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 
 from heavyranker.errors import UserError
 from heavyranker.serve.app import create_app
 from heavyranker.serve.scorer import Scorer
-from tests.serve.conftest import Exported, random_features
+from tests.conftest import CONFIGS
+from tests.serve.conftest import ENV_VALUE, STEP, Exported, random_features, serving
 
 MAX_CANDIDATES = 50
 MAX_BODY = 150_000  # 51 candidates of full-precision floats fit: the count check answers
@@ -42,22 +42,8 @@ WIDTHS = {
 @pytest.fixture(scope="module")
 def client(exported: Exported) -> Iterator[httpx.Client]:
     app = create_app(exported.folder, max_candidates=MAX_CANDIDATES, max_body_bytes=MAX_BODY)
-    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say so, and without it every
-    # response waits 40 ms for a delayed ACK. Port 0: a free port, held from here on.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=30) as http:
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         yield http
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
 
 
 def body(n: int = 5, seed: int = 0) -> dict:
@@ -90,7 +76,30 @@ def expected_scores(exported: Exported, request: dict) -> dict[str, tuple[float,
 
 def test_healthz_and_model(client: httpx.Client, exported: Exported):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/v1/model").json() == json.loads((exported.folder / "manifest.json").read_text())
+    program = (exported.folder / "model.pt2").read_bytes()
+    assert client.get("/v1/model").json() == {
+        "format": "heavyranker-scorer/1",
+        "program_sha256": hashlib.sha256(program).hexdigest(),
+        "checkpoint": {"step": STEP},
+        "tasks": exported.config.task_names,
+        "inputs": [
+            {"name": name, "shape": [width], "dtype": "float32", "allow_non_finite": name == "continuous"}
+            for name, width in WIDTHS.items()
+        ],
+        "outputs": {
+            "probabilities": {"shape": ["batch", len(exported.config.task_names)], "dtype": "float32"},
+            "score": {"shape": ["batch"], "dtype": "float32"},
+        },
+        "engagement_weights": exported.config.engagement_weights,
+    }
+
+
+def test_the_model_description_holds_no_host_path_or_environment_value(client: httpx.Client, exported):
+    manifest = (exported.folder / "manifest.json").read_text()
+    host_values = [str(exported.folder.parent), str(CONFIGS.resolve()), ENV_VALUE]  # tmp dir, repo, env
+    assert all(value in manifest for value in host_values)  # the manifest holds them: the server must not
+    served = client.get("/v1/model").text
+    assert [value for value in host_values if value in served] == []
 
 
 def test_candidates_come_back_sorted_by_score_with_their_probabilities(client: httpx.Client, exported):
@@ -198,6 +207,18 @@ def test_a_bad_candidate_is_a_422_naming_candidate_and_field(client: httpx.Clien
     assert response.json()["detail"].startswith(f"candidates[2] (id 'c2'): {message}"), response.json()
 
 
+@pytest.mark.parametrize("field, value", [("continuous", [[1.0, 2.0]] * 48), ("binary", [[1]] * 16)])
+def test_a_vector_of_lists_is_a_422_also_when_every_candidate_sends_one(client: httpx.Client, field, value):
+    # Alike in every candidate, the lists once made one regular array: reshaped (one number each) or a 500.
+    request = body(3)
+    for candidate in request["candidates"]:
+        candidate["features"][field] = value
+    response = post(client, request)
+    assert response.status_code == 422, response.text
+    expected = f"candidates[0] (id 'c0'): features.{field}[0]: a list is not a number"
+    assert response.json()["detail"] == expected
+
+
 @pytest.mark.parametrize(
     "value, message",
     [
@@ -269,7 +290,7 @@ def test_a_body_too_large_is_a_413_with_or_without_its_length(client: httpx.Clie
         for start in range(0, len(padded), 8192):
             yield padded[start : start + 8192]
 
-    response = client.post("/v1/rank", content=chunks())
+    response = client.post("/v1/rank", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert response.json()["detail"] == f"the body is over {MAX_BODY} bytes, the most accepted"
 
@@ -332,7 +353,7 @@ def test_the_openapi_schema_describes_the_api(client: httpx.Client):
     assert rank["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/RankResponse"
     }
-    for status in ("400", "413", "422"):
+    for status in ("400", "408", "413", "415", "422", "503"):
         assert rank["responses"][status]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ErrorMessage"
         }
@@ -363,7 +384,8 @@ def test_the_serve_command_listens_on_loopback(exported: Exported, tmp_path):
         port = probe.getsockname()[1]
     log = open(tmp_path / "serve.log", "w")  # the server writes to it until terminated
     server = subprocess.Popen(
-        [sys.executable, "-m", "heavyranker", "serve", "--model", str(exported.folder), "--port", str(port)],
+        [sys.executable, "-m", "heavyranker", "serve", "--model", str(exported.folder), "--port", str(port)]
+        + ["--max-queue", "3", "--read-timeout", "2.5"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},

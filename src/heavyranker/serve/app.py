@@ -2,11 +2,12 @@
 
     POST /v1/rank   {"candidates": [{"id": ..., "features": {input name: [numbers], ...}}, ...]}
                     -> {"candidates": [{"id", "score", "probabilities": {task: p}}, ...]}, best score first
-    GET  /v1/model  the export manifest
+    GET  /v1/model  what a client needs of the manifest: tasks, inputs, weights, the program's hash, step
     GET  /healthz   {"status": "ok"}
 
-Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field. The body is read
-and parsed by hand (request.py) rather than by a pydantic body model, which would validate millions of
+Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field. limits.py
+decides whether a request is read at all (content type, size, place in the queue, read timeout). The body
+is parsed by hand (request.py) rather than by a pydantic body model, which would validate millions of
 numbers one by one; the pydantic models below only describe the API in the OpenAPI schema.
 """
 
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import UserError
+from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline
 from .request import BadRequest, parse_candidates
 from .scorer import InputSpec, Scorer
 
@@ -50,26 +52,38 @@ class ErrorMessage(BaseModel):
 
 
 def create_app(
-    model_dir: str | Path, *, max_candidates: int = MAX_CANDIDATES, max_body_bytes: int | None = None
+    model_dir: str | Path,
+    *,
+    max_candidates: int = MAX_CANDIDATES,
+    max_body_bytes: int | None = None,
+    max_queue: int = MAX_QUEUE,
+    read_timeout_s: float = READ_TIMEOUT_S,
 ) -> FastAPI:
-    """The app for one model folder. The body limit defaults to what max_candidates candidates need."""
+    """The app for one model folder. The body limit defaults to what max_candidates candidates need; see
+    limits.py for max_queue and read_timeout_s. `app.state` holds the scorer and the limits."""
     if max_candidates < 1:
         raise UserError(f"--max-candidates must be at least 1, not {max_candidates}")
     scorer = Scorer(model_dir)
-    scorer.warm_up()
     if max_body_bytes is None:
         values = sum(spec.width for spec in scorer.inputs)
         max_body_bytes = max_candidates * (values * BYTES_PER_VALUE + BYTES_PER_CANDIDATE)
+    limits = RequestLimits(max_body_bytes=max_body_bytes, max_queue=max_queue, read_timeout_s=read_timeout_s)
+    scorer.warm_up()
     app = FastAPI(
         title="heavyranker",
         version="1",
         summary="Ranks candidates by their weighted engagement probabilities.",
     )
+    app.state.scorer, app.state.limits = scorer, limits
+    model_description = client_manifest(scorer.manifest)
     request_model = _request_model(scorer.inputs, max_candidates)
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorMessage, "description": "the body is not JSON"},
+        408: {"model": ErrorMessage, "description": "the body was too slow to arrive; the connection closes"},
         413: {"model": ErrorMessage, "description": "too many candidates, or the body is too large"},
+        415: {"model": ErrorMessage, "description": "the content type is not application/json"},
         422: {"model": ErrorMessage, "description": "a candidate or one of its fields is invalid"},
+        503: {"model": ErrorMessage, "description": "the queue is full: retry after Retry-After seconds"},
     }
 
     @app.exception_handler(BadRequest)
@@ -80,9 +94,9 @@ def create_app(
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/model", summary="The export manifest: tasks, inputs, weights, checkpoint, config.")
+    @app.get("/v1/model", summary="The model's tasks, inputs, engagement weights, program hash and step.")
     def model() -> dict[str, Any]:
-        return scorer.manifest
+        return model_description
 
     @app.post(
         "/v1/rank",
@@ -99,9 +113,9 @@ def create_app(
         },
     )
     async def rank(request: Request) -> Response:
-        body = await _read_body(request, max_body_bytes)
-        # A worker thread: parsing and the forward would otherwise stop the event loop for their duration.
-        content = await run_in_threadpool(rank_body, scorer, body, max_candidates)
+        async with limits.admit(request) as body:
+            # A worker thread: parsing and the forward would otherwise stop the event loop for their duration.
+            content = await run_in_threadpool(rank_body, scorer, body, max_candidates)
         return Response(content, media_type="application/json")
 
     app.openapi = _openapi(app, request_model)  # type: ignore[method-assign]
@@ -132,22 +146,38 @@ def rank_body(scorer: Scorer, body: bytes | bytearray, max_candidates: int) -> b
     return json.dumps({"candidates": ranked}).encode()
 
 
+def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a client needs of the manifest, named field by field: not the checkpoint's path, the schema's
+    file or the resolved config, whose paths and environment-substituted values are the host's own."""
+    input_fields = ("name", "shape", "dtype", "allow_non_finite")
+    return {
+        "format": manifest["format"],
+        "program_sha256": manifest["program_sha256"],
+        "checkpoint": {"step": manifest["checkpoint"]["step"]},
+        "tasks": manifest["tasks"],
+        "inputs": [{field: spec[field] for field in input_fields} for spec in manifest["inputs"]],
+        "outputs": manifest["outputs"],
+        "engagement_weights": manifest["engagement_weights"],
+    }
+
+
 def run_server(
-    model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_candidates: int = MAX_CANDIDATES
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_candidates: int = MAX_CANDIDATES,
+    max_queue: int = MAX_QUEUE,
+    read_timeout_s: float = READ_TIMEOUT_S,
 ) -> None:
-    uvicorn.run(create_app(model_dir, max_candidates=max_candidates), host=host, port=port)
+    app = create_app(
+        model_dir, max_candidates=max_candidates, max_queue=max_queue, read_timeout_s=read_timeout_s
+    )
+    uvicorn.Server(server_config(app, host=host, port=port)).run()
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise BadRequest(413, f"the body is {length} bytes, at most {limit} are accepted")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, f"the body is over {limit} bytes, the most accepted")
-    return body
+def server_config(app: FastAPI, **options: Any) -> uvicorn.Config:
+    """uvicorn's config for an app of create_app: connections idle past its read timeout close."""
+    return uvicorn.Config(app, http=h11_with_deadline(app.state.limits.read_timeout_s), **options)
 
 
 def _request_model(inputs: list[InputSpec], max_candidates: int) -> type[BaseModel]:

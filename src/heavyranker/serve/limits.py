@@ -1,0 +1,144 @@
+"""What one request may take of the server before it is parsed: its content type, its size, how long its
+head and body may take to arrive, and a place among the requests admitted at once.
+
+The model scores one request at a time (scorer.py), so requests beyond it wait, each holding its body and
+then its parsed values. Without a bound, a burst queued them all behind the model: 20 requests of 2,048
+candidates waited up to 12 s and took 350 MB. A request is admitted before its body is read, so that a
+refused one costs nothing, and counts until it is scored, so that the bodies and parsed values held at
+once are bounded too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import HTTPException, Request
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ..errors import UserError
+
+# Each waiting request adds one forward to the wait of those behind it. Eight keep the model busy (the next
+# request is parsed while one is scored) and absorb a burst from a handful of clients; beyond them a client
+# waits more than eight forwards (over 20 s for 2,048 candidates of local_prod's model on one core) and
+# does better retrying, or trying another replica, than queueing.
+MAX_QUEUE = 8
+# For the whole head, then the whole body, not the gap between two reads: a client sending a byte now and
+# then must not hold its connection and its place in the queue. 10 s carries local_prod's largest body
+# (2,048 candidates, about 50 MB of JSON at 4 decimals) at 40 Mbit/s.
+READ_TIMEOUT_S = 10.0
+RETRY_AFTER_S = 1  # the queue drains by one forward at a time; the header counts whole seconds
+
+
+class RequestLimits:
+    """`async with limits.admit(request) as body:` admits the request and reads its body, or refuses it with
+    an HTTPException (415, 413, 503, 408): the usual {"detail": ...} body, and the headers it needs.
+
+    At most 1 + max_queue requests are admitted at once: one scored, the others reading their body, being
+    parsed or waiting for the model. Only the event loop touches the count, so it needs no lock."""
+
+    def __init__(
+        self, *, max_body_bytes: int, max_queue: int = MAX_QUEUE, read_timeout_s: float = READ_TIMEOUT_S
+    ):
+        if max_queue < 0:
+            raise UserError(f"--max-queue must be at least 0, not {max_queue}")
+        if not read_timeout_s > 0:
+            raise UserError(f"--read-timeout must be more than 0 seconds, not {read_timeout_s}")
+        self.max_body_bytes = max_body_bytes
+        self.max_queue = max_queue
+        self.read_timeout_s = read_timeout_s
+        self.admitted = 0
+
+    @asynccontextmanager
+    async def admit(self, request: Request) -> AsyncIterator[bytearray]:
+        require_json(request)
+        self._check_declared_length(request)
+        if self.admitted > self.max_queue:
+            raise HTTPException(
+                503,
+                f"the server is busy: {1 + self.max_queue} requests in progress, the most it takes; "
+                f"retry in {RETRY_AFTER_S} s",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.admitted += 1
+        try:
+            yield await self._read(request)
+        finally:
+            self.admitted -= 1
+
+    def _check_declared_length(self, request: Request) -> None:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            raise HTTPException(
+                413, f"the body is {length} bytes, at most {self.max_body_bytes} are accepted"
+            )
+
+    async def _read(self, request: Request) -> bytearray:
+        try:
+            return await asyncio.wait_for(self._receive(request), self.read_timeout_s)
+        except ClientDisconnect:  # unhandled, it is a traceback in the log for each client that gives up
+            raise HTTPException(400, "the connection closed before the body's end") from None
+        except TimeoutError:
+            # The rest of the body may never come: close the connection rather than wait to drain it.
+            raise HTTPException(
+                408,
+                f"the body did not arrive within {self.read_timeout_s:g} s",
+                headers={"Connection": "close"},
+            ) from None
+
+    async def _receive(self, request: Request) -> bytearray:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise HTTPException(413, f"the body is over {self.max_body_bytes} bytes, the most accepted")
+        return body
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body says it is JSON. Read as JSON whatever its type, a body could come from a page in
+    a browser on another origin: a form's types make a "simple request", sent without asking this service.
+    Parameters are ignored: JSON is UTF-8, and application/json defines none (RFC 8259)."""
+    given = request.headers.get("content-type")
+    if (given or "").partition(";")[0].strip().lower() != "application/json":
+        raise HTTPException(
+            415, f"the body must be sent as content-type application/json, not {given or 'none'}"
+        )
+
+
+def h11_with_deadline(timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection on which the app has no request for timeout_s seconds.
+
+    uvicorn times a connection only from a response to the next byte (its keep-alive timeout): one that
+    sent nothing, part of a request head, or the body of a request already answered (415, 503) stayed
+    open as long as the client kept sending a byte now and then. Once a request reached the app,
+    RequestLimits times its body."""
+
+    class Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if self._deadline is not None:
+                self._deadline.cancel()
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout_s, self._close_unless_busy)
+
+        def _close_unless_busy(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self.timeout_keep_alive_handler()  # uvicorn's own close of an idle connection
+
+    return Protocol
