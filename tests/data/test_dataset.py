@@ -286,8 +286,10 @@ def test_training_on_nothing_readable_stops(tmp_path):
 
 
 def test_batch_must_divide_among_processes(folder):
-    with pytest.raises(UserError, match="global_batch_size 5 is not divisible by the 2 processes"):
-        RecapDataset(data_config(folder, global_batch_size=5), world_size=2)
+    with pytest.raises(
+        UserError, match=r"train_data\.global_batch_size: 5 is not divisible by the world size 2"
+    ):
+        RecapDataset(data_config(folder, global_batch_size=5), world_size=2, where="train_data")
 
 
 def test_more_processes_than_files(folder):

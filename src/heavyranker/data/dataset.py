@@ -35,7 +35,7 @@ from ..errors import DataError, UserError
 from ..schema import load_schema
 from .batch import Batch
 from .example import ExampleDecoder
-from .files import select_files
+from .files import shard_files
 from .preprocess import Examples, preprocess
 from .tfrecord import read_records
 
@@ -59,7 +59,8 @@ class RecapDataset:
     it applies to training=False only (a training stream never ends and keeps reshuffling).
 
     Each rank reads its own files, files[rank::world_size] of the sorted list, with a batch of
-    global_batch_size / world_size. `inputs` replaces the config's file selection with a glob.
+    global_batch_size / world_size; errors about that name the config section `where`. `inputs`
+    replaces the config's file selection with a glob.
     require_labels=False (prediction) reads no label: Batch.tasks is () and labels and weights are
     [B, 0]; the preprocessors that need labels (downsample_negatives, rectify_labels) are skipped."""
 
@@ -73,27 +74,16 @@ class RecapDataset:
         training: bool = True,
         inputs: str | None = None,
         require_labels: bool = True,
+        where: str = "data",
     ):
-        if data.global_batch_size % world_size:
-            raise UserError(
-                f"global_batch_size {data.global_batch_size} is not divisible by the "
-                f"{world_size} processes (world size)"
-            )
         if inputs is not None:
             data = data.model_copy(
                 update={"inputs": inputs, "explicit_date_inputs": None, "explicit_datetime_inputs": None}
             )
-        files = select_files(data)
-        if len(files) < world_size:
-            raise UserError(
-                f"{len(files)} data file(s) for {world_size} processes: each process reads its own "
-                f"files, so split the data into at least {world_size} files"
-            )
+        self.files, self.batch_size = shard_files(data, rank, world_size, where)
         self.data = data
-        self.files = files[rank::world_size]
         self.training = training
         self.require_labels = require_labels
-        self.batch_size = data.global_batch_size // world_size
         downsample = data.preprocess and data.preprocess.downsample_negatives
         self.records_per_batch = self.batch_size * (
             downsample.batch_multiplier if downsample and require_labels else 1
@@ -108,10 +98,10 @@ class RecapDataset:
         if data.cache and training:
             log.info("cache: true has no effect on a training stream (it never ends and keeps reshuffling)")
         log.info(
-            "%s data: %d of %d files for rank %d of %d, batches of %d examples",
+            "%s, %s: %d files for rank %d of %d, batches of %d examples",
+            where,
             "training" if training else "evaluation",
             len(self.files),
-            len(files),
             rank,
             world_size,
             self.batch_size,
