@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config.data import DataConfig
-from ..errors import DataError, UserError
+from ..errors import DataError
 from ..schema import load_schema
 from .batch import Batch
 from .example import ExampleDecoder
@@ -205,7 +205,9 @@ class RecapDataset:
 
 
 class _Columns:
-    """What to decode for a data config, and how decoded columns become Examples and then a Batch."""
+    """What to decode for a data config, and how decoded columns become Examples and then a Batch. The
+    schema facts it relies on (every name is in the schema, a label is one value, no feature is a
+    bytes_list, mantissa masks name float features read) are config-time checks: config/root.py."""
 
     def __init__(self, data: DataConfig, require_labels: bool):
         self.specs = load_schema(data.seg_dense_schema.schema_path)
@@ -213,34 +215,20 @@ class _Columns:
         # Output name -> schema name: renamed features, then features read under their own names.
         self.features = {**schema.renamed_features, **{name: name for name in schema.features}}
         self.tasks = tuple(data.tasks) if require_labels else ()
-        for task in self.tasks:
-            if task not in self.specs:
-                raise UserError(f"label {task}: no feature of that name in the schema {schema.schema_path}")
-            if self.specs[task].length != 1:
-                raise UserError(
-                    f"label {task}: the schema gives it {self.specs[task].length} values; a label "
-                    f"is one value per example"
-                )
         self.pos_rates = np.array([data.tasks[t].pos_downsampling_rate for t in self.tasks], dtype=np.float32)
         self.neg_rates = np.array([data.tasks[t].neg_downsampling_rate for t in self.tasks], dtype=np.float32)
-        for out, source in self.features.items():
-            if source not in self.specs:
-                raise UserError(f"feature {out}: {source} is not in the schema {schema.schema_path}")
-            if self.specs[source].dtype == "bytes_list":
-                raise UserError(
-                    f"feature {out} ({source}) is a bytes_list, which a batch of tensors cannot hold"
-                )
         self.extras = self._rectify_fields(data) if require_labels else {}
         self.wanted = list(dict.fromkeys([*self.features.values(), *self.tasks, *self.extras.values()]))
         self.mantissa_masks = {
-            name: self._mantissa_mask(name, bits) for name, bits in schema.mask_mantissa_features.items()
+            name: np.uint32((0xFFFFFFFF << bits) & 0xFFFFFFFF)
+            for name, bits in schema.mask_mantissa_features.items()
         }
         downcast = data.preprocess and data.preprocess.downcast
         self.bfloat16 = [name for name, t in downcast.features.items() if t == "bfloat16"] if downcast else []
 
     def _rectify_fields(self, data: DataConfig) -> dict[str, str]:
         """The timestamps rectify_labels needs that are not features already: field -> schema name. A field
-        names a renamed feature or a schema feature."""
+        names a renamed feature or a schema feature (read under its own name)."""
         rectify = data.preprocess and data.preprocess.rectify_labels
         if not rectify:
             return {}
@@ -249,27 +237,7 @@ class _Columns:
             rectify.impressed_timestamp_field,
             *rectify.label_to_engaged_timestamp_field.values(),
         ]
-        extras = {}
-        for name in fields:
-            source = data.seg_dense_schema.renamed_features.get(name, name)
-            if source not in self.specs:
-                raise UserError(
-                    f"preprocess.rectify_labels: the timestamp {name} is neither a renamed feature "
-                    f"nor in the schema {data.seg_dense_schema.schema_path}"
-                )
-            if name not in self.features:
-                extras[name] = source
-        return extras
-
-    def _mantissa_mask(self, name: str, bits: int) -> np.uint32:
-        where = f"seg_dense_schema.mask_mantissa_features.{name}"
-        if name not in self.features:
-            raise UserError(
-                f"{where}: not a feature read by this config (features: {', '.join(self.features)})"
-            )
-        if self.specs[self.features[name]].dtype != "float_list":
-            raise UserError(f"{where}: only float features have a mantissa")
-        return np.uint32((0xFFFFFFFF << bits) & 0xFFFFFFFF)
+        return {name: name for name in fields if name not in self.features}
 
     def examples(self, columns: dict[str, np.ndarray]) -> Examples:
         features = {out: _squeeze(columns[source]) for out, source in self.features.items()}
