@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from heavyranker.config import load_config
-from heavyranker.data import dataset as dataset_module
+from heavyranker.data import pipeline
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.synthetic import generate_for_config
 from heavyranker.memory import keep_freed_memory
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as every heavyranker command does
     if args.same_priority:
-        dataset_module._yield_to_the_model = lambda: None
+        pipeline._yield_to_the_model = lambda: None
     with tempfile.TemporaryDirectory() as tmp:
         base = load_config(args.config)
         generate_for_config(base, out=f"{tmp}/data", examples=args.examples, files=4, seed=0)

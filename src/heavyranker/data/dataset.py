@@ -1,31 +1,16 @@
 """The Recap dataset: TFRecord files of tf.Examples in, Batches of torch tensors out.
 
-One producer thread decides the order of everything, so that the batches depend on the seed and the files
-only, never on thread timing:
-
-  files (this rank's share; shuffled per epoch when training)
-  -> groups of file_batch_size files, their records interleaved in blocks of 4
-     (reader threads inflate and checksum each file a chunk of records ahead of the interleave)
-  -> shuffle buffer of examples_shuffle_buffer_size records (training only)
-  -> runs of batch-size records (times downsample_negatives.batch_multiplier)
-  -> decoder threads: decode the run at once, preprocess, torch tensors -> Batch, delivered in order.
-
-Threads, not processes: inflate (isal), CRC32C and most of numpy release the GIL, and threads hand records
-and arrays over without copying or pickling them. The queue between producer and consumer holds at most
-`decoder threads + PREFETCH` batches and the readers of a group about 2 * READ_AHEAD records, so memory
-stays flat whatever the dataset's size.
+order.py     which records make each batch, in which order: files, interleave, shuffle, epochs
+pipeline.py  the threads that read and decode ahead of the consumer, keeping that order
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import count, islice
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -36,16 +21,11 @@ from ..schema import load_schema
 from .batch import Batch
 from .example import ExampleDecoder
 from .files import shard_files
+from .order import BLOCK, Item, Order
+from .pipeline import READ_AHEAD, FileReader, OrderedMap
 from .preprocess import Examples, preprocess
-from .tfrecord import read_records
 
 log = logging.getLogger(__name__)
-
-BLOCK = 4  # records taken from one file before the interleave moves to the next
-READ_AHEAD = 1024  # records read ahead for a group of files, in chunks of READ_AHEAD / files
-PREFETCH = 2  # batches decoded ahead of the consumer, beyond one per decoder thread
-
-Item = tuple[bytes, str, int]  # a record, its file and its index in that file
 
 
 class RecapDataset:
@@ -89,12 +69,23 @@ class RecapDataset:
             downsample.batch_multiplier if downsample and require_labels else 1
         )
         self.damaged_files: list[str] = []  # files skipped past a damaged record (ignore_data_errors)
-        self._seed = (seed & 0xFFFF_FFFF_FFFF_FFFF, rank)  # SeedSequence takes non-negative integers
+        downsample = data.preprocess and data.preprocess.downsample_negatives
+        self._order = Order(
+            self.files,
+            data.file_batch_size,
+            data.examples_shuffle_buffer_size,
+            run_size=self.batch_size * (downsample.batch_multiplier if downsample and require_labels else 1),
+            seed=(seed & 0xFFFF_FFFF_FFFF_FFFF, rank),
+            shuffle=training,
+            repeat=training,
+            drop_last=training,
+        )
         self._columns = _Columns(data, require_labels)
         self._decoders = threading.local()
+        self._chunk = max(BLOCK, READ_AHEAD // min(data.file_batch_size, len(self.files)))
         self._start = 0
         self._cached: list[Batch] | None = None
-        self._runs: set[_Run] = set()
+        self._maps: set[OrderedMap] = set()
         if data.cache and training:
             log.info("cache: true has no effect on a training stream (it never ends and keeps reshuffling)")
         log.info(
@@ -122,66 +113,36 @@ class RecapDataset:
         # Default threads: reading (inflate + CRC) is ~85% of the work and decoding ~10%, so every CPU
         # reads and a quarter of them decode.
         cpus = len(os.sched_getaffinity(0))
-        run = _Run(
-            self._record_runs,
+        batches = OrderedMap(
+            self._runs,
             self._make_batch,
             skip=start,
             read_workers=self.data.interleave_num_parallel_calls or cpus,
             map_workers=self.data.map_num_parallel_calls or max(1, cpus // 4),
         )
-        self._runs.add(run)
+        self._maps.add(batches)
         try:
-            for batch in run:
+            for batch in batches:
                 if cache is not None:
                     cache.append(batch)
                 yield batch
             if cache is not None:
                 self._cached = cache
         finally:
-            run.close()
-            self._runs.discard(run)
+            batches.close()
+            self._maps.discard(batches)
 
     def close(self) -> None:
         """Stops the threads of every iteration still open."""
-        for run in list(self._runs):
-            run.close()
+        for batches in list(self._maps):
+            batches.close()
 
-    # --- the order (producer thread) ---
+    def _runs(self, pool: ThreadPoolExecutor) -> Iterator[list[Item]]:
+        return self._order.runs(lambda path: self._open(path, pool))
 
-    def _record_runs(self, pool: ThreadPoolExecutor) -> Iterator[list[Item]]:
-        records = self._records(pool)
-        if self.training and self.data.examples_shuffle_buffer_size > 1:
-            rng = np.random.default_rng([*self._seed, 1])
-            records = shuffle(records, self.data.examples_shuffle_buffer_size, rng)
-        n = self.records_per_batch
-        while run := list(islice(records, n)):
-            if len(run) < n and self.training:
-                return
-            yield run
-
-    def _records(self, pool: ThreadPoolExecutor) -> Iterator[Item]:
-        for epoch in count() if self.training else range(1):
-            files = self.files
-            if self.training:
-                files = [
-                    files[i] for i in np.random.default_rng([*self._seed, 0, epoch]).permutation(len(files))
-                ]
-            empty = True
-            for first in range(0, len(files), self.data.file_batch_size):
-                group = files[first : first + self.data.file_batch_size]
-                for item in interleave([self._file_records(path, pool) for path in group], BLOCK):
-                    empty = False
-                    yield item
-            if empty:
-                raise DataError(
-                    f"no records could be read from any of the {len(files)} files "
-                    f"({files[0]}, ...); {len(self.damaged_files)} were damaged"
-                )
-
-    def _file_records(self, path: str, pool: ThreadPoolExecutor) -> Iterator[Item]:
+    def _open(self, path: str, pool: ThreadPoolExecutor) -> Iterator[Item]:
         # The reader starts reading now, so that every file of a group is being read before it is needed.
-        chunk = max(BLOCK, READ_AHEAD // min(self.data.file_batch_size, len(self.files)))
-        reader = _FileReader(path, pool, chunk, self.data.ignore_data_errors, self.damaged_files)
+        reader = FileReader(path, pool, self._chunk, self.data.ignore_data_errors, self.damaged_files)
         return ((record, path, index) for index, record in enumerate(reader))
 
     # --- the batches (decoder threads) ---
@@ -273,161 +234,6 @@ def _squeeze(values: np.ndarray) -> np.ndarray:
     return values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
 
 
-class _FileReader:
-    """A file's records, read `chunk` at a time by a reader thread, one chunk ahead of the consumer."""
-
-    def __init__(
-        self, path: str, pool: ThreadPoolExecutor, chunk: int, ignore_errors: bool, damaged: list[str]
-    ):
-        self.path = path
-        self._records = read_records(path)
-        self._pool = pool
-        self._chunk = chunk
-        self._ignore_errors = ignore_errors
-        self._damaged = damaged
-        self._next = pool.submit(self._read_chunk)
-
-    def __iter__(self) -> Iterator[bytes]:
-        while chunk := self._next.result():
-            self._next = self._pool.submit(self._read_chunk)
-            yield from chunk
-
-    def _read_chunk(self) -> list[bytes]:
-        chunk: list[bytes] = []
-        try:
-            for record in self._records:
-                chunk.append(record)
-                if len(chunk) == self._chunk:
-                    break
-        except DataError as e:
-            if not self._ignore_errors:
-                raise
-            self._damaged.append(self.path)
-            log.warning(
-                "%s; ignore_data_errors: skipped the rest of the file (%d damaged files so far)",
-                e,
-                len(self._damaged),
-            )
-        return chunk
-
-
-def interleave(streams: Iterable[Iterator[Item]], block: int) -> Iterator[Item]:
-    """`block` items from each stream in turn, dropping streams as they end, until all have ended."""
-    streams = list(streams)
-    while streams:
-        alive = []
-        for stream in streams:
-            taken = list(islice(stream, block))
-            yield from taken
-            if len(taken) == block:
-                alive.append(stream)
-        streams = alive
-
-
-def shuffle(items: Iterator[Item], size: int, rng: np.random.Generator) -> Iterator[Item]:
-    """tf.data's shuffle: fill a buffer of `size`, then for each new item emit a random buffered one and put
-    the new one in its place; at the end emit the rest in random order."""
-    buffer: list[Item] = list(islice(items, size))
-    draws: Iterator[int] = iter(())
-    for item in items:
-        i = next(draws, None)
-        if i is None:  # drawing in blocks: one numpy call per 4096 items, not one per item
-            draws = iter(rng.integers(0, size, 4096).tolist())
-            i = next(draws)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def _yield_to_the_model() -> None:
-    """Runs the calling data thread at the lowest priority (Linux: nice is per thread).
-
-    Reading works ahead behind bounded queues, so it can wait; the model's parallel regions cannot: a data
-    thread that takes a core from one of torch's threads stalls the whole matmul until it yields. At nice 19
-    the scheduler runs data threads mostly when torch's threads are idle, and still fully when the model
-    waits for data."""
-    # Elsewhere a native thread id is not a pid, and setpriority could renice another process.
-    if sys.platform != "linux":
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:  # not allowed: run at the process's priority
-        pass
-
-
-class _Run:
-    """One iteration: a producer thread turns record runs into Batch futures on the decoder pool, in order,
-    through a bounded queue; iterating yields the batches in that order."""
-
-    _END = object()
-
-    def __init__(
-        self,
-        record_runs: Callable[[ThreadPoolExecutor], Iterator[list[Item]]],
-        make_batch: Callable[[list[Item]], Batch],
-        *,
-        skip: int,
-        read_workers: int,
-        map_workers: int,
-    ):
-        self._read_pool = ThreadPoolExecutor(
-            read_workers, thread_name_prefix="heavyranker-read", initializer=_yield_to_the_model
-        )
-        self._map_pool = ThreadPoolExecutor(
-            map_workers, thread_name_prefix="heavyranker-decode", initializer=_yield_to_the_model
-        )
-        self._queue: queue.Queue = queue.Queue(map_workers + PREFETCH)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._produce, args=(record_runs, make_batch, skip), name="heavyranker-order", daemon=True
-        )
-        self._thread.start()
-
-    def _produce(
-        self,
-        record_runs: Callable[[ThreadPoolExecutor], Iterator[list[Item]]],
-        make_batch: Callable[[list[Item]], Batch],
-        skip: int,
-    ) -> None:
-        _yield_to_the_model()
-        try:
-            for run in islice(record_runs(self._read_pool), skip, None):
-                if not self._put(self._map_pool.submit(make_batch, run)):
-                    return
-            self._put(self._END)
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put(e)
-
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[Batch]:
-        while (item := self._queue.get()) is not self._END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item.result()
-
-    def close(self) -> None:
-        """Stops the threads; returns once the producer has ended (within a chunk's read)."""
-        self._stop.set()
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, Future):
-                item.cancel()
-        self._map_pool.shutdown(wait=False, cancel_futures=True)
-        self._read_pool.shutdown(wait=False, cancel_futures=True)
-        # The producer is a daemon thread (an iteration nobody closes must not hold the process at exit),
-        # so it has to be gone before the interpreter finalizes: a daemon thread that frees a batch's
-        # tensors then aborts the process (torch releases the GIL to free them, and re-taking it during
-        # finalization ends the thread through C++ frames: "terminate called without an active exception").
-        self._thread.join()
+def _squeeze(values: np.ndarray) -> np.ndarray:
+    """Length-1 features are one value per example: [N]."""
+    return values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
