@@ -2,28 +2,24 @@
 
 order.py     which records make each batch, in which order: files, interleave, shuffle, epochs
 pipeline.py  the threads that read and decode ahead of the consumer, keeping that order
+columns.py   what is decoded from a record, and how the columns become a Batch
+preprocess/  what happens to a batch's arrays in between
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-import torch
-
 from ..config.data import DataConfig
-from ..errors import DataError
-from ..schema import load_schema
 from .batch import Batch
-from .example import ExampleDecoder
+from .columns import Columns
 from .files import shard_files
 from .order import BLOCK, Item, Order
 from .pipeline import READ_AHEAD, FileReader, OrderedMap
-from .preprocess import Examples, preprocess
+from .preprocess import NegativeDownsampler, build_preprocessors
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +38,7 @@ class RecapDataset:
     global_batch_size / world_size; errors about that name the config section `where`. `inputs`
     replaces the config's file selection with a glob.
     require_labels=False (prediction) reads no label: Batch.tasks is () and labels and weights are
-    [B, 0]; the preprocessors that need labels (downsample_negatives, rectify_labels) are skipped."""
+    [B, 0]; the preprocessors that need labels (downsample_negatives, rectify_labels) are left out."""
 
     def __init__(
         self,
@@ -63,25 +59,20 @@ class RecapDataset:
         self.files, self.batch_size = shard_files(data, rank, world_size, where)
         self.data = data
         self.training = training
-        self.require_labels = require_labels
-        downsample = data.preprocess and data.preprocess.downsample_negatives
-        self.records_per_batch = self.batch_size * (
-            downsample.batch_multiplier if downsample and require_labels else 1
-        )
+        self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
         self.damaged_files: list[str] = []  # files skipped past a damaged record (ignore_data_errors)
-        downsample = data.preprocess and data.preprocess.downsample_negatives
+        downsample = next((p for p in self.preprocessors if isinstance(p, NegativeDownsampler)), None)
         self._order = Order(
             self.files,
             data.file_batch_size,
             data.examples_shuffle_buffer_size,
-            run_size=self.batch_size * (downsample.batch_multiplier if downsample and require_labels else 1),
+            run_size=self.batch_size * (downsample.config.batch_multiplier if downsample else 1),
             seed=(seed & 0xFFFF_FFFF_FFFF_FFFF, rank),
             shuffle=training,
             repeat=training,
             drop_last=training,
         )
-        self._columns = _Columns(data, require_labels)
-        self._decoders = threading.local()
+        self._columns = Columns(data, self.preprocessors, require_labels)
         self._chunk = max(BLOCK, READ_AHEAD // min(data.file_batch_size, len(self.files)))
         self._start = 0
         self._cached: list[Batch] | None = None
@@ -145,95 +136,8 @@ class RecapDataset:
         reader = FileReader(path, pool, self._chunk, self.data.ignore_data_errors, self.damaged_files)
         return ((record, path, index) for index, record in enumerate(reader))
 
-    # --- the batches (decoder threads) ---
-
     def _make_batch(self, items: list[Item]) -> Batch:
-        ex = self._columns.examples(self._decode(items))
-        ex = preprocess(ex, self.data.preprocess, with_labels=self.require_labels)
-        return self._columns.batch(ex)
-
-    def _decode(self, items: list[Item]) -> dict[str, np.ndarray]:
-        decoder = getattr(self._decoders, "decoder", None)
-        if decoder is None:  # one per thread: a decoder counts the absent features it meets
-            decoder = self._decoders.decoder = ExampleDecoder(self._columns.specs, self._columns.wanted)
-        try:
-            return decoder.decode_batch([record for record, _, _ in items], file="(a batch)")
-        except DataError:
-            # Name the file and record: decode them one by one until the bad one raises.
-            for record, path, index in items:
-                decoder.decode_batch([record], file=path, first_index=index)
-            raise
-
-
-class _Columns:
-    """What to decode for a data config, and how decoded columns become Examples and then a Batch. The
-    schema facts it relies on (every name is in the schema, a label is one value, no feature is a
-    bytes_list, mantissa masks name float features read) are config-time checks: config/root.py."""
-
-    def __init__(self, data: DataConfig, require_labels: bool):
-        self.specs = load_schema(data.seg_dense_schema.schema_path)
-        schema = data.seg_dense_schema
-        # Output name -> schema name: renamed features, then features read under their own names.
-        self.features = {**schema.renamed_features, **{name: name for name in schema.features}}
-        self.tasks = tuple(data.tasks) if require_labels else ()
-        self.pos_rates = np.array([data.tasks[t].pos_downsampling_rate for t in self.tasks], dtype=np.float32)
-        self.neg_rates = np.array([data.tasks[t].neg_downsampling_rate for t in self.tasks], dtype=np.float32)
-        self.extras = self._rectify_fields(data) if require_labels else {}
-        self.wanted = list(dict.fromkeys([*self.features.values(), *self.tasks, *self.extras.values()]))
-        self.mantissa_masks = {
-            name: np.uint32((0xFFFFFFFF << bits) & 0xFFFFFFFF)
-            for name, bits in schema.mask_mantissa_features.items()
-        }
-        downcast = data.preprocess and data.preprocess.downcast
-        self.bfloat16 = [name for name, t in downcast.features.items() if t == "bfloat16"] if downcast else []
-
-    def _rectify_fields(self, data: DataConfig) -> dict[str, str]:
-        """The timestamps rectify_labels needs that are not features already: field -> schema name. A field
-        names a renamed feature or a schema feature (read under its own name)."""
-        rectify = data.preprocess and data.preprocess.rectify_labels
-        if not rectify:
-            return {}
-        fields = [
-            rectify.served_timestamp_field,
-            rectify.impressed_timestamp_field,
-            *rectify.label_to_engaged_timestamp_field.values(),
-        ]
-        return {name: name for name in fields if name not in self.features}
-
-    def examples(self, columns: dict[str, np.ndarray]) -> Examples:
-        features = {out: _squeeze(columns[source]) for out, source in self.features.items()}
-        if "binary" in features:  # flags arrive as int64; the model takes them as float32 (or downcast)
-            features["binary"] = features["binary"].astype(np.float32)
-        for name, mask in self.mantissa_masks.items():
-            features[name].view(np.uint32)[...] &= mask
-        if self.tasks:
-            labels = (np.concatenate([columns[t] for t in self.tasks], axis=1) > 0).astype(np.float32)
-        else:
-            labels = np.zeros((len(next(iter(columns.values()))), 0), dtype=np.float32)
-        # Inverse sampling probability of the stored label; computed before rectify_labels on purpose.
-        weights = labels / self.pos_rates + (1 - labels) / self.neg_rates
-        extras = {name: _squeeze(columns[source]) for name, source in self.extras.items()}
-        return Examples(features, labels, weights, self.tasks, extras)
-
-    def batch(self, ex: Examples) -> Batch:
-        features = {
-            name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in ex.features.items()
-        }
-        for name in self.bfloat16:  # exact: preprocess.downcast rounded the values to bfloat16 already
-            features[name] = features[name].to(torch.bfloat16)
-        return Batch(
-            features,
-            torch.from_numpy(np.ascontiguousarray(ex.labels)),
-            torch.from_numpy(np.ascontiguousarray(ex.weights, dtype=np.float32)),
-            ex.tasks,
-        )
-
-
-def _squeeze(values: np.ndarray) -> np.ndarray:
-    """Length-1 features are one value per example: [N]."""
-    return values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
-
-
-def _squeeze(values: np.ndarray) -> np.ndarray:
-    """Length-1 features are one value per example: [N]."""
-    return values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
+        rows = self._columns.rows(self._columns.decode(items))
+        for preprocessor in self.preprocessors:
+            rows = preprocessor.apply(rows)
+        return self._columns.batch(rows)
