@@ -69,15 +69,14 @@ def main() -> None:
         )
         trainer = Trainer(config)
         trainer.model.train()
-        dataset = RecapDataset(config.train_data, seed=0, training=True)
-        streamed = iter(dataset)
-        in_memory = itertools.cycle([next(streamed) for _ in range(8)])
-        examples_per_second(trainer, streamed, 3)  # warm-up: buffers filled, kernels chosen
-        rates: dict[str, list[float]] = {"streamed": [], "in memory": []}
-        for _ in range(args.rounds):
-            rates["in memory"].append(examples_per_second(trainer, in_memory, args.steps))
-            rates["streamed"].append(examples_per_second(trainer, streamed, args.steps))
-        dataset.close()
+        with RecapDataset(config.train_data, seed=0, shuffle=True, repeat=True, drop_last=True) as dataset:
+            streamed = iter(dataset)
+            in_memory = itertools.cycle([next(streamed) for _ in range(8)])
+            examples_per_second(trainer, streamed, 3)  # warm-up: buffers filled, kernels chosen
+            rates: dict[str, list[float]] = {"streamed": [], "in memory": []}
+            for _ in range(args.rounds):
+                rates["in memory"].append(examples_per_second(trainer, in_memory, args.steps))
+                rates["streamed"].append(examples_per_second(trainer, streamed, args.steps))
     median = {k: statistics.median(v) for k, v in rates.items()}
     ratios = [s / m for s, m in zip(rates["streamed"], rates["in memory"], strict=True)]
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

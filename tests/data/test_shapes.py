@@ -18,7 +18,8 @@ FAV, REPLIED = "recap.engagement.is_favorited", "recap.engagement.is_replied"
 
 
 def assert_specs_are_the_batch(data: DataConfig) -> None:
-    batch = next(iter(RecapDataset(data, training=False)))
+    with RecapDataset(data) as dataset:
+        batch = next(iter(dataset))
     shapes = {name: tuple(values.shape[1:]) for name, values in batch.features.items()}
     dtypes = {name: values.dtype for name, values in batch.features.items()}
     assert feature_shapes(data) == shapes

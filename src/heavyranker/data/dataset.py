@@ -25,20 +25,24 @@ log = logging.getLogger(__name__)
 
 
 class RecapDataset:
-    """An iterable of Batch (see batch.py) over the files of one data config, for one rank.
+    """An iterable of Batch over the files of one data config, for one rank. A context manager: leaving
+    the `with` block stops the threads of every iteration still open (as close() does).
 
-    training=True: files reshuffled every epoch from (seed, rank), file_batch_size files interleaved in
-    blocks of 4 records, a shuffle buffer of examples_shuffle_buffer_size records, repeated forever, every
-    batch full. training=False: one pass over the sorted files (still interleaved file_batch_size at a time,
-    without any shuffle; file_batch_size: 1 reads file after file), and the last, partial batch is kept.
-    `cache: true` keeps the batches of the first complete pass in memory and serves later passes from there;
-    it applies to training=False only (a training stream never ends and keeps reshuffling).
+    How it reads, one flag each (training sets all three; evaluation, prediction and statistics none):
+      shuffle    the files reshuffled every epoch from (seed, rank), and a shuffle buffer of
+                 examples_shuffle_buffer_size records; without it, the sorted files in order.
+      repeat     epoch after epoch, never ending; without it, one pass.
+      drop_last  every batch full; without it, the last batch holds what is left.
+    Either way file_batch_size files are read at once, their records interleaved in blocks of 4
+    (file_batch_size: 1 reads file after file). `cache: true` keeps the batches of the first complete pass
+    in memory and serves later passes from there; it applies without repeat only (a repeating stream never
+    completes a pass).
 
     Each rank reads its own files, files[rank::world_size] of the sorted list, with a batch of
-    global_batch_size / world_size; errors about that name the config section `where`. `inputs`
-    replaces the config's file selection with a glob.
-    require_labels=False (prediction) reads no label: Batch.tasks is () and labels and weights are
-    [B, 0]; the preprocessors that need labels (downsample_negatives, rectify_labels) are left out."""
+    global_batch_size / world_size; errors about that name the config section `where`. `inputs` replaces
+    the config's file selection with a glob. require_labels=False (prediction) reads no label: Batch.tasks
+    is () and labels and weights are [B, 0]; the preprocessors that need labels (downsample_negatives,
+    rectify_labels) are left out."""
 
     def __init__(
         self,
@@ -47,7 +51,9 @@ class RecapDataset:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        training: bool = True,
+        shuffle: bool = False,
+        repeat: bool = False,
+        drop_last: bool = False,
         inputs: str | None = None,
         require_labels: bool = True,
         where: str = "data",
@@ -58,7 +64,7 @@ class RecapDataset:
             )
         self.files, self.batch_size = shard_files(data, rank, world_size, where)
         self.data = data
-        self.training = training
+        self.repeat = repeat
         self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
         self.damaged_files: list[str] = []  # files skipped past a damaged record (ignore_data_errors)
         downsample = next((p for p in self.preprocessors if isinstance(p, NegativeDownsampler)), None)
@@ -68,25 +74,27 @@ class RecapDataset:
             data.examples_shuffle_buffer_size,
             run_size=self.batch_size * (downsample.config.batch_multiplier if downsample else 1),
             seed=(seed & 0xFFFF_FFFF_FFFF_FFFF, rank),
-            shuffle=training,
-            repeat=training,
-            drop_last=training,
+            shuffle=shuffle,
+            repeat=repeat,
+            drop_last=drop_last,
         )
         self._columns = Columns(data, self.preprocessors, require_labels)
         self._chunk = max(BLOCK, READ_AHEAD // min(data.file_batch_size, len(self.files)))
         self._start = 0
         self._cached: list[Batch] | None = None
         self._maps: set[OrderedMap] = set()
-        if data.cache and training:
-            log.info("cache: true has no effect on a training stream (it never ends and keeps reshuffling)")
+        if data.cache and repeat:
+            log.info("cache: true has no effect on a repeating stream (it never completes a pass)")
         log.info(
-            "%s, %s: %d files for rank %d of %d, batches of %d examples",
+            "%s: %d files for rank %d of %d, batches of %d examples (shuffle=%s, repeat=%s, drop_last=%s)",
             where,
-            "training" if training else "evaluation",
             len(self.files),
             rank,
             world_size,
             self.batch_size,
+            shuffle,
+            repeat,
+            drop_last,
         )
 
     def skip_to(self, batches_consumed: int) -> None:
@@ -100,7 +108,7 @@ class RecapDataset:
         if self._cached is not None:
             yield from self._cached[start:]
             return
-        cache = [] if self.data.cache and not self.training and start == 0 else None
+        cache = [] if self.data.cache and not self.repeat and start == 0 else None
         # Default threads: reading (inflate + CRC) is ~85% of the work and decoding ~10%, so every CPU
         # reads and a quarter of them decode.
         cpus = len(os.sched_getaffinity(0))
@@ -127,6 +135,12 @@ class RecapDataset:
         """Stops the threads of every iteration still open."""
         for batches in list(self._maps):
             batches.close()
+
+    def __enter__(self) -> RecapDataset:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _runs(self, pool: ThreadPoolExecutor) -> Iterator[list[Item]]:
         return self._order.runs(lambda path: self._open(path, pool))

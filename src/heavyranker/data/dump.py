@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..config.data import DataConfig
 from ..errors import UserError
 from .dataset import RecapDataset
 
@@ -23,18 +24,19 @@ def dump_batches(
     shuffle: bool = True,
     out: str = "batches.npz",
 ) -> None:
-    """Writes `batches` batches of `split` ("train" or a validation split) to `out`: every feature under its
-    renamed name, `labels` and `weights` [N, T], and `tasks` (the label order). shuffle=True reads as
-    training does (shuffled, seeded by training.seed); shuffle=False reads the files in order. `inputs`
-    (a glob) replaces the split's files. bfloat16 features are written as float32 (numpy has no bfloat16)."""
+    """Writes the first `batches` batches of one pass over `split` ("train" or a validation split) to `out`
+    (fewer if the pass ends first): every feature under its renamed name, `labels` and `weights` [N, T], and
+    `tasks` (the label order). shuffle=True shuffles as training does, seeded by training.seed: the batches
+    are training's own, except near the end of the pass, where training's shuffle buffer already takes
+    records of the next epoch. shuffle=False reads the files in order. `inputs` (a glob) replaces the
+    split's files. bfloat16 features are written as float32 (numpy has no bfloat16)."""
     if batches < 1:
         raise UserError(f"--batches must be at least 1, got {batches}")
-    data = _split(config, split)
-    dataset = RecapDataset(data, seed=config.training.seed, training=shuffle, inputs=inputs)
-    try:
+    where, data = _split(config, split)
+    with RecapDataset(
+        data, seed=config.training.seed, shuffle=shuffle, inputs=inputs, where=where
+    ) as dataset:
         read = list(islice(dataset, batches))
-    finally:
-        dataset.close()
     if not read:
         raise UserError(f"split {split}: no examples to dump")
     arrays = {name: _numpy([b.features[name] for b in read]) for name in read[0].features}
@@ -46,14 +48,15 @@ def dump_batches(
     log.info("wrote %d examples of %s (%d batches) to %s", len(arrays["labels"]), split, len(read), out)
 
 
-def _split(config: Config, split: str):
+def _split(config: Config, split: str) -> tuple[str, DataConfig]:
+    """The config section of `split` and its data config."""
     if split == "train":
-        return config.train_data
+        return "train_data", config.train_data
     if split not in config.validation_data:
         raise UserError(
             f"no split {split!r}: the splits are train, {', '.join(config.validation_data) or '(none)'}"
         )
-    return config.validation_data[split]
+    return f"validation_data.{split}", config.validation_data[split]
 
 
 def _numpy(tensors: list[torch.Tensor]) -> np.ndarray:

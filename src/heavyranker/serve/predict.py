@@ -35,17 +35,14 @@ def predict_files(*, model_dir: str, inputs: str, out: str, batch_size: int = 10
     """Scores every record of the files `inputs` (a glob) matches, in file order; returns the row count."""
     writer_class = _writer_class(out)
     scorer = Scorer(model_dir)
-    dataset = RecapDataset(
-        _data_config(scorer, model_dir, batch_size), training=False, inputs=inputs, require_labels=False
-    )
+    data = _data_config(scorer, model_dir, batch_size)
     temporary = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}")
     try:
-        rows = _write(dataset, scorer, writer_class, temporary)
+        with RecapDataset(data, inputs=inputs, require_labels=False) as dataset:
+            rows = _write(dataset, scorer, writer_class, temporary)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    finally:
-        dataset.close()
     os.replace(temporary, out)
     log.info("wrote %d rows to %s", rows, out)
     return rows
