@@ -90,16 +90,15 @@ def inflate_only(paths: list[str], examples: int) -> tuple[int, float, float]:
 def pipeline(data, examples: int, warmup: int) -> tuple[int, float, float]:
     """Reads `warmup` batches (filling the shuffle buffer and the prefetch queues), then `examples` more,
     which are measured: the steady state of a long training run."""
-    dataset = RecapDataset(data, seed=0, training=True)
-    batches = iter(dataset)
-    for _ in range(warmup):
-        next(batches)
-    seen = 0
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    while seen < examples:
-        seen += len(next(batches))
-    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-    dataset.close()
+    with RecapDataset(data, seed=0, shuffle=True, repeat=True, drop_last=True) as dataset:
+        batches = iter(dataset)
+        for _ in range(warmup):
+            next(batches)
+        seen = 0
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        while seen < examples:
+            seen += len(next(batches))
+        wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     return seen, wall, cpu
 
 

@@ -24,7 +24,7 @@ import torch
 from results import add_results_option, write_results
 
 from heavyranker.config import load_config
-from heavyranker.data import dataset as dataset_module
+from heavyranker.data import pipeline
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.synthetic import generate_for_config
 from heavyranker.memory import keep_freed_memory
@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as `heavyranker train` does
     if args.same_priority:
-        dataset_module._yield_to_the_model = lambda: None
+        pipeline._yield_to_the_model = lambda: None
     with tempfile.TemporaryDirectory() as tmp:
         base = load_config(args.config)
         generate_for_config(base, out=f"{tmp}/data", examples=args.examples, files=4, seed=0)
@@ -71,15 +71,14 @@ def main() -> None:
         )
         trainer = Trainer(config)
         trainer.model.train()
-        dataset = RecapDataset(config.train_data, seed=0, training=True)
-        streamed = iter(dataset)
-        in_memory = itertools.cycle([next(streamed) for _ in range(8)])
-        examples_per_second(trainer, streamed, 3)  # warm-up: buffers filled, kernels chosen
-        rates: dict[str, list[float]] = {"streamed": [], "in memory": []}
-        for _ in range(args.rounds):
-            rates["in memory"].append(examples_per_second(trainer, in_memory, args.steps))
-            rates["streamed"].append(examples_per_second(trainer, streamed, args.steps))
-        dataset.close()
+        with RecapDataset(config.train_data, seed=0, shuffle=True, repeat=True, drop_last=True) as dataset:
+            streamed = iter(dataset)
+            in_memory = itertools.cycle([next(streamed) for _ in range(8)])
+            examples_per_second(trainer, streamed, 3)  # warm-up: buffers filled, kernels chosen
+            rates: dict[str, list[float]] = {"streamed": [], "in memory": []}
+            for _ in range(args.rounds):
+                rates["in memory"].append(examples_per_second(trainer, in_memory, args.steps))
+                rates["streamed"].append(examples_per_second(trainer, streamed, args.steps))
     median = {k: statistics.median(v) for k, v in rates.items()}
     ratios = [s / m for s, m in zip(rates["streamed"], rates["in memory"], strict=True)]
     ratio = statistics.median(ratios)

@@ -126,16 +126,13 @@ def _check_baseline_features(config: Config, split: str) -> None:
 def _predict(config: Config, model: Ranker, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     model.eval()
     data = config.validation_data[split]
-    dataset = RecapDataset(data, seed=config.training.seed, training=False)
     out: tuple[list, list, list] = ([], [], [])
-    try:
+    with RecapDataset(data, seed=config.training.seed) as dataset:
         for batch in dataset:
             columns = batch.columns(config.task_names)
             out[0].append(model(batch.features)["calibrated_probabilities"].numpy())
             out[1].append(batch.labels[:, columns].numpy())
             out[2].append(batch.weights[:, columns].numpy())
-    finally:
-        dataset.close()
     return tuple(np.concatenate(parts) for parts in out)  # type: ignore[return-value]
 
 
@@ -148,17 +145,14 @@ def _baseline_features(batch_features: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 def _read(config: Config, data, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    dataset = RecapDataset(data, seed=config.training.seed, training=False)
     xs, ys, n = [], [], 0
-    try:
+    with RecapDataset(data, seed=config.training.seed) as dataset:
         for batch in dataset:
             xs.append(_baseline_features(batch.features))
             ys.append(batch.labels[:, batch.columns(config.task_names)].numpy())
             n += len(batch)
             if n >= limit:
                 break
-    finally:
-        dataset.close()
     return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import Config
-from .data.files import select_files
+from .data.files import shard_files
 from .errors import UserError
 
 T = TypeVar("T")
@@ -149,18 +149,7 @@ def check_sharding(config: Config, world_size: int, *, train: bool = True) -> No
     sections = {"train_data": config.train_data} if train else {}
     sections |= {f"validation_data.{split}": data for split, data in config.validation_data.items()}
     for where, data in sections.items():
-        if data.global_batch_size % world_size:
-            raise UserError(
-                f"{where}.global_batch_size: {data.global_batch_size} is not divisible by the world size "
-                f"{world_size}; each process takes global_batch_size / {world_size} examples per batch, so "
-                f"make it a multiple of {world_size}"
-            )
-        files = select_files(data)
-        if len(files) < world_size:
-            raise UserError(
-                f"{where}: {len(files)} data file(s) ({', '.join(files[:3])}) for {world_size} processes; "
-                f"each process reads its own files, so split the data into at least {world_size} files"
-            )
+        shard_files(data, 0, world_size, where)
 
 
 def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:

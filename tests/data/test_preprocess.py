@@ -14,34 +14,39 @@ from heavyranker.config.data import (
     RectifyLabels,
     TruncateAndSlice,
 )
+from heavyranker.data.batch import Rows
 from heavyranker.data.preprocess import (
-    Examples,
-    downcast,
-    downsample_negatives,
-    extract_features,
-    preprocess,
-    rectify_labels,
+    Downcaster,
+    FeatureExtractor,
+    LabelRectifier,
+    NegativeDownsampler,
+    Truncator,
+    build_preprocessors,
     round_to_bfloat16,
-    truncate_and_slice,
 )
 from heavyranker.errors import UserError
 
 HOUR_MS = 3_600_000
 
 
-def examples(labels, weights=None, **features) -> Examples:
+def examples(labels, weights=None, **features) -> Rows:
     labels = np.array(labels, dtype=np.float32)
     weights = np.ones_like(labels) if weights is None else np.array(weights, dtype=np.float32)
     ids = np.arange(len(labels))
-    return Examples({"id": ids, **features}, labels, weights, ("fav", "reply", "report")[: labels.shape[1]])
+    return Rows({"id": ids, **features}, labels, weights, ("fav", "reply", "report")[: labels.shape[1]])
+
+
+def preprocess(rows: Rows, config: Preprocess, *, labels: bool = True) -> Rows:
+    for preprocessor in build_preprocessors(config, labels=labels):
+        rows = preprocessor.apply(rows)
+    return rows
 
 
 def test_downsample_negatives_reference_example():
     # The reference's docstring: fav = [1, 0, 0, 0], multiplier 2 -> fav = [1, 0], weights [1, 3].
-    ex = downsample_negatives(
-        examples([[1], [0], [0], [0]]),
-        DownsampleNegatives(batch_multiplier=2, engagements_list=["fav"], num_engagements=1),
-    )
+    ex = NegativeDownsampler(
+        DownsampleNegatives(batch_multiplier=2, engagements_list=["fav"], num_engagements=1)
+    ).apply(examples([[1], [0], [0], [0]]))
     assert ex.features["id"].tolist() == [0, 1]
     assert ex.labels.tolist() == [[1], [0]] and ex.weights.tolist() == [[1], [3]]
 
@@ -59,10 +64,9 @@ def test_downsample_negatives_keeps_positives_of_any_engagement():
         [0, 0, 0],
     ]
     weights = np.full((9, 3), 2.0)
-    ex = downsample_negatives(
-        examples(labels, weights),
-        DownsampleNegatives(batch_multiplier=3, engagements_list=["fav", "reply"], num_engagements=3),
-    )
+    ex = NegativeDownsampler(
+        DownsampleNegatives(batch_multiplier=3, engagements_list=["fav", "reply"], num_engagements=3)
+    ).apply(examples(labels, weights))
     # 9 read, 3 kept: positives 1 and 3 (row 4 is a positive of report only, not listed), then negative 0,
     # which stands for the 7 negatives: weight 2 * 7 / 1 in every column.
     assert ex.features["id"].tolist() == [1, 3, 0]
@@ -72,18 +76,16 @@ def test_downsample_negatives_keeps_positives_of_any_engagement():
 
 
 def test_downsample_negatives_with_more_positives_than_room():
-    ex = downsample_negatives(
-        examples([[1], [1], [1], [0]]),
-        DownsampleNegatives(batch_multiplier=2, engagements_list=["fav"], num_engagements=1),
-    )
+    ex = NegativeDownsampler(
+        DownsampleNegatives(batch_multiplier=2, engagements_list=["fav"], num_engagements=1)
+    ).apply(examples([[1], [1], [1], [0]]))
     assert ex.features["id"].tolist() == [0, 1] and ex.weights.tolist() == [[1], [1]]
 
 
 def test_downsample_negatives_partial_batch_rounds_up():
-    ex = downsample_negatives(
-        examples([[0]] * 5),
-        DownsampleNegatives(batch_multiplier=2, engagements_list=["fav"], num_engagements=1),
-    )
+    ex = NegativeDownsampler(
+        DownsampleNegatives(batch_multiplier=2, engagements_list=["fav"], num_engagements=1)
+    ).apply(examples([[0]] * 5))
     assert len(ex) == 3 and ex.weights[:, 0] == pytest.approx([5 / 3] * 3)
 
 
@@ -92,14 +94,13 @@ def test_truncate_and_slice(tmp_path):
     binary = np.arange(12, dtype=np.float32).reshape(2, 6)
     np.save(tmp_path / "mask.npy", np.array([0, 1, 0, 2]))  # over the first 4 columns: keep 1 and 3
     ex = examples([[0], [0]], continuous=continuous, binary=binary)
-    truncate_and_slice(
-        ex,
+    Truncator(
         TruncateAndSlice(
             continuous_feature_truncation=3,
             binary_feature_truncation=4,
             binary_feature_mask_path=str(tmp_path / "mask.npy"),
-        ),
-    )
+        )
+    ).apply(ex)
     assert ex.features["continuous"].tolist() == [[0, 1, 2], [10, 11, 12]]
     assert ex.features["binary"].tolist() == [[1, 3], [7, 9]]
     assert ex.features["continuous"].flags.c_contiguous
@@ -112,13 +113,13 @@ def test_slicing_mask_longer_than_the_feature(tmp_path):
         continuous_feature_truncation=3, continuous_feature_mask_path=str(tmp_path / "mask.npy")
     )
     with pytest.raises(UserError, match=r"mask\.npy: the mask keeps column 3, but the feature has 3 columns"):
-        truncate_and_slice(ex, config)
+        Truncator(config).apply(ex)
 
 
 def test_downcast():
     values = np.array([[0.0, 1.5, -2.0, 300.0]], dtype=np.float32)
     ex = examples([[0]], a=values.copy(), b=values.copy(), c=np.array([[0, 3, 255]]), d=values.copy())
-    downcast(ex, DownCast(features={"a": "float16", "b": "bool", "c": "uint8", "d": "bfloat16"}))
+    Downcaster(DownCast(features={"a": "float16", "b": "bool", "c": "uint8", "d": "bfloat16"})).apply(ex)
     assert ex.features["a"].dtype == np.float16 and ex.features["a"].tolist() == [[0.0, 1.5, -2.0, 300.0]]
     assert ex.features["b"].tolist() == [[False, True, True, True]]
     assert ex.features["c"].dtype == np.uint8 and ex.features["c"].tolist() == [[0, 3, 255]]
@@ -145,15 +146,14 @@ def test_rectify_labels_window():
     engaged = served + np.array([HOUR_MS - 1, HOUR_MS, 7, -1, 7, 7])
     ex = examples(np.ones((6, 2)), weights=np.full((6, 2), 3.0))
     ex.extras = {"served": served, "impressed": impressed, "fav_at": engaged}
-    rectify_labels(
-        ex,
+    LabelRectifier(
         RectifyLabels(
             label_rectification_window_in_hours=1.0,
             served_timestamp_field="served",
             impressed_timestamp_field="impressed",
             label_to_engaged_timestamp_field={"fav": "fav_at"},
-        ),
-    )
+        )
+    ).apply(ex)
     # Kept only when served <= impressed, engaged < served + 1 hour:
     # row 0 in; 1 engaged at exactly 1 hour: out; 2 in; 3 engaged before serving: out;
     # 4 impressed at exactly 1 hour: out; 5 impressed before serving: out.
@@ -169,38 +169,33 @@ def test_rectify_labels_fractional_window_and_feature_timestamps():
         impressed=np.array([0, 0]),
         fav_at=np.array([HOUR_MS // 2 - 1, HOUR_MS // 2]),
     )
-    rectify_labels(
-        ex,
+    LabelRectifier(
         RectifyLabels(
             label_rectification_window_in_hours=0.5,
             served_timestamp_field="served",
             impressed_timestamp_field="impressed",
             label_to_engaged_timestamp_field={"fav": "fav_at"},
-        ),
-    )
+        )
+    ).apply(ex)
     assert ex.labels[:, 0].tolist() == [1, 0]
 
 
 def test_extract_features():
     ex = examples([[0], [0]], continuous=np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=np.float32))
-    extract_features(
-        ex,
-        ExtractFeatures(
-            extract_feature_table=[{"name": "second", "source_tensor": "continuous", "index": 1}]
-        ),
-    )
+    FeatureExtractor(
+        ExtractFeatures(extract_feature_table=[{"name": "second", "source_tensor": "continuous", "index": 1}])
+    ).apply(ex)
     assert ex.features["second"].tolist() == [2.0, 5.0] and ex.features["second"].shape == (2,)
     with pytest.raises(UserError, match=r"extract_features \(bad\): index 3 is out of range for continuous"):
-        extract_features(
-            ex,
+        FeatureExtractor(
             ExtractFeatures(
                 extract_feature_table=[{"name": "bad", "source_tensor": "continuous", "index": 3}]
-            ),
-        )
+            )
+        ).apply(ex)
     with pytest.raises(UserError, match=r"no feature nope"):
-        extract_features(
-            ex, ExtractFeatures(extract_feature_table=[{"name": "bad", "source_tensor": "nope", "index": 0}])
-        )
+        FeatureExtractor(
+            ExtractFeatures(extract_feature_table=[{"name": "bad", "source_tensor": "nope", "index": 0}])
+        ).apply(ex)
 
 
 def test_order_and_prediction_skips_label_preprocessors():
@@ -217,19 +212,18 @@ def test_order_and_prediction_skips_label_preprocessors():
     ex = preprocess(examples([[0], [1], [0], [0]], continuous=continuous.copy()), config)
     # Downsampled first (row 1 positive, then row 0), truncated, then column 1 of the truncated values.
     assert ex.features["id"].tolist() == [1, 0] and ex.features["last"].tolist() == [5, 2]
-    no_labels = Examples(
+    no_labels = Rows(
         {"continuous": continuous.copy()}, np.zeros((4, 0), np.float32), np.zeros((4, 0), np.float32), ()
     )
-    ex = preprocess(no_labels, config, with_labels=False)
+    ex = preprocess(no_labels, config, labels=False)
     assert ex.features["last"].tolist() == [2, 5, 8, 11]
 
 
 def test_unknown_task_is_named():
     with pytest.raises(UserError, match=r"engagements_list: like is not a task of this data config"):
-        downsample_negatives(
-            examples([[1]]),
-            DownsampleNegatives(batch_multiplier=2, engagements_list=["like"], num_engagements=1),
-        )
+        NegativeDownsampler(
+            DownsampleNegatives(batch_multiplier=2, engagements_list=["like"], num_engagements=1)
+        ).apply(examples([[1]]))
 
 
 def test_bad_masks_and_fields_are_named(tmp_path):
@@ -241,15 +235,13 @@ def test_bad_masks_and_fields_are_named(tmp_path):
         ("junk", "cannot read"),
     ):
         with pytest.raises(UserError, match=rf"{name}\.npy: .*{problem}"):
-            truncate_and_slice(
-                ex, TruncateAndSlice(continuous_feature_mask_path=str(tmp_path / f"{name}.npy"))
-            )
+            Truncator(TruncateAndSlice(continuous_feature_mask_path=str(tmp_path / f"{name}.npy"))).apply(ex)
     with pytest.raises(UserError, match=r"downcast\.features: no feature nope"):
-        downcast(ex, DownCast(features={"nope": "bool"}))
+        Downcaster(DownCast(features={"nope": "bool"})).apply(ex)
     config = RectifyLabels(
         served_timestamp_field="stamps",
         impressed_timestamp_field="stamps",
         label_to_engaged_timestamp_field={"fav": "stamps"},
     )
     with pytest.raises(UserError, match=r"served_timestamp_field: stamps must hold one value per example"):
-        rectify_labels(ex, config)
+        LabelRectifier(config).apply(ex)

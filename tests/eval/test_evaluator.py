@@ -42,7 +42,7 @@ def test_metrics_equal_sklearn_on_the_same_predictions_with_the_split_weights(sm
     probs, labels, weights = [], [], []
     column = model.task_names.index(FAV)
     with torch.no_grad():
-        for batch in RecapDataset(config.validation_data["validation_downsampled"], training=False):
+        for batch in RecapDataset(config.validation_data["validation_downsampled"]):
             probs.append(model(batch.features)["calibrated_probabilities"][:, column])
             [label_column] = batch.columns([FAV])
             labels.append(batch.labels[:, label_column])
@@ -66,7 +66,7 @@ def test_stratified_metrics_cover_the_matching_rows(small_data, trained):
     )["validation"]
     matching = sum(
         int((b.features["discrete"][:, 0] == 0).sum())
-        for b in RecapDataset(config.validation_data["validation"], training=False)
+        for b in RecapDataset(config.validation_data["validation"])
     )
     assert 0 < matching < results[FAV]["num_examples"]
     assert results[f"{FAV}/first_is_zero"]["num_examples"] == matching

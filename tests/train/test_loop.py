@@ -169,7 +169,8 @@ def test_non_finite_features_are_named_when_the_loss_goes_non_finite(small_data,
     trainer = Trainer(
         small_config(small_data, tmp_path, *FAST, "model.featurization_config={log1p_abs_config: {}}")
     )
-    batch = next(iter(RecapDataset(trainer.config.train_data, training=False)))
+    with RecapDataset(trainer.config.train_data) as dataset:
+        batch = next(iter(dataset))
     batch.features["continuous"][3, 5] = float("nan")
     with pytest.raises(
         NonFiniteLoss,

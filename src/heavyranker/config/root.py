@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ..schema import SchemaError, load_schema
+from ..schema import FeatureSpec, SchemaError, load_schema
 from .base import NO_EFFECT, StrictModel
 from .data import DataConfig
 from .model import ModelConfig
@@ -99,25 +99,34 @@ def cross_check(config: Config) -> list[Problem]:
 
 
 def _schema_problems(where: str, data: DataConfig) -> list[Problem]:
-    """Every feature and label the config reads must exist in the schema file."""
-    path = data.seg_dense_schema.schema_path
+    """What the config reads must be in the schema file, in a form a batch of tensors can hold."""
     try:
-        names = load_schema(path)
+        specs = load_schema(data.seg_dense_schema.schema_path)
     except SchemaError as e:
         return [(f"{where}.seg_dense_schema.schema_path", str(e))]
-    problems = []
+    return [
+        *_feature_problems(where, data, specs),
+        *_label_problems(where, data, specs),
+        *_mantissa_problems(where, data, specs),
+        *_timestamp_problems(where, data, specs),
+    ]
+
+
+def _feature_problems(where: str, data: DataConfig, specs: dict[str, FeatureSpec]) -> list[Problem]:
     schema = data.seg_dense_schema
-    for new_name, old_name in schema.renamed_features.items():
-        if old_name not in names:
+    read = [(f"renamed_features.{new}", old) for new, old in schema.renamed_features.items()]
+    read += [("features", name) for name in schema.features]
+    problems = []
+    for field, name in read:
+        if name not in specs:
+            problems.append((f"{where}.seg_dense_schema.{field}", f"{name} is not in {schema.schema_path}"))
+        elif specs[name].dtype == "bytes_list":
             problems.append(
-                (f"{where}.seg_dense_schema.renamed_features.{new_name}", f"{old_name} is not in {path}")
+                (
+                    f"{where}.seg_dense_schema.{field}",
+                    f"{name} is a bytes_list, which a batch of tensors cannot hold",
+                )
             )
-    for name in schema.features:
-        if name not in names:
-            problems.append((f"{where}.seg_dense_schema.features", f"{name} is not in {path}"))
-    for task in data.tasks:
-        if task not in names:
-            problems.append((f"{where}.tasks.{task}", f"no label feature of that name in {path}"))
     return problems
 
 
@@ -194,3 +203,60 @@ def _schedules(optimizer: OptimizerConfig) -> list[tuple[str, LearningRate]]:
     out = [(f"{where}.backbone_learning_rate", rates.backbone_learning_rate)]
     out += [(f"{where}.tower_learning_rates.{task}", lr) for task, lr in rates.tower_learning_rates.items()]
     return [(path, schedule) for path, schedule in out if schedule is not None]
+
+
+def _label_problems(where: str, data: DataConfig, specs: dict[str, FeatureSpec]) -> list[Problem]:
+    problems = []
+    for task in data.tasks:
+        if task not in specs:
+            problems.append(
+                (
+                    f"{where}.tasks.{task}",
+                    f"no label feature of that name in {data.seg_dense_schema.schema_path}",
+                )
+            )
+        elif specs[task].length != 1:
+            problems.append(
+                (
+                    f"{where}.tasks.{task}",
+                    f"the schema gives it {specs[task].length} values; a label is one value per example",
+                )
+            )
+    return problems
+
+
+def _mantissa_problems(where: str, data: DataConfig, specs: dict[str, FeatureSpec]) -> list[Problem]:
+    schema = data.seg_dense_schema
+    features = {**schema.renamed_features, **{name: name for name in schema.features}}  # name -> in schema
+    problems = []
+    for name in schema.mask_mantissa_features:
+        field = f"{where}.seg_dense_schema.mask_mantissa_features.{name}"
+        if name not in features:
+            problems.append((field, f"not a feature read by this config (features: {', '.join(features)})"))
+        elif features[name] in specs and specs[features[name]].dtype != "float_list":
+            problems.append((field, "only float features have a mantissa"))
+    return problems
+
+
+def _timestamp_problems(where: str, data: DataConfig, specs: dict[str, FeatureSpec]) -> list[Problem]:
+    """rectify_labels reads each timestamp as a renamed feature or, by its schema name, from the schema."""
+    rectify = data.preprocess and data.preprocess.rectify_labels
+    if not rectify:
+        return []
+    fields = {
+        "served_timestamp_field": rectify.served_timestamp_field,
+        "impressed_timestamp_field": rectify.impressed_timestamp_field,
+        **{
+            f"label_to_engaged_timestamp_field.{task}": name
+            for task, name in rectify.label_to_engaged_timestamp_field.items()
+        },
+    }
+    schema = data.seg_dense_schema
+    return [
+        (
+            f"{where}.preprocess.rectify_labels.{field}",
+            f"the timestamp {name} is neither a renamed feature nor in the schema {schema.schema_path}",
+        )
+        for field, name in fields.items()
+        if name not in schema.renamed_features and name not in specs
+    ]

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..config.data import DataConfig
 from ..errors import UserError
 from .dataset import RecapDataset
 
@@ -23,18 +24,27 @@ def dump_batches(
     shuffle: bool = True,
     out: str = "batches.npz",
 ) -> None:
-    """Writes `batches` batches of `split` ("train" or a validation split) to `out`: every feature under its
-    renamed name, `labels` and `weights` [N, T], and `tasks` (the label order). shuffle=True reads as
-    training does (shuffled, seeded by training.seed); shuffle=False reads the files in order. `inputs`
-    (a glob) replaces the split's files. bfloat16 features are written as float32 (numpy has no bfloat16)."""
+    """Writes the first `batches` batches of `split` ("train" or a validation split) to `out`: every feature
+    under its renamed name, `labels` and `weights` [N, T], and `tasks` (the label order).
+    The train split with shuffle=True is read exactly as training reads it (shuffled from training.seed,
+    repeated, full batches), so the batches are training's first ones. Otherwise one pass is read (fewer
+    batches if it ends first): a validation split in the order evaluation reads it, or shuffled.
+    `inputs` (a glob) replaces the split's files. bfloat16 features are written as float32 (numpy has no
+    bfloat16)."""
     if batches < 1:
         raise UserError(f"--batches must be at least 1, got {batches}")
-    data = _split(config, split)
-    dataset = RecapDataset(data, seed=config.training.seed, training=shuffle, inputs=inputs)
-    try:
+    where, data = _split(config, split)
+    as_training = shuffle and split == "train"
+    with RecapDataset(
+        data,
+        seed=config.training.seed,
+        shuffle=shuffle,
+        repeat=as_training,
+        drop_last=as_training,
+        inputs=inputs,
+        where=where,
+    ) as dataset:
         read = list(islice(dataset, batches))
-    finally:
-        dataset.close()
     if not read:
         raise UserError(f"split {split}: no examples to dump")
     arrays = {name: _numpy([b.features[name] for b in read]) for name in read[0].features}
@@ -46,14 +56,15 @@ def dump_batches(
     log.info("wrote %d examples of %s (%d batches) to %s", len(arrays["labels"]), split, len(read), out)
 
 
-def _split(config: Config, split: str):
+def _split(config: Config, split: str) -> tuple[str, DataConfig]:
+    """The config section of `split` and its data config."""
     if split == "train":
-        return config.train_data
+        return "train_data", config.train_data
     if split not in config.validation_data:
         raise UserError(
             f"no split {split!r}: the splits are train, {', '.join(config.validation_data) or '(none)'}"
         )
-    return config.validation_data[split]
+    return f"validation_data.{split}", config.validation_data[split]
 
 
 def _numpy(tensors: list[torch.Tensor]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Which files a data config reads: an `inputs` glob, or dated folders (data_root/YYYY/MM/DD[/HH])."""
+"""Which files a data config reads: an `inputs` glob, or dated folders (data_root/YYYY/MM/DD[/HH]); and
+which of them each rank reads."""
 
 from __future__ import annotations
 
@@ -33,6 +34,25 @@ def select_files(data: DataConfig) -> list[str]:
         log.info("keeping %d of %d files (num_files_to_keep)", data.num_files_to_keep, len(files))
         files = files[: data.num_files_to_keep]
     return files
+
+
+def shard_files(data: DataConfig, rank: int, world_size: int, where: str) -> tuple[list[str], int]:
+    """This rank's files, files[rank::world_size] of `data`'s sorted files, and its batch size,
+    global_batch_size / world_size. Raises UserError naming the config section `where` (train_data,
+    validation_data.<split>) when the data cannot be shared that way."""
+    if data.global_batch_size % world_size:
+        raise UserError(
+            f"{where}.global_batch_size: {data.global_batch_size} is not divisible by the world size "
+            f"{world_size}; each process takes global_batch_size / {world_size} examples per batch, so "
+            f"make it a multiple of {world_size}"
+        )
+    files = select_files(data)
+    if len(files) < world_size:
+        raise UserError(
+            f"{where}: {len(files)} data file(s) ({', '.join(files[:3])}) for {world_size} processes; "
+            f"each process reads its own files, so split the data into at least {world_size} files"
+        )
+    return files[rank::world_size], data.global_batch_size // world_size
 
 
 def glob_files(pattern: str) -> list[str]:

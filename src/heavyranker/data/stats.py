@@ -52,9 +52,8 @@ def _moments(config: Config, batches: int) -> tuple[np.ndarray, np.ndarray, np.n
         raise UserError(
             "train_data.seg_dense_schema.renamed_features has no `continuous` feature to describe"
         )
-    dataset = RecapDataset(config.train_data, seed=config.training.seed, training=False)
     count = mean = m2 = None
-    try:
+    with RecapDataset(config.train_data, seed=config.training.seed, where="train_data") as dataset:
         for i, batch in enumerate(dataset):
             if i == batches:
                 break
@@ -74,8 +73,6 @@ def _moments(config: Config, batches: int) -> tuple[np.ndarray, np.ndarray, np.n
             mean = mean + delta * share
             m2 = m2 + batch_m2 + delta**2 * count * share
             count = total
-    finally:
-        dataset.close()
     if count is None:
         raise DataError(
             f"no training examples to describe in {config.train_data.inputs or 'the dated inputs'}"

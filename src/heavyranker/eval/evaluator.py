@@ -49,11 +49,10 @@ def evaluate_split(
     stratifiers = config.model.stratifiers or []
     overall = MetricAccumulator(len(tasks))
     strata = [MetricAccumulator(len(tasks)) for _ in stratifiers]
-    dataset = RecapDataset(
-        data, seed=config.training.seed, rank=runtime.rank, world_size=runtime.world_size, training=False
-    )
     limit = config.training.num_eval_steps
-    try:
+    with RecapDataset(
+        data, seed=config.training.seed, rank=runtime.rank, world_size=runtime.world_size
+    ) as dataset:
         for i, batch in enumerate(dataset):
             if 0 <= limit <= i:
                 break
@@ -65,8 +64,6 @@ def evaluate_split(
             for stratifier, accumulator in zip(stratifiers, strata, strict=True):
                 keep = (batch.features["discrete"][:, stratifier.index] == stratifier.value).cpu()
                 accumulator.add(labels[keep], probs[keep], weights[keep])
-    finally:
-        dataset.close()
     # Each rank read its own files: the metrics are those of all ranks' examples together.
     overall, strata = gather_metrics(overall, runtime), [gather_metrics(a, runtime) for a in strata]
     results = overall.compute(tasks)

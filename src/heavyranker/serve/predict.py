@@ -35,14 +35,9 @@ def predict_files(*, model_dir: str, inputs: str, out: str, batch_size: int = 10
     """Scores every record of the files `inputs` (a glob) matches, in file order; returns the row count."""
     writer_class = _writer_class(out)
     scorer = Scorer(model_dir)
-    dataset = RecapDataset(
-        _data_config(scorer, model_dir, batch_size), training=False, inputs=inputs, require_labels=False
-    )
-    try:
-        with atomic_path(out) as temporary:
-            rows = _write(dataset, scorer, writer_class, temporary)
-    finally:
-        dataset.close()
+    data = _data_config(scorer, model_dir, batch_size)
+    with RecapDataset(data, inputs=inputs, require_labels=False) as dataset, atomic_path(out) as temporary:
+        rows = _write(dataset, scorer, writer_class, temporary)
     log.info("wrote %d rows to %s", rows, out)
     return rows
 

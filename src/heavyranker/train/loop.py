@@ -101,49 +101,55 @@ class Trainer:
         if self.step >= training.num_train_steps:
             log.info("already at step %d of %d: nothing to do", self.step, training.num_train_steps)
             return
-        dataset = RecapDataset(
+        with RecapDataset(
             self.config.train_data,
             seed=training.seed,
             rank=self.runtime.rank,
             world_size=self.runtime.world_size,
-            training=True,
-        )
-        dataset.skip_to(self.step * self.accumulation)
-        logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main)
-        batches = iter(dataset)
+            shuffle=True,
+            repeat=True,
+            drop_last=True,
+            where="train_data",
+        ) as dataset:
+            dataset.skip_to(self.step * self.accumulation)
+            logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main)
+            try:
+                self._train(iter(dataset), logger)
+            finally:
+                logger.close()
+
+    def _train(self, batches: Iterator[Batch], logger: TrainLogger) -> None:
+        """Steps until num_train_steps or a stop signal, logging, checkpointing and evaluating on the way."""
+        training = self.config.training
         self.model.train()
-        try:
-            with (
-                self._stop_on_signals(),
-                tqdm(
-                    total=training.num_train_steps,
-                    initial=self.step,
-                    disable=not self.runtime.is_main,
-                    dynamic_ncols=True,
-                    desc="train",
-                ) as bar,
-            ):
-                # A signal may reach some ranks only, or at different times: all ranks stop at the same step.
-                while self.step < training.num_train_steps and not self.runtime.any(self._stop_requested):
-                    started = time.perf_counter()
-                    total, per_task, examples = self.train_step(batches)
-                    self.step += 1
-                    logger.add(total, per_task, examples, time.perf_counter() - started)
-                    bar.update(1)
-                    if self.step % training.train_log_every_n == 0:
-                        line = logger.flush(self.step, self.model.task_names, self._learning_rates())
-                        bar.set_postfix(loss=f"{line['loss']:.4f}")
-                        log.info(_format_log_line(line))
-                    if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
-                        self.save()
-                    if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
-                        self._evaluate(logger)
-            if self.step < training.num_train_steps:
-                log.info("stopping on a signal at step %d", self.step)
-                self.save()
-        finally:
-            dataset.close()
-            logger.close()
+        with (
+            self._stop_on_signals(),
+            tqdm(
+                total=training.num_train_steps,
+                initial=self.step,
+                disable=not self.runtime.is_main,
+                dynamic_ncols=True,
+                desc="train",
+            ) as bar,
+        ):
+            # A signal may reach some ranks only, or at different times: all ranks stop at the same step.
+            while self.step < training.num_train_steps and not self.runtime.any(self._stop_requested):
+                started = time.perf_counter()
+                total, per_task, examples = self.train_step(batches)
+                self.step += 1
+                logger.add(total, per_task, examples, time.perf_counter() - started)
+                bar.update(1)
+                if self.step % training.train_log_every_n == 0:
+                    line = logger.flush(self.step, self.model.task_names, self._learning_rates())
+                    bar.set_postfix(loss=f"{line['loss']:.4f}")
+                    log.info(_format_log_line(line))
+                if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
+                    self.save()
+                if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
+                    self._evaluate(logger)
+        if self.step < training.num_train_steps:
+            log.info("stopping on a signal at step %d", self.step)
+            self.save()
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, int]:
         device = self.runtime.device

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...config import Config
-from ...config.data import DataConfig
 from ...errors import UserError
 from ...schema import FeatureSpec, load_schema
-from ..preprocess import mask_columns
+from ..preprocess.truncate_and_slice import SLICED, truncated_columns
 from .profiles import SOURCES
 
 EMBEDDINGS = ("user_embedding", "user_eng_embedding", "author_embedding")
@@ -57,20 +56,10 @@ def layout_for(config: Config) -> Layout:
     layout = Layout(specs, roles, tuple(tasks), {})
     for role in SOURCES:
         spec = layout.spec(role)
-        layout.kept[role] = _kept_columns(data, role, spec.length if spec else 0)
+        # Only the columns the config keeps carry signal: the generator takes them where training does.
+        truncation = data.preprocess.truncate_and_slice if data.preprocess and role in SLICED else None
+        layout.kept[role] = truncated_columns(truncation, role, spec.length if spec else 0)
     return layout
-
-
-def _kept_columns(data: DataConfig, role: str, width: int) -> np.ndarray:
-    """The columns truncate_and_slice keeps: the first `truncation`, then those of the mask."""
-    columns = np.arange(width)
-    ts = data.preprocess.truncate_and_slice if data.preprocess else None
-    if ts:
-        limit, mask = getattr(ts, f"{role}_feature_truncation"), getattr(ts, f"{role}_feature_mask_path")
-        columns = columns[:limit]
-        if mask is not None:
-            columns = columns[mask_columns(mask, len(columns))]
-    return columns
 
 
 def numpy_dtype(spec: FeatureSpec | None) -> type:

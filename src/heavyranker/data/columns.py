@@ -1,0 +1,116 @@
+"""A data config's columns: what to decode from each record, how the decoded columns become Rows and then
+a Batch, and the Spec of every feature of that Batch (for data/shapes.py, without reading any data).
+
+The schema facts this relies on (every name is in the schema, a label is one value, no feature is a
+bytes_list, mantissa masks name float features read) are config-time checks: config/root.py cross_check."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from ..config.data import DataConfig
+from ..errors import DataError
+from ..schema import FeatureSpec, load_schema
+from .batch import Batch, Rows, Spec
+from .order import Item
+from .preprocess import Preprocessor, build_preprocessors
+from .tf_example import ExampleDecoder
+
+FLAGS = "binary"  # 0/1 flags, int64 in the schema; the model takes them as float32 (or as downcast says)
+
+
+def feature_sources(data: DataConfig) -> dict[str, str]:
+    """Feature name as the batch holds it -> its name in the schema: the renamed features, then those read
+    under their own names."""
+    schema = data.seg_dense_schema
+    return {**schema.renamed_features, **{name: name for name in schema.features}}
+
+
+def feature_specs(data: DataConfig) -> dict[str, Spec]:
+    """Feature name -> its Spec in the batches of `data`: the schema's (float_list float32, int64_list
+    int64, a length-1 feature one value per example), the flags as float32, then what each preprocessor
+    makes of them, in their order."""
+    schema = load_schema(data.seg_dense_schema.schema_path)
+    specs = {name: _spec(schema[source]) for name, source in feature_sources(data).items()}
+    if FLAGS in specs:
+        specs[FLAGS] = Spec(specs[FLAGS].shape, torch.float32)
+    for preprocessor in build_preprocessors(data.preprocess):
+        specs = preprocessor.output_specs(specs)
+    return specs
+
+
+def _spec(feature: FeatureSpec) -> Spec:
+    shape = () if feature.length == 1 else (feature.length,)
+    return Spec(shape, torch.float32 if feature.dtype == "float_list" else torch.int64)
+
+
+class Columns:
+    """What to decode for a data config, and how decoded columns become Rows and then a Batch.
+    labels=False (prediction) reads no label: Rows.tasks is () and labels and weights are [N, 0]."""
+
+    def __init__(self, data: DataConfig, preprocessors: list[Preprocessor], labels: bool):
+        self.specs = load_schema(data.seg_dense_schema.schema_path)
+        self.features = feature_sources(data)
+        self.tasks = tuple(data.tasks) if labels else ()
+        self.pos_rates = np.array([data.tasks[t].pos_downsampling_rate for t in self.tasks], dtype=np.float32)
+        self.neg_rates = np.array([data.tasks[t].neg_downsampling_rate for t in self.tasks], dtype=np.float32)
+        # Columns the preprocessors read that are not features (a timestamp): read under the schema's name.
+        extras = [name for p in preprocessors for name in p.columns if name not in self.features]
+        self.extras = list(dict.fromkeys(extras))
+        self.wanted = list(dict.fromkeys([*self.features.values(), *self.tasks, *self.extras]))
+        self.mantissa_masks = {
+            name: np.uint32((0xFFFFFFFF << bits) & 0xFFFFFFFF)
+            for name, bits in data.seg_dense_schema.mask_mantissa_features.items()
+        }
+        # numpy has no bfloat16: downcast leaves bfloat16-exact float32 values, which the batch converts.
+        self.bfloat16 = [name for name, spec in feature_specs(data).items() if spec.dtype == torch.bfloat16]
+        self._decoders = threading.local()
+
+    def decode(self, items: list[Item]) -> dict[str, np.ndarray]:
+        """Schema name -> [N, length] array of the wanted columns of these records."""
+        decoder = getattr(self._decoders, "decoder", None)
+        if decoder is None:  # one per thread: a decoder counts the absent features it meets
+            decoder = self._decoders.decoder = ExampleDecoder(self.specs, self.wanted)
+        try:
+            return decoder.decode_batch([record for record, _, _ in items], file="(a batch)")
+        except DataError:
+            # Name the file and record: decode them one by one until the bad one raises.
+            for record, path, index in items:
+                decoder.decode_batch([record], file=path, first_index=index)
+            raise
+
+    def rows(self, columns: dict[str, np.ndarray]) -> Rows:
+        features = {out: _squeeze(columns[source]) for out, source in self.features.items()}
+        if FLAGS in features:
+            features[FLAGS] = features[FLAGS].astype(np.float32)
+        for name, mask in self.mantissa_masks.items():
+            features[name].view(np.uint32)[...] &= mask
+        if self.tasks:
+            labels = (np.concatenate([columns[t] for t in self.tasks], axis=1) > 0).astype(np.float32)
+        else:
+            labels = np.zeros((len(next(iter(columns.values()))), 0), dtype=np.float32)
+        # Inverse sampling probability of the stored label; computed before rectify_labels on purpose.
+        weights = labels / self.pos_rates + (1 - labels) / self.neg_rates
+        extras = {name: _squeeze(columns[name]) for name in self.extras}
+        return Rows(features, labels, weights, self.tasks, extras)
+
+    def batch(self, rows: Rows) -> Batch:
+        features = {
+            name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in rows.features.items()
+        }
+        for name in self.bfloat16:  # exact: downcast rounded the values to bfloat16 already
+            features[name] = features[name].to(torch.bfloat16)
+        return Batch(
+            features,
+            torch.from_numpy(np.ascontiguousarray(rows.labels)),
+            torch.from_numpy(np.ascontiguousarray(rows.weights, dtype=np.float32)),
+            rows.tasks,
+        )
+
+
+def _squeeze(values: np.ndarray) -> np.ndarray:
+    """Length-1 features are one value per example: [N]."""
+    return values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
