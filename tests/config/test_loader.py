@@ -219,3 +219,82 @@ def test_cli_invalid_config_exits_2_one_line_per_problem_no_traceback(tmp_path, 
 def test_cli_missing_config_file(tmp_path, capsys):
     assert main(["config", "validate", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: cannot read the config" in capsys.readouterr().err
+
+
+# --- YAML that would take a command down: refused while the nodes are composed, each naming its line ---
+
+
+def test_billion_laughs_is_refused_at_the_alias_that_crosses_a_million_nodes(tmp_path):
+    # lolK is a list of ten aliases of lol(K-1): 10**9 strings at lol9, in 567 bytes.
+    lines = ['lol0: &a0 ["lol"]']
+    lines += [f"lol{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 10)}]" for k in range(1, 10)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    # Expanded, lolK holds n_K = 1 + 10 n_(K-1) nodes (n_0 = 2): lines 1-6 with their keys and the root
+    # make 234,584 nodes, and line 7 (lol6) adds 2 + 211,111 per alias: the 4th alias crosses 1,000,000.
+    assert problems(path) == [f"{path}: line 7: more than 1,000,000 nodes once aliases are expanded"]
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("a: &a [*a]\n", "line 1: the alias *a is inside the node it names"),
+        ("a: &a\n  b: [1, *a]\n", "line 2: the alias *a is inside the node it names"),
+        ("a: " + "[" * 100_000 + "\n", "line 1: nested more than 64 levels deep"),
+        # 40 levels under an anchor, used 30 levels down: 71 levels once expanded
+        ("a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 30 + "*a" + "]" * 30 + "\n", "line 2: nested more"),
+        (
+            "training:\n  seed: " + "7" * 5000 + "\n",
+            "line 2: an integer of 5,000 characters is beyond any field",
+        ),
+        (
+            "training:\n  num_train_steps: 5\n  num_train_steps: 7\n",
+            "line 3: num_train_steps is given twice in this mapping (first on line 2)",
+        ),
+        ("a: [1, 2\nb: 3\n", "line 2: not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
+    ],
+    ids=["self-alias", "self-alias-in-mapping", "deep", "deep-through-alias", "long-int", "twice", "syntax"],
+)
+def test_hostile_yaml_is_one_line_naming_the_line(tmp_path, text, line):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    [got] = problems(path)
+    assert got.startswith(f"{path}: {line}")
+
+
+@pytest.mark.parametrize(
+    "lists, first", [(63, "a: unknown field"), (64, "line 1: nested more than 64 levels")]
+)
+def test_nesting_is_refused_past_64_levels(tmp_path, lists, first):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: " + "[" * lists + "]" * lists + "\n")  # the top mapping, then the lists
+    assert any(line.startswith(f"{path}: {first}") for line in problems(path))
+
+
+def test_an_env_var_cannot_smuggle_in_a_long_integer(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEED", "7" * 5000)
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  seed: ${SEED}\n")
+    assert problems(path) == [f"{path}: line 2: an integer of 5,000 characters is beyond any field"]
+
+
+def test_a_merge_key_may_still_override_what_it_merges(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")
+    assert "twice" not in " ".join(problems(path))
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[" * 100, "nested more than 64 levels deep"),
+        ("{a: 1, a: 2}", "a is given twice in this mapping (first on line 1)"),
+        ("7" * 5000, "an integer of 5,000 characters is beyond any field"),
+        ("[1, 2", "not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
+    ],
+    ids=["deep", "twice", "long-int", "syntax"],
+)
+def test_set_values_go_through_the_same_yaml_checks(small_config_path, value, message):
+    [line] = problems(small_config_path, [f"training.seed={value}"])
+    assert line.startswith(f"{small_config_path}: --set: 'training.seed=")
+    assert message in line
