@@ -235,31 +235,50 @@ def test_billion_laughs_is_refused_at_the_alias_that_crosses_a_million_nodes(tmp
     assert problems(path) == [f"{path}: line 7: more than 1,000,000 nodes once aliases are expanded"]
 
 
+LONG_INT = (
+    "is not a valid int: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"
+)
+
+
 @pytest.mark.parametrize(
-    "text, line",
+    "text, line, message",
     [
-        ("a: &a [*a]\n", "line 1: the alias *a is inside the node it names"),
-        ("a: &a\n  b: [1, *a]\n", "line 2: the alias *a is inside the node it names"),
-        ("a: " + "[" * 100_000 + "\n", "line 1: nested more than 64 levels deep"),
+        ("a: &a [*a]\n", 1, "the alias *a is inside the node it names"),
+        ("a: &a\n  b: [1, *a]\n", 2, "the alias *a is inside the node it names"),
+        ("a: " + "[" * 100_000 + "\n", 1, "nested more than 64 levels deep"),
         # 40 levels under an anchor, used 30 levels down: 71 levels once expanded
-        ("a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 30 + "*a" + "]" * 30 + "\n", "line 2: nested more"),
         (
-            "training:\n  seed: " + "7" * 5000 + "\n",
-            "line 2: an integer of 5,000 characters is beyond any field",
+            "a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 30 + "*a" + "]" * 30 + "\n",
+            2,
+            "nested more than 64",
         ),
+        ("training:\n  seed: " + "7" * 5000 + "\n", 2, LONG_INT),
+        ("a: 2023-13-01\n", 1, "'2023-13-01' is not a valid timestamp: month must be in 1..12"),
+        ("a: !!int abc\n", 1, "'abc' is not a valid int: invalid literal for int() with base 10: 'abc'"),
         (
             "training:\n  num_train_steps: 5\n  num_train_steps: 7\n",
-            "line 3: num_train_steps is given twice in this mapping (first on line 2)",
+            3,
+            "num_train_steps is given twice in this mapping (first on line 2)",
         ),
-        ("a: [1, 2\nb: 3\n", "line 2: not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
+        ("a: [1, 2\nb: 3\n", 2, "not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
     ],
-    ids=["self-alias", "self-alias-in-mapping", "deep", "deep-through-alias", "long-int", "twice", "syntax"],
+    ids=[
+        "self-alias",
+        "self-alias-in-map",
+        "deep",
+        "deep-via-alias",
+        "long-int",
+        "date",
+        "tag",
+        "twice",
+        "syntax",
+    ],
 )
-def test_hostile_yaml_is_one_line_naming_the_line(tmp_path, text, line):
+def test_hostile_yaml_is_one_line_naming_the_line(tmp_path, text, line, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)
     [got] = problems(path)
-    assert got.startswith(f"{path}: {line}")
+    assert got.startswith(f"{path}: line {line}: ") and message in got
 
 
 @pytest.mark.parametrize(
@@ -275,7 +294,14 @@ def test_an_env_var_cannot_smuggle_in_a_long_integer(tmp_path, monkeypatch):
     monkeypatch.setenv("SEED", "7" * 5000)
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  seed: ${SEED}\n")
-    assert problems(path) == [f"{path}: line 2: an integer of 5,000 characters is beyond any field"]
+    [line] = problems(path)
+    assert line.startswith(f"{path}: line 2: '7777") and line.endswith(LONG_INT)
+
+
+def test_a_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"training:\n  seed: \xff\n")
+    assert problems(path) == [f"{path}: not UTF-8 text: invalid start byte at byte 18"]
 
 
 def test_a_merge_key_may_still_override_what_it_merges(tmp_path):
@@ -289,7 +315,7 @@ def test_a_merge_key_may_still_override_what_it_merges(tmp_path):
     [
         ("[" * 100, "nested more than 64 levels deep"),
         ("{a: 1, a: 2}", "a is given twice in this mapping (first on line 1)"),
-        ("7" * 5000, "an integer of 5,000 characters is beyond any field"),
+        ("7" * 5000, LONG_INT),
         ("[1, 2", "not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
     ],
     ids=["deep", "twice", "long-int", "syntax"],

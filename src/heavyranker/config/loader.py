@@ -21,8 +21,6 @@ _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # 10**9 nodes, and PyYAML, _unshare and pydantic recurse once per level of nesting.
 MAX_NODES = 1_000_000  # once aliases are expanded
 MAX_DEPTH = 64
-# Python refuses to convert an integer of more than 4,300 digits; no field takes one of more than 20.
-MAX_INT_CHARS = 100
 
 
 class ConfigError(Exception):
@@ -68,6 +66,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(str(path), [("", f"cannot read the config: {e.strerror}")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
     try:
         loader = _BoundedLoader(text)
         try:
@@ -97,7 +97,7 @@ class _Refused(yaml.MarkedYAMLError):
 class _BoundedLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing what would exhaust memory or the stack, or drop a value silently:
     more than MAX_NODES nodes or MAX_DEPTH levels once aliases are expanded, an alias inside the node it
-    names, a key given twice in one mapping, an integer too long to convert. Each refusal names its line."""
+    names, a key given twice in one mapping, a scalar that cannot be converted. Each names its line."""
 
     def __init__(self, stream: str):
         super().__init__(stream)
@@ -143,15 +143,14 @@ class _BoundedLoader(yaml.SafeLoader):
             first[key.tag, key.value] = key
         return node
 
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        if len(node.value) > MAX_INT_CHARS:
-            raise _Refused(
-                f"an integer of {len(node.value):,} characters is beyond any field", node.start_mark
-            )
-        return super().construct_yaml_int(node)
-
-
-_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # A scalar PyYAML resolves but cannot convert: a date such as 2023-13-01, `!!int abc`, or an
+        # integer of more than 4,300 digits, which Python refuses (with advice, after a ';', for programmers).
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as e:
+            kind, reason = node.tag.rpartition(":")[2], str(e).partition(";")[0]
+            raise _Refused(f"{node.value!r:.40} is not a valid {kind}: {reason}", node.start_mark) from None
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
