@@ -11,6 +11,7 @@ example gzipped) to a temporary folder, then measures in the same run:
 
 and prints examples per CPU-second (CPU time of the whole process, all threads: steadier than wall time on
 a shared machine), examples/s wall, and the ratio pipeline / inflate per CPU-second. Best of --rounds.
+The summary goes to bench/results/data_throughput.json (--results).
 
     .venv/bin/python bench/data_throughput.py [--examples 20000] [--files 8] [--rounds 2]
 """
@@ -33,9 +34,11 @@ from isal import igzip
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from results import add_results_option, write_results  # noqa: E402
+
 from heavyranker.config import load_config  # noqa: E402
 from heavyranker.data.dataset import RecapDataset  # noqa: E402
-from heavyranker.data.example import encode_example  # noqa: E402
+from heavyranker.data.tf_example import encode_example  # noqa: E402
 from heavyranker.data.tfrecord import write_records  # noqa: E402
 from heavyranker.schema import load_schema  # noqa: E402
 
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="measure each this many times, keep the best")
     parser.add_argument("--warmup", type=int, default=16, help="batches read before measuring")
+    add_results_option(parser, "data_throughput")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -139,12 +143,18 @@ def main() -> None:
     for name, (per_cpu, per_wall) in best.items():
         print(f"{name:34s} {per_cpu:9,.0f} examples/CPU-s {per_wall:9,.0f} examples/s wall")
     floor = best["inflate only (isal)"][0]
+    ratios = {name.removeprefix("pipeline, "): best[name][0] / floor for name in list(runs)[1:]}
     print(
         "pipeline / inflate-only, per CPU-second: "
-        + ", ".join(
-            f"{name.removeprefix('pipeline, ')} {best[name][0] / floor:.2f}" for name in list(runs)[1:]
-        )
+        + ", ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
     )
+    figures = {
+        "kib_per_example_gzipped": per_example,
+        "examples_per_cpu_s": {name: per_cpu for name, (per_cpu, _) in best.items()},
+        "examples_per_s_wall": {name: per_wall for name, (_, per_wall) in best.items()},
+        "pipeline_over_inflate_per_cpu_s": ratios,
+    }
+    write_results("data_throughput", figures, args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ rounds that alternate the stages, so that all see the same machine load; process
   decode    ExampleDecoder.decode_batch of every feature, records already in memory: with the compiled
             fast path (data/_wire.c) and with the pure-Python parser it replaces
   pipeline  read_records, then decode_batch every --batch records
-Prints examples per CPU-second, microseconds and minor page faults per example, and pipeline / inflate.
+Prints examples per CPU-second, microseconds and minor page faults per example, and pipeline / inflate;
+the summary goes to bench/results/decode_micro.json (--results).
 
 Each stage runs under two malloc settings (mallopt mmap / trim thresholds). glibc starts at 128 KiB /
 128 KiB: every larger block is mmapped, and page-faulted in again when the next batch reuses the memory
@@ -32,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 from isal import igzip
+from results import add_results_option, write_results
 
-from heavyranker.data import example
-from heavyranker.data.example import ExampleDecoder, encode_example
+from heavyranker.data.tf_example import ExampleDecoder, encode_example
+from heavyranker.data.tf_example import decode as example
 from heavyranker.data.tfrecord import read_records, write_records
 from heavyranker.schema import load_schema
 
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--schema", default=str(REPO / "configs" / "segdense.json"))
+    add_results_option(parser, "decode_micro")
     args = parser.parse_args()
 
     specs = load_schema(args.schema)
@@ -147,24 +150,45 @@ def main() -> None:
             for name, stage in stages.items():
                 times[setting, name].append(measure(stage))
     best = {key: min(values) for key, values in times.items()}
+    os.remove(path)
+    os.rmdir(folder)
+    per_stage = {
+        setting: {
+            name: {
+                "examples_per_cpu_s": 1 / best[setting, name][0],
+                "us": best[setting, name][0] * 1e6,
+                "minor_faults": best[setting, name][1],
+            }
+            for name in stages
+        }
+        for setting in MALLOC
+    }
+    summary = {}
+    for setting in MALLOC:
+        inflate_s, read_s, pipe_s = (best[setting, name][0] for name in ("inflate", "read", "pipeline"))
+        summary[setting] = {
+            "pipeline_over_inflate": inflate_s / pipe_s,
+            "framing_and_crc_us": (read_s - inflate_s) * 1e6,
+            "decoding_us": (pipe_s - read_s) * 1e6,
+        }
+
     print(f"{'':18s}" + "".join(f"{setting + ' malloc':>42s}" for setting in MALLOC))
     for name in stages:
         cells = [
-            f"{1 / best[m, name][0]:10,.0f} ex/CPU-s {best[m, name][0] * 1e6:6.1f} us "
-            f"{best[m, name][1]:5.1f} faults"
-            for m in MALLOC
+            f"{s['examples_per_cpu_s']:10,.0f} ex/CPU-s {s['us']:6.1f} us {s['minor_faults']:5.1f} faults"
+            for s in (per_stage[setting][name] for setting in MALLOC)
         ]
         print(f"{name:18s}" + "".join(cells))
-    summary = []
-    for setting in MALLOC:
-        inflate_s, read_s, pipe_s = (best[setting, name][0] for name in ("inflate", "read", "pipeline"))
-        summary.append(
-            f"{setting} malloc: pipeline/inflate {inflate_s / pipe_s:.2f}, framing+CRC "
-            f"{(read_s - inflate_s) * 1e6:.1f} us, decoding {(pipe_s - read_s) * 1e6:.1f} us"
-        )
-    print("summary (us per example):", "; ".join(summary))
-    os.remove(path)
-    os.rmdir(folder)
+    print(
+        "summary (us per example):",
+        "; ".join(
+            f"{setting} malloc: pipeline/inflate {s['pipeline_over_inflate']:.2f}, framing+CRC "
+            f"{s['framing_and_crc_us']:.1f} us, decoding {s['decoding_us']:.1f} us"
+            for setting, s in summary.items()
+        ),
+    )
+    figures = {"compiled_fast_path": built is not None, "stages": per_stage, "summary": summary}
+    write_results("decode_micro", figures, args)
 
 
 if __name__ == "__main__":

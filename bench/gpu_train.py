@@ -10,7 +10,8 @@ the model's; whether the data pipeline keeps up is bench/train_throughput.py's q
 limit (examples/s) = GFLOP/s of a large matmul in the same precision / training FLOPs per example, where
 training FLOPs are those of one forward and backward, counted by torch.utils.flop_counter (2 per
 multiply-add). ratio = examples/s / limit: how close the step comes to a GPU that only did matmuls.
-Without a CUDA GPU it says so and exits 0.
+The summary goes to bench/results/gpu_train.json (--results). Without a CUDA GPU it says so, writes nothing
+and exits 0.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import random_features  # noqa: E402
+from results import add_results_option, write_results  # noqa: E402
 
 from heavyranker.config import load_config  # noqa: E402
 from heavyranker.data.batch import Batch  # noqa: E402
@@ -106,6 +108,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "configs/local_prod.yaml"))
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 2048], help="global batch sizes")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per measurement")
+    add_results_option(parser, "gpu_train")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_train: no CUDA GPU here; this benchmark needs one (nothing measured)")
@@ -117,6 +120,7 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = True
     config = load_config(args.config)
     print(f"{args.config} on {torch.cuda.get_device_name(device)}, {args.steps} steps per line")
+    figures: dict[str, object] = {"gpu": torch.cuda.get_device_name(device)}
     for batch_size in args.batch:
         results = {}
         for amp in (False, True):
@@ -132,6 +136,12 @@ def main() -> int:
             )
         speedup = results[True]["examples_per_s"] / results[False]["examples_per_s"]
         print(f"batch {batch_size:>6}: bf16 autocast / fp32 = {speedup:.2f}x examples/s")
+        figures[f"batch {batch_size}"] = {
+            "fp32 (TF32)": results[False],
+            "bf16 autocast": results[True],
+            "bf16_over_fp32": speedup,
+        }
+    write_results("gpu_train", figures, args)
     return 0
 
 

@@ -1,28 +1,27 @@
 """Training and inference speed of the ranker on CPU, against the matmul-bound limit measured in the same run.
 
     .venv/bin/python bench/model_step.py [--config configs/local_prod.yaml] [--batch 128] [--threads N]
-                                         [--profile] [--glibc-default]
+                                         [--profile] [--glibc-default] [--results PATH]
 
 limit (examples/s) = GFLOP/s of a large fp32 matmul (torch.mm: MKL) / training FLOPs per example, where
 training FLOPs = 3 x forward matmul FLOPs (counted by torch.utils.flop_counter: 2 per multiply-add). The
 same large matmul on oneDNN is printed too, with every ratio against it: oneDNN runs it faster here.
 Each round times the large matmuls, then a step of every variant in turn; only quiet measurements count
-(see `report`). Variants, on the same model:
+(see `report`). Variants, on the same weights:
   plain Adam             torch.optim.Adam over the model's param groups (one per tower, one for the rest)
   build_optimizer        the project's optimizer (fused Adam, the same groups): what training runs
-  ..., MKL products      the same with heavyranker.model.linear.ONEDNN off: every layer through F.linear
+  ..., MKL products      the same on the model built with matmul="aten": every layer through F.linear
   matmuls alone          the products of one build_optimizer step (forward and backward), recorded with
                          their operands and replayed as the step calls them, with nothing in between
 No step made of these products beats `matmuls alone`; the ceiling line adds build_optimizer's measured
 update, which every Adam step makes (memory bound: 7 fp32 reads and writes per parameter). Merging
 products (the four mask blocks' first layers, or the ten towers, as one matmul each) measured no faster
-per FLOP here.
+per FLOP here. The summary goes to bench/results/model_step.json (--results).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from results import add_results_option, write_results
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -65,7 +65,7 @@ def random_features(
     return features
 
 
-def matmul_gflops(n: int = 4096) -> tuple[float, float]:
+def matmul_gflops(n: int) -> tuple[float, float]:
     """GFLOP/s of an n x n x n fp32 product on torch.mm (MKL) and on oneDNN's linear kernel (0 without it)."""
     a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
 
@@ -77,19 +77,9 @@ def matmul_gflops(n: int = 4096) -> tuple[float, float]:
 
     # into a warm buffer: a fresh 64 MiB output would time its page faults too
     mkl = rate(lambda: torch.mm(a, b, out=out))
-    if not linear.ONEDNN:
+    if not linear.HAS_ONEDNN:
         return mkl, 0.0
     return mkl, rate(lambda: linear.onednn_linear(a, b, None))
-
-
-@contextlib.contextmanager
-def products_on_mkl():
-    """Every Linear through F.linear (torch.mm: MKL) meanwhile, as without heavyranker.model.linear."""
-    saved, linear.ONEDNN = linear.ONEDNN, False
-    try:
-        yield
-    finally:
-        linear.ONEDNN = saved
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -97,7 +87,7 @@ class MatmulRecorder(TorchDispatchMode):
     in the same memory layout, so the same products can be timed on their own."""
 
     MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) + (
-        (torch.ops.mkldnn._linear_pointwise.default,) if linear.ONEDNN else ()
+        (torch.ops.mkldnn._linear_pointwise.default,) if linear.HAS_ONEDNN else ()
     )
 
     def __init__(self) -> None:
@@ -134,8 +124,8 @@ def timed(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> float:
 
 
 def forward_flops(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> int:
-    # The counter knows aten's matmuls, not oneDNN's kernel.
-    with products_on_mkl(), FlopCounterMode(display=False) as counter, torch.no_grad():
+    """Of a model built with matmul="aten": the counter knows aten's matmuls, not oneDNN's kernel."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(features)
     return counter.get_total_flops()
 
@@ -162,16 +152,18 @@ def main() -> int:
     parser.add_argument("--inference-batch", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=1, help="training steps per variant and round")
+    parser.add_argument("--matmul-size", type=int, default=4096, help="n of the large n x n x n matmul")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of a few steps")
     parser.add_argument(
         "--glibc-default",
         action="store_true",
-        help="leave glibc's heap trimming on, as without `heavyranker` (for comparison)",
+        help="leave glibc's heap trimming on, as without `heavyranker train` (for comparison)",
     )
+    add_results_option(parser, "model_step")
     args = parser.parse_args()
     if not args.glibc_default:
-        keep_freed_memory()  # as every heavyranker command does
+        keep_freed_memory()  # as `heavyranker train` does
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -180,13 +172,15 @@ def main() -> int:
     config = load_config(args.config)
     shapes = feature_shapes(config.train_data)
     model = build_model(config, shapes)
+    on_aten = build_model(config, shapes, matmul="aten")  # the same weights, every product on F.linear
+    on_aten.load_state_dict(model.state_dict())
     loss_fn = build_loss(config)
     features = random_features(shapes, args.batch, gen)
     tasks = len(config.task_names)
     labels = torch.randint(0, 2, (args.batch, tasks), generator=gen).float()
     weights = torch.ones(args.batch, tasks)
 
-    flops_per_example = 3 * forward_flops(model, features) / args.batch
+    flops_per_example = 3 * forward_flops(on_aten, features) / args.batch
     groups = [{"params": p} for p in model.tower_parameters().values()]
     in_towers = {id(p) for g in groups for p in g["params"]}
     groups.append({"params": [p for p in model.parameters() if id(p) not in in_towers]})
@@ -202,17 +196,23 @@ def main() -> int:
         profile(model, fused, loss_fn, features, labels, weights)
         return 0
 
-    def step(optimizer: torch.optim.Optimizer) -> Callable[[], list[float]]:
-        return lambda: train_step_times(model, optimizer, loss_fn, features, labels, weights)
+    def step(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], list[float]]:
+        return lambda: train_step_times(net, optimizer, loss_fn, features, labels, weights)
 
     model.train()
+    on_aten.train()
     recorder = MatmulRecorder()
     with recorder:
-        step(fused)()
-    variants = {"plain Adam": step(plain), "build_optimizer": step(fused)}
-    variants["build_optimizer, MKL products"] = on_mkl(step(fused))
+        step(model, fused)()
+    variants = {"plain Adam": step(model, plain), "build_optimizer": step(model, fused)}
+    variants["build_optimizer, MKL products"] = step(on_aten, build_optimizer(config, on_aten)[0])
     variants["matmuls alone"] = replay_matmuls(recorder.calls)
-    report(args, flops_per_example, variants)
+    figures = {
+        "parameters": params,
+        "training_mflop_per_example": flops_per_example / 1e6,
+        "threads": torch.get_num_threads(),
+        **report(args, flops_per_example, variants),
+    }
 
     model.eval()
     batch = random_features(shapes, args.inference_batch, gen)
@@ -221,54 +221,64 @@ def main() -> int:
         measured = [quietly(lambda: timed(model, batch)) for _ in range(args.rounds)]
     rate = args.inference_batch / statistics.median(_quiet(measured))
     print(f"inference: {rate:.0f} examples/s at batch {args.inference_batch} ({_counted(measured)})")
+    figures["inference"] = {"examples_per_s": rate, **_quiet_count(measured)}
+    write_results("model_step", figures, args)
     return 0
 
 
-def on_mkl(step: Callable[[], list[float]]) -> Callable[[], list[float]]:
-    def step_on_mkl() -> list[float]:
-        with products_on_mkl():
-            return step()
-
-    return step_on_mkl
-
-
-def report(args, flops_per_example: float, variants: dict[str, Callable[[], list[float]]]) -> None:
+def report(
+    args, flops_per_example: float, variants: dict[str, Callable[[], list[float]]]
+) -> dict[str, object]:
     """Rounds of: the large matmuls, then a step of each variant in turn. Only quiet measurements count:
     those during which this process got its threads' worth of CPU time (a neighbour taking a core stalls
     every parallel region of a step, far more than it slows one big matmul). Prints, per variant, the median
     quiet step against the median quiet matmul rates (all measurements if none was quiet), then the
-    ceiling: the matmuls alone plus build_optimizer's update."""
+    ceiling: the matmuls alone plus build_optimizer's update. Returns the same figures."""
     for step in variants.values():
         step(), step()  # warm-up: allocations, optimizer state
     matmuls: list[tuple[tuple[float, float], float]] = []
     steps: dict[str, list[tuple[list[float], float]]] = {label: [] for label in variants}
     for _ in range(args.rounds):
-        matmuls.append(quietly(matmul_gflops))
+        matmuls.append(quietly(lambda: matmul_gflops(args.matmul_size)))
         for label, step in variants.items():
             steps[label] += [quietly(step) for _ in range(args.steps)]
     mkl, onednn = (statistics.median(m[i] for m in _quiet(matmuls)) for i in range(2))
     print(f"large matmul: {mkl:.0f} GFLOP/s (torch.mm), {onednn:.0f} GFLOP/s (oneDNN) ({_counted(matmuls)})")
 
-    def ratio(seconds: float) -> str:
+    def against_limits(seconds: float) -> dict[str, float | None]:
         rate = args.batch / seconds
         gflops = rate * flops_per_example / 1e9
-        line = f"{rate:.0f} examples/s, {gflops / mkl:.2f} of the matmul-bound limit"
-        if onednn:
-            line += f" [{gflops / onednn:.2f} against oneDNN's]"
-        return line
+        return {
+            "examples_per_s": rate,
+            "of_matmul_limit": gflops / mkl,
+            "of_onednn_matmul_limit": gflops / onednn if onednn else None,
+        }
+
+    def line(f: dict[str, float | None]) -> str:
+        text = f"{f['examples_per_s']:.0f} examples/s, {f['of_matmul_limit']:.2f} of the matmul-bound limit"
+        if f["of_onednn_matmul_limit"] is not None:
+            text += f" [{f['of_onednn_matmul_limit']:.2f} against oneDNN's]"
+        return text
 
     phases: dict[str, list[float]] = {}
+    train: dict[str, dict[str, object]] = {}
     for label, measured in steps.items():
         times = _quiet(measured)
         phases[label] = [statistics.median(t[i] for t in times) for i in range(len(times[0]))]
+        train[label] = against_limits(statistics.median(sum(t) for t in times)) | _quiet_count(measured)
         detail = ""
         if len(phases[label]) == 3:
             fwd, bwd, opt = (1e3 * t for t in phases[label])
+            train[label] |= {"forward_ms": fwd, "backward_ms": bwd, "optimizer_ms": opt}
             detail = f"forward {fwd:.0f} ms, backward {bwd:.0f} ms, optimizer {opt:.0f} ms per step; "
-        seconds = statistics.median(sum(t) for t in times)
-        print(f"train ({label}): {ratio(seconds)} ({detail}{_counted(measured)})")
-    ceiling = phases["matmuls alone"][0] + phases["build_optimizer"][2]
-    print(f"ceiling (matmuls alone + build_optimizer's update): {ratio(ceiling)}")
+        print(f"train ({label}): {line(train[label])} ({detail}{_counted(measured)})")
+    ceiling = against_limits(phases["matmuls alone"][0] + phases["build_optimizer"][2])
+    print(f"ceiling (matmuls alone + build_optimizer's update): {line(ceiling)}")
+    return {
+        "large_matmul_gflops": {"torch.mm": mkl, "onednn": onednn or None, **_quiet_count(matmuls)},
+        "train": train,
+        "ceiling": ceiling,
+    }
 
 
 def quietly(measure: Callable[[], T]) -> tuple[T, float]:
@@ -284,7 +294,11 @@ def _quiet(measured: list[tuple[T, float]]) -> list[T]:
 
 
 def _counted(measured: list[tuple[T, float]]) -> str:
-    return f"{sum(share >= QUIET for _, share in measured)} of {len(measured)} quiet"
+    return "{quiet} of {measured} quiet".format(**_quiet_count(measured))
+
+
+def _quiet_count(measured: list[tuple[T, float]]) -> dict[str, int]:
+    return {"quiet": sum(share >= QUIET for _, share in measured), "measured": len(measured)}
 
 
 def profile(model, optimizer, loss_fn, features, labels, weights) -> None:

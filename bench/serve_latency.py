@@ -10,7 +10,8 @@ candidates (values rounded to 4 decimals, as a feature pipeline would print them
     this process, while the server is idle), so both see the same machine load;
   - concurrency 4: four clients send `requests` requests in all.
 Prints p50/p99 latency and candidates/s per level, and p50 at concurrency 1 / p50 of the bare forward: the
-serving overhead (HTTP, JSON parsing and validation, response), aimed at <= 1.3.
+serving overhead (HTTP, JSON parsing and validation, response), aimed at <= 1.3. The summary goes to
+bench/results/serve_latency.json (--results).
 --threads sets torch's intra-op threads of both the server and the bare forward (default: torch's, one per
 core). On a machine shared with other jobs, 1 gives steadier numbers: a parallel op waits for its slowest
 thread, and a thread that lost its core to a neighbour stalls every op.
@@ -33,6 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from results import add_results_option, write_results
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
@@ -116,6 +118,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=12, help="per concurrency level")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    add_results_option(parser, "serve_latency")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -147,23 +150,30 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=60)
 
-    bare_p50, serial_p50 = statistics.median(bare), statistics.median(serial)
+    levels = {  # candidates/s: at the median latency one request at a time; over the wall time with four
+        "bare forward": latency(bare, args.candidates / statistics.median(bare)),
+        "concurrency 1": latency(serial, args.candidates / statistics.median(serial)),
+        "concurrency 4": latency(parallel, args.candidates * args.requests / parallel_wall),
+    }
+    overhead = levels["concurrency 1"]["p50_ms"] / levels["bare forward"]["p50_ms"]
     mb = len(body) / 1e6
     print(f"{args.candidates} candidates, {mb:.1f} MB of JSON per request, {args.threads} intra-op threads")
-    print(
-        f"bare forward:   p50 {bare_p50 * 1e3:7.0f} ms  p99 {percentile(bare, 99) * 1e3:7.0f} ms  "
-        f"{args.candidates / bare_p50:7.0f} candidates/s"
-    )
-    print(
-        f"concurrency 1:  p50 {serial_p50 * 1e3:7.0f} ms  p99 {percentile(serial, 99) * 1e3:7.0f} ms  "
-        f"{args.candidates / serial_p50:7.0f} candidates/s"
-    )
-    parallel_p50, parallel_p99 = statistics.median(parallel), percentile(parallel, 99)
-    print(
-        f"concurrency 4:  p50 {parallel_p50 * 1e3:7.0f} ms  p99 {parallel_p99 * 1e3:7.0f} ms  "
-        f"{args.candidates * args.requests / parallel_wall:7.0f} candidates/s"
-    )
-    print(f"serve_latency: p50 / bare forward = {serial_p50 / bare_p50:.2f} (aim <= 1.3)")
+    for name, level in levels.items():
+        print(
+            f"{name + ':':15s} p50 {level['p50_ms']:7.0f} ms  p99 {level['p99_ms']:7.0f} ms  "
+            f"{level['candidates_per_s']:7.0f} candidates/s"
+        )
+    print(f"serve_latency: p50 / bare forward = {overhead:.2f} (aim <= 1.3)")
+    figures = {"request_mb": mb, **levels, "p50_over_bare_forward": overhead}
+    write_results("serve_latency", figures, args)
+
+
+def latency(seconds: list[float], candidates_per_s: float) -> dict[str, float]:
+    return {
+        "p50_ms": statistics.median(seconds) * 1e3,
+        "p99_ms": percentile(seconds, 99) * 1e3,
+        "candidates_per_s": candidates_per_s,
+    }
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ measured in the same run, plus peak RSS.
 Each round measures in memory, then streamed, back to back; the printed ratio is the median over rounds of
 streamed / in-memory examples/s (the machine's speed drifts between rounds far more than within one).
 The aim is >= 0.95. --same-priority runs the data threads at the model's priority instead of nice 19, to
-see what that choice buys.
+see what that choice buys. The summary goes to bench/results/train_throughput.json (--results).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from results import add_results_option, write_results
 
 from heavyranker.config import load_config
 from heavyranker.data import dataset as dataset_module
@@ -50,8 +51,9 @@ def main() -> None:
     parser.add_argument(
         "--same-priority", action="store_true", help="data threads at the model's priority (not nice 19)"
     )
+    add_results_option(parser, "train_throughput")
     args = parser.parse_args()
-    keep_freed_memory()  # as every heavyranker command does
+    keep_freed_memory()  # as `heavyranker train` does
     if args.same_priority:
         dataset_module._yield_to_the_model = lambda: None
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +82,7 @@ def main() -> None:
         dataset.close()
     median = {k: statistics.median(v) for k, v in rates.items()}
     ratios = [s / m for s, m in zip(rates["streamed"], rates["in memory"], strict=True)]
+    ratio = statistics.median(ratios)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 128, {args.steps} steps x "
@@ -88,10 +91,16 @@ def main() -> None:
     for name, value in median.items():
         print(f"{name:>10}: {value:8.1f} examples/s (rounds: {', '.join(f'{r:.1f}' for r in rates[name])})")
     print(f"peak RSS: {peak_rss_mib:.0f} MiB")
-    print(
-        f"streamed / in-memory: {statistics.median(ratios):.3f} (aim >= 0.95; rounds: "
-        f"{', '.join(f'{r:.2f}' for r in ratios)})"
-    )
+    print(f"streamed / in-memory: {ratio:.3f} (aim >= 0.95; rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+    figures = {
+        "threads": torch.get_num_threads(),
+        "examples_per_s": median,
+        "examples_per_s_rounds": rates,
+        "peak_rss_mib": peak_rss_mib,
+        "streamed_over_in_memory": ratio,
+        "streamed_over_in_memory_rounds": ratios,
+    }
+    write_results("train_throughput", figures, args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A module may import from its own floor or any floor below, never above; eval never imports train (both
 sit on the same floor and share the ground-floor modules runtime.py and checkpoint.py instead). The
-ground floor (errors, schema, runtime, checkpoint, memory) imports nothing above config and data."""
+ground floor (errors, atomic, schema, runtime, checkpoint, memory) imports nothing above config and data."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "heavyranker"
 # Top-level modules are named by their stem, packages by their folder.
 FLOORS = {
     "errors": 0,
+    "atomic": 0,
     "schema": 0,
     "memory": 0,
     "config": 1,

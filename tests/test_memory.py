@@ -26,3 +26,20 @@ def test_a_step_that_allocates_what_the_last_one_freed_does_not_fault_its_pages_
         del blocks
     pages = 6 * 16 * 2**20 // PAGE
     assert rounds[-1] < 0.05 * pages, f"page faults per round: {rounds} ({pages} pages)"
+
+
+def test_only_the_commands_that_train_set_it(monkeypatch, small_config_path):
+    from heavyranker import cli, demo
+    from heavyranker.train import loop
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("set"))
+    monkeypatch.setattr(loop, "train", lambda config, amp: calls.append("train"))
+    monkeypatch.setattr(demo, "run_demo", lambda path, overrides: calls.append("demo"))
+    config = str(small_config_path)
+    assert cli.main(["config", "validate", config]) == 0
+    assert cli.main(["model", "summary", "--config", config]) == 0
+    assert calls == []
+    assert cli.main(["train", "--config", config]) == 0
+    assert cli.main(["demo", "--config", config]) == 0
+    assert calls == ["set", "train", "set", "demo"]

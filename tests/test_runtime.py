@@ -27,8 +27,8 @@ import yaml
 
 from heavyranker.checkpoint import load_checkpoint
 from heavyranker.config import load_config
-from heavyranker.data.example import encode_example
 from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.tf_example import encode_example
 from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.eval.evaluator import evaluate_command

@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill: written under a temporary name, fsynced, renamed into place.
+"""Checkpoints that survive a kill: written with atomic_write (a temporary name, fsynced, renamed into place).
 
 A checkpoint is one file `save_dir/checkpoints/step_<N>.pt`. A file of that name is complete by
 construction (os.replace is atomic), so the newest one is always safe to resume from. Loading uses
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import UserError
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -43,13 +44,8 @@ def save_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step}.pt"
-    temporary = folder / f".step_{step}.pt.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
+    with atomic_write(final) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, final)
-    _fsync_dir(folder)
     if max_to_keep is not None:
         for _, old in list_checkpoints(folder)[:-max_to_keep]:
             old.unlink(missing_ok=True)
@@ -90,11 +86,3 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], so
     if problems:
         raise UserError(f"{source} does not fit this model: " + "; ".join(problems))
     model.load_state_dict(state_dict)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

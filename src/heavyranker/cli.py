@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -66,6 +67,7 @@ def _train(args: argparse.Namespace) -> int:
         return launch_torchrun(sys.argv[1:], nproc=args.nproc)
     from .train.loop import train
 
+    keep_freed_memory()  # for the training step; each torchrun worker comes through here too
     train(_load(args), amp=args.amp)
     return 0
 
@@ -101,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    keep_freed_memory()  # the demo trains
     run_demo(args.config, overrides=args.set)
     return 0
 
@@ -202,11 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_level(verbose: bool) -> int:
+    """Under torchrun (RANK set) every rank would log the same progress: rank 0 logs it, the others log
+    warnings and errors only. Decided here, where logging is configured, not by the library."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return logging.WARNING
+    return logging.DEBUG if verbose else logging.INFO
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=log_level(args.verbose),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -16,6 +16,7 @@ from .data.dataset import RecapDataset
 from .data.files import select_files
 from .data.synthetic import generate_for_config
 from .data.truth import load_truth
+from .errors import UserError
 from .eval.metrics import auroc, rce
 from .eval.report import write_report
 from .model import Ranker
@@ -23,18 +24,22 @@ from .runtime import init_runtime
 from .train.loop import Trainer
 
 BASELINE_EXAMPLES = 200_000  # a third of the demo's training rows: enough for a linear model to converge
+BASELINE_FEATURES = ("continuous", "binary")  # what the logistic regression reads besides embeddings
+# Written into a save_dir the demo creates: the demo clears a folder for a fresh run only if it holds this.
+MARKER = ".heavyranker-demo"
 
 
 def run_demo(config_path: str, overrides: list[str] | None = None) -> None:
     config = load_config(config_path, overrides)
     split = _plain_split(config)
+    _check_baseline_features(config, split)
     save_dir = Path(config.training.save_dir)
+    fresh_run_folder(save_dir)  # before the data: a refused save_dir costs nothing
 
     print(f"== 1/4 generating planted-truth data for {config_path}")
     generate_for_config(config, seed=config.training.seed)  # logs each split it writes
 
     print(f"== 2/4 training {config.training.num_train_steps} steps in {save_dir} (a fresh run)")
-    shutil.rmtree(save_dir, ignore_errors=True)
     trainer = Trainer(config, runtime=init_runtime())
     trainer.run()
 
@@ -72,12 +77,49 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> None:
     )
 
 
+def fresh_run_folder(save_dir: Path) -> None:
+    """Makes save_dir an empty folder holding MARKER. It deletes a folder only if the demo created it (it
+    holds MARKER): save_dir may be a real run's, or hold anything (`--set training.save_dir=$HOME`)."""
+    try:
+        ours = (save_dir / MARKER).is_file()
+        empty = save_dir.is_dir() and not any(save_dir.iterdir())
+        if save_dir.exists() and not (ours or empty):
+            raise UserError(
+                f"training.save_dir {save_dir}: exists and was not created by the demo, which clears its "
+                f"folder for a fresh run; pick another save_dir (--set training.save_dir=PATH) or remove it"
+            )
+        if ours:
+            shutil.rmtree(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / MARKER).write_text(
+            "made by `heavyranker demo`, which deletes this folder when run again\n"
+        )
+    except OSError as e:
+        raise UserError(f"training.save_dir {save_dir}: cannot make a fresh run folder: {e}") from None
+
+
 def _plain_split(config: Config) -> str:
     """The first validation split without downsampling: its labels are the population's."""
     for name, data in config.validation_data.items():
         if all(t.pos_downsampling_rate == t.neg_downsampling_rate == 1.0 for t in data.tasks.values()):
             return name
-    raise ValueError("the demo needs a validation split without downsampling")
+    raise UserError(
+        "validation_data: the demo compares with the planted truth on a split without downsampling; add one "
+        "whose tasks all have pos_downsampling_rate and neg_downsampling_rate 1"
+    )
+
+
+def _check_baseline_features(config: Config, split: str) -> None:
+    """Now rather than after training: the logistic regression reads BASELINE_FEATURES of both splits."""
+    read = {"train_data": config.train_data, f"validation_data.{split}": config.validation_data[split]}
+    for where, data in read.items():
+        schema = data.seg_dense_schema
+        missing = [f for f in BASELINE_FEATURES if f not in {*schema.renamed_features, *schema.features}]
+        if missing:
+            raise UserError(
+                f"{where}.seg_dense_schema: no feature {', '.join(missing)}, which the demo's logistic "
+                f"regression reads (name a schema feature so in renamed_features)"
+            )
 
 
 @torch.no_grad()
@@ -127,7 +169,12 @@ def _logistic_regression(config: Config, split: str) -> np.ndarray:
     scaler = StandardScaler().fit(x_train)
     x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
     columns = []
-    for j in range(y_train.shape[1]):
+    for j, task in enumerate(config.task_names):
+        if len(np.unique(y_train[:, j])) < 2:  # sklearn refuses to fit a single class
+            raise UserError(
+                f"{task}: the first {len(y_train)} training examples hold a single label, so the demo's "
+                f"logistic regression cannot be fit; give the demo a config whose tasks all have positives"
+            )
         fit = LogisticRegression(max_iter=300).fit(x_train, y_train[:, j])
         columns.append(fit.predict_proba(x_test)[:, 1])
     return np.stack(columns, axis=1)

@@ -1,4 +1,4 @@
-"""Process-wide allocator setting for the commands and benchmarks that train, evaluate or serve."""
+"""Process-wide allocator setting for the commands and benchmarks that train (it pays off in the step)."""
 
 from __future__ import annotations
 

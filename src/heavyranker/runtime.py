@@ -4,10 +4,8 @@ process, so that code reads the same either way."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -54,9 +52,6 @@ class Runtime:
         depend on the world size, and its forward runs no collective (ranks may run different numbers)."""
         if not self.distributed:
             return model
-        # The towers' stacked matmuls give their [1, n] output weights gradients whose stride in the size-1
-        # dimension differs from DDP's bucket: the same memory layout, yet DDP warns on every rank.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         devices = [self.device] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=devices)
 
@@ -103,8 +98,7 @@ class Runtime:
 
 def init_runtime() -> Runtime:
     """CUDA when available (TF32 matmuls on), else CPU. Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK and the
-    rendezvous address in the environment) it also joins the job's process group, once per process, and
-    quiets the logging of every rank but 0 to warnings and errors."""
+    rendezvous address in the environment) it also joins the job's process group, once per process."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
@@ -121,8 +115,6 @@ def init_runtime() -> Runtime:
             timeout=timedelta(seconds=_collective_timeout()),
             device_id=device if device.type == "cuda" else None,
         )
-        if rank != 0:
-            logging.getLogger().setLevel(logging.WARNING)
     return Runtime(rank, world_size, device)
 
 

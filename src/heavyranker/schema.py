@@ -6,12 +6,14 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from .errors import UserError
+
 Dtype = Literal["float_list", "int64_list", "bytes_list"]
 DTYPES: tuple[str, ...] = ("float_list", "int64_list", "bytes_list")
 
 
-class SchemaError(ValueError):
-    pass
+class SchemaError(UserError):
+    """A schema file a person must fix: the CLI prints it on one line, the config check names its field."""
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,4 @@
+import logging
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import yaml
 
 from heavyranker.cli import main
 from heavyranker.config import ConfigError, load_config
+from heavyranker.config.data import DataConfig, DownsampleNegatives
+from heavyranker.config.model import ZScoreLogConfig
 from heavyranker.config.serving import PUBLISHED_ENGAGEMENT_WEIGHTS
 from tests.conftest import CONFIGS, REFERENCE_YAML
 
@@ -18,6 +21,14 @@ def problems(path, overrides=()):
     with pytest.raises(ConfigError) as info:
         load_config(path, list(overrides))
     return info.value.lines()
+
+
+def warnings(caplog, path, overrides=()) -> list[str]:
+    """The warnings load_config logs, each without the file's name."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="heavyranker.config"):
+        load_config(path, list(overrides))
+    return [r.getMessage().removeprefix(f"{path}: ") for r in caplog.records]
 
 
 def write(tmp_path: Path, data: dict, name: str = "c.yaml") -> Path:
@@ -219,6 +230,70 @@ def test_cli_invalid_config_exits_2_one_line_per_problem_no_traceback(tmp_path, 
 def test_cli_missing_config_file(tmp_path, capsys):
     assert main(["config", "validate", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: cannot read the config" in capsys.readouterr().err
+
+
+BACKBONE_COSINE = "optimizer.multi_task_learning_rates.backbone_learning_rate.linear_ramp_to_cosine"
+
+
+def test_the_shipped_small_config_loads_without_warnings(caplog, small_config_path):
+    assert warnings(caplog, small_config_path) == []
+
+
+def test_a_shorter_run_warns_once_for_every_schedule_it_cuts_short(caplog, small_config_path):
+    # local_small: eleven cosine schedules (the backbone's and ten towers') end at step 3000
+    assert warnings(caplog, small_config_path, ["training.num_train_steps=50"]) == [
+        f"{BACKBONE_COSINE}.final_num_steps: the cosine ends at step 3000 but training.num_train_steps is "
+        "50: training stops before the rate reaches final_learning_rate (the same in 10 more schedules)"
+    ]
+
+
+def test_a_schedule_that_ends_early_is_named_on_its_own(caplog, small_config_path):
+    tower = f"optimizer.multi_task_learning_rates.tower_learning_rates.{FAV}.linear_ramp_to_cosine"
+    assert warnings(caplog, small_config_path, [f"{tower}.final_num_steps=2000"]) == [
+        f"{tower}.final_num_steps: the cosine ends at step 2000 but training.num_train_steps is 3000: "
+        "the last 1000 steps run at final_learning_rate"
+    ]
+
+
+@pytest.mark.parametrize("steps, warned", [(20, True), (21, False)])
+def test_a_piecewise_schedule_whose_last_rate_is_never_used(caplog, tmp_path, small, steps, warned):
+    # boundaries [10, 20]: steps 0-9 at 1.0, 10-19 at 0.1, 20 on at 0.01; a run of 20 steps ends at step 19
+    piecewise = {"learning_rate_boundaries": [10, 20], "learning_rate_values": [1.0, 0.1, 0.01]}
+    small["optimizer"] = {"single_task_learning_rate": {"piecewise_constant": piecewise}}
+    small["training"]["num_train_steps"] = steps
+    expected = [
+        "optimizer.single_task_learning_rate.piecewise_constant.learning_rate_boundaries: the last "
+        "boundary, 20, is not reached in training.num_train_steps (20) steps: the last of "
+        "learning_rate_values is never used"
+    ]
+    assert warnings(caplog, write(tmp_path, small)) == (expected if warned else [])
+
+
+def test_fields_without_effect_say_so():
+    for model, field in [
+        (DownsampleNegatives, "num_engagements"),
+        (ZScoreLogConfig, "schema_path"),
+        (DataConfig, "dataset_service_compression"),
+    ]:
+        description = model.model_fields[field].description
+        assert description == "accepted for compatibility with the reference; has no effect"
+
+
+def test_setting_a_field_without_effect_warns_with_its_path(caplog, tmp_path, small):
+    small["model"]["featurization_config"] = {
+        "z_score_log_config": {"analysis_path": "stats.json", "schema_path": "segdense_small.json"}
+    }
+    small["train_data"]["preprocess"] = {
+        "downsample_negatives": {"batch_multiplier": 2, "engagements_list": [FAV], "num_engagements": 1}
+    }
+    small["validation_data"]["validation"]["dataset_service_compression"] = "AUTO"
+    small["validation_data"]["validation_downsampled"]["dataset_service_compression"] = None  # not set
+    no_effect = "accepted for compatibility with the reference; has no effect"
+    assert sorted(warnings(caplog, write(tmp_path, small))) == [
+        f"model.featurization_config.z_score_log_config.schema_path: {no_effect}",
+        f"train_data.preprocess.downsample_negatives.num_engagements: {no_effect}",
+        f"validation_data.validation.dataset_service_compression: {no_effect}",
+    ]
 
 
 # --- YAML that would take a command down: refused while the nodes are composed, each naming its line ---

@@ -18,8 +18,8 @@ import torch
 
 from heavyranker.config.data import DataConfig
 from heavyranker.data.dataset import RecapDataset
-from heavyranker.data.example import encode_example
 from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.tf_example import encode_example
 from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import DataError, UserError
 

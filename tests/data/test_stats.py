@@ -10,7 +10,8 @@ import pytest
 
 from heavyranker.cli import main
 from heavyranker.data.stats import write_feature_stats
-from heavyranker.data.synthetic import encode_examples, generate_for_config
+from heavyranker.data.synthetic import generate_for_config
+from heavyranker.data.tf_example import encode_tf_examples
 from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.model.featurize import load_feature_stats
@@ -80,7 +81,7 @@ def test_non_finite_values_are_left_out_and_an_empty_column_gets_zeros(tmp_path)
     rows = {"home_recap_2022_cont__segdense_vals": x, **{t: np.zeros((300, 1), np.int64) for t in TASKS}}
     folder = tmp_path / "data" / "train"
     folder.mkdir(parents=True)
-    write_records(str(folder / "part-0.gz"), encode_examples(rows))
+    write_records(str(folder / "part-0.gz"), encode_tf_examples(rows))
     write_feature_stats(config, out=str(tmp_path / "stats.json"), batches=10)
     count, mean, std = read(tmp_path / "stats.json")
     expected_count, expected_mean, expected_std = numpy_stats(x)

@@ -19,9 +19,9 @@ from sklearn.preprocessing import StandardScaler
 
 from heavyranker.cli import main
 from heavyranker.config import Config, load_config
-from heavyranker.data.example import ExampleDecoder, encode_example
 from heavyranker.data.files import select_files
-from heavyranker.data.synthetic import PROFILES, World, encode_examples, generate_for_config, layout_for
+from heavyranker.data.synthetic import PROFILES, World, generate_for_config, layout_for
+from heavyranker.data.tf_example import ExampleDecoder
 from heavyranker.data.tfrecord import read_records
 from heavyranker.data.truth import load_truth, truth_path
 from heavyranker.errors import DataError, UserError
@@ -428,26 +428,3 @@ def test_truth_sidecar_errors_name_the_file_and_the_task(tmp_path):
     Path(truth_path(files[1])).write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a truth sidecar"):
         load_truth(files[:2])
-
-
-# --- the batch encoder
-
-
-def test_encode_examples_matches_the_per_record_encoder():
-    rng = np.random.default_rng(0)
-    n = 50
-    fixed = {
-        "floats": rng.standard_normal((n, 7)).astype(np.float32),
-        "label": rng.integers(0, 2, (n, 1)),
-        "tokens": np.array([[b"ab", b"cd"]] * n, dtype=object),
-    }
-    ragged = {
-        "ids": rng.integers(-(2**63), 2**63 - 1, (n, 1)),
-        "counts": rng.integers(0, 1 << 20, (n, 3)),
-        "big": np.full((n, 1), 2**53 + 1) + np.arange(n)[:, None] * (n % 3),
-    }
-    ragged["big"][0] = 0  # one row of another size
-    records = encode_examples({**dict(list(fixed.items())[:2]), **ragged, "tokens": fixed["tokens"]})
-    for i, record in enumerate(records):
-        expected = encode_example({name: values[i] for name, values in {**fixed, **ragged}.items()})
-        assert record == expected, i

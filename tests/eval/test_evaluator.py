@@ -112,4 +112,3 @@ def test_unknown_split_is_a_user_error(small_data, trained, capsys):
     ]
     assert main(args) == 2
     assert "no validation split 'nope'" in capsys.readouterr().err
-

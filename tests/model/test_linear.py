@@ -4,9 +4,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from heavyranker.model import linear
-from heavyranker.model.linear import Linear
+from heavyranker.model.linear import DEFAULT_MATMUL, Linear, Matmul
 
-needs_onednn = pytest.mark.skipif(not linear.ONEDNN, reason="this torch build has no oneDNN linear kernel")
+needs_onednn = pytest.mark.skipif(not linear.HAS_ONEDNN, reason="this torch has no oneDNN linear kernel")
 
 
 @pytest.fixture(autouse=True)
@@ -27,9 +27,9 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _layer(in_features: int, out_features: int, bias: bool = True) -> Linear:
+def _layer(in_features: int, out_features: int, bias: bool = True, matmul: Matmul = DEFAULT_MATMUL) -> Linear:
     torch.manual_seed(0)
-    return Linear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias, matmul=matmul)
 
 
 def test_a_hand_computed_product_forward_and_backward():
@@ -48,7 +48,7 @@ def test_a_hand_computed_product_forward_and_backward():
 
 @needs_onednn
 def test_the_products_run_on_onednn_in_training_and_inference():
-    layer, x = _layer(16, 8), torch.randn(4, 16, requires_grad=True)
+    layer, x = _layer(16, 8, matmul="onednn"), torch.randn(4, 16, requires_grad=True)
     with _Ops() as ops:
         layer(x).sum().backward()
     # forward, grad of x, grad of weight: three oneDNN products and no aten matmul
@@ -117,7 +117,8 @@ def test_what_onednn_does_not_take_goes_through_f_linear():
 @needs_onednn
 def test_small_layers_stay_on_f_linear(monkeypatch):
     monkeypatch.setattr(linear, "MIN_WEIGHTS", 1 << 17)
-    small, large, x = _layer(256, 128), _layer(512, 256), torch.randn(4, 512)
+    small, large = _layer(256, 128, matmul="onednn"), _layer(512, 256, matmul="onednn")
+    x = torch.randn(4, 512)
     with _Ops() as ops:
         small(x[:, :256])
     assert "mkldnn::_linear_pointwise" not in ops.names
@@ -126,12 +127,24 @@ def test_small_layers_stay_on_f_linear(monkeypatch):
     assert ops.names == ["mkldnn::_linear_pointwise"]
 
 
-def test_switched_off_every_layer_runs_f_linear(monkeypatch):
-    monkeypatch.setattr(linear, "ONEDNN", False)
-    layer, x = _layer(16, 8), torch.randn(4, 16)
+def test_an_aten_layer_runs_f_linear():
+    layer, x = _layer(16, 8, matmul="aten"), torch.randn(4, 16, requires_grad=True)
     with _Ops() as ops:
-        layer(x)
+        layer(x).sum().backward()
     assert "mkldnn::_linear_pointwise" not in ops.names
+    assert "aten::addmm" in ops.names  # F.linear's forward with a bias
+
+
+def test_onednn_where_torch_lacks_the_kernel_is_an_error(monkeypatch):
+    monkeypatch.setattr(linear, "HAS_ONEDNN", False)  # as in a torch without it
+    with pytest.raises(ValueError, match='matmul="onednn": torch .* has no oneDNN linear kernel'):
+        Linear(4, 2, matmul="onednn")
+    assert Linear(4, 2, matmul="aten").matmul == "aten"
+
+
+def test_an_unknown_matmul_is_an_error():
+    with pytest.raises(ValueError, match='matmul must be "onednn" or "aten", not \'mkl\''):
+        Linear(4, 2, matmul="mkl")
 
 
 def test_an_exported_program_holds_plain_linear_nodes():

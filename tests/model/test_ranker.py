@@ -7,6 +7,7 @@ from heavyranker.config import load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.errors import UserError
 from heavyranker.model import build_model, module_name
+from heavyranker.model.linear import HAS_ONEDNN, Linear
 from heavyranker.model.summary import print_summary
 
 TASKS = [
@@ -212,6 +213,33 @@ def test_embeddings_and_dlrm_towers_read_the_input_layout(small_config_path):
     train = model(features)["logits"]
     model.eval()
     assert train.shape == model(features)["logits"].shape == (8, 10)
+
+
+@pytest.mark.parametrize(
+    "matmul",
+    ["aten", pytest.param("onednn", marks=pytest.mark.skipif(not HAS_ONEDNN, reason="no oneDNN kernel"))],
+)
+def test_matmul_reaches_every_dense_layer(small_config_path, matmul):
+    """local_small's MaskNet backbone (2 blocks of 3 layers, an MLP of 1) and MLP towers (3 layers), with one
+    DCN tower (a projected cross layer: 2, an output MLP: 1) and one DLRM tower (bottom and top MLPs: 2)."""
+    dcn = "{poly_degree: 1, projection_dim: 8, output_mlp: {layer_sizes: [1]}}"
+    dlrm = "{bottom_mlp: {layer_sizes: [4]}, top_mlp: {layer_sizes: [1]}}"
+    config = _config(
+        small_config_path,
+        f"model.tasks.{TASKS[0]}.mlp_config=null",
+        f"model.tasks.{TASKS[0]}.dcn_config={dcn}",
+        f"model.tasks.{TASKS[1]}.mlp_config=null",
+        f"model.tasks.{TASKS[1]}.dlrm_config={dlrm}",
+    )
+    torch.manual_seed(0)
+    model = build_model(config, feature_shapes(config.train_data), matmul=matmul)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 2 * 3 + 1 + 8 * 3 + 3 + 2
+    assert all(type(layer) is Linear and layer.matmul == matmul for layer in layers)
+    # the same parameters, under the same names, whichever the backend
+    default = _build(config).state_dict()
+    assert model.state_dict().keys() == default.keys()
+    assert all(torch.equal(tensor, default[name]) for name, tensor in model.state_dict().items())
 
 
 def test_build_errors_name_the_field(small_config_path):

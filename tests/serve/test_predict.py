@@ -3,6 +3,7 @@ against the eager model, the score against the weights, Parquet and CSV, one row
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from heavyranker.cli import main
-from heavyranker.data.example import encode_example
 from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.tf_example import encode_example
 from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.serve.predict import predict_files
@@ -98,3 +99,20 @@ def test_a_damaged_file_names_itself_and_leaves_no_output(exported: Exported, re
     with pytest.raises(UserError, match="damaged.gz"):
         _predict(exported, damaged, tmp_path / "s.parquet")
     assert [p.name for p in tmp_path.iterdir()] == ["damaged.gz"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "broken"])
+def test_a_bad_schema_in_the_model_folder_is_one_line_and_exit_2(
+    exported: Exported, records, tmp_path, capsys, damage
+):
+    """predict reads the schema copied into the model folder, with no config to check it beforehand."""
+    model = shutil.copytree(exported.folder, tmp_path / "model")
+    if damage == "missing":
+        (model / "schema.json").unlink()
+    else:
+        (model / "schema.json").write_text('{"schema": [{"feature_name": "x"}]}')
+    inputs = str(records[0] / "*.gz")
+    assert main(["predict", "--model", str(model), "--inputs", inputs, "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(model / "schema.json") in err

@@ -18,6 +18,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+# The description of each field kept only so that the reference's YAML loads; loading a config that sets
+# one logs a warning (root.config_warnings finds them by this description).
+NO_EFFECT = "accepted for compatibility with the reference; has no effect"
+
 
 class StrictModel(BaseModel):
     """Every config section: unknown fields are errors, assignments are validated."""

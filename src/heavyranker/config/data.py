@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, Strict, field_validator, model_validator
+from pydantic import Field, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import ConfigPath, Count, ExistingFile, Float, NonNegative, StrictModel, exactly_one_of
+from .base import NO_EFFECT, ConfigPath, Count, ExistingFile, Float, NonNegative, StrictModel, exactly_one_of
 
 DATE_FORMAT = "%Y-%m-%d"
 # Accepted spellings of an hour: ISO with 'T' or a space, or the folder layout itself.
@@ -153,7 +153,7 @@ class ExtractFeatures(StrictModel):
 class DownsampleNegatives(StrictModel):
     batch_multiplier: Count
     engagements_list: list[str] = Field([], description="Engagements whose positives are always kept.")
-    num_engagements: PositiveInt
+    num_engagements: Count | None = Field(None, description=NO_EFFECT)
 
 
 class Preprocess(StrictModel):
@@ -177,9 +177,7 @@ class DataConfig(StrictModel):
     file_batch_size: Count = Field(16, description="Files read at once, their records interleaved.")
     cache: bool = Field(False, description="Keep decoded batches in memory after the first pass.")
     ignore_data_errors: bool = Field(False, description="Skip the rest of a corrupt file instead of failing.")
-    dataset_service_compression: Literal["AUTO"] | None = Field(
-        None, description="Accepted for compatibility with the tf.data service; no effect here."
-    )
+    dataset_service_compression: Literal["AUTO"] | None = Field(None, description=NO_EFFECT)
     examples_shuffle_buffer_size: NonNegative = Field(
         1024,
         le=MAX_SHUFFLE_BUFFER,

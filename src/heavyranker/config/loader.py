@@ -1,9 +1,10 @@
 """Reading a config: YAML (anchors, merge keys), ${VAR} from the environment, --set overrides,
-validation, and errors that say `FILE: dotted.path: what is wrong`."""
+validation, errors that say `FILE: dotted.path: what is wrong`, and warnings logged in the same form."""
 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .root import Config, Problem, cross_check
+from .root import Config, Problem, config_warnings, cross_check
+
+log = logging.getLogger(__name__)
 
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -51,6 +54,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     problems = cross_check(config)
     if problems:
         raise ConfigError(str(path), problems)
+    for where, message in config_warnings(config):
+        log.warning("%s: %s: %s", path, where, message)
     return config
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import ConfigPath, Count, Float, NonNegative, StrictModel, exactly_one_of
+from .base import NO_EFFECT, ConfigPath, Count, Float, NonNegative, StrictModel, exactly_one_of
 
 # Bounds on what the model allocates as it is built, before any data is read. A layer between two widths
 # of 2**15 holds 2**30 weights (4 GiB of float32; Adam keeps two more copies); the seed's widest is 2048.
@@ -130,7 +130,7 @@ class ClipLog1pAbsConfig(StrictModel):
 
 class ZScoreLogConfig(StrictModel):
     analysis_path: ConfigPath = Field(description="Per-feature statistics from `heavyranker data stats`.")
-    schema_path: ConfigPath | None = None
+    schema_path: ConfigPath | None = Field(None, description=NO_EFFECT)
     clip_magnitude: Float = Field(5.0, gt=0.0)
     use_batch_norm: bool = False
     use_renorm: bool = False

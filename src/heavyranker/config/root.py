@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from ..schema import SchemaError, load_schema
-from .base import StrictModel
+from .base import NO_EFFECT, StrictModel
 from .data import DataConfig
 from .model import ModelConfig
-from .optimizer import OptimizerConfig
+from .optimizer import LearningRate, OptimizerConfig
 from .serving import ServingConfig, default_engagement_weights
 from .training import TrainingConfig
 
@@ -117,3 +119,78 @@ def _schema_problems(where: str, data: DataConfig) -> list[Problem]:
         if task not in names:
             problems.append((f"{where}.tasks.{task}", f"no label feature of that name in {path}"))
     return problems
+
+
+def config_warnings(config: Config) -> list[Problem]:
+    """What loads but likely does not do what was meant; each names the field to look at."""
+    return list(_no_effect_fields(config)) + _schedule_ends(config)
+
+
+def _no_effect_fields(value: Any, where: str = "") -> Iterator[Problem]:
+    """Every field described as NO_EFFECT that the config sets, in any section, split or list entry."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _no_effect_fields(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _no_effect_fields(item, f"{where}[{i}]")
+    elif isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            if name not in value.model_fields_set:  # a default: nothing the YAML asked for
+                continue
+            path = f"{where}.{name}" if where else name
+            if field.description != NO_EFFECT:
+                yield from _no_effect_fields(getattr(value, name), path)
+            elif getattr(value, name) is not None:
+                yield path, NO_EFFECT
+
+
+def _schedule_ends(config: Config) -> list[Problem]:
+    """Schedules shaped for another run length. One warning for all the schedules with the same problem,
+    naming the first: a YAML alias shares one schedule among every tower, and `--set
+    training.num_train_steps=50` would otherwise warn once per tower."""
+    steps = config.training.num_train_steps
+    found: dict[str, list[str]] = {}  # message -> the fields it is about
+    for where, schedule in _schedules(config.optimizer):
+        if (problem := _end_problem(schedule, steps)) is not None:
+            field, message = problem
+            found.setdefault(message, []).append(f"{where}.{field}")
+    return [
+        (fields[0], message + (f" (the same in {len(fields) - 1} more schedules)" if len(fields) > 1 else ""))
+        for message, fields in found.items()
+    ]
+
+
+def _end_problem(schedule: LearningRate, steps: int) -> Problem | None:
+    if (cosine := schedule.linear_ramp_to_cosine) is not None:
+        end = cosine.final_num_steps
+        if end == steps:
+            return None
+        effect = (
+            f"the last {steps - end} steps run at final_learning_rate"
+            if end < steps
+            else "training stops before the rate reaches final_learning_rate"
+        )
+        message = f"the cosine ends at step {end} but training.num_train_steps is {steps}: {effect}"
+        return "linear_ramp_to_cosine.final_num_steps", message
+    # The rate of step s (from 0) is learning_rate_values[number of boundaries <= s], and the last step is
+    # steps - 1. A last boundary before the end is how the schedule is meant to be used.
+    boundaries = schedule.piecewise_constant.learning_rate_boundaries if schedule.piecewise_constant else []
+    if not boundaries or boundaries[-1] < steps:
+        return None
+    message = (
+        f"the last boundary, {boundaries[-1]}, is not reached in training.num_train_steps ({steps}) steps: "
+        "the last of learning_rate_values is never used"
+    )
+    return "piecewise_constant.learning_rate_boundaries", message
+
+
+def _schedules(optimizer: OptimizerConfig) -> list[tuple[str, LearningRate]]:
+    if optimizer.single_task_learning_rate is not None:
+        return [("optimizer.single_task_learning_rate", optimizer.single_task_learning_rate)]
+    rates = optimizer.multi_task_learning_rates
+    assert rates is not None  # the config requires exactly one of the two
+    where = "optimizer.multi_task_learning_rates"
+    out = [(f"{where}.backbone_learning_rate", rates.backbone_learning_rate)]
+    out += [(f"{where}.tower_learning_rates.{task}", lr) for task, lr in rates.tower_learning_rates.items()]
+    return [(path, schedule) for path, schedule in out if schedule is not None]

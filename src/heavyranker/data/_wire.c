@@ -1,18 +1,19 @@
-/* The fast path of tf.Example decoding (heavyranker/data/example.py), for the layout every serializer
- * writes: each wanted feature a map entry {key, Feature{list{one packed run}}} with exactly the schema's
- * number of values. It walks each record's chain of length prefixes, copies float runs and decodes varint
- * runs straight into the output arrays. Measured on seed-schema records (22 map entries, 6000 floats, 832
- * varints): the walk alone costs about 20 us per record in Python and numpy's conversion of the values
- * about 10 us more; decode_batch through this file costs about 4 us in all. Any record it does not take
- * (unpacked values, other field orders, a wrong kind or count, damage) is left to example.py's general
- * parser, which reads every valid encoding and words the errors; this file only ever says "not mine". */
+/* The fast path of tf.Example decoding (heavyranker/data/tf_example/decode.py), for the layout every
+ * serializer writes: each wanted feature a map entry {key, Feature{list{one packed run}}} with exactly the
+ * schema's number of values. It walks each record's chain of length prefixes, copies float runs and
+ * decodes varint runs straight into the output arrays. Measured on seed-schema records (22 map entries,
+ * 6000 floats, 832 varints): the walk alone costs about 20 us per record in Python and numpy's conversion
+ * of the values about 10 us more; decode_batch through this file costs about 4 us in all. Any record it
+ * does not take (unpacked values, other field orders, a wrong kind or count, damage) is left to
+ * decode.py's general parser, which reads every valid encoding and words the errors; this file only ever
+ * says "not mine". */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "float runs are copied as they are: little-endian hosts only (example.py decodes elsewhere)"
+#error "float runs are copied as they are: little-endian hosts only (decode.py decodes elsewhere)"
 #endif
 
 typedef struct {
@@ -145,7 +146,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     Wanted w = {keys.buf, key_ends.buf, kinds.buf, lengths.buf, out_at, k};
     int ok = key_ends.len == 8 * k && lengths.len == 8 * k && present.len == n * k &&
              PySequence_Fast_GET_SIZE(out_seq) == k && first >= 0 && first <= n;
-    for (Py_ssize_t j = 0; ok && j < k; j++) /* wanted keys, kinds and lengths as example.py makes them */
+    for (Py_ssize_t j = 0; ok && j < k; j++) /* wanted keys, kinds and lengths as decode.py makes them */
         ok = w.key_ends[j] >= (j ? w.key_ends[j - 1] : 0) && w.key_ends[j] <= keys.len && w.lengths[j] >= 0 &&
              (w.kinds[j] == 0x12 || w.kinds[j] == 0x1a);
     if (!ok) {

@@ -34,9 +34,9 @@ from ..config.data import DataConfig
 from ..errors import DataError, UserError
 from ..schema import load_schema
 from .batch import Batch
-from .example import ExampleDecoder
 from .files import select_files
 from .preprocess import Examples, preprocess
+from .tf_example import ExampleDecoder
 from .tfrecord import read_records
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..config import Config
 from ..errors import DataError, UserError
 from .dataset import RecapDataset
@@ -37,10 +38,8 @@ def write_feature_stats(config: Config, *, out: str, batches: int) -> None:
         ],
     }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    temporary = f"{out}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
+    with atomic_write(out, "w") as f:
         json.dump(stats, f, indent=1)
-    os.replace(temporary, out)
     log.info(
         "wrote statistics of %d continuous features over %d examples to %s", len(mean), stats["examples"], out
     )

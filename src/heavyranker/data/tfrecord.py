@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
@@ -17,6 +16,7 @@ from typing import BinaryIO
 import crc32c
 from isal import igzip, isal_zlib
 
+from ..atomic import atomic_write
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -68,28 +68,21 @@ def write_records(path: str, records: Iterable[bytes], *, compress: bool | None 
     """Writes `records` as a TFRecord file, GZIP-compressed when `compress` (default: path ends in .gz).
     The file appears under its name only once complete (written to a temporary name, then renamed)."""
     compress = path.endswith(".gz") if compress is None else compress
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        # filename="" and mtime=0 keep the gzip header free of the temporary name and the time, so that
-        # the same records make the same file.
-        with (
-            open(temporary, "wb") as raw,
-            (
-                igzip.IGzipFile(filename="", fileobj=raw, mode="wb", mtime=0)
-                if compress
-                else contextlib.nullcontext(raw)
-            ) as f,
-        ):
-            for record in records:
-                length = struct.pack("<Q", len(record))
-                f.write(_HEADER.pack(len(record), masked_crc32c(length)))
-                f.write(record)
-                f.write(_FOOTER.pack(masked_crc32c(record)))
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
+    # filename="" and mtime=0 keep the gzip header free of the temporary name and the time, so that the
+    # same records make the same file.
+    with (
+        atomic_write(path) as raw,
+        (
+            igzip.IGzipFile(filename="", fileobj=raw, mode="wb", mtime=0)
+            if compress
+            else contextlib.nullcontext(raw)
+        ) as f,
+    ):
+        for record in records:
+            length = struct.pack("<Q", len(record))
+            f.write(_HEADER.pack(len(record), masked_crc32c(length)))
+            f.write(record)
+            f.write(_FOOTER.pack(masked_crc32c(record)))
 
 
 @contextlib.contextmanager

@@ -4,13 +4,13 @@ model of the features can predict), the labels drawn from it, and the meta ids t
 
 from __future__ import annotations
 
-import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import DataError
 
 SUFFIX = ".truth.npz"
@@ -51,16 +51,16 @@ def write_truth(
     path: str, tasks: Sequence[str], probabilities: np.ndarray, labels: np.ndarray, ids: dict[str, np.ndarray]
 ) -> None:
     """Writes a sidecar atomically (a temporary name renamed into place)."""
-    temporary = f"{path}.tmp-{os.getpid()}.npz"
-    # Not compressed: zlib on random floats costs more time than it saves space.
-    np.savez(
-        temporary,
-        tasks=np.array(tasks),
-        probabilities=probabilities.astype(np.float32),
-        labels=labels.astype(np.int8),
-        **{name: ids[name] for name in IDS},
-    )
-    os.replace(temporary, path)
+    # Not compressed: zlib on random floats costs more time than it saves space. A file object: np.savez
+    # would add ".npz" to the temporary's name.
+    with atomic_write(path) as f:
+        np.savez(
+            f,
+            tasks=np.array(tasks),
+            probabilities=probabilities.astype(np.float32),
+            labels=labels.astype(np.int8),
+            **{name: ids[name] for name in IDS},
+        )
 
 
 def load_truth(data_files: Sequence[str]) -> TruthTable:

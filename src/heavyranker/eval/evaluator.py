@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..checkpoint import (
     checkpoint_dir,
     list_checkpoints,
@@ -114,10 +115,9 @@ def result_path(config: Config, split: str, step: int) -> Path:
 def _write(config: Config, split: str, step: int, metrics: dict[str, dict[str, float]]) -> None:
     path = result_path(config, split, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
     strict = {task: {k: (None if math.isnan(v) else v) for k, v in m.items()} for task, m in metrics.items()}
-    temporary.write_text(json.dumps({"step": step, "split": split, "metrics": strict}, indent=1))
-    temporary.replace(path)  # a result file is complete or absent: a restarted --watch trusts it
+    with atomic_write(path, "w") as f:  # a result file is complete or absent: a restarted --watch trusts it
+        f.write(json.dumps({"step": step, "split": split, "metrics": strict}, indent=1))
 
 
 def evaluate_command(

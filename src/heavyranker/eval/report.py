@@ -6,11 +6,9 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
 def reliability_curve(
@@ -37,7 +35,11 @@ def write_report(
     steps = [line["step"] for line in lines]
     cols = 5
     rows = 2 * math.ceil(len(task_names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    # A Figure on its own Agg canvas, not pyplot: pyplot keeps global figures and a process-wide backend,
+    # which importing this module or writing a report must not choose for the program that calls it.
+    fig = Figure(figsize=(4 * cols, 3.2 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for j, task in enumerate(task_names):
         short = task.removeprefix("recap.engagement.is_")
         loss_ax = axes[2 * (j // cols)][j % cols]
@@ -59,5 +61,4 @@ def write_report(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path

@@ -6,21 +6,23 @@ import torch
 from torch import nn
 
 from ..config.model import DcnConfig
-from .linear import Linear
+from .linear import DEFAULT_MATMUL, Linear, Matmul
 from .mlp import Mlp, build_mlp, init_linear
 
 
 class CrossLayer(nn.Module):
     """W is a full matrix, or U V through projection_dim (V without bias: one bias, as in W x + b)."""
 
-    def __init__(self, in_features: int, projection_dim: int | None = None):
+    def __init__(
+        self, in_features: int, projection_dim: int | None = None, *, matmul: Matmul = DEFAULT_MATMUL
+    ):
         super().__init__()
         if projection_dim is None:
-            self.linear = init_linear(Linear(in_features, in_features))
+            self.linear = init_linear(Linear(in_features, in_features, matmul=matmul))
         else:
             self.linear = nn.Sequential(
-                init_linear(Linear(in_features, projection_dim, bias=False)),
-                init_linear(Linear(projection_dim, in_features)),
+                init_linear(Linear(in_features, projection_dim, bias=False, matmul=matmul)),
+                init_linear(Linear(projection_dim, in_features, matmul=matmul)),
             )
 
     def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,9 +68,9 @@ def dcn_width(in_features: int, parallel_mlp: Mlp | None, use_parallel: bool) ->
     return in_features + parallel_mlp.out_features if use_parallel else parallel_mlp.out_features
 
 
-def build_dcn(in_features: int, config: DcnConfig) -> Dcn:
-    cross = [CrossLayer(in_features, config.projection_dim) for _ in range(config.poly_degree)]
-    mlp = build_mlp(in_features, config.parallel_mlp) if config.parallel_mlp else None
+def build_dcn(in_features: int, config: DcnConfig, *, matmul: Matmul = DEFAULT_MATMUL) -> Dcn:
+    cross = [CrossLayer(in_features, config.projection_dim, matmul=matmul) for _ in range(config.poly_degree)]
+    mlp = build_mlp(in_features, config.parallel_mlp, matmul=matmul) if config.parallel_mlp else None
     width = dcn_width(in_features, mlp, config.use_parallel)
-    output_mlp = build_mlp(width, config.output_mlp) if config.output_mlp else None
+    output_mlp = build_mlp(width, config.output_mlp, matmul=matmul) if config.output_mlp else None
     return Dcn(in_features, cross, mlp, config.use_parallel, output_mlp)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config.model import DLRMConfig
 from ..errors import UserError
+from .linear import DEFAULT_MATMUL, Matmul
 from .mlp import Mlp, build_mlp
 
 Slice = tuple[int, int]  # (first column, width) of a block of the input
@@ -47,10 +48,17 @@ def _complement(width: int, taken: list[Slice]) -> list[Slice]:
     return free
 
 
-def build_dlrm(in_features: int, config: DLRMConfig, vector_slices: list[Slice], where: str) -> Dlrm:
+def build_dlrm(
+    in_features: int,
+    config: DLRMConfig,
+    vector_slices: list[Slice],
+    where: str,
+    *,
+    matmul: Matmul = DEFAULT_MATMUL,
+) -> Dlrm:
     """`where` is the config path of `config`, for errors."""
     dense_width = in_features - sum(w for _, w in vector_slices)
-    bottom = build_mlp(dense_width, config.bottom_mlp)
+    bottom = build_mlp(dense_width, config.bottom_mlp, matmul=matmul)
     for s, w in vector_slices:
         if w != bottom.out_features:
             raise UserError(
@@ -58,5 +66,5 @@ def build_dlrm(in_features: int, config: DLRMConfig, vector_slices: list[Slice],
                 f"vector it is dotted with, but the input holds one of width {w} at column {s}"
             )
     n = len(vector_slices) + 1
-    top = build_mlp(bottom.out_features + n * (n - 1) // 2, config.top_mlp)
+    top = build_mlp(bottom.out_features + n * (n - 1) // 2, config.top_mlp, matmul=matmul)
     return Dlrm(in_features, vector_slices, bottom, top)

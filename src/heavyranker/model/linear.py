@@ -10,19 +10,23 @@ fp32, in another order.
 Parameters, their names and initialisation are nn.Linear's, so checkpoints do not change. Small layers
 (see MIN_WEIGHTS), what oneDNN's linear kernel does not take (another device or dtype, other than 2-D
 input, an empty batch, CPU autocast), and tracing by torch.export or torch.compile go through F.linear:
-an exported program holds plain aten.linear nodes.
+an exported program holds plain aten.linear nodes. A layer built with matmul="aten" always does: for
+comparison, or where oneDNN misbehaves.
 """
 
 from __future__ import annotations
+
+from typing import Final, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-# Off (heavyranker.model.linear.ONEDNN = False) every layer runs F.linear: for comparison, or where
-# oneDNN misbehaves. The kernel is an internal torch op: a torch without it leaves every layer on F.linear.
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+Matmul = Literal["onednn", "aten"]
+# The kernel is an internal torch op: a torch without it builds every layer on aten.
+HAS_ONEDNN: Final = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+DEFAULT_MATMUL: Final[Matmul] = "onednn" if HAS_ONEDNN else "aten"
 # Below this many weights a layer stays on F.linear: a oneDNN call costs about 15 us more than an aten one,
 # and a training step makes three per layer. Measured (forward + backward at batch 128): 256x128 379 us on
 # oneDNN against 268 us, 512x256 break-even, 2048x256 3.1 ms against 4.0 ms.
@@ -58,8 +62,7 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        ONEDNN
-        and weight.numel() >= MIN_WEIGHTS
+        weight.numel() >= MIN_WEIGHTS
         and x.dim() == 2
         and x.shape[0] > 0  # oneDNN has no primitive for an empty batch
         and x.device.type == "cpu"
@@ -70,10 +73,25 @@ def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear, with the product on oneDNN where it applies (see the module's docstring)."""
+    """nn.Linear, with the product on oneDNN where it applies if `matmul` is "onednn" (see the module's
+    docstring); on aten's F.linear always if "aten"."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, *, matmul: Matmul = DEFAULT_MATMUL
+    ):
+        if matmul not in ("onednn", "aten"):
+            raise ValueError(f'matmul must be "onednn" or "aten", not {matmul!r}')
+        if matmul == "onednn" and not HAS_ONEDNN:
+            # Asked for by name, not by default: falling back would run (or time) another kernel than asked.
+            raise ValueError(
+                f'matmul="onednn": torch {torch.__version__} has no oneDNN linear kernel '
+                '(torch.ops.mkldnn._linear_pointwise); use matmul="aten"'
+            )
+        super().__init__(in_features, out_features, bias)
+        self.matmul = matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _on_onednn(x, self.weight):
+        if self.matmul == "aten" or not _on_onednn(x, self.weight):
             return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled():
             return _OneDnnLinear.apply(x, self.weight, self.bias)

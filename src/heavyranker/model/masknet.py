@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config.model import MaskNetConfig
 from ..errors import UserError
-from .linear import Linear
+from .linear import DEFAULT_MATMUL, Linear, Matmul
 from .mlp import Mlp, build_mlp, init_linear
 
 
@@ -22,15 +22,17 @@ class MaskBlock(nn.Module):
         output_size: int,
         aggregation_size: int,
         input_layer_norm: bool,
+        *,
+        matmul: Matmul = DEFAULT_MATMUL,
     ):
         super().__init__()
         self.input_layer_norm = nn.LayerNorm(in_features) if input_layer_norm else None
         self.mask_layer = nn.Sequential(
-            init_linear(Linear(mask_in_features, aggregation_size)),
+            init_linear(Linear(mask_in_features, aggregation_size, matmul=matmul)),
             nn.ReLU(),
-            init_linear(Linear(aggregation_size, in_features)),
+            init_linear(Linear(aggregation_size, in_features, matmul=matmul)),
         )
-        self.hidden_layer = init_linear(Linear(in_features, output_size))
+        self.hidden_layer = init_linear(Linear(in_features, output_size, matmul=matmul))
         self.layer_norm = nn.LayerNorm(output_size)
         self.out_features = output_size
 
@@ -63,7 +65,9 @@ class MaskNet(nn.Module):
         return self.mlp(net) if self.mlp is not None else net
 
 
-def build_mask_net(in_features: int, config: MaskNetConfig, where: str) -> MaskNet:
+def build_mask_net(
+    in_features: int, config: MaskNetConfig, where: str, *, matmul: Matmul = DEFAULT_MATMUL
+) -> MaskNet:
     """`where` is the config path of `config`, for errors."""
     blocks = []
     width = in_features
@@ -74,9 +78,13 @@ def build_mask_net(in_features: int, config: MaskNetConfig, where: str) -> MaskN
                 f"{where}.mask_blocks[{i}].reduction_factor: {block.reduction_factor} x {in_features} inputs "
                 "leaves no aggregation units; raise it or set aggregation_size"
             )
-        blocks.append(MaskBlock(width, in_features, block.output_size, aggregation, block.input_layer_norm))
+        blocks.append(
+            MaskBlock(
+                width, in_features, block.output_size, aggregation, block.input_layer_norm, matmul=matmul
+            )
+        )
         if not config.use_parallel:
             width = block.output_size
     blocks_out = sum(b.out_features for b in blocks) if config.use_parallel else width
-    mlp = build_mlp(blocks_out, config.mlp) if config.mlp else None
+    mlp = build_mlp(blocks_out, config.mlp, matmul=matmul) if config.mlp else None
     return MaskNet(blocks, config.use_parallel, mlp)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config.model import MlpConfig
-from .linear import Linear
+from .linear import DEFAULT_MATMUL, Linear, Matmul
 
 
 def init_linear(layer: nn.Linear) -> nn.Linear:
@@ -31,6 +31,8 @@ class Mlp(nn.Module):
         batch_norm_momentum: float | None = None,
         batch_norm_affine: bool = True,
         final_layer_activation: bool = False,
+        *,
+        matmul: Matmul = DEFAULT_MATMUL,
     ):
         super().__init__()
         if len(dropout_rates) != len(layer_sizes):
@@ -38,7 +40,7 @@ class Mlp(nn.Module):
         modules: list[nn.Module] = []
         width = in_features
         for i, (size, rate) in enumerate(zip(layer_sizes, dropout_rates, strict=True)):
-            modules.append(init_linear(Linear(width, size)))
+            modules.append(init_linear(Linear(width, size, matmul=matmul)))
             hidden = i < len(layer_sizes) - 1
             if hidden and batch_norm_momentum is not None:
                 modules.append(nn.BatchNorm1d(size, affine=batch_norm_affine, momentum=batch_norm_momentum))
@@ -55,7 +57,7 @@ class Mlp(nn.Module):
         return self.layers(x)
 
 
-def build_mlp(in_features: int, config: MlpConfig) -> Mlp:
+def build_mlp(in_features: int, config: MlpConfig, *, matmul: Matmul = DEFAULT_MATMUL) -> Mlp:
     """`layer_sizes` with the MLP-wide dropout after each hidden layer, or `layers`, whose per-layer dropout
     replaces the MLP-wide one and, on the last layer, is applied after it too."""
     default = config.dropout.rate if config.dropout else None
@@ -75,4 +77,5 @@ def build_mlp(in_features: int, config: MlpConfig) -> Mlp:
         batch_norm_momentum=bn.momentum if bn else None,
         batch_norm_affine=bn.affine if bn else True,
         final_layer_activation=config.final_layer_activation,
+        matmul=matmul,
     )

@@ -14,6 +14,7 @@ from .dcn import build_dcn
 from .dlrm import Slice, build_dlrm
 from .embeddings import LargeEmbedding, PositionDebias, SmallEmbedding
 from .featurize import Featurizer, build_featurizer
+from .linear import DEFAULT_MATMUL, Matmul
 from .masknet import build_mask_net
 from .mlp import build_mlp
 
@@ -110,8 +111,12 @@ class Ranker(nn.Module):
         return out
 
 
-def build_model(config: Config, input_shapes: dict[str, tuple[int, ...]]) -> Ranker:
-    """The ranker for `config`, reading features of these per-example shapes (data.shapes.feature_shapes)."""
+def build_model(
+    config: Config, input_shapes: dict[str, tuple[int, ...]], *, matmul: Matmul = DEFAULT_MATMUL
+) -> Ranker:
+    """The ranker for `config`, reading features of these per-example shapes (data.shapes.feature_shapes).
+    `matmul` is where the dense layers' products run on CPU (model.linear): the same parameters and
+    checkpoints either way; "onednn" needs a torch with oneDNN's linear kernel."""
     model = config.model
     featurizer = build_featurizer(model.featurization_config, input_shapes)
     large, small, twhin, position = _embeddings(model, input_shapes)
@@ -125,7 +130,7 @@ def build_model(config: Config, input_shapes: dict[str, tuple[int, ...]]) -> Ran
     tower_in, tower_vectors = in_features, vectors
     if model.multi_task_type != MultiTaskType.SHARE_NONE:
         assert model.backbone is not None  # the config requires one when sharing
-        backbone = build_architecture(model.backbone, in_features, vectors, "model.backbone")
+        backbone = build_architecture(model.backbone, in_features, vectors, "model.backbone", matmul)
         if model.multi_task_type == MultiTaskType.SHARE_ALL:
             tower_in, tower_vectors = backbone.out_features, []
         else:
@@ -133,7 +138,7 @@ def build_model(config: Config, input_shapes: dict[str, tuple[int, ...]]) -> Ran
 
     towers, affine_maps = {}, {}
     for task, task_model in model.tasks.items():
-        tower = build_architecture(task_model, tower_in, tower_vectors, f"model.tasks.{task}")
+        tower = build_architecture(task_model, tower_in, tower_vectors, f"model.tasks.{task}", matmul)
         if tower.out_features != 1:
             raise UserError(
                 f"model.tasks.{task}: the tower must end in one output (a logit), not {tower.out_features}"
@@ -167,17 +172,17 @@ def input_layout(widths: list[int]) -> tuple[int, list[Slice]]:
 
 
 def build_architecture(
-    task: TaskModel, in_features: int, vector_slices: list[Slice], where: str
+    task: TaskModel, in_features: int, vector_slices: list[Slice], where: str, matmul: Matmul
 ) -> nn.Module:
     """The one architecture a backbone or tower config names; `where` is its config path, for errors."""
     if task.mlp_config is not None:
-        return build_mlp(in_features, task.mlp_config)
+        return build_mlp(in_features, task.mlp_config, matmul=matmul)
     if task.mask_net_config is not None:
-        return build_mask_net(in_features, task.mask_net_config, f"{where}.mask_net_config")
+        return build_mask_net(in_features, task.mask_net_config, f"{where}.mask_net_config", matmul=matmul)
     if task.dcn_config is not None:
-        return build_dcn(in_features, task.dcn_config)
+        return build_dcn(in_features, task.dcn_config, matmul=matmul)
     assert task.dlrm_config is not None  # the config allows exactly one architecture
-    return build_dlrm(in_features, task.dlrm_config, vector_slices, f"{where}.dlrm_config")
+    return build_dlrm(in_features, task.dlrm_config, vector_slices, f"{where}.dlrm_config", matmul=matmul)
 
 
 def _affine_map(scale: float, bias: float) -> nn.Linear:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_path, atomic_write
 from ..checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from ..config import Config
 from ..data.shapes import feature_dtypes, feature_shapes
@@ -89,8 +88,12 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str) -> 
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder / PROGRAM, lambda path: torch.export.save(program, str(path)))
-    shutil.copyfile(config.train_data.seg_dense_schema.schema_path, folder / SCHEMA_COPY)
+    # A file object, not a path: torch.export.save names the archive's top folder after a path (here the
+    # temporary's name) and warns that it does not end in .pt2; after a file object it is "archive".
+    with atomic_write(folder / PROGRAM) as f:
+        torch.export.save(program, f)
+    with atomic_path(folder / SCHEMA_COPY) as temporary:
+        shutil.copyfile(config.train_data.seg_dense_schema.schema_path, temporary)
     manifest = {
         "format": FORMAT,
         "program": PROGRAM,
@@ -117,7 +120,8 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str) -> 
         "torch_version": torch.__version__,
         "config": config.model_dump(mode="json"),
     }
-    _write_atomically(folder / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=2)))
+    with atomic_write(folder / MANIFEST, "w") as f:
+        f.write(json.dumps(manifest, indent=2))
     log.info(
         "exported %s (step %s) to %s: inputs %s, %d tasks",
         source,
@@ -171,10 +175,3 @@ def _check_same(eager: nn.Module, program: nn.Module, inputs: list[torch.Tensor]
                 f"the exported program's {name} differ from the model's on a batch of "
                 f"{len(inputs[0])}: the forward depends on the batch in a way export misses"
             )
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """A reader (a server loading the folder) sees the old file or the new one, never half of one."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(temporary)
-    os.replace(temporary, path)

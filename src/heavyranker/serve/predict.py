@@ -9,7 +9,6 @@ whatever the input size. The file appears under its name only once complete.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from ..atomic import atomic_path
 from ..config.data import DataConfig
 from ..data.batch import Batch
 from ..data.dataset import RecapDataset
@@ -38,15 +38,11 @@ def predict_files(*, model_dir: str, inputs: str, out: str, batch_size: int = 10
     dataset = RecapDataset(
         _data_config(scorer, model_dir, batch_size), training=False, inputs=inputs, require_labels=False
     )
-    temporary = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}")
     try:
-        rows = _write(dataset, scorer, writer_class, temporary)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        with atomic_path(out) as temporary:
+            rows = _write(dataset, scorer, writer_class, temporary)
     finally:
         dataset.close()
-    os.replace(temporary, out)
     log.info("wrote %d rows to %s", rows, out)
     return rows
 

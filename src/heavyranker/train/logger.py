@@ -8,6 +8,12 @@ from typing import Any
 
 import torch
 
+# The evaluation's "loss" is the cross-entropy of the calibrated probabilities, weighted to the population
+# (sum(w * l) / sum(w), no pos_weight); the training loss is the objective (BCE of the logits on the
+# training data, sum(w * l) / B with pos_weight, averaged over tasks for train/loss). TensorBoard shows the
+# evaluation's under what it is; the evaluation's JSON files keep the key "loss".
+EVAL_SCALAR_NAMES = {"loss": "cross_entropy"}
+
 
 class TrainLogger:
     """Averages the losses of the steps since the last flush; writes nothing unless `enabled` (rank 0)."""
@@ -62,6 +68,7 @@ class TrainLogger:
         for split, tasks in results.items():
             for task, metrics in tasks.items():
                 for name, value in metrics.items():
+                    name = EVAL_SCALAR_NAMES.get(name, name)
                     self.tensorboard.add_scalar(f"eval/{split}/{task}/{name}", value, step)
         self.tensorboard.flush()
 

@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -229,5 +230,11 @@ def _format_log_line(line: dict[str, float]) -> str:
 
 
 def train(config: Config, *, amp: bool = False) -> None:
+    # DDP warned on every rank that the towers' [1, n] output weights got gradients whose stride in the
+    # size-1 dimension differs from its bucket view's (the same memory layout). Process-wide, set by the
+    # training command rather than as a side effect of Runtime.wrap; not warnings.catch_warnings() around
+    # each backward: entering and leaving it resets the registry of warnings already shown, so any other
+    # warning raised in the loop would be printed again at every step.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     with distributed_runtime() as runtime:
         Trainer(config, amp=amp, runtime=runtime).run()

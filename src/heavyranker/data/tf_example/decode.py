@@ -1,22 +1,13 @@
-"""tf.Example wire format: a batch decoder written for speed, and an encoder for synthetic data and tests.
+"""tf.Example decoding: a batch decoder written for speed.
 
 Hand-written because TensorFlow is not a dependency and protobuf's Python objects cost one Python object
 per value (6,000 floats per seed record). Decoding never makes one Python object per value: the usual
 layout (every wanted feature one packed run of the schema's length) is decoded by the compiled
-`_wire.decode` (_wire.c) straight from the wire bytes into the output arrays, at about 4 us per seed
+`_wire.decode` (data/_wire.c) straight from the wire bytes into the output arrays, at about 4 us per seed
 record. Every record it declines (unpacked values, other field orders, a bytes_list, damage), and every
 record when it is not built, goes to the general path: `_parse` walks the record's fields in Python and
 notes where each wanted feature's values lie, then numpy converts the values of all those records at once.
 Measured on seed records, a Python walk alone costs about 20 us and the numpy conversion about 10 us.
-
-Wire format (field number: type):
-  Example  {1: Features}
-  Features {1: repeated map entry {1: key string, 2: Feature}}
-  Feature  oneof {1: BytesList {1: repeated bytes}, 2: FloatList {1: repeated float},
-                  3: Int64List {1: repeated int64}}
-Repeated floats and int64s are "packed" (one length-delimited run) or unpacked (one tagged field per value);
-both are valid protobuf, so both are read. int64 is a plain varint: negatives take ten bytes (two's
-complement), no zigzag.
 """
 
 from __future__ import annotations
@@ -26,13 +17,14 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import DataError, UserError
-from ..schema import FeatureSpec
+from ...errors import DataError, UserError
+from ...schema import FeatureSpec
+from .wire import I32, I64, KINDS, LEN, VARINT
 
 log = logging.getLogger(__name__)
 
 try:
-    from . import _wire  # built from _wire.c by `pip install`
+    from .. import _wire  # built from _wire.c by `pip install`
 except ImportError:  # no compiler at install time: every record takes the general parser
     _wire = None
     log.warning(
@@ -40,10 +32,7 @@ except ImportError:  # no compiler at install time: every record takes the gener
         "runs in pure Python, several times slower"
     )
 
-KINDS = ("bytes_list", "float_list", "int64_list")  # Feature's oneof, field numbers 1, 2, 3
 _DTYPES = {"bytes_list": object, "float_list": np.float32, "int64_list": np.int64}
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # protobuf wire types
-_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64)  # 2**7 ... 2**63
 _Spans = list[tuple[int, int]]
 _Values = _Spans | list[bytes]  # where a feature's numbers lie in a record, or a bytes_list's values
 
@@ -283,16 +272,16 @@ def _parse(record: bytes, index: Mapping[bytes, int]) -> dict[int, tuple[str, _V
     A Feature with no list set is left out: absent."""
     found: dict[int, tuple[str, _Values]] = {}
     for field, wire, start, stop in _fields(record, 0, len(record)):
-        if field != 1 or wire != _LEN:
+        if field != 1 or wire != LEN:
             continue
         for entry_field, entry_wire, a, b in _fields(record, start, stop):
-            if entry_field != 1 or entry_wire != _LEN:
+            if entry_field != 1 or entry_wire != LEN:
                 continue
             key, feature = b"", []
             for part, part_wire, c, d in _fields(record, a, b):
-                if part == 1 and part_wire == _LEN:
+                if part == 1 and part_wire == LEN:
                     key = record[c:d]
-                elif part == 2 and part_wire == _LEN:
+                elif part == 2 and part_wire == LEN:
                     feature.append((c, d))
             j = index.get(key)
             if j is not None:
@@ -308,7 +297,7 @@ def _feature(record: bytes, spans: _Spans) -> tuple[str | None, _Values]:
     kind, values = None, []
     for start, stop in spans:
         for field, wire, a, b in _fields(record, start, stop):
-            if 1 <= field <= 3 and wire == _LEN:
+            if 1 <= field <= 3 and wire == LEN:
                 if KINDS[field - 1] != kind:  # setting another member of a oneof clears the first
                     kind, values = KINDS[field - 1], []
                 values.extend(_list(record, a, b, kind))
@@ -316,7 +305,7 @@ def _feature(record: bytes, spans: _Spans) -> tuple[str | None, _Values]:
 
 
 def _list(record: bytes, start: int, stop: int, kind: str) -> _Values:
-    expected = {"bytes_list": (_LEN,), "float_list": (_LEN, _I32), "int64_list": (_LEN, _VARINT)}[kind]
+    expected = {"bytes_list": (LEN,), "float_list": (LEN, I32), "int64_list": (LEN, VARINT)}[kind]
     values = []
     for field, wire, a, b in _fields(record, start, stop):
         if field != 1:
@@ -341,13 +330,13 @@ def _fields(buf: bytes, pos: int, end: int):
         if tag >> 3 == 0:
             raise _Malformed("field number 0")
         start = pos
-        if wire == _VARINT:
+        if wire == VARINT:
             _, pos = _varint(buf, pos, end)
-        elif wire == _LEN:
+        elif wire == LEN:
             size, start = _varint(buf, pos, end)
             pos = start + size
-        elif wire in (_I64, _I32):
-            pos += 8 if wire == _I64 else 4
+        elif wire in (I64, I32):
+            pos += 8 if wire == I64 else 4
         else:
             raise _Malformed(f"wire type {wire} (groups are not used by tf.Example)")
         if pos > end:
@@ -366,73 +355,3 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         if byte < 0x80:
             return value, pos
     raise _Malformed("a varint is cut short or longer than 10 bytes")
-
-
-# --- encoding ---
-
-
-def encode_example(features: Mapping[str, np.ndarray | Sequence], *, packed: bool = True) -> bytes:
-    """tf.Example wire bytes. Floats become a float_list (float32), integers and bools an int64_list,
-    bytes or str a bytes_list. packed=False writes one tagged field per value instead of one packed run:
-    equally valid protobuf, which some writers emit and every reader must accept."""
-    entries = [
-        _len_field(1, name.encode()) + _len_field(2, _encode_feature(values, packed))
-        for name, values in features.items()
-    ]
-    return _len_field(1, b"".join(_len_field(1, entry) for entry in entries))
-
-
-def _encode_feature(values: np.ndarray | Sequence, packed: bool) -> bytes:
-    if isinstance(values, np.ndarray) and values.dtype.kind in "OSU":
-        values = values.ravel().tolist()
-    if not isinstance(values, np.ndarray) and any(isinstance(v, (bytes, str)) for v in values):
-        items = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
-        return _len_field(1, b"".join(_len_field(1, item) for item in items))
-    array = np.asarray(values).ravel()
-    if array.dtype.kind == "f":
-        data = array.astype("<f4")
-        if not packed:  # per value: tag 0x0d (field 1, fixed32) and four bytes
-            rows = np.empty((data.size, 5), dtype=np.uint8)
-            rows[:, 0], rows[:, 1:] = 0x0D, data.view(np.uint8).reshape(-1, 4)
-            return _len_field(2, rows.tobytes())
-        return _len_field(2, _len_field(1, data.tobytes()) if data.size else b"")
-    if array.dtype.kind in "biu":
-        ints = array.astype(np.int64)
-        if not packed:  # per value: tag 0x08 (field 1, varint), itself the varint 8, then the value
-            return _len_field(3, encode_varints(np.stack([np.full_like(ints, 8), ints], axis=1)))
-        return _len_field(3, _len_field(1, encode_varints(ints)) if ints.size else b"")
-    raise TypeError(f"cannot encode values of dtype {array.dtype} as a tf.Example feature")
-
-
-def encode_varints(values: np.ndarray) -> bytes:
-    """Protobuf varints of int64 values (negatives in ten bytes), vectorized."""
-    v = np.ascontiguousarray(values, dtype=np.int64).ravel().view(np.uint64)
-    if v.size <= 8:  # a label or an id: numpy's call overhead would dominate
-        return b"".join(varint_bytes(x) for x in v.tolist())
-    sizes = 1 + np.searchsorted(_VARINT_LIMITS, v, side="right")  # bytes per value, 1..10
-    if sizes.max() == 1:
-        return v.astype(np.uint8).tobytes()
-    ends = np.cumsum(sizes)
-    out = np.empty(int(ends[-1]), dtype=np.uint8)
-    for k in range(int(sizes.max())):  # the k-th byte of every value that has one
-        take = np.flatnonzero(sizes > k)
-        group = ((v[take] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
-        out[ends[take] - sizes[take] + k] = group | np.where(sizes[take] > k + 1, 0x80, 0).astype(np.uint8)
-    return out.tobytes()
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field: tag, varint length, payload."""
-    if len(payload) < 0x80:
-        return bytes((number << 3 | _LEN, len(payload))) + payload
-    return bytes((number << 3 | _LEN,)) + varint_bytes(len(payload)) + payload
-
-
-def varint_bytes(value: int) -> bytes:
-    """One non-negative value as a protobuf varint."""
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)

@@ -1,5 +1,5 @@
-"""tf.Example decoding against protobuf bytes built by hand, through the compiled fast path and the
-pure-Python parser alike."""
+"""The tf.Example codec: decoding against protobuf bytes built by hand, through the compiled fast path and
+the pure-Python parser alike; the encoders against those bytes and each other."""
 
 import logging
 import struct
@@ -7,8 +7,13 @@ import struct
 import numpy as np
 import pytest
 
-from heavyranker.data import example
-from heavyranker.data.example import ExampleDecoder, encode_example, encode_varints
+from heavyranker.data.tf_example import (
+    ExampleDecoder,
+    decode,
+    encode_example,
+    encode_tf_examples,
+    encode_varints,
+)
 from heavyranker.errors import DataError, UserError
 from heavyranker.schema import FeatureSpec
 
@@ -66,8 +71,8 @@ BIG = [-1, 2**53 + 1, 2**63 - 1, -(2**63)]  # not exact as float64; ten-byte neg
 def decoder(request, monkeypatch):
     """ExampleDecoder factory, once with the compiled fast path and once with the pure-Python parser."""
     if request.param == "python":
-        monkeypatch.setattr(example, "_wire", None)
-    elif example._wire is None:
+        monkeypatch.setattr(decode, "_wire", None)
+    elif decode._wire is None:
         pytest.skip("heavyranker.data._wire is not built")
     return lambda specs=SPECS, wanted=None: ExampleDecoder(specs, list(specs) if wanted is None else wanted)
 
@@ -246,13 +251,13 @@ def test_protobuf_layouts_other_writers_may_use(decoder):
 
 
 def test_compiled_path_takes_the_usual_layout_itself(monkeypatch):
-    if example._wire is None:
+    if decode._wire is None:
         pytest.skip("heavyranker.data._wire is not built")
 
     def no_fallback(*args):
         raise AssertionError("the general parser was used")
 
-    monkeypatch.setattr(example, "_parse", no_fallback)
+    monkeypatch.setattr(decode, "_parse", no_fallback)
     rows = [{"dense": np.float32([1, 2, 3]), "counts": np.arange(4) * 1000, "label": [1], "id": [-3]}] * 5
     out = ExampleDecoder(SPECS, list(SPECS)).decode_batch([encode_example(r) for r in rows])
     assert out["counts"].tolist() == [[0, 1000, 2000, 3000]] * 5 and out["id"].tolist() == [[-3]] * 5
@@ -296,6 +301,26 @@ def test_encode_varints_matches_hand_encoding():
     assert encode_varints(np.array(values)) == b"".join(varint(v) for v in values)
 
 
+def test_encode_tf_examples_matches_the_per_record_encoder():
+    rng = np.random.default_rng(0)
+    n = 50
+    fixed = {
+        "floats": rng.standard_normal((n, 7)).astype(np.float32),
+        "label": rng.integers(0, 2, (n, 1)),
+        "tokens": np.array([[b"ab", b"cd"]] * n, dtype=object),
+    }
+    ragged = {
+        "ids": rng.integers(-(2**63), 2**63 - 1, (n, 1)),
+        "counts": rng.integers(0, 1 << 20, (n, 3)),
+        "big": np.full((n, 1), 2**53 + 1) + np.arange(n)[:, None] * (n % 3),
+    }
+    ragged["big"][0] = 0  # one row of another size
+    records = encode_tf_examples({**dict(list(fixed.items())[:2]), **ragged, "tokens": fixed["tokens"]})
+    for i, record in enumerate(records):
+        expected = encode_example({name: values[i] for name, values in {**fixed, **ragged}.items()})
+        assert record == expected, i
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_round_trip_of_realistic_rows(decoder, packed):
     # Seed-like rows: heavy-tailed non-negative floats with many zeros, binary flags, small counts with a
@@ -331,11 +356,11 @@ def test_round_trip_of_realistic_rows(decoder, packed):
 def test_compiled_and_general_paths_agree_on_damaged_records(monkeypatch):
     # Random byte edits of valid records: the compiled path must give the general parser's values or
     # decline the record to it (then the same error), and never read out of bounds.
-    if example._wire is None:
+    if decode._wire is None:
         pytest.skip("heavyranker.data._wire is not built")
     fast = ExampleDecoder(SPECS, list(SPECS))
     with monkeypatch.context() as patch:
-        patch.setattr(example, "_wire", None)
+        patch.setattr(decode, "_wire", None)
         general = ExampleDecoder(SPECS, list(SPECS))  # decides at construction: the general parser only
     values = {"dense": np.float32([1, 2, 3]), "counts": [1, 300, -1, 2**40], "label": [1], "other": [5, 6]}
     good = [encode_example(values, packed=packed) for packed in (True, False)]

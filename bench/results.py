@@ -1,0 +1,64 @@
+"""A benchmark's summary as a file, bench/results/<name>.json by default, so that the figures quoted
+elsewhere (README) are copied from what a run wrote rather than typed by hand. It holds when and on what the
+figures were measured, the command's arguments and the figures themselves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_results_option(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS / f"{name}.json",
+        metavar="PATH",
+        help="where the summary goes, as JSON (default: %(default)s)",
+    )
+
+
+def write_results(name: str, figures: dict[str, Any], args: argparse.Namespace) -> Path:
+    """Writes {bench, date, machine, arguments, figures} to args.results and prints where."""
+    summary = {
+        "bench": name,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "arguments": {key: value for key, value in vars(args).items() if key != "results"},
+        "figures": figures,
+    }
+    path: Path = args.results
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"results: {path}")
+    return path
+
+
+def machine() -> dict[str, Any]:
+    """The facts a figure depends on. `cpus` is what this process may run on (taskset, a container's
+    quota), not the machine's count; torch's version without importing it (some benches never do)."""
+    return {
+        "cpu": _cpu_model(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "torch": metadata.version("torch"),
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,56 @@
+"""Files that appear under their name only once complete, so a reader (a resumed run, a server loading a
+model folder, `evaluate --watch`) sees the old file or the new one, never half of one.
+
+The content goes to a temporary in the same folder (a rename is atomic only within one file system), named
+`.NAME.tmp-PID`: hidden, so globs (`*.gz`, `*`) and the checkpoint listing never see it, and distinct per
+process. It is fsynced before the rename, and the folder after it, so that after a power cut the name
+holds either the previous file or the complete new one. On any exception (KeyboardInterrupt included) the
+temporary is removed and the previous file is left as it was."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """An open file (`mode`: "wb" or "w") whose content replaces `path` when the block ends without error.
+    Prefer it to atomic_path where the writer takes a file object (np.savez then adds no ".npz")."""
+    with _replacing(Path(path)) as temporary, open(temporary, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path for writers that open the file themselves (pyarrow's, shutil.copyfile); the file
+    written there replaces `path` when the block ends without error."""
+    with _replacing(Path(path)) as temporary:
+        yield temporary
+        _fsync(temporary, os.O_RDONLY)  # Linux flushes the file's data whatever the mode of the descriptor
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            temporary.unlink()
+        raise
+    _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # makes the rename itself durable
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,84 @@
+"""The layout of a row: which schema columns play which role (label, id, embedding, wide feature), which
+columns the model sees, and the dtype each is written in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...config import Config
+from ...config.data import DataConfig
+from ...errors import UserError
+from ...schema import FeatureSpec, load_schema
+from ..preprocess import mask_columns
+from .profiles import SOURCES
+
+EMBEDDINGS = ("user_embedding", "user_eng_embedding", "author_embedding")
+META_IDS = {"meta__user_id": "user_id", "meta__tweet_id": "tweet_id", "meta__author_id": "author_id"}
+WIDE = ("continuous", "binary", "discrete")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a row holds: the schema, the role of each schema feature, the labels, the kept columns."""
+
+    specs: dict[str, FeatureSpec]
+    roles: dict[str, str]  # schema name -> renamed name (continuous, meta__user_id, ...) or "label"
+    tasks: tuple[str, ...]
+    kept: dict[str, np.ndarray]  # continuous / binary -> the columns the model sees
+
+    def spec(self, role: str) -> FeatureSpec | None:
+        return next((self.specs[name] for name, r in self.roles.items() if r == role), None)
+
+    def kind(self, name: str) -> str:
+        """How schema feature `name` is filled: as a label, an id, an embedding, a wide feature, or by its
+        dtype."""
+        role = self.roles.get(name)
+        if role == "label" or role in META_IDS or role in EMBEDDINGS or role in WIDE:
+            return role
+        dtype = self.specs[name].dtype
+        return {"float_list": "other_float", "int64_list": "other_int"}.get(dtype, "other_bytes")
+
+
+def layout_for(config: Config) -> Layout:
+    """The train split's schema and renames; labels for the tasks of every split."""
+    data = config.train_data
+    for split, other in config.validation_data.items():
+        if other.seg_dense_schema.schema_path != data.seg_dense_schema.schema_path:
+            raise UserError(
+                f"validation_data.{split}.seg_dense_schema.schema_path differs from train_data's: "
+                f"the generator writes one schema for all splits"
+            )
+    specs = load_schema(data.seg_dense_schema.schema_path)
+    tasks = list(dict.fromkeys([t for d in (data, *config.validation_data.values()) for t in d.tasks]))
+    roles = {old: new for new, old in data.seg_dense_schema.renamed_features.items()}
+    roles.update(dict.fromkeys(tasks, "label"))
+    layout = Layout(specs, roles, tuple(tasks), {})
+    for role in SOURCES:
+        spec = layout.spec(role)
+        layout.kept[role] = _kept_columns(data, role, spec.length if spec else 0)
+    return layout
+
+
+def _kept_columns(data: DataConfig, role: str, width: int) -> np.ndarray:
+    """The columns truncate_and_slice keeps: the first `truncation`, then those of the mask."""
+    columns = np.arange(width)
+    ts = data.preprocess.truncate_and_slice if data.preprocess else None
+    if ts:
+        limit, mask = getattr(ts, f"{role}_feature_truncation"), getattr(ts, f"{role}_feature_mask_path")
+        columns = columns[:limit]
+        if mask is not None:
+            columns = columns[mask_columns(mask, len(columns))]
+    return columns
+
+
+def numpy_dtype(spec: FeatureSpec | None) -> type:
+    return np.float32 if spec is None or spec.dtype == "float_list" else np.int64
+
+
+def as_written(values: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """In the schema's dtype and length (a meta id or label the schema makes longer repeats)."""
+    if values.shape[1] != spec.length:
+        values = np.resize(values, (len(values), spec.length))
+    return values if spec.dtype == "bytes_list" else values.astype(numpy_dtype(spec))

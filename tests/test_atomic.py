@@ -1,0 +1,63 @@
+import glob
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from heavyranker.atomic import atomic_path, atomic_write
+
+
+@contextmanager
+def through_path(path: Path):
+    """atomic_path, the file opened by the writer itself."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as f:
+        yield f
+
+
+FLAVOURS = [through_path, atomic_write]
+
+
+@pytest.mark.parametrize("opened", FLAVOURS)
+def test_the_content_appears_under_the_name_alone(tmp_path, opened):
+    with opened(tmp_path / "out.gz") as f:
+        f.write(b"new")
+    assert (tmp_path / "out.gz").read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["out.gz"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("opened", FLAVOURS)
+def test_an_error_mid_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, opened, error):
+    path = tmp_path / "out.gz"
+    path.write_bytes(b"old")
+    with pytest.raises(error), opened(path) as f:
+        f.write(b"partial")
+        f.flush()
+        raise error
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.gz"]
+
+
+def test_the_temporary_is_hidden_from_globs_while_it_is_written(tmp_path):
+    with atomic_write(tmp_path / "part-0.gz") as f:
+        assert os.listdir(tmp_path) == [f".part-0.gz.tmp-{os.getpid()}"]  # it exists...
+        assert glob.glob(str(tmp_path / "*")) == []  # ...unseen
+        f.write(b"data")
+    assert glob.glob(str(tmp_path / "*")) == [str(tmp_path / "part-0.gz")]
+
+
+@pytest.mark.parametrize("opened", FLAVOURS)
+def test_the_file_and_its_folder_are_fsynced(tmp_path, opened, monkeypatch):
+    synced = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    with opened(tmp_path / "out.json") as f:
+        f.write(b"{}")
+    # A rename keeps the inode: the file fsynced under its temporary name is the one now under its name.
+    assert sorted(synced) == sorted([(tmp_path / "out.json").stat().st_ino, tmp_path.stat().st_ino])

@@ -1,0 +1,29 @@
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from heavyranker.train.logger import TrainLogger
+
+
+def scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_tells_the_evaluation_cross_entropy_from_the_training_loss(tmp_path):
+    logger = TrainLogger(str(tmp_path))
+    logger.add(torch.tensor(0.5), torch.tensor([0.25, 0.75]), examples=8, seconds=2.0)
+    logger.flush(3, ["a", "b"], {"backbone": 0.125})
+    logger.eval_scalars(3, {"val": {"a": {"auroc": 0.75, "loss": 0.625}, "a/s1": {"loss": 1.5}}})
+    logger.close()
+    assert scalars(tmp_path / "tensorboard") == {
+        "train/loss": [(3, 0.5)],
+        "train/loss/a": [(3, 0.25)],
+        "train/loss/b": [(3, 0.75)],
+        "train/lr/backbone": [(3, 0.125)],
+        "train/steps_per_s": [(3, 0.5)],
+        "train/examples_per_s": [(3, 4.0)],
+        "eval/val/a/auroc": [(3, 0.75)],
+        "eval/val/a/cross_entropy": [(3, 0.625)],
+        "eval/val/a/s1/cross_entropy": [(3, 1.5)],
+    }
