@@ -294,3 +294,108 @@ def test_setting_a_field_without_effect_warns_with_its_path(caplog, tmp_path, sm
         f"train_data.preprocess.downsample_negatives.num_engagements: {no_effect}",
         f"validation_data.validation.dataset_service_compression: {no_effect}",
     ]
+
+
+# --- YAML that would take a command down: refused while the nodes are composed, each naming its line ---
+
+
+def test_billion_laughs_is_refused_at_the_alias_that_crosses_a_million_nodes(tmp_path):
+    # lolK is a list of ten aliases of lol(K-1): 10**9 strings at lol9, in 567 bytes.
+    lines = ['lol0: &a0 ["lol"]']
+    lines += [f"lol{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 10)}]" for k in range(1, 10)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    # Expanded, lolK holds n_K = 1 + 10 n_(K-1) nodes (n_0 = 2): lines 1-6 with their keys and the root
+    # make 234,584 nodes, and line 7 (lol6) adds 2 + 211,111 per alias: the 4th alias crosses 1,000,000.
+    assert problems(path) == [f"{path}: line 7: more than 1,000,000 nodes once aliases are expanded"]
+
+
+LONG_INT = (
+    "is not a valid int: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"
+)
+
+
+@pytest.mark.parametrize(
+    "text, line, message",
+    [
+        ("a: &a [*a]\n", 1, "the alias *a is inside the node it names"),
+        ("a: &a\n  b: [1, *a]\n", 2, "the alias *a is inside the node it names"),
+        ("a: " + "[" * 100_000 + "\n", 1, "nested more than 64 levels deep"),
+        # 40 levels under an anchor, used 30 levels down: 71 levels once expanded
+        (
+            "a: &a " + "[" * 40 + "]" * 40 + "\nb: " + "[" * 30 + "*a" + "]" * 30 + "\n",
+            2,
+            "nested more than 64",
+        ),
+        ("training:\n  seed: " + "7" * 5000 + "\n", 2, LONG_INT),
+        ("a: 2023-13-01\n", 1, "'2023-13-01' is not a valid timestamp: month must be in 1..12"),
+        ("a: !!int abc\n", 1, "'abc' is not a valid int: invalid literal for int() with base 10: 'abc'"),
+        (
+            "training:\n  num_train_steps: 5\n  num_train_steps: 7\n",
+            3,
+            "num_train_steps is given twice in this mapping (first on line 2)",
+        ),
+        ("a: [1, 2\nb: 3\n", 2, "not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
+    ],
+    ids=[
+        "self-alias",
+        "self-alias-in-map",
+        "deep",
+        "deep-via-alias",
+        "long-int",
+        "date",
+        "tag",
+        "twice",
+        "syntax",
+    ],
+)
+def test_hostile_yaml_is_one_line_naming_the_line(tmp_path, text, line, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    [got] = problems(path)
+    assert got.startswith(f"{path}: line {line}: ") and message in got
+
+
+@pytest.mark.parametrize(
+    "lists, first", [(63, "a: unknown field"), (64, "line 1: nested more than 64 levels")]
+)
+def test_nesting_is_refused_past_64_levels(tmp_path, lists, first):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: " + "[" * lists + "]" * lists + "\n")  # the top mapping, then the lists
+    assert any(line.startswith(f"{path}: {first}") for line in problems(path))
+
+
+def test_an_env_var_cannot_smuggle_in_a_long_integer(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEED", "7" * 5000)
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  seed: ${SEED}\n")
+    [line] = problems(path)
+    assert line.startswith(f"{path}: line 2: '7777") and line.endswith(LONG_INT)
+
+
+def test_a_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"training:\n  seed: \xff\n")
+    assert problems(path) == [f"{path}: not UTF-8 text: invalid start byte at byte 18"]
+
+
+def test_a_merge_key_may_still_override_what_it_merges(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")
+    assert "twice" not in " ".join(problems(path))
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[" * 100, "nested more than 64 levels deep"),
+        ("{a: 1, a: 2}", "a is given twice in this mapping (first on line 1)"),
+        ("7" * 5000, LONG_INT),
+        ("[1, 2", "not valid YAML: while parsing a flow sequence; expected ',' or ']'"),
+    ],
+    ids=["deep", "twice", "long-int", "syntax"],
+)
+def test_set_values_go_through_the_same_yaml_checks(small_config_path, value, message):
+    [line] = problems(small_config_path, [f"training.seed={value}"])
+    assert line.startswith(f"{small_config_path}: --set: 'training.seed=")
+    assert message in line

@@ -1,4 +1,4 @@
-"""Shared pieces of the config models: strictness, one-of groups, paths relative to the YAML."""
+"""Shared pieces of the config models: strictness, numbers, one-of groups, paths relative to the YAML."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+)
 from pydantic_core import PydanticCustomError
 
 # The description of each field kept only so that the reference's YAML loads; loading a config that sets
@@ -31,6 +40,21 @@ def exactly_one_of(model: BaseModel, *fields: str) -> str:
             {"fields": ", ".join(fields), "got": got},
         )
     return chosen[0]
+
+
+def _not_a_boolean(value: object) -> object:
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_number", "a boolean is not a number")
+    return value
+
+
+# Numbers. A boolean is never one: YAML reads `true`, `yes` and `on` as booleans, and pydantic would take
+# them as 1. Integers are strict: no float (`1.0e+12`), no string. Floats take strings, as PyYAML reads
+# `1e-3` as one (its floats need a dot), but neither NaN nor an infinity, which no field can use.
+# AllowInfNan comes first so that it is checked in the float schema itself, before any bound of a field.
+Float = Annotated[float, AllowInfNan(False), BeforeValidator(_not_a_boolean)]
+Count = Annotated[int, Strict(), Field(ge=1)]  # sizes, counts, steps
+NonNegative = Annotated[int, Strict(), Field(ge=0)]  # column indices, tolerances, step boundaries
 
 
 def _resolve_path(value: str, info: ValidationInfo) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import datetime, timedelta
+from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import Field, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import NO_EFFECT, ConfigPath, ExistingFile, StrictModel, exactly_one_of
+from .base import NO_EFFECT, ConfigPath, Count, ExistingFile, Float, NonNegative, StrictModel, exactly_one_of
 
 DATE_FORMAT = "%Y-%m-%d"
 # Accepted spellings of an hour: ISO with 'T' or a space, or the folder layout itself.
@@ -26,13 +26,32 @@ def parse_end_datetime(value: str) -> datetime:
     )
 
 
+# Bounds on sizes that make a command allocate before (or regardless of how much) data is read.
+# A batch is read whole, then decoded: 2**20 rows of the seed schema (about 33 KB a row decoded) is 33 GB.
+MAX_RECORDS_PER_BATCH = 2**20
+# The shuffle buffer holds this many records however large the data, as a training stream repeats.
+MAX_SHUFFLE_BUFFER = 2**20
+# Reading and decoding threads; each decoding thread holds a batch in flight.
+MAX_THREADS = 1024
+# Data folders are listed, one per day or hour, before any is read: 100 years of them at most.
+MAX_DAYS = 36_525
+
+
+def _within_the_calendar(end: datetime, span: timedelta, what: str) -> None:
+    """The folders are listed from `end` back across `span`, which must not reach before the year 1."""
+    if end - datetime.min < span:
+        raise PydanticCustomError("date_range", "{what} reach before the year 1", {"what": what})
+
+
 class ExplicitDateInputs(StrictModel):
     """Files under data_root/YYYY/MM/DD for `days` days ending at end_date (inclusive)."""
 
     data_root: ConfigPath
     end_date: str
-    days: PositiveInt
-    num_missing_days_tol: NonNegativeInt = 0
+    days: Count = Field(
+        le=MAX_DAYS, description="At most 36,525 (100 years): folders are listed before reading."
+    )
+    num_missing_days_tol: NonNegative = 0
 
     @field_validator("end_date")
     @classmethod
@@ -45,14 +64,24 @@ class ExplicitDateInputs(StrictModel):
             ) from None
         return value
 
+    @model_validator(mode="after")
+    def _first_day(self) -> ExplicitDateInputs:
+        end = datetime.strptime(self.end_date, DATE_FORMAT)
+        _within_the_calendar(
+            end, timedelta(days=self.days - 1), f"{self.days} days back from {self.end_date}"
+        )
+        return self
+
 
 class ExplicitDatetimeInputs(StrictModel):
     """Files under data_root/YYYY/MM/DD/HH for `hours` hours ending at end_datetime (inclusive)."""
 
     data_root: ConfigPath
     end_datetime: str
-    hours: PositiveInt
-    num_missing_hours_tol: NonNegativeInt = 0
+    hours: Count = Field(
+        le=24 * MAX_DAYS, description="At most 876,600 (100 years): folders are listed before reading."
+    )
+    num_missing_hours_tol: NonNegative = 0
 
     @field_validator("end_datetime")
     @classmethod
@@ -63,34 +92,34 @@ class ExplicitDatetimeInputs(StrictModel):
             raise PydanticCustomError("datetime", str(e), {}) from None
         return value
 
+    @model_validator(mode="after")
+    def _first_hour(self) -> ExplicitDatetimeInputs:
+        end = parse_end_datetime(self.end_datetime)
+        _within_the_calendar(
+            end, timedelta(hours=self.hours - 1), f"{self.hours} hours back from {self.end_datetime}"
+        )
+        return self
+
 
 class SegDenseSchema(StrictModel):
     schema_path: ExistingFile
     features: list[str] = Field([], description="Schema features read under their own names.")
     renamed_features: dict[str, str] = Field({}, description="New name -> schema feature name.")
-    mask_mantissa_features: dict[str, int] = Field({}, description="Feature -> low mantissa bits to zero.")
-
-    @field_validator("mask_mantissa_features")
-    @classmethod
-    def _bits(cls, value: dict[str, int]) -> dict[str, int]:
-        for name, bits in value.items():
-            if not 0 <= bits <= 23:
-                raise PydanticCustomError(
-                    "bits", "{n}: a float32 has 23 mantissa bits, got {b}", {"n": name, "b": bits}
-                )
-        return value
+    mask_mantissa_features: dict[str, Annotated[int, Strict(), Field(ge=0, le=23)]] = Field(
+        {}, description="Feature -> low mantissa bits to zero, 0 to 23 (a float32 has 23)."
+    )
 
 
 class TaskData(StrictModel):
     """The rates at which positives and negatives of this label were kept when the data was made."""
 
-    pos_downsampling_rate: float = Field(1.0, gt=0.0, le=1.0)
-    neg_downsampling_rate: float = Field(1.0, gt=0.0, le=1.0)
+    pos_downsampling_rate: Float = Field(1.0, gt=0.0, le=1.0)
+    neg_downsampling_rate: Float = Field(1.0, gt=0.0, le=1.0)
 
 
 class TruncateAndSlice(StrictModel):
-    continuous_feature_truncation: PositiveInt | None = None
-    binary_feature_truncation: PositiveInt | None = None
+    continuous_feature_truncation: Count | None = None
+    binary_feature_truncation: Count | None = None
     continuous_feature_mask_path: ExistingFile | None = Field(
         None, description=".npy; nonzero entries are kept."
     )
@@ -105,7 +134,7 @@ class DownCast(StrictModel):
 
 
 class RectifyLabels(StrictModel):
-    label_rectification_window_in_hours: PositiveFloat = 3.0
+    label_rectification_window_in_hours: Float = Field(3.0, gt=0.0)
     served_timestamp_field: str
     impressed_timestamp_field: str
     label_to_engaged_timestamp_field: dict[str, str]
@@ -114,7 +143,7 @@ class RectifyLabels(StrictModel):
 class ExtractFeaturesRow(StrictModel):
     name: str
     source_tensor: str
-    index: NonNegativeInt
+    index: NonNegative
 
 
 class ExtractFeatures(StrictModel):
@@ -122,9 +151,9 @@ class ExtractFeatures(StrictModel):
 
 
 class DownsampleNegatives(StrictModel):
-    batch_multiplier: PositiveInt
+    batch_multiplier: Count
     engagements_list: list[str] = Field([], description="Engagements whose positives are always kept.")
-    num_engagements: PositiveInt | None = Field(None, description=NO_EFFECT)
+    num_engagements: Count | None = Field(None, description=NO_EFFECT)
 
 
 class Preprocess(StrictModel):
@@ -140,18 +169,25 @@ class DataConfig(StrictModel):
     explicit_date_inputs: ExplicitDateInputs | None = None
     explicit_datetime_inputs: ExplicitDatetimeInputs | None = None
 
-    global_batch_size: PositiveInt
-    num_files_to_keep: PositiveInt | None = None
-    file_batch_size: PositiveInt = Field(16, description="Files read at once, their records interleaved.")
+    global_batch_size: Count = Field(
+        le=MAX_RECORDS_PER_BATCH,
+        description="At most 2**20: a batch is read whole before it is decoded (33 GB of seed-schema rows).",
+    )
+    num_files_to_keep: Count | None = None
+    file_batch_size: Count = Field(16, description="Files read at once, their records interleaved.")
     cache: bool = Field(False, description="Keep decoded batches in memory after the first pass.")
     ignore_data_errors: bool = Field(False, description="Skip the rest of a corrupt file instead of failing.")
     dataset_service_compression: Literal["AUTO"] | None = Field(None, description=NO_EFFECT)
-    examples_shuffle_buffer_size: NonNegativeInt = 1024
-    map_num_parallel_calls: PositiveInt | None = Field(
-        None, description="Decoding workers; default: fastest."
+    examples_shuffle_buffer_size: NonNegative = Field(
+        1024,
+        le=MAX_SHUFFLE_BUFFER,
+        description="Records held to shuffle; at most 2**20: it fills however small the data (it repeats).",
     )
-    interleave_num_parallel_calls: PositiveInt | None = Field(
-        None, description="Reading workers; default: fastest."
+    map_num_parallel_calls: Count | None = Field(
+        None, le=MAX_THREADS, description="Decoding threads, each with a batch in flight; default: fastest."
+    )
+    interleave_num_parallel_calls: Count | None = Field(
+        None, le=MAX_THREADS, description="Reading threads; default: fastest."
     )
 
     seg_dense_schema: SegDenseSchema
@@ -164,4 +200,19 @@ class DataConfig(StrictModel):
     @model_validator(mode="after")
     def _one_input(self) -> DataConfig:
         exactly_one_of(self, "inputs", "explicit_date_inputs", "explicit_datetime_inputs")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> DataConfig:
+        downsample = self.preprocess and self.preprocess.downsample_negatives
+        if not downsample:
+            return self  # global_batch_size has its own bound
+        records = self.global_batch_size * downsample.batch_multiplier
+        if records > MAX_RECORDS_PER_BATCH:
+            raise PydanticCustomError(
+                "batch_size",
+                "global_batch_size x preprocess.downsample_negatives.batch_multiplier = {n} records read "
+                "per batch; at most {max}",
+                {"n": f"{records:,}", "max": f"{MAX_RECORDS_PER_BATCH:,}"},
+            )
         return self

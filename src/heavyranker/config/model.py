@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import NO_EFFECT, ConfigPath, StrictModel, exactly_one_of
+from .base import NO_EFFECT, ConfigPath, Count, Float, NonNegative, StrictModel, exactly_one_of
+
+# Bounds on what the model allocates as it is built, before any data is read. A layer between two widths
+# of 2**15 holds 2**30 weights (4 GiB of float32; Adam keeps two more copies); the seed's widest is 2048.
+MAX_WIDTH = 2**15
+# An embedding table's rows x dims: 8 GiB of float32.
+MAX_TABLE_ELEMENTS = 2**31
+Width = Annotated[Count, Field(le=MAX_WIDTH)]
 
 
 class DropoutConfig(StrictModel):
-    rate: float = Field(0.1, gt=0.0, lt=1.0)
+    rate: Float = Field(0.1, gt=0.0, lt=1.0)
 
 
 class LayerNormConfig(StrictModel):
-    epsilon: float = Field(1e-3, ge=0.0)
-    axis: int = Field(-1, description="Only the last axis (-1) is supported.")
+    epsilon: Float = Field(1e-3, ge=0.0)
+    axis: StrictInt = Field(-1, description="Only the last axis (-1) is supported.")
     center: bool = True
     scale: bool = True
 
@@ -31,16 +39,16 @@ class LayerNormConfig(StrictModel):
 
 class BatchNormConfig(StrictModel):
     affine: bool = True
-    momentum: PositiveFloat = Field(0.1, le=1.0, description="Weight of the new batch in the running stats.")
+    momentum: Float = Field(0.1, gt=0.0, le=1.0, description="Weight of the new batch in the running stats.")
 
 
 class DenseLayerConfig(StrictModel):
-    layer_size: PositiveInt
+    layer_size: Width
     dropout: DropoutConfig | None = None
 
 
 class MlpConfig(StrictModel):
-    layer_sizes: list[PositiveInt] | None = None
+    layer_sizes: list[Width] | None = Field(None, description="Units per layer, each at most 2**15.")
     layers: list[DenseLayerConfig] | None = Field(
         None, description="Like layer_sizes, with a dropout per layer."
     )
@@ -57,9 +65,11 @@ class MlpConfig(StrictModel):
 
 
 class MaskBlockConfig(StrictModel):
-    output_size: PositiveInt
-    reduction_factor: PositiveFloat | None = None
-    aggregation_size: PositiveInt | None = None
+    output_size: Width
+    reduction_factor: Float | None = Field(
+        None, gt=0.0, le=16.0, description="Aggregation units per input of the block, at most 16."
+    )
+    aggregation_size: Width | None = None
     input_layer_norm: bool
 
     @model_validator(mode="after")
@@ -75,10 +85,8 @@ class MaskNetConfig(StrictModel):
 
 
 class DcnConfig(StrictModel):
-    poly_degree: PositiveInt
-    projection_dim: PositiveInt | None = Field(
-        None, description="Factorise each cross matrix through this width."
-    )
+    poly_degree: Count = Field(le=64, description="Cross layers, each of in_features^2 weights: at most 64.")
+    projection_dim: Width | None = Field(None, description="Factorise each cross matrix through this width.")
     parallel_mlp: MlpConfig | None = None
     use_parallel: bool = True
     output_mlp: MlpConfig | None = None
@@ -90,8 +98,8 @@ class DLRMConfig(StrictModel):
 
 
 class AffineMap(StrictModel):
-    scale: float = 1.0
-    bias: float = 0.0
+    scale: Float = 1.0
+    bias: Float = 0.0
 
 
 class TaskModel(StrictModel):
@@ -100,7 +108,7 @@ class TaskModel(StrictModel):
     dlrm_config: DLRMConfig | None = None
     mask_net_config: MaskNetConfig | None = None
     affine_map: AffineMap | None = None
-    pos_weight: float = Field(1.0, gt=0.0)
+    pos_weight: Float = Field(1.0, gt=0.0)
 
     @model_validator(mode="after")
     def _one_architecture(self) -> TaskModel:
@@ -117,20 +125,20 @@ class Log1pAbsConfig(StrictModel):
 
 
 class ClipLog1pAbsConfig(StrictModel):
-    clip_magnitude: float = Field(3e38, ge=0.0)
+    clip_magnitude: Float = Field(3e38, ge=0.0)
 
 
 class ZScoreLogConfig(StrictModel):
     analysis_path: ConfigPath = Field(description="Per-feature statistics from `heavyranker data stats`.")
     schema_path: ConfigPath | None = Field(None, description=NO_EFFECT)
-    clip_magnitude: float = Field(5.0, gt=0.0)
+    clip_magnitude: Float = Field(5.0, gt=0.0)
     use_batch_norm: bool = False
     use_renorm: bool = False
 
 
 class DoubleNormLogConfig(StrictModel):
     batch_norm_config: BatchNormConfig | None = None
-    clip_magnitude: float = Field(5.0, gt=0.0)
+    clip_magnitude: Float = Field(5.0, gt=0.0)
     layer_norm_config: LayerNormConfig | None = None
 
 
@@ -151,12 +159,28 @@ class FeaturizationConfig(StrictModel):
         return self
 
 
-class EmbeddingTableConfig(StrictModel):
-    """A large table (EmbeddingBag, mean pooling) over a variable-length id feature of the batch."""
+class TableConfig(StrictModel):
+    """What every embedding table has: a name and its size."""
 
     name: str
-    num_embeddings: PositiveInt
-    embedding_dim: PositiveInt
+    num_embeddings: Count
+    embedding_dim: Width
+
+    @model_validator(mode="after")
+    def _fits(self) -> TableConfig:
+        elements = self.num_embeddings * self.embedding_dim
+        if elements > MAX_TABLE_ELEMENTS:
+            raise PydanticCustomError(
+                "table_size",
+                "num_embeddings x embedding_dim = {n} elements; at most 2**31 ({max}, 8 GiB of float32)",
+                {"n": f"{elements:,}", "max": f"{MAX_TABLE_ELEMENTS:,}"},
+            )
+        return self
+
+
+class EmbeddingTableConfig(TableConfig):
+    """A large table (EmbeddingBag, mean pooling) over a variable-length id feature of the batch."""
+
     feature_name: str | None = Field(
         None, description="Batch feature holding the ids; default: the table name."
     )
@@ -166,13 +190,10 @@ class LargeEmbeddingsConfig(StrictModel):
     tables: list[EmbeddingTableConfig] = Field(min_length=1)
 
 
-class SmallEmbeddingTableConfig(StrictModel):
+class SmallEmbeddingTableConfig(TableConfig):
     """A table over one column (`index`) of the discrete tensor."""
 
-    name: str
-    num_embeddings: PositiveInt
-    embedding_dim: PositiveInt
-    index: NonNegativeInt
+    index: NonNegative
 
 
 class SmallEmbeddingsConfig(StrictModel):
@@ -180,18 +201,18 @@ class SmallEmbeddingsConfig(StrictModel):
 
 
 class PositionDebiasConfig(StrictModel):
-    max_position: PositiveInt = Field(256, description="Positions >= this share one bucket.")
-    num_dims: PositiveInt = 64
-    drop_probability: float = Field(0.5, ge=0.0, le=1.0)
-    position_feature_index: NonNegativeInt = Field(
-        description="Column of the position in the discrete tensor."
+    max_position: Count = Field(
+        256, le=2**16, description="Positions >= this share one bucket; at most 2**16."
     )
+    num_dims: Width = 64
+    drop_probability: Float = Field(0.5, ge=0.0, le=1.0)
+    position_feature_index: NonNegative = Field(description="Column of the position in the discrete tensor.")
 
 
 class StratifierConfig(StrictModel):
     name: str
-    index: NonNegativeInt = Field(description="Column of the discrete tensor.")
-    value: int
+    index: NonNegative = Field(description="Column of the discrete tensor.")
+    value: StrictInt = Field(ge=-(2**63), le=2**63 - 1, description="Compared with int64 ids.")
 
 
 class MultiTaskType(StrEnum):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from pydantic import Field, PositiveInt, model_validator
+from typing import Annotated
+
+from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from .base import StrictModel, exactly_one_of
+from .base import Count, Float, NonNegative, StrictModel, exactly_one_of
+
+# A learning rate is finite and never negative: a negative one would climb the loss (gradient ascent).
+Rate = Annotated[Float, Field(ge=0.0)]
 
 
 class PiecewiseConstant(StrictModel):
-    learning_rate_boundaries: list[int]
-    learning_rate_values: list[float]
+    learning_rate_boundaries: list[NonNegative]
+    learning_rate_values: list[Rate]
 
     @model_validator(mode="after")
     def _lists_fit(self) -> PiecewiseConstant:
@@ -29,15 +34,15 @@ class PiecewiseConstant(StrictModel):
 
 
 class LinearRampToConstant(StrictModel):
-    learning_rate: float
-    num_ramp_steps: PositiveInt
+    learning_rate: Rate
+    num_ramp_steps: Count
 
 
 class LinearRampToCosine(StrictModel):
-    learning_rate: float
-    final_learning_rate: float
-    num_ramp_steps: PositiveInt
-    final_num_steps: PositiveInt
+    learning_rate: Rate
+    final_learning_rate: Rate
+    num_ramp_steps: Count
+    final_num_steps: Count
 
     @model_validator(mode="after")
     def _decay_after_ramp(self) -> LinearRampToCosine:
@@ -47,7 +52,7 @@ class LinearRampToCosine(StrictModel):
 
 
 class LearningRate(StrictModel):
-    constant: float | None = None
+    constant: Rate | None = None
     linear_ramp_to_constant: LinearRampToConstant | None = None
     linear_ramp_to_cosine: LinearRampToCosine | None = None
     piecewise_constant: PiecewiseConstant | None = None
@@ -61,9 +66,9 @@ class LearningRate(StrictModel):
 
 
 class AdamConfig(StrictModel):
-    beta_1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta_2: float = Field(0.999, ge=0.0, lt=1.0)
-    epsilon: float = Field(1e-7, gt=0.0)
+    beta_1: Float = Field(0.9, ge=0.0, lt=1.0)
+    beta_2: Float = Field(0.999, ge=0.0, lt=1.0)
+    epsilon: Float = Field(1e-7, gt=0.0)
 
 
 class MultiTaskLearningRates(StrictModel):

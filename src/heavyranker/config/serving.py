@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import StrictModel
+from .base import Float, StrictModel
 
 # The published home-timeline weighting, for the task names of the seed config.
 PUBLISHED_ENGAGEMENT_WEIGHTS: dict[str, float] = {
@@ -25,7 +25,7 @@ DEFAULT_ENGAGEMENT_WEIGHT = 1.0
 
 
 class ServingConfig(StrictModel):
-    engagement_weights: dict[str, float] | None = Field(
+    engagement_weights: dict[str, Float] | None = Field(
         None,
         description="Task name -> weight of its probability in the score; default: the published weights.",
     )

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, StrictInt, field_validator
+from pydantic_core import PydanticCustomError
 
-from .base import ConfigPath, StrictModel
+from .base import ConfigPath, Count, Float, StrictModel
 
 
 class TrainingConfig(StrictModel):
     save_dir: ConfigPath = "/tmp/model"
-    num_train_steps: PositiveInt = 1_000_000
+    num_train_steps: Count = 1_000_000
     initial_checkpoint_dir: ConfigPath | None = Field(None, description="Warm start from this run's weights.")
-    checkpoint_every_n: PositiveInt = 1000
-    checkpoint_max_to_keep: PositiveInt | None = Field(None, description="None keeps every checkpoint.")
-    train_log_every_n: PositiveInt = 1000
-    num_eval_steps: int = Field(16384, description="Batches per evaluation; < 0 means the whole split.")
-    eval_log_every_n: PositiveInt = 5000
-    eval_timeout_in_s: PositiveFloat = 60 * 60
-    gradient_accumulation: PositiveInt | None = Field(None, description="Micro-batches per optimizer step.")
-    seed: int = 0
+    checkpoint_every_n: Count = 1000
+    checkpoint_max_to_keep: Count | None = Field(None, description="None keeps every checkpoint.")
+    train_log_every_n: Count = 1000
+    num_eval_steps: StrictInt = Field(16384, description="Batches per evaluation; < 0 means the whole split.")
+    eval_log_every_n: Count = 5000
+    eval_timeout_in_s: Float = Field(60 * 60, gt=0.0)
+    gradient_accumulation: Count | None = Field(None, description="Micro-batches per optimizer step.")
+    seed: StrictInt = Field(0, ge=0, le=2**64 - 1, description="Below 2**64: torch and numpy both take it.")
+
+    @field_validator("num_eval_steps")
+    @classmethod
+    def _some_batches(cls, value: int) -> int:
+        if value == 0:
+            raise PydanticCustomError(
+                "no_batches", "0 batches would evaluate nothing: give a number of batches, or -1 for all", {}
+            )
+        return value
