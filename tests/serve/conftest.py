@@ -1,5 +1,6 @@
 """One exported local_small model for every serve test: initial weights with randomized batch-norm
-statistics (so eval-mode normalisation is not the identity), saved as a checkpoint at step 7 and exported."""
+statistics (so eval-mode normalisation is not the identity), saved as a checkpoint at step 7 and exported,
+as torch.export program and as ONNX model."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ from heavyranker.model import Ranker, build_model
 from heavyranker.serve.export import export_model
 from tests.conftest import CONFIGS
 
-# is_replied's negatives kept at 1%, its positives at 50%: the calibration is not the identity.
+# is_replied's negatives kept at 1%, its positives at 50%: the calibration is not the identity. The backbone's
+# last layer (128 -> 1024) is large enough to run on oneDNN in the eager model (model/linear.py): the
+# exported programs must hold plain linear products all the same.
 OVERRIDES = [
-    "train_data.tasks.recap.engagement.is_replied={pos_downsampling_rate: 0.5, neg_downsampling_rate: 0.01}"
+    "train_data.tasks.recap.engagement.is_replied={pos_downsampling_rate: 0.5, neg_downsampling_rate: 0.01}",
+    "model.backbone.mask_net_config.mlp.layer_sizes=[1024]",
 ]
 STEP = 7
 
@@ -50,6 +54,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     return Exported(config, model.eval(), folder, checkpoint)
 
 
+@pytest.fixture(scope="session")
+def exported_onnx(exported: Exported) -> Path:
+    """The same checkpoint exported as an ONNX model: the folder."""
+    out = exported.folder.parent / "model_onnx"
+    return export_model(exported.config, checkpoint=str(exported.checkpoint), out=str(out), format="onnx")
+
+
 def random_features(shapes: dict[str, tuple[int, ...]], n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Features as the data has them: heavy-tailed continuous values (with some NaN and inf, which the
     featurization zeroes), 0/1 flags, small discrete ids, unit-scale embeddings, int64 meta ids."""
@@ -69,3 +80,8 @@ def random_features(shapes: dict[str, tuple[int, ...]], n: int, seed: int = 0) -
         else:
             out[name] = rng.standard_normal(size).astype(np.float32)
     return out
+
+
+def score_tolerance(weights: dict[str, float]) -> float:
+    """How far the score may move when each probability is off by at most 1e-5: sum_i |w_i| * 1e-5."""
+    return 1e-5 * sum(abs(w) for w in weights.values())

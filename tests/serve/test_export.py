@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +62,8 @@ def test_outputs_equal_the_eager_model(exported: Exported, n: int):
 def test_manifest_says_what_the_folder_holds(exported: Exported):
     manifest = json.loads((exported.folder / "manifest.json").read_text())
     config = exported.config
-    assert manifest["format"] == "heavyranker-scorer/1"
+    assert manifest["format"] == "heavyranker-scorer/2"
+    assert (manifest["program_format"], manifest["program"]) == ("pt2", "model.pt2")
     assert manifest["tasks"] == config.task_names
     # local_small: 48 continuous, 16 binary, three 16-wide TwHIN embeddings; discrete and meta ids unused.
     assert manifest["inputs"] == [
@@ -98,14 +100,20 @@ scorer = scorer_module.Scorer(sys.argv[2])
 features = {name: torch.from_numpy(values) for name, values in np.load(sys.argv[3]).items()}
 probabilities, score = scorer(features)
 assert not any(name.split(".")[0] == "heavyranker" for name in sys.modules)
+assert ("onnxruntime" in sys.modules) == (scorer.manifest["program_format"] == "onnx")
 np.savez(sys.argv[4], probabilities=probabilities.numpy(), score=score.numpy())
 """
 
 
-def test_loads_and_scores_with_torch_and_scorer_py_alone(exported: Exported, tmp_path):
+@pytest.mark.parametrize("program", ["pt2", "onnx"])
+def test_loads_and_scores_with_torch_and_scorer_py_alone(
+    exported: Exported, exported_onnx: Path, program: str, tmp_path
+):
+    """And onnxruntime for an ONNX program, only then."""
+    folder = exported.folder if program == "pt2" else exported_onnx
     features = random_features(_input_shapes(exported), 5, seed=3)
     np.savez(tmp_path / "in.npz", **features)
-    args = [scorer_module.__file__, str(exported.folder), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
+    args = [scorer_module.__file__, str(folder), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
     subprocess.run([sys.executable, "-c", SCORE_WITHOUT_HEAVYRANKER, *args], check=True, cwd=tmp_path)
     out = np.load(tmp_path / "out.npz")
     with torch.no_grad():
