@@ -189,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--format",
-        choices=("pt2", "onnx"),
-        default="pt2",
-        help="model.pt2 (torch.export; the default) or model.onnx and config.pbtxt (onnxruntime, Triton)",
+        choices=("onnx", "pt2"),
+        default="onnx",
+        help="model.onnx and config.pbtxt (onnxruntime, Triton; the default) or model.pt2 (torch.export)",
     )
 
     p = command(commands, "predict", "score TFRecord files with an exported model", _predict)

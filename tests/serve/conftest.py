@@ -50,7 +50,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     root = tmp_path_factory.mktemp("serve")
     state = {"model": model.state_dict(), "step": STEP}
     checkpoint = save_checkpoint(root / "run" / "checkpoints", STEP, state)
-    folder = export_model(config, checkpoint=str(checkpoint), out=str(root / "model"))
+    folder = export_model(config, checkpoint=str(checkpoint), out=str(root / "model"), format="pt2")
     return Exported(config, model.eval(), folder, checkpoint)
 
 

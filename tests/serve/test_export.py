@@ -132,6 +132,21 @@ def test_a_damaged_program_is_refused(exported: Exported, tmp_path):
     assert isinstance(e.value, UserError)  # the CLI prints it without a traceback
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("format", "heavyranker-scorer/1", "format 'heavyranker-scorer/1', .* export the model again"),
+        ("program_format", "tflite", r"program_format 'tflite', not one of \['onnx', 'pt2'\]"),
+    ],
+)
+def test_a_manifest_of_another_format_is_refused(exported: Exported, tmp_path, key, value, message):
+    folder = shutil.copytree(exported.folder, tmp_path / "model")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, key: value}))
+    with pytest.raises(ArtifactError, match=rf"manifest\.json: {message}"):
+        Scorer(folder)
+
+
 def test_a_folder_without_manifest_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match=r"manifest\.json: cannot read the .* `heavyranker export`"):
         Scorer(tmp_path)
@@ -147,6 +162,8 @@ def test_export_command_gives_the_same_program(exported: Exported, tmp_path):
         str(exported.checkpoint.parent.parent),
         "--out",
         str(tmp_path / "again"),
+        "--format",
+        "pt2",
     ]
     for override in OVERRIDES:
         args += ["--set", override]
@@ -158,4 +175,4 @@ def test_export_command_gives_the_same_program(exported: Exported, tmp_path):
 
 def test_export_without_a_checkpoint_says_where_it_looked(exported: Exported, tmp_path):
     with pytest.raises(UserError, match=f"no checkpoint at {tmp_path}"):
-        export_model(exported.config, checkpoint=str(tmp_path), out=str(tmp_path / "out"))
+        export_model(exported.config, checkpoint=str(tmp_path), out=str(tmp_path / "out"), format="pt2")

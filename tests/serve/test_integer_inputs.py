@@ -44,7 +44,8 @@ def ids_model(tmp_path_factory) -> tuple[Config, torch.nn.Module, Path]:
 @pytest.fixture(scope="module")
 def exported_ids(ids_model, tmp_path_factory) -> tuple[torch.nn.Module, Scorer]:
     config, model, checkpoint = ids_model
-    folder = export_model(config, checkpoint=str(checkpoint), out=str(tmp_path_factory.mktemp("ids_pt2")))
+    out = str(tmp_path_factory.mktemp("ids_pt2"))
+    folder = export_model(config, checkpoint=str(checkpoint), out=out, format="pt2")
     return model, Scorer(folder)
 
 

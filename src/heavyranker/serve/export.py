@@ -1,16 +1,28 @@
 """`heavyranker export`: a checkpoint -> a model folder that scores without the config or the training code.
 
-The program is a torch.export ExportedProgram (.pt2) with a dynamic candidate dimension. Why: measured on
-local_prod's model with one intra-op thread, each format called in turn, median ms of two runs on the
-shared 2-core development machine (its load varied between them):
+The program, with a dynamic candidate dimension, is an ONNX model (model.onnx, run by onnxruntime here and
+by the servers a fleet already runs: Triton, KServe) or a torch.export program (model.pt2, `--format pt2`).
+ONNX is the default because onnxruntime runs it faster: bench/onnx_forward.py on local_prod's model, the
+same inputs and intra-op threads for both, rounds interleaved, median of the per-round ratios onnxruntime /
+torch, two runs on the shared 2-core development machine (load average 5 to 6, so the 2-thread figures
+mostly show how each copes with oversubscription):
+    1 thread:   100 candidates 0.79 / 0.72 (torch 185 / 315 ms), 1,000 candidates 0.92 / 0.93 (1943 / 2563 ms)
+    2 threads:  100 candidates 0.24 / 0.21,                       1,000 candidates 0.68 / 0.79
+Both run the same GEMMs (torch on MKL, onnxruntime on its MLAS); onnxruntime spends less around them.
+One exception: the exporter turns EmbeddingBag (model.large_embeddings) into an ONNX Loop over candidates,
+about 0.07 ms per candidate and table here, which a small model with a large table feels (2.5x torch's
+time at 1,000 candidates on local_small with one) and local_prod's would not.
+
+Among torch's own formats, torch.export: measured on local_prod's model with one intra-op thread, each
+format called in turn, median ms of two runs on the same machine (its load varied between them):
     1,000 candidates: eager 1470 / 2404, frozen TorchScript 1452 / 2441, torch.export 1459 / 2443,
                       TorchScript + optimize_for_inference 1568, AOTInductor 1472 (after an 88 s compile)
     10 candidates:    eager 62 / 81, frozen TorchScript 50 / 65, torch.export 60 / 79
 The forward is a chain of large GEMMs that every format hands to the same kernels, so at serving size they
 tie; frozen TorchScript gains a little on tiny batches only, by folding the per-forward stacking of the
 towers' weights into constants. TorchScript is deprecated in this torch (trace, freeze, save and load all
-warn), AOTInductor compiles for minutes and for one machine, ONNX Runtime is not installed here. So: the
-supported format, as fast where it matters, loaded with one call and no Python source of the model.
+warn) and AOTInductor compiles for minutes and for one machine. So: the supported format, as fast where it
+matters, loaded with one call and no Python source of the model.
 """
 
 from __future__ import annotations
@@ -61,8 +73,8 @@ class ScoringProgram(nn.Module):
         return probabilities, probabilities @ self.weights
 
 
-def export_model(config: Config, *, checkpoint: str | None = None, out: str, format: str = "pt2") -> Path:
-    """Writes out/model.pt2 (format "pt2") or out/model.onnx and out/config.pbtxt (format "onnx"), then
+def export_model(config: Config, *, checkpoint: str | None = None, out: str, format: str = "onnx") -> Path:
+    """Writes out/model.onnx and out/config.pbtxt (format "onnx") or out/model.pt2 (format "pt2"), then
     out/manifest.json and out/schema.json; returns the folder.
     `checkpoint`: a step_<N>.pt file or a run folder (default: the newest checkpoint in save_dir)."""
     if format not in PROGRAMS:

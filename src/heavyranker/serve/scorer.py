@@ -27,7 +27,7 @@ except ImportError:  # this file loaded on its own
 MANIFEST = "manifest.json"
 FORMAT = "heavyranker-scorer/2"  # /2: the manifest names its program's format (program_format)
 # program_format -> the program's file name in the folder
-PROGRAMS = {"pt2": "model.pt2", "onnx": "model.onnx"}
+PROGRAMS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 OUTPUTS = ("probabilities", "score")
 
 
@@ -101,8 +101,8 @@ class Scorer:
 class OnnxProgram:
     """An ONNX scoring program on onnxruntime's CPU provider, called as a torch one: `program(*inputs)` with
     one tensor per input in the model's order -> (probabilities, score) tensors. `model`: the file, or its
-    bytes. Sequential execution: the graph is one chain of products, with no independent branches for
-    inter-op threads to run side by side."""
+    bytes. Sequential execution: each product already runs on all the intra-op threads, and running the
+    towers' branches side by side would only share the same cores."""
 
     def __init__(self, model: Path | bytes, threads: int, opset: int):
         import onnxruntime  # here: a folder with a torch program needs torch alone
