@@ -27,7 +27,7 @@ from heavyranker.serve.scorer import Scorer
 from tests.conftest import CONFIGS
 from tests.serve.conftest import OVERRIDES, Exported, random_features, score_tolerance
 
-ONNX_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+ONNX_TYPES = {"float32": "tensor(float)"}  # local_small's inputs
 
 
 def _manifest(folder: Path) -> dict:
