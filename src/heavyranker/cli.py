@@ -82,7 +82,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .serve.export import export_model
 
-    export_model(_load(args), checkpoint=args.checkpoint, out=args.out)
+    export_model(_load(args), checkpoint=args.checkpoint, out=args.out, format=args.format)
     return 0
 
 
@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
     p.add_argument("--checkpoint", help="a checkpoint (default: the newest in save_dir)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--format",
+        choices=("onnx", "pt2"),
+        default="onnx",
+        help="model.onnx and config.pbtxt (onnxruntime, Triton; the default) or model.pt2 (torch.export)",
+    )
 
     p = command(commands, "predict", "score TFRecord files with an exported model", _predict)
     p.add_argument("--model", required=True, help="an exported model folder")

@@ -42,6 +42,10 @@ BENCHES = {
         ["--config", SMALL, "--candidates", "4", "--requests", "2", "--threads", "1"],
         {"request_mb", "bare forward", "concurrency 1", "concurrency 4", "p50_over_bare_forward"},
     ),
+    "onnx_forward": (
+        ["--config", SMALL, "--candidates", "4", "--threads", "1", "--rounds", "2"],
+        {"parameters", "forward"},
+    ),
     # Without CUDA it measures nothing and writes nothing.
     "gpu_train": (["--config", SMALL, "--batch", "8", "--steps", "2"], {"gpu", "batch 8"}),
 }

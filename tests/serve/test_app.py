@@ -78,7 +78,8 @@ def test_healthz_and_model(client: httpx.Client, exported: Exported):
     assert client.get("/healthz").json() == {"status": "ok"}
     program = (exported.folder / "model.pt2").read_bytes()
     assert client.get("/v1/model").json() == {
-        "format": "heavyranker-scorer/1",
+        "format": "heavyranker-scorer/2",
+        "program_format": "pt2",
         "program_sha256": hashlib.sha256(program).hexdigest(),
         "checkpoint": {"step": STEP},
         "tasks": exported.config.task_names,

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +62,8 @@ def test_outputs_equal_the_eager_model(exported: Exported, n: int):
 def test_manifest_says_what_the_folder_holds(exported: Exported):
     manifest = json.loads((exported.folder / "manifest.json").read_text())
     config = exported.config
-    assert manifest["format"] == "heavyranker-scorer/1"
+    assert manifest["format"] == "heavyranker-scorer/2"
+    assert (manifest["program_format"], manifest["program"]) == ("pt2", "model.pt2")
     assert manifest["tasks"] == config.task_names
     # local_small: 48 continuous, 16 binary, three 16-wide TwHIN embeddings; discrete and meta ids unused.
     assert manifest["inputs"] == [
@@ -98,14 +100,20 @@ scorer = scorer_module.Scorer(sys.argv[2])
 features = {name: torch.from_numpy(values) for name, values in np.load(sys.argv[3]).items()}
 probabilities, score = scorer(features)
 assert not any(name.split(".")[0] == "heavyranker" for name in sys.modules)
+assert ("onnxruntime" in sys.modules) == (scorer.manifest["program_format"] == "onnx")
 np.savez(sys.argv[4], probabilities=probabilities.numpy(), score=score.numpy())
 """
 
 
-def test_loads_and_scores_with_torch_and_scorer_py_alone(exported: Exported, tmp_path):
+@pytest.mark.parametrize("program", ["pt2", "onnx"])
+def test_loads_and_scores_with_torch_and_scorer_py_alone(
+    exported: Exported, exported_onnx: Path, program: str, tmp_path
+):
+    """And onnxruntime for an ONNX program, only then."""
+    folder = exported.folder if program == "pt2" else exported_onnx
     features = random_features(_input_shapes(exported), 5, seed=3)
     np.savez(tmp_path / "in.npz", **features)
-    args = [scorer_module.__file__, str(exported.folder), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
+    args = [scorer_module.__file__, str(folder), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
     subprocess.run([sys.executable, "-c", SCORE_WITHOUT_HEAVYRANKER, *args], check=True, cwd=tmp_path)
     out = np.load(tmp_path / "out.npz")
     with torch.no_grad():
@@ -124,6 +132,21 @@ def test_a_damaged_program_is_refused(exported: Exported, tmp_path):
     assert isinstance(e.value, UserError)  # the CLI prints it without a traceback
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("format", "heavyranker-scorer/1", "format 'heavyranker-scorer/1', .* export the model again"),
+        ("program_format", "tflite", r"program_format 'tflite', not one of \['onnx', 'pt2'\]"),
+    ],
+)
+def test_a_manifest_of_another_format_is_refused(exported: Exported, tmp_path, key, value, message):
+    folder = shutil.copytree(exported.folder, tmp_path / "model")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, key: value}))
+    with pytest.raises(ArtifactError, match=rf"manifest\.json: {message}"):
+        Scorer(folder)
+
+
 def test_a_folder_without_manifest_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match=r"manifest\.json: cannot read the .* `heavyranker export`"):
         Scorer(tmp_path)
@@ -139,6 +162,8 @@ def test_export_command_gives_the_same_program(exported: Exported, tmp_path):
         str(exported.checkpoint.parent.parent),
         "--out",
         str(tmp_path / "again"),
+        "--format",
+        "pt2",
     ]
     for override in OVERRIDES:
         args += ["--set", override]
@@ -150,4 +175,4 @@ def test_export_command_gives_the_same_program(exported: Exported, tmp_path):
 
 def test_export_without_a_checkpoint_says_where_it_looked(exported: Exported, tmp_path):
     with pytest.raises(UserError, match=f"no checkpoint at {tmp_path}"):
-        export_model(exported.config, checkpoint=str(tmp_path), out=str(tmp_path / "out"))
+        export_model(exported.config, checkpoint=str(tmp_path), out=str(tmp_path / "out"), format="pt2")

@@ -4,13 +4,15 @@ a large embedding over one id per example): export, equality with the eager mode
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 
 from heavyranker.checkpoint import save_checkpoint
-from heavyranker.config import load_config
+from heavyranker.config import Config, load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.model import build_model
 from heavyranker.serve.app import rank_body
@@ -29,14 +31,22 @@ EMBEDDINGS = [
 
 
 @pytest.fixture(scope="module")
-def exported_ids(tmp_path_factory) -> tuple[torch.nn.Module, Scorer]:
+def ids_model(tmp_path_factory) -> tuple[Config, torch.nn.Module, Path]:
+    """The config, the eager model and its checkpoint."""
     config = load_config(CONFIGS / "local_small.yaml", EMBEDDINGS)
     torch.manual_seed(0)
     model = build_model(config, feature_shapes(config.train_data))
     folder = tmp_path_factory.mktemp("ids")
     checkpoint = save_checkpoint(folder / "checkpoints", 0, {"model": model.state_dict(), "step": 0})
-    export_model(config, checkpoint=str(checkpoint), out=str(folder / "model"))
-    return model.eval(), Scorer(folder / "model")
+    return config, model.eval(), checkpoint
+
+
+@pytest.fixture(scope="module")
+def exported_ids(ids_model, tmp_path_factory) -> tuple[torch.nn.Module, Scorer]:
+    config, model, checkpoint = ids_model
+    out = str(tmp_path_factory.mktemp("ids_pt2"))
+    folder = export_model(config, checkpoint=str(checkpoint), out=out, format="pt2")
+    return model, Scorer(folder)
 
 
 def test_integer_inputs_are_in_the_manifest_and_scored_as_the_eager_model(exported_ids):
@@ -50,6 +60,23 @@ def test_integer_inputs_are_in_the_manifest_and_scored_as_the_eager_model(export
     with torch.no_grad():
         expected = model(features)["calibrated_probabilities"]
     torch.testing.assert_close(scorer(features)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnxruntime_scores_integer_inputs_as_the_eager_model(ids_model, tmp_path):
+    """At two batch sizes, with ids below zero, inside the tables and beyond them."""
+    config, model, checkpoint = ids_model
+    folder = export_model(config, checkpoint=str(checkpoint), out=str(tmp_path), format="onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shapes = {i["name"]: tuple(i["shape"]) for i in manifest["inputs"]}
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    for n in (4, 33):
+        features = random_features(shapes, n, seed=n)
+        features["discrete"] = features["discrete"] % 24 - 6  # small tables of 10 rows, positions up to 8
+        features["meta__author_id"] = features["meta__author_id"] % 120 - 30  # a table of 50 rows
+        (probabilities,) = session.run(["probabilities"], features)
+        with torch.no_grad():
+            eager = model({k: torch.from_numpy(v) for k, v in features.items()})["calibrated_probabilities"]
+        np.testing.assert_allclose(probabilities, eager.numpy(), rtol=0, atol=1e-5)
 
 
 def _body(scorer: Scorer, n: int = 3) -> dict:

@@ -18,7 +18,7 @@ from heavyranker.data.tf_example import encode_example
 from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.serve.predict import predict_files
-from tests.serve.conftest import Exported, random_features
+from tests.serve.conftest import Exported, random_features, score_tolerance
 
 EXAMPLES = 50
 BATCH = 16
@@ -79,6 +79,23 @@ def test_csv_through_the_command_line_matches_parquet(exported: Exported, record
     assert csv.column_names == parquet.column_names
     for name in csv.column_names:
         np.testing.assert_allclose(csv[name].to_numpy(), parquet[name].to_numpy(), rtol=1e-7)
+
+
+def test_an_onnx_export_predicts_the_scores_of_the_pt2_export(
+    exported: Exported, exported_onnx: Path, records, tmp_path
+):
+    folder, _ = records
+    pt2, ort = tmp_path / "pt2.parquet", tmp_path / "onnx.parquet"
+    _predict(exported, folder / "*.gz", pt2, batch_size=BATCH)
+    predict_files(model_dir=str(exported_onnx), inputs=str(folder / "*.gz"), out=str(ort), batch_size=BATCH)
+    a, b = pq.read_table(pt2), pq.read_table(ort)
+    assert a.column_names == b.column_names
+    for column in ("user_id", "tweet_id", "author_id"):
+        np.testing.assert_array_equal(b[column].to_numpy(), a[column].to_numpy())
+    for task in exported.config.task_names:
+        np.testing.assert_allclose(b[task].to_numpy(), a[task].to_numpy(), rtol=0, atol=1e-5)
+    tolerance = score_tolerance(exported.config.engagement_weights)
+    np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=0, atol=tolerance)
 
 
 def test_an_unknown_extension_is_refused(exported: Exported, records, tmp_path):

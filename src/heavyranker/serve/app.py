@@ -152,6 +152,7 @@ def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     input_fields = ("name", "shape", "dtype", "allow_non_finite")
     return {
         "format": manifest["format"],
+        "program_format": manifest["program_format"],
         "program_sha256": manifest["program_sha256"],
         "checkpoint": {"step": manifest["checkpoint"]["step"]},
         "tasks": manifest["tasks"],

@@ -1,24 +1,41 @@
 """`heavyranker export`: a checkpoint -> a model folder that scores without the config or the training code.
 
-The program is a torch.export ExportedProgram (.pt2) with a dynamic candidate dimension. Why: measured on
-local_prod's model with one intra-op thread, each format called in turn, median ms of two runs on the
-shared 2-core development machine (its load varied between them):
+The program, with a dynamic candidate dimension, is an ONNX model (model.onnx, run by onnxruntime here and
+by the servers a fleet already runs: Triton, KServe) or a torch.export program (model.pt2, `--format pt2`).
+ONNX is the default because onnxruntime runs it faster: bench/onnx_forward.py on local_prod's model, the
+same inputs and intra-op threads for both, rounds interleaved, median of the per-round ratios onnxruntime /
+torch, two runs on the shared 2-core development machine (load average 5 to 6, so the 2-thread figures
+mostly show how each copes with oversubscription):
+    1 thread:   100 candidates 0.79 / 0.72 (torch 185 / 315 ms), 1,000 candidates 0.92 / 0.93 (1943 / 2563 ms)
+    2 threads:  100 candidates 0.24 / 0.21,                       1,000 candidates 0.68 / 0.79
+Both run the same GEMMs (torch on MKL, onnxruntime on its MLAS); onnxruntime spends less around them.
+One exception: the exporter turns EmbeddingBag (model.large_embeddings) into an ONNX Loop over candidates,
+about 0.07 ms per candidate and table here, which a small model with a large table feels (2.5x torch's
+time at 1,000 candidates on local_small with one) and local_prod's would not.
+
+Among torch's own formats, torch.export: measured on local_prod's model with one intra-op thread, each
+format called in turn, median ms of two runs on the same machine (its load varied between them):
     1,000 candidates: eager 1470 / 2404, frozen TorchScript 1452 / 2441, torch.export 1459 / 2443,
                       TorchScript + optimize_for_inference 1568, AOTInductor 1472 (after an 88 s compile)
     10 candidates:    eager 62 / 81, frozen TorchScript 50 / 65, torch.export 60 / 79
 The forward is a chain of large GEMMs that every format hands to the same kernels, so at serving size they
 tie; frozen TorchScript gains a little on tiny batches only, by folding the per-forward stacking of the
 towers' weights into constants. TorchScript is deprecated in this torch (trace, freeze, save and load all
-warn), AOTInductor compiles for minutes and for one machine, ONNX Runtime is not installed here. So: the
-supported format, as fast where it matters, loaded with one call and no Python source of the model.
+warn) and AOTInductor compiles for minutes and for one machine. So: the supported format, as fast where it
+matters, loaded with one call and no Python source of the model.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +46,7 @@ from ..config import Config
 from ..data.shapes import feature_dtypes, feature_shapes
 from ..errors import UserError
 from ..model import Ranker, build_model
-from .scorer import FORMAT, MANIFEST, PROGRAM, sha256_file
+from .scorer import FORMAT, MANIFEST, OUTPUTS, PROGRAMS, OnnxProgram, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +54,8 @@ SCHEMA_COPY = "schema.json"  # predict decodes TFRecords with it, whatever happe
 EXPORT_BATCH = 4
 CHECK_BATCH = 3  # != EXPORT_BATCH: the check catches a program that baked in the batch size
 CHECK_TOLERANCE = 1e-5
+TRITON_CONFIG = "config.pbtxt"
+TRITON_MAX_BATCH = 2048  # candidates in one forward, as serve's --max-candidates default
 
 
 class ScoringProgram(nn.Module):
@@ -54,9 +73,12 @@ class ScoringProgram(nn.Module):
         return probabilities, probabilities @ self.weights
 
 
-def export_model(config: Config, *, checkpoint: str | None = None, out: str) -> Path:
-    """Writes out/model.pt2, out/manifest.json and out/schema.json; returns the folder.
+def export_model(config: Config, *, checkpoint: str | None = None, out: str, format: str = "onnx") -> Path:
+    """Writes out/model.onnx and out/config.pbtxt (format "onnx") or out/model.pt2 (format "pt2"), then
+    out/manifest.json and out/schema.json; returns the folder.
     `checkpoint`: a step_<N>.pt file or a run folder (default: the newest checkpoint in save_dir)."""
+    if format not in PROGRAMS:
+        raise UserError(f"--format {format}: not one of {', '.join(PROGRAMS)}")
     source = resolve_checkpoint(checkpoint or config.training.save_dir)
     state = load_checkpoint(source)
     if "model" not in state:
@@ -75,12 +97,12 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str) -> 
     def examples(size: int, seed: int = 0) -> list[torch.Tensor]:
         return [example(shapes[n], dtypes[n], size, seed) for n in names]
 
-    candidates = torch.export.Dim("candidates", min=1)
-    program = torch.export.export(
-        scoring, tuple(examples(EXPORT_BATCH)), dynamic_shapes=(tuple({0: candidates} for _ in names),)
-    )
+    if format == "onnx":
+        program, check, extra = _onnx_program(scoring, names, dtypes, examples(EXPORT_BATCH))
+    else:
+        program, check, extra = _pt2_program(scoring, names, examples(EXPORT_BATCH))
     with torch.no_grad():
-        _check_same(scoring, program.module(), examples(CHECK_BATCH, seed=1))
+        _check_same(scoring, check, examples(CHECK_BATCH, seed=1), sum(map(abs, weights.values())))
         non_finite = {
             n: dtypes[n].is_floating_point and _tolerates_non_finite(scoring, examples(3), i)
             for i, n in enumerate(names)
@@ -88,28 +110,31 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str) -> 
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    # A file object, not a path: torch.export.save names the archive's top folder after a path (here the
-    # temporary's name) and warns that it does not end in .pt2; after a file object it is "archive".
-    with atomic_write(folder / PROGRAM) as f:
-        torch.export.save(program, f)
+    with atomic_write(folder / PROGRAMS[format]) as f:
+        f.write(program)
     with atomic_path(folder / SCHEMA_COPY) as temporary:
         shutil.copyfile(config.train_data.seg_dense_schema.schema_path, temporary)
+    inputs = [
+        {
+            "name": n,
+            "shape": list(shapes[n]),
+            "dtype": dtype_name(dtypes[n]),
+            "allow_non_finite": non_finite[n],
+        }
+        for n in names
+    ]
+    if format == "onnx":
+        with atomic_write(folder / TRITON_CONFIG, "w") as f:
+            f.write(triton_config(inputs, len(config.task_names)))
     manifest = {
         "format": FORMAT,
-        "program": PROGRAM,
+        "program_format": format,
+        "program": PROGRAMS[format],
         # Of the file (weights, code and debug source ranges): the same export of the same checkpoint gives
         # the same hash, and the scorer checks it on load.
-        "program_sha256": sha256_file(folder / PROGRAM),
+        "program_sha256": sha256_file(folder / PROGRAMS[format]),
         "tasks": config.task_names,
-        "inputs": [
-            {
-                "name": n,
-                "shape": list(shapes[n]),
-                "dtype": dtype_name(dtypes[n]),
-                "allow_non_finite": non_finite[n],
-            }
-            for n in names
-        ],
+        "inputs": inputs,
         "outputs": {
             "probabilities": {"shape": ["batch", len(config.task_names)], "dtype": "float32"},
             "score": {"shape": ["batch"], "dtype": "float32"},
@@ -118,15 +143,20 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str) -> 
         "checkpoint": {"path": str(source.resolve()), "step": state.get("step")},
         "schema": SCHEMA_COPY,
         "torch_version": torch.__version__,
+        **extra,
         "config": config.model_dump(mode="json"),
     }
     with atomic_write(folder / MANIFEST, "w") as f:
         f.write(json.dumps(manifest, indent=2))
+    # What an export of the other format left here; removed once the manifest no longer names it.
+    written = {PROGRAMS[format], *([TRITON_CONFIG] if format == "onnx" else [])}
+    for stale in {*PROGRAMS.values(), TRITON_CONFIG} - written:
+        (folder / stale).unlink(missing_ok=True)
     log.info(
         "exported %s (step %s) to %s: inputs %s, %d tasks",
         source,
         state.get("step"),
-        folder,
+        folder / PROGRAMS[format],
         ", ".join(names),
         len(config.task_names),
     )
@@ -168,9 +198,123 @@ def _tolerates_non_finite(scoring: ScoringProgram, inputs: list[torch.Tensor], c
     return all(bool(torch.isfinite(out).all()) for out in scoring(*inputs))
 
 
-def _check_same(eager: nn.Module, program: nn.Module, inputs: list[torch.Tensor]) -> None:
-    for name, a, b in zip(("probabilities", "score"), eager(*inputs), program(*inputs), strict=True):
-        if a.shape != b.shape or not torch.allclose(a, b, rtol=CHECK_TOLERANCE, atol=CHECK_TOLERANCE):
+def _pt2_program(
+    scoring: ScoringProgram, names: list[str], inputs: list[torch.Tensor]
+) -> tuple[bytes, nn.Module, dict[str, Any]]:
+    """The torch.export program's file, the program to check and what the manifest adds about it."""
+    candidates = torch.export.Dim("candidates", min=1)
+    program = torch.export.export(
+        scoring, tuple(inputs), dynamic_shapes=(tuple({0: candidates} for _ in names),)
+    )
+    # A file object, not a path: torch.export.save names the archive's top folder after a path (here a
+    # temporary's name) and warns that it does not end in .pt2; after a file object it is "archive".
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue(), program.module(), {}
+
+
+def _onnx_program(
+    scoring: ScoringProgram, names: list[str], dtypes: dict[str, torch.dtype], inputs: list[torch.Tensor]
+) -> tuple[bytes, OnnxProgram, dict[str, Any]]:
+    """The ONNX model's file, the program to check (on onnxruntime) and what the manifest adds about it.
+
+    torch's dynamo exporter: torch.export traces the module as for .pt2 (so Linear takes F.linear, see
+    model/linear.py), then onnxscript translates the aten graph into standard ONNX ops."""
+    for n in names:
+        if dtypes[n] == torch.bfloat16:  # numpy has no bfloat16
+            raise UserError(
+                f"--format onnx: input {n} is {dtype_name(dtypes[n])} (preprocess.downcast), which "
+                "onnxruntime's Python API cannot take: export --format pt2, or downcast it to float16"
+            )
+    candidates = torch.export.Dim("candidates", min=1)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            scoring,
+            tuple(inputs),
+            dynamo=True,
+            input_names=names,
+            output_names=list(OUTPUTS),
+            dynamic_shapes=(tuple({0: candidates} for _ in names),),
+            external_data=False,  # one file, as the manifest's hash and Triton's model.onnx expect
+            verbose=False,
+        )
+    model = program.model_proto
+    opset = next(o.version for o in model.opset_import if o.domain == "")
+    content = model.SerializeToString()
+    return content, OnnxProgram(content, torch.get_num_threads(), opset), {"onnx_opset": opset}
+
+
+# The exporter's libraries log each of their passes at INFO, which the CLI shows; torch.onnx warns on each
+# export that torchvision, whose ops it would translate too, is not installed.
+EXPORTER_LOG_LEVELS = {
+    "onnxscript": logging.WARNING,
+    "onnx_ir": logging.WARNING,
+    "torch.onnx._internal.exporter._registration": logging.ERROR,
+}
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx.export without the messages that say nothing to someone exporting a ranker."""
+    loggers = {logging.getLogger(name): level for name, level in EXPORTER_LOG_LEVELS.items()}
+    before = {logger: logger.level for logger in loggers}
+    with warnings.catch_warnings():
+        # Every input names the same dimension: the exporter says it keeps the name once.
+        warnings.filterwarnings("ignore", message="# The axis name: candidates will not be used")
+        # From inside torch's own pytree code (torch 2.13).
+        warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+        try:
+            for logger, level in loggers.items():
+                logger.setLevel(level)
+            yield
+        finally:
+            for logger, level in before.items():
+                logger.setLevel(level)
+
+
+# Triton's name for each dtype an ONNX program's input may have (see DownCastType): Triton checks requests
+# against them.
+TRITON_TYPES = {
+    torch.float32: "TYPE_FP32",
+    torch.float16: "TYPE_FP16",
+    torch.int64: "TYPE_INT64",
+    torch.uint8: "TYPE_UINT8",
+    torch.bool: "TYPE_BOOL",
+}
+
+
+def triton_config(inputs: list[dict[str, Any]], tasks: int) -> str:
+    """Triton's config.pbtxt for model.onnx on its onnxruntime backend. Triton batches along the first
+    dimension, the candidates, so `dims` leave it out; Triton also wants every tensor to have dims beyond
+    it, so a tensor of one value per candidate (an id, the score) is [1], reshaped to the model's []."""
+    types = {dtype_name(dtype): name for dtype, name in TRITON_TYPES.items()}
+
+    def tensor(name: str, dtype: str, shape: list[int]) -> str:
+        dims = ", ".join(map(str, shape or [1]))
+        reshape = "" if shape else " reshape: { shape: [ ] }"
+        return f'  {{ name: "{name}" data_type: {types[dtype]} dims: [ {dims} ]{reshape} }}'
+
+    lines = [
+        'platform: "onnxruntime_onnx"',
+        f"max_batch_size: {TRITON_MAX_BATCH}",
+        "input [",
+        ",\n".join(tensor(i["name"], i["dtype"], i["shape"]) for i in inputs),
+        "]",
+        "output [",
+        tensor("probabilities", "float32", [tasks]) + ",",
+        tensor("score", "float32", []),
+        "]",
+        "dynamic_batching { }",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _check_same(eager: nn.Module, program: Callable, inputs: list[torch.Tensor], total_weight: float) -> None:
+    """The program's outputs are the eager model's within CHECK_TOLERANCE, for the score as much as the
+    probabilities' error can move it (by at most the sum of the weights' magnitudes times it)."""
+    tolerances = (CHECK_TOLERANCE, CHECK_TOLERANCE * total_weight)
+    for name, a, b, tolerance in zip(OUTPUTS, eager(*inputs), program(*inputs), tolerances, strict=True):
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=CHECK_TOLERANCE, atol=tolerance):
             raise UserError(
                 f"the exported program's {name} differ from the model's on a batch of "
                 f"{len(inputs[0])}: the forward depends on the batch in a way export misses"

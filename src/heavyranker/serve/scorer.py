@@ -1,10 +1,11 @@
-"""Load and run an exported model folder (written by export.py) with torch alone.
+"""Load and run an exported model folder (written by export.py) with torch, and onnxruntime for ONNX.
 
-The folder holds `model.pt2`, a torch.export program: featurization -> model -> calibration -> score,
-taking one tensor per input in manifest order and returning (calibrated probabilities [B, T], score [B]);
-and `manifest.json`, which says what those inputs and outputs are. This module needs torch alone (it uses
-heavyranker.errors when it is there), so a service can copy it next to torch and score without the
-training code: `Scorer(folder)(features)`.
+The folder holds a scoring program: featurization -> model -> calibration -> score, taking one tensor per
+input in manifest order and returning (calibrated probabilities [B, T], score [B]); and `manifest.json`,
+which says what those inputs and outputs are and which program the folder holds: `model.pt2` (a
+torch.export program, run by torch) or `model.onnx` (run by onnxruntime). This module needs torch alone,
+and onnxruntime for an ONNX program (it uses heavyranker.errors when it is there), so a service can copy it
+next to them and score without the training code: `Scorer(folder)(features)`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,10 @@ except ImportError:  # this file loaded on its own
     _Base = Exception
 
 MANIFEST = "manifest.json"
-PROGRAM = "model.pt2"
-FORMAT = "heavyranker-scorer/1"
+FORMAT = "heavyranker-scorer/2"  # /2: the manifest names its program's format (program_format)
+# program_format -> the program's file name in the folder
+PROGRAMS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+OUTPUTS = ("probabilities", "score")
 
 
 class ArtifactError(_Base):
@@ -44,30 +47,39 @@ class InputSpec:
         return self.shape[0] if self.shape else 1
 
 
+Program = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
 class Scorer:
-    """`scorer(features)` -> (calibrated probabilities [B, T] in `tasks` order, score [B]).
+    """`scorer(features)` -> (calibrated probabilities [B, T] in `tasks` order, score [B]), whichever program
+    the folder holds. `threads`: onnxruntime's intra-op threads for an ONNX program, by default torch's
+    (torch.get_num_threads(), which OMP_NUM_THREADS sets), so that one setting governs either program; a
+    torch program runs on torch's own, process-wide setting.
 
-    Calls may come from many threads: they run one at a time, each with all of torch's intra-op threads.
-    Two concurrent forwards would share the same cores anyway, and each would finish later."""
+    Calls may come from many threads: they run one at a time, each with all the intra-op threads. Two
+    concurrent forwards would share the same cores anyway, and each would finish later."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, *, threads: int | None = None):
         folder = Path(model_dir)
         self.manifest = _read_manifest(folder)
-        program = folder / self.manifest["program"]
-        digest = sha256_file(program)
+        path = folder / self.manifest["program"]
+        digest = sha256_file(path)
         if digest != self.manifest["program_sha256"]:
             raise ArtifactError(
-                f"{program}: content hash {digest} differs from the manifest's "
+                f"{path}: content hash {digest} differs from the manifest's "
                 f"{self.manifest['program_sha256']}: damaged, or from another export"
             )
-        try:
-            self.program = torch.export.load(str(program)).module()
-        except Exception as e:  # torch raises several kinds; the likely cause is another torch version
-            exported_with = self.manifest.get("torch_version")
-            raise ArtifactError(
-                f"{program}: cannot load the program (exported with torch {exported_with}, "
-                f"this is {torch.__version__}): {e}"
-            ) from None
+        self.program: Program
+        match self.manifest["program_format"]:
+            case "pt2":
+                self.program = _load_pt2(path, self.manifest["torch_version"])
+            case "onnx":
+                threads = torch.get_num_threads() if threads is None else threads
+                self.program = OnnxProgram(path, threads, self.manifest["onnx_opset"])
+            case other:
+                raise ArtifactError(
+                    f"{folder / MANIFEST}: program_format {other!r}, not one of {list(PROGRAMS)}"
+                )
         self.tasks: list[str] = list(self.manifest["tasks"])
         self.inputs = [
             InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"]), i["allow_non_finite"])
@@ -84,6 +96,45 @@ class Scorer:
         """A loaded program's first call is slow (0.6 s for local_prod's model): make it before serving."""
         for batch in batch_sizes:
             self({s.name: torch.zeros((batch, *s.shape), dtype=s.dtype) for s in self.inputs})
+
+
+class OnnxProgram:
+    """An ONNX scoring program on onnxruntime's CPU provider, called as a torch one: `program(*inputs)` with
+    one tensor per input in the model's order -> (probabilities, score) tensors. `model`: the file, or its
+    bytes. Sequential execution: each product already runs on all the intra-op threads, and running the
+    towers' branches side by side would only share the same cores."""
+
+    def __init__(self, model: Path | bytes, threads: int, opset: int):
+        import onnxruntime  # here: a folder with a torch program needs torch alone
+
+        where = model if isinstance(model, Path) else "the exported ONNX program"
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.session = onnxruntime.InferenceSession(
+                str(model) if isinstance(model, Path) else model, options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own kinds; likely an opset it does not know
+            raise ArtifactError(
+                f"{where}: onnxruntime {onnxruntime.__version__} cannot load it (ONNX opset {opset}): {e}"
+            ) from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feeds = {name: x.numpy() for name, x in zip(self.input_names, inputs, strict=True)}
+        probabilities, score = self.session.run(OUTPUTS, feeds)
+        return torch.from_numpy(probabilities), torch.from_numpy(score)
+
+
+def _load_pt2(path: Path, exported_with: str) -> Program:
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as e:  # torch raises several kinds; the likely cause is another torch version
+        raise ArtifactError(
+            f"{path}: cannot load the program (exported with torch {exported_with}, "
+            f"this is {torch.__version__}): {e}"
+        ) from None
 
 
 def sha256_file(path: Path) -> str:
@@ -110,5 +161,7 @@ def _read_manifest(folder: Path) -> dict:
         raise ArtifactError(f"{path}: not a JSON manifest: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ArtifactError(f"{path}: format {found!r}, this code reads {FORMAT!r}")
+        raise ArtifactError(
+            f"{path}: format {found!r}, this code reads {FORMAT!r}: export the model again with this version"
+        )
     return manifest

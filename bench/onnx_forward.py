@@ -1,0 +1,109 @@
+"""The exported forward on torch (model.pt2) against onnxruntime (model.onnx): same model, inputs and threads.
+
+    .venv/bin/python bench/onnx_forward.py [--config configs/local_prod.yaml] [--checkpoint CKPT]
+                                           [--candidates 100 1000] [--threads 1 2] [--rounds 12]
+
+Exports the config's model (initial weights unless --checkpoint) in both formats and loads each folder with
+the Scorer, as serve and predict do. For each thread count (torch.set_num_threads for torch, the session's
+intra-op threads for onnxruntime) and batch of candidates, each round calls one program then the other on
+the same inputs, first one then the other in turn, so that both see the same machine load. Prints the median
+ms of each and the median over rounds of onnxruntime's time / torch's in the round (below 1: onnxruntime is
+faster), after checking that their outputs agree. The summary goes to bench/results/onnx_forward.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from results import add_results_option, write_results
+
+from heavyranker.checkpoint import save_checkpoint
+from heavyranker.config import load_config
+from heavyranker.data.shapes import feature_shapes
+from heavyranker.model import build_model
+from heavyranker.serve.export import example, export_model
+from heavyranker.serve.scorer import Scorer
+
+REPO = Path(__file__).resolve().parents[1]
+Features = dict[str, torch.Tensor]
+
+
+def export_both(config_path: str, checkpoint: str | None, folder: Path) -> tuple[Path, Path, int]:
+    """The pt2 and the ONNX folder of one checkpoint, and the model's parameter count."""
+    config = load_config(config_path)
+    torch.manual_seed(0)
+    model = build_model(config, feature_shapes(config.train_data))
+    if checkpoint is None:
+        checkpoint = str(save_checkpoint(folder / "checkpoints", 0, {"model": model.state_dict(), "step": 0}))
+    folders = [
+        export_model(config, checkpoint=checkpoint, out=str(folder / format), format=format)
+        for format in ("pt2", "onnx")
+    ]
+    return folders[0], folders[1], sum(p.numel() for p in model.parameters())
+
+
+def timed(scorer: Scorer, features: Features) -> float:
+    start = time.perf_counter()
+    scorer(features)
+    return time.perf_counter() - start
+
+
+def compare(on_torch: Scorer, on_onnx: Scorer, features: Features, rounds: int) -> dict[str, float]:
+    """Median ms of each, the median of the per-round ratios, and the largest difference in probability."""
+    (p_torch, _), (p_onnx, _) = on_torch(features), on_onnx(features)  # also the first call at this size
+    torch_s, onnx_s = [], []
+    for i in range(rounds):
+        if i % 2:
+            onnx_s.append(timed(on_onnx, features))
+            torch_s.append(timed(on_torch, features))
+        else:
+            torch_s.append(timed(on_torch, features))
+            onnx_s.append(timed(on_onnx, features))
+    return {
+        "torch_ms": statistics.median(torch_s) * 1e3,
+        "onnxruntime_ms": statistics.median(onnx_s) * 1e3,
+        "onnxruntime_over_torch": statistics.median(o / t for o, t in zip(onnx_s, torch_s, strict=True)),
+        "max_probability_difference": float((p_torch - p_onnx).abs().max()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "local_prod.yaml"))
+    parser.add_argument("--checkpoint", help="default: the model's initial weights")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op threads, each run")
+    parser.add_argument("--rounds", type=int, default=12)
+    add_results_option(parser, "onnx_forward")
+    args = parser.parse_args()
+
+    forward = {}
+    with tempfile.TemporaryDirectory(prefix="onnx_forward_") as tmp:
+        pt2, onnx, parameters = export_both(args.config, args.checkpoint, Path(tmp))
+        on_torch = Scorer(pt2)
+        print(f"{args.config}: {parameters:,} parameters, median of {args.rounds} rounds")
+        print("threads  candidates  torch (pt2) ms  onnxruntime ms  onnxruntime / torch  max |p difference|")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            on_onnx = Scorer(onnx, threads=threads)
+            for n in args.candidates:
+                features = {s.name: example(s.shape, s.dtype, n) for s in on_torch.inputs}
+                figures = compare(on_torch, on_onnx, features, args.rounds)
+                forward[f"{threads} threads, {n} candidates"] = figures
+                print(
+                    f"{threads:7d}  {n:10d}  {figures['torch_ms']:14.1f}  {figures['onnxruntime_ms']:14.1f}  "
+                    f"{figures['onnxruntime_over_torch']:19.2f}  "
+                    f"{figures['max_probability_difference']:18.1e}"
+                )
+    ratios = ", ".join(f"{k}: {f['onnxruntime_over_torch']:.2f}" for k, f in forward.items())
+    print(f"onnx_forward: onnxruntime / torch = {ratios}")
+    write_results("onnx_forward", {"parameters": parameters, "forward": forward}, args)
+
+
+if __name__ == "__main__":
+    main()
