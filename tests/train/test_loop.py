@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from heavyranker.checkpoint import list_checkpoints, load_checkpoint
+from heavyranker.cli import main
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.errors import UserError
 from heavyranker.train.loop import NonFiniteLoss, Trainer
-from tests.conftest import CONFIGS, small_config
+from tests.conftest import CONFIGS, SMALL_SPLITS, FullDisk, small_config
 
 FAV = "recap.engagement.is_favorited"
 FAST = (
@@ -178,3 +179,39 @@ def test_non_finite_features_are_named_when_the_loss_goes_non_finite(small_data,
         r"continuous\)",
     ):
         trainer.train_step(iter([batch]))
+
+
+def small_overrides(data, save_dir, *overrides: str) -> list[str]:
+    """local_small's overrides to read data, write to save_dir and take FAST steps, then `overrides`."""
+    paths = [f"train_data.inputs={data}/train/*.gz", f"training.save_dir={save_dir}"]
+    paths += [f"validation_data.{s}.inputs={data}/{s}/*.gz" for s in SMALL_SPLITS]
+    return [*paths, *FAST, *overrides]
+
+
+def cli(command: str, data, save_dir, *overrides: str) -> int:
+    """`heavyranker COMMAND` on local_small (small_overrides)."""
+    sets = [arg for value in small_overrides(data, save_dir, *overrides) for arg in ("--set", value)]
+    return main([*command.split(), "--config", str(CONFIGS / "local_small.yaml"), *sets])
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_stays(
+    small_data, tmp_path, capsys, monkeypatch
+):
+    real_save, saved = torch.save, []
+
+    def save_on_a_filling_disk(state, f):  # room for the first checkpoint only
+        saved.append(state["step"])
+        real_save(state, f if len(saved) == 1 else FullDisk(f, room=1000))
+
+    monkeypatch.setattr(torch, "save", save_on_a_filling_disk)
+    capsys.readouterr()
+    code = cli("train", small_data, tmp_path, "training.num_train_steps=6", "training.checkpoint_every_n=2")
+    assert code == 2
+    err = capsys.readouterr().err  # the progress bar's lines, then the error
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"error: {tmp_path}/checkpoints/step_4.pt: cannot write the checkpoint: No space left on device"
+    )
+    assert saved == [2, 4]  # stopped at the failed save, without trying again
+    assert os.listdir(tmp_path / "checkpoints") == ["step_2.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints/step_2.pt")["step"] == 2
