@@ -215,3 +215,22 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_stays(
     assert saved == [2, 4]  # stopped at the failed save, without trying again
     assert os.listdir(tmp_path / "checkpoints") == ["step_2.pt"]
     assert load_checkpoint(tmp_path / "checkpoints/step_2.pt")["step"] == 2
+
+
+def test_a_resumed_run_takes_the_adam_settings_of_its_config_and_logs_each_change(
+    small_data, tmp_path, caplog
+):
+    run(small_data, tmp_path, "training.num_train_steps=2")
+    trainer = Trainer(
+        small_config(small_data, tmp_path, *FAST, "optimizer.adam.beta_1=0.5", "optimizer.adam.epsilon=1e-5")
+    )
+    with caplog.at_level("INFO"):
+        trainer.restore()
+    assert {(g["betas"], g["eps"]) for g in trainer.optimizer.param_groups} == {((0.5, 0.999), 1e-5)}
+    assert [r.getMessage() for r in caplog.records if r.name == "heavyranker.train.optim"] == [
+        "optimizer betas: (0.9, 0.999) in the checkpoint -> (0.5, 0.999) from the config",
+        "optimizer eps: 1e-07 in the checkpoint -> 1e-05 from the config",
+    ]
+    moments = load_checkpoint(tmp_path / "checkpoints/step_2.pt")["optimizer"]["state"]
+    restored = trainer.optimizer.state_dict()["state"]
+    assert all(torch.equal(restored[i]["exp_avg_sq"], m["exp_avg_sq"]) for i, m in moments.items())

@@ -33,7 +33,7 @@ from ..model import Ranker, build_model
 from ..runtime import Runtime, check_sharding, distributed_runtime, gradient_sync, init_runtime
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
-from .optim import build_optimizer
+from .optim import build_optimizer, load_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Trainer:
         if newest is not None:
             state = load_checkpoint(newest)
             load_model_weights(self.model, state["model"], str(newest))
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             torch.set_rng_state(state["rng"])
