@@ -234,3 +234,13 @@ def test_a_resumed_run_takes_the_adam_settings_of_its_config_and_logs_each_chang
     moments = load_checkpoint(tmp_path / "checkpoints/step_2.pt")["optimizer"]["state"]
     restored = trainer.optimizer.state_dict()["state"]
     assert all(torch.equal(restored[i]["exp_avg_sq"], m["exp_avg_sq"]) for i, m in moments.items())
+
+
+def test_a_resumed_run_drops_what_was_logged_past_its_checkpoint(small_data, tmp_path):
+    run(small_data, tmp_path, "training.num_train_steps=6", "training.checkpoint_every_n=3")
+    straight = losses(tmp_path)
+    (tmp_path / "checkpoints/step_6.pt").unlink()  # as if killed after logging step 6, before saving it
+    run(small_data, tmp_path, "training.num_train_steps=6", "training.checkpoint_every_n=3")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert [line["loss"] for line in lines] == [straight[step]["loss"] for step in range(1, 7)]

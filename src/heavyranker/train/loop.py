@@ -112,7 +112,7 @@ class Trainer:
             where="train_data",
         ) as dataset:
             dataset.skip_to(self.step * self.accumulation)
-            logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main)
+            logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main, resume_step=self.step)
             try:
                 self._train(iter(dataset), logger)
             finally:
