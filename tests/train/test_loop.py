@@ -244,3 +244,57 @@ def test_a_resumed_run_drops_what_was_logged_past_its_checkpoint(small_data, tmp
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     assert [line["loss"] for line in lines] == [straight[step]["loss"] for step in range(1, 7)]
+
+
+def test_a_second_train_in_a_run_folder_exits_2_naming_the_holder_until_the_holder_is_killed(
+    small_data, tmp_path, capsys
+):
+    assert cli("train", small_data, tmp_path, "training.num_train_steps=2") == 0
+    endless = ("training.num_train_steps=100000", "training.checkpoint_every_n=100000")
+    overrides = small_overrides(small_data, tmp_path, *endless)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(CONFIGS / "local_small.yaml"), *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = tmp_path / "train.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.read_text().startswith(f"pid {holder.pid} "):
+            assert holder.poll() is None, holder.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        capsys.readouterr()
+        assert cli("train", small_data, tmp_path, "training.num_train_steps=4") == 2
+        error = capsys.readouterr().err
+        holding = f"error: {lock}: another train holds this run folder (pid {holder.pid} on "
+        assert error.count("\n") == 1 and error.startswith(holding)
+        # Evaluation reads the run without its lock: --watch ends after the checkpoint at num_train_steps.
+        assert cli("evaluate --watch", small_data, tmp_path, "training.num_train_steps=2") == 0
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock of a process it ends
+        holder.wait()
+    assert cli("train", small_data, tmp_path, "training.num_train_steps=4") == 0
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+
+
+def test_a_starting_run_removes_the_temporaries_of_killed_writers(small_data, tmp_path):
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead, alive = int(exited.stdout), 1  # pid 1 (init) always runs
+    results = tmp_path / "eval" / "validation"
+    removed = [
+        tmp_path / "checkpoints" / f".step_2.pt.tmp-{alive}",  # only a train writes checkpoints
+        tmp_path / f".metrics.jsonl.tmp-{dead}",
+        results / f".step_2.json.tmp-{dead}",
+        results / f".step_4.json.tmp-{os.getpid()}",  # a starting run has written nothing yet
+    ]
+    kept = [
+        results / f".step_6.json.tmp-{alive}",  # an `evaluate` beside the run may be writing it
+        tmp_path / f".notes.txt.tmp-{dead}",  # not a file train writes
+    ]
+    for path in removed + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    run(small_data, tmp_path, "training.num_train_steps=1")
+    assert [path for path in removed + kept if path.exists()] == kept

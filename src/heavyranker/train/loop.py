@@ -9,7 +9,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from ..runtime import Runtime, check_sharding, distributed_runtime, gradient_syn
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
 from .optim import build_optimizer, load_optimizer_state
+from .run_folder import claim_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,11 @@ class Trainer:
         )
 
     def run(self) -> None:
+        # save_dir is one folder that every rank shares, and rank 0 alone writes there.
+        with claim_run_folder(self.config) if self.runtime.is_main else nullcontext():
+            self._run()
+
+    def _run(self) -> None:
         training = self.config.training
         self.restore()
         if self.step >= training.num_train_steps:
