@@ -1,3 +1,4 @@
+import errno
 import os
 from pathlib import Path
 
@@ -47,3 +48,19 @@ def small_data(tmp_path_factory) -> Path:
         load_config(CONFIGS / "local_small.yaml"), out=str(out), examples=4000, files=4, seed=0
     )
     return out
+
+
+class FullDisk:
+    """A file on a disk with `room` bytes free: the write that does not fit writes what fits, then fails
+    as the OS's write does (for torch.save, which takes any object with a write method)."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.file.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)

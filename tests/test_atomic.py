@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from heavyranker.atomic import atomic_path, atomic_write
+from heavyranker.atomic import Temporary, atomic_path, atomic_write, temporaries
 
 
 @contextmanager
@@ -61,3 +61,14 @@ def test_the_file_and_its_folder_are_fsynced(tmp_path, opened, monkeypatch):
         f.write(b"{}")
     # A rename keeps the inode: the file fsynced under its temporary name is the one now under its name.
     assert sorted(synced) == sorted([(tmp_path / "out.json").stat().st_ino, tmp_path.stat().st_ino])
+
+
+def test_temporaries_name_the_file_they_replace_and_their_writer(tmp_path):
+    (tmp_path / ".hidden").touch()
+    (tmp_path / "visible.tmp-12").touch()
+    with atomic_write(tmp_path / "part-0.gz"):
+        assert temporaries(tmp_path) == [
+            Temporary(tmp_path / f".part-0.gz.tmp-{os.getpid()}", "part-0.gz", os.getpid())
+        ]
+    assert temporaries(tmp_path) == []
+    assert temporaries(tmp_path / "absent") == []

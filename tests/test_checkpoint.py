@@ -17,6 +17,7 @@ from heavyranker.checkpoint import (
     save_checkpoint,
 )
 from heavyranker.errors import UserError
+from tests.conftest import FullDisk
 
 # A child that saves step 2 but hangs inside fsync, i.e. after writing part of the file, until killed.
 HANGING_WRITER = """
@@ -47,6 +48,17 @@ def test_kill_during_write_leaves_previous_checkpoint_newest(tmp_path):
         name.endswith(f"tmp-{child.pid}") for name in os.listdir(tmp_path)
     )  # the half file is there...
     assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], torch.zeros(3))  # ...and ignored
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(3)})
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda state, f: real_save(state, FullDisk(f, room=1000)))
+    with pytest.raises(UserError) as info:
+        save_checkpoint(tmp_path, 2, {"w": torch.ones(1000)}, max_to_keep=1)
+    assert str(info.value) == f"{tmp_path}/step_2.pt: cannot write the checkpoint: No space left on device"
+    assert os.listdir(tmp_path) == ["step_1.pt"]  # no partial file, and max_to_keep removed nothing
+    assert torch.equal(load_checkpoint(tmp_path / "step_1.pt")["w"], torch.zeros(3))
 
 
 def test_max_to_keep_removes_the_oldest(tmp_path):

@@ -10,10 +10,19 @@ temporary is removed and the previous file is left as it was."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
+
+_TEMPORARY = re.compile(r"^\.(.+)\.tmp-(\d+)$")  # the names _replacing gives
+
+
+class Temporary(NamedTuple):
+    path: Path
+    target: str  # the name of the file it was to replace
+    pid: int  # of the writer
 
 
 @contextmanager
@@ -46,6 +55,16 @@ def _replacing(path: Path) -> Iterator[Path]:
             temporary.unlink()
         raise
     _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # makes the rename itself durable
+
+
+def temporaries(folder: str | os.PathLike) -> list[Temporary]:
+    """The temporaries in `folder` (none if it does not exist): files being written, or left by a writer
+    that was killed (an exception removes its own)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [_TEMPORARY.match(name) for name in os.listdir(folder)]
+    return [Temporary(folder / m.group(0), m.group(1), int(m.group(2))) for m in found if m]
 
 
 def _fsync(path: Path, flags: int) -> None:

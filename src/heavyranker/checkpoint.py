@@ -41,15 +41,31 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 def save_checkpoint(
     folder: str | Path, step: int, state: dict[str, Any], max_to_keep: int | None = None
 ) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step_{step}.pt"
-    with atomic_write(final) as f:
-        torch.save(state, f)
+    """Write `state` as folder/step_<step>.pt, then remove all but the newest `max_to_keep` checkpoints. A
+    write that fails (a full disk) raises UserError naming the file and the OS error; the file is left as it
+    was and the older checkpoints are kept."""
+    final = Path(folder) / f"step_{step}.pt"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(final) as f:
+            torch.save(state, f)
+    except Exception as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise UserError(f"{final}: cannot write the checkpoint: {cause.strerror or cause}") from None
     if max_to_keep is not None:
         for _, old in list_checkpoints(folder)[:-max_to_keep]:
             old.unlink(missing_ok=True)
     return final
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError that `error` is, or that it was raised while handling: torch.save raises a RuntimeError of
+    its own when it closes an archive after a failed write."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__context__
+    return error
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,3 +1,6 @@
+import json
+import time
+
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -27,3 +30,27 @@ def test_tensorboard_tells_the_evaluation_cross_entropy_from_the_training_loss(t
         "eval/val/a/cross_entropy": [(3, 0.625)],
         "eval/val/a/s1/cross_entropy": [(3, 1.5)],
     }
+
+
+def log_steps(logger: TrainLogger, steps, loss: float) -> None:
+    for step in steps:
+        logger.add(torch.tensor(loss), torch.tensor([loss]), examples=1, seconds=1.0)
+        logger.flush(step, ["a"], {})
+
+
+def test_a_resumed_logger_drops_what_was_logged_past_its_step(tmp_path, monkeypatch):
+    # TensorBoard reads event files in the order of their names, which start with the time in seconds: the
+    # killed run's must sort first, as a real one's would.
+    with monkeypatch.context() as earlier:
+        earlier.setattr(time, "time", lambda: 1e9)
+        first = TrainLogger(str(tmp_path))
+        log_steps(first, [1, 2, 3, 4], loss=0.5)
+        first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # killed while writing a line
+    resumed = TrainLogger(str(tmp_path), resume_step=2)
+    log_steps(resumed, [3, 4], loss=0.25)
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["step"], line["loss"]) for line in lines] == [(1, 0.5), (2, 0.5), (3, 0.25), (4, 0.25)]
+    assert scalars(tmp_path / "tensorboard")["train/loss"] == [(1, 0.5), (2, 0.5), (3, 0.25), (4, 0.25)]

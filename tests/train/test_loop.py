@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from heavyranker.checkpoint import list_checkpoints, load_checkpoint
+from heavyranker.cli import main
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.errors import UserError
 from heavyranker.train.loop import NonFiniteLoss, Trainer
-from tests.conftest import CONFIGS, small_config
+from tests.conftest import CONFIGS, SMALL_SPLITS, FullDisk, small_config
 
 FAV = "recap.engagement.is_favorited"
 FAST = (
@@ -178,3 +179,122 @@ def test_non_finite_features_are_named_when_the_loss_goes_non_finite(small_data,
         r"continuous\)",
     ):
         trainer.train_step(iter([batch]))
+
+
+def small_overrides(data, save_dir, *overrides: str) -> list[str]:
+    """local_small's overrides to read data, write to save_dir and take FAST steps, then `overrides`."""
+    paths = [f"train_data.inputs={data}/train/*.gz", f"training.save_dir={save_dir}"]
+    paths += [f"validation_data.{s}.inputs={data}/{s}/*.gz" for s in SMALL_SPLITS]
+    return [*paths, *FAST, *overrides]
+
+
+def cli(command: str, data, save_dir, *overrides: str) -> int:
+    """`heavyranker COMMAND` on local_small (small_overrides)."""
+    sets = [arg for value in small_overrides(data, save_dir, *overrides) for arg in ("--set", value)]
+    return main([*command.split(), "--config", str(CONFIGS / "local_small.yaml"), *sets])
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_stays(
+    small_data, tmp_path, capsys, monkeypatch
+):
+    real_save, saved = torch.save, []
+
+    def save_on_a_filling_disk(state, f):  # room for the first checkpoint only
+        saved.append(state["step"])
+        real_save(state, f if len(saved) == 1 else FullDisk(f, room=1000))
+
+    monkeypatch.setattr(torch, "save", save_on_a_filling_disk)
+    capsys.readouterr()
+    code = cli("train", small_data, tmp_path, "training.num_train_steps=6", "training.checkpoint_every_n=2")
+    assert code == 2
+    err = capsys.readouterr().err  # the progress bar's lines, then the error
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"error: {tmp_path}/checkpoints/step_4.pt: cannot write the checkpoint: No space left on device"
+    )
+    assert saved == [2, 4]  # stopped at the failed save, without trying again
+    assert os.listdir(tmp_path / "checkpoints") == ["step_2.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints/step_2.pt")["step"] == 2
+
+
+def test_a_resumed_run_takes_the_adam_settings_of_its_config_and_logs_each_change(
+    small_data, tmp_path, caplog
+):
+    run(small_data, tmp_path, "training.num_train_steps=2")
+    trainer = Trainer(
+        small_config(small_data, tmp_path, *FAST, "optimizer.adam.beta_1=0.5", "optimizer.adam.epsilon=1e-5")
+    )
+    with caplog.at_level("INFO"):
+        trainer.restore()
+    assert {(g["betas"], g["eps"]) for g in trainer.optimizer.param_groups} == {((0.5, 0.999), 1e-5)}
+    assert [r.getMessage() for r in caplog.records if r.name == "heavyranker.train.optim"] == [
+        "optimizer betas: (0.9, 0.999) in the checkpoint -> (0.5, 0.999) from the config",
+        "optimizer eps: 1e-07 in the checkpoint -> 1e-05 from the config",
+    ]
+    moments = load_checkpoint(tmp_path / "checkpoints/step_2.pt")["optimizer"]["state"]
+    restored = trainer.optimizer.state_dict()["state"]
+    assert all(torch.equal(restored[i]["exp_avg_sq"], m["exp_avg_sq"]) for i, m in moments.items())
+
+
+def test_a_resumed_run_drops_what_was_logged_past_its_checkpoint(small_data, tmp_path):
+    run(small_data, tmp_path, "training.num_train_steps=6", "training.checkpoint_every_n=3")
+    straight = losses(tmp_path)
+    (tmp_path / "checkpoints/step_6.pt").unlink()  # as if killed after logging step 6, before saving it
+    run(small_data, tmp_path, "training.num_train_steps=6", "training.checkpoint_every_n=3")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert [line["loss"] for line in lines] == [straight[step]["loss"] for step in range(1, 7)]
+
+
+def test_a_second_train_in_a_run_folder_exits_2_naming_the_holder_until_the_holder_is_killed(
+    small_data, tmp_path, capsys
+):
+    assert cli("train", small_data, tmp_path, "training.num_train_steps=2") == 0
+    endless = ("training.num_train_steps=100000", "training.checkpoint_every_n=100000")
+    overrides = small_overrides(small_data, tmp_path, *endless)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(CONFIGS / "local_small.yaml"), *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = tmp_path / "train.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.read_text().startswith(f"pid {holder.pid} "):
+            assert holder.poll() is None, holder.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        capsys.readouterr()
+        assert cli("train", small_data, tmp_path, "training.num_train_steps=4") == 2
+        error = capsys.readouterr().err
+        holding = f"error: {lock}: another train holds this run folder (pid {holder.pid} on "
+        assert error.count("\n") == 1 and error.startswith(holding)
+        # Evaluation reads the run without its lock: --watch ends after the checkpoint at num_train_steps.
+        assert cli("evaluate --watch", small_data, tmp_path, "training.num_train_steps=2") == 0
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock of a process it ends
+        holder.wait()
+    assert cli("train", small_data, tmp_path, "training.num_train_steps=4") == 0
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+
+
+def test_a_starting_run_removes_the_temporaries_of_killed_writers(small_data, tmp_path):
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead, alive = int(exited.stdout), 1  # pid 1 (init) always runs
+    results = tmp_path / "eval" / "validation"
+    removed = [
+        tmp_path / "checkpoints" / f".step_2.pt.tmp-{alive}",  # only a train writes checkpoints
+        tmp_path / f".metrics.jsonl.tmp-{dead}",
+        results / f".step_2.json.tmp-{dead}",
+        results / f".step_4.json.tmp-{os.getpid()}",  # a starting run has written nothing yet
+    ]
+    kept = [
+        results / f".step_6.json.tmp-{alive}",  # an `evaluate` beside the run may be writing it
+        tmp_path / f".notes.txt.tmp-{dead}",  # not a file train writes
+    ]
+    for path in removed + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    run(small_data, tmp_path, "training.num_train_steps=1")
+    assert [path for path in removed + kept if path.exists()] == kept

@@ -106,7 +106,11 @@ def format_table(results: Results, step: int) -> str:
 
 
 def result_path(config: Config, split: str, step: int) -> Path:
-    return Path(config.training.save_dir) / "eval" / split / f"step_{step}.json"
+    return results_folder(config, split) / f"step_{step}.json"
+
+
+def results_folder(config: Config, split: str) -> Path:
+    return Path(config.training.save_dir) / "eval" / split
 
 
 def _write(config: Config, split: str, step: int, metrics: dict[str, dict[str, float]]) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..atomic import atomic_write
+
+METRICS = "metrics.jsonl"
 
 # The evaluation's "loss" is the cross-entropy of the calibrated probabilities, weighted to the population
 # (sum(w * l) / sum(w), no pos_weight); the training loss is the objective (BCE of the logits on the
@@ -16,9 +21,11 @@ EVAL_SCALAR_NAMES = {"loss": "cross_entropy"}
 
 
 class TrainLogger:
-    """Averages the losses of the steps since the last flush; writes nothing unless `enabled` (rank 0)."""
+    """Averages the losses of the steps since the last flush; writes nothing unless `enabled` (rank 0).
+    A run resumed at `resume_step` continues the logs of the run it resumes, less what that run logged past
+    its checkpoint (the resumed run logs those steps again)."""
 
-    def __init__(self, save_dir: str, *, enabled: bool = True):
+    def __init__(self, save_dir: str, *, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self._reset()
         if not enabled:
@@ -26,8 +33,10 @@ class TrainLogger:
         from torch.utils.tensorboard import SummaryWriter  # slow import: only where it writes
 
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(Path(save_dir) / "metrics.jsonl", "a")
-        self.tensorboard = SummaryWriter(str(Path(save_dir) / "tensorboard"))
+        _drop_lines_after(Path(save_dir) / METRICS, resume_step)
+        self.jsonl = open(Path(save_dir) / METRICS, "a")
+        # TensorBoard hides the events of earlier files at steps >= purge_step.
+        self.tensorboard = SummaryWriter(str(Path(save_dir) / "tensorboard"), purge_step=resume_step + 1)
 
     def _reset(self) -> None:
         self.steps = 0
@@ -76,3 +85,21 @@ class TrainLogger:
         if self.enabled:
             self.jsonl.close()
             self.tensorboard.close()
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `step`."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step(line) <= step]
+    if kept != lines:
+        with atomic_write(path, "w") as f:
+            f.writelines(kept)
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except json.JSONDecodeError:  # the end of a line cut short by a kill: dropped
+        return math.inf

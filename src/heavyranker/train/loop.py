@@ -9,7 +9,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -33,7 +33,8 @@ from ..model import Ranker, build_model
 from ..runtime import Runtime, check_sharding, distributed_runtime, gradient_sync, init_runtime
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
-from .optim import build_optimizer
+from .optim import build_optimizer, load_optimizer_state
+from .run_folder import claim_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Trainer:
         if newest is not None:
             state = load_checkpoint(newest)
             load_model_weights(self.model, state["model"], str(newest))
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             torch.set_rng_state(state["rng"])
@@ -96,6 +97,11 @@ class Trainer:
         )
 
     def run(self) -> None:
+        # save_dir is one folder that every rank shares, and rank 0 alone writes there.
+        with claim_run_folder(self.config) if self.runtime.is_main else nullcontext():
+            self._run()
+
+    def _run(self) -> None:
         training = self.config.training
         self.restore()
         if self.step >= training.num_train_steps:
@@ -112,7 +118,7 @@ class Trainer:
             where="train_data",
         ) as dataset:
             dataset.skip_to(self.step * self.accumulation)
-            logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main)
+            logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main, resume_step=self.step)
             try:
                 self._train(iter(dataset), logger)
             finally:

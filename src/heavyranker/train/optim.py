@@ -3,6 +3,7 @@ schedule; a schedule is a pure function of the step, wrapped as a torch LR sched
 
 from __future__ import annotations
 
+import logging
 import math
 from bisect import bisect_right
 from typing import Any
@@ -15,7 +16,11 @@ from ..config import Config
 from ..config.optimizer import LearningRate, LinearRampToCosine
 from ..errors import UserError
 
+log = logging.getLogger(__name__)
+
 BACKBONE_RATE = "optimizer.multi_task_learning_rates.backbone_learning_rate"
+# Keys of a param group that are not settings of the optimizer: its parameters, the schedule's rates.
+_NOT_SETTINGS = ("params", "lr", "initial_lr")
 
 
 def learning_rate_at(schedule: LearningRate, step: int) -> float:
@@ -77,6 +82,22 @@ def build_optimizer(config: Config, model: nn.Module) -> tuple[torch.optim.Adam,
     # seed model (the step is memory bound) and the same update rule.
     optimizer = torch.optim.Adam(groups, betas=(adam.beta_1, adam.beta_2), eps=adam.epsilon, fused=True)
     return optimizer, ScheduledLearningRates(optimizer, schedules)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore a checkpoint's optimizer state (Adam's moments and step counts) but keep the settings that
+    `optimizer` was built with from the config: load_state_dict also restores the checkpoint's betas and eps.
+    Logs each setting that changed. Learning rates are the scheduler's."""
+    own = [{k: v for k, v in group.items() if k not in _NOT_SETTINGS} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    changed: dict[str, tuple[Any, Any]] = {}
+    for group, settings in zip(optimizer.param_groups, own, strict=True):
+        for key, value in settings.items():
+            if group[key] != value:
+                changed[key] = (group[key], value)
+                group[key] = value
+    for key, (old, new) in changed.items():
+        log.info("optimizer %s: %s in the checkpoint -> %s from the config", key, old, new)
 
 
 def _param_groups(config: Config, model: nn.Module) -> tuple[list[dict[str, Any]], list[LearningRate]]:
