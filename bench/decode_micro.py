@@ -36,7 +36,7 @@ from isal import igzip
 from results import add_results_option, write_results
 
 from heavyranker.data.tf_example import ExampleDecoder, encode_example
-from heavyranker.data.tf_example import decode as example
+from heavyranker.data.tf_example import decode as decoder_module
 from heavyranker.data.tfrecord import read_records, write_records
 from heavyranker.schema import load_schema
 
@@ -100,13 +100,13 @@ def main() -> None:
     print(
         f"{args.examples} records, {sum(map(len, records)) / len(records) / 1e3:.1f} KB each, "
         f"{os.path.getsize(path) / len(records) / 1e3:.1f} KB gzipped; compiled fast path "
-        f"{'built' if example._wire is not None else 'NOT BUILT'}; batches of {args.batch}"
+        f"{'built' if decoder_module._wire is not None else 'NOT BUILT'}; batches of {args.batch}"
     )
 
     fast = ExampleDecoder(specs, specs)
-    built, example._wire = example._wire, None
+    built, decoder_module._wire = decoder_module._wire, None
     python = ExampleDecoder(specs, specs)  # the general parser for every record
-    example._wire = built
+    decoder_module._wire = built
 
     def inflate() -> int:
         with igzip.open(path, "rb") as f:
