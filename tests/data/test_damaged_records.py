@@ -1,7 +1,9 @@
 """Damaged records and labels other than 0 or 1: an error naming file and record, or with ignore_data_errors
-left out of their batch, counted and logged; and the counts a dataset reports.
+left out of their batch, counted and logged; and the counts a dataset reports, and `data dump` and `data
+stats` log.
 
-The files are those of test_dataset.py (ids 0-9, 10-15, 16-18), some records replaced by damaged ones."""
+Most files are those of test_dataset.py (ids 0-9, 10-15, 16-18), some records replaced by damaged ones;
+write_small_records writes records for configs/local_small.yaml, for the commands."""
 
 from __future__ import annotations
 
@@ -12,9 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from heavyranker.config import load_config
 from heavyranker.data.dataset import RecapDataset
+from heavyranker.data.dump import dump_batches
+from heavyranker.data.stats import write_feature_stats
 from heavyranker.data.tf_example import encode_example
+from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import DataError
+from heavyranker.schema import load_schema
+from tests.conftest import CONFIGS
 from tests.data.test_dataset import TRAINING, batch_ids, data_config, example, write_files
 
 SIZES = [10, 6, 3]
@@ -133,3 +141,52 @@ def test_counts_report_defaults_filled_damaged_files_and_skipped_records(tmp_pat
         "defaults_filled/a": 1,
         "defaults_filled/disc": 2,  # id 12 once, though its batch (with id 11) was decoded again
     }
+
+
+def small_rows(n: int) -> list[dict[str, np.ndarray]]:
+    """n rows of every feature of configs/segdense_small.json: flags and labels 0 or 1, floats in [0, 1)."""
+    specs = load_schema(str(CONFIGS / "segdense_small.json"))
+    rng = np.random.default_rng(0)
+    return [
+        {
+            name: rng.integers(0, 2, s.length) if s.dtype == "int64_list" else rng.random(s.length)
+            for name, s in specs.items()
+        }
+        for _ in range(n)
+    ]
+
+
+def write_small_records(path: Path, n: int) -> dict[str, int]:
+    """Writes n small_rows, of which for every 10: one not a tf.Example, one with is_favorited 2, one
+    without meta.user_id. Returns the counts of reading them all (n a multiple of 10)."""
+    rows = small_rows(n)
+    for row in rows[1::10]:
+        row["recap.engagement.is_favorited"] = np.array([2])
+    for row in rows[2::10]:
+        del row["meta.user_id"]
+    records = [encode_example(row) for row in rows]
+    records[::10] = [b"not a tf.Example"] * len(records[::10])
+    write_records(str(path), records)
+    return {
+        "defaults_filled": n // 10,
+        "damaged_files": 0,
+        "skipped_records": 2 * n // 10,
+        "defaults_filled/meta.user_id": n // 10,
+    }
+
+
+def test_data_dump_and_stats_log_what_reading_met(tmp_path, caplog):
+    write_small_records(tmp_path / "part-0.gz", 100)
+    overrides = [
+        f"{split}.{field}"
+        for split in ("train_data", "validation_data.validation")
+        for field in (f"inputs={tmp_path}/*.gz", "ignore_data_errors=true")
+    ]
+    config = load_config(CONFIGS / "local_small.yaml", overrides)
+    expected = "defaults_filled=10 (meta.user_id=10), damaged_files=0, skipped_records=20"
+    with caplog.at_level(logging.INFO):
+        dump_batches(config, "validation", batches=10, shuffle=False, out=str(tmp_path / "dump.npz"))
+        write_feature_stats(config, out=str(tmp_path / "stats.json"), batches=10)
+    assert f"validation_data.validation: {expected}" in caplog.messages
+    assert f"train_data: {expected}" in caplog.messages
+    assert len(np.load(tmp_path / "dump.npz")["labels"]) == 80

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -195,3 +196,22 @@ class RecapDataset:
         for preprocessor in self.preprocessors:
             rows = preprocessor.apply(rows)
         return self._columns.batch(rows)
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """RecapDataset.counts() for a log line, under the names of its keys:
+    "defaults_filled=3 (disc=2, a=1), damaged_files=1, skipped_records=0"."""
+    prefix = "defaults_filled/"
+    features = ", ".join(f"{k.removeprefix(prefix)}={n}" for k, n in counts.items() if k.startswith(prefix))
+    return (
+        f"defaults_filled={counts['defaults_filled']}{f' ({features})' if features else ''}, "
+        f"damaged_files={counts['damaged_files']}, skipped_records={counts['skipped_records']}"
+    )
+
+
+def total_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    """The counts() of several datasets (one per rank) added up."""
+    total: Counter[str] = Counter()
+    for one in counts:
+        total.update(one)  # unlike Counter's +, update keeps the zeros
+    return dict(total)
