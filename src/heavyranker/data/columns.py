@@ -97,7 +97,7 @@ class Columns:
             items = kept
             columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
         keep = self._check_labels(columns, items)
-        if keep.all():
+        if keep is None:
             return columns
         return {name: values[keep] for name, values in columns.items()} if keep.any() else None
 
@@ -127,20 +127,21 @@ class Columns:
             self._damaged(path, e)
             return None
 
-    def _check_labels(self, columns: dict[str, np.ndarray], items: list[Item]) -> np.ndarray:
-        """Which rows to keep. A label is 0 or 1 (int64 or float in the schema): any other value (2, -1, 0.5)
-        is damage, not a positive. One vectorized check; the rows that fail it are then named."""
-        keep = np.ones(len(items), dtype=bool)
+    def _check_labels(self, columns: dict[str, np.ndarray], items: list[Item]) -> np.ndarray | None:
+        """Which rows to keep, None for all. A label is 0 or 1 (int64 or float in the schema): any other
+        value (2, -1, 0.5) is damage, not a positive. One vectorized check; only failing rows cost more."""
         if not self.tasks:
-            return keep
+            return None
         labels = np.concatenate([columns[task] for task in self.tasks], axis=1)
         wrong = (labels != 0) & (labels != 1)
-        for row in np.flatnonzero(wrong.any(axis=1)):
+        if not wrong.any():
+            return None
+        keep = ~wrong.any(axis=1)
+        for row in np.flatnonzero(~keep):
             task = self.tasks[int(np.argmax(wrong[row]))]
             _, path, index = items[row]
             value = columns[task][row, 0]  # as stored: labels above may have been promoted to float
             self._damaged(path, DataError(f"{path}: record {index}: label {task} is {value}, not 0 or 1"))
-            keep[row] = False
         return keep
 
     def _damaged(self, path: str, error: DataError) -> None:
