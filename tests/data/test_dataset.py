@@ -34,6 +34,7 @@ SCHEMA = [
     ("meta.id", "int64_list", 1),
     ("a", "int64_list", 1),
     ("b", "int64_list", 1),
+    ("f", "float_list", 1),  # a label stored as a float
     ("ts.served", "int64_list", 1),
     ("ts.impressed", "int64_list", 1),
     ("ts.engaged_a", "int64_list", 1),
@@ -78,7 +79,8 @@ def example(i: int) -> dict[str, np.ndarray]:
         "disc": np.array([i, -i, i * 2**40]),
         "meta.id": np.array([i]),
         "a": np.array([int(i % 3 == 0)]),
-        "b": np.array([2 if i % 5 == 0 else 0]),  # any value > 0 is a positive
+        "b": np.array([int(i % 5 == 0)]),
+        "f": np.array([i % 2], dtype=np.float32),
         "ts.served": np.array([served]),
         "ts.impressed": np.array([served + 10]),
         "ts.engaged_a": np.array([served + (2 * HOUR_MS if i % 2 else 20)]),  # odd ids engage 2 hours later
@@ -86,12 +88,14 @@ def example(i: int) -> dict[str, np.ndarray]:
     }
 
 
-def write_files(folder: Path, sizes: list[int]) -> list[list[int]]:
-    """Files part-0.gz, part-1.gz, ... holding consecutive ids; returns each file's ids."""
+def write_files(folder: Path, sizes: list[int], replace: dict[int, bytes] | None = None) -> list[list[int]]:
+    """Files part-0.gz, part-1.gz, ... holding consecutive ids, the record of id i replaced by replace[i];
+    returns each file's ids."""
     ids, start = [], 0
     for f, size in enumerate(sizes):
         ids.append(list(range(start, start + size)))
-        write_records(str(folder / f"part-{f}.gz"), [encode_example(example(i)) for i in ids[-1]])
+        records = [(replace or {}).get(i) or encode_example(example(i)) for i in ids[-1]]
+        write_records(str(folder / f"part-{f}.gz"), records)
         start += size
     return ids
 

@@ -16,6 +16,7 @@ from heavyranker.eval.evaluator import evaluate_command, result_path, watch_chec
 from heavyranker.runtime import init_runtime
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
+from tests.data.test_damaged_records import write_small_records
 
 FAV = "recap.engagement.is_favorited"
 FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "training.train_log_every_n=10")
@@ -55,6 +56,27 @@ def test_metrics_equal_sklearn_on_the_same_predictions_with_the_split_weights(sm
     assert metrics["num_examples"] == len(labels)
     saved = json.loads(result_path(config, "validation_downsampled", 4).read_text())
     assert saved["metrics"][FAV]["auroc"] == pytest.approx(metrics["auroc"])
+
+
+def test_damaged_records_are_skipped_and_what_reading_met_is_reported(small_data, trained, tmp_path, caplog):
+    expected = write_small_records(tmp_path / "part-0.gz", 100)
+    config = small_config(
+        small_data,
+        tmp_path / "run",
+        *FAST,
+        f"validation_data.validation.inputs={tmp_path}/*.gz",
+        "validation_data.validation.ignore_data_errors=true",
+    )
+    with caplog.at_level("INFO"):
+        results = evaluate_command(
+            config, checkpoint=str(trained / "checkpoints/step_4.pt"), watch=False, split="validation"
+        )
+    assert results["validation"][FAV]["num_examples"] == 80
+    assert json.loads(result_path(config, "validation", 4).read_text())["data"] == expected
+    assert (
+        "evaluation of validation: defaults_filled=10 (meta.user_id=10), damaged_files=0, skipped_records=20"
+        in caplog.messages
+    )
 
 
 def test_stratified_metrics_cover_the_matching_rows(small_data, trained):

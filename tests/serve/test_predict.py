@@ -18,6 +18,7 @@ from heavyranker.data.tf_example import encode_example
 from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.serve.predict import predict_files
+from tests.data.test_damaged_records import small_rows
 from tests.serve.conftest import Exported, random_features, score_tolerance
 
 EXAMPLES = 50
@@ -96,6 +97,17 @@ def test_an_onnx_export_predicts_the_scores_of_the_pt2_export(
         np.testing.assert_allclose(b[task].to_numpy(), a[task].to_numpy(), rtol=0, atol=1e-5)
     tolerance = score_tolerance(exported.config.engagement_weights)
     np.testing.assert_allclose(b["score"].to_numpy(), a["score"].to_numpy(), rtol=0, atol=tolerance)
+
+
+def test_predict_logs_the_defaults_it_filled(exported: Exported, tmp_path, caplog):
+    rows = small_rows(10)
+    for row in rows[3:5]:
+        del row["meta.user_id"]
+    write_records(str(tmp_path / "part-0.gz"), [encode_example(row) for row in rows])
+    with caplog.at_level("INFO"):
+        assert _predict(exported, tmp_path / "*.gz", tmp_path / "scores.csv") == 10
+    counts = "defaults_filled=2 (meta.user_id=2), damaged_files=0, skipped_records=0"
+    assert f"{tmp_path / '*.gz'}: {counts}" in caplog.messages
 
 
 def test_an_unknown_extension_is_refused(exported: Exported, records, tmp_path):

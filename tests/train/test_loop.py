@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from heavyranker.data.dataset import RecapDataset
 from heavyranker.errors import UserError
 from heavyranker.train.loop import NonFiniteLoss, Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, FullDisk, small_config
+from tests.data.test_damaged_records import write_small_records
 
 FAV = "recap.engagement.is_favorited"
 FAST = (
@@ -64,6 +67,31 @@ def test_a_finished_run_says_so_and_does_nothing(small_data, tmp_path, caplog):
         run(small_data, tmp_path, "training.num_train_steps=2")
     assert "already at step 2 of 2" in caplog.text
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_damaged_records_are_skipped_and_what_reading_met_is_in_every_log_line(small_data, tmp_path, caplog):
+    train = tmp_path / "train"
+    train.mkdir()
+    for path in (small_data / "train").glob("*.gz"):
+        (train / path.name).symlink_to(path)
+    damaged = train / "part-damaged.gz"
+    write_small_records(damaged, 2000)  # 400 damaged records, 200 without meta.user_id
+    damaged.write_bytes(damaged.read_bytes()[:-30])  # and a damaged file
+    inputs, ignore = f"train_data.inputs={train}/*.gz", "train_data.ignore_data_errors=true"
+    with caplog.at_level("INFO"):
+        run(small_data, tmp_path / "run", "training.num_train_steps=3", inputs, ignore)
+    lines = [line for _, line in sorted(losses(tmp_path / "run").items())]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    # Counted as the threads read ahead: so far for the run, never fewer than what the steps consumed. The
+    # shuffle buffer (20,000 records) reads every file before the first batch.
+    counts = [{k: line[k] for k in line if k.startswith("data/")} for line in lines]
+    assert all(c["data/damaged_files"] >= 1 for c in counts)
+    assert all(c["data/defaults_filled/meta.user_id"] >= 1 for c in counts)
+    assert counts[-1]["data/skipped_records"] >= 1  # 3 batches of 64; 400 of 6,000 records damaged
+    assert all(a[k] <= b[k] for a, b in pairwise(counts) for k in a)
+    assert re.search(
+        r"step 3: .* \| data: defaults_filled=\d+ \(.*meta\.user_id=\d+.*\), damaged_files=", caplog.text
+    )
 
 
 def test_max_to_keep(small_data, tmp_path):

@@ -176,7 +176,10 @@ class DataConfig(StrictModel):
     num_files_to_keep: Count | None = None
     file_batch_size: Count = Field(16, description="Files read at once, their records interleaved.")
     cache: bool = Field(False, description="Keep decoded batches in memory after the first pass.")
-    ignore_data_errors: bool = Field(False, description="Skip the rest of a corrupt file instead of failing.")
+    ignore_data_errors: bool = Field(
+        False,
+        description="Skip and count damaged records, and the rest of damaged files, instead of failing.",
+    )
     dataset_service_compression: Literal["AUTO"] | None = Field(None, description=NO_EFFECT)
     examples_shuffle_buffer_size: NonNegative = Field(
         1024,

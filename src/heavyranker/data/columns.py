@@ -7,6 +7,7 @@ bytes_list, mantissa masks name float features read) are config-time checks: con
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from ..config.data import DataConfig
 from ..errors import DataError
 from ..schema import FeatureSpec, load_schema
 from .batch import Batch, Rows, Spec
+from .damage import Damage
 from .order import Item
 from .preprocess import Preprocessor, build_preprocessors
 from .tf_example import ExampleDecoder
@@ -51,7 +53,9 @@ class Columns:
     """What to decode for a data config, and how decoded columns become Rows and then a Batch.
     labels=False (prediction) reads no label: Rows.tasks is () and labels and weights are [N, 0]."""
 
-    def __init__(self, data: DataConfig, preprocessors: list[Preprocessor], labels: bool):
+    def __init__(
+        self, data: DataConfig, preprocessors: list[Preprocessor], labels: bool, damage: Damage | None
+    ):
         self.specs = load_schema(data.seg_dense_schema.schema_path)
         self.features = feature_sources(data)
         self.tasks = tuple(data.tasks) if labels else ()
@@ -67,20 +71,83 @@ class Columns:
         }
         # numpy has no bfloat16: downcast leaves bfloat16-exact float32 values, which the batch converts.
         self.bfloat16 = [name for name, spec in feature_specs(data).items() if spec.dtype == torch.bfloat16]
+        self._damage = damage
         self._decoders = threading.local()
+        self._every_decoder: list[ExampleDecoder] = []  # every thread's, for defaults_filled
+        self._lock = threading.Lock()
 
-    def decode(self, items: list[Item]) -> dict[str, np.ndarray]:
-        """Schema name -> [N, length] array of the wanted columns of these records."""
+    def decode(self, items: list[Item]) -> dict[str, np.ndarray] | None:
+        """Schema name -> [N, length] array of the wanted columns of these records.
+
+        A damaged record (not a tf.Example, a feature of the wrong type or length, a label other than 0 or 1)
+        raises DataError naming its file and index; with `damage` (ignore_data_errors) it is reported there
+        and left out: N is smaller, and None means no record is left."""
+        decoder = self._decoder()
+        try:
+            columns = decoder.decode_batch([record for record, _, _ in items], file="(a batch)")
+        except DataError:
+            # One by one: to name the damaged record, or (ignore_data_errors) to keep the others.
+            kept, parts = [], []
+            for item in items:
+                if (part := self._decode_record(decoder, item)) is not None:
+                    kept.append(item)
+                    parts.append(part)
+            if not parts:
+                return None
+            items = kept
+            columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        keep = self._check_labels(columns, items)
+        if keep is None:
+            return columns
+        return {name: values[keep] for name, values in columns.items()} if keep.any() else None
+
+    def defaults_filled(self) -> Counter[str]:
+        """Schema name -> how many times the feature was absent from a record and took the schema default,
+        over every decoder thread so far."""
+        with self._lock:
+            decoders = list(self._every_decoder)
+        filled: Counter[str] = Counter()
+        for decoder in decoders:
+            filled.update(dict(decoder.missing_counts))  # dict() copies in one step; its thread counts on
+        return filled
+
+    def _decoder(self) -> ExampleDecoder:
         decoder = getattr(self._decoders, "decoder", None)
         if decoder is None:  # one per thread: a decoder counts the absent features it meets
             decoder = self._decoders.decoder = ExampleDecoder(self.specs, self.wanted)
+            with self._lock:
+                self._every_decoder.append(decoder)
+        return decoder
+
+    def _decode_record(self, decoder: ExampleDecoder, item: Item) -> dict[str, np.ndarray] | None:
+        record, path, index = item
         try:
-            return decoder.decode_batch([record for record, _, _ in items], file="(a batch)")
-        except DataError:
-            # Name the file and record: decode them one by one until the bad one raises.
-            for record, path, index in items:
-                decoder.decode_batch([record], file=path, first_index=index)
-            raise
+            return decoder.decode_batch([record], file=path, first_index=index)
+        except DataError as e:
+            self._damaged(path, e)
+            return None
+
+    def _check_labels(self, columns: dict[str, np.ndarray], items: list[Item]) -> np.ndarray | None:
+        """Which rows to keep, None for all. A label is 0 or 1 (int64 or float in the schema): any other
+        value (2, -1, 0.5) is damage, not a positive. One vectorized check; only failing rows cost more."""
+        if not self.tasks:
+            return None
+        labels = np.concatenate([columns[task] for task in self.tasks], axis=1)
+        wrong = (labels != 0) & (labels != 1)
+        if not wrong.any():
+            return None
+        keep = ~wrong.any(axis=1)
+        for row in np.flatnonzero(~keep):
+            task = self.tasks[int(np.argmax(wrong[row]))]
+            _, path, index = items[row]
+            value = columns[task][row, 0]  # as stored: labels above may have been promoted to float
+            self._damaged(path, DataError(f"{path}: record {index}: label {task} is {value}, not 0 or 1"))
+        return keep
+
+    def _damaged(self, path: str, error: DataError) -> None:
+        if self._damage is None:
+            raise error
+        self._damage.record(path, error)
 
     def rows(self, columns: dict[str, np.ndarray]) -> Rows:
         features = {out: _squeeze(columns[source]) for out, source in self.features.items()}
@@ -88,8 +155,8 @@ class Columns:
             features[FLAGS] = features[FLAGS].astype(np.float32)
         for name, mask in self.mantissa_masks.items():
             features[name].view(np.uint32)[...] &= mask
-        if self.tasks:
-            labels = (np.concatenate([columns[t] for t in self.tasks], axis=1) > 0).astype(np.float32)
+        if self.tasks:  # 0 or 1: decode() checked them
+            labels = np.concatenate([columns[t] for t in self.tasks], axis=1).astype(np.float32)
         else:
             labels = np.zeros((len(next(iter(columns.values()))), 0), dtype=np.float32)
         # Inverse sampling probability of the stored label; computed before rectify_labels on purpose.

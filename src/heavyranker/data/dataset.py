@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..config.data import DataConfig
+from ..errors import DataError
 from .batch import Batch
 from .columns import Columns
+from .damage import Damage
 from .files import shard_files
 from .order import BLOCK, Item, Order
 from .pipeline import READ_AHEAD, FileReader, OrderedMap
@@ -32,11 +35,18 @@ class RecapDataset:
       shuffle    the files reshuffled every epoch from (seed, rank), and a shuffle buffer of
                  examples_shuffle_buffer_size records; without it, the sorted files in order.
       repeat     epoch after epoch, never ending; without it, one pass.
-      drop_last  every batch full; without it, the last batch holds what is left.
+      drop_last  every batch full (less its damaged records, below); without it, the last batch holds what
+                 is left.
     Either way file_batch_size files are read at once, their records interleaved in blocks of 4
     (file_batch_size: 1 reads file after file). `cache: true` keeps the batches of the first complete pass
     in memory and serves later passes from there; it applies without repeat only (a repeating stream never
     completes a pass).
+
+    With ignore_data_errors a damaged record is left out of its batch, which is that much shorter, drop_last
+    or not: each batch stays the one clean data would give less its damaged records, so a seed still gives
+    the same batches and skip_to still positions exactly (topping a batch up would shift every later batch).
+    A batch left without any record is a DataError with drop_last (training: its loss needs examples, and
+    it resumes by counting batches); otherwise it is left out.
 
     Each rank reads its own files, files[rank::world_size] of the sorted list, with a batch of
     global_batch_size / world_size; errors about that name the config section `where`. `inputs` replaces
@@ -66,7 +76,8 @@ class RecapDataset:
         self.data = data
         self.repeat = repeat
         self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
-        self.damaged_files: list[str] = []  # files skipped past a damaged record (ignore_data_errors)
+        # What ignore_data_errors skipped; without it, damage raises DataError.
+        self._damage = Damage() if data.ignore_data_errors else None
         downsample = next((p for p in self.preprocessors if isinstance(p, NegativeDownsampler)), None)
         self._order = Order(
             self.files,
@@ -78,7 +89,7 @@ class RecapDataset:
             repeat=repeat,
             drop_last=drop_last,
         )
-        self._columns = Columns(data, self.preprocessors, require_labels)
+        self._columns = Columns(data, self.preprocessors, require_labels, self._damage)
         self._chunk = max(BLOCK, READ_AHEAD // min(data.file_batch_size, len(self.files)))
         self._start = 0
         self._cached: list[Batch] | None = None
@@ -96,6 +107,24 @@ class RecapDataset:
             repeat,
             drop_last,
         )
+
+    @property
+    def damaged_files(self) -> list[str]:
+        """The files whose rest was skipped after damage (ignore_data_errors), as often as each was read."""
+        return self._damage.files if self._damage else []
+
+    def counts(self) -> dict[str, int]:
+        """What reading met so far, over every iteration of this dataset; safe to call from any thread.
+        defaults_filled: features absent from a record, which took the schema default (and, for each
+        schema feature that was, defaults_filled/NAME); damaged_files and skipped_records: the files cut
+        short and the records left out by ignore_data_errors. A repeating read counts them every epoch."""
+        filled = self._columns.defaults_filled()
+        return {
+            "defaults_filled": filled.total(),
+            "damaged_files": len(self.damaged_files),
+            "skipped_records": self._damage.records if self._damage else 0,
+            **{f"defaults_filled/{name}": n for name, n in sorted(filled.items()) if n},
+        }
 
     def skip_to(self, batches_consumed: int) -> None:
         """The next iteration starts after `batches_consumed` batches, exactly where an uninterrupted one
@@ -122,6 +151,8 @@ class RecapDataset:
         self._maps.add(batches)
         try:
             for batch in batches:
+                if batch is None:  # every record damaged (ignore_data_errors)
+                    continue
                 if cache is not None:
                     cache.append(batch)
                 yield batch
@@ -147,11 +178,40 @@ class RecapDataset:
 
     def _open(self, path: str, pool: ThreadPoolExecutor) -> Iterator[Item]:
         # The reader starts reading now, so that every file of a group is being read before it is needed.
-        reader = FileReader(path, pool, self._chunk, self.data.ignore_data_errors, self.damaged_files)
+        reader = FileReader(path, pool, self._chunk, self._damage)
         return ((record, path, index) for index, record in enumerate(reader))
 
-    def _make_batch(self, items: list[Item]) -> Batch:
-        rows = self._columns.rows(self._columns.decode(items))
+    def _make_batch(self, items: list[Item]) -> Batch | None:
+        columns = self._columns.decode(items)
+        if columns is None:
+            _, path, index = items[0]
+            if self._order.drop_last:
+                raise DataError(
+                    f"every one of the {len(items)} records of a training batch is damaged (the first: "
+                    f"{path}: record {index}); ignore_data_errors leaves damaged records out, but a batch "
+                    f"must keep one"
+                )
+            return None
+        rows = self._columns.rows(columns)
         for preprocessor in self.preprocessors:
             rows = preprocessor.apply(rows)
         return self._columns.batch(rows)
+
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """RecapDataset.counts() for a log line, under the names of its keys:
+    "defaults_filled=3 (disc=2, a=1), damaged_files=1, skipped_records=0"."""
+    prefix = "defaults_filled/"
+    features = ", ".join(f"{k.removeprefix(prefix)}={n}" for k, n in counts.items() if k.startswith(prefix))
+    return (
+        f"defaults_filled={counts['defaults_filled']}{f' ({features})' if features else ''}, "
+        f"damaged_files={counts['damaged_files']}, skipped_records={counts['skipped_records']}"
+    )
+
+
+def total_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    """The counts() of several datasets (one per rank) added up."""
+    total: Counter[str] = Counter()
+    for one in counts:
+        total.update(one)  # unlike Counter's +, update keeps the zeros
+    return dict(total)

@@ -11,7 +11,7 @@ import torch
 from ..config import Config
 from ..config.data import DataConfig
 from ..errors import UserError
-from .dataset import RecapDataset
+from .dataset import RecapDataset, describe_counts
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def dump_batches(
         where=where,
     ) as dataset:
         read = list(islice(dataset, batches))
+        log.info("%s: %s", where, describe_counts(dataset.counts()))
     if not read:
         raise UserError(f"split {split}: no examples to dump")
     arrays = {name: _numpy([b.features[name] for b in read]) for name in read[0].features}

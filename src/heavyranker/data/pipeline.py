@@ -9,7 +9,6 @@ stays flat whatever the dataset's size."""
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import sys
@@ -20,9 +19,8 @@ from itertools import islice
 from typing import Generic, TypeVar
 
 from ..errors import DataError
+from .damage import Damage
 from .tfrecord import read_records
-
-log = logging.getLogger(__name__)
 
 READ_AHEAD = 1024  # records read ahead for a group of files, in chunks of READ_AHEAD / files
 PREFETCH = 2  # batches decoded ahead of the consumer, beyond one per decoder thread
@@ -33,17 +31,15 @@ R = TypeVar("R")
 
 class FileReader:
     """A file's records, read `chunk` at a time by a reader thread, one chunk ahead of the consumer. It
-    starts reading when made. ignore_errors: a damaged record ends the file, which joins `damaged`."""
+    starts reading when made. Damage in the file raises DataError, or with `damage` (ignore_data_errors)
+    ends the file there and is reported to it."""
 
-    def __init__(
-        self, path: str, pool: ThreadPoolExecutor, chunk: int, ignore_errors: bool, damaged: list[str]
-    ):
+    def __init__(self, path: str, pool: ThreadPoolExecutor, chunk: int, damage: Damage | None):
         self.path = path
         self._records = read_records(path)
         self._pool = pool
         self._chunk = chunk
-        self._ignore_errors = ignore_errors
-        self._damaged = damaged
+        self._damage = damage
         self._next = pool.submit(self._read_chunk)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -59,14 +55,9 @@ class FileReader:
                 if len(chunk) == self._chunk:
                     break
         except DataError as e:
-            if not self._ignore_errors:
+            if self._damage is None:
                 raise
-            self._damaged.append(self.path)
-            log.warning(
-                "%s; ignore_data_errors: skipped the rest of the file (%d damaged files so far)",
-                e,
-                len(self._damaged),
-            )
+            self._damage.file(self.path, e)
         return chunk
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..atomic import atomic_write
 from ..config import Config
 from ..errors import DataError, UserError
-from .dataset import RecapDataset
+from .dataset import RecapDataset, describe_counts
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def _moments(config: Config, batches: int) -> tuple[np.ndarray, np.ndarray, np.n
             mean = mean + delta * share
             m2 = m2 + batch_m2 + delta**2 * count * share
             count = total
+        log.info("train_data: %s", describe_counts(dataset.counts()))
     if count is None:
         raise DataError(
             f"no training examples to describe in {config.train_data.inputs or 'the dated inputs'}"

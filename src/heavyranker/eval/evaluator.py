@@ -21,7 +21,7 @@ from ..checkpoint import (
 )
 from ..config import Config, short_names
 from ..config.data import DataConfig
-from ..data.dataset import RecapDataset
+from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.shapes import feature_shapes
 from ..errors import UserError
 from ..model import Ranker, build_model
@@ -41,9 +41,10 @@ def evaluation_tasks(config: Config, data: DataConfig) -> list[str]:
 @torch.no_grad()
 def evaluate_split(
     config: Config, model: Ranker, data: DataConfig, runtime: Runtime
-) -> dict[str, dict[str, float]]:
+) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
     """num_eval_steps batches of the split in order (all of it when < 0), weighted by the split's own weights.
-    Metrics use the calibrated probabilities, so a downsampled split measures the population."""
+    Metrics use the calibrated probabilities, so a downsampled split measures the population. Returns the
+    metrics and what reading met (RecapDataset.counts(), all ranks' together)."""
     tasks = evaluation_tasks(config, data)
     model_columns = [model.task_names.index(t) for t in tasks]
     stratifiers = config.model.stratifiers or []
@@ -64,27 +65,31 @@ def evaluate_split(
             for stratifier, accumulator in zip(stratifiers, strata, strict=True):
                 keep = (batch.features["discrete"][:, stratifier.index] == stratifier.value).cpu()
                 accumulator.add(labels[keep], probs[keep], weights[keep])
+        counts = total_counts(runtime.gather(dataset.counts()))
     # Each rank read its own files: the metrics are those of all ranks' examples together.
     overall, strata = gather_metrics(overall, runtime), [gather_metrics(a, runtime) for a in strata]
     results = overall.compute(tasks)
     for stratifier, accumulator in zip(stratifiers, strata, strict=True):
         for task, metrics in accumulator.compute(tasks).items():
             results[f"{task}/{stratifier.name}"] = metrics
-    return results
+    return results, counts
 
 
 def evaluate_splits(
     config: Config, model: Ranker, step: int, runtime: Runtime, only: str | None = None
 ) -> Results:
-    """Evaluate each validation split (or `only`); write eval/<split>/step_<N>.json; print a table."""
+    """Evaluate each validation split (or `only`); write eval/<split>/step_<N>.json; print a table. What
+    reading met is logged when anything was, and written to the JSON under "data"."""
     if only is not None and only not in config.validation_data:
         raise UserError(f"no validation split {only!r} (the config has {', '.join(config.validation_data)})")
     results: Results = {}
     for split, data in config.validation_data.items():
         if only is None or split == only:
-            results[split] = evaluate_split(config, model, data, runtime)
+            results[split], counts = evaluate_split(config, model, data, runtime)
             if runtime.is_main:
-                _write(config, split, step, results[split])
+                if any(counts.values()):
+                    log.info("evaluation of %s: %s", split, describe_counts(counts))
+                _write(config, split, step, results[split], counts)
     if runtime.is_main:
         print(format_table(results, step))
     return results
@@ -113,12 +118,14 @@ def results_folder(config: Config, split: str) -> Path:
     return Path(config.training.save_dir) / "eval" / split
 
 
-def _write(config: Config, split: str, step: int, metrics: dict[str, dict[str, float]]) -> None:
+def _write(
+    config: Config, split: str, step: int, metrics: dict[str, dict[str, float]], counts: dict[str, int]
+) -> None:
     path = result_path(config, split, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     strict = {task: {k: (None if math.isnan(v) else v) for k, v in m.items()} for task, m in metrics.items()}
     with atomic_write(path, "w") as f:  # a result file is complete or absent: a restarted --watch trusts it
-        f.write(json.dumps({"step": step, "split": split, "metrics": strict}, indent=1))
+        f.write(json.dumps({"step": step, "split": split, "metrics": strict, "data": counts}, indent=1))
 
 
 def evaluate_command(

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..atomic import atomic_path
 from ..config.data import DataConfig
 from ..data.batch import Batch
-from ..data.dataset import RecapDataset
+from ..data.dataset import RecapDataset, describe_counts
 from ..errors import UserError
 from .scorer import Scorer
 
@@ -38,6 +38,7 @@ def predict_files(*, model_dir: str, inputs: str, out: str, batch_size: int = 10
     data = _data_config(scorer, model_dir, batch_size)
     with RecapDataset(data, inputs=inputs, require_labels=False) as dataset, atomic_path(out) as temporary:
         rows = _write(dataset, scorer, writer_class, temporary)
+        log.info("%s: %s", inputs, describe_counts(dataset.counts()))
     log.info("wrote %d rows to %s", rows, out)
     return rows
 

@@ -52,7 +52,15 @@ class TrainLogger:
         self.total = self.total + total
         self.per_task = self.per_task + per_task
 
-    def flush(self, step: int, task_names: list[str], learning_rates: dict[str, float]) -> dict[str, Any]:
+    def flush(
+        self,
+        step: int,
+        task_names: list[str],
+        learning_rates: dict[str, float],
+        data_counts: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
+        """Writes and returns the line of the steps since the last flush; data_counts (RecapDataset.counts()
+        of the run so far) go under data/."""
         per_task = (self.per_task / self.steps).tolist()
         line: dict[str, Any] = {
             "step": step,
@@ -61,6 +69,7 @@ class TrainLogger:
             **{f"lr/{name}": lr for name, lr in learning_rates.items()},
             "steps_per_s": self.steps / self.seconds,
             "examples_per_s": self.examples / self.seconds,
+            **{f"data/{name}": n for name, n in (data_counts or {}).items()},
         }
         self._reset()
         if self.enabled:

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from ..checkpoint import (
 )
 from ..config import Config, short_names
 from ..data.batch import Batch
-from ..data.dataset import RecapDataset
+from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.shapes import feature_shapes
 from ..errors import UserError
 from ..eval.evaluator import evaluate_splits
@@ -120,12 +120,15 @@ class Trainer:
             dataset.skip_to(self.step * self.accumulation)
             logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main, resume_step=self.step)
             try:
-                self._train(iter(dataset), logger)
+                self._train(iter(dataset), logger, dataset.counts)
             finally:
                 logger.close()
 
-    def _train(self, batches: Iterator[Batch], logger: TrainLogger) -> None:
-        """Steps until num_train_steps or a stop signal, logging, checkpointing and evaluating on the way."""
+    def _train(
+        self, batches: Iterator[Batch], logger: TrainLogger, data_counts: Callable[[], dict[str, int]]
+    ) -> None:
+        """Steps until num_train_steps or a stop signal, logging, checkpointing and evaluating on the way.
+        data_counts: what reading has met so far, logged with every line (all ranks' together)."""
         training = self.config.training
         self.model.train()
         with (
@@ -146,7 +149,8 @@ class Trainer:
                 logger.add(total, per_task, examples, time.perf_counter() - started)
                 bar.update(1)
                 if self.step % training.train_log_every_n == 0:
-                    line = logger.flush(self.step, self.model.task_names, self._learning_rates())
+                    counts = total_counts(self.runtime.gather(data_counts()))
+                    line = logger.flush(self.step, self.model.task_names, self._learning_rates(), counts)
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
                     log.info(_format_log_line(line))
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
@@ -235,10 +239,12 @@ def _format_log_line(line: dict[str, float]) -> str:
     losses = {k.removeprefix("loss/"): v for k, v in line.items() if k.startswith("loss/")}
     short = short_names(list(losses))
     per_task = ", ".join(f"{short[task]}={value:.4f}" for task, value in losses.items())
-    return (
+    text = (
         f"step {line['step']}: loss {line['loss']:.4f} | {line['steps_per_s']:.2f} steps/s, "
         f"{line['examples_per_s']:.0f} examples/s | {per_task}"
     )
+    counts = {k.removeprefix("data/"): v for k, v in line.items() if k.startswith("data/")}
+    return f"{text} | data: {describe_counts(counts)}" if any(counts.values()) else text
 
 
 def train(config: Config, *, amp: bool = False) -> None:
