@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(commands, "export", "write a self-contained scoring artifact", _export)
     _with_config(p)
-    p.add_argument("--checkpoint", help="a checkpoint (default: the newest in save_dir)")
+    p.add_argument(
+        "--checkpoint",
+        help="a checkpoint (default: the best in save_dir with training.keep_best, else the newest)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--format",
