@@ -156,10 +156,10 @@ def test_evaluation_task_not_in_split(tmp_path, small):
 @pytest.mark.parametrize(
     ("keep_best", "expected"),
     [
-        ({"split": "train"}, "training.keep_best.split: train is not a validation split (there are: validation, "),
+        ({"split": "train"}, "training.keep_best.split: train is not a validation split (there are: "),
         (
             {"split": "validation", "task": "recap.engagement.is_nothing"},
-            "training.keep_best.task: recap.engagement.is_nothing is not a model task evaluated on validation",
+            "training.keep_best.task: recap.engagement.is_nothing is not a model task evaluated on",
         ),
         ({"split": "validation", "metric": "loss"}, "training.keep_best.metric: "),
     ],

@@ -89,11 +89,11 @@ def compare(small_data, *args: str) -> int:
 
 
 def table_rows(out: str) -> dict[str, list[str]]:
-    """task -> its cells: auroc A, B, B - A, [low, high], (*), rce A, ..."""
+    """task -> its cells: positives, auroc A, B, B - A, [low, high], (*), rce A, ... (positives left out)"""
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("task "))
     return {
-        line.split()[0]: re.sub(r"\[(\S+), (\S+)\]", r"\1,\2", line).split()[1:]
+        line.split()[0]: re.sub(r"\[(\S+), (\S+)\]", r"\1,\2", line).split()[2:]
         for line in lines[header + 1 :]
     }
 

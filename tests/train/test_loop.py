@@ -339,7 +339,8 @@ def test_early_stopping_after_patience_and_a_resumed_run_counts_from_the_marker(
 ):
     import heavyranker.train.loop as loop
 
-    monkeypatch.setattr(loop, "evaluate_splits", scripted({1: 0.6, 2: 0.7, 3: 0.65, 4: 0.69, 5: 0.68, 6: 0.9}))
+    values = {1: 0.6, 2: 0.7, 3: 0.65, 4: 0.69, 5: 0.68, 6: 0.9}
+    monkeypatch.setattr(loop, "evaluate_splits", scripted(values))
     best = f"training.keep_best={{split: validation, task: {FAV}, metric: auroc, patience: 2}}"
     every = ("training.eval_log_every_n=1", "training.checkpoint_every_n=100", "training.num_train_steps=8")
     with caplog.at_level("INFO"):

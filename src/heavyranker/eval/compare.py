@@ -185,18 +185,20 @@ def _interval(deltas: np.ndarray, tail: float) -> tuple[float, float]:
 def format_comparison(tasks: list[str], rows: list[dict[str, Difference]], a: Scores, b: Scores) -> str:
     short = short_names(tasks)
     width = max(map(len, short.values()))
-    header = f"{'task':<{width}}" + "".join(
+    header = f"{'task':<{width}} {'positives':>9}" + "".join(
         f" {m + ' A':>9} {m + ' B':>9} {'B - A':>9} {'95% interval':>22}  " for m in METRICS
     )
     lines = [
         f"A: {a.checkpoint} (step {a.step})",
         f"B: {b.checkpoint} (step {b.step})",
-        f"{len(a.labels)} examples; * where the interval of B - A (paired bootstrap) excludes 0",
+        f"{len(a.labels)} examples; * where the interval of B - A (paired bootstrap) excludes 0 "
+        "(with a handful of positives, the bootstrap cannot be trusted)",
         header.rstrip(),
     ]
-    for task, row in zip(tasks, rows, strict=True):
+    positives = a.labels.sum(axis=0)
+    for task, row, count in zip(tasks, rows, positives, strict=True):
         cells = "".join(_cells(row[m]) for m in METRICS)
-        lines.append(f"{short[task]:<{width}}{cells}".rstrip())
+        lines.append(f"{short[task]:<{width}} {count:>9.0f}{cells}".rstrip())
     return "\n".join(lines)
 
 
