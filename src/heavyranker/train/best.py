@@ -47,7 +47,7 @@ class BestTracker:
         tasks = [task for task in metrics if "/" not in task]  # not the stratified rows (task/stratifier)
         return sum(metrics[task][self.config.metric] for task in tasks) / len(tasks)
 
-    def counts(self, step: int) -> bool:
+    def is_new(self, step: int) -> bool:
         """Whether the evaluation at `step` is new, not one a resumed run repeats."""
         return step > self.evaluated_step
 

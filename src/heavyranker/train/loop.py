@@ -224,7 +224,7 @@ class Trainer:
     def _keep_best(self, results: Results) -> bool:
         """Rank 0: save this step's checkpoint if it is the best so far, then mark the best (in that order,
         so that the marker always names a checkpoint on disk). Returns whether to stop early."""
-        if self.best is None or not self.best.counts(self.step):
+        if self.best is None or not self.best.is_new(self.step):
             return False
         value = self.best.score(results)
         if self.best.improves(value) and not (self.checkpoints / f"step_{self.step}.pt").exists():
