@@ -15,6 +15,7 @@ from heavyranker.checkpoint import (
     load_model_weights,
     resolve_checkpoint,
     save_checkpoint,
+    write_best,
 )
 from heavyranker.errors import UserError
 from tests.conftest import FullDisk
@@ -108,3 +109,17 @@ def test_resolve_finds_newest_in_a_run_folder(tmp_path):
     assert resolve_checkpoint(tmp_path).name == "step_8.pt"
     with pytest.raises(UserError, match="no checkpoint at"):
         resolve_checkpoint(tmp_path / "elsewhere")
+
+
+def test_max_to_keep_spares_the_kept_step_and_resolve_takes_the_marked_best(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        save_checkpoint(folder, step, {}, max_to_keep=1, keep=2)
+    assert [step for step, _ in list_checkpoints(folder)] == [2, 6]
+    assert resolve_checkpoint(tmp_path, best=True).name == "step_6.pt"  # no marker: the newest
+    write_best(folder, {"step": 2})
+    assert resolve_checkpoint(tmp_path, best=True).name == "step_2.pt"
+    assert resolve_checkpoint(tmp_path).name == "step_6.pt"
+    write_best(folder, {"step": 4})
+    with pytest.raises(UserError, match="best.json marks step_4.pt as the best checkpoint, but there is no"):
+        resolve_checkpoint(tmp_path, best=True)

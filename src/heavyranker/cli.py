@@ -79,6 +79,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .eval.compare import compare_runs
+
+    compare_runs(
+        _load(args),
+        args.run_a,
+        args.run_b,
+        split=args.split,
+        step=args.step,
+        resamples=args.resamples,
+        seed=args.seed,
+        html_path=args.html,
+    )
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from .serve.export import export_model
 
@@ -190,9 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--watch", action="store_true", help="evaluate each new checkpoint as it appears")
     p.add_argument("--split", help="only this validation split")
 
+    p = command(
+        commands,
+        "compare",
+        "two runs' AUROC and RCE per task on a validation split, with paired bootstrap intervals",
+        _compare,
+    )
+    p.add_argument("run_a", metavar="RUN_A", help="a run folder (training.save_dir of a run)")
+    p.add_argument("run_b", metavar="RUN_B", help="another run folder; the table shows B - A")
+    _with_config(p)
+    p.add_argument("--split", help="a validation split (default: the config's first)")
+    p.add_argument(
+        "--step", type=int, help="this step's checkpoint of both runs (default: the marked best, else newest)"
+    )
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
+    p.add_argument("--html", metavar="FILE", help="also write the table and reliability plots as HTML")
+
     p = command(commands, "export", "write a self-contained scoring artifact", _export)
     _with_config(p)
-    p.add_argument("--checkpoint", help="a checkpoint (default: the newest in save_dir)")
+    p.add_argument(
+        "--checkpoint",
+        help="a checkpoint (default: the best in save_dir with training.keep_best, else the newest)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--format",

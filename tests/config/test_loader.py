@@ -153,6 +153,28 @@ def test_evaluation_task_not_in_split(tmp_path, small):
     )
 
 
+@pytest.mark.parametrize(
+    ("keep_best", "expected"),
+    [
+        ({"split": "train"}, "training.keep_best.split: train is not a validation split (there are: "),
+        (
+            {"split": "validation", "task": "recap.engagement.is_nothing"},
+            "training.keep_best.task: recap.engagement.is_nothing is not a model task evaluated on",
+        ),
+        ({"split": "validation", "metric": "loss"}, "training.keep_best.metric: "),
+    ],
+)
+def test_keep_best_names_a_validation_split_a_model_task_and_a_metric(tmp_path, small, keep_best, expected):
+    small["training"]["keep_best"] = keep_best
+    [line] = problems(write(tmp_path, small))
+    assert expected in line
+
+
+def test_keep_best_takes_the_mean_over_tasks_by_default(small_config_path):
+    config = load_config(small_config_path, ["training.keep_best={split: validation_downsampled}"])
+    assert (config.training.keep_best.task, config.training.keep_best.metric) == ("mean", "rce")
+
+
 def test_engagement_weight_for_unknown_task(tmp_path, small):
     small["serving"] = {"engagement_weights": {"recap.engagement.is_bookmarked": 2.0}}
     [line] = problems(write(tmp_path, small))

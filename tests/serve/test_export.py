@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from heavyranker.checkpoint import load_checkpoint, save_checkpoint, write_best
 from heavyranker.cli import main
+from heavyranker.config.training import KeepBestConfig
 from heavyranker.errors import UserError
 from heavyranker.serve import scorer as scorer_module
 from heavyranker.serve.export import export_model
@@ -176,3 +178,15 @@ def test_export_command_gives_the_same_program(exported: Exported, tmp_path):
 def test_export_without_a_checkpoint_says_where_it_looked(exported: Exported, tmp_path):
     with pytest.raises(UserError, match=f"no checkpoint at {tmp_path}"):
         export_model(exported.config, checkpoint=str(tmp_path), out=str(tmp_path / "out"), format="pt2")
+
+
+def test_export_without_a_checkpoint_takes_the_marked_best_with_keep_best(exported: Exported, tmp_path):
+    state = load_checkpoint(exported.checkpoint)
+    for step in (3, 5):
+        save_checkpoint(tmp_path / "run" / "checkpoints", step, {**state, "step": step})
+    write_best(tmp_path / "run" / "checkpoints", {"step": 3})
+    config = exported.config.model_copy(deep=True)
+    config.training.save_dir = str(tmp_path / "run")
+    config.training.keep_best = KeepBestConfig(split="validation")
+    export_model(config, out=str(tmp_path / "out"), format="pt2")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["checkpoint"]["step"] == 3

@@ -326,3 +326,77 @@ def test_a_starting_run_removes_the_temporaries_of_killed_writers(small_data, tm
         path.write_bytes(b"partial")
     run(small_data, tmp_path, "training.num_train_steps=1")
     assert [path for path in removed + kept if path.exists()] == kept
+
+
+def eval_values(save_dir, split: str, task: str, metric: str) -> dict[int, float]:
+    """The evaluator's result files: step -> metric."""
+    files = (save_dir / "eval" / split).glob("step_*.json")
+    results = [json.loads(path.read_text()) for path in files]
+    return {r["step"]: r["metrics"][task][metric] for r in results}
+
+
+def test_keep_best_marks_the_best_evaluation_and_max_to_keep_spares_it(small_data, tmp_path):
+    run(
+        small_data,
+        tmp_path,
+        "training.num_train_steps=6",
+        "training.eval_log_every_n=1",
+        "training.checkpoint_every_n=100",
+        "training.checkpoint_max_to_keep=1",
+        f"training.keep_best={{split: validation, task: {FAV}, metric: auroc}}",
+    )
+    values = eval_values(tmp_path, "validation", FAV, "auroc")
+    best = max(values, key=values.get)
+    marker = json.loads((tmp_path / "checkpoints/best.json").read_text())
+    assert (marker["step"], marker["value"], marker["evaluated_step"]) == (best, values[best], 6)
+    assert marker["evaluations_without_improvement"] == 6 - best
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == sorted({best, 6})
+
+
+def scripted(values: dict[int, float]):
+    """evaluate_splits, for the loop, giving each step's `values` as the AUROC of FAV on validation."""
+
+    def evaluate(config, model, step, runtime):
+        return {"validation": {FAV: {"auroc": values[step], "rce": 0.0}}}
+
+    return evaluate
+
+
+def test_early_stopping_after_patience_and_a_resumed_run_counts_from_the_marker(
+    small_data, tmp_path, monkeypatch, caplog
+):
+    import heavyranker.train.loop as loop
+
+    values = {1: 0.6, 2: 0.7, 3: 0.65, 4: 0.69, 5: 0.68, 6: 0.9}
+    monkeypatch.setattr(loop, "evaluate_splits", scripted(values))
+    best = f"training.keep_best={{split: validation, task: {FAV}, metric: auroc, patience: 2}}"
+    every = ("training.eval_log_every_n=1", "training.checkpoint_every_n=100", "training.num_train_steps=8")
+    with caplog.at_level("INFO"):
+        run(small_data, tmp_path, *every, best)
+    assert "stopping early at step 4: auroc of" in caplog.text
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1, 2, 4]
+    marker = json.loads((tmp_path / "checkpoints/best.json").read_text())
+    assert (marker["step"], marker["evaluations_without_improvement"]) == (2, 2)
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run(small_data, tmp_path, *every, best)  # the same patience: spent
+    assert "stopped early at step 4: nothing to do" in caplog.text
+    run(small_data, tmp_path, *every, best.replace("patience: 2", "patience: 3"))  # one more evaluation
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1, 2, 4, 5]
+    marker = json.loads((tmp_path / "checkpoints/best.json").read_text())
+    assert (marker["step"], marker["evaluations_without_improvement"]) == (2, 3)
+
+
+def test_a_resumed_run_does_not_count_the_evaluations_it_repeats(small_data, tmp_path, monkeypatch):
+    import heavyranker.train.loop as loop
+
+    monkeypatch.setattr(loop, "evaluate_splits", scripted({1: 0.6, 2: 0.7, 3: 0.65, 4: 0.69, 5: 0.8}))
+    best = f"training.keep_best={{split: validation, task: {FAV}, metric: auroc, patience: 3}}"
+    every = ("training.eval_log_every_n=1", "training.checkpoint_every_n=2")
+    run(small_data, tmp_path, *every, best, "training.num_train_steps=4")
+    (tmp_path / "checkpoints/step_4.pt").unlink()  # killed after evaluating step 4, before saving it
+    run(small_data, tmp_path, *every, best, "training.num_train_steps=5")
+    marker = json.loads((tmp_path / "checkpoints/best.json").read_text())
+    assert (marker["step"], marker["evaluations_without_improvement"], marker["evaluated_step"]) == (5, 0, 5)
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1, 2, 4, 5]

@@ -88,6 +88,8 @@ def cross_check(config: Config) -> list[Problem]:
                 if task not in data.tasks:
                     problems.append((f"validation_data.{split}.tasks", f"no label for model task {task}"))
 
+    problems += _keep_best_problems(config)
+
     for task in config.serving.engagement_weights or {}:
         if task not in config.model.tasks:
             problems.append((f"serving.engagement_weights.{task}", "not a task of model.tasks"))
@@ -96,6 +98,25 @@ def cross_check(config: Config) -> list[Problem]:
     for split, data in config.validation_data.items():
         problems += _schema_problems(f"validation_data.{split}", data)
     return problems
+
+
+def _keep_best_problems(config: Config) -> list[Problem]:
+    best = config.training.keep_best
+    if best is None:
+        return []
+    data = config.validation_data.get(best.split)
+    if data is None:
+        splits = ", ".join(config.validation_data) or "none"
+        return [("training.keep_best.split", f"{best.split} is not a validation split (there are: {splits})")]
+    evaluated = data.evaluation_tasks or config.task_names
+    if best.task != "mean" and best.task not in evaluated:
+        return [
+            (
+                "training.keep_best.task",
+                f"{best.task} is not a model task evaluated on {best.split}, nor `mean`",
+            )
+        ]
+    return []
 
 
 def _schema_problems(where: str, data: DataConfig) -> list[Problem]:

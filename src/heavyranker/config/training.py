@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
 from .base import ConfigPath, Count, Float, StrictModel
+
+
+class KeepBestConfig(StrictModel):
+    """Which evaluation chooses the best checkpoint: higher is better for both metrics."""
+
+    split: str = Field(description="A validation split.")
+    task: str = Field("mean", description="A model task, or `mean`: the mean over the split's tasks.")
+    metric: Literal["auroc", "rce"] = "rce"
+    patience: Count | None = Field(None, description="Stop after this many evaluations without a new best.")
 
 
 class TrainingConfig(StrictModel):
@@ -19,6 +30,7 @@ class TrainingConfig(StrictModel):
     eval_log_every_n: Count = 5000
     eval_timeout_in_s: Float = Field(60 * 60, gt=0.0)
     gradient_accumulation: Count | None = Field(None, description="Micro-batches per optimizer step.")
+    keep_best: KeepBestConfig | None = Field(None, description="Keep and mark the best checkpoint.")
     seed: StrictInt = Field(0, ge=0, le=2**64 - 1, description="Below 2**64: torch and numpy both take it.")
 
     @field_validator("num_eval_steps")

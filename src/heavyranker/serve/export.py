@@ -76,10 +76,12 @@ class ScoringProgram(nn.Module):
 def export_model(config: Config, *, checkpoint: str | None = None, out: str, format: str = "onnx") -> Path:
     """Writes out/model.onnx and out/config.pbtxt (format "onnx") or out/model.pt2 (format "pt2"), then
     out/manifest.json and out/schema.json; returns the folder.
-    `checkpoint`: a step_<N>.pt file or a run folder (default: the newest checkpoint in save_dir)."""
+    `checkpoint`: a step_<N>.pt file or a run folder (default: save_dir's checkpoint that best.json marks
+    when training.keep_best is set, else its newest)."""
     if format not in PROGRAMS:
         raise UserError(f"--format {format}: not one of {', '.join(PROGRAMS)}")
-    source = resolve_checkpoint(checkpoint or config.training.save_dir)
+    best = checkpoint is None and config.training.keep_best is not None
+    source = resolve_checkpoint(checkpoint or config.training.save_dir, best=best)
     state = load_checkpoint(source)
     if "model" not in state:
         raise UserError(f"{source}: no 'model' weights in this checkpoint")

@@ -20,6 +20,7 @@ from ..checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -28,9 +29,10 @@ from ..data.batch import Batch
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.shapes import feature_shapes
 from ..errors import UserError
-from ..eval.evaluator import evaluate_splits
+from ..eval.evaluator import Results, evaluate_splits
 from ..model import Ranker, build_model
 from ..runtime import Runtime, check_sharding, distributed_runtime, gradient_sync, init_runtime
+from .best import BestTracker
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
 from .optim import build_optimizer, load_optimizer_state
@@ -60,6 +62,8 @@ class Trainer:
         self.step = 0
         self.checkpoints = checkpoint_dir(config.training.save_dir)
         self._stop_requested = False
+        self._stopped_early = False
+        self.best: BestTracker | None = None  # with training.keep_best, on rank 0 (which decides)
 
     def restore(self) -> None:
         """Resume from save_dir's newest checkpoint, else warm start from initial_checkpoint_dir."""
@@ -79,6 +83,8 @@ class Trainer:
             source = self.runtime.broadcast(resolve_checkpoint(self.config.training.initial_checkpoint_dir))
             load_model_weights(self.model, load_checkpoint(source)["model"], str(source))
             log.info("warm start from the weights of %s", source)
+        if self.config.training.keep_best and self.runtime.is_main:
+            self.best = BestTracker(self.config.training.keep_best, self.checkpoints)
 
     def save(self) -> Path | None:
         if not self.runtime.is_main:
@@ -93,7 +99,11 @@ class Trainer:
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         return save_checkpoint(
-            self.checkpoints, self.step, state, self.config.training.checkpoint_max_to_keep
+            self.checkpoints,
+            self.step,
+            state,
+            self.config.training.checkpoint_max_to_keep,
+            keep=self.best.step if self.best else None,
         )
 
     def run(self) -> None:
@@ -106,6 +116,9 @@ class Trainer:
         self.restore()
         if self.step >= training.num_train_steps:
             log.info("already at step %d of %d: nothing to do", self.step, training.num_train_steps)
+            return
+        if self.runtime.broadcast(self.best is not None and self.best.exhausted):
+            log.info("stopped early at step %d: nothing to do (raise keep_best.patience to go on)", self.step)
             return
         with RecapDataset(
             self.config.train_data,
@@ -142,7 +155,11 @@ class Trainer:
             ) as bar,
         ):
             # A signal may reach some ranks only, or at different times: all ranks stop at the same step.
-            while self.step < training.num_train_steps and not self.runtime.any(self._stop_requested):
+            while (
+                self.step < training.num_train_steps
+                and not self._stopped_early
+                and not self.runtime.any(self._stop_requested)
+            ):
                 started = time.perf_counter()
                 total, per_task, examples = self.train_step(batches)
                 self.step += 1
@@ -158,7 +175,8 @@ class Trainer:
                 if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
                     self._evaluate(logger)
         if self.step < training.num_train_steps:
-            log.info("stopping on a signal at step %d", self.step)
+            if not self._stopped_early:
+                log.info("stopping on a signal at step %d", self.step)
             self.save()
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -204,6 +222,22 @@ class Trainer:
         finally:
             self.model.train()
         logger.eval_scalars(self.step, results)
+        if self.config.training.keep_best:
+            self._stopped_early = self.runtime.broadcast(self._keep_best(results))
+
+    def _keep_best(self, results: Results) -> bool:
+        """Rank 0: save this step's checkpoint if it is the best so far, then mark the best (in that order,
+        so that the marker always names a checkpoint on disk). Returns whether to stop early."""
+        if self.best is None or not self.best.is_new(self.step):
+            return False
+        value = self.best.score(results)
+        if self.best.improves(value) and not (self.checkpoints / f"step_{self.step}.pt").exists():
+            self.save()  # keeps the previous best: the marker still names it
+        self.best.record(self.step, value)
+        prune_checkpoints(self.checkpoints, self.config.training.checkpoint_max_to_keep, keep=self.best.step)
+        if self.best.exhausted:
+            log.info("stopping early at step %d: %s", self.step, self.best.describe())
+        return self.best.exhausted
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:

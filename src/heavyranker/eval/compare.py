@@ -1,0 +1,275 @@
+"""`heavyranker compare`: two runs' checkpoints re-scored on one validation split; per task both runs' AUROC
+and RCE, and their difference (B - A) with a 95% interval from a paired bootstrap over the split's examples.
+
+Paired: each resample draws example indices with replacement once, and both runs (and every task) are scored
+on that same resample, so the interval reflects how the runs differ on the same examples rather than the
+noise of each run's own estimate. A resample is a vector of multiplicities (how often each example was
+drawn), which multiplies the split's weights: the metrics are weighted metrics, evaluated for a block of
+resamples at once with numpy. AUROC sorts the predictions once; resampling changes weights, never the order.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ..checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
+from ..config import Config, short_names
+from ..config.data import DataConfig
+from ..data.dataset import RecapDataset
+from ..data.shapes import feature_shapes
+from ..errors import UserError
+from ..model import Ranker, build_model
+from .evaluator import evaluation_tasks
+from .metrics import EPS, MetricAccumulator, auroc, rce
+from .report import reliability_curve
+
+METRICS = {"auroc": auroc, "rce": rce}
+BLOCK = 64  # resamples evaluated together: [BLOCK, N] float64 arrays, 30 MB each at N = 60k
+
+
+@dataclass
+class Scores:
+    """One checkpoint's calibrated predictions on a split: [N, T] arrays, columns in task order."""
+
+    checkpoint: Path
+    step: int
+    labels: np.ndarray
+    probs: np.ndarray
+    weights: np.ndarray
+
+
+@dataclass
+class Difference:
+    a: float
+    b: float
+    low: float  # of the 95% interval of b - a
+    high: float
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def run_checkpoint(run: str | Path, step: int | None) -> Path:
+    """Of a run folder: the checkpoint of `step`, else the one best.json marks, else the newest."""
+    if step is None:
+        return resolve_checkpoint(run, best=True)
+    path = Path(run) / "checkpoints" / f"step_{step}.pt"
+    if not path.is_file():
+        raise UserError(f"{run}: no checkpoint of step {step} ({path})")
+    return path
+
+
+@torch.no_grad()
+def score(config: Config, model: Ranker, checkpoint: Path, data: DataConfig) -> Scores:
+    """The predictions of `checkpoint` on num_eval_steps batches of the split, in the split's order (the
+    same examples, in the same order, for every checkpoint)."""
+    state = load_checkpoint(checkpoint)
+    load_model_weights(model, state["model"], str(checkpoint))
+    model.eval()
+    tasks = evaluation_tasks(config, data)
+    model_columns = [model.task_names.index(t) for t in tasks]
+    accumulator = MetricAccumulator(len(tasks))
+    limit = config.training.num_eval_steps
+    with RecapDataset(data, seed=config.training.seed) as dataset:
+        for i, batch in enumerate(dataset):
+            if 0 <= limit <= i:
+                break
+            probs = model(batch.features)["calibrated_probabilities"][:, model_columns].float()
+            columns = batch.columns(tasks)
+            accumulator.add(batch.labels[:, columns], probs, batch.weights[:, columns])
+    arrays = accumulator.state()
+    return Scores(checkpoint, int(state["step"]), arrays["labels"], arrays["probs"], arrays["weights"])
+
+
+def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Blocks of [b, n] multiplicities: how often each of n examples is drawn in each resample of n draws
+    with replacement."""
+    for start in range(0, resamples, BLOCK):
+        b = min(BLOCK, resamples - start)
+        draws = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
+        yield np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+class ResampledAuroc:
+    """metrics.auroc(labels, scores, w) for each row w of weights [B, N] (NaN for a row without positives or
+    without negatives): the same weighted Mann-Whitney, sorting once for all rows. Per row, one cumulative sum
+    of the negatives' weights in score order; a positive beats the negatives below its group of tied scores
+    and ties with half of those in it, read off that sum at the group's first and last position."""
+
+    def __init__(self, labels: np.ndarray, scores: np.ndarray):
+        self.order = np.argsort(scores, kind="stable")
+        sorted_scores, labels = scores[self.order], labels[self.order].astype(np.float64)
+        new = np.concatenate(([True], sorted_scores[1:] != sorted_scores[:-1]))
+        group = np.cumsum(new) - 1
+        first = np.flatnonzero(new)
+        last = np.append(first[1:], len(new)) - 1
+        self.positive = np.flatnonzero(labels > 0)  # sorted positions holding a positive weight
+        self.first, self.last = first[group[self.positive]], last[group[self.positive]]
+        self.label, self.negative = labels[self.positive], 1.0 - labels
+
+    def __call__(self, weights: np.ndarray) -> np.ndarray:
+        w = np.take(weights, self.order, axis=1)  # 3x faster than weights[:, self.order]
+        negative = w * self.negative
+        up_to = np.cumsum(negative, axis=1)  # negatives' weight at or below each position
+        below = up_to[:, self.first] - negative[:, self.first]
+        positive = w[:, self.positive] * self.label
+        wins = np.sum(positive * 0.5 * (below + up_to[:, self.last]), axis=1)
+        pairs = positive.sum(axis=1) * up_to[:, -1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(pairs > 0, wins / pairs, np.nan)
+
+
+def rce_resampled(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """metrics.rce(labels, probs, w) for each row w of weights [B, N]."""
+    p = np.clip(probs.astype(np.float64), EPS, 1.0 - EPS)
+    loss = -(labels * np.log(p) + (1.0 - labels) * np.log1p(-p))
+    total = weights.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ctr = weights @ labels / total
+        base = np.clip(ctr, EPS, 1.0 - EPS)
+        baseline = -(ctr * np.log(base) + (1.0 - ctr) * np.log1p(-base))
+        value = 100.0 * (1.0 - (weights @ loss / total) / baseline)
+    return np.where((ctr > 0) & (ctr < 1), value, np.nan)
+
+
+def paired_bootstrap(
+    a: Scores, b: Scores, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> list[dict[str, Difference]]:
+    """Per task (column), per metric: both runs' values and the percentile interval of b - a over
+    `resamples` paired resamples of the examples. Resamples where a metric is undefined (a rare task drawn
+    without positives) are left out of its interval."""
+    if not (np.array_equal(a.labels, b.labels) and np.array_equal(a.weights, b.weights)):
+        raise ValueError("the two runs were not scored on the same examples in the same order")
+    n, tasks = a.labels.shape
+    labels = a.labels.astype(np.float64)
+    aurocs = [[ResampledAuroc(labels[:, j], run.probs[:, j]) for j in range(tasks)] for run in (a, b)]
+    deltas = {(j, m): [] for j in range(tasks) for m in METRICS}
+    for counts in resample_counts(n, resamples, np.random.default_rng(seed)):
+        for j in range(tasks):
+            weights = counts * a.weights[:, j]
+            deltas[j, "auroc"].append(aurocs[1][j](weights) - aurocs[0][j](weights))
+            rces = [rce_resampled(labels[:, j], run.probs[:, j], weights) for run in (a, b)]
+            deltas[j, "rce"].append(rces[1] - rces[0])
+    tail = 100 * (1 - level) / 2
+    out = []
+    for j in range(tasks):
+        row = {}
+        for m, metric in METRICS.items():
+            low, high = _interval(np.concatenate(deltas[j, m]), tail)
+            values = (metric(a.labels[:, j], p[:, j], a.weights[:, j]) for p in (a.probs, b.probs))
+            row[m] = Difference(*values, low, high)
+        out.append(row)
+    return out
+
+
+def _interval(deltas: np.ndarray, tail: float) -> tuple[float, float]:
+    defined = deltas[~np.isnan(deltas)]
+    if not defined.size:  # a task without positives (or negatives): no metric, no interval
+        return math.nan, math.nan
+    low, high = np.percentile(defined, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def format_comparison(tasks: list[str], rows: list[dict[str, Difference]], a: Scores, b: Scores) -> str:
+    short = short_names(tasks)
+    width = max(map(len, short.values()))
+    header = f"{'task':<{width}} {'positives':>9}" + "".join(
+        f" {m + ' A':>9} {m + ' B':>9} {'B - A':>9} {'95% interval':>22}  " for m in METRICS
+    )
+    lines = [
+        f"A: {a.checkpoint} (step {a.step})",
+        f"B: {b.checkpoint} (step {b.step})",
+        f"{len(a.labels)} examples; * where the interval of B - A (paired bootstrap) excludes 0 "
+        "(with a handful of positives, the bootstrap cannot be trusted)",
+        header.rstrip(),
+    ]
+    positives = a.labels.sum(axis=0)
+    for task, row, count in zip(tasks, rows, positives, strict=True):
+        cells = "".join(_cells(row[m]) for m in METRICS)
+        lines.append(f"{short[task]:<{width}} {count:>9.0f}{cells}".rstrip())
+    return "\n".join(lines)
+
+
+def _cells(d: Difference) -> str:
+    interval = f"[{d.low:.4g}, {d.high:.4g}]"
+    return f" {d.a:>9.4g} {d.b:>9.4g} {d.b - d.a:>9.4g} {interval:>22} {'*' if d.significant else ' '}"
+
+
+def write_html(path: str | Path, table: str, tasks: list[str], a: Scores, b: Scores) -> Path:
+    """The table, and per task a reliability plot of both runs, in one self-contained file."""
+    short = short_names(tasks)
+    plots = "\n".join(
+        f'<h2>{html.escape(short[task])}</h2>\n<img src="data:image/png;base64,{_reliability_png(j, a, b)}">'
+        for j, task in enumerate(tasks)
+    )
+    page = (
+        "<!doctype html>\n<html><head><meta charset='utf-8'><title>heavyranker compare</title></head><body>\n"
+        f"<pre>{html.escape(table)}</pre>\n{plots}\n</body></html>\n"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
+
+
+def _reliability_png(j: int, a: Scores, b: Scores) -> str:
+    # A Figure on its own Agg canvas, not pyplot: no global figures, no process-wide backend (see report.py).
+    fig = Figure(figsize=(4, 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    top = 0.0
+    for name, scores in (("A", a), ("B", b)):
+        predicted, observed = reliability_curve(scores.probs[:, j], scores.labels[:, j], scores.weights[:, j])
+        ax.plot(predicted, observed, marker="o", label=f"{name} (step {scores.step})")
+        top = max(top, predicted.max(initial=0), observed.max(initial=0))
+    top = top * 1.05 or 1.0
+    ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+    ax.set_xlabel("mean predicted", fontsize=8)
+    ax.set_ylabel("observed rate", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
+    return base64.b64encode(png.getvalue()).decode("ascii")
+
+
+def compare_runs(
+    config: Config,
+    run_a: str,
+    run_b: str,
+    *,
+    split: str | None = None,
+    step: int | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    html_path: str | None = None,
+) -> list[dict[str, Difference]]:
+    """Score both runs' checkpoints (of `step`, else the best marked, else the newest; one config fits both)
+    on `split` (default: the first validation split), print the table, and write it as HTML if asked."""
+    if not config.validation_data:
+        raise UserError("compare: the config has no validation_data to score the runs on")
+    split = split or next(iter(config.validation_data))
+    if split not in config.validation_data:
+        raise UserError(f"no validation split {split!r} (the config has {', '.join(config.validation_data)})")
+    data = config.validation_data[split]
+    model = build_model(config, feature_shapes(config.train_data))
+    a, b = (score(config, model, run_checkpoint(run, step), data) for run in (run_a, run_b))
+    tasks = evaluation_tasks(config, data)
+    rows = paired_bootstrap(a, b, resamples, seed)
+    table = f"split {split}\n" + format_comparison(tasks, rows, a, b)
+    print(table)
+    if html_path:
+        write_html(html_path, table, tasks, a, b)
+    return rows

@@ -1,0 +1,139 @@
+"""compare: the resampled metrics against metrics.py, the paired bootstrap's interval against a closed-form
+truth and fresh samples, and the command on two small trained runs."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from heavyranker.cli import main
+from heavyranker.eval.compare import ResampledAuroc, Scores, paired_bootstrap, rce_resampled, resample_counts
+from heavyranker.eval.evaluator import evaluate_command
+from heavyranker.eval.metrics import auroc, rce
+from heavyranker.train.loop import Trainer
+from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
+
+FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "training.train_log_every_n=10")
+
+
+def test_resampled_metrics_equal_the_weighted_metrics_row_by_row():
+    rng = np.random.default_rng(1)
+    n = 300
+    labels = (rng.random(n) < 0.2).astype(np.float64)
+    scores = np.round(rng.random(n), 1) * 0.9 + 0.05  # many ties
+    weights = np.stack([*resample_counts(n, 5, rng)])[0] * rng.uniform(0.5, 2.0, n)
+    weights[0] = np.where(labels > 0, 0.0, weights[0])  # a resample without positives
+    got_auroc, got_rce = ResampledAuroc(labels, scores)(weights), rce_resampled(labels, scores, weights)
+    assert np.isnan(got_auroc[0]) and np.isnan(got_rce[0])
+    np.testing.assert_allclose(got_auroc[1:], [auroc(labels, scores, w) for w in weights[1:]], rtol=1e-12)
+    np.testing.assert_allclose(got_rce[1:], [rce(labels, scores, w) for w in weights[1:]], rtol=1e-10)
+
+
+def test_resample_counts_draw_n_of_n_with_replacement_reproducibly():
+    blocks = [*resample_counts(50, 70, np.random.default_rng(3))]
+    assert [len(b) for b in blocks] == [64, 6]
+    assert all((b.sum(axis=1) == 50).all() for b in blocks)
+    again = [*resample_counts(50, 70, np.random.default_rng(3))]
+    assert all(np.array_equal(x, y) for x, y in zip(blocks, again, strict=True))
+
+
+def binormal_runs(rng: np.random.Generator, n: int) -> tuple[Scores, Scores]:
+    """Two runs scoring the same examples: score = shift * label + unit normal noise, the runs' noise
+    correlated 0.8 (as two models of the same data are). AUROC is Phi(shift / sqrt 2) for each."""
+    labels = (rng.random(n) < 0.3).astype(np.float32)[:, None]
+    noise = rng.normal(size=(n, 2))
+    noise_b = 0.8 * noise[:, 0] + 0.6 * noise[:, 1]
+    logits_a, logits_b = 1.0 * labels[:, 0] + noise[:, 0], 1.3 * labels[:, 0] + noise_b
+    ones = np.ones_like(labels)
+    runs = [
+        Scores(None, 0, labels, (1 / (1 + np.exp(-x)))[:, None].astype(np.float32), ones)
+        for x in (logits_a, logits_b)
+    ]
+    return runs[0], runs[1]
+
+
+def test_the_paired_interval_covers_the_true_auroc_difference_95_percent_of_the_time():
+    truth = 0.5 * (math.erf(1.3 / 2) - math.erf(1.0 / 2))  # Phi(1.3/sqrt 2) - Phi(1/sqrt 2)
+    rng = np.random.default_rng(0)
+    covered, widths, differences = [], [], []
+    for _ in range(200):
+        a, b = binormal_runs(rng, 600)
+        [row] = paired_bootstrap(a, b, resamples=400, seed=int(rng.integers(2**31)))
+        d = row["auroc"]
+        covered.append(d.low <= truth <= d.high)
+        widths.append(d.high - d.low)
+        differences.append(d.b - d.a)
+    # 200 intervals: 95% coverage gives 190 +- 3; an unpaired bootstrap (~3x wider here) would cover all.
+    assert 180 <= sum(covered) <= 197
+    # The interval's width against the spread of the difference over fresh samples.
+    assert np.mean(widths) == pytest.approx(2 * 1.96 * np.std(differences), rel=0.15)
+
+
+@pytest.fixture(scope="module")
+def two_runs(small_data, tmp_path_factory):
+    runs = []
+    for steps, seed in ((3, 0), (6, 1)):
+        save_dir = tmp_path_factory.mktemp("run")
+        overrides = (f"training.num_train_steps={steps}", f"training.seed={seed}")
+        Trainer(small_config(small_data, save_dir, *FAST, *overrides)).run()
+        runs.append(save_dir)
+    return runs
+
+
+def compare(small_data, *args: str) -> int:
+    sets = [f"train_data.inputs={small_data}/train/*.gz", *FAST]
+    sets += [f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in SMALL_SPLITS]
+    sets = [arg for value in sets for arg in ("--set", value)]
+    return main(["compare", *args, "--config", str(CONFIGS / "local_small.yaml"), *sets])
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """task -> its cells: positives, auroc A, B, B - A, [low, high], (*), rce A, ... (positives left out)"""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("task "))
+    return {
+        line.split()[0]: re.sub(r"\[(\S+), (\S+)\]", r"\1,\2", line).split()[2:]
+        for line in lines[header + 1 :]
+    }
+
+
+def test_compare_prints_both_runs_metrics_as_evaluate_does_with_intervals_and_writes_html(
+    small_data, two_runs, tmp_path, capsys
+):
+    run_a, run_b = two_runs
+    html = tmp_path / "compare.html"
+    capsys.readouterr()
+    assert compare(small_data, str(run_a), str(run_b), "--split", "validation", "--html", str(html)) == 0
+    rows = table_rows(capsys.readouterr().out)
+    config = small_config(small_data, run_a, *FAST)
+    assert set(rows) == {task.removeprefix("recap.engagement.") for task in config.task_names}
+    for run, column in ((run_a, 0), (run_b, 1)):
+        evaluated = evaluate_command(config, checkpoint=str(run), watch=False, split="validation")[
+            "validation"
+        ]
+        for task, metrics in evaluated.items():
+            cells = rows[task.removeprefix("recap.engagement.")]
+            rce_at = 5 if cells[4] == "*" else 4  # after the auroc cells, with or without the mark
+            assert float(cells[column]) == pytest.approx(metrics["auroc"], rel=1e-3, nan_ok=True)
+            assert float(cells[rce_at + column]) == pytest.approx(metrics["rce"], rel=1e-3, nan_ok=True)
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") == len(rows)
+
+
+def test_a_run_compared_with_itself_differs_by_exactly_zero(small_data, two_runs, capsys):
+    run_a, _ = two_runs
+    assert compare(small_data, str(run_a), str(run_a), "--resamples", "50") == 0
+    for cells in table_rows(capsys.readouterr().out).values():
+        # A task without positives in the split (the rarest) has no metrics, so no difference either.
+        zero = ["nan", "nan,nan"] if cells[0] == "nan" else ["0", "0,0"]
+        assert cells[2:4] == zero and cells[6:8] == zero and "*" not in cells
+
+
+def test_compare_names_a_missing_step(small_data, two_runs, capsys):
+    run_a, run_b = two_runs
+    assert compare(small_data, str(run_a), str(run_b), "--step", "5") == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {run_a}: no checkpoint of step 5 ({run_a}/checkpoints/step_5.pt)\n"
+    )
