@@ -33,6 +33,13 @@ OVERRIDES = [
 ]
 STEP = 7
 ENV_VAR, ENV_VALUE = "HEAVYRANKER_TEST_RUNS", "runs-named-by-the-environment"
+SHAPES = {  # the inputs of local_small's exported model, in the manifest's order
+    "continuous": (48,),
+    "binary": (16,),
+    "user_embedding": (16,),
+    "user_eng_embedding": (16,),
+    "author_embedding": (16,),
+}
 
 
 @dataclass

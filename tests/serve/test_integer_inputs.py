@@ -13,7 +13,7 @@ from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.model import build_model
-from heavyranker.serve.app import rank_body
+from heavyranker.serve.app import rank_response
 from heavyranker.serve.export import export_model
 from heavyranker.serve.request import BadRequest, parse_candidates
 from heavyranker.serve.scorer import Scorer
@@ -71,7 +71,8 @@ def test_integer_and_scalar_inputs_parse_to_int64(exported_ids):
     np.testing.assert_array_equal(
         arrays["meta__author_id"], [c["features"]["meta__author_id"] for c in body["candidates"]]
     )
-    ranked = json.loads(rank_body(scorer, json.dumps(body).encode(), 10))["candidates"]
+    probabilities, score = scorer({name: torch.from_numpy(array) for name, array in arrays.items()})
+    ranked = json.loads(rank_response(ids, probabilities.numpy(), score.numpy(), scorer.tasks))["candidates"]
     assert sorted(c["id"] for c in ranked) == [0, 1, 2]
 
 

@@ -6,19 +6,21 @@
     GET  /healthz   {"status": "ok"}
 
 Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field. limits.py
-decides whether a request is read at all (content type, size, place in the queue, read timeout). The body
-is parsed by hand (request.py) rather than by a pydantic body model, which would validate millions of
-numbers one by one; the pydantic models below only describe the API in the OpenAPI schema.
+decides whether a request is read at all (content type, size, place in the queue, read timeout); batcher.py
+merges concurrent requests into one forward. A JSON body is parsed by hand (request.py) rather than by a
+pydantic body model, which would validate millions of numbers one by one; the pydantic models below only
+describe the API in the OpenAPI schema.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -27,8 +29,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import UserError
+from .batcher import BATCH_WAIT_MS, MAX_BATCH, Batcher, first_non_finite
 from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline
-from .request import BadRequest, parse_candidates
+from .request import BadRequest, CandidateId, parse_candidates
 from .scorer import InputSpec, Scorer
 
 MAX_CANDIDATES = 2048
@@ -58,9 +61,12 @@ def create_app(
     max_body_bytes: int | None = None,
     max_queue: int = MAX_QUEUE,
     read_timeout_s: float = READ_TIMEOUT_S,
+    max_batch: int = MAX_BATCH,
+    batch_wait_ms: float = BATCH_WAIT_MS,
 ) -> FastAPI:
-    """The app for one model folder. The body limit defaults to what max_candidates candidates need; see
-    limits.py for max_queue and read_timeout_s. `app.state` holds the scorer and the limits."""
+    """The app for one model folder. The body limit defaults to what max_candidates candidates need;
+    see limits.py for max_queue and read_timeout_s, batcher.py for max_batch and batch_wait_ms. `app.state`
+    holds the scorer, the limits and the batcher."""
     if max_candidates < 1:
         raise UserError(f"--max-candidates must be at least 1, not {max_candidates}")
     scorer = Scorer(model_dir)
@@ -68,13 +74,21 @@ def create_app(
         values = sum(spec.width for spec in scorer.inputs)
         max_body_bytes = max_candidates * (values * BYTES_PER_VALUE + BYTES_PER_CANDIDATE)
     limits = RequestLimits(max_body_bytes=max_body_bytes, max_queue=max_queue, read_timeout_s=read_timeout_s)
+    batcher = Batcher(scorer, max_batch=max_batch, wait_ms=batch_wait_ms)
     scorer.warm_up()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with batcher:
+            yield
+
     app = FastAPI(
         title="heavyranker",
         version="1",
         summary="Ranks candidates by their weighted engagement probabilities.",
+        lifespan=lifespan,
     )
-    app.state.scorer, app.state.limits = scorer, limits
+    app.state.scorer, app.state.limits, app.state.batcher = scorer, limits, batcher
     model_description = client_manifest(scorer.manifest)
     request_model = _request_model(scorer.inputs, max_candidates)
     errors: dict[int | str, dict[str, Any]] = {
@@ -114,34 +128,31 @@ def create_app(
     )
     async def rank(request: Request) -> Response:
         async with limits.admit(request) as body:
-            # A worker thread: parsing and the forward would otherwise stop the event loop for their duration.
-            content = await run_in_threadpool(rank_body, scorer, body, max_candidates)
+            # Worker threads: parsing and the response would otherwise stop the event loop for their duration.
+            ids, arrays = await run_in_threadpool(parse_candidates, body, scorer.inputs, max_candidates)
+            probabilities, score = await batcher.score(arrays)
+        content = await run_in_threadpool(rank_response, ids, probabilities, score, scorer.tasks)
         return Response(content, media_type="application/json")
 
     app.openapi = _openapi(app, request_model)  # type: ignore[method-assign]
     return app
 
 
-def rank_body(scorer: Scorer, body: bytes | bytearray, max_candidates: int) -> bytes:
-    """A request body -> the response body: candidates sorted by score, best first (ties keep their order)."""
-    ids, arrays = parse_candidates(body, scorer.inputs, max_candidates)
-    if not ids:
-        return b'{"candidates": []}'
-    probabilities, score = scorer({name: torch.from_numpy(array) for name, array in arrays.items()})
-    probabilities, score = probabilities.float().numpy(), score.float().numpy()
-    bad = ~np.isfinite(probabilities).all(axis=1) | ~np.isfinite(score)
-    if bad.any():
-        i = int(np.argmax(bad))
+def rank_response(
+    ids: list[CandidateId], probabilities: np.ndarray, score: np.ndarray, tasks: Sequence[str]
+) -> bytes:
+    """The response body: candidates sorted by score, best first (ties keep their order)."""
+    bad = first_non_finite(probabilities, score)
+    if bad is not None:
         raise BadRequest(
             422,
-            f"candidates[{i}] (id {ids[i]!r}): features: the model's output is not finite "
+            f"candidates[{bad}] (id {ids[bad]!r}): features: the model's output is not finite "
             "for these values (an extreme value somewhere?)",
         )
     order = np.argsort(-score, kind="stable")
     rows = zip(order.tolist(), score[order].tolist(), probabilities[order].tolist(), strict=True)
     ranked = [
-        {"id": ids[k], "score": s, "probabilities": dict(zip(scorer.tasks, p, strict=True))}
-        for k, s, p in rows
+        {"id": ids[k], "score": s, "probabilities": dict(zip(tasks, p, strict=True))} for k, s, p in rows
     ]
     return json.dumps({"candidates": ranked}).encode()
 
@@ -161,17 +172,9 @@ def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_server(
-    model_dir: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_candidates: int = MAX_CANDIDATES,
-    max_queue: int = MAX_QUEUE,
-    read_timeout_s: float = READ_TIMEOUT_S,
-) -> None:
-    app = create_app(
-        model_dir, max_candidates=max_candidates, max_queue=max_queue, read_timeout_s=read_timeout_s
-    )
+def run_server(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Serves create_app(model_dir, **options) until interrupted."""
+    app = create_app(model_dir, **options)
     uvicorn.Server(server_config(app, host=host, port=port)).run()
 
 
