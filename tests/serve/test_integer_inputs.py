@@ -17,8 +17,9 @@ from heavyranker.serve.app import rank_response
 from heavyranker.serve.export import export_model
 from heavyranker.serve.request import BadRequest, parse_candidates
 from heavyranker.serve.scorer import Scorer
+from heavyranker.serve.tensors import parse_binary_candidates
 from tests.conftest import CONFIGS
-from tests.serve.conftest import random_features
+from tests.serve.conftest import binary_request, random_features, tensors
 
 EMBEDDINGS = [
     "model.small_embeddings={tables: [{name: a, num_embeddings: 10, embedding_dim: 4, index: 3}]}",
@@ -96,3 +97,23 @@ def test_bad_integer_values_name_candidate_and_field(exported_ids, field, value,
     with pytest.raises(BadRequest) as error:
         parse_candidates(json.dumps(body).encode(), scorer.inputs, 10)
     assert (error.value.status, str(error.value)) == (422, WHERE + message)
+
+
+def test_integer_inputs_are_int64_tensors_in_binary_requests(exported_ids):
+    _, scorer = exported_ids
+    body = json.dumps(_body(scorer)).encode()
+    ids, expected = parse_candidates(body, scorer.inputs, 10)
+    header, data = tensors(expected, binary=True)
+    content, headers = binary_request({"ids": ids, "inputs": header}, data)
+    length = headers["inference-header-content-length"]
+    parsed_ids, arrays = parse_binary_candidates(content, length, scorer.inputs, 10)
+    assert parsed_ids == ids
+    for name, array in expected.items():
+        assert arrays[name].dtype == array.dtype
+        np.testing.assert_array_equal(arrays[name], array)
+    as_float = {**expected, "meta__author_id": expected["meta__author_id"].astype(np.float32)}
+    header, data = tensors(as_float, binary=True)
+    content, headers = binary_request({"ids": ids, "inputs": header}, data)
+    with pytest.raises(BadRequest) as error:
+        parse_binary_candidates(content, headers["inference-header-content-length"], scorer.inputs, 10)
+    assert str(error.value) == "input 'meta__author_id': datatype 'FP32', the model takes INT64"

@@ -1,15 +1,16 @@
 """`heavyranker serve`: an HTTP ranking service for an exported model folder (FastAPI under uvicorn).
 
-    POST /v1/rank   {"candidates": [{"id": ..., "features": {input name: [numbers], ...}}, ...]}
+    POST /v1/rank   {"candidates": [{"id": ..., "features": {input name: [numbers], ...}}, ...]}, or the same
+                    as binary tensors (content-type application/octet-stream; tensors.py)
                     -> {"candidates": [{"id", "score", "probabilities": {task: p}}, ...]}, best score first
     GET  /v1/model  what a client needs of the manifest: tasks, inputs, weights, the program's hash, step
     GET  /healthz   {"status": "ok"}
 
-Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field. limits.py
-decides whether a request is read at all (content type, size, place in the queue, read timeout); batcher.py
-merges concurrent requests into one forward. A JSON body is parsed by hand (request.py) rather than by a
-pydantic body model, which would validate millions of numbers one by one; the pydantic models below only
-describe the API in the OpenAPI schema.
+Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field, or for binary
+candidates the tensor. limits.py decides whether a request is read at all (content type, size, place in the
+queue, read timeout); batcher.py merges concurrent requests into one forward. A JSON body is parsed by hand
+(request.py) rather than by a pydantic body model, which would validate millions of numbers one by one; the
+pydantic models below only describe the API in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,14 +32,16 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..errors import UserError
 from .batcher import BATCH_WAIT_MS, MAX_BATCH, Batcher, first_non_finite
-from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline
+from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline, media_type
 from .request import BadRequest, CandidateId, parse_candidates
 from .scorer import InputSpec, Scorer
+from .tensors import HEADER_LENGTH, parse_binary_candidates
 
 MAX_CANDIDATES = 2048
 # Body limit per number: the longest JSON float (-1.2345678901234567e-308) and a separator, with room.
 BYTES_PER_VALUE = 32
 BYTES_PER_CANDIDATE = 256  # the id, the keys and the brackets
+RANK_CONTENT_TYPES = ("application/json", "application/octet-stream")
 
 
 class RankedCandidate(BaseModel):
@@ -64,7 +68,7 @@ def create_app(
     max_batch: int = MAX_BATCH,
     batch_wait_ms: float = BATCH_WAIT_MS,
 ) -> FastAPI:
-    """The app for one model folder. The body limit defaults to what max_candidates candidates need;
+    """The app for one model folder. The body limit defaults to what max_candidates candidates need as JSON;
     see limits.py for max_queue and read_timeout_s, batcher.py for max_batch and batch_wait_ms. `app.state`
     holds the scorer, the limits and the batcher."""
     if max_candidates < 1:
@@ -92,10 +96,13 @@ def create_app(
     model_description = client_manifest(scorer.manifest)
     request_model = _request_model(scorer.inputs, max_candidates)
     errors: dict[int | str, dict[str, Any]] = {
-        400: {"model": ErrorMessage, "description": "the body is not JSON"},
+        400: {"model": ErrorMessage, "description": "the body is not JSON, or its binary layout is invalid"},
         408: {"model": ErrorMessage, "description": "the body was too slow to arrive; the connection closes"},
         413: {"model": ErrorMessage, "description": "too many candidates, or the body is too large"},
-        415: {"model": ErrorMessage, "description": "the content type is not application/json"},
+        415: {
+            "model": ErrorMessage,
+            "description": "the content type is not application/json or application/octet-stream",
+        },
         422: {"model": ErrorMessage, "description": "a candidate or one of its fields is invalid"},
         503: {"model": ErrorMessage, "description": "the queue is full: retry after Retry-After seconds"},
     }
@@ -117,19 +124,29 @@ def create_app(
         response_model=RankResponse,
         responses=errors,
         summary="Rank one request's candidates.",
+        description="Candidates as JSON, or as binary tensors: content-type application/octet-stream, a JSON "
+        f'header of {HEADER_LENGTH} bytes, {{"ids": [...], "inputs": [tensors]}}, '
+        "then the tensors' bytes.",
         openapi_extra={
             "requestBody": {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}
+                    },
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 },
             }
         },
     )
     async def rank(request: Request) -> Response:
-        async with limits.admit(request) as body:
+        async with limits.admit(request, RANK_CONTENT_TYPES) as body:
             # Worker threads: parsing and the response would otherwise stop the event loop for their duration.
-            ids, arrays = await run_in_threadpool(parse_candidates, body, scorer.inputs, max_candidates)
+            if media_type(request) == "application/json":
+                parse = partial(parse_candidates, body)
+            else:
+                parse = partial(parse_binary_candidates, body, request.headers.get(HEADER_LENGTH))
+            ids, arrays = await run_in_threadpool(parse, scorer.inputs, max_candidates)
             probabilities, score = await batcher.score(arrays)
         content = await run_in_threadpool(rank_response, ids, probabilities, score, scorer.tasks)
         return Response(content, media_type="application/json")

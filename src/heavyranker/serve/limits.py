@@ -10,7 +10,7 @@ and counts until it is scored, so that the bodies and parsed values held at once
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
 from fastapi import HTTPException, Request
@@ -33,8 +33,8 @@ RETRY_AFTER_S = 1  # the queue drains by one forward at a time; the header count
 
 
 class RequestLimits:
-    """`async with limits.admit(request) as body:` admits the request and reads its body, or refuses it with
-    an HTTPException (415, 413, 503, 408): the usual {"detail": ...} body, and the headers it needs.
+    """`async with limits.admit(request, content_types) as body:` admits the request and reads its body, or
+    refuses it with an HTTPException (415, 413, 503, 408) and the headers it needs.
 
     At most 1 + max_queue requests are admitted at once: reading their body, being parsed, waiting for the
     model or in its forward. Only the event loop touches the count, so it needs no lock."""
@@ -52,8 +52,11 @@ class RequestLimits:
         self.admitted = 0
 
     @asynccontextmanager
-    async def admit(self, request: Request) -> AsyncIterator[bytearray]:
-        require_json(request)
+    async def admit(
+        self, request: Request, content_types: Collection[str | None]
+    ) -> AsyncIterator[bytearray]:
+        """`content_types`: the media types the route reads; None among them accepts a body without one."""
+        require_content_type(request, content_types)
         self._check_declared_length(request)
         if self.admitted > self.max_queue:
             raise HTTPException(
@@ -97,15 +100,20 @@ class RequestLimits:
         return body
 
 
-def require_json(request: Request) -> None:
-    """415 unless the body says it is JSON. Read as JSON whatever its type, a body could come from a page in
-    a browser on another origin: a form's types make a "simple request", sent without asking this service.
-    Parameters are ignored: JSON is UTF-8, and application/json defines none (RFC 8259)."""
+def require_content_type(request: Request, accepted: Collection[str | None]) -> None:
+    """415 unless the body's media type is one the route reads. Read whatever its type, a body could come
+    from a page in a browser on another origin: a form's types make a "simple request", sent without asking
+    this service. Parameters are ignored: JSON is UTF-8, and application/json defines none (RFC 8259)."""
+    if media_type(request) not in accepted:
+        named = " or ".join(t for t in accepted if t is not None)
+        given = request.headers.get("content-type") or "none"
+        raise HTTPException(415, f"the body must be sent as content-type {named}, not {given}")
+
+
+def media_type(request: Request) -> str | None:
+    """The request's content type without its parameters, lowercase; None if it has none."""
     given = request.headers.get("content-type")
-    if (given or "").partition(";")[0].strip().lower() != "application/json":
-        raise HTTPException(
-            415, f"the body must be sent as content-type application/json, not {given or 'none'}"
-        )
+    return given.partition(";")[0].strip().lower() if given is not None else None
 
 
 def h11_with_deadline(timeout_s: float) -> type[H11Protocol]:
