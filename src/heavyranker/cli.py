@@ -105,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         read_timeout_s=args.read_timeout,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
+        model_name=args.model_name,
     )
     return 0
 
@@ -238,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="the longest a request that finds the model idle waits for others to join its forward "
         "(default 2)",
+    )
+    p.add_argument(
+        "--model-name", default="heavyranker", help="the model's name on /v2 (default heavyranker)"
     )
 
     p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)

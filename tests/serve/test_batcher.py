@@ -1,6 +1,6 @@
 """Dynamic batching: requests queued behind a forward share the next one, each gets its own rows back, equal
 to scoring it alone; batches hold at most max_batch candidates; a failed forward fails its own requests
-only. The model is held on an
+only; through the server, v1 (JSON and binary) and v2 requests share a forward. The model is held on an
 Event so that requests queue behind it: no assertion depends on timing."""
 
 from __future__ import annotations
@@ -8,15 +8,26 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
 from heavyranker.errors import UserError
+from heavyranker.serve.app import create_app
 from heavyranker.serve.batcher import Batcher
 from heavyranker.serve.scorer import Scorer
-from tests.serve.conftest import SHAPES, Exported, random_features
+from tests.serve.conftest import (
+    SHAPES,
+    Exported,
+    binary_request,
+    json_request,
+    random_features,
+    serving,
+    tensors,
+)
 
 BOUND_S = 60  # for what must happen, so that a loaded machine is never a failure
 
@@ -146,3 +157,49 @@ def test_the_settings_must_be_possible(exported: Exported):
         Batcher(scorer, max_batch=0)
     with pytest.raises(UserError, match="--batch-wait-ms must be at least 0, not -1"):
         Batcher(scorer, wait_ms=-1)
+
+
+def test_v1_and_v2_requests_share_a_forward_through_the_server(exported: Exported):
+    app = create_app(exported.folder)
+    model = HeldModel(app.state.scorer)
+    sent = {"json": features(3, seed=1), "binary": features(4, seed=2), "v2": features(5, seed=3)}
+    ids = {kind: [f"{kind}-{i}" for i in range(len(values["binary"]))] for kind, values in sent.items()}
+    v1_tensors, v1_data = tensors(sent["binary"], binary=True)
+    v2_tensors, v2_data = tensors(sent["v2"], binary=True)
+    requests = {
+        "json": ("/v1/rank", json_request(ids["json"], sent["json"]), {"content-type": "application/json"}),
+        "binary": ("/v1/rank", *binary_request({"ids": ids["binary"], "inputs": v1_tensors}, v1_data)),
+        "v2": (
+            "/v2/models/heavyranker/infer",
+            *binary_request({"inputs": v2_tensors, "parameters": {"binary_data_output": True}}, v2_data),
+        ),
+    }
+    try:
+        with serving(app) as url, ThreadPoolExecutor(4) as pool:
+
+            def post(path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+                return httpx.post(url + path, content=content, headers=headers, timeout=BOUND_S)
+
+            one = json_request(["first"], features(1, seed=0))
+            first = pool.submit(post, "/v1/rank", one, {"content-type": "application/json"})
+            assert model.entered.wait(BOUND_S), "the first request did not reach the model"
+            answers = {kind: pool.submit(post, *request) for kind, request in requests.items()}
+            asyncio.run(wait_until(lambda: app.state.batcher.waiting == 3, "the requests did not queue"))
+            model.release.set()
+            responses = {kind: future.result(BOUND_S) for kind, future in answers.items()}
+            assert first.result(BOUND_S).status_code == 200
+    finally:
+        model.restore()
+    assert model.sizes == [1, 3 + 4 + 5]
+    reference = Scorer(exported.folder)
+    for kind in ("json", "binary"):
+        assert responses[kind].status_code == 200, responses[kind].text
+        ranked = {c["id"]: c["score"] for c in responses[kind].json()["candidates"]}
+        _, score = alone(reference, sent[kind])
+        np.testing.assert_allclose([ranked[i] for i in ids[kind]], score, rtol=1e-6, atol=1e-7)
+    v2 = responses["v2"]
+    header_length = int(v2.headers["inference-header-content-length"])
+    outputs = np.frombuffer(v2.content[header_length:], "<f4")  # probabilities [5, T], then score [5]
+    probabilities, score = alone(reference, sent["v2"])
+    served = outputs[: probabilities.size].reshape(probabilities.shape), outputs[probabilities.size :]
+    assert_same_scores(served, (probabilities, score))

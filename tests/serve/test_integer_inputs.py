@@ -18,6 +18,7 @@ from heavyranker.serve.export import export_model
 from heavyranker.serve.request import BadRequest, parse_candidates
 from heavyranker.serve.scorer import Scorer
 from heavyranker.serve.tensors import parse_binary_candidates
+from heavyranker.serve.v2 import model_metadata
 from tests.conftest import CONFIGS
 from tests.serve.conftest import binary_request, random_features, tensors
 
@@ -99,8 +100,11 @@ def test_bad_integer_values_name_candidate_and_field(exported_ids, field, value,
     assert (error.value.status, str(error.value)) == (422, WHERE + message)
 
 
-def test_integer_inputs_are_int64_tensors_in_binary_requests(exported_ids):
+def test_integer_inputs_are_int64_tensors_on_v2_and_in_binary_requests(exported_ids):
     _, scorer = exported_ids
+    described = {i["name"]: i for i in model_metadata(scorer, "m")["inputs"]}
+    assert described["discrete"] == {"name": "discrete", "datatype": "INT64", "shape": [-1, 8]}
+    assert described["meta__author_id"] == {"name": "meta__author_id", "datatype": "INT64", "shape": [-1]}
     body = json.dumps(_body(scorer)).encode()
     ids, expected = parse_candidates(body, scorer.inputs, 10)
     header, data = tensors(expected, binary=True)

@@ -21,7 +21,7 @@ from fastapi import FastAPI, HTTPException, Request
 
 from heavyranker.cli import build_parser
 from heavyranker.errors import UserError
-from heavyranker.serve.app import create_app
+from heavyranker.serve.app import MODEL_NAME, create_app
 from heavyranker.serve.batcher import BATCH_WAIT_MS, MAX_BATCH
 from heavyranker.serve.limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits
 from tests.serve.conftest import Exported, serving
@@ -205,4 +205,4 @@ def test_the_limits_must_be_possible():
 def test_the_serve_command_defaults_are_the_apps():
     args = build_parser().parse_args(["serve", "--model", "folder"])
     assert (args.max_queue, args.read_timeout) == (MAX_QUEUE, READ_TIMEOUT_S)
-    assert (args.max_batch, args.batch_wait_ms) == (MAX_BATCH, BATCH_WAIT_MS)
+    assert (args.max_batch, args.batch_wait_ms, args.model_name) == (MAX_BATCH, BATCH_WAIT_MS, MODEL_NAME)

@@ -5,12 +5,13 @@
                     -> {"candidates": [{"id", "score", "probabilities": {task: p}}, ...]}, best score first
     GET  /v1/model  what a client needs of the manifest: tasks, inputs, weights, the program's hash, step
     GET  /healthz   {"status": "ok"}
+    /v2/...         the Open Inference Protocol (v2.py), for Triton's and KServe's clients
 
-Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field, or for binary
-candidates the tensor. limits.py decides whether a request is read at all (content type, size, place in the
-queue, read timeout); batcher.py merges concurrent requests into one forward. A JSON body is parsed by hand
-(request.py) rather than by a pydantic body model, which would validate millions of numbers one by one; the
-pydantic models below only describe the API in the OpenAPI schema.
+Every bad request is a 4xx: on /v1, its `detail` names the candidate (index and id) and the field; on /v2,
+the protocol's `error` names the tensor. limits.py decides whether a request is read at all (content type,
+size, place in the queue, read timeout); batcher.py merges concurrent requests into one forward. A JSON body
+is parsed by hand (request.py) rather than by a pydantic body model, which would validate millions of
+numbers one by one; the pydantic models below only describe the API in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from starlette.exceptions import HTTPException
 
 from ..errors import UserError
+from . import v2
 from .batcher import BATCH_WAIT_MS, MAX_BATCH, Batcher, first_non_finite
 from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline, media_type
 from .request import BadRequest, CandidateId, parse_candidates
@@ -38,6 +41,7 @@ from .scorer import InputSpec, Scorer
 from .tensors import HEADER_LENGTH, parse_binary_candidates
 
 MAX_CANDIDATES = 2048
+MODEL_NAME = "heavyranker"
 # Body limit per number: the longest JSON float (-1.2345678901234567e-308) and a separator, with room.
 BYTES_PER_VALUE = 32
 BYTES_PER_CANDIDATE = 256  # the id, the keys and the brackets
@@ -67,10 +71,11 @@ def create_app(
     read_timeout_s: float = READ_TIMEOUT_S,
     max_batch: int = MAX_BATCH,
     batch_wait_ms: float = BATCH_WAIT_MS,
+    model_name: str = MODEL_NAME,
 ) -> FastAPI:
     """The app for one model folder. The body limit defaults to what max_candidates candidates need as JSON;
-    see limits.py for max_queue and read_timeout_s, batcher.py for max_batch and batch_wait_ms. `app.state`
-    holds the scorer, the limits and the batcher."""
+    see limits.py for max_queue and read_timeout_s, batcher.py for max_batch and batch_wait_ms; model_name
+    is the model's name on /v2. `app.state` holds the scorer, the limits and the batcher."""
     if max_candidates < 1:
         raise UserError(f"--max-candidates must be at least 1, not {max_candidates}")
     scorer = Scorer(model_dir)
@@ -109,7 +114,11 @@ def create_app(
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, error: BadRequest) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=error.status)
+        return _error(request, str(error), error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return _error(request, error.detail, error.status_code, error.headers)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -125,7 +134,7 @@ def create_app(
         responses=errors,
         summary="Rank one request's candidates.",
         description="Candidates as JSON, or as binary tensors: content-type application/octet-stream, a JSON "
-        f'header of {HEADER_LENGTH} bytes, {{"ids": [...], "inputs": [tensors]}}, '
+        f'header of {HEADER_LENGTH} bytes, {{"ids": [...], "inputs": [tensors as in /v2 infer]}}, '
         "then the tensors' bytes.",
         openapi_extra={
             "requestBody": {
@@ -151,6 +160,9 @@ def create_app(
         content = await run_in_threadpool(rank_response, ids, probabilities, score, scorer.tasks)
         return Response(content, media_type="application/json")
 
+    app.include_router(
+        v2.router(scorer, batcher, limits, model_name=model_name, max_candidates=max_candidates)
+    )
     app.openapi = _openapi(app, request_model)  # type: ignore[method-assign]
     return app
 
@@ -172,6 +184,14 @@ def rank_response(
         {"id": ids[k], "score": s, "probabilities": dict(zip(tasks, p, strict=True))} for k, s, p in rows
     ]
     return json.dumps({"candidates": ranked}).encode()
+
+
+def _error(
+    request: Request, message: str, status: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error in the body its API defines: the Open Inference Protocol's {"error"}, FastAPI's {"detail"}."""
+    key = "error" if request.url.path == "/v2" or request.url.path.startswith("/v2/") else "detail"
+    return JSONResponse({key: message}, status_code=status, headers=headers)
 
 
 def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
