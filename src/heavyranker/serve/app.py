@@ -6,6 +6,7 @@
     GET  /v1/model  what a client needs of the manifest: tasks, inputs, weights, the program's hash, step
     GET  /healthz   {"status": "ok"}
     /v2/...         the Open Inference Protocol (v2.py), for Triton's and KServe's clients
+    GET  /metrics   Prometheus' text format (metrics.py)
 
 Every bad request is a 4xx: on /v1, its `detail` names the candidate (index and id) and the field; on /v2,
 the protocol's `error` names the tensor. limits.py decides whether a request is read at all (content type,
@@ -36,6 +37,7 @@ from ..errors import UserError
 from . import v2
 from .batcher import BATCH_WAIT_MS, MAX_BATCH, Batcher, first_non_finite
 from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline, media_type
+from .metrics import Instrumented, Metrics
 from .request import BadRequest, CandidateId, parse_candidates
 from .scorer import InputSpec, Scorer
 from .tensors import HEADER_LENGTH, parse_binary_candidates
@@ -75,7 +77,7 @@ def create_app(
 ) -> FastAPI:
     """The app for one model folder. The body limit defaults to what max_candidates candidates need as JSON;
     see limits.py for max_queue and read_timeout_s, batcher.py for max_batch and batch_wait_ms; model_name
-    is the model's name on /v2. `app.state` holds the scorer, the limits and the batcher."""
+    is the model's name on /v2. `app.state` holds the scorer, the limits, the batcher and the metrics."""
     if max_candidates < 1:
         raise UserError(f"--max-candidates must be at least 1, not {max_candidates}")
     scorer = Scorer(model_dir)
@@ -83,7 +85,11 @@ def create_app(
         values = sum(spec.width for spec in scorer.inputs)
         max_body_bytes = max_candidates * (values * BYTES_PER_VALUE + BYTES_PER_CANDIDATE)
     limits = RequestLimits(max_body_bytes=max_body_bytes, max_queue=max_queue, read_timeout_s=read_timeout_s)
-    batcher = Batcher(scorer, max_batch=max_batch, wait_ms=batch_wait_ms)
+    metrics = Metrics(max_batch)
+    batcher = Batcher(
+        scorer, max_batch=max_batch, wait_ms=batch_wait_ms, on_batch=metrics.batch_candidates.observe
+    )
+    metrics.watch(limits, batcher)
     scorer.warm_up()
 
     @asynccontextmanager
@@ -97,7 +103,9 @@ def create_app(
         summary="Ranks candidates by their weighted engagement probabilities.",
         lifespan=lifespan,
     )
-    app.state.scorer, app.state.limits, app.state.batcher = scorer, limits, batcher
+    app.state.scorer, app.state.limits = scorer, limits
+    app.state.batcher, app.state.metrics = batcher, metrics
+    app.add_middleware(Instrumented, metrics=metrics)
     model_description = client_manifest(scorer.manifest)
     request_model = _request_model(scorer.inputs, max_candidates)
     errors: dict[int | str, dict[str, Any]] = {
@@ -159,6 +167,10 @@ def create_app(
             probabilities, score = await batcher.score(arrays)
         content = await run_in_threadpool(rank_response, ids, probabilities, score, scorer.tasks)
         return Response(content, media_type="application/json")
+
+    @app.get("/metrics", summary="The service's metrics, in Prometheus' text format.")
+    def prometheus() -> Response:
+        return metrics.exposition()
 
     app.include_router(
         v2.router(scorer, batcher, limits, model_name=model_name, max_candidates=max_candidates)
