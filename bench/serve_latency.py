@@ -1,20 +1,29 @@
-"""Latency of `heavyranker serve` against the bare exported model, on the same candidates in the same run.
+"""Latency and throughput of `heavyranker serve` against the bare exported model, on the same candidates in
+the same run.
 
     .venv/bin/python bench/serve_latency.py [--config configs/local_prod.yaml] [--checkpoint CKPT]
-                                            [--model DIR] [--candidates 1000] [--requests 12] [--threads N]
+        [--model DIR] [--candidates 100,1000] [--concurrency 1,4,16] [--requests 16] [--threads N]
 
 Exports the config's model (initial weights unless --checkpoint; --model uses an exported folder as is),
-starts `heavyranker serve` in a subprocess on a free loopback port, and builds one request of `candidates`
-candidates (values rounded to 4 decimals, as a feature pipeline would print them). Then:
-  - concurrency 1: requests alternate with bare forwards of the loaded program on the same candidates (in
-    this process, while the server is idle), so both see the same machine load;
-  - concurrency 4: four clients send `requests` requests in all.
-Prints p50/p99 latency and candidates/s per level, and p50 at concurrency 1 / p50 of the bare forward: the
-serving overhead (HTTP, JSON parsing and validation, response), aimed at <= 1.3. The summary goes to
-bench/results/serve_latency.json (--results).
---threads sets torch's intra-op threads of both the server and the bare forward (default: torch's, one per
-core). On a machine shared with other jobs, 1 gives steadier numbers: a parallel op waits for its slowest
-thread, and a thread that lost its core to a neighbour stalls every op.
+starts `heavyranker serve` in a subprocess on a free loopback port (its queue as deep as the highest
+concurrency, so that no request is refused, and a long read timeout: READ_TIMEOUT_S), and builds for each
+request size one request of random candidates twice: as JSON (values rounded to 4 decimals, as a feature
+pipeline would print them) and as binary tensors (/v1/rank's application/octet-stream layout). Then, for
+each size:
+  - concurrency 1: requests of each format alternate with bare forwards of the loaded program on the same
+    candidates (in this process, while the server is idle), so that all see the same machine load;
+  - concurrency 4, 16, ...: as many clients send `requests` requests in all (at least one each), and the
+    bare forward scores as many candidates at once as the server's batcher can merge (--max-batch).
+Latency is p50 and p99 per request; candidates/s is over the median latency at concurrency 1, over the
+wall time otherwise. Two ratios, binary format:
+  - p50 at concurrency 1 of the largest requests / the bare forward's: the serving overhead (HTTP, parsing,
+    the batcher, the response), aimed at <= 1.15;
+  - candidates/s at the highest concurrency of the smallest requests / the bare batched forward's: what
+    dynamic batching recovers of one large forward, aimed at >= 0.9.
+The summary goes to bench/results/serve_latency.json (--results). --threads sets torch's intra-op threads of
+both the server and the bare forward (default: torch's, one per core). On a machine shared with other jobs, 1
+gives steadier numbers: a parallel op waits for its slowest thread, and a thread that lost its core to a
+neighbour stalls every op.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -40,12 +51,18 @@ from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.model import build_model
+from heavyranker.serve.batcher import MAX_BATCH
 from heavyranker.serve.export import export_model
 from heavyranker.serve.request import parse_candidates
 from heavyranker.serve.scorer import InputSpec, Scorer
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300
+# The server's read timeout (default 10 s) raised: parsing a JSON body holds the GIL throughout (jiter, then
+# numpy), so while 16 bodies of 55 MB are parsed the event loop reads the next ones slower than 10 s allows
+# and the defaults answer 408. The binary format has no such parse.
+READ_TIMEOUT_S = 300
+Request = tuple[bytes, dict[str, str]]  # body, headers
 
 
 def export(config_path: str, checkpoint: str | None, folder: Path) -> Path:
@@ -57,8 +74,8 @@ def export(config_path: str, checkpoint: str | None, folder: Path) -> Path:
     return export_model(config, checkpoint=checkpoint, out=str(folder / "model"))
 
 
-def request_body(inputs: list[InputSpec], candidates: int) -> bytes:
-    rng = np.random.default_rng(0)
+def json_body(inputs: list[InputSpec], candidates: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
     rows = []
     for i in range(candidates):
         features = {}
@@ -75,12 +92,38 @@ def request_body(inputs: list[InputSpec], candidates: int) -> bytes:
     return json.dumps({"candidates": rows}).encode()
 
 
-def start_server(model: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def binary_body(ids: list, arrays: dict[str, np.ndarray]) -> Request:
+    """The same candidates in /v1/rank's binary layout: a JSON header, then each tensor's bytes."""
+    datatypes = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    tensors = [
+        {
+            "name": name,
+            "datatype": datatypes[array.dtype],
+            "shape": list(array.shape),
+            "parameters": {"binary_data_size": array.nbytes},
+        }
+        for name, array in arrays.items()
+    ]
+    header = json.dumps({"ids": ids, "inputs": tensors}).encode()
+    data = b"".join(array.astype(array.dtype.newbyteorder("<")).tobytes() for array in arrays.values())
+    headers = {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)),
+    }
+    return header + data, headers
+
+
+def start_server(
+    model: Path, threads: int, max_queue: int, max_candidates: int
+) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "heavyranker", "serve", "--model", str(model), "--port", str(port)]
+    command += ["--max-queue", str(max_queue), "--max-candidates", str(max_candidates)]
+    command += ["--read-timeout", str(READ_TIMEOUT_S)]
     server = subprocess.Popen(
-        [sys.executable, "-m", "heavyranker", "serve", "--model", str(model), "--port", str(port)],
+        command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": str(threads)},
@@ -97,17 +140,51 @@ def start_server(model: Path, threads: int) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
 
 
-def post(client: httpx.Client, body: bytes) -> float:
+def post(client: httpx.Client, request: Request) -> float:
     start = time.perf_counter()
-    response = client.post("/v1/rank", content=body, headers={"content-type": "application/json"})
+    response = client.post("/v1/rank", content=request[0], headers=request[1])
     elapsed = time.perf_counter() - start
     if response.status_code != 200:
         raise SystemExit(f"the server answered {response.status_code}: {response.text[:500]}")
     return elapsed
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
+def repeated(arrays: dict[str, np.ndarray], rows: int) -> dict[str, torch.Tensor]:
+    """`rows` candidates for the bare forward: the request's, repeated."""
+    copies = -(-rows // len(next(iter(arrays.values()))))
+    return {name: torch.from_numpy(np.concatenate([array] * copies)[:rows]) for name, array in arrays.items()}
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def concurrent(url: str, request: Request, clients: int, requests: int) -> tuple[list[float], float]:
+    """`clients` threads, each with its connection, send max(requests, clients) requests in all:
+    (latencies, wall time)."""
+    per_client = -(-max(requests, clients) // clients)
+    connections = [httpx.Client(base_url=url, timeout=600) for _ in range(clients)]
+    try:
+        for connection in connections:
+            connection.get("/healthz")  # connect outside the timing
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            runs = pool.map(lambda c: [post(c, request) for _ in range(per_client)], connections)
+            latencies = [t for run in runs for t in run]
+        return latencies, time.perf_counter() - start
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def level(latencies: list[float], candidates_per_s: float) -> dict[str, float]:
+    return {
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": float(np.percentile(latencies, 99)) * 1e3,
+        "candidates_per_s": candidates_per_s,
+    }
 
 
 def main() -> None:
@@ -115,65 +192,94 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "local_prod.yaml"))
     parser.add_argument("--checkpoint", help="default: the model's initial weights")
     parser.add_argument("--model", help="an exported model folder (skips the export)")
-    parser.add_argument("--candidates", type=int, default=1000)
-    parser.add_argument("--requests", type=int, default=12, help="per concurrency level")
+    parser.add_argument("--candidates", default="100,1000", help="request sizes, comma-separated")
+    parser.add_argument("--concurrency", default="1,4,16", help="clients at once, comma-separated")
+    parser.add_argument("--requests", type=int, default=16, help="per size, format and concurrency")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     add_results_option(parser, "serve_latency")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sizes = [int(n) for n in args.candidates.split(",")]
+    levels = sorted({1, *(int(c) for c in args.concurrency.split(","))})  # 1: the latency reference
 
     with tempfile.TemporaryDirectory(prefix="serve_latency_") as tmp:
         model = Path(args.model) if args.model else export(args.config, args.checkpoint, Path(tmp))
         scorer = Scorer(model)
         scorer.warm_up()
-        body = request_body(scorer.inputs, args.candidates)
-        _, arrays = parse_candidates(body, scorer.inputs, args.candidates)
-        features = {name: torch.from_numpy(array) for name, array in arrays.items()}
-        server, url = start_server(model, args.threads)
+        server, url = start_server(model, args.threads, max(levels) - 1, max(sizes))
         try:
-            with httpx.Client(base_url=url, timeout=600) as client:
-                post(client, body)  # first request: connection, allocations
-                bare, serial = [], []
-                for _ in range(args.requests):
-                    start = time.perf_counter()
-                    scorer(features)
-                    bare.append(time.perf_counter() - start)
-                    serial.append(post(client, body))
-            clients = [httpx.Client(base_url=url, timeout=600) for _ in range(4)]
-            start = time.perf_counter()
-            with ThreadPoolExecutor(4) as pool:
-                parallel = list(pool.map(lambda i: post(clients[i % 4], body), range(args.requests)))
-            parallel_wall = time.perf_counter() - start
-            for c in clients:
-                c.close()
+            figures = measure(scorer, url, sizes, levels, args.requests)
         finally:
             server.terminate()
             server.wait(timeout=60)
-
-    levels = {  # candidates/s: at the median latency one request at a time; over the wall time with four
-        "bare forward": latency(bare, args.candidates / statistics.median(bare)),
-        "concurrency 1": latency(serial, args.candidates / statistics.median(serial)),
-        "concurrency 4": latency(parallel, args.candidates * args.requests / parallel_wall),
-    }
-    overhead = levels["concurrency 1"]["p50_ms"] / levels["bare forward"]["p50_ms"]
-    mb = len(body) / 1e6
-    print(f"{args.candidates} candidates, {mb:.1f} MB of JSON per request, {args.threads} intra-op threads")
-    for name, level in levels.items():
-        print(
-            f"{name + ':':15s} p50 {level['p50_ms']:7.0f} ms  p99 {level['p99_ms']:7.0f} ms  "
-            f"{level['candidates_per_s']:7.0f} candidates/s"
-        )
-    print(f"serve_latency: p50 / bare forward = {overhead:.2f} (aim <= 1.3)")
-    figures = {"request_mb": mb, **levels, "p50_over_bare_forward": overhead}
+    figures["threads"] = args.threads
+    report(figures, sizes, levels)
     write_results("serve_latency", figures, args)
 
 
-def latency(seconds: list[float], candidates_per_s: float) -> dict[str, float]:
-    return {
-        "p50_ms": statistics.median(seconds) * 1e3,
-        "p99_ms": percentile(seconds, 99) * 1e3,
-        "candidates_per_s": candidates_per_s,
-    }
+def measure(scorer: Scorer, url: str, sizes: list[int], levels: list[int], requests: int) -> dict:
+    figures: dict = {"request_mb": {}, "bare forward": {}, "served": {"json": {}, "binary": {}}}
+    for n in sizes:
+        text = json_body(scorer.inputs, n)
+        ids, arrays = parse_candidates(text, scorer.inputs, n)
+        formats = {"json": (text, {"content-type": "application/json"}), "binary": binary_body(ids, arrays)}
+        figures["request_mb"][n] = {name: len(body) / 1e6 for name, (body, _) in formats.items()}
+
+        # Concurrency 1: each request follows a bare forward of its candidates, while the server idles.
+        alone, bare, serial = partial(scorer, repeated(arrays, n)), [], {name: [] for name in formats}
+        with httpx.Client(base_url=url, timeout=600) as client:
+            for request in formats.values():
+                post(client, request)  # the connection, the server's first allocations
+            for _ in range(requests):
+                bare.append(timed(alone))
+                for name, request in formats.items():
+                    serial[name].append(post(client, request))
+        figures["bare forward"][n] = {1: level(bare, n / statistics.median(bare))}
+        for name in formats:
+            figures["served"][name][n] = {1: level(serial[name], n / statistics.median(serial[name]))}
+        for clients in levels[1:]:
+            # As many candidates at once as the batcher merges: whole requests, up to --max-batch.
+            rows = n * min(clients, max(1, MAX_BATCH // n))
+            batch = partial(scorer, repeated(arrays, rows))
+            batched = [timed(batch) for _ in range(max(2, requests // clients))]
+            figures["bare forward"][n][clients] = level(batched, rows / statistics.median(batched))
+            for name, request in formats.items():
+                latencies, wall = concurrent(url, request, clients, requests)
+                figures["served"][name][n][clients] = level(latencies, n * len(latencies) / wall)
+    largest, smallest, most = max(sizes), min(sizes), max(levels)
+    served, bare = figures["served"]["binary"], figures["bare forward"]
+    figures["p50_over_bare_forward"] = served[largest][1]["p50_ms"] / bare[largest][1]["p50_ms"]
+    figures["candidates_per_s_over_bare_batched"] = (
+        served[smallest][most]["candidates_per_s"] / bare[smallest][most]["candidates_per_s"]
+    )
+    return figures
+
+
+def report(figures: dict, sizes: list[int], levels: list[int]) -> None:
+    print(f"{figures['threads']} intra-op threads; p50 / p99 ms, candidates/s")
+    print(f"{'':10s} {'':8s}" + "".join(f"{f'concurrency {c}':>30s}" for c in levels))
+    for n in sizes:
+        mb = figures["request_mb"][n]
+        print(f"{n} candidates: {mb['json']:.1f} MB as JSON, {mb['binary']:.1f} MB binary")
+        rows = {
+            "bare": figures["bare forward"][n],
+            **{name: figures["served"][name][n] for name in ("json", "binary")},
+        }
+        for name, by_level in rows.items():
+            cells = (by_level[c] for c in levels)
+            print(
+                f"{'':10s} {name:8s}"
+                + "".join(
+                    f"{c['p50_ms']:9.0f} {c['p99_ms']:7.0f} {c['candidates_per_s']:12.0f}" for c in cells
+                )
+            )
+    largest, smallest, most = max(sizes), min(sizes), max(levels)
+    print(
+        f"serve_latency: p50 at concurrency 1, {largest} candidates, binary / bare forward = "
+        f"{figures['p50_over_bare_forward']:.2f} (aim <= 1.15); candidates/s at concurrency {most}, "
+        f"{smallest} candidates each, binary / bare batched forward = "
+        f"{figures['candidates_per_s_over_bare_batched']:.2f} (aim >= 0.9)"
+    )
 
 
 if __name__ == "__main__":

@@ -119,6 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_candidates=args.max_candidates,
         max_queue=args.max_queue,
         read_timeout_s=args.read_timeout,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        model_name=args.model_name,
     )
     return 0
 
@@ -262,6 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="for a request's head, then for its body, to arrive whole; past it the connection closes, "
         "after a 408 for a body (default 10)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=2048,
+        metavar="CANDIDATES",
+        help="concurrent requests share one forward of the model up to this many candidates; a larger "
+        "request is scored alone (default 2048)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=2.0,
+        metavar="MS",
+        help="the longest a request that finds the model idle waits for others to join its forward "
+        "(default 2)",
+    )
+    p.add_argument(
+        "--model-name", default="heavyranker", help="the model's name on /v2 (default heavyranker)"
     )
 
     p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)

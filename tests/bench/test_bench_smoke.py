@@ -39,8 +39,20 @@ BENCHES = {
         | {"streamed_over_in_memory_rounds"},
     ),
     "serve_latency": (
-        ["--config", SMALL, "--candidates", "4", "--requests", "2", "--threads", "1"],
-        {"request_mb", "bare forward", "concurrency 1", "concurrency 4", "p50_over_bare_forward"},
+        [
+            "--config",
+            SMALL,
+            "--candidates",
+            "2,4",
+            "--concurrency",
+            "1,3",
+            "--requests",
+            "2",
+            "--threads",
+            "1",
+        ],
+        {"threads", "request_mb", "bare forward", "served", "p50_over_bare_forward"}
+        | {"candidates_per_s_over_bare_batched"},
     ),
     "onnx_forward": (
         ["--config", SMALL, "--candidates", "4", "--threads", "1", "--rounds", "2"],

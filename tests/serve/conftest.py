@@ -5,6 +5,7 @@ deployment's might. And a uvicorn server for an app."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -37,6 +38,13 @@ OVERRIDES = [
 ]
 STEP = 7
 ENV_VAR, ENV_VALUE = "HEAVYRANKER_TEST_RUNS", "runs-named-by-the-environment"
+SHAPES = {  # the inputs of local_small's exported model, in the manifest's order
+    "continuous": (48,),
+    "binary": (16,),
+    "user_embedding": (16,),
+    "user_eng_embedding": (16,),
+    "author_embedding": (16,),
+}
 
 
 @dataclass
@@ -131,3 +139,35 @@ def random_features(shapes: dict[str, tuple[int, ...]], n: int, seed: int = 0) -
 def score_tolerance(weights: dict[str, float]) -> float:
     """How far the score may move when each probability is off by at most 1e-5: sum_i |w_i| * 1e-5."""
     return 1e-5 * sum(abs(w) for w in weights.values())
+
+
+def json_request(ids: list, features: dict[str, np.ndarray]) -> bytes:
+    """A JSON /v1/rank body."""
+    candidates = [
+        {"id": cid, "features": {name: values[i].tolist() for name, values in features.items()}}
+        for i, cid in enumerate(ids)
+    ]
+    return json.dumps({"candidates": candidates}).encode()
+
+
+def tensors(features: dict[str, np.ndarray], binary: bool) -> tuple[list[dict], bytes]:
+    """float32 and int64 arrays as the Open Inference Protocol describes tensors in its JSON, and their
+    binary data (little-endian, in order)."""
+    described, data = [], b""
+    for name, values in features.items():
+        datatype = {np.float32: "FP32", np.int64: "INT64"}[values.dtype.type]
+        tensor = {"name": name, "datatype": datatype, "shape": list(values.shape)}
+        if binary:
+            tensor["parameters"] = {"binary_data_size": values.nbytes}
+            data += values.astype(values.dtype.newbyteorder("<")).tobytes()
+        else:
+            tensor["data"] = values.tolist()  # nested lists: the protocol takes them as well as flat ones
+        described.append(tensor)
+    return described, data
+
+
+def binary_request(header: dict, data: bytes) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of a request in the binary tensor layout: the JSON header, then the data."""
+    text = json.dumps(header).encode()
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(text))}
+    return text + data, headers

@@ -386,7 +386,8 @@ def test_the_serve_command_listens_on_loopback(exported: Exported, tmp_path):
     log = open(tmp_path / "serve.log", "w")  # the server writes to it until terminated
     server = subprocess.Popen(
         [sys.executable, "-m", "heavyranker", "serve", "--model", str(exported.folder), "--port", str(port)]
-        + ["--max-queue", "3", "--read-timeout", "2.5"],
+        + ["--max-queue", "3", "--read-timeout", "2.5", "--max-batch", "64", "--batch-wait-ms", "1"]
+        + ["--model-name", "ranker"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -402,6 +403,7 @@ def test_the_serve_command_listens_on_loopback(exported: Exported, tmp_path):
                 time.sleep(0.2)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
             assert post(http, body(2)).status_code == 200
+            assert http.get("/v2/models/ranker/ready").status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -15,12 +15,14 @@ from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import Config, load_config
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.model import build_model
-from heavyranker.serve.app import rank_body
+from heavyranker.serve.app import rank_response
 from heavyranker.serve.export import export_model
 from heavyranker.serve.request import BadRequest, parse_candidates
 from heavyranker.serve.scorer import Scorer
+from heavyranker.serve.tensors import parse_binary_candidates
+from heavyranker.serve.v2 import model_metadata
 from tests.conftest import CONFIGS
-from tests.serve.conftest import random_features
+from tests.serve.conftest import binary_request, random_features, tensors
 
 EMBEDDINGS = [
     "model.small_embeddings={tables: [{name: a, num_embeddings: 10, embedding_dim: 4, index: 3}]}",
@@ -98,7 +100,8 @@ def test_integer_and_scalar_inputs_parse_to_int64(exported_ids):
     np.testing.assert_array_equal(
         arrays["meta__author_id"], [c["features"]["meta__author_id"] for c in body["candidates"]]
     )
-    ranked = json.loads(rank_body(scorer, json.dumps(body).encode(), 10))["candidates"]
+    probabilities, score = scorer({name: torch.from_numpy(array) for name, array in arrays.items()})
+    ranked = json.loads(rank_response(ids, probabilities.numpy(), score.numpy(), scorer.tasks))["candidates"]
     assert sorted(c["id"] for c in ranked) == [0, 1, 2]
 
 
@@ -122,3 +125,26 @@ def test_bad_integer_values_name_candidate_and_field(exported_ids, field, value,
     with pytest.raises(BadRequest) as error:
         parse_candidates(json.dumps(body).encode(), scorer.inputs, 10)
     assert (error.value.status, str(error.value)) == (422, WHERE + message)
+
+
+def test_integer_inputs_are_int64_tensors_on_v2_and_in_binary_requests(exported_ids):
+    _, scorer = exported_ids
+    described = {i["name"]: i for i in model_metadata(scorer, "m")["inputs"]}
+    assert described["discrete"] == {"name": "discrete", "datatype": "INT64", "shape": [-1, 8]}
+    assert described["meta__author_id"] == {"name": "meta__author_id", "datatype": "INT64", "shape": [-1]}
+    body = json.dumps(_body(scorer)).encode()
+    ids, expected = parse_candidates(body, scorer.inputs, 10)
+    header, data = tensors(expected, binary=True)
+    content, headers = binary_request({"ids": ids, "inputs": header}, data)
+    length = headers["inference-header-content-length"]
+    parsed_ids, arrays = parse_binary_candidates(content, length, scorer.inputs, 10)
+    assert parsed_ids == ids
+    for name, array in expected.items():
+        assert arrays[name].dtype == array.dtype
+        np.testing.assert_array_equal(arrays[name], array)
+    as_float = {**expected, "meta__author_id": expected["meta__author_id"].astype(np.float32)}
+    header, data = tensors(as_float, binary=True)
+    content, headers = binary_request({"ids": ids, "inputs": header}, data)
+    with pytest.raises(BadRequest) as error:
+        parse_binary_candidates(content, headers["inference-header-content-length"], scorer.inputs, 10)
+    assert str(error.value) == "input 'meta__author_id': datatype 'FP32', the model takes INT64"

@@ -21,7 +21,8 @@ from fastapi import FastAPI, HTTPException, Request
 
 from heavyranker.cli import build_parser
 from heavyranker.errors import UserError
-from heavyranker.serve.app import create_app
+from heavyranker.serve.app import MODEL_NAME, create_app
+from heavyranker.serve.batcher import BATCH_WAIT_MS, MAX_BATCH
 from heavyranker.serve.limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits
 from tests.serve.conftest import Exported, serving
 
@@ -108,7 +109,8 @@ def test_any_other_content_type_is_a_415(served, content_type: str | None):
     app, url = served
     response = post(url, request_body(app, 2), content_type)
     assert response.status_code == 415
-    expected = f"the body must be sent as content-type application/json, not {content_type or 'none'}"
+    accepted = "application/json or application/octet-stream"
+    expected = f"the body must be sent as content-type {accepted}, not {content_type or 'none'}"
     assert response.json() == {"detail": expected}
 
 
@@ -181,7 +183,7 @@ def test_a_client_that_leaves_during_its_body_is_a_400_not_a_traceback():
 
     async def read() -> None:
         scope = {"type": "http", "method": "POST", "headers": [(b"content-type", b"application/json")]}
-        async with limits.admit(Request(scope, receive)):
+        async with limits.admit(Request(scope, receive), ["application/json"]):
             pass
 
     with pytest.raises(HTTPException) as refused:
@@ -203,3 +205,4 @@ def test_the_limits_must_be_possible():
 def test_the_serve_command_defaults_are_the_apps():
     args = build_parser().parse_args(["serve", "--model", "folder"])
     assert (args.max_queue, args.read_timeout) == (MAX_QUEUE, READ_TIMEOUT_S)
+    assert (args.max_batch, args.batch_wait_ms, args.model_name) == (MAX_BATCH, BATCH_WAIT_MS, MODEL_NAME)

@@ -1,12 +1,16 @@
 """`heavyranker serve`: an HTTP ranking service for an exported model folder (FastAPI under uvicorn).
 
-    POST /v1/rank   {"candidates": [{"id": ..., "features": {input name: [numbers], ...}}, ...]}
+    POST /v1/rank   {"candidates": [{"id": ..., "features": {input name: [numbers], ...}}, ...]}, or the same
+                    as binary tensors (content-type application/octet-stream; tensors.py)
                     -> {"candidates": [{"id", "score", "probabilities": {task: p}}, ...]}, best score first
     GET  /v1/model  what a client needs of the manifest: tasks, inputs, weights, the program's hash, step
     GET  /healthz   {"status": "ok"}
+    /v2/...         the Open Inference Protocol (v2.py), for Triton's and KServe's clients
+    GET  /metrics   Prometheus' text format (metrics.py)
 
-Every bad request is a 4xx whose `detail` names the candidate (index and id) and the field. limits.py
-decides whether a request is read at all (content type, size, place in the queue, read timeout). The body
+Every bad request is a 4xx: on /v1, its `detail` names the candidate (index and id) and the field; on /v2,
+the protocol's `error` names the tensor. limits.py decides whether a request is read at all (content type,
+size, place in the queue, read timeout); batcher.py merges concurrent requests into one forward. A JSON body
 is parsed by hand (request.py) rather than by a pydantic body model, which would validate millions of
 numbers one by one; the pydantic models below only describe the API in the OpenAPI schema.
 """
@@ -14,27 +18,36 @@ numbers one by one; the pydantic models below only describe the API in the OpenA
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from starlette.exceptions import HTTPException
 
 from ..errors import UserError
-from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline
-from .request import BadRequest, parse_candidates
+from . import v2
+from .batcher import BATCH_WAIT_MS, MAX_BATCH, Batcher, first_non_finite
+from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline, media_type
+from .metrics import Instrumented, Metrics
+from .request import BadRequest, CandidateId, parse_candidates
 from .scorer import InputSpec, Scorer
+from .tensors import HEADER_LENGTH, parse_binary_candidates
 
 MAX_CANDIDATES = 2048
+MODEL_NAME = "heavyranker"
 # Body limit per number: the longest JSON float (-1.2345678901234567e-308) and a separator, with room.
 BYTES_PER_VALUE = 32
 BYTES_PER_CANDIDATE = 256  # the id, the keys and the brackets
+RANK_CONTENT_TYPES = ("application/json", "application/octet-stream")
 
 
 class RankedCandidate(BaseModel):
@@ -58,9 +71,13 @@ def create_app(
     max_body_bytes: int | None = None,
     max_queue: int = MAX_QUEUE,
     read_timeout_s: float = READ_TIMEOUT_S,
+    max_batch: int = MAX_BATCH,
+    batch_wait_ms: float = BATCH_WAIT_MS,
+    model_name: str = MODEL_NAME,
 ) -> FastAPI:
-    """The app for one model folder. The body limit defaults to what max_candidates candidates need; see
-    limits.py for max_queue and read_timeout_s. `app.state` holds the scorer and the limits."""
+    """The app for one model folder. The body limit defaults to what max_candidates candidates need as JSON;
+    see limits.py for max_queue and read_timeout_s, batcher.py for max_batch and batch_wait_ms; model_name
+    is the model's name on /v2. `app.state` holds the scorer, the limits, the batcher and the metrics."""
     if max_candidates < 1:
         raise UserError(f"--max-candidates must be at least 1, not {max_candidates}")
     scorer = Scorer(model_dir)
@@ -68,27 +85,48 @@ def create_app(
         values = sum(spec.width for spec in scorer.inputs)
         max_body_bytes = max_candidates * (values * BYTES_PER_VALUE + BYTES_PER_CANDIDATE)
     limits = RequestLimits(max_body_bytes=max_body_bytes, max_queue=max_queue, read_timeout_s=read_timeout_s)
+    metrics = Metrics(max_batch)
+    batcher = Batcher(
+        scorer, max_batch=max_batch, wait_ms=batch_wait_ms, on_batch=metrics.batch_candidates.observe
+    )
+    metrics.watch(limits, batcher)
     scorer.warm_up()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with batcher:
+            yield
+
     app = FastAPI(
         title="heavyranker",
         version="1",
         summary="Ranks candidates by their weighted engagement probabilities.",
+        lifespan=lifespan,
     )
     app.state.scorer, app.state.limits = scorer, limits
+    app.state.batcher, app.state.metrics = batcher, metrics
+    app.add_middleware(Instrumented, metrics=metrics)
     model_description = client_manifest(scorer.manifest)
     request_model = _request_model(scorer.inputs, max_candidates)
     errors: dict[int | str, dict[str, Any]] = {
-        400: {"model": ErrorMessage, "description": "the body is not JSON"},
+        400: {"model": ErrorMessage, "description": "the body is not JSON, or its binary layout is invalid"},
         408: {"model": ErrorMessage, "description": "the body was too slow to arrive; the connection closes"},
         413: {"model": ErrorMessage, "description": "too many candidates, or the body is too large"},
-        415: {"model": ErrorMessage, "description": "the content type is not application/json"},
+        415: {
+            "model": ErrorMessage,
+            "description": "the content type is not application/json or application/octet-stream",
+        },
         422: {"model": ErrorMessage, "description": "a candidate or one of its fields is invalid"},
         503: {"model": ErrorMessage, "description": "the queue is full: retry after Retry-After seconds"},
     }
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, error: BadRequest) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=error.status)
+        return _error(request, str(error), error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return _error(request, error.detail, error.status_code, error.headers)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -103,47 +141,69 @@ def create_app(
         response_model=RankResponse,
         responses=errors,
         summary="Rank one request's candidates.",
+        description="Candidates as JSON, or as binary tensors: content-type application/octet-stream, a JSON "
+        f'header of {HEADER_LENGTH} bytes, {{"ids": [...], "inputs": [tensors as in /v2 infer]}}, '
+        "then the tensors' bytes.",
         openapi_extra={
             "requestBody": {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}
+                    },
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 },
             }
         },
     )
     async def rank(request: Request) -> Response:
-        async with limits.admit(request) as body:
-            # A worker thread: parsing and the forward would otherwise stop the event loop for their duration.
-            content = await run_in_threadpool(rank_body, scorer, body, max_candidates)
+        async with limits.admit(request, RANK_CONTENT_TYPES) as body:
+            # Worker threads: parsing and the response would otherwise stop the event loop for their duration.
+            if media_type(request) == "application/json":
+                parse = partial(parse_candidates, body)
+            else:
+                parse = partial(parse_binary_candidates, body, request.headers.get(HEADER_LENGTH))
+            ids, arrays = await run_in_threadpool(parse, scorer.inputs, max_candidates)
+            probabilities, score = await batcher.score(arrays)
+        content = await run_in_threadpool(rank_response, ids, probabilities, score, scorer.tasks)
         return Response(content, media_type="application/json")
 
+    @app.get("/metrics", summary="The service's metrics, in Prometheus' text format.")
+    def prometheus() -> Response:
+        return metrics.exposition()
+
+    app.include_router(
+        v2.router(scorer, batcher, limits, model_name=model_name, max_candidates=max_candidates)
+    )
     app.openapi = _openapi(app, request_model)  # type: ignore[method-assign]
     return app
 
 
-def rank_body(scorer: Scorer, body: bytes | bytearray, max_candidates: int) -> bytes:
-    """A request body -> the response body: candidates sorted by score, best first (ties keep their order)."""
-    ids, arrays = parse_candidates(body, scorer.inputs, max_candidates)
-    if not ids:
-        return b'{"candidates": []}'
-    probabilities, score = scorer({name: torch.from_numpy(array) for name, array in arrays.items()})
-    probabilities, score = probabilities.float().numpy(), score.float().numpy()
-    bad = ~np.isfinite(probabilities).all(axis=1) | ~np.isfinite(score)
-    if bad.any():
-        i = int(np.argmax(bad))
+def rank_response(
+    ids: list[CandidateId], probabilities: np.ndarray, score: np.ndarray, tasks: Sequence[str]
+) -> bytes:
+    """The response body: candidates sorted by score, best first (ties keep their order)."""
+    bad = first_non_finite(probabilities, score)
+    if bad is not None:
         raise BadRequest(
             422,
-            f"candidates[{i}] (id {ids[i]!r}): features: the model's output is not finite "
+            f"candidates[{bad}] (id {ids[bad]!r}): features: the model's output is not finite "
             "for these values (an extreme value somewhere?)",
         )
     order = np.argsort(-score, kind="stable")
     rows = zip(order.tolist(), score[order].tolist(), probabilities[order].tolist(), strict=True)
     ranked = [
-        {"id": ids[k], "score": s, "probabilities": dict(zip(scorer.tasks, p, strict=True))}
-        for k, s, p in rows
+        {"id": ids[k], "score": s, "probabilities": dict(zip(tasks, p, strict=True))} for k, s, p in rows
     ]
     return json.dumps({"candidates": ranked}).encode()
+
+
+def _error(
+    request: Request, message: str, status: int, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error in the body its API defines: the Open Inference Protocol's {"error"}, FastAPI's {"detail"}."""
+    key = "error" if request.url.path == "/v2" or request.url.path.startswith("/v2/") else "detail"
+    return JSONResponse({key: message}, status_code=status, headers=headers)
 
 
 def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -162,17 +222,9 @@ def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_server(
-    model_dir: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_candidates: int = MAX_CANDIDATES,
-    max_queue: int = MAX_QUEUE,
-    read_timeout_s: float = READ_TIMEOUT_S,
-) -> None:
-    app = create_app(
-        model_dir, max_candidates=max_candidates, max_queue=max_queue, read_timeout_s=read_timeout_s
-    )
+def run_server(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Serves create_app(model_dir, **options) until interrupted."""
+    app = create_app(model_dir, **options)
     uvicorn.Server(server_config(app, host=host, port=port)).run()
 
 

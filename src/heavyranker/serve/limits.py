@@ -1,17 +1,16 @@
 """What one request may take of the server before it is parsed: its content type, its size, how long its
 head and body may take to arrive, and a place among the requests admitted at once.
 
-The model scores one request at a time (scorer.py), so requests beyond it wait, each holding its body and
-then its parsed values. Without a bound, a burst queued them all behind the model: 20 requests of 2,048
-candidates waited up to 12 s and took 350 MB. A request is admitted before its body is read, so that a
-refused one costs nothing, and counts until it is scored, so that the bodies and parsed values held at
-once are bounded too.
+Requests beyond those in the model's forward wait, each holding its body and then its parsed values.
+Without a bound, a burst queued them all behind the model: 20 requests of 2,048 candidates waited up to
+12 s and took 350 MB. A request is admitted before its body is read, so that a refused one costs nothing,
+and counts until it is scored, so that the bodies and parsed values held at once are bounded too.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
 from fastapi import HTTPException, Request
@@ -20,10 +19,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import UserError
 
-# Each waiting request adds one forward to the wait of those behind it. Eight keep the model busy (the next
-# request is parsed while one is scored) and absorb a burst from a handful of clients; beyond them a client
-# waits more than eight forwards (over 20 s for 2,048 candidates of local_prod's model on one core) and
-# does better retrying, or trying another replica, than queueing.
+# Each waiting request adds its candidates to the forwards ahead of those behind it (batcher.py merges
+# requests, but a forward's time grows with its candidates). Eight keep the model busy (the next requests
+# are parsed while some are scored) and absorb a burst from a handful of clients; beyond them a client may
+# wait more than eight forwards (over 20 s for 2,048 candidates of local_prod's model on one core) and does
+# better retrying, or trying another replica, than queueing.
 MAX_QUEUE = 8
 # For the whole head, then the whole body, not the gap between two reads: a client sending a byte now and
 # then must not hold its connection and its place in the queue. 10 s carries local_prod's largest body
@@ -33,11 +33,11 @@ RETRY_AFTER_S = 1  # the queue drains by one forward at a time; the header count
 
 
 class RequestLimits:
-    """`async with limits.admit(request) as body:` admits the request and reads its body, or refuses it with
-    an HTTPException (415, 413, 503, 408): the usual {"detail": ...} body, and the headers it needs.
+    """`async with limits.admit(request, content_types) as body:` admits the request and reads its body, or
+    refuses it with an HTTPException (415, 413, 503, 408) and the headers it needs.
 
-    At most 1 + max_queue requests are admitted at once: one scored, the others reading their body, being
-    parsed or waiting for the model. Only the event loop touches the count, so it needs no lock."""
+    At most 1 + max_queue requests are admitted at once: reading their body, being parsed, waiting for the
+    model or in its forward. Only the event loop touches the count, so it needs no lock."""
 
     def __init__(
         self, *, max_body_bytes: int, max_queue: int = MAX_QUEUE, read_timeout_s: float = READ_TIMEOUT_S
@@ -52,8 +52,11 @@ class RequestLimits:
         self.admitted = 0
 
     @asynccontextmanager
-    async def admit(self, request: Request) -> AsyncIterator[bytearray]:
-        require_json(request)
+    async def admit(
+        self, request: Request, content_types: Collection[str | None]
+    ) -> AsyncIterator[bytearray]:
+        """`content_types`: the media types the route reads; None among them accepts a body without one."""
+        require_content_type(request, content_types)
         self._check_declared_length(request)
         if self.admitted > self.max_queue:
             raise HTTPException(
@@ -97,15 +100,20 @@ class RequestLimits:
         return body
 
 
-def require_json(request: Request) -> None:
-    """415 unless the body says it is JSON. Read as JSON whatever its type, a body could come from a page in
-    a browser on another origin: a form's types make a "simple request", sent without asking this service.
-    Parameters are ignored: JSON is UTF-8, and application/json defines none (RFC 8259)."""
+def require_content_type(request: Request, accepted: Collection[str | None]) -> None:
+    """415 unless the body's media type is one the route reads. Read whatever its type, a body could come
+    from a page in a browser on another origin: a form's types make a "simple request", sent without asking
+    this service. Parameters are ignored: JSON is UTF-8, and application/json defines none (RFC 8259)."""
+    if media_type(request) not in accepted:
+        named = " or ".join(t for t in accepted if t is not None)
+        given = request.headers.get("content-type") or "none"
+        raise HTTPException(415, f"the body must be sent as content-type {named}, not {given}")
+
+
+def media_type(request: Request) -> str | None:
+    """The request's content type without its parameters, lowercase; None if it has none."""
     given = request.headers.get("content-type")
-    if (given or "").partition(";")[0].strip().lower() != "application/json":
-        raise HTTPException(
-            415, f"the body must be sent as content-type application/json, not {given or 'none'}"
-        )
+    return given.partition(";")[0].strip().lower() if given is not None else None
 
 
 def h11_with_deadline(timeout_s: float) -> type[H11Protocol]:

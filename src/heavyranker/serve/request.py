@@ -110,16 +110,21 @@ def _structure(candidates: list, inputs: Sequence[InputSpec]) -> tuple[list[Cand
 def _id(i: int, candidate: dict) -> CandidateId:
     if "id" not in candidate:
         raise _invalid(f"candidates[{i}]: id: missing")
-    cid = candidate["id"]
+    problem = id_problem(candidate["id"])
+    if problem:
+        raise _invalid(f"candidates[{i}]: id: {problem}")
+    return candidate["id"]
+
+
+def id_problem(cid: object) -> str | None:
+    """What is wrong with a parsed candidate id, or None."""
     if type(cid) not in (str, int):
-        raise _invalid(f"candidates[{i}]: id: must be a string or an integer, not {_kind(cid)}")
+        return f"must be a string or an integer, not {_kind(cid)}"
     if type(cid) is str and len(cid) > MAX_ID_CHARS:
-        raise _invalid(f"candidates[{i}]: id: {len(cid)} characters, at most {MAX_ID_CHARS}")
+        return f"{len(cid)} characters, at most {MAX_ID_CHARS}"
     if type(cid) is int and not -(1 << 63) <= cid < 1 << 64:
-        raise _invalid(
-            f"candidates[{i}]: id: {_shown(str(cid))} does not fit in 64 bits (signed or unsigned)"
-        )
-    return cid
+        return f"{_shown(str(cid))} does not fit in 64 bits (signed or unsigned)"
+    return None
 
 
 def _check_unique_keys(body: bytes | bytearray, ids: list[CandidateId], inputs: Sequence[InputSpec]) -> None:
