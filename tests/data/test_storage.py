@@ -210,7 +210,8 @@ class FlakyFile:
         return getattr(self._file, name)
 
 
-def flaky(monkeypatch, fs, at: int, failures: int) -> None:
+def flaky(monkeypatch, fs, at: int, failures: int) -> list[int]:
+    """Remote files from `fs` that fail `failures` times at byte `at`; returns the failures left."""
     left = [failures]
 
     class FlakyFS:
@@ -219,25 +220,37 @@ def flaky(monkeypatch, fs, at: int, failures: int) -> None:
 
     monkeypatch.setattr(storage, "filesystem", lambda url: FlakyFS())
     monkeypatch.setattr(storage, "BACKOFF", 0.001)
+    return left
 
 
 def test_a_failed_read_resumes_at_the_byte_reached(s3, small_data, monkeypatch):
     local = sorted((small_data / "train").glob("*.gz"))[1]
-    flaky(monkeypatch, s3, at=250_000, failures=storage.TRIES - 1)
+    left = flaky(monkeypatch, s3, at=250_000, failures=storage.TRIES - 1)
     assert list(read_records(f"s3://{BUCKET}/train/{local.name}")) == list(read_records(str(local)))
+    assert left == [0]
 
 
 def test_a_read_failing_every_try_names_url_and_record(s3, small_data, monkeypatch):
     local = sorted((small_data / "train").glob("*.gz"))[1]
     url = f"s3://{BUCKET}/train/{local.name}"
     flaky(monkeypatch, s3, at=250_000, failures=storage.TRIES)
-    with pytest.raises(
-        DataError, match=rf"^{url}: record \d+: unreadable \(.*ConnectionResetError: .*5 tries\)\)$"
-    ):
+    message = rf"^{url}: record \d+: unreadable \(.*ConnectionResetError: .*{storage.TRIES} tries\)\)$"
+    with pytest.raises(DataError, match=message):
         list(read_records(url))
     flaky(monkeypatch, s3, at=250_000, failures=storage.TRIES)
     got, expected = list(read_records(url, ignore_errors=True)), list(read_records(str(local)))
     assert len(got) < len(expected) and got == expected[: len(got)]  # the file ends where reading failed
+
+
+def test_a_file_replaced_between_reads_is_not_joined(s3, monkeypatch):
+    url = f"s3://{BUCKET}/replaced"
+    s3.pipe(url, bytes(40_000))
+    flaky(monkeypatch, s3, at=20_000, failures=1)  # past the first read of the buffer
+    with storage.open_binary(url) as f:
+        assert f.read(1000) == bytes(1000)
+        s3.pipe(url, b"x" * 40_000)
+        with pytest.raises(storage.FileChanged, match="^the file was replaced while being read, at byte"):
+            f.read(30_000)
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,17 @@ TRIES = 5  # reads of the same bytes before the error is reported
 BACKOFF = 0.1  # seconds before the second try, doubled for each further one ...
 MAX_BACKOFF = 2.0  # ... up to this
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pyproject's extras, by URL scheme
+
+
+class FileChanged(OSError):
+    """The file was replaced between two reads of it: reading on would join two versions."""
+
+
 # Errors that reading again cannot cure. Every other error of a read is taken for transient: back-ends raise
 # their HTTP libraries' own errors (s3fs lets aiohttp's ClientPayloadError through once its own retries are
 # spent), which share no base class with OSError, and an error that does persist is reported after TRIES.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileChanged)
+_VERSION_KEYS = ("ETag", "etag", "generation")  # how s3fs, adlfs and gcsfs name an object's version
 
 
 def is_url(path: str) -> bool:
@@ -80,6 +87,7 @@ class RetryingReader(io.RawIOBase):
         self._url = url
         self._offset = 0
         self._file: BinaryIO | None = None  # opened at the first read, re-opened after a failed one
+        self._version: tuple | None = None  # the size and version of the file first opened
 
     def readable(self) -> bool:
         return True
@@ -102,8 +110,7 @@ class RetryingReader(io.RawIOBase):
         for attempt in range(1, TRIES + 1):
             try:
                 if self._file is None:
-                    self._file = self._fs.open(self._url, "rb", block_size=BLOCK_SIZE, cache_type="readahead")
-                    self._file.seek(self._offset)
+                    self._file = self._open()
                 data = self._file.read(len(buffer))
                 break
             except _PERMANENT:
@@ -120,6 +127,20 @@ class RetryingReader(io.RawIOBase):
         buffer[: len(data)] = data
         self._offset += len(data)
         return len(data)
+
+    def _open(self) -> BinaryIO:
+        file = self._fs.open(self._url, "rb", block_size=BLOCK_SIZE, cache_type="readahead")
+        # Not every back-end's file says (pyarrow's HDFS files do not); there the records' checksums are left
+        # to catch a replaced file.
+        details = getattr(file, "details", None) or {}
+        version = (details.get("size"), *(details.get(key) for key in _VERSION_KEYS))
+        if self._version is None:
+            self._version = version
+        elif version != self._version:
+            file.close()
+            raise FileChanged(f"the file was replaced while being read, at byte {self._offset}")
+        file.seek(self._offset)
+        return file
 
     def close(self) -> None:
         self._drop()
