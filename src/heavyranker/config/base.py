@@ -58,9 +58,10 @@ NonNegative = Annotated[int, Strict(), Field(ge=0)]  # column indices, tolerance
 
 
 def _resolve_path(value: str, info: ValidationInfo) -> str:
-    """Relative paths (and globs) are relative to the folder of the YAML file that names them."""
+    """Relative paths (and globs) are relative to the folder of the YAML file that names them; a URL
+    (s3://bucket/..., file:///...) is left as it is."""
     base = (info.context or {}).get("base_dir")
-    if base is None or Path(value).is_absolute():
+    if base is None or Path(value).is_absolute() or "://" in value:
         return value
     return os.path.normpath(os.path.join(base, value))
 

@@ -1,5 +1,6 @@
 """Which files a data config reads: an `inputs` glob, or dated folders (data_root/YYYY/MM/DD[/HH]); and
-which of them each rank reads."""
+which of them each rank reads. Paths may be fsspec URLs (s3://bucket/...); files are sorted by their full
+URL as local ones are by path, so the order and each rank's share do not depend on where the files lie."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..config.data import (
     parse_end_datetime,
 )
 from ..errors import UserError
+from .storage import filesystem, is_url, local
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,36 @@ def shard_files(data: DataConfig, rank: int, world_size: int, where: str) -> tup
 def glob_files(pattern: str) -> list[str]:
     """Every file the glob matches, sorted. The pattern chose the files, so any extension is read:
     plain (uncompressed) TFRecord files work too."""
-    files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    if is_url(pattern):
+        files = _url_glob(pattern)
+    else:
+        files = sorted(f for f in glob.glob(local(pattern), recursive=True) if os.path.isfile(f))
     if not files:
-        raise UserError(f"no files match inputs {pattern!r}")
+        raise UserError(f"no files match inputs {pattern!r}{_missing_bucket(pattern)}")
     return files
+
+
+def _url_glob(pattern: str) -> list[str]:
+    fs = filesystem(pattern)
+    try:
+        found = fs.glob(pattern, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise UserError(f"cannot list inputs {pattern!r}: {type(e).__name__}: {e}") from None
+    return sorted(fs.unstrip_protocol(name) for name, info in found.items() if info["type"] == "file")
+
+
+def _missing_bucket(url: str) -> str:
+    """Why a URL matched nothing when its bucket (container) is not there, else ""."""
+    if not is_url(url):
+        return ""
+    fs = filesystem(url)
+    bucket = fs._strip_protocol(url).split("/", 1)[0]
+    try:
+        return "" if fs.exists(bucket) else f": the bucket {bucket!r} does not exist"
+    except OSError as e:  # PermissionError and the like: the listing above said no more than this
+        return f": {type(e).__name__}: {e}"
 
 
 def date_files(spec: ExplicitDateInputs) -> list[str]:
@@ -109,9 +137,27 @@ def _folder_files(folders: list[str], tolerance: int, unit: str, field: str) -> 
 
 
 def _gz_files(folder: str) -> list[str]:
+    if is_url(folder):
+        return _url_gz_files(folder)
+    folder = local(folder)
     try:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return []
     paths = (os.path.join(folder, name) for name in names if name.lower().endswith(".gz"))
     return [p for p in paths if os.path.isfile(p)]
+
+
+def _url_gz_files(folder: str) -> list[str]:
+    fs = filesystem(folder)
+    try:
+        entries = fs.ls(folder, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise UserError(f"cannot list {folder}: {type(e).__name__}: {e}") from None
+    return [
+        fs.unstrip_protocol(entry["name"])
+        for entry in entries
+        if entry["type"] == "file" and entry["name"].lower().endswith(".gz")
+    ]

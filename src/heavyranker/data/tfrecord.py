@@ -18,6 +18,7 @@ from isal import igzip, isal_zlib
 
 from ..atomic import atomic_write
 from ..errors import DataError
+from .storage import open_binary
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def masked_crc32c(data: bytes) -> int:
 
 
 def read_records(path: str, *, ignore_errors: bool = False) -> Iterator[bytes]:
-    """The payloads of the TFRecord file at `path` (GZIP detected by its magic bytes), in order.
+    """The payloads of the TFRecord file at `path` (a local path or an fsspec URL; GZIP detected by its
+    magic bytes), in order.
 
     A damaged file (truncated, bad checksum, bad gzip data, empty) raises DataError naming the file and
     the record index; the records before the damage have been yielded by then. With ignore_errors=True it
@@ -88,7 +90,7 @@ def write_records(path: str, records: Iterable[bytes], *, compress: bool | None 
 @contextlib.contextmanager
 def _open(path: str) -> Iterator[tuple[BinaryIO, str]]:
     """The stream of TFRecord bytes, and a hint for a bad first checksum."""
-    with open(path, "rb") as raw:
+    with open_binary(path) as raw:
         magic = raw.read(2)
         raw.seek(0)
         if not magic:

@@ -1,0 +1,155 @@
+"""Where data files live: local paths, or URLs (s3://, gs://, az://, ...) read through fsspec.
+
+A URL's back-end (s3fs, gcsfs, ...) is found by fsspec and takes its credentials and settings from its own
+standard chain (environment, config files, instance metadata; for s3 also AWS_ENDPOINT_URL), never from
+the URL: a URL holding a password is refused, so that no secret reaches a log, an error or a run folder.
+Remote files stream with read-ahead, and a read that fails for a transient reason (connection reset, time
+out, throttling, a 5xx) is retried with backoff from the byte offset it had reached."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 8 << 20  # bytes fetched per request: request latency is paid once per 8 MiB, not per read
+TRIES = 5  # reads of the same bytes before the error is reported
+BACKOFF = 0.1  # seconds before the second try, doubled for each further one ...
+MAX_BACKOFF = 2.0  # ... up to this
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pyproject's extras, by URL scheme
+
+
+class FileChanged(OSError):
+    """The file was replaced between two reads of it: reading on would join two versions."""
+
+
+# Errors that reading again cannot cure. Every other error of a read is taken for transient: back-ends raise
+# their HTTP libraries' own errors (s3fs lets aiohttp's ClientPayloadError through once its own retries are
+# spent), which share no base class with OSError, and an error that does persist is reported after TRIES.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileChanged)
+_VERSION_KEYS = ("ETag", "etag", "generation")  # how s3fs, adlfs and gcsfs name an object's version
+
+
+def is_url(path: str) -> bool:
+    """Whether `path` is read through fsspec: it has a scheme other than file://."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local(path: str) -> str:
+    """A local path or a file:// URL as a plain path."""
+    return path.removeprefix("file://")
+
+
+def filesystem(url: str) -> AbstractFileSystem:
+    """The fsspec file system of `url`. Raises UserError when its back-end is not installed or the URL
+    holds a password."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise UserError(
+            f"{parts.scheme}://{parts.hostname}{parts.path}: a URL must not hold a password (it would be "
+            f"logged); give credentials the way the {parts.scheme}:// back-end reads them (environment, "
+            f"config files)"
+        )
+    try:
+        return fsspec.filesystem(parts.scheme)
+    except ImportError as e:
+        extra = _EXTRAS.get(parts.scheme)
+        remedy = f"pip install 'heavyranker[{extra}]'" if extra else str(e).splitlines()[0]
+        raise UserError(f"{url}: reading {parts.scheme}:// URLs needs a back-end: {remedy}") from None
+    except ValueError:
+        raise UserError(f"{url}: no fsspec back-end knows the scheme {parts.scheme}://") from None
+
+
+def open_binary(path: str) -> BinaryIO:
+    """`path` opened for reading: a local file, or a remote one streamed with read-ahead and retries."""
+    if not is_url(path):
+        return open(local(path), "rb")
+    # The buffer serves small reads (a plain file's record headers); fsspec's own cache does the read-ahead.
+    return io.BufferedReader(RetryingReader(filesystem(path), path))
+
+
+class RetryingReader(io.RawIOBase):
+    """A remote file that re-opens itself at the byte offset reached when a read fails for a transient
+    reason, so that no byte is lost or read twice; after TRIES failed reads of the same bytes the last error
+    is raised. Reads from the start on; seeks only to an absolute offset."""
+
+    def __init__(self, fs: AbstractFileSystem, url: str):
+        self._fs = fs
+        self._url = url
+        self._offset = 0
+        self._file: BinaryIO | None = None  # opened at the first read, re-opened after a failed one
+        self._version: tuple | None = None  # the size and version of the file first opened
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._offset
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("seek to an absolute offset only")
+        if self._file is not None:
+            self._file.seek(offset)
+        self._offset = offset
+        return offset
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        for attempt in range(1, TRIES + 1):
+            try:
+                if self._file is None:
+                    self._file = self._open()
+                data = self._file.read(len(buffer))
+                break
+            except _PERMANENT:
+                raise
+            except Exception as e:
+                self._drop()
+                if attempt == TRIES:
+                    # An OSError: read_records reports it as unreadable data, naming the URL and record.
+                    raise OSError(f"{type(e).__name__}: {e} ({TRIES} tries)") from None
+                log.warning(
+                    "%s: %s at byte %d, reading again (try %d)", self._url, e, self._offset, attempt + 1
+                )
+                time.sleep(min(MAX_BACKOFF, BACKOFF * 2 ** (attempt - 1)))
+        buffer[: len(data)] = data
+        self._offset += len(data)
+        return len(data)
+
+    def _open(self) -> BinaryIO:
+        file = self._fs.open(self._url, "rb", block_size=BLOCK_SIZE, cache_type="readahead")
+        # Not every back-end's file says (pyarrow's HDFS files do not); there the records' checksums are left
+        # to catch a replaced file.
+        details = getattr(file, "details", None) or {}
+        version = (details.get("size"), *(details.get(key) for key in _VERSION_KEYS))
+        if self._version is None:
+            self._version = version
+        elif version != self._version:
+            file.close()
+            raise FileChanged(f"the file was replaced while being read, at byte {self._offset}")
+        file.seek(self._offset)
+        return file
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+    def _drop(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except Exception:  # a broken connection may fail to close too; the file is dropped either way
+                pass

@@ -1,0 +1,290 @@
+"""Data in object storage: s3:// URLs read from a real S3-compatible server (moto's, started here on
+loopback) give the batches the local read of the same files gives; dropped connections are retried from the
+byte reached; what cannot be read is one line naming it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import fsspec
+import pytest
+import s3fs
+import torch
+from moto.server import ThreadedMotoServer
+
+from heavyranker.config import load_config
+from heavyranker.config.data import ExplicitDateInputs
+from heavyranker.data import storage
+from heavyranker.data.dataset import RecapDataset
+from heavyranker.data.files import date_files, glob_files
+from heavyranker.data.tfrecord import read_records
+from heavyranker.errors import DataError, UserError
+from tests.conftest import CONFIGS, REPO, small_config
+
+BUCKET = "data"
+TRAINING = {"shuffle": True, "repeat": True, "drop_last": True}
+
+
+@contextlib.contextmanager
+def s3_endpoint(url: str) -> Iterator[None]:
+    """s3fs pointed at `url` (as a user would: AWS_ENDPOINT_URL), with fresh instances before and after."""
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def server(small_data) -> Iterator[str]:
+    """The S3 server's URL, with small_data's train files under s3://data/train/."""
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    url = f"http://{host}:{port}"
+    try:
+        with s3_endpoint(url):
+            fs = fsspec.filesystem("s3")
+            fs.mkdir(BUCKET)
+            fs.put(str(small_data / "train" / "*.gz"), f"{BUCKET}/train/")
+        yield url
+    finally:
+        moto.stop()
+
+
+@pytest.fixture
+def s3(server) -> Iterator[fsspec.AbstractFileSystem]:
+    with s3_endpoint(server):
+        yield fsspec.filesystem("s3")
+
+
+def assert_same_batches(got, expected) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a.tasks == b.tasks and a.features.keys() == b.features.keys()
+        for name in a.features:
+            assert torch.equal(a.features[name], b.features[name]), name
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.weights, b.weights)
+
+
+def test_s3_batches_are_the_local_batches(s3, small_data, tmp_path):
+    config = small_config(small_data, tmp_path)
+    local = str(small_data / "train" / "*.gz")
+    remote = f"s3://{BUCKET}/train/*.gz"
+    batches = 20  # past the end of the first epoch (2,000 rows per rank in batches of 128)
+    for rank in (0, 1):
+        common = {"seed": 7, "rank": rank, "world_size": 2, **TRAINING}
+        with RecapDataset(config.train_data, inputs=local, **common) as dataset:
+            expected = list(islice(dataset, batches))
+            local_files = dataset.files
+        with RecapDataset(config.train_data, inputs=remote, **common) as dataset:
+            assert [Path(f).name for f in dataset.files] == [Path(f).name for f in local_files]
+            assert all(f.startswith(f"s3://{BUCKET}/train/") for f in dataset.files)
+            assert_same_batches(list(islice(dataset, batches)), expected)
+            dataset.skip_to(13)  # a resumed run starts where the uninterrupted one was
+            assert_same_batches(list(islice(dataset, 3)), expected[13:16])
+
+
+def test_dated_folders_in_a_bucket(s3):
+    for path in ("dated/2023/01/03/b.gz", "dated/2023/01/03/a.gz", "dated/2023/01/01/c.gz"):
+        s3.pipe(f"{BUCKET}/{path}", b"x")
+    s3.pipe(f"{BUCKET}/dated/2023/01/03/_SUCCESS", b"")
+    spec = ExplicitDateInputs(
+        data_root=f"s3://{BUCKET}/dated", end_date="2023-01-03", days=3, num_missing_days_tol=1
+    )
+    root = f"s3://{BUCKET}/dated/2023/01"
+    assert date_files(spec) == [f"{root}/01/c.gz", f"{root}/03/a.gz", f"{root}/03/b.gz"]
+    with pytest.raises(UserError, match=rf"^1 of 2 days .*{root}/02.*allows 0$"):
+        date_files(spec.model_copy(update={"days": 2, "num_missing_days_tol": 0}))
+
+
+class DroppingProxy:
+    """A TCP proxy on loopback to `target` that resets its first `drops` connections once they have carried
+    `after` bytes from the server: a connection dropped mid-file."""
+
+    def __init__(self, target: tuple[str, int], after: int, drops: int):
+        self.target, self.after, self.drops = target, after, drops
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(self.target)
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
+        carried = 0
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                carried += len(data)
+                if from_server and carried > self.after and self._drop():
+                    sink.sendall(data[: len(data) // 2])
+                    # Linger 0: closed with a reset, as by a failing network. shutdown first, as it
+                    # also wakes the other direction's thread, blocked in recv on the same sockets.
+                    for s in (source, sink):
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        s.shutdown(socket.SHUT_RDWR)
+                        s.close()
+                    return
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def _drop(self) -> bool:
+        with self._lock:
+            if self.dropped == self.drops:
+                return False
+            self.dropped += 1
+            return True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._listener.close()
+        for s in self._sockets:
+            s.close()
+
+
+def test_connections_dropped_mid_file_are_read_again(server, small_data):
+    local = sorted((small_data / "train").glob("*.gz"))[0]
+    expected = list(read_records(str(local)))
+    host, port = server.removeprefix("http://").split(":")
+    proxy = DroppingProxy((host, int(port)), after=100_000, drops=0)  # the files are ~300 KB
+    try:
+        with s3_endpoint(proxy.url):
+            # One more drop than s3fs's own retries of a request: ours re-open the file and read on.
+            proxy.drops = fsspec.filesystem("s3").retries + 1
+            got = list(read_records(f"s3://{BUCKET}/train/{local.name}"))
+    finally:
+        proxy.close()
+    assert proxy.dropped == proxy.drops
+    assert got == expected
+
+
+class FlakyFile:
+    """A file that raises ConnectionResetError when a read reaches byte `at`, `failures` times in all
+    (counted across re-opens by the shared list)."""
+
+    def __init__(self, file, at: int, failures: list[int]):
+        self._file, self._at, self._failures = file, at, failures
+
+    def read(self, n: int) -> bytes:
+        if self._failures[0] and self._file.tell() <= self._at < self._file.tell() + n:
+            self._failures[0] -= 1
+            self._file.read(n // 2)  # the connection broke after part of the bytes arrived
+            raise ConnectionResetError("connection reset by peer")
+        return self._file.read(n)
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+def flaky(monkeypatch, fs, at: int, failures: int) -> list[int]:
+    """Remote files from `fs` that fail `failures` times at byte `at`; returns the failures left."""
+    left = [failures]
+
+    class FlakyFS:
+        def open(self, url, mode, **kwargs):
+            return FlakyFile(fs.open(url, mode, **kwargs), at, left)
+
+    monkeypatch.setattr(storage, "filesystem", lambda url: FlakyFS())
+    monkeypatch.setattr(storage, "BACKOFF", 0.001)
+    return left
+
+
+def test_a_failed_read_resumes_at_the_byte_reached(s3, small_data, monkeypatch):
+    local = sorted((small_data / "train").glob("*.gz"))[1]
+    left = flaky(monkeypatch, s3, at=250_000, failures=storage.TRIES - 1)
+    assert list(read_records(f"s3://{BUCKET}/train/{local.name}")) == list(read_records(str(local)))
+    assert left == [0]
+
+
+def test_a_read_failing_every_try_names_url_and_record(s3, small_data, monkeypatch):
+    local = sorted((small_data / "train").glob("*.gz"))[1]
+    url = f"s3://{BUCKET}/train/{local.name}"
+    flaky(monkeypatch, s3, at=250_000, failures=storage.TRIES)
+    message = rf"^{url}: record \d+: unreadable \(.*ConnectionResetError: .*{storage.TRIES} tries\)\)$"
+    with pytest.raises(DataError, match=message):
+        list(read_records(url))
+    flaky(monkeypatch, s3, at=250_000, failures=storage.TRIES)
+    got, expected = list(read_records(url, ignore_errors=True)), list(read_records(str(local)))
+    assert len(got) < len(expected) and got == expected[: len(got)]  # the file ends where reading failed
+
+
+def test_a_file_replaced_between_reads_is_not_joined(s3, monkeypatch):
+    url = f"s3://{BUCKET}/replaced"
+    s3.pipe(url, bytes(40_000))
+    flaky(monkeypatch, s3, at=20_000, failures=1)  # past the first read of the buffer
+    with storage.open_binary(url) as f:
+        assert f.read(1000) == bytes(1000)
+        s3.pipe(url, b"x" * 40_000)
+        with pytest.raises(storage.FileChanged, match="^the file was replaced while being read, at byte"):
+            f.read(30_000)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        (f"s3://{BUCKET}/nothing/*.gz", rf"^no files match inputs 's3://{BUCKET}/nothing/\*\.gz'$"),
+        ("s3://no-such-bucket/*.gz", r"^no files match .*: the bucket 'no-such-bucket' does not exist$"),
+        ("s3://key:secret@bucket/*.gz", r"^s3://bucket/\*\.gz: a URL must not hold a password"),
+    ],
+)
+def test_what_matches_nothing_is_one_line(s3, pattern, message):
+    with pytest.raises(UserError, match=message) as e:
+        glob_files(pattern)
+    assert "\n" not in str(e.value) and "secret" not in str(e.value)
+
+
+def test_a_missing_object_is_one_line(s3):
+    with pytest.raises(
+        DataError, match=rf"^s3://{BUCKET}/missing\.gz: record 0: unreadable \(FileNotFound"
+    ) as e:
+        list(read_records(f"s3://{BUCKET}/missing.gz"))
+    assert "\n" not in str(e.value)
+
+
+def test_a_back_end_not_installed_names_the_extra():
+    with contextlib.suppress(ImportError):
+        import gcsfs  # noqa: F401
+
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(UserError, match=r"^gs://b/\*\.gz: reading gs:// URLs needs .*'heavyranker\[gcs\]'$"):
+        glob_files("gs://b/*.gz")
+
+
+def test_config_keeps_urls_and_resolves_paths():
+    config = load_config(CONFIGS / "local_small.yaml", ["train_data.inputs=s3://bucket/train/*.gz"])
+    assert config.train_data.inputs == "s3://bucket/train/*.gz"
+    assert config.validation_data["validation"].inputs == str(REPO / "data/local_small/validation/*.gz")
