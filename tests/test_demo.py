@@ -100,7 +100,9 @@ def test_the_demo_prints_the_model_beside_the_truth_and_both_baselines(tmp_path,
         "RCE gap closed vs LightGBM",
     ]
     rows = lines[header + 2 : header + 12]  # local_small's ten tasks
-    assert [row.split()[0] for row in rows][:2] == ["favorited", "convo_desc_favorited_or_replied"]
+    first = ["is_favorited", "is_good_clicked_convo_desc_favorited_or_replied"]
+    assert [row.split()[0] for row in rows][:2] == first
+    assert all(row.count("|") == 5 for row in rows)
     checked = 0
     for row in rows:
         cells = row.split("|")
