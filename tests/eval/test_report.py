@@ -1,10 +1,11 @@
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 
-from heavyranker.eval.report import reliability_curve, write_report
+from heavyranker.eval.report import build_report, reliability_curve, write_report
 
 
 def test_reliability_curve_bins_by_prediction_quantile_with_weights():
@@ -16,17 +17,57 @@ def test_reliability_curve_bins_by_prediction_quantile_with_weights():
     np.testing.assert_allclose(observed, [3 / 4, 0.5])
 
 
-def test_report_is_a_png(tmp_path):
+def run_folder(tmp_path):
+    """A run's training log (tasks a and b) and evaluations at steps 10 and 20 (b has no positives at 10)."""
     (tmp_path / "metrics.jsonl").write_text(
-        '{"step": 1, "loss/a": 0.7, "loss/b": 0.6}\n{"step": 2, "loss/a": 0.5, "loss/b": 0.4}\n'
+        '{"step": 1, "loss/a": 7.0, "loss/b": 0.6}\n{"step": 2, "loss/a": 0.5, "loss/b": 0.4}\n'
+        '{"step": 3, "loss/a": 0.4, "loss/b": 0.3}\n'
     )
+    (tmp_path / "eval" / "validation").mkdir(parents=True)
+    for step, b_auroc in ((20, 0.7), (10, None)):
+        metrics = {"a": {"auroc": step / 100, "rce": step / 10}, "b": {"auroc": b_auroc, "rce": 1.0}}
+        (tmp_path / "eval" / "validation" / f"step_{step}.json").write_text(json.dumps({"metrics": metrics}))
+    return tmp_path
+
+
+def test_the_report_plots_loss_on_a_log_scale_and_metrics_per_evaluated_step(tmp_path):
+    run = run_folder(tmp_path)
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(size=(100, 2))
+    labels = (rng.uniform(size=(100, 2)) < probs).astype(float)
+    predictions = {"model": probs, "LightGBM": np.clip(probs * 1.1, 0, 1)}
+    fig = build_report(
+        run / "metrics.jsonl", run / "eval" / "validation", ["a", "b"], predictions, labels, np.ones((100, 2))
+    )
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.axison}
+    assert sorted(axes) == sorted(
+        f"{t}: {plot}"
+        for t in "ab"
+        for plot in ("training loss", "AUROC (validation)", "RCE (validation)", "reliability")
+    )
+    loss = axes["a: training loss"]
+    assert loss.get_yscale() == "log"
+    np.testing.assert_array_equal(loss.lines[0].get_xydata(), [[1, 7.0], [2, 0.5], [3, 0.4]])
+    np.testing.assert_array_equal(axes["a: AUROC (validation)"].lines[0].get_xydata(), [[10, 0.1], [20, 0.2]])
+    np.testing.assert_array_equal(axes["a: RCE (validation)"].lines[0].get_xydata(), [[10, 1.0], [20, 2.0]])
+    b_auroc = axes["b: AUROC (validation)"].lines[0].get_xydata()
+    np.testing.assert_array_equal(b_auroc, [[10, np.nan], [20, 0.7]])  # null: no point, not a failure
+    reliability = axes["b: reliability"]
+    assert [line.get_label() for line in reliability.lines[1:]] == ["model", "LightGBM"]
+    predicted, observed = reliability_curve(probs[:, 1], labels[:, 1], np.ones(100))
+    np.testing.assert_array_equal(reliability.lines[1].get_xydata(), np.stack([predicted, observed], axis=1))
+
+
+def test_report_is_a_png(tmp_path):
+    run = run_folder(tmp_path)
     rng = np.random.default_rng(0)
     probs = rng.uniform(size=(100, 2))
     path = write_report(
         tmp_path / "r.png",
-        tmp_path / "metrics.jsonl",
+        run / "metrics.jsonl",
+        run / "eval" / "validation",
         ["a", "b"],
-        probs,
+        {"model": probs},
         (rng.uniform(size=(100, 2)) < probs).astype(float),
         np.ones((100, 2)),
     )
@@ -42,8 +83,9 @@ import sys
 import matplotlib
 import numpy as np
 from heavyranker.eval.report import write_report
-write_report({str(tmp_path / "r.png")!r}, {str(tmp_path / "metrics.jsonl")!r}, ["a"],
-             np.full((4, 1), 0.5), np.array([[0.0], [1.0], [0.0], [1.0]]), np.ones((4, 1)))
+write_report({str(tmp_path / "r.png")!r}, {str(tmp_path / "metrics.jsonl")!r}, {str(tmp_path / "eval")!r},
+             ["a"], {{"model": np.full((4, 1), 0.5)}}, np.array([[0.0], [1.0], [0.0], [1.0]]),
+             np.ones((4, 1)))
 assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
 assert "matplotlib.pyplot" not in sys.modules
 """

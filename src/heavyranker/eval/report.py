@@ -1,4 +1,5 @@
-"""The training report: per-task loss curves and a reliability (calibration) plot per task, one PNG."""
+"""The training report, one PNG: per task, the training loss, the evaluated AUROC and RCE over steps, and
+reliability (calibration) curves of the model and the baselines."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+PLOTS = 4  # per task, in a column: training loss, AUROC, RCE, reliability
 
 
 def reliability_curve(
@@ -25,16 +28,35 @@ def reliability_curve(
 def write_report(
     path: str | Path,
     metrics_jsonl: str | Path,
+    eval_dir: str | Path,
     task_names: list[str],
-    probs: np.ndarray,
+    predictions: dict[str, np.ndarray],
     labels: np.ndarray,
     weights: np.ndarray,
 ) -> Path:
-    """probs/labels/weights: [N, T] on a validation split, columns in task_names order."""
+    """Writes build_report's figure as a PNG at path."""
+    fig = build_report(metrics_jsonl, eval_dir, task_names, predictions, labels, weights)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def build_report(
+    metrics_jsonl: str | Path,
+    eval_dir: str | Path,
+    task_names: list[str],
+    predictions: dict[str, np.ndarray],
+    labels: np.ndarray,
+    weights: np.ndarray,
+) -> Figure:
+    """Per task, four plots in a column: training loss (from metrics_jsonl), AUROC and RCE over the evaluated
+    steps (the step_N.json files of one split's eval_dir), and a reliability curve per predictor on that
+    split. predictions (name -> [N, T]), labels and weights [N, T]: columns in task_names order."""
     lines = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    steps = [line["step"] for line in lines]
+    evaluations = _evaluations(Path(eval_dir))
     cols = 5
-    rows = 2 * math.ceil(len(task_names) / cols)
+    rows = PLOTS * math.ceil(len(task_names) / cols)
     # A Figure on its own Agg canvas, not pyplot: pyplot keeps global figures and a process-wide backend,
     # which importing this module or writing a report must not choose for the program that calls it.
     fig = Figure(figsize=(4 * cols, 3.2 * rows))
@@ -42,23 +64,48 @@ def write_report(
     axes = fig.subplots(rows, cols, squeeze=False)
     for j, task in enumerate(task_names):
         short = task.removeprefix("recap.engagement.is_")
-        loss_ax = axes[2 * (j // cols)][j % cols]
-        loss_ax.plot(steps, [line[f"loss/{task}"] for line in lines])
-        loss_ax.set_title(f"{short}: training loss", fontsize=9)
-        loss_ax.set_xlabel("step", fontsize=8)
-        cal_ax = axes[2 * (j // cols) + 1][j % cols]
-        predicted, observed = reliability_curve(probs[:, j], labels[:, j], weights[:, j])
-        top = max(predicted.max(initial=0), observed.max(initial=0)) * 1.05 or 1.0
-        cal_ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
-        cal_ax.plot(predicted, observed, marker="o")
-        cal_ax.set_title(f"{short}: reliability", fontsize=9)
-        cal_ax.set_xlabel("mean predicted", fontsize=8)
-        cal_ax.set_ylabel("observed rate", fontsize=8)
-    for k in range(len(task_names), rows // 2 * cols):
-        axes[2 * (k // cols)][k % cols].axis("off")
-        axes[2 * (k // cols) + 1][k % cols].axis("off")
+        loss_ax, auroc_ax, rce_ax, cal_ax = (axes[PLOTS * (j // cols) + k][j % cols] for k in range(PLOTS))
+        _loss(loss_ax, short, [line["step"] for line in lines], [line[f"loss/{task}"] for line in lines])
+        for ax, metric, label in ((auroc_ax, "auroc", "AUROC"), (rce_ax, "rce", "RCE")):
+            steps = [step for step, metrics in evaluations if task in metrics]
+            values = [_value(metrics[task][metric]) for _, metrics in evaluations if task in metrics]
+            ax.plot(steps, values, marker="o")
+            ax.set_title(f"{short}: {label} ({Path(eval_dir).name})", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+        _reliability(cal_ax, short, {n: p[:, j] for n, p in predictions.items()}, labels[:, j], weights[:, j])
+    for k in range(len(task_names), rows // PLOTS * cols):
+        for plot in range(PLOTS):
+            axes[PLOTS * (k // cols) + plot][k % cols].axis("off")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
+    return fig
+
+
+def _loss(ax, short: str, steps: list[int], losses: list[float]) -> None:
+    ax.plot(steps, losses)
+    ax.set_yscale("log")  # the first steps' loss is many times the rest: linear, it flattens the curve
+    ax.set_title(f"{short}: training loss", fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+
+
+def _reliability(
+    ax, short: str, predictions: dict[str, np.ndarray], labels: np.ndarray, weights: np.ndarray
+) -> None:
+    curves = {name: reliability_curve(probs, labels, weights) for name, probs in predictions.items()}
+    top = max(max(p.max(initial=0), o.max(initial=0)) for p, o in curves.values()) * 1.05 or 1.0
+    ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+    for name, (predicted, observed) in curves.items():
+        ax.plot(predicted, observed, marker="o", label=name)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{short}: reliability", fontsize=9)
+    ax.set_xlabel("mean predicted", fontsize=8)
+    ax.set_ylabel("observed rate", fontsize=8)
+
+
+def _evaluations(eval_dir: Path) -> list[tuple[int, dict[str, dict[str, float | None]]]]:
+    """(step, metrics by task) of each step_N.json in eval_dir, by step; none when the folder is absent."""
+    found = [(int(p.stem.removeprefix("step_")), p) for p in eval_dir.glob("step_*.json")]
+    return [(step, json.loads(p.read_text())["metrics"]) for step, p in sorted(found)]
+
+
+def _value(value: float | None) -> float:
+    return math.nan if value is None else value  # the evaluator writes NaN (no positives) as null
