@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 from ..config.data import (
@@ -71,13 +72,18 @@ def glob_files(pattern: str) -> list[str]:
 
 def _url_glob(pattern: str) -> list[str]:
     fs = filesystem(pattern)
+    found = _listing(lambda: fs.glob(pattern, detail=True).values(), f"inputs {pattern!r}")
+    return sorted(fs.unstrip_protocol(info["name"]) for info in found if info["type"] == "file")
+
+
+def _listing(list_entries: Callable[[], Iterable[dict]], what: str) -> list[dict]:
+    """A remote listing's entries: none where the folder is missing, one line for any other error."""
     try:
-        found = fs.glob(pattern, detail=True)
+        return list(list_entries())
     except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as e:
-        raise UserError(f"cannot list inputs {pattern!r}: {type(e).__name__}: {e}") from None
-    return sorted(fs.unstrip_protocol(name) for name, info in found.items() if info["type"] == "file")
+        raise UserError(f"cannot list {what}: {type(e).__name__}: {e}") from None
 
 
 def _missing_bucket(url: str) -> str:
@@ -150,12 +156,7 @@ def _gz_files(folder: str) -> list[str]:
 
 def _url_gz_files(folder: str) -> list[str]:
     fs = filesystem(folder)
-    try:
-        entries = fs.ls(folder, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except OSError as e:
-        raise UserError(f"cannot list {folder}: {type(e).__name__}: {e}") from None
+    entries = _listing(lambda: fs.ls(folder, detail=True), folder)
     return [
         fs.unstrip_protocol(entry["name"])
         for entry in entries
