@@ -4,7 +4,6 @@ describes it, and the Scorer runs it as it runs a torch.export program."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -15,7 +14,6 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from fastapi import FastAPI
 
 from heavyranker.cli import main
 from heavyranker.config import load_config
@@ -25,7 +23,7 @@ from heavyranker.serve.app import create_app
 from heavyranker.serve.export import export_model
 from heavyranker.serve.scorer import Scorer
 from tests.conftest import CONFIGS
-from tests.serve.conftest import OVERRIDES, Exported, random_features, score_tolerance
+from tests.serve.conftest import OVERRIDES, Exported, random_features, score_tolerance, serving
 
 ONNX_TYPES = {"float32": "tensor(float)"}  # local_small's inputs
 
@@ -136,19 +134,17 @@ def test_the_scorer_runs_either_program_with_the_same_results(exported: Exported
     torch.testing.assert_close(score_ort, score_pt2, rtol=0, atol=tolerance)
 
 
-async def _post(app: FastAPI, path: str, body: str) -> httpx.Response:
-    """A request to the app in this process, through its ASGI interface."""
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
-        return await client.post(path, content=body, headers={"content-type": "application/json"})
-
-
 def test_the_rank_endpoint_gives_the_same_scores_with_either_program(exported: Exported, exported_onnx: Path):
     features = random_features(_shapes(_manifest(exported_onnx)), 20, seed=6)
     candidates = [{"id": i, "features": {k: v[i].tolist() for k, v in features.items()}} for i in range(20)]
     body = json.dumps({"candidates": candidates})  # NaN and Infinity among the continuous values
     ranked = {}
     for folder in (exported.folder, exported_onnx):
-        response = asyncio.run(_post(create_app(folder), "/v1/rank", body))
+        # A real server: the app's lifespan starts the batcher thread that owns the model.
+        with serving(create_app(folder)) as url:
+            response = httpx.post(
+                f"{url}/v1/rank", content=body, headers={"content-type": "application/json"}, timeout=60
+            )
         assert response.status_code == 200, response.text
         ranked[folder] = {c["id"]: c for c in response.json()["candidates"]}
     pt2, ort = ranked[exported.folder], ranked[exported_onnx]
