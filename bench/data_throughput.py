@@ -8,10 +8,21 @@ example gzipped) to a temporary folder, then measures in the same run:
             buffer 1024, batches of 128, read + inflate + CRC + decode + truncate to 2117/59 + torch;
             once with one reader and one decoder thread, once with the default parallelism
   inflate   only inflating the same files with isal (streamed, as the reader does)
+  cache     the same pipeline reading the decoded cache (`cache: true`), built beforehand
+  s3        the gzip pipeline reading the same files as s3:// URLs from moto's S3 server, run in another
+            process on loopback (its CPU is not counted)
 
 and prints examples per CPU-second (CPU time of the whole process, all threads: steadier than wall time on
-a shared machine), examples/s wall, and the ratio pipeline / inflate per CPU-second. Best of --rounds.
-The summary goes to bench/results/data_throughput.json (--results).
+a shared machine), examples/s wall, and the ratios pipeline / inflate, cache / gzip and s3 / local.
+Then two scaling measurements:
+
+  gil       the share of reading (inflate + CRC + framing) and of decoding that holds the GIL: each done
+            by 1 thread and by 2 threads (half the files each); with 2 free cores, wall(2) / wall(1) =
+            (1 + f) / 2 for a share f held
+  building  building the cache (one file per worker process) with 1, 2, ... workers up to the CPUs:
+            examples/s wall, as a ratio to 1 worker
+
+Best of --rounds. The summary goes to bench/results/data_throughput.json (--results).
 
     .venv/bin/python bench/data_throughput.py [--examples 20000] [--files 8] [--rounds 2]
 """
@@ -19,13 +30,19 @@ The summary goes to bench/results/data_throughput.json (--results).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import logging
 import os
 import resource
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +54,10 @@ sys.path.insert(0, str(REPO / "src"))
 from results import add_results_option, write_results  # noqa: E402
 
 from heavyranker.config import load_config  # noqa: E402
+from heavyranker.data.cache import DecodedCache  # noqa: E402
 from heavyranker.data.dataset import RecapDataset  # noqa: E402
-from heavyranker.data.tf_example import encode_example  # noqa: E402
-from heavyranker.data.tfrecord import write_records  # noqa: E402
+from heavyranker.data.tf_example import ExampleDecoder, encode_example  # noqa: E402
+from heavyranker.data.tfrecord import read_records, write_records  # noqa: E402
 from heavyranker.schema import load_schema  # noqa: E402
 
 CONFIG = REPO / "configs" / "local_prod.yaml"
@@ -127,33 +145,151 @@ def main() -> None:
 
         data = load_config(CONFIG).train_data.model_copy(update={"inputs": os.path.join(folder, "*.gz")})
         single = data.model_copy(update={"map_num_parallel_calls": 1, "interleave_num_parallel_calls": 1})
-        runs = {
-            "inflate only (isal)": lambda: inflate_only(paths, args.examples),
-            "pipeline, 1 reader + 1 decoder": lambda: pipeline(single, args.examples, args.warmup),
-            "pipeline, default parallelism": lambda: pipeline(data, args.examples, args.warmup),
-        }
-        best: dict[str, tuple[float, float]] = {}  # name -> (examples per CPU-second, examples/s wall)
-        for _ in range(args.rounds):
-            for name, work in runs.items():
-                n, wall, cpu = work()
-                per_cpu, per_wall = best.get(name, (0.0, 0.0))
-                best[name] = (max(per_cpu, n / cpu), max(per_wall, n / wall))
+        cached = data.model_copy(update={"cache": True, "cache_dir": os.path.join(folder, "cache")})
+        list(RecapDataset(cached))  # builds the cache, outside the measurements
+        with s3_copy(folder, paths) as bucket:
+            s3 = data.model_copy(update={"inputs": f"{bucket}/*.gz"})
+            runs = {
+                "inflate only (isal)": lambda: inflate_only(paths, args.examples),
+                "pipeline, 1 reader + 1 decoder": lambda: pipeline(single, args.examples, args.warmup),
+                "pipeline, default parallelism": lambda: pipeline(data, args.examples, args.warmup),
+                "cache, default parallelism": lambda: pipeline(cached, args.examples, args.warmup),
+                "s3 loopback, default parallelism": lambda: pipeline(s3, args.examples, args.warmup),
+            }
+            best = best_of(runs, args.rounds)
+        records = [record for path in paths for record in read_records(path)]
+        gil = {"read": gil_share(read_all, paths), "decode": gil_share(decode_all, records)}
+        del records
+        building = build_scaling(data, paths, folder, args.examples)
 
     for name, (per_cpu, per_wall) in best.items():
         print(f"{name:34s} {per_cpu:9,.0f} examples/CPU-s {per_wall:9,.0f} examples/s wall")
-    floor = best["inflate only (isal)"][0]
-    ratios = {name.removeprefix("pipeline, "): best[name][0] / floor for name in list(runs)[1:]}
+    floor, gzip = best["inflate only (isal)"][0], best["pipeline, default parallelism"]
+    ratios = {name.removeprefix("pipeline, "): best[name][0] / floor for name in list(runs)[1:3]}
+    cache = best["cache, default parallelism"][0] / gzip[0]
+    s3_ratio = [best["s3 loopback, default parallelism"][i] / gzip[i] for i in (0, 1)]
     print(
         "pipeline / inflate-only, per CPU-second: "
         + ", ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
+    )
+    print(f"cache / gzip, per CPU-second: {cache:.1f}")
+    print(f"s3 / local: {s3_ratio[0]:.2f} per CPU-second, {s3_ratio[1]:.2f} wall")
+    print("GIL held: " + ", ".join(f"{stage} {share:.2f}" for stage, share in gil.items()))
+    one = building[1]
+    print(
+        "building the cache, examples/s wall: "
+        + ", ".join(f"{w} workers {rate:,.0f} ({rate / one:.2f}x)" for w, rate in building.items())
     )
     figures = {
         "kib_per_example_gzipped": per_example,
         "examples_per_cpu_s": {name: per_cpu for name, (per_cpu, _) in best.items()},
         "examples_per_s_wall": {name: per_wall for name, (_, per_wall) in best.items()},
         "pipeline_over_inflate_per_cpu_s": ratios,
+        "cache_over_gzip_per_cpu_s": cache,
+        "s3_over_local": {"per_cpu_s": s3_ratio[0], "wall": s3_ratio[1]},
+        "gil_share": gil,
+        "cache_building_examples_per_s_wall": building,
+        "cache_building_over_1_worker": {w: rate / one for w, rate in building.items()},
     }
     write_results("data_throughput", figures, args)
+
+
+def best_of(runs: dict[str, Callable], rounds: int) -> dict[str, tuple[float, float]]:
+    """name -> (examples per CPU-second, examples/s wall), the best of `rounds`, the runs interleaved."""
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(rounds):
+        for name, work in runs.items():
+            n, wall, cpu = work()
+            per_cpu, per_wall = best.get(name, (0.0, 0.0))
+            best[name] = (max(per_cpu, n / cpu), max(per_wall, n / wall))
+    return best
+
+
+@contextlib.contextmanager
+def s3_copy(folder: str, paths: list[str]) -> Iterator[str]:
+    """The files in a bucket of moto's S3 server, run in its own process on loopback; yields the bucket's
+    URL, with the environment pointing s3fs at the server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench"}
+    env |= {"AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    try:
+        import fsspec
+
+        for _ in range(100):  # the server starts in a second or two
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            time.sleep(0.1)
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("bench")
+        for path in paths:
+            fs.put(path, f"bench/{os.path.basename(path)}")
+        yield "s3://bench"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def read_all(paths: list[str]) -> float:
+    """Seconds to read every record of `paths` (inflate, CRC, framing)."""
+    start = time.perf_counter()
+    for path in paths:
+        for _ in read_records(path):
+            pass
+    return time.perf_counter() - start
+
+
+def decode_all(records: list[bytes]) -> float:
+    """Seconds to decode `records` in batches of 128."""
+    specs = load_schema(str(REPO / "configs" / "segdense.json"))
+    decoder = ExampleDecoder(specs, specs.keys())
+    start = time.perf_counter()
+    for first in range(0, len(records), 128):
+        decoder.decode_batch(records[first : first + 128], file="bench")
+    return time.perf_counter() - start
+
+
+def gil_share(work: Callable[[list], float], items: list) -> float:
+    """The share of `work` that holds the GIL, from its wall time on 1 thread over `items` and on 2 threads
+    over half of them each: wall(2) / wall(1) = (1 + f) / 2 on two free cores; clipped to [0, 1]."""
+
+    def timed(parts: list[list]) -> float:
+        times: list[float] = []
+        threads = [threading.Thread(target=lambda p=p: times.append(work(p))) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return max(times)
+
+    one = min(timed([items]) for _ in range(2))
+    two = min(timed([items[::2], items[1::2]]) for _ in range(2))
+    return min(1.0, max(0.0, 2 * two / one - 1))
+
+
+def build_scaling(data, paths: list[str], folder: str, examples: int) -> dict[int, float]:
+    """workers -> examples/s wall of building the cache of every file from nothing."""
+    rates = {}
+    for workers in range(1, len(os.sched_getaffinity(0)) + 1):
+        where = os.path.join(folder, f"cache-{workers}")
+        config = data.model_copy(update={"cache": True, "cache_dir": where, "cache_workers": workers})
+        cache = DecodedCache(config, True, "bench")
+        start = time.perf_counter()
+        cache.start(paths)
+        for path in paths:
+            cache.open(path)
+        rates[workers] = examples / (time.perf_counter() - start)
+        cache.close()
+        shutil.rmtree(where)
+    return rates
 
 
 if __name__ == "__main__":

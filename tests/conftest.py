@@ -16,6 +16,12 @@ def small_config_path() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    # `cache: true` without cache_dir writes under $HEAVYRANKER_CACHE: never the user's own cache folder.
+    monkeypatch.setenv("HEAVYRANKER_CACHE", str(tmp_path_factory.getbasetemp() / "decoded-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _quiet_threads():
     # Two cores, tests in parallel: keep torch from oversubscribing.
     import torch

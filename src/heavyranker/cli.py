@@ -53,6 +53,13 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_cache(args: argparse.Namespace) -> int:
+    from .data.cache import clear_cache, describe_cache
+
+    print("\n".join((clear_cache if args.clear else describe_cache)(_load(args))))
+    return 0
+
+
 def _model_summary(args: argparse.Namespace) -> int:
     from .model.summary import print_summary
 
@@ -193,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
     p.add_argument("--out", required=True, help="FILE.json")
     p.add_argument("--batches", type=int, default=100, help="training batches to read")
+    p = command(data, "cache", "the decoded cache of the config's splits: size, files cached", _data_cache)
+    _with_config(p)
+    p.add_argument("--clear", action="store_true", help="remove everything in the cache folders")
 
     model = commands.add_parser("model", help="model tools").add_subparsers(dest="sub", required=True)
     _with_config(command(model, "summary", "each module with its parameter count", _model_summary))

@@ -21,6 +21,11 @@ BENCHES = {
             "examples_per_cpu_s",
             "examples_per_s_wall",
             "pipeline_over_inflate_per_cpu_s",
+            "cache_over_gzip_per_cpu_s",
+            "s3_over_local",
+            "gil_share",
+            "cache_building_examples_per_s_wall",
+            "cache_building_over_1_worker",
         },
     ),
     "decode_micro": (

@@ -261,14 +261,6 @@ def test_prediction_reads_no_labels(folder):
     assert batch.tasks == () and batch.labels.shape == (4, 0) and batch.weights.shape == (4, 0)
 
 
-def test_cache_serves_later_passes_from_memory(folder):
-    dataset = RecapDataset(data_config(folder, cache=True))
-    first = batch_ids(dataset)
-    for path in folder.glob("*.gz"):
-        path.unlink()
-    assert batch_ids(dataset) == first
-
-
 def test_decode_error_names_file_and_record(folder):
     bad = [encode_example(example(100 + i)) for i in range(5)]
     bad[3] = encode_example({**example(103), "cont": np.zeros(5, dtype=np.float32)})

@@ -288,3 +288,24 @@ def test_config_keeps_urls_and_resolves_paths():
     config = load_config(CONFIGS / "local_small.yaml", ["train_data.inputs=s3://bucket/train/*.gz"])
     assert config.train_data.inputs == "s3://bucket/train/*.gz"
     assert config.validation_data["validation"].inputs == str(REPO / "data/local_small/validation/*.gz")
+
+
+def test_s3_files_cached_locally_give_the_local_batches(s3, small_data, tmp_path):
+    config = small_config(small_data, tmp_path)
+    cached = config.train_data.model_copy(
+        update={"cache": True, "cache_dir": str(tmp_path / "cache"), "cache_workers": 1}
+    )
+    with RecapDataset(config.train_data, seed=3, **TRAINING) as dataset:
+        expected = list(islice(dataset, 40))  # more than two epochs
+    remote = f"s3://{BUCKET}/train/*.gz"
+    for _ in range(2):  # building the cache from the bucket, then reading it
+        with RecapDataset(cached, inputs=remote, seed=3, **TRAINING) as dataset:
+            assert_same_batches(list(islice(dataset, 40)), expected)
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+    s3.pipe(f"{BUCKET}/train/part-00000.gz", s3.cat(f"{BUCKET}/train/part-00001.gz"))  # a new ETag
+    try:
+        with RecapDataset(cached, inputs=remote, seed=3, **TRAINING) as dataset:
+            list(islice(dataset, 1))
+        assert len(list((tmp_path / "cache").iterdir())) == 5
+    finally:
+        s3.put(str(small_data / "train" / "part-00000.gz"), f"{BUCKET}/train/part-00000.gz")

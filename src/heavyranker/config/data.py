@@ -175,7 +175,16 @@ class DataConfig(StrictModel):
     )
     num_files_to_keep: Count | None = None
     file_batch_size: Count = Field(16, description="Files read at once, their records interleaved.")
-    cache: bool = Field(False, description="Keep decoded batches in memory after the first pass.")
+    cache: bool = Field(
+        False, description="Decode each file once into a local cache of memory-mapped columns; read it after."
+    )
+    cache_dir: ConfigPath | None = Field(
+        None,
+        description="The cache's folder (local disk); default: $HEAVYRANKER_CACHE or ~/.cache/heavyranker.",
+    )
+    cache_workers: Count | None = Field(
+        None, le=MAX_THREADS, description="Processes decoding files into the cache; default: the rank's CPUs."
+    )
     ignore_data_errors: bool = Field(
         False,
         description="Skip and count damaged records, and the rest of damaged files, instead of failing.",
@@ -199,6 +208,15 @@ class DataConfig(StrictModel):
         [], description="Tasks to report metrics for; empty: all model tasks."
     )
     preprocess: Preprocess | None = None
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _local(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith("file://"):
+            raise PydanticCustomError(
+                "local_path", "{v!r}: the cache is memory-mapped, so it must be on local disk", {"v": value}
+            )
+        return value if value is None else value.removeprefix("file://")
 
     @model_validator(mode="after")
     def _one_input(self) -> DataConfig:

@@ -76,30 +76,30 @@ class Columns:
         self._every_decoder: list[ExampleDecoder] = []  # every thread's, for defaults_filled
         self._lock = threading.Lock()
 
-    def decode(self, items: list[Item]) -> dict[str, np.ndarray] | None:
-        """Schema name -> [N, length] array of the wanted columns of these records.
+    def decode(self, items: list[Item]) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+        """Schema name -> [N, length] array of the wanted columns of these records, and which of `items`
+        the N rows are (their positions, ascending).
 
         A damaged record (not a tf.Example, a feature of the wrong type or length, a label other than 0 or 1)
         raises DataError naming its file and index; with `damage` (ignore_data_errors) it is reported there
         and left out: N is smaller, and None means no record is left."""
         decoder = self._decoder()
+        kept = np.arange(len(items))
         try:
             columns = decoder.decode_batch([record for record, _, _ in items], file="(a batch)")
         except DataError:
             # One by one: to name the damaged record, or (ignore_data_errors) to keep the others.
-            kept, parts = [], []
-            for item in items:
-                if (part := self._decode_record(decoder, item)) is not None:
-                    kept.append(item)
-                    parts.append(part)
-            if not parts:
+            parts = [self._decode_record(decoder, item) for item in items]
+            kept = np.array([i for i, part in enumerate(parts) if part is not None], dtype=np.int64)
+            if not kept.size:
                 return None
-            items = kept
-            columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-        keep = self._check_labels(columns, items)
+            columns = {name: np.concatenate([parts[i][name] for i in kept]) for name in parts[kept[0]]}
+        keep = self._check_labels(columns, [items[i] for i in kept])
         if keep is None:
-            return columns
-        return {name: values[keep] for name, values in columns.items()} if keep.any() else None
+            return columns, kept
+        if not keep.any():
+            return None
+        return {name: values[keep] for name, values in columns.items()}, kept[keep]
 
     def defaults_filled(self) -> Counter[str]:
         """Schema name -> how many times the feature was absent from a record and took the schema default,

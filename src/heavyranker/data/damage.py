@@ -57,3 +57,12 @@ class Damage:
             )
         elif str(count).rstrip("0") == "1":  # 10, 100, 1000, ...
             log.warning("%s: %d damaged records skipped so far (ignore_data_errors)", path, count)
+
+    def replay(self, path: str, summary: dict) -> None:
+        """Counts and logs again the damage met when `path` was decoded into the cache (data/cache.py), as
+        reading the file again would."""
+        messages = summary["messages"]
+        for i in range(summary["records"]):
+            self.record(path, DataError(messages[min(i, len(messages) - 1)]))
+        if summary["file"]:
+            self.file(path, DataError(summary["file"]))

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..config.data import DataConfig
 from ..errors import DataError
-from .batch import Batch
+from .batch import Batch, Rows
+from .cache import DecodedCache, gather, with_final_labels
 from .columns import Columns
 from .damage import Damage
 from .files import shard_files
@@ -38,9 +40,8 @@ class RecapDataset:
       drop_last  every batch full (less its damaged records, below); without it, the last batch holds what
                  is left.
     Either way file_batch_size files are read at once, their records interleaved in blocks of 4
-    (file_batch_size: 1 reads file after file). `cache: true` keeps the batches of the first complete pass
-    in memory and serves later passes from there; it applies without repeat only (a repeating stream never
-    completes a pass).
+    (file_batch_size: 1 reads file after file). With `cache: true` each file is decoded once into a cache
+    on local disk (data/cache.py) and read from there, in the same order, to the same batches.
 
     With ignore_data_errors a damaged record is left out of its batch, which is that much shorter, drop_last
     or not: each batch stays the one clean data would give less its damaged records, so a seed still gives
@@ -92,10 +93,15 @@ class RecapDataset:
         self._columns = Columns(data, self.preprocessors, require_labels, self._damage)
         self._chunk = max(BLOCK, READ_AHEAD // min(data.file_batch_size, len(self.files)))
         self._start = 0
-        self._cached: list[Batch] | None = None
         self._maps: set[OrderedMap] = set()
-        if data.cache and repeat:
-            log.info("cache: true has no effect on a repeating stream (it never completes a pass)")
+        self._cache = DecodedCache(data, require_labels, where) if data.cache else None
+        # What runs on a batch's rows: from the cache, only downsample_negatives (it depends on the batch;
+        # the cache holds the rows after the others).
+        self._batch_preprocessors = self.preprocessors
+        if self._cache:
+            self._batch_preprocessors = [downsample] if downsample else []
+        self._replayed: Counter[str] = Counter()  # defaults_filled of the files read from the cache
+        self._replayed_lock = threading.Lock()
         log.info(
             "%s: %d files for rank %d of %d, batches of %d examples (shuffle=%s, repeat=%s, drop_last=%s)",
             where,
@@ -119,6 +125,8 @@ class RecapDataset:
         schema feature that was, defaults_filled/NAME); damaged_files and skipped_records: the files cut
         short and the records left out by ignore_data_errors. A repeating read counts them every epoch."""
         filled = self._columns.defaults_filled()
+        with self._replayed_lock:
+            filled.update(self._replayed)
         return {
             "defaults_filled": filled.total(),
             "damaged_files": len(self.damaged_files),
@@ -134,10 +142,8 @@ class RecapDataset:
 
     def __iter__(self) -> Iterator[Batch]:
         start, self._start = self._start, 0
-        if self._cached is not None:
-            yield from self._cached[start:]
-            return
-        cache = [] if self.data.cache and not self.repeat and start == 0 else None
+        if self._cache is not None:
+            self._cache.start(self._order.epoch_files(0))
         # Default threads: reading (inflate + CRC) is ~85% of the work and decoding ~10%, so every CPU
         # reads and a quarter of them decode.
         cpus = len(os.sched_getaffinity(0))
@@ -151,13 +157,8 @@ class RecapDataset:
         self._maps.add(batches)
         try:
             for batch in batches:
-                if batch is None:  # every record damaged (ignore_data_errors)
-                    continue
-                if cache is not None:
-                    cache.append(batch)
-                yield batch
-            if cache is not None:
-                self._cached = cache
+                if batch is not None:  # None: every record damaged (ignore_data_errors)
+                    yield batch
         finally:
             batches.close()
             self._maps.discard(batches)
@@ -166,6 +167,8 @@ class RecapDataset:
         """Stops the threads of every iteration still open."""
         for batches in list(self._maps):
             batches.close()
+        if self._cache is not None:
+            self._cache.close()
 
     def __enter__(self) -> RecapDataset:
         return self
@@ -177,13 +180,26 @@ class RecapDataset:
         return self._order.runs(lambda path: self._open(path, pool))
 
     def _open(self, path: str, pool: ThreadPoolExecutor) -> Iterator[Item]:
+        if self._cache is not None:
+            return self._open_cached(path)
         # The reader starts reading now, so that every file of a group is being read before it is needed.
         reader = FileReader(path, pool, self._chunk, self._damage)
         return ((record, path, index) for index, record in enumerate(reader))
 
+    def _open_cached(self, path: str) -> Iterator[Item]:
+        entry = self._cache.open(path)
+        damage = entry.damage
+        if damage["records"] or damage["file"]:
+            if self._damage is None:  # cached by a run with ignore_data_errors
+                raise DataError((damage["messages"] or [damage["file"]])[0])
+            self._damage.replay(path, damage)
+        with self._replayed_lock:
+            self._replayed.update(entry.defaults_filled)
+        return ((entry, path, index) for index in range(len(entry)))
+
     def _make_batch(self, items: list[Item]) -> Batch | None:
-        columns = self._columns.decode(items)
-        if columns is None:
+        rows = gather(items, self._columns.tasks) if self._cache else self._decoded_rows(items)
+        if rows is None:
             _, path, index = items[0]
             if self._order.drop_last:
                 raise DataError(
@@ -192,10 +208,13 @@ class RecapDataset:
                     f"must keep one"
                 )
             return None
-        rows = self._columns.rows(columns)
-        for preprocessor in self.preprocessors:
+        for preprocessor in self._batch_preprocessors:
             rows = preprocessor.apply(rows)
-        return self._columns.batch(rows)
+        return self._columns.batch(with_final_labels(rows))
+
+    def _decoded_rows(self, items: list[Item]) -> Rows | None:
+        decoded = self._columns.decode(items)
+        return None if decoded is None else self._columns.rows(decoded[0])
 
 
 def describe_counts(counts: dict[str, int]) -> str:

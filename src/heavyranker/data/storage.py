@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -67,6 +68,17 @@ def filesystem(url: str) -> AbstractFileSystem:
         raise UserError(f"{url}: reading {parts.scheme}:// URLs needs a back-end: {remedy}") from None
     except ValueError:
         raise UserError(f"{url}: no fsspec back-end knows the scheme {parts.scheme}://") from None
+
+
+def file_version(path: str) -> dict[str, object]:
+    """What identifies this version of the file: its size and modification time (local) or its size and
+    the back-end's version tag (ETag, generation) or modification time (remote). A changed file changes it."""
+    if not is_url(path):
+        stat = os.stat(local(path))
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    info = filesystem(path).info(path)
+    keys = (*_VERSION_KEYS, "LastModified", "mtime", "updated")
+    return {"size": info.get("size"), **{key: str(info[key]) for key in keys if key in info}}
 
 
 def open_binary(path: str) -> BinaryIO:

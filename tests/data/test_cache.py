@@ -1,0 +1,188 @@
+"""`cache: true`: the decoded cache gives the batches uncached reading gives (the reference: uncached reading,
+whose values test_dataset.py checks against the examples' own ids), later reads decode nothing, resume
+positions identically, a changed input or config is not served from a stale entry, a half-written entry is
+never read, damage is counted as uncached, and the `data cache` command reports and clears."""
+
+from __future__ import annotations
+
+import os
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+from heavyranker.cli import main
+from heavyranker.config.data import DataConfig
+from heavyranker.data.batch import Batch
+from heavyranker.data.cache import TEMPORARY
+from heavyranker.data.columns import Columns
+from heavyranker.data.dataset import RecapDataset
+from heavyranker.data.tf_example import encode_example
+from heavyranker.errors import DataError
+from tests.conftest import SMALL_SPLITS
+from tests.data.test_dataset import TRAINING, batch_ids, data_config, example, write_files
+
+PREPROCESS = {  # every preprocessor: those the cache applies, and downsampling, applied per batch
+    "downsample_negatives": {"batch_multiplier": 2, "engagements_list": ["a"]},
+    "truncate_and_slice": {"continuous_feature_truncation": 4},
+    "downcast": {"features": {"continuous": "bfloat16", "binary": "bool"}},
+    "rectify_labels": {
+        "label_rectification_window_in_hours": 1.0,
+        "served_timestamp_field": "ts.served",
+        "impressed_timestamp_field": "ts.impressed",
+        "label_to_engaged_timestamp_field": {"a": "ts.engaged_a"},
+    },
+    "extract_features": {
+        "extract_feature_table": [{"name": "c2", "source_tensor": "continuous", "index": 2}]
+    },
+}
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    write_files(data, [10, 6, 3])
+    return data
+
+
+def cached(folder: Path, workers: int = 1, **fields) -> DataConfig:
+    cache = str(folder.parent / "cache")
+    return data_config(folder, cache=True, cache_dir=cache, cache_workers=workers, **fields)
+
+
+def read(data: DataConfig, batches: int | None = None, skip: int = 0, **reading) -> list[Batch]:
+    with RecapDataset(data, seed=5, **reading) as dataset:
+        dataset.skip_to(skip)
+        return list(islice(dataset, batches))
+
+
+def assert_same(got: list[Batch], want: list[Batch]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.features.keys() == b.features.keys() and a.tasks == b.tasks
+        for name in a.features:
+            assert a.features[name].dtype == b.features[name].dtype, name
+            assert torch.equal(a.features[name], b.features[name]), name
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.weights, b.weights)
+
+
+@pytest.mark.parametrize("reading", [TRAINING, {}], ids=["training", "evaluation"])
+@pytest.mark.parametrize("preprocess", [None, PREPROCESS], ids=["plain", "every-preprocessor"])
+def test_cached_batches_are_the_uncached_ones(folder, reading, preprocess):
+    batches = 12 if reading else None  # training: more than two passes over the 19 examples
+    uncached = read(data_config(folder, preprocess=preprocess), batches, **reading)
+    first = read(cached(folder, preprocess=preprocess), batches, **reading)  # builds the cache
+    again = read(cached(folder, preprocess=preprocess), batches, **reading)  # reads it
+    assert_same(first, uncached)
+    assert_same(again, uncached)
+    assert len(uncached) >= 3 and any(b.weights.max() > 1 for b in uncached) == (preprocess is not None)
+
+
+def test_a_later_run_decodes_nothing(folder, monkeypatch, caplog):
+    want = batch_ids(RecapDataset(cached(folder)))
+
+    def no_decoding(*args):
+        raise AssertionError("decoded a record")
+
+    monkeypatch.setattr(Columns, "decode", no_decoding)
+    caplog.set_level("INFO")
+    assert batch_ids(RecapDataset(cached(folder))) == want
+    assert "reading the decoded cache in" in caplog.text and "3 of 3 files cached" in caplog.text
+
+
+@pytest.mark.parametrize("reading", [TRAINING, {}], ids=["training", "evaluation"])
+def test_resume_positions_as_uncached(folder, reading):
+    fresh = read(data_config(folder), 6, **reading)
+    for k in (0, 3, 5):
+        assert_same(read(cached(folder), 1, skip=k, **reading), fresh[k : k + 1])
+
+
+def test_processes_build_the_same_entries(folder):
+    uncached = read(data_config(folder, preprocess=PREPROCESS), 8, **TRAINING)
+    assert_same(read(cached(folder, workers=2, preprocess=PREPROCESS), 8, **TRAINING), uncached)
+    assert len(list((folder.parent / "cache").iterdir())) == 3
+
+
+def test_a_changed_file_is_read_again(folder):
+    assert batch_ids(RecapDataset(cached(folder)))[0] == [0, 1, 2, 3]
+    write_files(folder, [10])  # part-0 now ids 0..9 again, but rewritten: a new mtime ...
+    ids = batch_ids(RecapDataset(cached(folder)))
+    assert sorted(sum(ids, [])) == list(range(19))
+    write_files(folder, [11])  # ... and here different records
+    ids = batch_ids(RecapDataset(cached(folder)))
+    assert sorted(sum(ids, [])) == [*range(11), *range(10, 19)]
+
+
+def test_a_changed_config_gets_new_entries(folder):
+    entries = folder.parent / "cache"
+    list(RecapDataset(cached(folder)))
+    list(RecapDataset(cached(folder, global_batch_size=2, file_batch_size=1)))  # reading only: same entries
+    assert len(list(entries.iterdir())) == 3
+    truncated = read(cached(folder, preprocess={"truncate_and_slice": {"continuous_feature_truncation": 2}}))
+    assert truncated[0].features["continuous"].shape == (4, 2) and len(list(entries.iterdir())) == 6
+    list(RecapDataset(cached(folder), require_labels=False))  # prediction reads no labels: its own entries
+    assert len(list(entries.iterdir())) == 9
+
+
+def test_a_half_written_entry_is_never_read(folder):
+    want = read(data_config(folder))
+    read(cached(folder))
+    entries = sorted((folder.parent / "cache").iterdir())
+    column = entries[0] / "column-0.bin"
+    column.write_bytes(column.read_bytes()[:-8])  # as a run killed while writing it would leave it
+    (folder.parent / "cache" / f"{TEMPORARY}x-1-y").mkdir()  # a killed build's folder: ignored
+    assert_same(read(cached(folder)), want)
+
+
+def test_damage_is_counted_as_uncached_and_raised_without_ignore(folder):
+    write_files(folder, [10], {4: b"not a tf.Example"})
+    part1 = folder / "part-1.gz"
+    part1.write_bytes(part1.read_bytes()[:-30])  # a file cut short
+    uncached = RecapDataset(data_config(folder, ignore_data_errors=True))
+    want = read(data_config(folder, ignore_data_errors=True))
+    list(uncached)
+    for _ in range(2):  # building the cache, then reading it
+        dataset = RecapDataset(cached(folder, ignore_data_errors=True))
+        assert_same(list(dataset), want)
+        assert dataset.counts() == uncached.counts() and dataset.damaged_files == [str(part1)]
+        assert dataset.counts()["skipped_records"] == 1
+    with pytest.raises(DataError, match=r"part-0\.gz: record 4: not a tf\.Example"):
+        list(RecapDataset(cached(folder)))
+
+
+def test_counts_defaults_filled_as_uncached(folder):
+    write_files(folder, [10], {2: encode_example({k: v for k, v in example(2).items() if k != "disc"})})
+    want = RecapDataset(data_config(folder))
+    list(want)
+    for _ in range(2):
+        dataset = RecapDataset(cached(folder))
+        list(dataset)
+        assert dataset.counts() == want.counts() and dataset.counts()["defaults_filled/disc"] == 1
+
+
+def test_the_cache_must_be_local(folder):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="the cache is memory-mapped, so it must be on local disk"):
+        data_config(folder, cache=True, cache_dir="s3://bucket/cache")
+
+
+def test_data_cache_command_reports_and_clears(small_data, small_config_path, tmp_path, capsys):
+    cache = tmp_path / "c"
+    args = ["--config", str(small_config_path), "--set", f"train_data.inputs={small_data}/train/*.gz"]
+    args += [f"--set=validation_data.{split}.inputs={small_data}/{split}/*.gz" for split in SMALL_SPLITS]
+    args += [f"--set=train_data.cache_dir={cache}", "--set=train_data.cache=true"]
+    args += ["--set=train_data.cache_workers=1"]
+    assert main(["data", "cache", *args]) == 0
+    assert f"{cache}: 0 entries, 0.0 MiB" in capsys.readouterr().out
+    assert main(["data", "dump", *args, "--batches", "1", "--out", str(tmp_path / "d.npz")]) == 0
+    capsys.readouterr()
+    assert main(["data", "cache", *args]) == 0
+    out = capsys.readouterr().out
+    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    assert f"{cache}: 4 entries, {size / 2**20:,.1f} MiB" in out and "train_data: 4 of 4 files cached" in out
+    assert f"validation_data.{SMALL_SPLITS[0]}: 0 of 4 files cached (cache: false)" in out
+    assert main(["data", "cache", *args, "--clear"]) == 0
+    assert f"{cache}: removed 4 entries" in capsys.readouterr().out and not os.listdir(cache)
