@@ -147,6 +147,9 @@ def main() -> None:
         single = data.model_copy(update={"map_num_parallel_calls": 1, "interleave_num_parallel_calls": 1})
         cached = data.model_copy(update={"cache": True, "cache_dir": os.path.join(folder, "cache")})
         list(RecapDataset(cached))  # builds the cache, outside the measurements
+        cache_files = Path(cached.cache_dir).rglob("*")
+        cache_size = sum(f.stat().st_size for f in cache_files if f.is_file()) / args.examples / 1024
+        print(f"decoded cache: {cache_size:.1f} KiB/example")
         with s3_copy(folder, paths) as bucket:
             s3 = data.model_copy(update={"inputs": f"{bucket}/*.gz"})
             runs = {
@@ -186,6 +189,7 @@ def main() -> None:
         "examples_per_s_wall": {name: per_wall for name, (_, per_wall) in best.items()},
         "pipeline_over_inflate_per_cpu_s": ratios,
         "cache_over_gzip_per_cpu_s": cache,
+        "cache_kib_per_example": cache_size,
         "s3_over_local": {"per_cpu_s": s3_ratio[0], "wall": s3_ratio[1]},
         "gil_share": gil,
         "cache_building_examples_per_s_wall": building,

@@ -22,6 +22,7 @@ BENCHES = {
             "examples_per_s_wall",
             "pipeline_over_inflate_per_cpu_s",
             "cache_over_gzip_per_cpu_s",
+            "cache_kib_per_example",
             "s3_over_local",
             "gil_share",
             "cache_building_examples_per_s_wall",

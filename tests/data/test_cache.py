@@ -15,7 +15,7 @@ import torch
 from heavyranker.cli import main
 from heavyranker.config.data import DataConfig
 from heavyranker.data.batch import Batch
-from heavyranker.data.cache import TEMPORARY
+from heavyranker.data.cache_entry import TEMPORARY
 from heavyranker.data.columns import Columns
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.tf_example import encode_example

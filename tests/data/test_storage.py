@@ -245,12 +245,13 @@ def test_a_read_failing_every_try_names_url_and_record(s3, small_data, monkeypat
 def test_a_file_replaced_between_reads_is_not_joined(s3, monkeypatch):
     url = f"s3://{BUCKET}/replaced"
     s3.pipe(url, bytes(40_000))
-    flaky(monkeypatch, s3, at=20_000, failures=1)  # past the first read of the buffer
+    monkeypatch.setattr(storage, "BLOCK_SIZE", 16_000)  # the third block is fetched after the replacement
+    monkeypatch.setattr(storage, "BACKOFF", 0.001)
     with storage.open_binary(url) as f:
         assert f.read(1000) == bytes(1000)
         s3.pipe(url, b"x" * 40_000)
         with pytest.raises(storage.FileChanged, match="^the file was replaced while being read, at byte"):
-            f.read(30_000)
+            f.read(35_000)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from ..config.data import DataConfig
 from ..errors import DataError
 from .batch import Batch, Rows
-from .cache import DecodedCache, gather, with_final_labels
+from .cache import DecodedCache
+from .cache_entry import gather, with_final_labels
 from .columns import Columns
 from .damage import Damage
 from .files import shard_files
