@@ -65,8 +65,11 @@ class FullDisk:
 
     def write(self, data) -> int:
         if len(data) > self.room:
-            self.file.write(bytes(data[: self.room]))
+            self.file.write(data[: self.room])
             self.room = 0
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.room -= len(data)
         return self.file.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)

@@ -4,6 +4,7 @@ config, call the library function that does the work."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from .errors import UserError
 from .memory import keep_freed_memory
 
 EXIT_USER_ERROR = 2
+OUT_OF_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk or quota, a read-only disk: one line
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -323,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        if e.errno not in OUT_OF_ROOM:
+            raise
+        # Wherever it happened (TensorBoard's files, a report), what was written before stays: checkpoints and
+        # results are written atomically.
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

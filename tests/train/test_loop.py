@@ -1,5 +1,6 @@
 """The training loop: exact resume, warm start, max_to_keep, non-finite stop, signals, end to end."""
 
+import errno
 import json
 import os
 import re
@@ -400,3 +401,29 @@ def test_a_resumed_run_does_not_count_the_evaluations_it_repeats(small_data, tmp
     marker = json.loads((tmp_path / "checkpoints/best.json").read_text())
     assert (marker["step"], marker["evaluations_without_improvement"], marker["evaluated_step"]) == (5, 0, 5)
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1, 2, 4, 5]
+
+
+def test_a_full_disk_while_logging_is_one_line(small_data, tmp_path, capsys, monkeypatch):
+    from heavyranker.train import logger
+
+    def filling_disk(path, mode):
+        return FullDisk(open(path, mode), room=0)
+
+    monkeypatch.setattr(logger, "open", filling_disk, raising=False)
+    capsys.readouterr()
+    code = cli("train", small_data, tmp_path, "training.num_train_steps=4", "training.train_log_every_n=2")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"error: {tmp_path}/metrics.jsonl: cannot write the training log: No space left on device"
+    )
+
+
+def test_a_full_disk_anywhere_else_is_one_line(small_data, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "somewhere"))
+
+    monkeypatch.setattr(Trainer, "restore", full)
+    capsys.readouterr()
+    assert cli("train", small_data, tmp_path, "training.num_train_steps=2") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path}/somewhere: No space left on device"

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write
+from ..errors import UserError
 
 METRICS = "metrics.jsonl"
 
@@ -73,8 +74,11 @@ class TrainLogger:
         }
         self._reset()
         if self.enabled:
-            self.jsonl.write(json.dumps(line) + "\n")
-            self.jsonl.flush()
+            try:
+                self.jsonl.write(json.dumps(line) + "\n")
+                self.jsonl.flush()
+            except OSError as e:  # the checkpoints, written atomically, are what a resumed run needs
+                raise UserError(f"{self.jsonl.name}: cannot write the training log: {e.strerror}") from None
             for key, value in line.items():
                 if key != "step":
                     self.tensorboard.add_scalar(f"train/{key}", value, step)
