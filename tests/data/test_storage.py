@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import struct
 import threading
@@ -310,3 +311,29 @@ def test_s3_files_cached_locally_give_the_local_batches(s3, small_data, tmp_path
         assert len(list((tmp_path / "cache").iterdir())) == 5
     finally:
         s3.put(str(small_data / "train" / "part-00000.gz"), f"{BUCKET}/train/part-00000.gz")
+
+
+def test_no_permission_is_one_line(server, small_data):
+    """A user without any policy, on a server that checks: listing and reading are denied."""
+    import boto3
+    import requests
+
+    with s3_endpoint(server):
+        iam = boto3.client("iam", endpoint_url=server, region_name="us-east-1")
+        iam.create_user(UserName="nobody")
+        key = iam.create_access_key(UserName="nobody")["AccessKey"]
+    requests.post(f"{server}/moto-api/reset-auth", data=b"0").raise_for_status()
+    try:
+        with s3_endpoint(server), pytest.MonkeyPatch.context() as patch:
+            patch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+            patch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+            pattern = f"s3://{BUCKET}/train/*.gz"
+            denied = rf"^cannot list inputs '{re.escape(pattern)}': PermissionError: Access Denied$"
+            with pytest.raises(UserError, match=denied):
+                glob_files(pattern)
+            url = f"s3://{BUCKET}/train/{sorted(small_data.glob('train/*.gz'))[0].name}"
+            forbidden = rf"^{url}: record 0: unreadable \(PermissionError: Forbidden\)$"
+            with pytest.raises(DataError, match=forbidden):
+                list(read_records(url))
+    finally:
+        requests.post(f"{server}/moto-api/reset-auth", data=b"inf").raise_for_status()
