@@ -6,6 +6,8 @@ never read, damage is counted as uncached, and the `data cache` command reports 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from heavyranker.data.columns import Columns
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.tf_example import encode_example
 from heavyranker.errors import DataError
-from tests.conftest import SMALL_SPLITS
+from tests.conftest import CONFIGS, SMALL_SPLITS
 from tests.data.test_dataset import TRAINING, batch_ids, data_config, example, write_files
 
 PREPROCESS = {  # every preprocessor: those the cache applies, and downsampling, applied per batch
@@ -186,3 +188,34 @@ def test_data_cache_command_reports_and_clears(small_data, small_config_path, tm
     assert f"validation_data.{SMALL_SPLITS[0]}: 0 of 4 files cached (cache: false)" in out
     assert main(["data", "cache", *args, "--clear"]) == 0
     assert f"{cache}: removed 4 entries" in capsys.readouterr().out and not os.listdir(cache)
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from heavyranker.config import load_config
+from heavyranker.data.dataset import RecapDataset
+
+config = load_config(sys.argv[1], sys.argv[2:])
+with RecapDataset(config.train_data) as dataset:
+    next(iter(dataset))
+"""
+
+
+def test_a_script_without_a_main_guard_gets_an_error_not_an_endless_restart(small_data, tmp_path):
+    """Every build process runs an unguarded script again, which fails starting processes of its own:
+    multiprocessing.Pool replaced such workers forever, so the script hung printing tracebacks."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    sets = [f"train_data.inputs={small_data}/train/*.gz", f"train_data.cache_dir={tmp_path / 'c'}"]
+    sets += ["train_data.cache=true", "train_data.cache_workers=2"]
+    config = CONFIGS / "local_small.yaml"
+    run = subprocess.run(
+        [sys.executable, str(script), str(config), *sets], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1
+    # The script's traceback ends with the error; the resource tracker may warn after it about the
+    # semaphores of the processes that died.
+    errors = [line for line in run.stderr.splitlines() if line.startswith("heavyranker.errors.")]
+    assert len(errors) == 1, run.stderr
+    assert errors[0].startswith("heavyranker.errors.UserError: data: a process building the decoded cache")
+    assert "`if __name__ == '__main__':`" in errors[0]

@@ -28,7 +28,8 @@ import os
 import shutil
 import threading
 import uuid
-from multiprocessing.pool import AsyncResult, Pool
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from ..config import Config
@@ -72,8 +73,8 @@ class DecodedCache:
         self._fingerprint = Fingerprint(data, labels)
         self._workers = data.cache_workers or default_workers()
         self._entries: dict[str, Entry] = {}
-        self._building: dict[str, tuple[AsyncResult, Path]] = {}
-        self._pool: Pool | None = None
+        self._building: dict[str, tuple[Future, Path]] = {}
+        self._pool: ProcessPoolExecutor | None = None
         self._stop = threading.Event()  # ends a build in the reading thread when the reading stops
 
     def start(self, files: list[str]) -> None:
@@ -104,22 +105,32 @@ class DecodedCache:
             if self._pool is None:
                 # Not fork: forking a process that runs threads can deadlock the child. The fork server is a
                 # fresh process that imports the builder once; workers fork from it, so a pool starts in
-                # milliseconds rather than the 2 s each spawned worker takes to import torch.
+                # milliseconds rather than the 2 s each spawned worker takes to import torch. Not
+                # multiprocessing.Pool: it replaces a worker that dies at start forever, where this
+                # executor fails the builds (BrokenProcessPool).
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload([build_entry.__module__])
-                self._pool = context.Pool(min(self._workers, len(missing)), initializer=_lowest_priority)
+                workers = min(self._workers, len(missing))
+                self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_lowest_priority)
             for path in missing:
                 temporary = self._temporary(keys[path])
                 args = (self._data, self._labels, path, str(temporary), str(self.folder / keys[path]))
-                self._building[path] = (self._pool.apply_async(build_entry, args), temporary)
+                self._building[path] = (self._pool.submit(build_entry, *args), temporary)
 
     def open(self, path: str) -> Entry:
         if (entry := self._entries.get(path)) is not None:
             return entry
         key = self._fingerprint.key(path)
         if path in self._building:
-            result, _ = self._building.pop(path)
-            result.get()
+            future, _ = self._building.pop(path)
+            try:
+                future.result()
+            except BrokenProcessPool:
+                raise UserError(
+                    f"{self.where}: a process building the decoded cache ended before {path} was built: "
+                    "killed, or (from a script) its top level is not under `if __name__ == '__main__':`, "
+                    "which every build process runs again; cache_workers: 1 builds in this process"
+                ) from None
             if not self._building:
                 self._end_pool()
         elif self._load(key) is None:
@@ -154,8 +165,14 @@ class DecodedCache:
 
     def _end_pool(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            # Builds still running are stopped, not awaited. ProcessPoolExecutor.terminate_workers() comes
+            # with Python 3.14; until then its table of processes.
+            processes = list(self._pool._processes.values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.join()
             self._pool = None
 
     def _make_folder(self) -> None:
