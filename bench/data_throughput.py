@@ -10,7 +10,8 @@ example gzipped) to a temporary folder, then measures in the same run:
   inflate   only inflating the same files with isal (streamed, as the reader does)
   cache     the same pipeline reading the decoded cache (`cache: true`), built beforehand
   s3        the gzip pipeline reading the same files as s3:// URLs from moto's S3 server, run in another
-            process on loopback (its CPU is not counted)
+            process on loopback (its CPU is not counted), with the default block size and each of
+            --s3-block-mib
 
 and prints examples per CPU-second (CPU time of the whole process, all threads: steadier than wall time on
 a shared machine), examples/s wall, and the ratios pipeline / inflate, cache / gzip and s3 / local.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import glob
 import logging
 import os
@@ -54,6 +56,7 @@ sys.path.insert(0, str(REPO / "src"))
 from results import add_results_option, write_results  # noqa: E402
 
 from heavyranker.config import load_config  # noqa: E402
+from heavyranker.data import storage  # noqa: E402
 from heavyranker.data.cache import DecodedCache  # noqa: E402
 from heavyranker.data.dataset import RecapDataset  # noqa: E402
 from heavyranker.data.tf_example import ExampleDecoder, encode_example  # noqa: E402
@@ -128,6 +131,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="measure each this many times, keep the best")
     parser.add_argument("--warmup", type=int, default=16, help="batches read before measuring")
+    parser.add_argument(
+        "--s3-block-mib", type=int, nargs="*", default=[], help="also measure s3 with these block sizes"
+    )
     add_results_option(parser, "data_throughput")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -159,6 +165,8 @@ def main() -> None:
                 "cache, default parallelism": lambda: pipeline(cached, args.examples, args.warmup),
                 "s3 loopback, default parallelism": lambda: pipeline(s3, args.examples, args.warmup),
             }
+            for mib in args.s3_block_mib:
+                runs[f"s3 loopback, {mib} MiB blocks"] = functools.partial(s3_blocks, s3, mib, args)
             best = best_of(runs, args.rounds)
         records = [record for path in paths for record in read_records(path)]
         gil = {"read": gil_share(read_all, paths), "decode": gil_share(decode_all, records)}
@@ -170,13 +178,20 @@ def main() -> None:
     floor, gzip = best["inflate only (isal)"][0], best["pipeline, default parallelism"]
     ratios = {name.removeprefix("pipeline, "): best[name][0] / floor for name in list(runs)[1:3]}
     cache = best["cache, default parallelism"][0] / gzip[0]
-    s3_ratio = [best["s3 loopback, default parallelism"][i] / gzip[i] for i in (0, 1)]
+
+    def over_gzip(name: str) -> list[float]:  # per CPU-second, per wall-second
+        return [best[name][i] / gzip[i] for i in (0, 1)]
+
+    s3_ratio = over_gzip("s3 loopback, default parallelism")
     print(
         "pipeline / inflate-only, per CPU-second: "
         + ", ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
     )
     print(f"cache / gzip, per CPU-second: {cache:.1f}")
     print(f"s3 / local: {s3_ratio[0]:.2f} per CPU-second, {s3_ratio[1]:.2f} wall")
+    by_block = {mib: over_gzip(f"s3 loopback, {mib} MiB blocks") for mib in args.s3_block_mib}
+    for mib, (per_cpu, wall) in by_block.items():
+        print(f"s3 / local with {mib} MiB blocks: {per_cpu:.2f} per CPU-second, {wall:.2f} wall")
     print("GIL held: " + ", ".join(f"{stage} {share:.2f}" for stage, share in gil.items()))
     one = building[1]
     print(
@@ -191,11 +206,22 @@ def main() -> None:
         "cache_over_gzip_per_cpu_s": cache,
         "cache_kib_per_example": cache_size,
         "s3_over_local": {"per_cpu_s": s3_ratio[0], "wall": s3_ratio[1]},
+        "s3_over_local_by_block_mib": {m: {"per_cpu_s": r[0], "wall": r[1]} for m, r in by_block.items()},
         "gil_share": gil,
         "cache_building_examples_per_s_wall": building,
         "cache_building_over_1_worker": {w: rate / one for w, rate in building.items()},
     }
     write_results("data_throughput", figures, args)
+
+
+def s3_blocks(s3, mib: int, args: argparse.Namespace) -> tuple[int, float, float]:
+    """The s3 pipeline with remote files fetched `mib` MiB at a time (the default restored after)."""
+    default = storage.BLOCK_SIZE
+    storage.BLOCK_SIZE = mib << 20
+    try:
+        return pipeline(s3, args.examples, args.warmup)
+    finally:
+        storage.BLOCK_SIZE = default
 
 
 def best_of(runs: dict[str, Callable], rounds: int) -> dict[str, tuple[float, float]]:

@@ -15,7 +15,7 @@ SMALL = str(REPO / "configs" / "local_small.yaml")
 # bench -> (arguments for a run of a few seconds, the keys of its figures)
 BENCHES = {
     "data_throughput": (
-        ["--examples", "128", "--files", "2", "--rounds", "1", "--warmup", "1"],
+        ["--examples", "128", "--files", "2", "--rounds", "1", "--warmup", "1", "--s3-block-mib", "1"],
         {
             "kib_per_example_gzipped",
             "examples_per_cpu_s",
@@ -24,6 +24,7 @@ BENCHES = {
             "cache_over_gzip_per_cpu_s",
             "cache_kib_per_example",
             "s3_over_local",
+            "s3_over_local_by_block_mib",
             "gil_share",
             "cache_building_examples_per_s_wall",
             "cache_building_over_1_worker",

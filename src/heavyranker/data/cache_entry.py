@@ -63,10 +63,10 @@ class Entry:
                 file, size = folder / column["file"], int(np.prod(shape)) * dtype.itemsize
                 if file.stat().st_size != size:
                     return None
-                # numpy cannot map an empty file (no records, or labels [N, 0] when reading none)
-                columns[column["name"]] = (
-                    np.memmap(file, dtype, "r", shape=shape) if size else np.empty(shape, dtype)
-                )
+                # numpy cannot map an empty file (no records, or labels [N, 0] when reading none). A plain
+                # ndarray view: memmap's Python __getitem__ took a third of gather's time.
+                mapped = np.memmap(file, dtype, "r", shape=shape).view(np.ndarray) if size else None
+                columns[column["name"]] = np.empty(shape, dtype) if mapped is None else mapped
             valid = np.fromfile(folder / "valid.bin", dtype=np.bool_)
         except (OSError, ValueError, KeyError):
             return None
@@ -272,12 +272,15 @@ def gather(items: list[tuple[Entry, str, int]], tasks: tuple[str, ...]) -> Rows 
     if not valid.any():
         return None
     which, index = which[valid], index[valid]
-    parts = [(which == key, entry) for key, entry in entries.items() if entry.valid.any()]
+    # Per entry: the batch rows it fills and its records there (integer positions: a boolean mask costs
+    # more per column than it saves).
+    parts = [(np.flatnonzero(which == key), entry) for key, entry in entries.items()]
+    parts = [(rows, index[rows], entry) for rows, entry in parts if len(rows)]
     out = {}
-    for name, sample in parts[0][1].columns.items():
+    for name, sample in parts[0][2].columns.items():
         values = out[name] = np.empty((len(index), *sample.shape[1:]), dtype=sample.dtype)
-        for mine, entry in parts:
-            values[mine] = entry.columns[name][index[mine]]
+        for rows, records, entry in parts:
+            values[rows] = entry.columns[name][records]
     features = {name.removeprefix("features/"): v for name, v in out.items() if name.startswith("features/")}
     if STORED_LABELS in out:  # downsample_negatives goes by the stored labels
         return Rows(features, out[STORED_LABELS], out["weights"], tasks, {FINAL_LABELS: out["labels"]})
