@@ -91,6 +91,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .eval.compare import compare_runs
 
+    config_b = None
+    if args.config_b or args.set_b:  # without --config-b, B is --config with --set, then --set-b
+        config_b = (
+            load_config(args.config_b, args.set_b)
+            if args.config_b
+            else load_config(args.config, args.set + args.set_b)
+        )
     compare_runs(
         _load(args),
         args.run_a,
@@ -100,6 +107,7 @@ def _compare(args: argparse.Namespace) -> int:
         resamples=args.resamples,
         seed=args.seed,
         html_path=args.html,
+        config_b=config_b,
     )
     return 0
 
@@ -237,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
     p.add_argument("--html", metavar="FILE", help="also write the table and reliability plots as HTML")
+    p.add_argument("--config-b", help="the YAML of RUN_B's model where it differs (data: from --config)")
+    p.add_argument(
+        "--set-b",
+        action="append",
+        default=[],
+        metavar="DOTTED.PATH=VALUE",
+        help="override a value of RUN_B's config only (after --config-b, else after --config and --set)",
+    )
 
     p = command(commands, "export", "write a self-contained scoring artifact", _export)
     _with_config(p)

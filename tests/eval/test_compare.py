@@ -137,3 +137,45 @@ def test_compare_names_a_missing_step(small_data, two_runs, capsys):
         capsys.readouterr().err
         == f"error: {run_a}: no checkpoint of step 5 ({run_a}/checkpoints/step_5.pt)\n"
     )
+
+
+ONE_EMBEDDING = (
+    "model.small_embeddings={tables: [{name: d0, index: 0, num_embeddings: 16, embedding_dim: 2}]}"
+)
+
+
+def test_runs_of_different_models_compare_with_run_b_config(small_data, two_runs, tmp_path, capsys):
+    run_a, _ = two_runs
+    run_c = tmp_path / "run_c"
+    config_c = small_config(small_data, run_c, *FAST, "training.num_train_steps=3", ONE_EMBEDDING)
+    Trainer(config_c).run()
+    capsys.readouterr()
+    assert compare(small_data, str(run_a), str(run_c), "--split", "validation", "--set-b", ONE_EMBEDDING) == 0
+    rows = table_rows(capsys.readouterr().out)
+    evaluated = evaluate_command(config_c, checkpoint=str(run_c), watch=False, split="validation")
+    for task, metrics in evaluated["validation"].items():
+        assert float(rows[task.removeprefix("recap.engagement.")][1]) == pytest.approx(
+            metrics["auroc"], rel=1e-3, nan_ok=True
+        )
+    # Without B's config, B's checkpoint does not fit A's model: one line naming the parameters.
+    assert compare(small_data, str(run_a), str(run_c)) == 2
+    assert "small_embeddings" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_run_b_model_that_cannot_score_the_split(small_data, two_runs, capsys):
+    run_a, run_b = two_runs
+    one_tower = (
+        "model.tasks={recap.engagement.is_favorited: {mlp_config: {layer_sizes: [1]}}}",
+        "optimizer.multi_task_learning_rates.tower_learning_rates="
+        "{recap.engagement.is_favorited: {constant: 0.1}}",
+    )
+    assert compare(small_data, str(run_a), str(run_b), *(a for s in one_tower for a in ("--set-b", s))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: compare: the model of {run_b} has no tower for recap.engagement.is_good")
+    assert err.count("\n") == 1
+    assert compare(small_data, str(run_a), str(run_b), "--config-b", str(CONFIGS / "local_prod.yaml")) == 2
+    err = capsys.readouterr().err
+    assert re.match(
+        rf"error: compare: the model of {run_b} reads features the split does not have .*continuous", err
+    )
+    assert err.count("\n") == 1

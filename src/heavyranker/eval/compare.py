@@ -255,21 +255,43 @@ def compare_runs(
     resamples: int = 1000,
     seed: int = 0,
     html_path: str | None = None,
+    config_b: Config | None = None,
 ) -> list[dict[str, Difference]]:
-    """Score both runs' checkpoints (of `step`, else the best marked, else the newest; one config fits both)
-    on `split` (default: the first validation split), print the table, and write it as HTML if asked."""
+    """Score both runs' checkpoints (of `step`, else the best marked, else the newest) on `split` (default:
+    the first validation split), print the table, and write it as HTML if asked. `config` gives the data
+    and run A's model; `config_b`, when run B's model differs, gives B's (its data sections are not read)."""
     if not config.validation_data:
         raise UserError("compare: the config has no validation_data to score the runs on")
     split = split or next(iter(config.validation_data))
     if split not in config.validation_data:
         raise UserError(f"no validation split {split!r} (the config has {', '.join(config.validation_data)})")
     data = config.validation_data[split]
-    model = build_model(config, feature_shapes(config.train_data))
-    a, b = (score(config, model, run_checkpoint(run, step), data) for run in (run_a, run_b))
     tasks = evaluation_tasks(config, data)
+    models = [_model_for(c, data, tasks, run) for c, run in ((config, run_a), (config_b or config, run_b))]
+    a, b = (
+        score(config, model, run_checkpoint(run, step), data)
+        for model, run in zip(models, (run_a, run_b), strict=True)
+    )
     rows = paired_bootstrap(a, b, resamples, seed)
     table = f"split {split}\n" + format_comparison(tasks, rows, a, b)
     print(table)
     if html_path:
         write_html(html_path, table, tasks, a, b)
     return rows
+
+
+def _model_for(config: Config, data: DataConfig, tasks: list[str], run: str) -> Ranker:
+    """The model `config` describes, if it can score the split: a tower for each task and, for each feature
+    it reads, the same shape in the split's data."""
+    model = build_model(config, feature_shapes(config.train_data))
+    missing = [t for t in tasks if t not in model.task_names]
+    if missing:
+        raise UserError(f"compare: the model of {run} has no tower for {', '.join(missing)}")
+    needs, has = feature_shapes(config.train_data), feature_shapes(data)
+    differ = [f"{name} {shape}" for name, shape in needs.items() if has.get(name) != shape]
+    if differ:
+        raise UserError(
+            f"compare: the model of {run} reads features the split does not have in that shape: "
+            + ", ".join(differ)
+        )
+    return model
