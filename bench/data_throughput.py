@@ -15,11 +15,13 @@ example gzipped) to a temporary folder, then measures in the same run:
 
 and prints examples per CPU-second (CPU time of the whole process, all threads: steadier than wall time on
 a shared machine), examples/s wall, and the ratios pipeline / inflate, cache / gzip and s3 / local.
-Then two scaling measurements:
+Then three scaling measurements:
 
   gil       the share of reading (inflate + CRC + framing) and of decoding that holds the GIL: each done
             by 1 thread and by 2 threads (half the files each); with 2 free cores, wall(2) / wall(1) =
             (1 + f) / 2 for a share f held
+  readers   the gzip pipeline with 1, 2, ... reading threads up to the CPUs (decoding threads: a quarter
+            of that, at least 1, as by default): examples/s wall, as a ratio to 1 reader
   building  building the cache (one file per worker process) with 1, 2, ... workers up to the CPUs:
             examples/s wall, as a ratio to 1 worker
 
@@ -167,6 +169,17 @@ def main() -> None:
             }
             for mib in args.s3_block_mib:
                 runs[f"s3 loopback, {mib} MiB blocks"] = functools.partial(s3_blocks, s3, mib, args)
+            cpus = len(os.sched_getaffinity(0))
+            for readers in range(2, cpus):  # 1: "1 reader + 1 decoder"; all CPUs: the default parallelism
+                threads = data.model_copy(
+                    update={
+                        "interleave_num_parallel_calls": readers,
+                        "map_num_parallel_calls": max(1, readers // 4),
+                    }
+                )
+                runs[f"pipeline, {readers} readers"] = functools.partial(
+                    pipeline, threads, args.examples, args.warmup
+                )
             best = best_of(runs, args.rounds)
         records = [record for path in paths for record in read_records(path)]
         gil = {"read": gil_share(read_all, paths), "decode": gil_share(decode_all, records)}
@@ -193,6 +206,13 @@ def main() -> None:
     for mib, (per_cpu, wall) in by_block.items():
         print(f"s3 / local with {mib} MiB blocks: {per_cpu:.2f} per CPU-second, {wall:.2f} wall")
     print("GIL held: " + ", ".join(f"{stage} {share:.2f}" for stage, share in gil.items()))
+    readers = {1: best["pipeline, 1 reader + 1 decoder"][1]}
+    readers |= {n: best[f"pipeline, {n} readers"][1] for n in range(2, cpus)}
+    readers[cpus] = gzip[1]
+    print(
+        "the pipeline's threads, examples/s wall: "
+        + ", ".join(f"{n} readers {rate:,.0f} ({rate / readers[1]:.2f}x)" for n, rate in readers.items())
+    )
     one = building[1]
     print(
         "building the cache, examples/s wall: "
@@ -208,6 +228,8 @@ def main() -> None:
         "s3_over_local": {"per_cpu_s": s3_ratio[0], "wall": s3_ratio[1]},
         "s3_over_local_by_block_mib": {m: {"per_cpu_s": r[0], "wall": r[1]} for m, r in by_block.items()},
         "gil_share": gil,
+        "pipeline_examples_per_s_wall_by_readers": readers,
+        "pipeline_by_readers_over_1": {n: rate / readers[1] for n, rate in readers.items()},
         "cache_building_examples_per_s_wall": building,
         "cache_building_over_1_worker": {w: rate / one for w, rate in building.items()},
     }

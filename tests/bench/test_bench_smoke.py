@@ -26,6 +26,8 @@ BENCHES = {
             "s3_over_local",
             "s3_over_local_by_block_mib",
             "gil_share",
+            "pipeline_examples_per_s_wall_by_readers",
+            "pipeline_by_readers_over_1",
             "cache_building_examples_per_s_wall",
             "cache_building_over_1_worker",
         },
