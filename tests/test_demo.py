@@ -97,7 +97,7 @@ def test_the_demo_prints_the_model_beside_the_truth_and_both_baselines(tmp_path,
         "best AUROC RCE",
         "logreg AUROC RCE",
         "LightGBM AUROC RCE",
-        "RCE gap closed vs LightGBM",
+        "RCE gap closed vs logreg vs LightGBM",
     ]
     rows = lines[header + 2 : header + 12]  # local_small's ten tasks
     first = ["is_favorited", "is_good_clicked_convo_desc_favorited_or_replied"]
@@ -106,6 +106,8 @@ def test_the_demo_prints_the_model_beside_the_truth_and_both_baselines(tmp_path,
     checked = 0
     for j, row in enumerate(rows):
         cells = row.split("|")
+        rate, positives = float(cells[0].split()[1]), int(cells[0].split()[2])
+        assert abs(positives - rate * 2000) <= 0.1 + 1e-9  # of the 2,000 validation rows; rate to 4 places
         model_rce, best_rce = float(cells[1].split()[1]), float(cells[2].split()[1])
         lightgbm_auc, lightgbm_rce = map(float, cells[4].split())
         # The common task ranks well; a rare one has a handful of positives in the 2,000 validation rows.
