@@ -186,8 +186,21 @@ def test_data_cache_command_reports_and_clears(small_data, small_config_path, tm
     size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     assert f"{cache}: 4 entries, {size / 2**20:,.1f} MiB" in out and "train_data: 4 of 4 files cached" in out
     assert f"validation_data.{SMALL_SPLITS[0]}: 0 of 4 files cached (cache: false)" in out
+    # What a killed run left is reported and cleared; what is not the cache's is neither.
+    leftover = cache / f"{TEMPORARY}{'a' * 40}-123-0123abcd"
+    leftover.mkdir()
+    (leftover / "column-0.bin").write_bytes(b"x" * 2**20)
+    (cache / "notes.txt").write_text("mine")
+    (cache / "mine").mkdir()
+    (cache / "mine" / "a.bin").write_bytes(b"y")
+    assert main(["data", "cache", *args]) == 0
+    out = capsys.readouterr().out
+    assert f"{cache}: 4 entries, {size / 2**20:,.1f} MiB; 1.0 MiB left by killed runs" in out
     assert main(["data", "cache", *args, "--clear"]) == 0
-    assert f"{cache}: removed 4 entries" in capsys.readouterr().out and not os.listdir(cache)
+    out = capsys.readouterr().out
+    assert f"{cache}: removed 4 entries, {(size + 2**20) / 2**20:,.1f} MiB; left alone 2 other files" in out
+    assert sorted(os.listdir(cache)) == ["mine", "notes.txt"]
+    assert (cache / "mine" / "a.bin").read_bytes() == b"y"
 
 
 UNGUARDED_SCRIPT = """

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -211,21 +212,33 @@ def describe_cache(config: Config) -> list[str]:
 
 
 def clear_cache(config: Config) -> list[str]:
-    """Removes everything in the cache folders the config's splits use; what was removed, one line each."""
+    """Removes the entries, and what killed runs left, in the cache folders the config's splits use; what
+    was removed, one line each. Anything else there is left alone: cache_dir may name a folder by mistake."""
     folders = dict.fromkeys(cache_folder(d) for d in [config.train_data, *config.validation_data.values()])
     lines = []
     for folder in map(Path, folders):
         entries, size, leftover = _folder_sizes(folder)
+        others = 0
         for child in folder.iterdir() if folder.is_dir() else ():
-            shutil.rmtree(child)
-        lines.append(f"{folder}: removed {entries} entries, {(size + leftover) / 2**20:,.1f} MiB")
+            if _ENTRY.fullmatch(child.name) or _BUILDING.fullmatch(child.name):
+                shutil.rmtree(child)
+            else:
+                others += 1
+        line = f"{folder}: removed {entries} entries, {(size + leftover) / 2**20:,.1f} MiB"
+        lines.append(line + (f"; left alone {others} other files and folders" if others else ""))
     return lines
 
 
+_ENTRY = re.compile(r"[0-9a-f]{40}")  # Fingerprint.key
+_BUILDING = re.compile(re.escape(TEMPORARY) + r"[0-9a-f]{40}-\d+-[0-9a-f]{8}")  # DecodedCache._temporary
+
+
 def _folder_sizes(folder: Path) -> tuple[int, int, int]:
-    """(entries, their bytes, bytes of the temporary folders of killed runs)."""
+    """(entries, their bytes, bytes of the temporary folders of killed runs); nothing else is looked at."""
     entries = size = leftover = 0
     for child in folder.iterdir() if folder.is_dir() else ():
+        if not (_ENTRY.fullmatch(child.name) or _BUILDING.fullmatch(child.name)):
+            continue
         bytes_ = sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
         if child.name.startswith(TEMPORARY):
             leftover += bytes_
