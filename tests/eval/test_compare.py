@@ -157,9 +157,14 @@ def test_runs_of_different_models_compare_with_run_b_config(small_data, two_runs
         assert float(rows[task.removeprefix("recap.engagement.")][1]) == pytest.approx(
             metrics["auroc"], rel=1e-3, nan_ok=True
         )
-    # Without B's config, B's checkpoint does not fit A's model: one line naming the parameters.
+    # Without B's config, B's checkpoint does not fit A's model: one line naming the parameters and the way
+    # out, before A is scored (nothing printed).
+    capsys.readouterr()
     assert compare(small_data, str(run_a), str(run_c)) == 2
-    assert "small_embeddings" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {run_c}/checkpoints/step_3.pt does not fit this model: unexpected small")
+    assert err.endswith("(a run of another model: give its config with --config-b or --set-b)\n")
+    assert err.count("\n") == 1 and out == ""
 
 
 def test_compare_refuses_a_run_b_model_that_cannot_score_the_split(small_data, two_runs, capsys):

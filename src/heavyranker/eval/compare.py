@@ -72,11 +72,9 @@ def run_checkpoint(run: str | Path, step: int | None) -> Path:
 
 
 @torch.no_grad()
-def score(config: Config, model: Ranker, checkpoint: Path, data: DataConfig) -> Scores:
-    """The predictions of `checkpoint` on num_eval_steps batches of the split, in the split's order (the
-    same examples, in the same order, for every checkpoint)."""
-    state = load_checkpoint(checkpoint)
-    load_model_weights(model, state["model"], str(checkpoint))
+def score(config: Config, model: Ranker, checkpoint: Path, step: int, data: DataConfig) -> Scores:
+    """The predictions of `model` (with the weights of `checkpoint`, of `step`) on num_eval_steps batches
+    of the split, in the split's order (the same examples, in the same order, for every checkpoint)."""
     model.eval()
     tasks = evaluation_tasks(config, data)
     model_columns = [model.task_names.index(t) for t in tasks]
@@ -90,7 +88,7 @@ def score(config: Config, model: Ranker, checkpoint: Path, data: DataConfig) -> 
             columns = batch.columns(tasks)
             accumulator.add(batch.labels[:, columns], probs, batch.weights[:, columns])
     arrays = accumulator.state()
-    return Scores(checkpoint, int(state["step"]), arrays["labels"], arrays["probs"], arrays["weights"])
+    return Scores(checkpoint, step, arrays["labels"], arrays["probs"], arrays["weights"])
 
 
 def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -267,11 +265,11 @@ def compare_runs(
         raise UserError(f"no validation split {split!r} (the config has {', '.join(config.validation_data)})")
     data = config.validation_data[split]
     tasks = evaluation_tasks(config, data)
-    models = [_model_for(c, data, tasks, run) for c, run in ((config, run_a), (config_b or config, run_b))]
-    a, b = (
-        score(config, model, run_checkpoint(run, step), data)
-        for model, run in zip(models, (run_a, run_b), strict=True)
-    )
+    # Both models and their weights before scoring either: a run B that does not fit fails at once.
+    loaded = [
+        _loaded_model(c, data, tasks, run, step) for c, run in ((config, run_a), (config_b or config, run_b))
+    ]
+    a, b = (score(config, model, checkpoint, at, data) for model, checkpoint, at in loaded)
     rows = paired_bootstrap(a, b, resamples, seed)
     table = f"split {split}\n" + format_comparison(tasks, rows, a, b)
     print(table)
@@ -280,9 +278,12 @@ def compare_runs(
     return rows
 
 
-def _model_for(config: Config, data: DataConfig, tasks: list[str], run: str) -> Ranker:
-    """The model `config` describes, if it can score the split: a tower for each task and, for each feature
-    it reads, the same shape in the split's data."""
+def _loaded_model(
+    config: Config, data: DataConfig, tasks: list[str], run: str, step: int | None
+) -> tuple[Ranker, Path, int]:
+    """The model `config` describes with the weights of the run's checkpoint (see run_checkpoint), if it can
+    score the split: a tower for each task and, for each feature it reads, the same shape in the split's
+    data. Returns the model, the checkpoint and its step."""
     model = build_model(config, feature_shapes(config.train_data))
     missing = [t for t in tasks if t not in model.task_names]
     if missing:
@@ -294,4 +295,10 @@ def _model_for(config: Config, data: DataConfig, tasks: list[str], run: str) -> 
             f"compare: the model of {run} reads features the split does not have in that shape: "
             + ", ".join(differ)
         )
-    return model
+    checkpoint = run_checkpoint(run, step)
+    state = load_checkpoint(checkpoint)
+    try:
+        load_model_weights(model, state["model"], str(checkpoint))
+    except UserError as e:
+        raise UserError(f"{e} (a run of another model: give its config with --config-b or --set-b)") from None
+    return model, checkpoint, int(state["step"])
