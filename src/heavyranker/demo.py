@@ -79,12 +79,17 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> None:
         save_dir / "metrics.jsonl",
         results_folder(config, split),
         config.task_names,
-        {"model": probs, "LightGBM": lightgbm},
+        {"model": probs, "LightGBM": lightgbm, "logistic regression": logreg},
         labels,
         weights,
+        notes=[
+            f"RCE gap closed {_gap_closed(s['model'][1], s['best'][1], s['logreg'][1])} vs logreg, "
+            f"{_gap_closed(s['model'][1], s['best'][1], s['LightGBM'][1])} vs LightGBM"
+            for _, _, s in rows
+        ],
     )
     print("== 4/4 outputs")
-    print(f"report (training loss, AUROC and RCE over steps, reliability plots): {report}")
+    print(f"report (training loss, AUROC and RCE over steps, reliability plots with RCE): {report}")
     print(f"checkpoints: {save_dir / 'checkpoints'}   metrics: {save_dir / 'metrics.jsonl'}")
     print(
         f"evaluation results: {save_dir / 'eval'}   "

@@ -37,13 +37,19 @@ def test_the_report_plots_loss_on_a_log_scale_and_metrics_per_evaluated_step(tmp
     labels = (rng.uniform(size=(100, 2)) < probs).astype(float)
     predictions = {"model": probs, "LightGBM": np.clip(probs * 1.1, 0, 1)}
     fig = build_report(
-        run / "metrics.jsonl", run / "eval" / "validation", ["a", "b"], predictions, labels, np.ones((100, 2))
+        run / "metrics.jsonl",
+        run / "eval" / "validation",
+        ["a", "b"],
+        predictions,
+        labels,
+        np.ones((100, 2)),
+        notes=["note a", "note b"],
     )
     axes = {ax.get_title(): ax for ax in fig.axes if ax.axison}
     assert sorted(axes) == sorted(
         f"{t}: {plot}"
         for t in "ab"
-        for plot in ("training loss", "AUROC (validation)", "RCE (validation)", "reliability")
+        for plot in ("training loss", "AUROC (validation)", "RCE (validation)", f"reliability\nnote {t}")
     )
     loss = axes["a: training loss"]
     assert loss.get_yscale() == "log"
@@ -52,8 +58,19 @@ def test_the_report_plots_loss_on_a_log_scale_and_metrics_per_evaluated_step(tmp
     np.testing.assert_array_equal(axes["a: RCE (validation)"].lines[0].get_xydata(), [[10, 1.0], [20, 2.0]])
     b_auroc = axes["b: AUROC (validation)"].lines[0].get_xydata()
     np.testing.assert_array_equal(b_auroc, [[10, np.nan], [20, 0.7]])  # null: no point, not a failure
-    reliability = axes["b: reliability"]
-    assert [line.get_label() for line in reliability.lines[1:]] == ["model", "LightGBM"]
+    reliability = axes["b: reliability\nnote b"]
+
+    def rce(p: np.ndarray, y: np.ndarray) -> float:  # 100 (1 - CE / CE of the mean label), by hand
+        def ce(q: np.ndarray) -> float:
+            return -np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))
+
+        return 100 * (1 - ce(p) / ce(np.full_like(p, y.mean())))
+
+    p_b, lgbm_b = probs[:, 1], np.clip(probs[:, 1] * 1.1, 1e-7, 1 - 1e-7)
+    assert [line.get_label() for line in reliability.lines[1:]] == [
+        f"model (RCE {rce(p_b, labels[:, 1]):.2f})",
+        f"LightGBM (RCE {rce(lgbm_b, labels[:, 1]):.2f})",
+    ]
     predicted, observed = reliability_curve(probs[:, 1], labels[:, 1], np.ones(100))
     np.testing.assert_array_equal(reliability.lines[1].get_xydata(), np.stack([predicted, observed], axis=1))
 

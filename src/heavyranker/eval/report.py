@@ -1,5 +1,5 @@
 """The training report, one PNG: per task, the training loss, the evaluated AUROC and RCE over steps, and
-reliability (calibration) curves of the model and the baselines."""
+reliability (calibration) curves of the model and the baselines, each with its RCE."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .metrics import rce
 
 PLOTS = 4  # per task, in a column: training loss, AUROC, RCE, reliability
 
@@ -33,9 +35,10 @@ def write_report(
     predictions: dict[str, np.ndarray],
     labels: np.ndarray,
     weights: np.ndarray,
+    notes: list[str] | None = None,
 ) -> Path:
     """Writes build_report's figure as a PNG at path."""
-    fig = build_report(metrics_jsonl, eval_dir, task_names, predictions, labels, weights)
+    fig = build_report(metrics_jsonl, eval_dir, task_names, predictions, labels, weights, notes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -49,10 +52,12 @@ def build_report(
     predictions: dict[str, np.ndarray],
     labels: np.ndarray,
     weights: np.ndarray,
+    notes: list[str] | None = None,
 ) -> Figure:
     """Per task, four plots in a column: training loss (from metrics_jsonl), AUROC and RCE over the evaluated
     steps (the step_N.json files of one split's eval_dir), and a reliability curve per predictor on that
-    split. predictions (name -> [N, T]), labels and weights [N, T]: columns in task_names order."""
+    split, labelled with its RCE. predictions (name -> [N, T]), labels and weights [N, T]: columns in
+    task_names order. notes: a line per task under its reliability plot's title."""
     lines = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     evaluations = _evaluations(Path(eval_dir))
     cols = 5
@@ -73,6 +78,8 @@ def build_report(
             ax.set_title(f"{short}: {label} ({Path(eval_dir).name})", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
         _reliability(cal_ax, short, {n: p[:, j] for n, p in predictions.items()}, labels[:, j], weights[:, j])
+        if notes:
+            cal_ax.set_title(f"{cal_ax.get_title()}\n{notes[j]}", fontsize=9)
     for k in range(len(task_names), rows // PLOTS * cols):
         for plot in range(PLOTS):
             axes[PLOTS * (k // cols) + plot][k % cols].axis("off")
@@ -94,7 +101,8 @@ def _reliability(
     top = max(max(p.max(initial=0), o.max(initial=0)) for p, o in curves.values()) * 1.05 or 1.0
     ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
     for name, (predicted, observed) in curves.items():
-        ax.plot(predicted, observed, marker="o", label=name)
+        label = f"{name} (RCE {rce(labels, predictions[name], weights):.2f})"
+        ax.plot(predicted, observed, marker="o", label=label)
     ax.legend(fontsize=7)
     ax.set_title(f"{short}: reliability", fontsize=9)
     ax.set_xlabel("mean predicted", fontsize=8)
