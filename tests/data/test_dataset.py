@@ -416,10 +416,11 @@ def test_config_problems_are_named(folder, fields, message):
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
 def test_data_threads_yield_to_the_model(folder):
     """Reading runs at nice 19 so that it never takes a core from torch's threads mid-matmul."""
+    before = set(threading.enumerate())  # not the remote files' fetch threads, if a test started them
     dataset = RecapDataset(data_config(folder), seed=0, **TRAINING)
     batches = iter(dataset)
     next(batches)
-    data_threads = [t for t in threading.enumerate() if t.name.startswith("heavyranker-")]
+    data_threads = [t for t in set(threading.enumerate()) - before if t.name.startswith("heavyranker-")]
     assert {t.name.split("-")[1].split("_")[0] for t in data_threads} == {"read", "decode", "order"}
     assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in data_threads} == {19}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19  # the caller is untouched
