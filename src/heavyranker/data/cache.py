@@ -64,7 +64,11 @@ def default_workers() -> int:
 class DecodedCache:
     """The entries of one dataset's files in `folder`, built on first use: start(files) begins building
     the missing ones in the order given, on `workers` processes (workers=1: in the caller's thread, at
-    open); open(path) waits for a file's entry and returns it. close() stops the builds."""
+    open); open(path) waits for a file's entry and returns it, mapped. close() stops the builds.
+
+    Entries are mapped at open and unmapped when the reading drops them, never held for a whole split: an
+    entry is a mapping per column, and the kernel allows a process about 65,000 (vm.max_map_count), which
+    a split of 10,000 files would pass."""
 
     def __init__(self, data: DataConfig, labels: bool, where: str):
         self.folder = Path(cache_folder(data))
@@ -73,22 +77,21 @@ class DecodedCache:
         self._labels = labels
         self._fingerprint = Fingerprint(data, labels)
         self._workers = data.cache_workers or default_workers()
-        self._entries: dict[str, Entry] = {}
+        self._keys: dict[str, str] = {}  # path -> key, from its size and version when first seen
+        self._cached: set[str] = set()  # paths whose entries are whole
         self._building: dict[str, tuple[Future, Path]] = {}
         self._pool: ProcessPoolExecutor | None = None
         self._stop = threading.Event()  # ends a build in the reading thread when the reading stops
 
     def start(self, files: list[str]) -> None:
         self._stop.clear()
-        wanted = [path for path in files if path not in self._entries and path not in self._building]
-        keys = {path: self._fingerprint.key(path) for path in wanted}
+        wanted = [path for path in files if path not in self._cached and path not in self._building]
         missing = []
-        for path, key in keys.items():
-            entry = self._load(key)
-            if entry is None:
+        for path in wanted:
+            if self._load(self._key(path)) is None:
                 missing.append(path)
             else:
-                self._entries[path] = entry
+                self._cached.add(path)
         log.info(
             "%s: reading the decoded cache in %s: %d of %d files cached%s",
             self.where,
@@ -114,14 +117,12 @@ class DecodedCache:
                 workers = min(self._workers, len(missing))
                 self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_lowest_priority)
             for path in missing:
-                temporary = self._temporary(keys[path])
-                args = (self._data, self._labels, path, str(temporary), str(self.folder / keys[path]))
+                temporary = self._temporary(self._keys[path])
+                args = (self._data, self._labels, path, str(temporary), str(self.folder / self._keys[path]))
                 self._building[path] = (self._pool.submit(build_entry, *args), temporary)
 
     def open(self, path: str) -> Entry:
-        if (entry := self._entries.get(path)) is not None:
-            return entry
-        key = self._fingerprint.key(path)
+        key = self._key(path)
         if path in self._building:
             future, _ = self._building.pop(path)
             try:
@@ -134,15 +135,20 @@ class DecodedCache:
                 ) from None
             if not self._building:
                 self._end_pool()
-        elif self._load(key) is None:
+        elif path not in self._cached and self._load(key) is None:
             self._make_folder()
             temporary, final = str(self._temporary(key)), str(self.folder / key)
             build_entry(self._data, self._labels, path, temporary, final, self._stop.is_set)
         entry = Entry.load(self.folder / key)
         if entry is None:
             raise DataError(f"{path}: its cache entry in {self.folder / key} was removed while in use")
-        self._entries[path] = entry
+        self._cached.add(path)
         return entry
+
+    def _key(self, path: str) -> str:
+        if path not in self._keys:
+            self._keys[path] = self._fingerprint.key(path)
+        return self._keys[path]
 
     def _load(self, key: str) -> Entry | None:
         """The entry of `key`; None when there is none, or it is not whole (then it is removed, to be built
