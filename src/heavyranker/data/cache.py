@@ -238,7 +238,7 @@ def clear_cache(config: Config) -> list[str]:
         entries, size, leftover = _folder_sizes(folder)
         others = 0
         for child in folder.iterdir() if folder.is_dir() else ():
-            if _ENTRY.fullmatch(child.name) or _BUILDING.fullmatch(child.name):
+            if _is_ours(child.name):
                 shutil.rmtree(child)
             else:
                 others += 1
@@ -251,11 +251,16 @@ _ENTRY = re.compile(r"[0-9a-f]{40}")  # Fingerprint.key
 _BUILDING = re.compile(re.escape(TEMPORARY) + r"[0-9a-f]{40}-\d+-[0-9a-f]{8}")  # DecodedCache._temporary
 
 
+def _is_ours(name: str) -> bool:
+    """An entry's or a build's name: the only things in a cache folder that report and clear touch."""
+    return bool(_ENTRY.fullmatch(name) or _BUILDING.fullmatch(name))
+
+
 def _folder_sizes(folder: Path) -> tuple[int, int, int]:
     """(entries, their bytes, bytes of the temporary folders of killed runs); nothing else is looked at."""
     entries = size = leftover = 0
     for child in folder.iterdir() if folder.is_dir() else ():
-        if not (_ENTRY.fullmatch(child.name) or _BUILDING.fullmatch(child.name)):
+        if not _is_ours(child.name):
             continue
         bytes_ = sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
         if child.name.startswith(TEMPORARY):

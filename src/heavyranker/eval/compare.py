@@ -284,11 +284,11 @@ def _loaded_model(
     """The model `config` describes with the weights of the run's checkpoint (see run_checkpoint), if it can
     score the split: a tower for each task and, for each feature it reads, the same shape in the split's
     data. Returns the model, the checkpoint and its step."""
-    model = build_model(config, feature_shapes(config.train_data))
+    needs, has = feature_shapes(config.train_data), feature_shapes(data)
+    model = build_model(config, needs)
     missing = [t for t in tasks if t not in model.task_names]
     if missing:
         raise UserError(f"compare: the model of {run} has no tower for {', '.join(missing)}")
-    needs, has = feature_shapes(config.train_data), feature_shapes(data)
     differ = [f"{name} {shape}" for name, shape in needs.items() if has.get(name) != shape]
     if differ:
         raise UserError(
