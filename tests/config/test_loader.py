@@ -421,3 +421,11 @@ def test_set_values_go_through_the_same_yaml_checks(small_config_path, value, me
     [line] = problems(small_config_path, [f"training.seed={value}"])
     assert line.startswith(f"{small_config_path}: --set: 'training.seed=")
     assert message in line
+
+
+def test_a_config_error_is_a_user_error(tmp_path):
+    """Code that catches a person's mistakes (UserError) catches a bad config too."""
+    from heavyranker.errors import UserError
+
+    with pytest.raises(UserError):
+        load_config(tmp_path / "absent.yaml")

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ..errors import UserError
 from .root import Config, Problem, config_warnings, cross_check
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,9 @@ MAX_NODES = 1_000_000  # once aliases are expanded
 MAX_DEPTH = 64
 
 
-class ConfigError(Exception):
-    """A config a user must fix; `problems` holds one (dotted path, message) per problem."""
+class ConfigError(UserError):
+    """A config a user must fix; `problems` holds one (dotted path, message) per problem. A UserError, so
+    that whatever reports a person's mistakes reports this one too (the CLI prints one line per problem)."""
 
     def __init__(self, file: str, problems: list[Problem]):
         self.file = file
