@@ -429,3 +429,25 @@ def test_a_config_error_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_the_schema_and_dates_are_resolved_as_the_config_loads(tmp_path, small):
+    """Consumers take the schema object and the parsed dates the loader resolved: the schema file is read
+    once, while the config is checked, and is not needed after."""
+    from datetime import datetime
+
+    import torch
+
+    from heavyranker.data.columns import feature_specs
+    from heavyranker.schema import FeatureSpec
+
+    del small["train_data"]["inputs"]
+    hours = {"data_root": "data", "end_datetime": "2023/01/31/05", "hours": 2}
+    small["train_data"]["explicit_datetime_inputs"] = hours
+    config = load_config(write(tmp_path, small))
+    (tmp_path / "segdense_small.json").unlink()
+
+    assert config.train_data.explicit_datetime_inputs.end == datetime(2023, 1, 31, 5)
+    cont = "home_recap_2022_cont__segdense_vals"
+    assert config.train_data.seg_dense_schema.specs[cont] == FeatureSpec(cont, "float_list", 48)
+    assert feature_specs(config.train_data)["binary"].dtype == torch.float32  # flags, as the model reads them

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import Field, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..schema import FeatureSpec, load_schema
 from .base import NO_EFFECT, ConfigPath, Count, ExistingFile, Float, NonNegative, StrictModel, exactly_one_of
 
 DATE_FORMAT = "%Y-%m-%d"
@@ -64,11 +66,15 @@ class ExplicitDateInputs(StrictModel):
             ) from None
         return value
 
+    @cached_property
+    def end(self) -> datetime:
+        """end_date as a datetime (midnight), parsed once."""
+        return datetime.strptime(self.end_date, DATE_FORMAT)
+
     @model_validator(mode="after")
     def _first_day(self) -> ExplicitDateInputs:
-        end = datetime.strptime(self.end_date, DATE_FORMAT)
         _within_the_calendar(
-            end, timedelta(days=self.days - 1), f"{self.days} days back from {self.end_date}"
+            self.end, timedelta(days=self.days - 1), f"{self.days} days back from {self.end_date}"
         )
         return self
 
@@ -92,11 +98,15 @@ class ExplicitDatetimeInputs(StrictModel):
             raise PydanticCustomError("datetime", str(e), {}) from None
         return value
 
+    @cached_property
+    def end(self) -> datetime:
+        """end_datetime as a datetime (minutes as given; the folders are hours), parsed once."""
+        return parse_end_datetime(self.end_datetime)
+
     @model_validator(mode="after")
     def _first_hour(self) -> ExplicitDatetimeInputs:
-        end = parse_end_datetime(self.end_datetime)
         _within_the_calendar(
-            end, timedelta(hours=self.hours - 1), f"{self.hours} hours back from {self.end_datetime}"
+            self.end, timedelta(hours=self.hours - 1), f"{self.hours} hours back from {self.end_datetime}"
         )
         return self
 
@@ -108,6 +118,12 @@ class SegDenseSchema(StrictModel):
     mask_mantissa_features: dict[str, Annotated[int, Strict(), Field(ge=0, le=23)]] = Field(
         {}, description="Feature -> low mantissa bits to zero, 0 to 23 (a float32 has 23)."
     )
+
+    @cached_property
+    def specs(self) -> dict[str, FeatureSpec]:
+        """The schema file's features, read once: load_config reads it while checking the config (a
+        SchemaError there names schema_path), and every consumer takes this object, not the file."""
+        return load_schema(self.schema_path)
 
 
 class TaskData(StrictModel):

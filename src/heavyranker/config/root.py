@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ..schema import FeatureSpec, SchemaError, load_schema
+from ..schema import FeatureSpec, SchemaError
 from .base import NO_EFFECT, StrictModel
 from .data import DataConfig
 from .model import ModelConfig
@@ -122,7 +122,7 @@ def _keep_best_problems(config: Config) -> list[Problem]:
 def _schema_problems(where: str, data: DataConfig) -> list[Problem]:
     """What the config reads must be in the schema file, in a form a batch of tensors can hold."""
     try:
-        specs = load_schema(data.seg_dense_schema.schema_path)
+        specs = data.seg_dense_schema.specs
     except SchemaError as e:
         return [(f"{where}.seg_dense_schema.schema_path", str(e))]
     return [

@@ -14,7 +14,7 @@ import torch
 
 from ..config.data import DataConfig
 from ..errors import DataError
-from ..schema import FeatureSpec, load_schema
+from ..schema import FeatureSpec
 from .batch import Batch, Rows, Spec
 from .damage import Damage
 from .order import Item
@@ -35,7 +35,7 @@ def feature_specs(data: DataConfig) -> dict[str, Spec]:
     """Feature name -> its Spec in the batches of `data`: the schema's (float_list float32, int64_list
     int64, a length-1 feature one value per example), the flags as float32, then what each preprocessor
     makes of them, in their order."""
-    schema = load_schema(data.seg_dense_schema.schema_path)
+    schema = data.seg_dense_schema.specs
     specs = {name: _spec(schema[source]) for name, source in feature_sources(data).items()}
     if FLAGS in specs:
         specs[FLAGS] = Spec(specs[FLAGS].shape, torch.float32)
@@ -56,7 +56,7 @@ class Columns:
     def __init__(
         self, data: DataConfig, preprocessors: list[Preprocessor], labels: bool, damage: Damage | None
     ):
-        self.specs = load_schema(data.seg_dense_schema.schema_path)
+        self.specs = data.seg_dense_schema.specs
         self.features = feature_sources(data)
         self.tasks = tuple(data.tasks) if labels else ()
         self.pos_rates = np.array([data.tasks[t].pos_downsampling_rate for t in self.tasks], dtype=np.float32)

@@ -8,14 +8,12 @@ import glob
 import logging
 import os
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from ..config.data import (
-    DATE_FORMAT,
     DataConfig,
     ExplicitDateInputs,
     ExplicitDatetimeInputs,
-    parse_end_datetime,
 )
 from ..errors import UserError
 from .storage import filesystem, is_url, local
@@ -100,7 +98,7 @@ def _missing_bucket(url: str) -> str:
 
 def date_files(spec: ExplicitDateInputs) -> list[str]:
     """The .gz files under data_root/YYYY/MM/DD for the `days` days ending at end_date (inclusive)."""
-    end = datetime.strptime(spec.end_date, DATE_FORMAT)
+    end = spec.end
     folders = [
         os.path.join(spec.data_root, (end - timedelta(days=i)).strftime("%Y/%m/%d")) for i in range(spec.days)
     ]
@@ -111,7 +109,7 @@ def date_files(spec: ExplicitDateInputs) -> list[str]:
 
 def datetime_files(spec: ExplicitDatetimeInputs) -> list[str]:
     """The .gz files under data_root/YYYY/MM/DD/HH, `hours` hours ending at end_datetime (inclusive)."""
-    end = parse_end_datetime(spec.end_datetime).replace(minute=0)
+    end = spec.end.replace(minute=0)
     folders = [
         os.path.join(spec.data_root, (end - timedelta(hours=i)).strftime("%Y/%m/%d/%H"))
         for i in range(spec.hours)

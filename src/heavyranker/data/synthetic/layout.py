@@ -9,7 +9,7 @@ import numpy as np
 
 from ...config import Config
 from ...errors import UserError
-from ...schema import FeatureSpec, load_schema
+from ...schema import FeatureSpec
 from ..preprocess.truncate_and_slice import SLICED, truncated_columns
 from .profiles import SOURCES
 
@@ -49,7 +49,7 @@ def layout_for(config: Config) -> Layout:
                 f"validation_data.{split}.seg_dense_schema.schema_path differs from train_data's: "
                 f"the generator writes one schema for all splits"
             )
-    specs = load_schema(data.seg_dense_schema.schema_path)
+    specs = data.seg_dense_schema.specs
     tasks = list(dict.fromkeys([t for d in (data, *config.validation_data.values()) for t in d.tasks]))
     roles = {old: new for new, old in data.seg_dense_schema.renamed_features.items()}
     roles.update(dict.fromkeys(tasks, "label"))

@@ -9,12 +9,12 @@ import logging
 import os
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import numpy as np
 
 from ...config import Config
-from ...config.data import DATE_FORMAT, DataConfig, parse_end_datetime
+from ...config.data import DataConfig
 from ...errors import UserError
 from ..tf_example import encode_tf_examples
 from ..tfrecord import write_records
@@ -118,11 +118,11 @@ def _plan(name: str, data: DataConfig) -> SplitPlan:
         return SplitPlan(name, data, where, folder, [""], pattern)
     if data.explicit_date_inputs is not None:
         dated, where = data.explicit_date_inputs, f"{where}.explicit_date_inputs.data_root"
-        end = datetime.strptime(dated.end_date, DATE_FORMAT)
+        end = dated.end
         stamps = [(end - timedelta(days=i)).strftime("%Y/%m/%d") for i in range(dated.days)]
     else:
         dated, where = data.explicit_datetime_inputs, f"{where}.explicit_datetime_inputs.data_root"
-        end = parse_end_datetime(dated.end_datetime).replace(minute=0)
+        end = dated.end.replace(minute=0)
         stamps = [(end - timedelta(hours=i)).strftime("%Y/%m/%d/%H") for i in range(dated.hours)]
     return SplitPlan(name, data, where, dated.data_root, sorted(stamps))
 
