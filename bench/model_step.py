@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from heavyranker.config import load_config
-from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.columns import feature_specs
 from heavyranker.memory import keep_freed_memory
 from heavyranker.model import build_model, linear
 from heavyranker.train.loss import build_loss
@@ -170,9 +170,11 @@ def main() -> int:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     config = load_config(args.config)
-    shapes = feature_shapes(config.train_data)
-    model = build_model(config, shapes)
-    on_aten = build_model(config, shapes, matmul="aten")  # the same weights, every product on F.linear
+    specs = feature_specs(config.train_data)
+    shapes = {name: spec.shape for name, spec in specs.items()}
+    model = build_model(config.model, specs, config.train_data.tasks)
+    # the same weights, every product on F.linear
+    on_aten = build_model(config.model, specs, config.train_data.tasks, matmul="aten")
     on_aten.load_state_dict(model.state_dict())
     loss_fn = build_loss(config)
     features = random_features(shapes, args.batch, gen)

@@ -24,7 +24,7 @@ from results import add_results_option, write_results
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
-from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.columns import feature_specs
 from heavyranker.model import build_model
 from heavyranker.serve.export import example, export_model
 from heavyranker.serve.scorer import Scorer
@@ -37,7 +37,7 @@ def export_both(config_path: str, checkpoint: str | None, folder: Path) -> tuple
     """The pt2 and the ONNX folder of one checkpoint, and the model's parameter count."""
     config = load_config(config_path)
     torch.manual_seed(0)
-    model = build_model(config, feature_shapes(config.train_data))
+    model = build_model(config.model, feature_specs(config.train_data), config.train_data.tasks)
     if checkpoint is None:
         checkpoint = str(save_checkpoint(folder / "checkpoints", 0, {"model": model.state_dict(), "step": 0}))
     folders = [

@@ -49,7 +49,7 @@ from results import add_results_option, write_results
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
-from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.columns import feature_specs
 from heavyranker.model import build_model
 from heavyranker.serve.batcher import MAX_BATCH
 from heavyranker.serve.export import export_model
@@ -69,7 +69,7 @@ def export(config_path: str, checkpoint: str | None, folder: Path) -> Path:
     config = load_config(config_path)
     if checkpoint is None:
         torch.manual_seed(0)
-        model = build_model(config, feature_shapes(config.train_data))
+        model = build_model(config.model, feature_specs(config.train_data), config.train_data.tasks)
         checkpoint = str(save_checkpoint(folder / "checkpoints", 0, {"model": model.state_dict(), "step": 0}))
     return export_model(config, checkpoint=checkpoint, out=str(folder / "model"))
 

@@ -27,7 +27,7 @@ import yaml
 
 from heavyranker.checkpoint import load_checkpoint
 from heavyranker.config import load_config
-from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.columns import feature_specs
 from heavyranker.data.tf_example import encode_example
 from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
@@ -240,7 +240,8 @@ def test_ddp_steps_equal_one_process_on_the_whole_batch_and_resume_across_world_
     assert_close(weights(tmp_path / "ddp", 2), weights(tmp_path / "single", 2))
     torch.manual_seed(0)  # the trainer's initialisation
     config = load_config(tmp_path / "ddp.yaml")
-    initial = build_model(config, feature_shapes(config.train_data)).state_dict()
+    specs = feature_specs(config.train_data)
+    initial = build_model(config.model, specs, config.train_data.tasks).state_dict()
     assert not torch.allclose(
         initial["backbone.layers.0.weight"], weights(tmp_path / "ddp", 1)["backbone.layers.0.weight"]
     )

@@ -63,9 +63,11 @@ def _data_cache(args: argparse.Namespace) -> int:
 
 
 def _model_summary(args: argparse.Namespace) -> int:
+    from .data.columns import feature_specs
     from .model.summary import print_summary
 
-    print_summary(_load(args))
+    config = _load(args)
+    print_summary(config.model, feature_specs(config.train_data))
     return 0
 
 

@@ -27,6 +27,6 @@ def test_calibration_undoes_negative_downsampling():
 def test_ratio_is_neg_over_pos_rate_per_task(small_config_path):
     config = load_config(small_config_path, [REPLIED_RATES])
     ratios = downsampling_ratios(
-        config.train_data, ["recap.engagement.is_favorited", "recap.engagement.is_replied"]
+        config.train_data.tasks, ["recap.engagement.is_favorited", "recap.engagement.is_replied"]
     )
     assert ratios.tolist() == pytest.approx([1.0, 0.02])

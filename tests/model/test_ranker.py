@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from heavyranker.config import load_config
+from heavyranker.data.columns import feature_specs
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.errors import UserError
 from heavyranker.model import build_model, module_name
@@ -38,7 +39,7 @@ def _config(path, *overrides):
 
 def _build(config):
     torch.manual_seed(0)
-    return build_model(config, feature_shapes(config.train_data))
+    return build_model(config.model, feature_specs(config.train_data), config.train_data.tasks)
 
 
 def _features(config, batch=8, seed=0):
@@ -232,7 +233,8 @@ def test_matmul_reaches_every_dense_layer(small_config_path, matmul):
         f"model.tasks.{TASKS[1]}.dlrm_config={dlrm}",
     )
     torch.manual_seed(0)
-    model = build_model(config, feature_shapes(config.train_data), matmul=matmul)
+    specs = feature_specs(config.train_data)
+    model = build_model(config.model, specs, config.train_data.tasks, matmul=matmul)
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(layers) == 2 * 3 + 1 + 8 * 3 + 3 + 2
     assert all(type(layer) is Linear and layer.matmul == matmul for layer in layers)
@@ -292,7 +294,7 @@ def test_torch_export_matches_eager(small_config_path):
 
 def test_summary_prints_each_module_and_the_total(small_config_path, capsys):
     config = _config(small_config_path)
-    print_summary(config)
+    print_summary(config.model, feature_specs(config.train_data))
     lines = capsys.readouterr().out.splitlines()
     total = sum(p.numel() for p in _build(config).parameters())
     assert lines[-1].split() == ["total", f"{total:,}"]
@@ -300,3 +302,37 @@ def test_summary_prints_each_module_and_the_total(small_config_path, capsys):
     tower = next(line for line in lines if "recap__engagement__is_favorited (Mlp)" in line)
     assert tower.split()[-1] == f"{128 * 64 + 64 + 64 * 32 + 32 + 32 * 1 + 1:,}"
     assert sum("(MaskBlock)" in line for line in lines) == 2
+
+
+def test_a_model_builds_from_specs_alone(tmp_path, monkeypatch):
+    """build_model takes its section and the feature specs, which may come from anywhere: no config file, no
+    schema file. Widths and calibration follow from the specs and the label rates given here."""
+    from heavyranker.config.data import TaskData
+    from heavyranker.config.model import ModelConfig
+    from heavyranker.data.batch import Spec
+    from heavyranker.model.calibration import calibrate
+
+    monkeypatch.chdir(tmp_path)  # an empty folder: nothing to read even by a relative path
+    model_config = ModelConfig.model_validate(
+        {
+            "featurization_config": {"log1p_abs_config": {}, "feature_names_to_concat": ["binary"]},
+            "tasks": {
+                "a": {"mlp_config": {"layer_sizes": [5, 1]}},
+                "b": {"mlp_config": {"layer_sizes": [1]}},
+            },
+        }
+    )
+    specs = {"continuous": Spec((4,), torch.float32), "binary": Spec((3,), torch.float32)}
+    rates = {"a": TaskData(), "b": TaskData(pos_downsampling_rate=0.5, neg_downsampling_rate=0.01)}
+    model = build_model(model_config, specs, rates)
+
+    assert model.task_names == ["a", "b"]
+    assert model.towers["a"].layers[0].in_features == 4 + 3  # continuous, then the concatenated binary
+    features = {"continuous": torch.randn(6, 4), "binary": torch.ones(6, 3)}
+    out = model.eval()(features)
+    assert out["logits"].shape == (6, 2)
+    ratios = torch.tensor([1.0, 0.01 / 0.5])
+    torch.testing.assert_close(out["calibrated_probabilities"], calibrate(out["probabilities"], ratios))
+    uncalibrated = build_model(model_config, specs).eval()  # no label rates: every example was kept
+    uncalibrated.load_state_dict(model.state_dict())
+    torch.testing.assert_close(uncalibrated(features)["calibrated_probabilities"], out["probabilities"])

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import Config, load_config
-from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.columns import feature_specs
 from heavyranker.model import Ranker, build_model
 from heavyranker.serve.app import server_config
 from heavyranker.serve.export import export_model
@@ -61,7 +61,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     root = tmp_path_factory.mktemp("serve")
     config = _load_with_env(root)
     torch.manual_seed(0)
-    model = build_model(config, feature_shapes(config.train_data))
+    model = build_model(config.model, feature_specs(config.train_data), config.train_data.tasks)
     gen = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm1d):

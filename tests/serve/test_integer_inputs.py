@@ -13,7 +13,7 @@ import torch
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import Config, load_config
-from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.columns import feature_specs
 from heavyranker.model import build_model
 from heavyranker.serve.app import rank_response
 from heavyranker.serve.export import export_model
@@ -37,7 +37,7 @@ def ids_model(tmp_path_factory) -> tuple[Config, torch.nn.Module, Path]:
     """The config, the eager model and its checkpoint."""
     config = load_config(CONFIGS / "local_small.yaml", EMBEDDINGS)
     torch.manual_seed(0)
-    model = build_model(config, feature_shapes(config.train_data))
+    model = build_model(config.model, feature_specs(config.train_data), config.train_data.tasks)
     folder = tmp_path_factory.mktemp("ids")
     checkpoint = save_checkpoint(folder / "checkpoints", 0, {"model": model.state_dict(), "step": 0})
     return config, model.eval(), checkpoint

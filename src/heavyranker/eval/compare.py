@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from ..checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from ..config import Config, short_names
 from ..config.data import DataConfig
+from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset
 from ..data.shapes import feature_shapes
 from ..errors import UserError
@@ -284,12 +285,12 @@ def _loaded_model(
     """The model `config` describes with the weights of the run's checkpoint (see run_checkpoint), if it can
     score the split: a tower for each task and, for each feature it reads, the same shape in the split's
     data. Returns the model, the checkpoint and its step."""
-    needs, has = feature_shapes(config.train_data), feature_shapes(data)
-    model = build_model(config, needs)
+    needs, has = feature_specs(config.train_data), feature_shapes(data)
+    model = build_model(config.model, needs, config.train_data.tasks)
     missing = [t for t in tasks if t not in model.task_names]
     if missing:
         raise UserError(f"compare: the model of {run} has no tower for {', '.join(missing)}")
-    differ = [f"{name} {shape}" for name, shape in needs.items() if has.get(name) != shape]
+    differ = [f"{name} {spec.shape}" for name, spec in needs.items() if has.get(name) != spec.shape]
     if differ:
         raise UserError(
             f"compare: the model of {run} reads features the split does not have in that shape: "

@@ -21,8 +21,8 @@ from ..checkpoint import (
 )
 from ..config import Config, short_names
 from ..config.data import DataConfig
+from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
-from ..data.shapes import feature_shapes
 from ..errors import UserError
 from ..model import Ranker, build_model
 from ..runtime import Runtime, check_sharding, distributed_runtime
@@ -133,7 +133,8 @@ def evaluate_command(
 ) -> Results | None:
     with distributed_runtime() as runtime:
         check_sharding(config, runtime.world_size, train=False)
-        model = build_model(config, feature_shapes(config.train_data)).to(runtime.device).eval()
+        specs = feature_specs(config.train_data)
+        model = build_model(config.model, specs, config.train_data.tasks).to(runtime.device).eval()
         if watch:
             if runtime.distributed:
                 raise UserError(

@@ -1,4 +1,4 @@
-"""The ranking model: `build_model(config, input_shapes) -> Ranker`."""
+"""The ranking model: `build_model(model_config, feature_specs, label_rates) -> Ranker`."""
 
 from .ranker import Ranker, build_model, module_name
 

@@ -3,9 +3,11 @@ probability q learned on that data corresponds to q * r / (1 - q + r * q) with r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from ..config.data import DataConfig
+from ..config.data import TaskData
 
 
 def calibrate(probabilities: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -13,7 +15,8 @@ def calibrate(probabilities: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     return probabilities * ratio / (1.0 - probabilities + ratio * probabilities)
 
 
-def downsampling_ratios(data: DataConfig, task_names: list[str]) -> torch.Tensor:
-    """r per task, in task_names order; 1 (identity) for a task kept at equal rates."""
-    rates = [data.tasks[t].neg_downsampling_rate / data.tasks[t].pos_downsampling_rate for t in task_names]
+def downsampling_ratios(label_rates: Mapping[str, TaskData], task_names: list[str]) -> torch.Tensor:
+    """r per task, in task_names order, from the rates the data kept each label at (a data config's
+    `tasks`); 1 (identity) for a task kept at equal rates."""
+    rates = [label_rates[t].neg_downsampling_rate / label_rates[t].pos_downsampling_rate for t in task_names]
     return torch.tensor(rates, dtype=torch.float32)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config.data import TaskData
 from ..config.model import ModelConfig, MultiTaskType, TaskModel
+from ..data.batch import Spec
 from ..errors import UserError
 from .calibration import calibrate, downsampling_ratios
 from .dcn import build_dcn
@@ -112,12 +115,20 @@ class Ranker(nn.Module):
 
 
 def build_model(
-    config: Config, input_shapes: dict[str, tuple[int, ...]], *, matmul: Matmul = DEFAULT_MATMUL
+    model: ModelConfig,
+    feature_specs: Mapping[str, Spec],
+    label_rates: Mapping[str, TaskData] | None = None,
+    *,
+    matmul: Matmul = DEFAULT_MATMUL,
 ) -> Ranker:
-    """The ranker for `config`, reading features of these per-example shapes (data.shapes.feature_shapes).
+    """The ranker `model` describes, reading features of these per-example specs (the training data's:
+    data.columns.feature_specs; only the shapes matter). No file is read: the specs may come from anywhere.
+    `label_rates`: the rates the training data kept each task's positives and negatives at (its `tasks`),
+    which the calibrated probabilities undo; None: every example was kept.
     `matmul` is where the dense layers' products run on CPU (model.linear): the same parameters and
     checkpoints either way; "onednn" needs a torch with oneDNN's linear kernel."""
-    model = config.model
+    input_shapes = {name: spec.shape for name, spec in feature_specs.items()}
+    task_names = list(model.tasks)
     featurizer = build_featurizer(model.featurization_config, input_shapes)
     large, small, twhin, position = _embeddings(model, input_shapes)
     widths = [featurizer.out_features] + [m.out_features for m in (*large.values(), *small.values())]
@@ -148,9 +159,12 @@ def build_model(
             affine_maps[module_name(task)] = _affine_map(
                 task_model.affine_map.scale, task_model.affine_map.bias
             )
-    ratios = downsampling_ratios(config.train_data, config.task_names)
+    if label_rates is None:
+        ratios = torch.ones(len(task_names))
+    else:
+        ratios = downsampling_ratios(label_rates, task_names)
     return Ranker(
-        config.task_names,
+        task_names,
         featurizer,
         large,
         small,

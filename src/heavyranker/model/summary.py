@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
-from ..config import Config
-from ..data.shapes import feature_shapes
+from ..config.model import ModelConfig
+from ..data.batch import Spec
 from .ranker import build_model
 
 
@@ -31,11 +33,10 @@ def _shapes(module: nn.Module) -> str:
     return ", ".join(own)
 
 
-def print_summary(config: Config) -> None:
-    shapes = feature_shapes(config.train_data)
-    model = build_model(config, shapes)
-    inputs = ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+def print_summary(model_config: ModelConfig, feature_specs: Mapping[str, Spec]) -> None:
+    model = build_model(model_config, feature_specs)
+    inputs = ", ".join(f"{name} {list(spec.shape)}" for name, spec in feature_specs.items())
     print(f"inputs per example: {inputs}")
-    print(f"tasks: {len(model.task_names)} ({config.model.multi_task_type.value})")
+    print(f"tasks: {len(model.task_names)} ({model_config.multi_task_type.value})")
     for line in summary_lines(model):
         print(line)

@@ -43,7 +43,7 @@ from torch import nn
 from ..atomic import atomic_path, atomic_write
 from ..checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from ..config import Config
-from ..data.shapes import feature_dtypes, feature_shapes
+from ..data.columns import feature_specs
 from ..errors import UserError
 from ..model import Ranker, build_model
 from .scorer import FORMAT, MANIFEST, OUTPUTS, PROGRAMS, OnnxProgram, sha256_file
@@ -85,12 +85,13 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str, for
     state = load_checkpoint(source)
     if "model" not in state:
         raise UserError(f"{source}: no 'model' weights in this checkpoint")
-    shapes = feature_shapes(config.train_data)
-    model = build_model(config, shapes)
+    specs = feature_specs(config.train_data)
+    shapes = {name: spec.shape for name, spec in specs.items()}
+    dtypes = {name: spec.dtype for name, spec in specs.items()}
+    model = build_model(config.model, specs, config.train_data.tasks)
     load_model_weights(model, state["model"], str(source))
     model.eval()
 
-    dtypes = feature_dtypes(config.train_data, list(shapes))
     names = used_inputs(model, {name: example(shape, dtypes[name], 2) for name, shape in shapes.items()})
     # A task the config gives no weight does not count in the score.
     weights = {t: config.engagement_weights.get(t, 0.0) for t in config.task_names}

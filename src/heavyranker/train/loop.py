@@ -26,8 +26,8 @@ from ..checkpoint import (
 )
 from ..config import Config, short_names
 from ..data.batch import Batch
+from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
-from ..data.shapes import feature_shapes
 from ..errors import UserError
 from ..eval.evaluator import Results, evaluate_splits
 from ..model import Ranker, build_model
@@ -54,7 +54,8 @@ class Trainer:
         check_sharding(config, self.runtime.world_size)
         self.amp = amp
         torch.manual_seed(config.training.seed)
-        self.model: Ranker = build_model(config, feature_shapes(config.train_data)).to(self.runtime.device)
+        specs = feature_specs(config.train_data)
+        self.model: Ranker = build_model(config.model, specs, config.train_data.tasks).to(self.runtime.device)
         self.train_model = self.runtime.wrap(self.model)  # DDP across ranks; checkpoints use the bare model
         self.loss_fn: MultiTaskLoss = build_loss(config).to(self.runtime.device)
         self.optimizer, self.scheduler = build_optimizer(config, self.model)
