@@ -176,7 +176,7 @@ def main() -> int:
     # the same weights, every product on F.linear
     on_aten = build_model(config.model, specs, config.train_data.tasks, matmul="aten")
     on_aten.load_state_dict(model.state_dict())
-    loss_fn = build_loss(config)
+    loss_fn = build_loss(config.model)
     features = random_features(shapes, args.batch, gen)
     tasks = len(config.task_names)
     labels = torch.randint(0, 2, (args.batch, tasks), generator=gen).float()
@@ -188,7 +188,7 @@ def main() -> int:
     groups.append({"params": [p for p in model.parameters() if id(p) not in in_towers]})
     adam = config.optimizer.adam
     plain = torch.optim.Adam(groups, lr=1e-4, betas=(adam.beta_1, adam.beta_2), eps=adam.epsilon)
-    fused = build_optimizer(config, model)[0]
+    fused = build_optimizer(config.optimizer, model)[0]
     params = sum(p.numel() for p in model.parameters())
     print(
         f"{args.config}: {params:,} parameters, {flops_per_example / 1e6:.1f} training MFLOP/example, "
@@ -207,7 +207,7 @@ def main() -> int:
     with recorder:
         step(model, fused)()
     variants = {"plain Adam": step(model, plain), "build_optimizer": step(model, fused)}
-    variants["build_optimizer, MKL products"] = step(on_aten, build_optimizer(config, on_aten)[0])
+    variants["build_optimizer, MKL products"] = step(on_aten, build_optimizer(config.optimizer, on_aten)[0])
     variants["matmuls alone"] = replay_matmuls(recorder.calls)
     figures = {
         "parameters": params,

@@ -37,9 +37,13 @@ def _data_generate(args: argparse.Namespace) -> int:
 def _data_dump(args: argparse.Namespace) -> int:
     from .data.dump import dump_batches
 
+    config = _load(args)
+    where, data = config.split_data(args.split)
     dump_batches(
-        _load(args),
+        data,
+        seed=config.training.seed,
         split=args.split,
+        where=where,
         inputs=args.inputs,
         batches=args.batches,
         shuffle=not args.no_shuffle,
@@ -51,14 +55,15 @@ def _data_dump(args: argparse.Namespace) -> int:
 def _data_stats(args: argparse.Namespace) -> int:
     from .data.stats import write_feature_stats
 
-    write_feature_stats(_load(args), out=args.out, batches=args.batches)
+    config = _load(args)
+    write_feature_stats(config.train_data, seed=config.training.seed, out=args.out, batches=args.batches)
     return 0
 
 
 def _data_cache(args: argparse.Namespace) -> int:
     from .data.cache import clear_cache, describe_cache
 
-    print("\n".join((clear_cache if args.clear else describe_cache)(_load(args))))
+    print("\n".join((clear_cache if args.clear else describe_cache)(_load(args).data_sections)))
     return 0
 
 

@@ -185,8 +185,19 @@ def test_data_dump_and_stats_log_what_reading_met(tmp_path, caplog):
     config = load_config(CONFIGS / "local_small.yaml", overrides)
     expected = "defaults_filled=10 (meta.user_id=10), damaged_files=0, skipped_records=20"
     with caplog.at_level(logging.INFO):
-        dump_batches(config, "validation", batches=10, shuffle=False, out=str(tmp_path / "dump.npz"))
-        write_feature_stats(config, out=str(tmp_path / "stats.json"), batches=10)
+        where, data = config.split_data("validation")
+        dump_batches(
+            data,
+            seed=config.training.seed,
+            split="validation",
+            where=where,
+            batches=10,
+            shuffle=False,
+            out=str(tmp_path / "dump.npz"),
+        )
+        write_feature_stats(
+            config.train_data, seed=config.training.seed, out=str(tmp_path / "stats.json"), batches=10
+        )
     assert f"validation_data.validation: {expected}" in caplog.messages
     assert f"train_data: {expected}" in caplog.messages
     assert len(np.load(tmp_path / "dump.npz")["labels"]) == 80

@@ -43,7 +43,9 @@ def truncated(data):
 def test_stats_of_all_training_rows_match_numpy(tmp_path):
     config = write_config(tmp_path, truncated)
     files = [f for f in generate_for_config(config, examples=1000, files=2, seed=0) if "/train/" in f]
-    write_feature_stats(config, out=str(tmp_path / "stats.json"), batches=100)
+    write_feature_stats(
+        config.train_data, seed=config.training.seed, out=str(tmp_path / "stats.json"), batches=100
+    )
     count, mean, std = read(tmp_path / "stats.json")
     continuous = decode(files, config, ["home_recap_2022_cont__segdense_vals"])[
         "home_recap_2022_cont__segdense_vals"
@@ -60,7 +62,9 @@ def test_stats_of_all_training_rows_match_numpy(tmp_path):
 def test_stats_read_the_first_batches_only(tmp_path):
     config = write_config(tmp_path)  # batches of 256
     files = [f for f in generate_for_config(config, examples=1000, files=1, seed=0) if "/train/" in f]
-    write_feature_stats(config, out=str(tmp_path / "stats.json"), batches=2)
+    write_feature_stats(
+        config.train_data, seed=config.training.seed, out=str(tmp_path / "stats.json"), batches=2
+    )
     count, mean, std = read(tmp_path / "stats.json")
     continuous = decode(files, config, ["home_recap_2022_cont__segdense_vals"])[
         "home_recap_2022_cont__segdense_vals"
@@ -82,7 +86,9 @@ def test_non_finite_values_are_left_out_and_an_empty_column_gets_zeros(tmp_path)
     folder = tmp_path / "data" / "train"
     folder.mkdir(parents=True)
     write_records(str(folder / "part-0.gz"), encode_tf_examples(rows))
-    write_feature_stats(config, out=str(tmp_path / "stats.json"), batches=10)
+    write_feature_stats(
+        config.train_data, seed=config.training.seed, out=str(tmp_path / "stats.json"), batches=10
+    )
     count, mean, std = read(tmp_path / "stats.json")
     expected_count, expected_mean, expected_std = numpy_stats(x)
     assert count[0] == 200 and count[2] == 0 and mean[2] == 0 and std[2] == 0
@@ -100,5 +106,6 @@ def test_cli_writes_stats_and_refuses_no_batches(tmp_path, capsys):
     assert len(read(out)[1]) == 48
     assert main(["data", "stats", "--config", config_path, "--out", str(out), "--batches", "0"]) == 2
     assert "--batches must be positive" in capsys.readouterr().err
+    config = write_config(tmp_path)
     with pytest.raises(UserError):
-        write_feature_stats(write_config(tmp_path), out=str(out), batches=-1)
+        write_feature_stats(config.train_data, seed=config.training.seed, out=str(out), batches=-1)

@@ -237,7 +237,7 @@ def test_any_schema_round_trips_through_the_decoder(tmp_path):
 
 def test_signal_is_planted_in_kept_columns_only(tmp_path):
     config = write_config(tmp_path, made_up, MADE_UP)
-    world = World(layout_for(config), users=64, seed=0)
+    world = World(layout_for(config.train_data, config.validation_data), users=64, seed=0)
     planted = world.planted["continuous"]
     assert len(planted) == 6 and max(planted.values()) < 6  # truncation keeps 6 of the 9 columns
     assert len(world.planted["binary"]) == 3

@@ -66,7 +66,7 @@ def test_labels_are_matched_by_name_when_the_data_has_extra_tasks_in_another_ord
 
 def test_build_loss_takes_pos_weight_per_task_in_model_order():
     config = load_config(SMALL, ["model.tasks.recap.engagement.is_replied.pos_weight=4.5"])
-    loss = build_loss(config)
+    loss = build_loss(config.model)
     assert loss.task_names == config.task_names
     expected = [4.5 if t == "recap.engagement.is_replied" else 1.0 for t in config.task_names]
     assert loss.pos_weight.tolist() == expected

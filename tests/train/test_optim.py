@@ -79,7 +79,7 @@ def test_piecewise_lists_that_do_not_fit_are_a_clear_error():
 def test_groups_partition_the_parameters_one_per_tower_plus_backbone():
     config = load_config(SMALL)
     model = FakeRanker(config.task_names)
-    optimizer, _ = build_optimizer(config, model)
+    optimizer, _ = build_optimizer(config.optimizer, model)
 
     assert [g["name"] for g in optimizer.param_groups] == [*config.task_names, "backbone"]
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
@@ -97,7 +97,7 @@ def test_groups_partition_the_parameters_one_per_tower_plus_backbone():
 def test_single_task_learning_rate_is_one_group():
     config = load_config(SMALL, [f"{RATES}=null", "optimizer.single_task_learning_rate={constant: 0.01}"])
     model = FakeRanker(config.task_names)
-    optimizer, _ = build_optimizer(config, model)
+    optimizer, _ = build_optimizer(config.optimizer, model)
     assert [g["name"] for g in optimizer.param_groups] == ["all"]
     assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
     assert optimizer.param_groups[0]["lr"] == 0.01
@@ -108,14 +108,14 @@ def test_shared_parameters_need_a_backbone_learning_rate():
     with pytest.raises(
         UserError, match=rf"{RATES}.backbone_learning_rate is not set.* 23 parameters outside"
     ):
-        build_optimizer(config, FakeRanker(config.task_names))  # LayerNorm(4): 8, Linear(4, 3): 15
+        build_optimizer(config.optimizer, FakeRanker(config.task_names))  # LayerNorm(4): 8, Linear(4, 3): 15
 
 
 def test_without_shared_parameters_no_backbone_group_is_needed():
     config = load_config(SMALL, [f"{RATES}.backbone_learning_rate=null"])
     model = FakeRanker(config.task_names)
     del model.featurize, model.backbone
-    optimizer, _ = build_optimizer(config, model)
+    optimizer, _ = build_optimizer(config.optimizer, model)
     assert [g["name"] for g in optimizer.param_groups] == config.task_names
 
 
@@ -144,7 +144,7 @@ def expected_rates(config, step: int) -> list[float]:
 def test_scheduler_sets_each_group_from_its_schedule_at_every_step():
     config = tiered_config()
     model = FakeRanker(config.task_names)
-    optimizer, scheduler = build_optimizer(config, model)
+    optimizer, scheduler = build_optimizer(config.optimizer, model)
     for step in range(6):
         assert [g["lr"] for g in optimizer.param_groups] == expected_rates(config, step)
         take_steps(optimizer, scheduler, 1)
@@ -153,7 +153,7 @@ def test_scheduler_sets_each_group_from_its_schedule_at_every_step():
 def test_scheduler_state_round_trips_through_a_weights_only_checkpoint():
     config = tiered_config()
     model = FakeRanker(config.task_names)
-    optimizer, scheduler = build_optimizer(config, model)
+    optimizer, scheduler = build_optimizer(config.optimizer, model)
     take_steps(optimizer, scheduler, 3)
     buffer = io.BytesIO()
     torch.save(scheduler.state_dict(), buffer)
@@ -161,7 +161,7 @@ def test_scheduler_state_round_trips_through_a_weights_only_checkpoint():
     state = torch.load(buffer, weights_only=True)
 
     fresh_model = FakeRanker(config.task_names)
-    fresh_optimizer, fresh_scheduler = build_optimizer(config, fresh_model)
+    fresh_optimizer, fresh_scheduler = build_optimizer(config.optimizer, fresh_model)
     fresh_scheduler.load_state_dict(state)
     assert [g["lr"] for g in fresh_optimizer.param_groups] == expected_rates(config, 3)
     take_steps(fresh_optimizer, fresh_scheduler, 2)
@@ -172,7 +172,7 @@ def test_scheduler_state_round_trips_through_a_weights_only_checkpoint():
 def test_a_ramp_from_zero_leaves_the_first_step_without_effect():
     config = load_config(SMALL)  # every group ramps linearly from 0
     model = FakeRanker(config.task_names)
-    optimizer, scheduler = build_optimizer(config, model)
+    optimizer, scheduler = build_optimizer(config.optimizer, model)
     before = [p.detach().clone() for p in model.parameters()]
 
     def step() -> None:

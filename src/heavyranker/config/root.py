@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from ..errors import UserError
 from ..schema import FeatureSpec, SchemaError
 from .base import NO_EFFECT, StrictModel
 from .data import DataConfig
@@ -34,6 +35,22 @@ class Config(StrictModel):
     def engagement_weights(self) -> dict[str, float]:
         weights = self.serving.engagement_weights
         return dict(weights) if weights is not None else default_engagement_weights(self.task_names)
+
+    @property
+    def data_sections(self) -> dict[str, DataConfig]:
+        """Every data config under its dotted path: train_data, then validation_data.<split>."""
+        validation = {f"validation_data.{split}": data for split, data in self.validation_data.items()}
+        return {"train_data": self.train_data} | validation
+
+    def split_data(self, split: str) -> tuple[str, DataConfig]:
+        """The dotted path and the data config of `split`: "train" or a validation split."""
+        if split == "train":
+            return "train_data", self.train_data
+        if split not in self.validation_data:
+            raise UserError(
+                f"no split {split!r}: the splits are train, {', '.join(self.validation_data) or '(none)'}"
+            )
+        return f"validation_data.{split}", self.validation_data[split]
 
 
 def short_names(names: list[str]) -> dict[str, str]:

@@ -30,11 +30,11 @@ import shutil
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from ..config import Config
 from ..config.data import DataConfig
 from ..errors import DataError, UserError
 from .cache_entry import TEMPORARY, Entry, Fingerprint, build_entry
@@ -209,12 +209,10 @@ def _lowest_priority() -> None:
     os.nice(19)
 
 
-def describe_cache(config: Config) -> list[str]:
-    """`heavyranker data cache`: for each cache folder the config's splits use, its entries and size, and
-    per split how many of its files are cached under the current config."""
-    splits = {"train_data": config.train_data} | {
-        f"validation_data.{name}": data for name, data in config.validation_data.items()
-    }
+def describe_cache(splits: Mapping[str, DataConfig]) -> list[str]:
+    """`heavyranker data cache`: for each cache folder the splits use (dotted path -> data config: a config's
+    data_sections), its entries and size, and per split how many of its files are cached under the current
+    config."""
     lines = []
     for folder in dict.fromkeys(cache_folder(data) for data in splits.values()):
         entries, size, leftover = _folder_sizes(Path(folder))
@@ -229,10 +227,11 @@ def describe_cache(config: Config) -> list[str]:
     return lines
 
 
-def clear_cache(config: Config) -> list[str]:
-    """Removes the entries, and what killed runs left, in the cache folders the config's splits use; what
-    was removed, one line each. Anything else there is left alone: cache_dir may name a folder by mistake."""
-    folders = dict.fromkeys(cache_folder(d) for d in [config.train_data, *config.validation_data.values()])
+def clear_cache(splits: Mapping[str, DataConfig]) -> list[str]:
+    """Removes the entries, and what killed runs left, in the cache folders the splits use (a config's
+    data_sections); what was removed, one line each. Anything else there is left alone: cache_dir may name a
+    folder by mistake."""
+    folders = dict.fromkeys(cache_folder(data) for data in splits.values())
     lines = []
     for folder in map(Path, folders):
         entries, size, leftover = _folder_sizes(folder)

@@ -8,7 +8,6 @@ from itertools import islice
 import numpy as np
 import torch
 
-from ..config import Config
 from ..config.data import DataConfig
 from ..errors import UserError
 from .dataset import RecapDataset, describe_counts
@@ -17,27 +16,30 @@ log = logging.getLogger(__name__)
 
 
 def dump_batches(
-    config: Config,
+    data: DataConfig,
+    *,
+    seed: int,
     split: str = "train",
+    where: str = "train_data",
     inputs: str | None = None,
     batches: int = 1,
     shuffle: bool = True,
     out: str = "batches.npz",
 ) -> None:
-    """Writes the first `batches` batches of `split` ("train" or a validation split) to `out`: every feature
-    under its renamed name, `labels` and `weights` [N, T], and `tasks` (the label order).
-    The train split with shuffle=True is read exactly as training reads it (shuffled from training.seed,
+    """Writes the first `batches` batches of `data`, the data config of `split` ("train" or a validation
+    split; `where` is its dotted path, for messages), to `out`: every feature under its renamed name,
+    `labels` and `weights` [N, T], and `tasks` (the label order).
+    The train split with shuffle=True is read exactly as training reads it (shuffled from `seed`,
     repeated, full batches), so the batches are training's first ones. Otherwise one pass is read (fewer
     batches if it ends first): a validation split in the order evaluation reads it, or shuffled.
     `inputs` (a glob) replaces the split's files. bfloat16 features are written as float32 (numpy has no
     bfloat16)."""
     if batches < 1:
         raise UserError(f"--batches must be at least 1, got {batches}")
-    where, data = _split(config, split)
     as_training = shuffle and split == "train"
     with RecapDataset(
         data,
-        seed=config.training.seed,
+        seed=seed,
         shuffle=shuffle,
         repeat=as_training,
         drop_last=as_training,
@@ -55,17 +57,6 @@ def dump_batches(
     with open(out, "wb") as f:  # a file object: np.savez would append .npz to a name without it
         np.savez(f, **arrays)
     log.info("wrote %d examples of %s (%d batches) to %s", len(arrays["labels"]), split, len(read), out)
-
-
-def _split(config: Config, split: str) -> tuple[str, DataConfig]:
-    """The config section of `split` and its data config."""
-    if split == "train":
-        return "train_data", config.train_data
-    if split not in config.validation_data:
-        raise UserError(
-            f"no split {split!r}: the splits are train, {', '.join(config.validation_data) or '(none)'}"
-        )
-    return f"validation_data.{split}", config.validation_data[split]
 
 
 def _numpy(tensors: list[torch.Tensor]) -> np.ndarray:

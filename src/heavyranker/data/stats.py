@@ -17,17 +17,19 @@ import os
 import numpy as np
 
 from ..atomic import atomic_write
-from ..config import Config
+from ..config.data import DataConfig
 from ..errors import DataError, UserError
 from .dataset import RecapDataset, describe_counts
 
 log = logging.getLogger(__name__)
 
 
-def write_feature_stats(config: Config, *, out: str, batches: int) -> None:
+def write_feature_stats(data: DataConfig, *, seed: int, out: str, batches: int) -> None:
+    """The statistics of the first `batches` batches of `data` (the training data, read in order from
+    `seed`), written to `out`."""
     if batches < 1:
         raise UserError(f"--batches must be positive, got {batches}")
-    count, mean, m2 = _moments(config, batches)
+    count, mean, m2 = _moments(data, seed, batches)
     std = np.sqrt(np.divide(m2, count, out=np.zeros_like(m2), where=count > 0))
     stats = {
         "transform": "sign(x) * log1p(|x|)",
@@ -45,15 +47,15 @@ def write_feature_stats(config: Config, *, out: str, batches: int) -> None:
     )
 
 
-def _moments(config: Config, batches: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _moments(data: DataConfig, seed: int, batches: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per column: the count, mean and sum of squared deviations of the finite transformed values,
     merged batch by batch (Chan et al.'s pairwise update: no cancellation on large sums)."""
-    if "continuous" not in config.train_data.seg_dense_schema.renamed_features:
+    if "continuous" not in data.seg_dense_schema.renamed_features:
         raise UserError(
             "train_data.seg_dense_schema.renamed_features has no `continuous` feature to describe"
         )
     count = mean = m2 = None
-    with RecapDataset(config.train_data, seed=config.training.seed, where="train_data") as dataset:
+    with RecapDataset(data, seed=seed, where="train_data") as dataset:
         for i, batch in enumerate(dataset):
             if i == batches:
                 break
@@ -76,6 +78,6 @@ def _moments(config: Config, batches: int) -> tuple[np.ndarray, np.ndarray, np.n
         log.info("train_data: %s", describe_counts(dataset.counts()))
     if count is None:
         raise DataError(
-            f"no training examples to describe in {config.train_data.inputs or 'the dated inputs'}"
+            f"no training examples to describe in {data.inputs or 'the dated inputs'}"
         )
     return count, mean, m2

@@ -57,8 +57,8 @@ class Trainer:
         specs = feature_specs(config.train_data)
         self.model: Ranker = build_model(config.model, specs, config.train_data.tasks).to(self.runtime.device)
         self.train_model = self.runtime.wrap(self.model)  # DDP across ranks; checkpoints use the bare model
-        self.loss_fn: MultiTaskLoss = build_loss(config).to(self.runtime.device)
-        self.optimizer, self.scheduler = build_optimizer(config, self.model)
+        self.loss_fn: MultiTaskLoss = build_loss(config.model).to(self.runtime.device)
+        self.optimizer, self.scheduler = build_optimizer(config.optimizer, self.model)
         self.accumulation = config.training.gradient_accumulation or 1
         self.step = 0
         self.checkpoints = checkpoint_dir(config.training.save_dir)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config.model import ModelConfig
 
 
 class MultiTaskLoss(nn.Module):
@@ -41,6 +41,6 @@ class MultiTaskLoss(nn.Module):
         return per_task.mean(), per_task
 
 
-def build_loss(config: Config) -> MultiTaskLoss:
-    tasks = config.task_names
-    return MultiTaskLoss(tasks, [config.model.tasks[t].pos_weight for t in tasks])
+def build_loss(config: ModelConfig) -> MultiTaskLoss:
+    """The loss of the model's tasks, in their order, each with its tower's pos_weight."""
+    return MultiTaskLoss(list(config.tasks), [task.pos_weight for task in config.tasks.values()])

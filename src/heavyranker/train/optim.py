@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from ..config import Config
-from ..config.optimizer import LearningRate, LinearRampToCosine
+from ..config.optimizer import LearningRate, LinearRampToCosine, OptimizerConfig
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,14 +69,16 @@ class ScheduledLearningRates(LRScheduler):
             group["lr"] = lr
 
 
-def build_optimizer(config: Config, model: nn.Module) -> tuple[torch.optim.Adam, ScheduledLearningRates]:
+def build_optimizer(
+    config: OptimizerConfig, model: nn.Module
+) -> tuple[torch.optim.Adam, ScheduledLearningRates]:
     """Adam over `model`, which has .tower_parameters() -> {task: [Parameter]}: a group per tower
     (group["name"] = task) plus "backbone" for every other parameter, or one group "all" for
     single_task_learning_rate. Every parameter is in exactly one group."""
     groups, schedules = _param_groups(config, model)
     for group, schedule in zip(groups, schedules, strict=True):
         group["lr"] = learning_rate_at(schedule, 0)
-    adam = config.optimizer.adam
+    adam = config.adam
     # fused: one kernel per parameter instead of ~10 elementwise passes; about 10x faster on CPU for the
     # seed model (the step is memory bound) and the same update rule.
     optimizer = torch.optim.Adam(groups, betas=(adam.beta_1, adam.beta_2), eps=adam.epsilon, fused=True)
@@ -100,11 +101,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         log.info("optimizer %s: %s in the checkpoint -> %s from the config", key, old, new)
 
 
-def _param_groups(config: Config, model: nn.Module) -> tuple[list[dict[str, Any]], list[LearningRate]]:
-    single = config.optimizer.single_task_learning_rate
+def _param_groups(
+    config: OptimizerConfig, model: nn.Module
+) -> tuple[list[dict[str, Any]], list[LearningRate]]:
+    single = config.single_task_learning_rate
     if single is not None:
         return [{"params": list(model.parameters()), "name": "all"}], [single]
-    rates = config.optimizer.multi_task_learning_rates
+    rates = config.multi_task_learning_rates
     assert rates is not None  # the config guarantees exactly one of the two
     # The config's cross-checks guarantee one tower learning rate per model task and none besides.
     towers = model.tower_parameters()

@@ -3,11 +3,12 @@ columns the model sees, and the dtype each is written in."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from ...config import Config
+from ...config.data import DataConfig
 from ...errors import UserError
 from ...schema import FeatureSpec
 from ..preprocess.truncate_and_slice import SLICED, truncated_columns
@@ -40,17 +41,16 @@ class Layout:
         return {"float_list": "other_float", "int64_list": "other_int"}.get(dtype, "other_bytes")
 
 
-def layout_for(config: Config) -> Layout:
-    """The train split's schema and renames; labels for the tasks of every split."""
-    data = config.train_data
-    for split, other in config.validation_data.items():
+def layout_for(data: DataConfig, validation_data: Mapping[str, DataConfig]) -> Layout:
+    """The train split's schema and renames (`data`: train_data); labels for the tasks of every split."""
+    for split, other in validation_data.items():
         if other.seg_dense_schema.schema_path != data.seg_dense_schema.schema_path:
             raise UserError(
                 f"validation_data.{split}.seg_dense_schema.schema_path differs from train_data's: "
                 f"the generator writes one schema for all splits"
             )
     specs = data.seg_dense_schema.specs
-    tasks = list(dict.fromkeys([t for d in (data, *config.validation_data.values()) for t in d.tasks]))
+    tasks = list(dict.fromkeys([t for d in (data, *validation_data.values()) for t in d.tasks]))
     roles = {old: new for new, old in data.seg_dense_schema.renamed_features.items()}
     roles.update(dict.fromkeys(tasks, "label"))
     layout = Layout(specs, roles, tuple(tasks), {})

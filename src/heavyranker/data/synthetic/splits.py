@@ -63,7 +63,7 @@ def generate_for_config(
     users, authors and truth. A split whose tasks have downsampling rates below 1 keeps each drawn row
     with probability prod_t rate_t(label_t), so that its weights undo the sampling; it holds fewer rows
     than drawn. Splits reading the same folder share its files, written once for the first of them."""
-    layout = layout_for(config)
+    layout = layout_for(config.train_data, config.validation_data)
     n_train = default_examples(layout) if examples is None else examples
     if n_train < 1 or (files is not None and files < 1):
         raise UserError(f"examples and files must be positive (got {examples} and {files})")
