@@ -28,12 +28,12 @@ import yaml
 from heavyranker.checkpoint import load_checkpoint
 from heavyranker.config import load_config
 from heavyranker.data.columns import feature_specs
+from heavyranker.data.files import check_sharding
 from heavyranker.data.tf_example import encode_example
 from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.eval.evaluator import evaluate_command
 from heavyranker.model import build_model
-from heavyranker.runtime import check_sharding
 from heavyranker.train.loop import train
 
 SCHEMA = [
@@ -354,13 +354,13 @@ def test_a_rank_that_raises_takes_the_job_down(data, tmp_path):
 
 def test_batch_not_divisible_by_the_world_size_is_a_config_error(data, tmp_path):
     config = load_config(write_config(data, tmp_path / "run"))
-    check_sharding(config, 2)
+    check_sharding(config.data_sections, 2)
     with pytest.raises(
         UserError, match=r"train_data.global_batch_size: 8 is not divisible by the world size 3"
     ):
-        check_sharding(config, 3)
+        check_sharding(config.data_sections, 3)
     with pytest.raises(UserError, match=r"validation_data.validation.global_batch_size: 16 is not divisible"):
-        check_sharding(config, 3, train=False)
+        check_sharding(config.validation_sections, 3)
 
 
 def test_fewer_files_than_ranks_asks_for_more_files(data, tmp_path):
@@ -370,6 +370,6 @@ def test_fewer_files_than_ranks_asks_for_more_files(data, tmp_path):
         match=r"train_data: 2 data file\(s\) .*part-0.gz.* for 4 processes; .* at "
         r"least 4 files",
     ):
-        check_sharding(config, 4)
+        check_sharding(config.data_sections, 4)
     with pytest.raises(UserError, match=r"validation_data.validation: 3 data file\(s\) .* for 4 processes"):
-        check_sharding(config, 4, train=False)
+        check_sharding(config.validation_sections, 4)

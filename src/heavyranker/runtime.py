@@ -17,8 +17,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import Config
-from .data.files import shard_files
 from .errors import UserError
 
 T = TypeVar("T")
@@ -138,18 +136,6 @@ def _collective_timeout() -> float:
     if not seconds > 0:
         raise UserError(f"{TIMEOUT_ENV}={value!r}: expected a number of seconds > 0")
     return seconds
-
-
-def check_sharding(config: Config, world_size: int, *, train: bool = True) -> None:
-    """Each rank reads its own files (files[rank::world_size]) in batches of global_batch_size / world_size.
-    Raise now, naming the config section, if a split cannot be shared that way, rather than when the split
-    is first read (for a validation split, maybe hours into training). `train`: check train_data too."""
-    if world_size == 1:
-        return
-    sections = {"train_data": config.train_data} if train else {}
-    sections |= {f"validation_data.{split}": data for split, data in config.validation_data.items()}
-    for where, data in sections.items():
-        shard_files(data, 0, world_size, where)
 
 
 def gradient_sync(model: nn.Module, enabled: bool) -> AbstractContextManager:

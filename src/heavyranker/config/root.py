@@ -37,10 +37,14 @@ class Config(StrictModel):
         return dict(weights) if weights is not None else default_engagement_weights(self.task_names)
 
     @property
+    def validation_sections(self) -> dict[str, DataConfig]:
+        """Each validation split's data config under its dotted path, validation_data.<split>."""
+        return {f"validation_data.{split}": data for split, data in self.validation_data.items()}
+
+    @property
     def data_sections(self) -> dict[str, DataConfig]:
         """Every data config under its dotted path: train_data, then validation_data.<split>."""
-        validation = {f"validation_data.{split}": data for split, data in self.validation_data.items()}
-        return {"train_data": self.train_data} | validation
+        return {"train_data": self.train_data} | self.validation_sections
 
     def split_data(self, split: str) -> tuple[str, DataConfig]:
         """The dotted path and the data config of `split`: "train" or a validation split."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 
 from ..config.data import (
@@ -54,6 +54,17 @@ def shard_files(data: DataConfig, rank: int, world_size: int, where: str) -> tup
             f"each process reads its own files, so split the data into at least {world_size} files"
         )
     return files[rank::world_size], data.global_batch_size // world_size
+
+
+def check_sharding(sections: Mapping[str, DataConfig], world_size: int) -> None:
+    """Each rank reads its own files (files[rank::world_size]) in batches of global_batch_size / world_size.
+    Raise now, naming the config section (`sections`: dotted path -> data config, as Config.data_sections),
+    if a split cannot be shared that way, rather than when the split is first read (for a validation split,
+    maybe hours into training)."""
+    if world_size == 1:
+        return
+    for where, data in sections.items():
+        shard_files(data, 0, world_size, where)
 
 
 def glob_files(pattern: str) -> list[str]:

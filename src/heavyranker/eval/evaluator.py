@@ -23,9 +23,10 @@ from ..config import Config, short_names
 from ..config.data import DataConfig
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
+from ..data.files import check_sharding
 from ..errors import UserError
 from ..model import Ranker, build_model
-from ..runtime import Runtime, check_sharding, distributed_runtime
+from ..runtime import Runtime, distributed_runtime
 from .metrics import MetricAccumulator, gather_metrics
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def evaluate_command(
     config: Config, *, checkpoint: str | None, watch: bool, split: str | None
 ) -> Results | None:
     with distributed_runtime() as runtime:
-        check_sharding(config, runtime.world_size, train=False)
+        check_sharding(config.validation_sections, runtime.world_size)
         specs = feature_specs(config.train_data)
         model = build_model(config.model, specs, config.train_data.tasks).to(runtime.device).eval()
         if watch:

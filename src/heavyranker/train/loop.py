@@ -28,10 +28,11 @@ from ..config import Config, short_names
 from ..data.batch import Batch
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
+from ..data.files import check_sharding
 from ..errors import UserError
 from ..eval.evaluator import Results, evaluate_splits
 from ..model import Ranker, build_model
-from ..runtime import Runtime, check_sharding, distributed_runtime, gradient_sync, init_runtime
+from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime
 from .best import BestTracker
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
@@ -51,7 +52,7 @@ class Trainer:
     def __init__(self, config: Config, *, amp: bool = False, runtime: Runtime | None = None):
         self.config = config
         self.runtime = runtime or init_runtime()
-        check_sharding(config, self.runtime.world_size)
+        check_sharding(config.data_sections, self.runtime.world_size)
         self.amp = amp
         torch.manual_seed(config.training.seed)
         specs = feature_specs(config.train_data)
