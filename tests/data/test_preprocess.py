@@ -245,3 +245,20 @@ def test_bad_masks_and_fields_are_named(tmp_path):
     )
     with pytest.raises(UserError, match=r"served_timestamp_field: stamps must hold one value per example"):
         LabelRectifier(config).apply(ex)
+
+
+def test_too_many_positives_warn_once_per_downsampler(caplog):
+    """The warning is once per downsampler (each dataset builds its own), not once per process: a second
+    run in the same process is told too."""
+    config = DownsampleNegatives(batch_multiplier=2, engagements_list=["fav"], num_engagements=1)
+    crowded = [[1], [1], [1], [0]]
+    with caplog.at_level("WARNING", logger="heavyranker.data.preprocess.downsample_negatives"):
+        first = NegativeDownsampler(config)
+        first.apply(examples(crowded))
+        first.apply(examples(crowded))
+        NegativeDownsampler(config).apply(examples([[0]] * 4))  # room for every positive: no warning
+        NegativeDownsampler(config).apply(examples(crowded))
+    assert [r.getMessage().startswith("downsample_negatives: 3 positives in 4") for r in caplog.records] == [
+        True,
+        True,
+    ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -26,11 +26,12 @@ class NegativeDownsampler:
     (n - P) / (b - P) negatives, so its weights (every task's column) are multiplied by that factor and
     the total weight of negatives is what it was before downsampling; positives keep their weights.
     When P > b (batch_multiplier too large for the positive rate) the batch holds only the first b
-    positives: that biases the totals, so it is logged."""
+    positives: that biases the totals, so it is logged, once per downsampler (a dataset builds its own)."""
 
     config: DownsampleNegatives
     needs_labels: ClassVar[bool] = True
     columns: ClassVar[tuple[str, ...]] = ()
+    _warned: bool = field(default=False, init=False, repr=False, compare=False)
 
     def output_specs(self, specs: dict[str, Spec]) -> dict[str, Spec]:
         return specs
@@ -45,7 +46,7 @@ class NegativeDownsampler:
         positive = (rows.labels[:, columns] > 0).any(axis=1)
         positives, negatives = np.flatnonzero(positive), np.flatnonzero(~positive)
         if positives.size > b:
-            _warn_once(
+            self._warn_once(
                 f"downsample_negatives: {positives.size} positives in {n} examples read exceed the batch of "
                 f"{b}, so positives were dropped: batch_multiplier {self.config.batch_multiplier} is too "
                 f"large for the positive rate (logged once)"
@@ -56,12 +57,7 @@ class NegativeDownsampler:
             out.weights[positives.size :] *= np.float32(negatives.size / kept_negatives)
         return out
 
-
-_warned = False
-
-
-def _warn_once(message: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        log.warning(message)
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            object.__setattr__(self, "_warned", True)  # frozen for its config; this flag alone changes
+            log.warning(message)
