@@ -8,7 +8,7 @@ rounds that alternate the stages, so that all see the same machine load; process
   inflate   ISA-L inflate of the file alone, 64 KiB at a time: the floor under any reader
   read      read_records: inflate, framing and both CRC32C checks
   decode    ExampleDecoder.decode_batch of every feature, records already in memory: with the compiled
-            fast path (data/_wire.c) and with the pure-Python parser it replaces
+            fast path (data/tf_example/_wire.c) and with the pure-Python parser it replaces
   pipeline  read_records, then decode_batch every --batch records
 Prints examples per CPU-second, microseconds and minor page faults per example, and pipeline / inflate;
 the summary goes to bench/results/decode_micro.json (--results).

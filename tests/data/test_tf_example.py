@@ -73,7 +73,7 @@ def decoder(request, monkeypatch):
     if request.param == "python":
         monkeypatch.setattr(decode, "_wire", None)
     elif decode._wire is None:
-        pytest.skip("heavyranker.data._wire is not built")
+        pytest.skip("heavyranker.data.tf_example._wire is not built")
     return lambda specs=SPECS, wanted=None: ExampleDecoder(specs, list(specs) if wanted is None else wanted)
 
 
@@ -252,7 +252,7 @@ def test_protobuf_layouts_other_writers_may_use(decoder):
 
 def test_compiled_path_takes_the_usual_layout_itself(monkeypatch):
     if decode._wire is None:
-        pytest.skip("heavyranker.data._wire is not built")
+        pytest.skip("heavyranker.data.tf_example._wire is not built")
 
     def no_fallback(*args):
         raise AssertionError("the general parser was used")
@@ -357,7 +357,7 @@ def test_compiled_and_general_paths_agree_on_damaged_records(monkeypatch):
     # Random byte edits of valid records: the compiled path must give the general parser's values or
     # decline the record to it (then the same error), and never read out of bounds.
     if decode._wire is None:
-        pytest.skip("heavyranker.data._wire is not built")
+        pytest.skip("heavyranker.data.tf_example._wire is not built")
     fast = ExampleDecoder(SPECS, list(SPECS))
     with monkeypatch.context() as patch:
         patch.setattr(decode, "_wire", None)

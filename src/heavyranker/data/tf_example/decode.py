@@ -3,7 +3,7 @@
 Hand-written because TensorFlow is not a dependency and protobuf's Python objects cost one Python object
 per value (6,000 floats per seed record). Decoding never makes one Python object per value: the usual
 layout (every wanted feature one packed run of the schema's length) is decoded by the compiled
-`_wire.decode` (data/_wire.c) straight from the wire bytes into the output arrays, at about 4 us per seed
+`_wire.decode` (_wire.c, here) straight from the wire bytes into the output arrays, at about 4 us per seed
 record. Every record it declines (unpacked values, other field orders, a bytes_list, damage), and every
 record when it is not built, goes to the general path: `_parse` walks the record's fields in Python and
 notes where each wanted feature's values lie, then numpy converts the values of all those records at once.
@@ -24,11 +24,11 @@ from .wire import I32, I64, KINDS, LEN, VARINT
 log = logging.getLogger(__name__)
 
 try:
-    from .. import _wire  # built from _wire.c by `pip install`
+    from . import _wire  # built from _wire.c by `pip install`
 except ImportError:  # no compiler at install time: every record takes the general parser
     _wire = None
     log.warning(
-        "heavyranker.data._wire is not built (reinstall with gcc available): tf.Example decoding "
+        "heavyranker.data.tf_example._wire is not built (reinstall with gcc available): tf.Example decoding "
         "runs in pure Python, several times slower"
     )
 
