@@ -14,7 +14,7 @@ from .config import Config, load_config, short_names
 from .data.dataset import RecapDataset
 from .data.files import select_files
 from .data.synthetic import generate_for_config
-from .data.truth import load_truth
+from .data.synthetic.truth import load_truth
 from .errors import UserError
 from .eval.baselines import BASELINE_FEATURES, gradient_boosted_trees, logistic_regression, read_rows
 from .eval.evaluator import results_folder

@@ -2,7 +2,7 @@ import os
 
 import numpy as np
 
-from heavyranker.data.truth import IDS, load_truth, truth_path, write_truth
+from heavyranker.data.synthetic.truth import IDS, load_truth, truth_path, write_truth
 
 
 def test_a_sidecar_is_written_under_its_name_alone_and_reads_back(tmp_path):

@@ -8,7 +8,7 @@ the tastes. Users, authors and tweets recur across rows with the same ids and en
 
 The truth. Every label is drawn from a logistic model of OBSERVED features only (as written, float32), so
 the planted probability is the best any model of the features can do; it is written next to each data
-file (data/truth.py). The logit mixes a shared engagement score (correlated tasks) with terms a linear model
+file (truth.py). The logit mixes a shared engagement score (correlated tasks) with terms a linear model
 cannot express: a product of two counts, a user x author embedding affinity (bilinear), a bump in tweet
 age, a threshold on past user-author engagements, an XOR of two flags and a gate (only videos get
 watched). A hidden per-impression mood, shared by the positive engagements, correlates the labels beyond

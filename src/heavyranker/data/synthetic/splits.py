@@ -18,8 +18,8 @@ from ...config.data import DataConfig
 from ...errors import UserError
 from ..tf_example import encode_tf_examples
 from ..tfrecord import write_records
-from ..truth import truth_path, write_truth
 from .layout import Layout, layout_for
+from .truth import truth_path, write_truth
 from .world import World
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..atomic import atomic_write
-from ..errors import DataError
+from ...atomic import atomic_write
+from ...errors import DataError
 
 SUFFIX = ".truth.npz"
 IDS = ("user_id", "tweet_id", "author_id")
