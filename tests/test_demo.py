@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from heavyranker import demo as demo_module
 from heavyranker.cli import main
 from heavyranker.data.synthetic import generate_for_config
-from heavyranker.demo import MARKER, fresh_run_folder
+from heavyranker.demo import run as demo_module
+from heavyranker.demo.run import MARKER, fresh_run_folder
 from heavyranker.errors import UserError
 from tests.conftest import CONFIGS, SMALL_SPLITS
 

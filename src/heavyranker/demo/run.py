@@ -10,19 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, load_config, short_names
-from .data.dataset import RecapDataset
-from .data.files import select_files
-from .data.synthetic import generate_for_config
-from .data.synthetic.truth import load_truth
-from .errors import UserError
-from .eval.baselines import BASELINE_FEATURES, gradient_boosted_trees, logistic_regression, read_rows
-from .eval.evaluator import results_folder
-from .eval.metrics import auroc, rce
-from .eval.report import write_report
-from .model import Ranker
-from .runtime import init_runtime
-from .train.loop import Trainer
+from ..config import Config, load_config, short_names
+from ..data.dataset import RecapDataset
+from ..data.files import select_files
+from ..data.synthetic import generate_for_config
+from ..data.synthetic.truth import load_truth
+from ..errors import UserError
+from ..eval.evaluator import results_folder
+from ..eval.metrics import auroc, rce
+from ..eval.report import write_report
+from ..model import Ranker
+from ..runtime import init_runtime
+from ..train.loop import Trainer
+from .baselines import BASELINE_FEATURES, gradient_boosted_trees, logistic_regression, read_rows
 
 # A third of the demo's training rows: enough for a linear model to converge, and for LightGBM's ten
 # early-stopped models within minutes on two cores (the demo prints how long they took).

@@ -4,8 +4,8 @@ import torch
 from scipy.special import expit
 from sklearn.metrics import log_loss
 
+from heavyranker.demo.baselines import Rows, gradient_boosted_trees, logistic_regression, tree_features
 from heavyranker.errors import UserError
-from heavyranker.eval.baselines import Rows, gradient_boosted_trees, logistic_regression, tree_features
 
 
 def planted(n: int, seed: int) -> tuple[Rows, np.ndarray]:
