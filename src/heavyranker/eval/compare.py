@@ -23,14 +23,14 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
+from ..checkpoint import resolve_checkpoint
 from ..config import Config, short_names
 from ..config.data import DataConfig
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset
 from ..data.shapes import feature_shapes
 from ..errors import UserError
-from ..model import Ranker, build_model
+from ..model import Ranker, build_model, restore_weights
 from .evaluator import evaluation_tasks
 from .metrics import EPS, MetricAccumulator, auroc, rce
 from .report import reliability_curve
@@ -297,9 +297,6 @@ def _loaded_model(
             + ", ".join(differ)
         )
     checkpoint = run_checkpoint(run, step)
-    state = load_checkpoint(checkpoint)
-    try:
-        load_model_weights(model, state["model"], str(checkpoint))
-    except UserError as e:
-        raise UserError(f"{e} (a run of another model: give its config with --config-b or --set-b)") from None
+    hint = "a run of another model: give its config with --config-b or --set-b"
+    state = restore_weights(model, checkpoint, misfit_hint=hint)
     return model, checkpoint, int(state["step"])

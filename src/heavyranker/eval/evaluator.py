@@ -15,8 +15,6 @@ from ..atomic import atomic_write
 from ..checkpoint import (
     checkpoint_dir,
     list_checkpoints,
-    load_checkpoint,
-    load_model_weights,
     resolve_checkpoint,
 )
 from ..config import Config, short_names
@@ -25,7 +23,7 @@ from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.files import check_sharding
 from ..errors import UserError
-from ..model import Ranker, build_model
+from ..model import Ranker, build_model, restore_weights
 from ..runtime import Runtime, distributed_runtime
 from .metrics import MetricAccumulator, gather_metrics
 
@@ -146,8 +144,7 @@ def evaluate_command(
             return None
         # Every rank evaluates the checkpoint rank 0 found, even if a newer one appears meanwhile.
         path = runtime.broadcast(resolve_checkpoint(checkpoint or config.training.save_dir))
-        state = load_checkpoint(path)
-        load_model_weights(model, state["model"], str(path))
+        state = restore_weights(model, path)
         return evaluate_splits(config, model, int(state["step"]), runtime, split)
 
 
@@ -166,12 +163,11 @@ def watch_checkpoints(
             if all(result_path(config, s, step).exists() for s in splits):
                 continue
             try:
-                state = load_checkpoint(path)
+                restore_weights(model, path)
             except UserError:
                 if not path.exists():  # pruned by the trainer's checkpoint_max_to_keep meanwhile
                     continue
                 raise
-            load_model_weights(model, state["model"], str(path))
             evaluate_splits(config, model, step, runtime, split)
             evaluated.append(step)
             last_new = time.monotonic()

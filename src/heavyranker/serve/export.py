@@ -41,11 +41,11 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, atomic_write
-from ..checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
+from ..checkpoint import resolve_checkpoint
 from ..config import Config
 from ..data.columns import feature_specs
 from ..errors import UserError
-from ..model import Ranker, build_model
+from ..model import Ranker, build_model, restore_weights
 from .scorer import FORMAT, MANIFEST, OUTPUTS, PROGRAMS, OnnxProgram, sha256_file
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,11 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str, for
         raise UserError(f"--format {format}: not one of {', '.join(PROGRAMS)}")
     best = checkpoint is None and config.training.keep_best is not None
     source = resolve_checkpoint(checkpoint or config.training.save_dir, best=best)
-    state = load_checkpoint(source)
-    if "model" not in state:
-        raise UserError(f"{source}: no 'model' weights in this checkpoint")
     specs = feature_specs(config.train_data)
     shapes = {name: spec.shape for name, spec in specs.items()}
     dtypes = {name: spec.dtype for name, spec in specs.items()}
     model = build_model(config.model, specs, config.train_data.tasks)
-    load_model_weights(model, state["model"], str(source))
+    state = restore_weights(model, source)
     model.eval()
 
     names = used_inputs(model, {name: example(shape, dtypes[name], 2) for name, shape in shapes.items()})

@@ -18,8 +18,6 @@ from tqdm import tqdm
 from ..checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
     prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
@@ -31,7 +29,7 @@ from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.files import check_sharding
 from ..errors import UserError
 from ..eval.evaluator import Results, evaluate_splits
-from ..model import Ranker, build_model
+from ..model import Ranker, build_model, restore_weights
 from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime
 from .best import BestTracker
 from .logger import TrainLogger
@@ -72,8 +70,7 @@ class Trainer:
         # Every rank resumes from the checkpoint rank 0 sees (save_dir is one folder that every node shares).
         newest = self.runtime.broadcast(latest_checkpoint(self.checkpoints))
         if newest is not None:
-            state = load_checkpoint(newest)
-            load_model_weights(self.model, state["model"], str(newest))
+            state = restore_weights(self.model, newest)
             load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
@@ -83,7 +80,7 @@ class Trainer:
             log.info("resumed from %s at step %d", newest, self.step)
         elif self.config.training.initial_checkpoint_dir:
             source = self.runtime.broadcast(resolve_checkpoint(self.config.training.initial_checkpoint_dir))
-            load_model_weights(self.model, load_checkpoint(source)["model"], str(source))
+            restore_weights(self.model, source)
             log.info("warm start from the weights of %s", source)
         if self.config.training.keep_best and self.runtime.is_main:
             self.best = BestTracker(self.config.training.keep_best, self.checkpoints)
