@@ -1,4 +1,4 @@
-"""feature_shapes and feature_dtypes, which the model and the export are built from without reading data,
+"""feature_shapes and feature_specs, which the model and the export are built from without reading data,
 against the batches RecapDataset actually yields for the shipped configs' data."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import numpy as np
 
 from heavyranker.config import load_config
 from heavyranker.config.data import DataConfig
+from heavyranker.data.columns import feature_specs
 from heavyranker.data.dataset import RecapDataset
-from heavyranker.data.shapes import feature_dtypes, feature_shapes
+from heavyranker.data.shapes import feature_shapes
 from heavyranker.data.synthetic import generate_for_config
 from tests.conftest import CONFIGS
 
@@ -23,7 +24,7 @@ def assert_specs_are_the_batch(data: DataConfig) -> None:
     shapes = {name: tuple(values.shape[1:]) for name, values in batch.features.items()}
     dtypes = {name: values.dtype for name, values in batch.features.items()}
     assert feature_shapes(data) == shapes
-    assert feature_dtypes(data, list(dtypes)) == dtypes
+    assert {name: spec.dtype for name, spec in feature_specs(data).items()} == dtypes
 
 
 def test_local_small(small_data):
