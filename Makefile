@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint docs docs-gen clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench docs/gen
+
+# Regenerates the generated pages: the configuration reference (from the config models) and the benchmark
+# tables (from bench/results/*.json). tests/test_docs.py fails when they are stale.
+docs-gen: $(STAMP)
+	$(BIN)/python docs/gen/config_reference.py
+	$(BIN)/python docs/gen/benchmarks.py
+
+# The reference site, in site/; strict: a broken link or anchor fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) data runs site

@@ -1,6 +1,6 @@
-"""A benchmark's summary as a file, bench/results/<name>.json by default, so that the figures quoted
-elsewhere (README) are copied from what a run wrote rather than typed by hand. It holds when and on what the
-figures were measured, the command's arguments and the figures themselves."""
+"""A benchmark's summary as a file, bench/results/<name>.json by default, so that the figures in the docs
+are generated from what a run wrote (docs/gen/benchmarks.py) rather than typed by hand. It holds when and on
+what the figures were measured, the command's arguments and the figures themselves."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Every benchmark on a tiny setting, so that none of them rots: it exits 0 and writes its summary where
---results says, with the figures the README is quoted from. Nothing here checks a figure's value."""
+--results says, with the figures docs/benchmarks.md is generated from. Nothing here checks a figure's
+value."""
 
 import json
 import os

@@ -48,12 +48,12 @@ def _within_the_calendar(end: datetime, span: timedelta, what: str) -> None:
 class ExplicitDateInputs(StrictModel):
     """Files under data_root/YYYY/MM/DD for `days` days ending at end_date (inclusive)."""
 
-    data_root: ConfigPath
-    end_date: str
+    data_root: ConfigPath = Field(description="The folder (a path or fsspec URL) holding the dated folders.")
+    end_date: str = Field(description="The last day read, YYYY-MM-DD.")
     days: Count = Field(
         le=MAX_DAYS, description="At most 36,525 (100 years): folders are listed before reading."
     )
-    num_missing_days_tol: NonNegative = 0
+    num_missing_days_tol: NonNegative = Field(0, description="Day folders that may be missing.")
 
     @field_validator("end_date")
     @classmethod
@@ -82,12 +82,12 @@ class ExplicitDateInputs(StrictModel):
 class ExplicitDatetimeInputs(StrictModel):
     """Files under data_root/YYYY/MM/DD/HH for `hours` hours ending at end_datetime (inclusive)."""
 
-    data_root: ConfigPath
-    end_datetime: str
+    data_root: ConfigPath = Field(description="The folder (a path or fsspec URL) holding the dated folders.")
+    end_datetime: str = Field(description="The last hour read, such as 2023-01-31T05 or 2023/01/31/05.")
     hours: Count = Field(
         le=24 * MAX_DAYS, description="At most 876,600 (100 years): folders are listed before reading."
     )
-    num_missing_hours_tol: NonNegative = 0
+    num_missing_hours_tol: NonNegative = Field(0, description="Hour folders that may be missing.")
 
     @field_validator("end_datetime")
     @classmethod
@@ -112,7 +112,9 @@ class ExplicitDatetimeInputs(StrictModel):
 
 
 class SegDenseSchema(StrictModel):
-    schema_path: ExistingFile
+    """Which features of the schema are read, and under which names."""
+
+    schema_path: ExistingFile = Field(description="The segdense JSON schema: names, types, lengths.")
     features: list[str] = Field([], description="Schema features read under their own names.")
     renamed_features: dict[str, str] = Field({}, description="New name -> schema feature name.")
     mask_mantissa_features: dict[str, Annotated[int, Strict(), Field(ge=0, le=23)]] = Field(
@@ -129,13 +131,19 @@ class SegDenseSchema(StrictModel):
 class TaskData(StrictModel):
     """The rates at which positives and negatives of this label were kept when the data was made."""
 
-    pos_downsampling_rate: Float = Field(1.0, gt=0.0, le=1.0)
-    neg_downsampling_rate: Float = Field(1.0, gt=0.0, le=1.0)
+    pos_downsampling_rate: Float = Field(
+        1.0, gt=0.0, le=1.0, description="Share of positives kept; weights and calibration undo it."
+    )
+    neg_downsampling_rate: Float = Field(
+        1.0, gt=0.0, le=1.0, description="Share of negatives kept; weights and calibration undo it."
+    )
 
 
 class TruncateAndSlice(StrictModel):
-    continuous_feature_truncation: Count | None = None
-    binary_feature_truncation: Count | None = None
+    """Keeps the first N columns of `continuous` / `binary`, then the columns a mask selects."""
+
+    continuous_feature_truncation: Count | None = Field(None, description="Keep the first N columns.")
+    binary_feature_truncation: Count | None = Field(None, description="Keep the first N columns.")
     continuous_feature_mask_path: ExistingFile | None = Field(
         None, description=".npy; nonzero entries are kept."
     )
@@ -146,33 +154,49 @@ DownCastType = Literal["bfloat16", "bool", "float32", "float16", "uint8"]
 
 
 class DownCast(StrictModel):
-    features: dict[str, DownCastType]
+    """Casts features to a smaller dtype after decoding."""
+
+    features: dict[str, DownCastType] = Field(description="Feature -> the dtype it is cast to.")
 
 
 class RectifyLabels(StrictModel):
-    label_rectification_window_in_hours: Float = Field(3.0, gt=0.0)
-    served_timestamp_field: str
-    impressed_timestamp_field: str
-    label_to_engaged_timestamp_field: dict[str, str]
+    """A positive counts only if impression and engagement both fall in [served, served + window)."""
+
+    label_rectification_window_in_hours: Float = Field(3.0, gt=0.0, description="The window, in hours.")
+    served_timestamp_field: str = Field(description="Feature holding when the candidate was served.")
+    impressed_timestamp_field: str = Field(description="Feature holding when it was seen.")
+    label_to_engaged_timestamp_field: dict[str, str] = Field(
+        description="Task -> feature holding when that engagement happened."
+    )
 
 
 class ExtractFeaturesRow(StrictModel):
-    name: str
-    source_tensor: str
-    index: NonNegative
+    """One column of a feature, made a feature of its own."""
+
+    name: str = Field(description="The new feature's name.")
+    source_tensor: str = Field(description="The feature the column is taken from.")
+    index: NonNegative = Field(description="The column taken.")
 
 
 class ExtractFeatures(StrictModel):
-    extract_feature_table: list[ExtractFeaturesRow] = []
+    """New features, each one column of an existing one."""
+
+    extract_feature_table: list[ExtractFeaturesRow] = Field([], description="The features to make.")
 
 
 class DownsampleNegatives(StrictModel):
-    batch_multiplier: Count
+    """Reads more rows per batch, keeps the positives and fills the batch with negatives, whose weights
+    grow so that totals stay unbiased."""
+
+    batch_multiplier: Count = Field(description="Rows read per batch, as a multiple of the batch size.")
     engagements_list: list[str] = Field([], description="Engagements whose positives are always kept.")
     num_engagements: Count | None = Field(None, description=NO_EFFECT)
 
 
 class Preprocess(StrictModel):
+    """Applied in this order: downsample_negatives, truncate_and_slice, downcast, rectify_labels,
+    extract_features."""
+
     truncate_and_slice: TruncateAndSlice | None = None
     downcast: DownCast | None = None
     rectify_labels: RectifyLabels | None = None
@@ -181,6 +205,8 @@ class Preprocess(StrictModel):
 
 
 class DataConfig(StrictModel):
+    """A split: which files, how they are read, which labels and how they were sampled."""
+
     inputs: ConfigPath | None = Field(None, description="A glob of .gz TFRecord files.")
     explicit_date_inputs: ExplicitDateInputs | None = None
     explicit_datetime_inputs: ExplicitDatetimeInputs | None = None
@@ -189,7 +215,7 @@ class DataConfig(StrictModel):
         le=MAX_RECORDS_PER_BATCH,
         description="At most 2**20: a batch is read whole before it is decoded (33 GB of seed-schema rows).",
     )
-    num_files_to_keep: Count | None = None
+    num_files_to_keep: Count | None = Field(None, description="Read only the first N files found (sorted).")
     file_batch_size: Count = Field(16, description="Files read at once, their records interleaved.")
     cache: bool = Field(
         False, description="Decode each file once into a local cache of memory-mapped columns; read it after."
@@ -219,7 +245,7 @@ class DataConfig(StrictModel):
     )
 
     seg_dense_schema: SegDenseSchema
-    tasks: dict[str, TaskData]
+    tasks: dict[str, TaskData] = Field(description="Label -> its sampling rates; matched to towers by name.")
     evaluation_tasks: list[str] = Field(
         [], description="Tasks to report metrics for; empty: all model tasks."
     )

@@ -19,14 +19,18 @@ Width = Annotated[Count, Field(le=MAX_WIDTH)]
 
 
 class DropoutConfig(StrictModel):
-    rate: Float = Field(0.1, gt=0.0, lt=1.0)
+    """Dropout in training."""
+
+    rate: Float = Field(0.1, gt=0.0, lt=1.0, description="Share of units zeroed.")
 
 
 class LayerNormConfig(StrictModel):
-    epsilon: Float = Field(1e-3, ge=0.0)
+    """A LayerNorm over the features."""
+
+    epsilon: Float = Field(1e-3, ge=0.0, description="Added to the variance.")
     axis: StrictInt = Field(-1, description="Only the last axis (-1) is supported.")
-    center: bool = True
-    scale: bool = True
+    center: bool = Field(True, description="Learn a bias.")
+    scale: bool = Field(True, description="Learn a scale.")
 
     @model_validator(mode="after")
     def _last_axis(self) -> LayerNormConfig:
@@ -38,23 +42,29 @@ class LayerNormConfig(StrictModel):
 
 
 class BatchNormConfig(StrictModel):
-    affine: bool = True
+    """A BatchNorm; its statistics are per process under DDP."""
+
+    affine: bool = Field(True, description="Learn a scale and a bias.")
     momentum: Float = Field(0.1, gt=0.0, le=1.0, description="Weight of the new batch in the running stats.")
 
 
 class DenseLayerConfig(StrictModel):
-    layer_size: Width
-    dropout: DropoutConfig | None = None
+    """One layer of an MLP."""
+
+    layer_size: Width = Field(description="Units.")
+    dropout: DropoutConfig | None = Field(None, description="Dropout after this layer.")
 
 
 class MlpConfig(StrictModel):
+    """A multilayer perceptron: linear layers with ReLU between them."""
+
     layer_sizes: list[Width] | None = Field(None, description="Units per layer, each at most 2**15.")
     layers: list[DenseLayerConfig] | None = Field(
         None, description="Like layer_sizes, with a dropout per layer."
     )
-    batch_norm: BatchNormConfig | None = None
-    dropout: DropoutConfig | None = None
-    final_layer_activation: bool = False
+    batch_norm: BatchNormConfig | None = Field(None, description="A BatchNorm after each hidden layer.")
+    dropout: DropoutConfig | None = Field(None, description="Dropout after every layer.")
+    final_layer_activation: bool = Field(False, description="A ReLU after the last layer too.")
 
     @model_validator(mode="after")
     def _one_layer_spec(self) -> MlpConfig:
@@ -65,12 +75,14 @@ class MlpConfig(StrictModel):
 
 
 class MaskBlockConfig(StrictModel):
-    output_size: Width
+    """A MaskNet block: an instance-guided mask over its input, then a dense layer."""
+
+    output_size: Width = Field(description="Units of the block's output.")
     reduction_factor: Float | None = Field(
         None, gt=0.0, le=16.0, description="Aggregation units per input of the block, at most 16."
     )
-    aggregation_size: Width | None = None
-    input_layer_norm: bool
+    aggregation_size: Width | None = Field(None, description="Aggregation units of the mask.")
+    input_layer_norm: bool = Field(description="A LayerNorm on the block's input.")
 
     @model_validator(mode="after")
     def _one_size(self) -> MaskBlockConfig:
@@ -79,36 +91,50 @@ class MaskBlockConfig(StrictModel):
 
 
 class MaskNetConfig(StrictModel):
-    mask_blocks: list[MaskBlockConfig] = Field(min_length=1)
-    mlp: MlpConfig | None = None
-    use_parallel: bool = False
+    """MaskNet (Wang et al. 2021): mask blocks, in parallel or stacked, then an optional MLP."""
+
+    mask_blocks: list[MaskBlockConfig] = Field(min_length=1, description="The blocks.")
+    mlp: MlpConfig | None = Field(None, description="An MLP on the blocks' output.")
+    use_parallel: bool = Field(
+        False, description="Every block reads the input, outputs concatenated; else each reads the last."
+    )
 
 
 class DcnConfig(StrictModel):
+    """DCN v2: cross layers, with an optional MLP beside or after them."""
+
     poly_degree: Count = Field(le=64, description="Cross layers, each of in_features^2 weights: at most 64.")
     projection_dim: Width | None = Field(None, description="Factorise each cross matrix through this width.")
-    parallel_mlp: MlpConfig | None = None
-    use_parallel: bool = True
-    output_mlp: MlpConfig | None = None
+    parallel_mlp: MlpConfig | None = Field(None, description="An MLP beside (or after) the cross layers.")
+    use_parallel: bool = Field(
+        True, description="The MLP reads the input, beside the cross layers; else it reads their output."
+    )
+    output_mlp: MlpConfig | None = Field(None, description="An MLP on the result.")
 
 
 class DLRMConfig(StrictModel):
-    bottom_mlp: MlpConfig
-    top_mlp: MlpConfig
+    """DLRM: a bottom MLP, dot products with the embedding vectors, a top MLP."""
+
+    bottom_mlp: MlpConfig = Field(description="On the dense input; its output is one of the vectors.")
+    top_mlp: MlpConfig = Field(description="On the bottom output and the pairwise dot products.")
 
 
 class AffineMap(StrictModel):
-    scale: Float = 1.0
-    bias: Float = 0.0
+    """A fixed `scale * logit + bias` on a tower's logit."""
+
+    scale: Float = Field(1.0, description="Multiplies the logit.")
+    bias: Float = Field(0.0, description="Added after.")
 
 
 class TaskModel(StrictModel):
+    """One architecture: a task's tower, or the backbone."""
+
     mlp_config: MlpConfig | None = None
     dcn_config: DcnConfig | None = None
     dlrm_config: DLRMConfig | None = None
     mask_net_config: MaskNetConfig | None = None
     affine_map: AffineMap | None = None
-    pos_weight: Float = Field(1.0, gt=0.0)
+    pos_weight: Float = Field(1.0, gt=0.0, description="Weight of positives in this task's loss.")
 
     @model_validator(mode="after")
     def _one_architecture(self) -> TaskModel:
@@ -121,28 +147,38 @@ class TaskModel(StrictModel):
 
 
 class Log1pAbsConfig(StrictModel):
-    pass
+    """sign(x) * log1p(|x|) of each continuous feature."""
 
 
 class ClipLog1pAbsConfig(StrictModel):
-    clip_magnitude: Float = Field(3e38, ge=0.0)
+    """sign(x) * log1p(|x|), clipped."""
+
+    clip_magnitude: Float = Field(3e38, ge=0.0, description="Clip to [-this, this].")
 
 
 class ZScoreLogConfig(StrictModel):
+    """sign(x) * log1p(|x|), standardized with statistics from `heavyranker data stats`, clipped."""
+
     analysis_path: ConfigPath = Field(description="Per-feature statistics from `heavyranker data stats`.")
     schema_path: ConfigPath | None = Field(None, description=NO_EFFECT)
-    clip_magnitude: Float = Field(5.0, gt=0.0)
-    use_batch_norm: bool = False
-    use_renorm: bool = False
+    clip_magnitude: Float = Field(5.0, gt=0.0, description="Clip the z-scores to [-this, this].")
+    use_batch_norm: bool = Field(False, description="A BatchNorm after.")
+    use_renorm: bool = Field(False, description="A batch renormalization after (instead of a BatchNorm).")
 
 
 class DoubleNormLogConfig(StrictModel):
-    batch_norm_config: BatchNormConfig | None = None
-    clip_magnitude: Float = Field(5.0, gt=0.0)
-    layer_norm_config: LayerNormConfig | None = None
+    """sign(x) * log1p(|x|) (non-finite values as 0), a BatchNorm, a clip; a LayerNorm over all features."""
+
+    batch_norm_config: BatchNormConfig | None = Field(None, description="On the continuous features.")
+    clip_magnitude: Float = Field(5.0, gt=0.0, description="Clip to [-this, this].")
+    layer_norm_config: LayerNormConfig | None = Field(
+        None, description="On the continuous and concatenated features."
+    )
 
 
 class FeaturizationConfig(StrictModel):
+    """How the continuous features become the model's input."""
+
     log1p_abs_config: Log1pAbsConfig | None = None
     clip_log1p_abs_config: ClipLog1pAbsConfig | None = None
     z_score_log_config: ZScoreLogConfig | None = None
@@ -162,9 +198,9 @@ class FeaturizationConfig(StrictModel):
 class TableConfig(StrictModel):
     """What every embedding table has: a name and its size."""
 
-    name: str
-    num_embeddings: Count
-    embedding_dim: Width
+    name: str = Field(description="The table's name.")
+    num_embeddings: Count = Field(description="Rows; an id outside the table maps to a reserved row.")
+    embedding_dim: Width = Field(description="Dimensions per row.")
 
     @model_validator(mode="after")
     def _fits(self) -> TableConfig:
@@ -187,30 +223,38 @@ class EmbeddingTableConfig(TableConfig):
 
 
 class LargeEmbeddingsConfig(StrictModel):
-    tables: list[EmbeddingTableConfig] = Field(min_length=1)
+    """Embedding tables over variable-length id features."""
+
+    tables: list[EmbeddingTableConfig] = Field(min_length=1, description="The tables.")
 
 
 class SmallEmbeddingTableConfig(TableConfig):
     """A table over one column (`index`) of the discrete tensor."""
 
-    index: NonNegative
+    index: NonNegative = Field(description="Column of the discrete tensor.")
 
 
 class SmallEmbeddingsConfig(StrictModel):
-    tables: list[SmallEmbeddingTableConfig] = Field(min_length=1)
+    """Embedding tables over columns of the discrete tensor."""
+
+    tables: list[SmallEmbeddingTableConfig] = Field(min_length=1, description="The tables.")
 
 
 class PositionDebiasConfig(StrictModel):
+    """An embedding of the candidate's position, dropped at random in training and always at inference."""
+
     max_position: Count = Field(
         256, le=2**16, description="Positions >= this share one bucket; at most 2**16."
     )
-    num_dims: Width = 64
-    drop_probability: Float = Field(0.5, ge=0.0, le=1.0)
+    num_dims: Width = Field(64, description="Dimensions of the embedding.")
+    drop_probability: Float = Field(0.5, ge=0.0, le=1.0, description="Chance a position is hidden.")
     position_feature_index: NonNegative = Field(description="Column of the position in the discrete tensor.")
 
 
 class StratifierConfig(StrictModel):
-    name: str
+    """Evaluation also reports every metric on the rows where discrete[:, index] == value."""
+
+    name: str = Field(description="Names the stratum in results.")
     index: NonNegative = Field(description="Column of the discrete tensor.")
     value: StrictInt = Field(ge=-(2**63), le=2**63 - 1, description="Compared with int64 ids.")
 
@@ -222,14 +266,24 @@ class MultiTaskType(StrEnum):
 
 
 class ModelConfig(StrictModel):
-    tasks: dict[str, TaskModel] = Field(min_length=1)
-    backbone: TaskModel | None = None
-    multi_task_type: MultiTaskType = MultiTaskType.SHARE_NONE
+    """Featurization, embeddings, an optional shared backbone and one tower per task."""
+
+    tasks: dict[str, TaskModel] = Field(
+        min_length=1, description="Task name -> its tower; the order of every [B, T] output."
+    )
+    backbone: TaskModel | None = Field(
+        None, description="Layers shared by the towers: required by share_all and share_partial."
+    )
+    multi_task_type: MultiTaskType = Field(
+        MultiTaskType.SHARE_NONE,
+        description="share_none: towers read the input; share_all: the backbone's output; "
+        "share_partial: both.",
+    )
     featurization_config: FeaturizationConfig
     large_embeddings: LargeEmbeddingsConfig | None = None
     small_embeddings: SmallEmbeddingsConfig | None = None
     position_debias_config: PositionDebiasConfig | None = None
-    stratifiers: list[StratifierConfig] | None = None
+    stratifiers: list[StratifierConfig] | None = Field(None, description="Evaluation strata.")
 
     @model_validator(mode="after")
     def _backbone_matches_sharing(self) -> ModelConfig:

@@ -14,8 +14,10 @@ Rate = Annotated[Float, Field(ge=0.0)]
 
 
 class PiecewiseConstant(StrictModel):
-    learning_rate_boundaries: list[NonNegative]
-    learning_rate_values: list[Rate]
+    """The rate of step s is learning_rate_values[number of boundaries <= s]."""
+
+    learning_rate_boundaries: list[NonNegative] = Field(description="Steps, strictly increasing.")
+    learning_rate_values: list[Rate] = Field(description="One more than the boundaries.")
 
     @model_validator(mode="after")
     def _lists_fit(self) -> PiecewiseConstant:
@@ -34,15 +36,19 @@ class PiecewiseConstant(StrictModel):
 
 
 class LinearRampToConstant(StrictModel):
-    learning_rate: Rate
-    num_ramp_steps: Count
+    """From 0 up to learning_rate over num_ramp_steps, then constant."""
+
+    learning_rate: Rate = Field(description="The rate after the ramp.")
+    num_ramp_steps: Count = Field(description="Steps of the ramp.")
 
 
 class LinearRampToCosine(StrictModel):
-    learning_rate: Rate
-    final_learning_rate: Rate
-    num_ramp_steps: Count
-    final_num_steps: Count
+    """From 0 up to learning_rate over num_ramp_steps, then a cosine down to final_learning_rate."""
+
+    learning_rate: Rate = Field(description="The peak, reached at the end of the ramp.")
+    final_learning_rate: Rate = Field(description="The rate from final_num_steps on.")
+    num_ramp_steps: Count = Field(description="Steps of the ramp.")
+    final_num_steps: Count = Field(description="The step where the cosine ends; usually num_train_steps.")
 
     @model_validator(mode="after")
     def _decay_after_ramp(self) -> LinearRampToCosine:
@@ -52,7 +58,9 @@ class LinearRampToCosine(StrictModel):
 
 
 class LearningRate(StrictModel):
-    constant: Rate | None = None
+    """A learning-rate schedule."""
+
+    constant: Rate | None = Field(None, description="One rate throughout.")
     linear_ramp_to_constant: LinearRampToConstant | None = None
     linear_ramp_to_cosine: LinearRampToCosine | None = None
     piecewise_constant: PiecewiseConstant | None = None
@@ -66,22 +74,28 @@ class LearningRate(StrictModel):
 
 
 class AdamConfig(StrictModel):
-    beta_1: Float = Field(0.9, ge=0.0, lt=1.0)
-    beta_2: Float = Field(0.999, ge=0.0, lt=1.0)
-    epsilon: Float = Field(1e-7, gt=0.0)
+    """Adam's constants; a resumed run takes the config's values and logs each change."""
+
+    beta_1: Float = Field(0.9, ge=0.0, lt=1.0, description="Decay of the gradient's running mean.")
+    beta_2: Float = Field(0.999, ge=0.0, lt=1.0, description="Decay of its running square.")
+    epsilon: Float = Field(1e-7, gt=0.0, description="Added to the denominator.")
 
 
 class MultiTaskLearningRates(StrictModel):
-    tower_learning_rates: dict[str, LearningRate]
+    """One parameter group per tower and one for everything else, each on its own schedule."""
+
+    tower_learning_rates: dict[str, LearningRate] = Field(description="Task -> its tower's schedule.")
     backbone_learning_rate: LearningRate | None = Field(
         None, description="For every parameter outside the towers (backbone, featurization, embeddings)."
     )
 
 
 class OptimizerConfig(StrictModel):
+    """Adam (fused), with learning-rate schedules."""
+
     adam: AdamConfig = AdamConfig()
     multi_task_learning_rates: MultiTaskLearningRates | None = None
-    single_task_learning_rate: LearningRate | None = None
+    single_task_learning_rate: LearningRate | None = Field(None, description="One schedule for all.")
 
     @model_validator(mode="after")
     def _one_lr(self) -> OptimizerConfig:

@@ -19,6 +19,8 @@ from .training import TrainingConfig
 
 
 class Config(StrictModel):
+    """The whole YAML file."""
+
     training: TrainingConfig = TrainingConfig()
     model: ModelConfig
     train_data: DataConfig

@@ -25,6 +25,8 @@ DEFAULT_ENGAGEMENT_WEIGHT = 1.0
 
 
 class ServingConfig(StrictModel):
+    """How the per-engagement probabilities become one ranking score, sum_i weight_i * p_i."""
+
     engagement_weights: dict[str, Float] | None = Field(
         None,
         description="Task name -> weight of its probability in the score; default: the published weights.",

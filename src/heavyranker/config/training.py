@@ -15,20 +15,26 @@ class KeepBestConfig(StrictModel):
 
     split: str = Field(description="A validation split.")
     task: str = Field("mean", description="A model task, or `mean`: the mean over the split's tasks.")
-    metric: Literal["auroc", "rce"] = "rce"
+    metric: Literal["auroc", "rce"] = Field("rce", description="The metric compared.")
     patience: Count | None = Field(None, description="Stop after this many evaluations without a new best.")
 
 
 class TrainingConfig(StrictModel):
-    save_dir: ConfigPath = "/tmp/model"
-    num_train_steps: Count = 1_000_000
+    """The run: where it writes, how long, how often it logs, checkpoints and evaluates."""
+
+    save_dir: ConfigPath = Field(
+        "/tmp/model", description="The run folder: checkpoints, metrics.jsonl, evaluations, TensorBoard."
+    )
+    num_train_steps: Count = Field(1_000_000, description="Optimizer steps of the whole run.")
     initial_checkpoint_dir: ConfigPath | None = Field(None, description="Warm start from this run's weights.")
-    checkpoint_every_n: Count = 1000
+    checkpoint_every_n: Count = Field(1000, description="Steps between checkpoints (and one at the end).")
     checkpoint_max_to_keep: Count | None = Field(None, description="None keeps every checkpoint.")
-    train_log_every_n: Count = 1000
+    train_log_every_n: Count = Field(1000, description="Steps between training log lines.")
     num_eval_steps: StrictInt = Field(16384, description="Batches per evaluation; < 0 means the whole split.")
-    eval_log_every_n: Count = 5000
-    eval_timeout_in_s: Float = Field(60 * 60, gt=0.0)
+    eval_log_every_n: Count = Field(5000, description="Steps between evaluations during training.")
+    eval_timeout_in_s: Float = Field(
+        60 * 60, gt=0.0, description="`evaluate --watch` stops after this long without a new checkpoint."
+    )
     gradient_accumulation: Count | None = Field(None, description="Micro-batches per optimizer step.")
     keep_best: KeepBestConfig | None = Field(None, description="Keep and mark the best checkpoint.")
     seed: StrictInt = Field(0, ge=0, le=2**64 - 1, description="Below 2**64: torch and numpy both take it.")
