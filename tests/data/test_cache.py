@@ -22,7 +22,7 @@ from heavyranker.config.data import DataConfig
 from heavyranker.data import cache as cache_module
 from heavyranker.data.batch import Batch
 from heavyranker.data.cache_entry import TEMPORARY, Fingerprint
-from heavyranker.data.cache_files import make_marked_folder
+from heavyranker.data.cache_files import mark
 from heavyranker.data.columns import Columns
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.tf_example import encode_example
@@ -221,7 +221,8 @@ def test_data_cache_command_reports_and_clears(small_data, small_config_path, tm
     assert f"validation_data.{SMALL_SPLITS[0]}: 0 of 4 files cached (cache: false)" in out
     # What a killed run left is reported and cleared; what is not the cache's is neither.
     leftover = cache / f"{TEMPORARY}{'a' * 40}-123-0123abcd"
-    make_marked_folder(leftover)  # a build's first step
+    leftover.mkdir()
+    mark(leftover)  # a build's first step
     (leftover / "column-0.bin").write_bytes(b"x" * 2**20)
     (cache / "notes.txt").write_text("mine")
     (cache / "mine").mkdir()
@@ -349,7 +350,8 @@ def test_clear_reports_links_and_follows_none(small_data, small_config_path, tmp
     args = cache_command_args(small_data, small_config_path, cache)
     cache.mkdir()
     elsewhere = tmp_path / "elsewhere"
-    make_marked_folder(elsewhere)  # even a link to what looks like one of ours is not ours
+    elsewhere.mkdir()
+    mark(elsewhere)  # even a link to what looks like one of ours is not ours
     (cache / ("d" * 40)).symlink_to(elsewhere)
     (cache / ("e" * 40)).symlink_to(tmp_path / "gone")
     assert main(["data", "cache", *args, "--clear"]) == 0

@@ -37,8 +37,8 @@ from .cache_files import (
     checksum,
     create,
     describe_os_error,
-    make_marked_folder,
     map_file,
+    mark,
     read_small,
     state,
 )
@@ -190,7 +190,11 @@ def build_entry(
     columns = Columns(data, preprocessors, labels, damage)
     folder = Path(temporary)
     try:
-        make_marked_folder(folder)
+        folder.mkdir()  # neither follows a link nor takes a folder that is there
+    except OSError as e:
+        raise _cannot_write(path, folder, e) from None
+    try:
+        mark(folder)
         with _ColumnWriter(folder) as writer:
             records = _records(path, damage)
             first = 0
@@ -204,11 +208,14 @@ def build_entry(
         return _move_into_place(folder, Path(final))
     except OSError as e:
         _remove(folder)
-        reason = describe_os_error(e)
-        raise UserError(f"cache: cannot write {path}'s entry in {folder.parent}: {reason}") from None
+        raise _cannot_write(path, folder, e) from None
     except BaseException:
         _remove(folder)
         raise
+
+
+def _cannot_write(path: str, folder: Path, e: OSError) -> UserError:
+    return UserError(f"cache: cannot write {path}'s entry in {folder.parent}: {describe_os_error(e)}")
 
 
 def _move_into_place(folder: Path, final: Path) -> str:

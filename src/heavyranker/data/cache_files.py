@@ -60,9 +60,8 @@ def describe(path: Path) -> str:
     return "a folder without the cache's marker" if stat.S_ISDIR(mode) else "not a folder"
 
 
-def make_marked_folder(folder: Path) -> None:
-    """A new folder, marked as ours (mkdir neither follows a link nor reuses what is there)."""
-    folder.mkdir()
+def mark(folder: Path) -> None:
+    """Marks a folder this process has just made as ours."""
     with create(folder / MARKER) as f:
         f.write(json.dumps({"format": FORMAT_NAME, "version": VERSION}).encode())
 
