@@ -219,6 +219,7 @@ def _cannot_write(path: str, folder: Path, e: OSError) -> UserError:
 
 
 def _move_into_place(folder: Path, final: Path) -> str:
+    """Where the entry built in `folder` is: `final`, or `folder` while something not ours holds `final`."""
     if state(final) == "absent":
         try:
             folder.rename(final)  # onto an empty folder made meanwhile too: not worth a renameat2 call
