@@ -9,12 +9,17 @@ example gzipped) to a temporary folder, then measures in the same run:
             once with one reader and one decoder thread, once with the default parallelism
   inflate   only inflating the same files with isal (streamed, as the reader does)
   cache     the same pipeline reading the decoded cache (`cache: true`), built beforehand
+  verify    the cache's first epoch from a new dataset, no warmup: every entry is mapped, and so its
+            crc32c checksums and labels verified, within the measured time (as every epoch does for a
+            split of more than 64 files; the steady state above maps its 8 entries during the warmup).
+            Once as it reads, once with the verification left out: their ratio is what it costs
   s3        the gzip pipeline reading the same files as s3:// URLs from moto's S3 server, run in another
             process on loopback (its CPU is not counted), with the default block size and each of
             --s3-block-mib
 
 and prints examples per CPU-second (CPU time of the whole process, all threads: steadier than wall time on
-a shared machine), examples/s wall, and the ratios pipeline / inflate, cache / gzip and s3 / local.
+a shared machine), examples/s wall, and the ratios pipeline / inflate, cache / gzip, verified / unverified
+cache and s3 / local, with the CPU's model, its flags that crc32c uses and crc32c's speed on one core.
 Then three scaling measurements:
 
   gil       the share of reading (inflate + CRC + framing) and of decoding that holds the GIL: each done
@@ -49,17 +54,20 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import crc32c
 import numpy as np
 from isal import igzip
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from results import add_results_option, write_results  # noqa: E402
+from results import add_results_option, machine, write_results  # noqa: E402
 
 from heavyranker.config import load_config  # noqa: E402
 from heavyranker.data import storage  # noqa: E402
 from heavyranker.data.cache import DecodedCache  # noqa: E402
+from heavyranker.data.cache_entry import Entry  # noqa: E402
+from heavyranker.data.cache_files import checksum  # noqa: E402
 from heavyranker.data.dataset import RecapDataset  # noqa: E402
 from heavyranker.data.tf_example import ExampleDecoder, encode_example  # noqa: E402
 from heavyranker.data.tfrecord import read_records, write_records  # noqa: E402
@@ -158,6 +166,9 @@ def main() -> None:
         cache_files = Path(cached.cache_dir).rglob("*")
         cache_size = sum(f.stat().st_size for f in cache_files if f.is_file()) / args.examples / 1024
         print(f"decoded cache: {cache_size:.1f} KiB/example")
+        crc = crc32c_speed()
+        flags = " ".join(crc["cpu_flags"])
+        print(f"CPU: {machine()['cpu']}; flags: {flags}; crc32c: {crc['gb_per_s']:.1f} GB/s on one core")
         with s3_copy(folder, paths) as bucket:
             s3 = data.model_copy(update={"inputs": f"{bucket}/*.gz"})
             runs = {
@@ -165,6 +176,8 @@ def main() -> None:
                 "pipeline, 1 reader + 1 decoder": lambda: pipeline(single, args.examples, args.warmup),
                 "pipeline, default parallelism": lambda: pipeline(data, args.examples, args.warmup),
                 "cache, default parallelism": lambda: pipeline(cached, args.examples, args.warmup),
+                "cache, first epoch, verified": lambda: pipeline(cached, args.examples, 0),
+                "cache, first epoch, not verified": lambda: unverified(cached, args.examples, 0),
                 "s3 loopback, default parallelism": lambda: pipeline(s3, args.examples, args.warmup),
             }
             for mib in args.s3_block_mib:
@@ -191,6 +204,7 @@ def main() -> None:
     floor, gzip = best["inflate only (isal)"][0], best["pipeline, default parallelism"]
     ratios = {name.removeprefix("pipeline, "): best[name][0] / floor for name in list(runs)[1:3]}
     cache = best["cache, default parallelism"][0] / gzip[0]
+    verified = best["cache, first epoch, verified"][0] / best["cache, first epoch, not verified"][0]
 
     def over_gzip(name: str) -> list[float]:  # per CPU-second, per wall-second
         return [best[name][i] / gzip[i] for i in (0, 1)]
@@ -201,6 +215,7 @@ def main() -> None:
         + ", ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
     )
     print(f"cache / gzip, per CPU-second: {cache:.1f}")
+    print(f"cache's first epoch, verified / not verified, per CPU-second: {verified:.3f}")
     print(f"s3 / local: {s3_ratio[0]:.2f} per CPU-second, {s3_ratio[1]:.2f} wall")
     by_block = {mib: over_gzip(f"s3 loopback, {mib} MiB blocks") for mib in args.s3_block_mib}
     for mib, (per_cpu, wall) in by_block.items():
@@ -225,6 +240,8 @@ def main() -> None:
         "pipeline_over_inflate_per_cpu_s": ratios,
         "cache_over_gzip_per_cpu_s": cache,
         "cache_kib_per_example": cache_size,
+        "cache_verified_over_unverified_per_cpu_s": verified,
+        "crc32c": crc,
         "s3_over_local": {"per_cpu_s": s3_ratio[0], "wall": s3_ratio[1]},
         "s3_over_local_by_block_mib": {m: {"per_cpu_s": r[0], "wall": r[1]} for m, r in by_block.items()},
         "gil_share": gil,
@@ -244,6 +261,37 @@ def s3_blocks(s3, mib: int, args: argparse.Namespace) -> tuple[int, float, float
         return pipeline(s3, args.examples, args.warmup)
     finally:
         storage.BLOCK_SIZE = default
+
+
+def unverified(data, examples: int, warmup: int) -> tuple[int, float, float]:
+    """The pipeline with every entry mapped unverified (checksums and labels), as if verified already."""
+    load = Entry.load.__func__
+    Entry.load = classmethod(lambda cls, folder, verify=True: load(cls, folder, verify=False))
+    try:
+        return pipeline(data, examples, warmup)
+    finally:
+        Entry.load = classmethod(load)
+
+
+def crc32c_speed() -> dict:
+    """crc32c's GB/s on one core over 256 MiB (best of 3), whether it runs on the CPU's crc32 instruction,
+    and the CPU flags that decide its speed."""
+    data = np.random.default_rng(0).integers(0, 255, 2**28, dtype=np.uint8)
+    best = min(_timed(lambda: checksum(data)) for _ in range(3))
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+    wanted = ("sse4_2", "pclmulqdq", "avx2", "avx512f", "vpclmulqdq")
+    return {
+        "gb_per_s": data.nbytes / best / 1e9,
+        "hardware": crc32c.hardware_based,
+        "cpu_flags": [flag for flag in wanted if flag in flags],
+    }
+
+
+def _timed(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def best_of(runs: dict[str, Callable], rounds: int) -> dict[str, tuple[float, float]]:

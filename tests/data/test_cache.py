@@ -5,12 +5,15 @@ never read, damage is counted as uncached, and the `data cache` command reports 
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
 from itertools import islice
 from pathlib import Path
 
+import crc32c
 import pytest
 import torch
 
@@ -18,7 +21,8 @@ from heavyranker.cli import main
 from heavyranker.config.data import DataConfig
 from heavyranker.data import cache as cache_module
 from heavyranker.data.batch import Batch
-from heavyranker.data.cache_entry import TEMPORARY
+from heavyranker.data.cache_entry import TEMPORARY, Fingerprint
+from heavyranker.data.cache_files import mark
 from heavyranker.data.columns import Columns
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.tf_example import encode_example
@@ -195,12 +199,17 @@ def test_the_cache_must_be_local(folder):
         data_config(folder, cache=True, cache_dir="s3://bucket/cache")
 
 
-def test_data_cache_command_reports_and_clears(small_data, small_config_path, tmp_path, capsys):
-    cache = tmp_path / "c"
+def cache_command_args(small_data: Path, small_config_path: Path, cache: Path) -> list[str]:
+    """The small config with its training data cached in `cache`, for `data cache` and `data dump`."""
     args = ["--config", str(small_config_path), "--set", f"train_data.inputs={small_data}/train/*.gz"]
     args += [f"--set=validation_data.{split}.inputs={small_data}/{split}/*.gz" for split in SMALL_SPLITS]
     args += [f"--set=train_data.cache_dir={cache}", "--set=train_data.cache=true"]
-    args += ["--set=train_data.cache_workers=1"]
+    return args + ["--set=train_data.cache_workers=1"]
+
+
+def test_data_cache_command_reports_and_clears(small_data, small_config_path, tmp_path, capsys):
+    cache = tmp_path / "c"
+    args = cache_command_args(small_data, small_config_path, cache)
     assert main(["data", "cache", *args]) == 0
     assert f"{cache}: 0 entries, 0.0 MiB" in capsys.readouterr().out
     assert main(["data", "dump", *args, "--batches", "1", "--out", str(tmp_path / "d.npz")]) == 0
@@ -213,6 +222,7 @@ def test_data_cache_command_reports_and_clears(small_data, small_config_path, tm
     # What a killed run left is reported and cleared; what is not the cache's is neither.
     leftover = cache / f"{TEMPORARY}{'a' * 40}-123-0123abcd"
     leftover.mkdir()
+    mark(leftover)  # a build's first step
     (leftover / "column-0.bin").write_bytes(b"x" * 2**20)
     (cache / "notes.txt").write_text("mine")
     (cache / "mine").mkdir()
@@ -256,3 +266,139 @@ def test_a_script_without_a_main_guard_gets_an_error_not_an_endless_restart(smal
     assert len(errors) == 1, run.stderr
     assert errors[0].startswith("heavyranker.errors.UserError: data: a process building the decoded cache")
     assert "`if __name__ == '__main__':`" in errors[0]
+
+
+def entry_of(data: DataConfig, path: Path) -> Path:
+    return Path(data.cache_dir) / Fingerprint(data, labels=True).key(str(path))
+
+
+def overwrite_labels(entry: Path, values: list[float], forge_checksum: bool) -> None:
+    """Rewrites the first labels of an entry in place (same size); with `forge_checksum`, the manifest's
+    checksum too, as someone who knows the format would."""
+    manifest = json.loads((entry / "manifest.json").read_text())
+    column = next(c for c in manifest["columns"] if c["name"] == "labels")
+    file = entry / column["file"]
+    raw = bytearray(file.read_bytes())
+    raw[: 4 * len(values)] = struct.pack(f"<{len(values)}f", *values)
+    file.write_bytes(raw)
+    if forge_checksum:
+        column["crc32c"] = crc32c.crc32c(bytes(raw))
+        (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("forge_checksum", [False, True], ids=["bytes", "bytes-and-checksum"])
+def test_an_entry_changed_in_place_is_built_again_not_read(folder, caplog, forge_checksum):
+    want = read(data_config(folder))
+    data = cached(folder)
+    read(data)
+    entry = entry_of(data, folder / "part-0.gz")
+    overwrite_labels(entry, [2.0, 7.5e29], forge_checksum)
+    caplog.set_level("WARNING")
+    assert_same(read(data), want)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    reason = "a label other than 0 or 1" if forge_checksum else "changed on disk: column labels fails"
+    assert len(warnings) == 1 and str(entry) in warnings[0] and reason in warnings[0], warnings
+    caplog.clear()
+    assert_same(read(data), want)  # built again: read as it is
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_clear_removes_only_what_is_marked_ours(small_data, small_config_path, tmp_path, capsys):
+    """A folder named like a key (a git commit's SHA), one named like a build, and an entry of the format
+    before the marker: none is marked as ours, so none is removed, whatever its name."""
+    cache = tmp_path / "c"
+    args = cache_command_args(small_data, small_config_path, cache)
+    assert main(["data", "dump", *args, "--batches", "1", "--out", str(tmp_path / "d.npz")]) == 0
+    entries = sorted(cache.iterdir())
+    sha = cache / ("0123456789abcdef" * 3)[:40]
+    sha.mkdir()
+    (sha / "HEAD").write_text("ref: refs/heads/main")
+    (cache / f"{TEMPORARY}{'b' * 40}-123-0123abcd").mkdir()
+    old = cache / ("c" * 40)
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format": 1, "source": "x", "records": 0, "columns": []}))
+    capsys.readouterr()
+    assert main(["data", "cache", *args, "--clear"]) == 0
+    out = capsys.readouterr().out
+    assert f"{cache}: removed {len(entries)} entries" in out and "left alone 3 other files and folders" in out
+    assert sorted(os.listdir(cache)) == sorted([sha.name, old.name, f"{TEMPORARY}{'b' * 40}-123-0123abcd"])
+    assert (sha / "HEAD").read_text() == "ref: refs/heads/main"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_link_in_an_entry_s_place_is_left_alone_and_never_followed(folder, tmp_path, caplog, workers):
+    want = read(data_config(folder))
+    data = cached(folder, workers=workers)
+    Path(data.cache_dir).mkdir()
+    dangling, target = entry_of(data, folder / "part-0.gz"), tmp_path / "elsewhere"
+    dangling.symlink_to(target)  # as a reader in another process could leave it
+    file_link, victim = entry_of(data, folder / "part-1.gz"), tmp_path / "victim"
+    victim.write_text("not the cache's")
+    file_link.symlink_to(victim)
+    caplog.set_level("WARNING")
+    for _ in range(2):
+        assert_same(read(data), want)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 4 and all("left alone" in w for w in warnings), warnings  # each link, each run
+    assert os.readlink(dangling) == str(target) and not target.exists()
+    assert os.readlink(file_link) == str(victim) and victim.read_text() == "not the cache's"
+    assert len(os.listdir(data.cache_dir)) == 3  # the third file's entry, and no temporary left
+
+
+def test_clear_reports_links_and_follows_none(small_data, small_config_path, tmp_path, capsys):
+    cache = tmp_path / "c"
+    args = cache_command_args(small_data, small_config_path, cache)
+    cache.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    mark(elsewhere)  # even a link to what looks like one of ours is not ours
+    (cache / ("d" * 40)).symlink_to(elsewhere)
+    (cache / ("e" * 40)).symlink_to(tmp_path / "gone")
+    assert main(["data", "cache", *args, "--clear"]) == 0
+    out = capsys.readouterr().out
+    assert f"{cache}: removed 0 entries, 0.0 MiB; left alone the links {'d' * 40}, {'e' * 40}" in out
+    assert sorted(os.listdir(cache)) == ["d" * 40, "e" * 40] and elsewhere.is_dir()
+
+
+FULL_DISK_SCRIPT = """
+import resource, sys
+from heavyranker.config import load_config
+from heavyranker.data.dataset import RecapDataset
+
+if __name__ == "__main__":
+    if sys.argv[1] == "rlimit":  # files written beyond 64 KiB fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    config = load_config(sys.argv[2], sys.argv[3:])
+    with RecapDataset(config.train_data) as dataset:
+        next(iter(dataset))
+"""
+
+
+@pytest.mark.parametrize("limit", ["tmpfs", "rlimit"])
+def test_a_full_disk_says_the_os_error(small_data, tmp_path, limit):
+    """A real limit, not a mock: a 64 KiB tmpfs (root only) or RLIMIT_FSIZE, in a process of its own."""
+    cache = tmp_path / "c"
+    cache.mkdir()
+    if limit == "tmpfs":
+        mount = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(cache)], capture_output=True
+        )
+        if mount.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    script = tmp_path / "fill.py"
+    script.write_text(FULL_DISK_SCRIPT)
+    sets = [f"train_data.inputs={small_data}/train/*.gz", f"train_data.cache_dir={cache}"]
+    sets += ["train_data.cache=true", "train_data.cache_workers=1"]
+    try:
+        run = subprocess.run(
+            [sys.executable, str(script), limit, str(CONFIGS / "local_small.yaml"), *sets],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        if limit == "tmpfs":
+            subprocess.run(["umount", str(cache)], check=True)
+    reason = "No space left on device (ENOSPC)" if limit == "tmpfs" else "File too large (EFBIG)"
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("heavyranker.errors.UserError: cache: cannot write ") and error.endswith(reason)

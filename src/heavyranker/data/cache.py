@@ -15,6 +15,10 @@ before, so cached and uncached reading give the same batches for a seed.
 
 An entry is written into a temporary folder and renamed into place once complete: a killed run leaves a
 temporary folder (reported and removed by `heavyranker data cache --clear`), never a half-written entry.
+Opening an entry verifies its checksums: one changed on disk is removed and built again, with a warning.
+What is not ours (data/cache_files.py) is never read, written through, renamed or removed: where it holds
+an entry's place (a link left there, say), the file's entry is built in a temporary folder each time it is
+read, and a warning says so.
 Missing entries are built by worker processes, one file each, in the order the reading needs them. They
 share nothing with the reading process but the page cache of the files they write: building never takes
 its GIL (reading and decoding hold it for about 5% of their time, bench/data_throughput.py: little, but it
@@ -25,7 +29,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -37,7 +40,8 @@ from pathlib import Path
 
 from ..config.data import DataConfig
 from ..errors import DataError, UserError
-from .cache_entry import TEMPORARY, Entry, Fingerprint, build_entry
+from .cache_entry import TEMPORARY, BadEntry, Entry, Fingerprint, build_entry
+from .cache_files import describe, state
 from .files import shard_files
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,8 @@ class DecodedCache:
     entry again each epoch cost about 15% of the cached read's examples per CPU-second, on 8 files); the
     others are unmapped once the reading drops them. Not every entry of a split: an entry is a mapping per
     column, and the kernel allows a process about 65,000 (vm.max_map_count), which a split of 10,000 files
-    would pass."""
+    would pass. An entry's checksums are verified each time it is mapped: once per epoch of a split of more
+    files than that, once per run of a smaller one."""
 
     def __init__(self, data: DataConfig, labels: bool, where: str):
         self.folder = Path(cache_folder(data))
@@ -84,6 +89,7 @@ class DecodedCache:
         self._workers = data.cache_workers or default_workers()
         self._keys: dict[str, str] = {}  # path -> key, from its size and version when first seen
         self._cached: set[str] = set()  # paths whose entries are whole
+        self._foreign: set[str] = set()  # paths whose entry's place holds something not ours (reported)
         self._mapped: OrderedDict[str, Entry] = OrderedDict()  # the last opened, the newest last
         self._building: dict[str, tuple[Future, Path]] = {}
         self._pool: ProcessPoolExecutor | None = None
@@ -94,7 +100,7 @@ class DecodedCache:
         wanted = [path for path in files if path not in self._cached and path not in self._building]
         missing = []
         for path in wanted:
-            if self._load(self._key(path)) is None:
+            if self._load(path, verify=False) is None:  # verified when opened
                 missing.append(path)
             else:
                 self._cached.add(path)
@@ -128,29 +134,18 @@ class DecodedCache:
                 self._building[path] = (self._pool.submit(build_entry, *args), temporary)
 
     def open(self, path: str) -> Entry:
+        """The entry of `path`, mapped, its checksums verified; built first where it is missing, not whole or
+        not as written."""
         if (entry := self._mapped.get(path)) is not None:
             self._mapped.move_to_end(path)
             return entry
-        key = self._key(path)
         if path in self._building:
-            future, _ = self._building.pop(path)
-            try:
-                future.result()
-            except BrokenProcessPool:
-                raise UserError(
-                    f"{self.where}: a process building the decoded cache ended before {path} was built: "
-                    "killed, or (from a script) its top level is not under `if __name__ == '__main__':`, "
-                    "which every build process runs again; cache_workers: 1 builds in this process"
-                ) from None
-            if not self._building:
-                self._end_pool()
-        elif path not in self._cached and self._load(key) is None:
+            entry = self._load_built(path, self._wait(path))
+        elif (entry := self._load(path)) is None:
             self._make_folder()
-            temporary, final = str(self._temporary(key)), str(self.folder / key)
-            build_entry(self._data, self._labels, path, temporary, final, self._stop.is_set)
-        entry = Entry.load(self.folder / key)
-        if entry is None:
-            raise DataError(f"{path}: its cache entry in {self.folder / key} was removed while in use")
+            temporary, final = str(self._temporary(self._key(path))), str(self.folder / self._key(path))
+            built = build_entry(self._data, self._labels, path, temporary, final, self._stop.is_set)
+            entry = self._load_built(path, built)
         self._cached.add(path)
         self._mapped[path] = entry
         if len(self._mapped) > MAPPED_ENTRIES:
@@ -162,17 +157,64 @@ class DecodedCache:
             self._keys[path] = self._fingerprint.key(path)
         return self._keys[path]
 
-    def _load(self, key: str) -> Entry | None:
-        """The entry of `key`; None when there is none, or it is not whole (then it is removed, to be built
-        again: a disk that filled up, a file truncated by hand)."""
+    def _wait(self, path: str) -> str:
+        """Where a build process put the entry of `path`."""
+        future, _ = self._building.pop(path)
+        try:
+            built = future.result()
+        except BrokenProcessPool:
+            raise UserError(
+                f"{self.where}: a process building the decoded cache ended before {path} was built: "
+                "killed, or (from a script) its top level is not under `if __name__ == '__main__':`, "
+                "which every build process runs again; cache_workers: 1 builds in this process"
+            ) from None
+        if not self._building:
+            self._end_pool()
+        return built
+
+    def _load(self, path: str, verify: bool = True) -> Entry | None:
+        """The entry of `path`; None when there is none, when its place holds something not ours (reported
+        once), or when it is not whole or not as written (then it is removed, to be built again: a disk
+        that filled up, a file truncated or changed by hand, a fault)."""
+        key = self._key(path)
         folder = self.folder / key
-        entry = Entry.load(folder)
-        if entry is None and folder.exists():
-            log.warning("%s: the cache entry %s is not whole: decoding its file again", self.where, folder)
+        found = state(folder)
+        if found == "foreign" and path not in self._foreign:
+            self._foreign.add(path)
+            log.warning(
+                "%s: %s, the cache entry of %s, is %s: left alone, and that file's entry is built in a "
+                "temporary folder each time it is read, until that is removed",
+                self.where,
+                folder,
+                path,
+                describe(folder),
+            )
+        if found not in ("entry", "building"):
+            return None
+        try:
+            if found == "building":
+                raise BadEntry("is not whole (it has no manifest)")
+            return Entry.load(folder, verify)
+        except BadEntry as e:
+            log.warning("%s: the cache entry %s %s: decoding %s again", self.where, folder, e, path)
             aside = self._temporary(key)  # out of the way at once, for a reader in another process
-            folder.rename(aside)
+            try:
+                folder.rename(aside)
+            except OSError:  # removed by another process meanwhile
+                return None
             shutil.rmtree(aside, ignore_errors=True)
-        return entry
+            return None
+
+    def _load_built(self, path: str, built: str) -> Entry:
+        """The entry build_entry just put at `built`: its place, or a temporary folder (removed once
+        mapped) where that place holds something not ours."""
+        try:
+            return Entry.load(Path(built))
+        except BadEntry as e:
+            raise DataError(f"{path}: its cache entry in {built} {e}, just after it was built") from None
+        finally:
+            if built != str(self.folder / self._key(path)):
+                shutil.rmtree(built, ignore_errors=True)
 
     def close(self) -> None:
         """Stops the builds still running; their temporary folders are removed."""
@@ -215,56 +257,69 @@ def describe_cache(splits: Mapping[str, DataConfig]) -> list[str]:
     config."""
     lines = []
     for folder in dict.fromkeys(cache_folder(data) for data in splits.values()):
-        entries, size, leftover = _folder_sizes(Path(folder))
-        line = f"{folder}: {entries} entries, {size / 2**20:,.1f} MiB"
-        lines.append(line + (f"; {leftover / 2**20:,.1f} MiB left by killed runs" if leftover else ""))
+        found = _Survey(Path(folder))
+        line = f"{folder}: {len(found.entries)} entries, {found.entry_bytes / 2**20:,.1f} MiB"
+        if found.build_bytes:
+            line += f"; {found.build_bytes / 2**20:,.1f} MiB left by killed runs"
+        lines.append(line + found.left_alone())
     for where, data in splits.items():
         files, _ = shard_files(data, 0, 1, where)
         fingerprint = Fingerprint(data, labels=True)
         folder = Path(cache_folder(data))
-        cached = sum((folder / fingerprint.key(path) / "manifest.json").is_file() for path in files)
+        cached = sum(state(folder / fingerprint.key(path)) == "entry" for path in files)
         lines.append(f"{where}: {cached} of {len(files)} files cached (cache: {str(data.cache).lower()})")
     return lines
 
 
 def clear_cache(splits: Mapping[str, DataConfig]) -> list[str]:
     """Removes the entries, and what killed runs left, in the cache folders the splits use (a config's
-    data_sections); what was removed, one line each. Anything else there is left alone: cache_dir may name a
-    folder by mistake."""
+    data_sections); what was removed, one line each. Anything not ours is left alone and counted (links
+    named): cache_dir may name a folder by mistake."""
     folders = dict.fromkeys(cache_folder(data) for data in splits.values())
     lines = []
     for folder in map(Path, folders):
-        entries, size, leftover = _folder_sizes(folder)
-        others = 0
-        for child in folder.iterdir() if folder.is_dir() else ():
-            if _is_ours(child.name):
-                shutil.rmtree(child)
-            else:
-                others += 1
-        line = f"{folder}: removed {entries} entries, {(size + leftover) / 2**20:,.1f} MiB"
-        lines.append(line + (f"; left alone {others} other files and folders" if others else ""))
+        found = _Survey(folder)
+        for child in found.entries + found.builds:
+            shutil.rmtree(child)  # a folder, not a link (rmtree refuses those)
+        removed = (found.entry_bytes + found.build_bytes) / 2**20
+        line = f"{folder}: removed {len(found.entries)} entries, {removed:,.1f} MiB"
+        lines.append(line + found.left_alone())
     return lines
 
 
-_ENTRY = re.compile(r"[0-9a-f]{40}")  # Fingerprint.key
-_BUILDING = re.compile(re.escape(TEMPORARY) + r"[0-9a-f]{40}-\d+-[0-9a-f]{8}")  # DecodedCache._temporary
+class _Survey:
+    """What a cache folder holds, by what marks it (cache_files.state), never by a name's shape: our
+    entries, our builds (running, or left by killed runs), their bytes, and what is not ours."""
+
+    def __init__(self, folder: Path):
+        self.entries: list[Path] = []
+        self.builds: list[Path] = []
+        self.entry_bytes = self.build_bytes = 0
+        self.links: list[str] = []
+        self.others = 0
+        for child in sorted(folder.iterdir()) if folder.is_dir() else ():
+            found = state(child)
+            if found == "entry":
+                self.entries.append(child)
+                self.entry_bytes += _bytes(child)
+            elif found == "building":
+                self.builds.append(child)
+                self.build_bytes += _bytes(child)
+            elif child.is_symlink():
+                self.links.append(child.name)
+            else:
+                self.others += 1
+
+    def left_alone(self) -> str:
+        """'; left alone 2 other files and folders and the link X', or nothing."""
+        parts = [f"{self.others} other files and folders"] if self.others else []
+        if self.links:
+            parts.append(f"the link{'s' if len(self.links) > 1 else ''} {', '.join(self.links)}")
+        return f"; left alone {' and '.join(parts)}" if parts else ""
 
 
-def _is_ours(name: str) -> bool:
-    """An entry's or a build's name: the only things in a cache folder that report and clear touch."""
-    return bool(_ENTRY.fullmatch(name) or _BUILDING.fullmatch(name))
-
-
-def _folder_sizes(folder: Path) -> tuple[int, int, int]:
-    """(entries, their bytes, bytes of the temporary folders of killed runs); nothing else is looked at."""
-    entries = size = leftover = 0
-    for child in folder.iterdir() if folder.is_dir() else ():
-        if not _is_ours(child.name):
-            continue
-        bytes_ = sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
-        if child.name.startswith(TEMPORARY):
-            leftover += bytes_
-        else:
-            entries += 1
-            size += bytes_
-    return entries, size, leftover
+def _bytes(folder: Path) -> int:
+    """The bytes of the files in one of our folders (flat), links not followed."""
+    with os.scandir(folder) as children:
+        files = [c for c in children if c.is_file(follow_symlinks=False)]
+        return sum(c.stat(follow_symlinks=False).st_size for c in files)

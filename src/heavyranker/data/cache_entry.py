@@ -1,11 +1,16 @@
 """One data file in the decoded cache (data/cache.py): its layout on disk, its key, how it is built and how
 batches are gathered from entries.
 
-An entry is a folder: a raw array file per column (rows in record order, a damaged record's row zeros),
-valid.bin (whether each record decoded) and manifest.json (the columns' dtypes and shapes, the records read,
-the damage met, the schema defaults filled), written last. Columns are features/NAME after the deterministic
-preprocessing, labels (rectified), weights and, when downsample_negatives and rectify_labels are both
-configured, the labels as stored, which downsampling goes by."""
+An entry is a folder (data/cache_files.py: the marker that makes it ours, written first): a raw array file
+per column (rows in record order, a damaged record's row zeros), valid.bin (whether each record decoded) and
+manifest.json (the columns' dtypes, shapes and crc32c checksums, the records read, the damage met, the schema
+defaults filled), written last. Columns are features/NAME after the deterministic preprocessing, labels
+(rectified), weights and, when downsample_negatives and rectify_labels are both configured, the labels as
+stored, which downsampling goes by.
+
+Opening an entry for reading verifies every column's checksum, streaming over its memory map, and that its
+labels are 0 or 1, as decoding checks them: bytes changed on disk, by hand or by a fault, are never read as
+if nothing had happened. What that costs the cached read: bench/data_throughput.py."""
 
 from __future__ import annotations
 
@@ -18,19 +23,32 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from ..config.data import DataConfig
 from ..errors import DataError, UserError
 from .batch import Rows
+from .cache_files import (
+    FORMAT_NAME,
+    MANIFEST,
+    VERSION,
+    checksum,
+    create,
+    describe_os_error,
+    map_file,
+    mark,
+    read_small,
+    state,
+)
 from .columns import Columns
 from .damage import Damage
 from .preprocess import NegativeDownsampler, Preprocessor, build_preprocessors
 from .storage import file_version, is_url
 from .tfrecord import read_records
 
-FORMAT = 1  # bumped when what an entry holds, or how it is computed, changes
+FORMAT = f"{FORMAT_NAME}/{VERSION}"  # in every manifest and every key
 CHUNK = 4096  # records decoded at a time while building an entry
 TEMPORARY = ".building-"  # prefix of the folders entries are written in
 STORED_LABELS = "stored_labels"  # the labels as stored, for downsample_negatives after rectify_labels
@@ -52,27 +70,50 @@ class Entry:
         return len(self.valid)
 
     @classmethod
-    def load(cls, folder: Path) -> Entry | None:
-        """The entry in `folder`; None when there is none, or it is not whole (a file cut short)."""
+    def load(cls, folder: Path, verify: bool = True) -> Entry:
+        """The entry in `folder` (state "entry"), mapped; with `verify`, its checksums and labels checked.
+        BadEntry when it is not whole (a file cut short, a disk that filled up) or, verified, not as
+        written. No file is opened through a link."""
         try:
-            manifest = json.loads((folder / "manifest.json").read_text())
+            manifest = json.loads(read_small(folder / MANIFEST))
+            if manifest["format"] != FORMAT:
+                raise BadEntry(f"is of format {manifest['format']!r}, not {FORMAT!r}")
             records = manifest["records"]
             columns = {}
             for column in manifest["columns"]:
                 shape, dtype = (records, *column["shape"]), np.dtype(column["dtype"])
-                file, size = folder / column["file"], int(np.prod(shape)) * dtype.itemsize
-                if file.stat().st_size != size:
-                    return None
-                # numpy cannot map an empty file (no records, or labels [N, 0] when reading none). A plain
-                # ndarray view: memmap's Python __getitem__ took a third of gather's time.
-                mapped = np.memmap(file, dtype, "r", shape=shape).view(np.ndarray) if size else None
-                columns[column["name"]] = np.empty(shape, dtype) if mapped is None else mapped
-            valid = np.fromfile(folder / "valid.bin", dtype=np.bool_)
-        except (OSError, ValueError, KeyError):
-            return None
-        if len(valid) != records:
-            return None
+                mapped = map_file(folder / column["file"], int(np.prod(shape)) * dtype.itemsize)
+                if verify and checksum(mapped) != column["crc32c"]:
+                    raise BadEntry(f"changed on disk: column {column['name']} fails its crc32c")
+                # numpy cannot map an empty file (no records, or labels [N, 0] when reading none). An
+                # ndarray on the map: memmap's Python __getitem__ took a third of gather's time.
+                values = np.empty(shape, dtype) if mapped is None else np.frombuffer(mapped, dtype)
+                columns[column["name"]] = values.reshape(shape)
+            valid_bytes = read_small(folder / "valid.bin")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            reason = describe_os_error(e) if isinstance(e, OSError) else e
+            raise BadEntry(f"is not whole ({reason})") from None
+        if len(valid_bytes) != records:
+            raise BadEntry(f"is not whole (valid.bin holds {len(valid_bytes)} records, not {records})")
+        if verify:
+            if checksum(valid_bytes) != manifest["valid_crc32c"]:
+                raise BadEntry("changed on disk: valid.bin fails its crc32c")
+            _check_labels(columns)
+        valid = np.frombuffer(valid_bytes, np.bool_)
         return cls(manifest["source"], columns, valid, manifest["damage"], manifest["defaults_filled"])
+
+
+class BadEntry(Exception):
+    """An entry of ours that cannot be read: it is removed and built again. The message completes "the
+    cache entry FOLDER ..."."""
+
+
+def _check_labels(columns: dict[str, np.ndarray]) -> None:
+    """Labels are 0 or 1, as decoding checks them (Columns._check_labels): what passes the checksums was
+    checked when built, unless the manifest was rewritten to match; a few bytes per record to look at."""
+    for name in ("labels", STORED_LABELS):
+        if name in columns and not ((columns[name] == 0) | (columns[name] == 1)).all():
+            raise BadEntry(f"holds a label other than 0 or 1 in column {name}")
 
 
 class Fingerprint:
@@ -138,17 +179,22 @@ def build_entry(
     temporary: str,
     final: str,
     stopped: Callable[[], bool] = lambda: False,
-) -> None:
-    """Decodes and preprocesses the file at `path` into an entry at `final`, written in `temporary` first.
-    Damage raises DataError, or with ignore_data_errors is written into the entry. A full disk is a
-    UserError. Another process that built the same entry first wins."""
+) -> str:
+    """Decodes and preprocesses the file at `path` into an entry at `final`, written in `temporary` first;
+    where the entry is. Damage raises DataError, or with ignore_data_errors is written into the entry. A
+    full disk is a UserError. Another process that built the same entry first wins. Where something not
+    ours holds `final` (a link, a file, a folder), it is left alone and the entry stays in `temporary`."""
     damage = _CollectedDamage() if data.ignore_data_errors else None
     preprocessors = [p for p in build_preprocessors(data.preprocess, labels=labels) if _row_by_row(p)]
     keep_stored_labels = labels and _needs_stored_labels(data)
     columns = Columns(data, preprocessors, labels, damage)
     folder = Path(temporary)
-    folder.mkdir()
     try:
+        folder.mkdir()  # neither follows a link nor takes a folder that is there
+    except OSError as e:
+        raise _cannot_write(path, folder, e) from None
+    try:
+        mark(folder)
         with _ColumnWriter(folder) as writer:
             records = _records(path, damage)
             first = 0
@@ -159,16 +205,36 @@ def build_entry(
                 first += len(chunk)
                 writer.append(_decode(columns, preprocessors, items, keep_stored_labels), len(chunk))
             writer.finish(path, damage.summary if damage else None, columns.defaults_filled())
-        try:
-            folder.rename(final)
-        except OSError:  # built by another process meanwhile: theirs is the same
-            shutil.rmtree(folder, ignore_errors=True)
+        return _move_into_place(folder, Path(final))
     except OSError as e:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise UserError(f"cache: cannot write {path}'s entry in {folder.parent}: {e.strerror}") from None
+        _remove(folder)
+        raise _cannot_write(path, folder, e) from None
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove(folder)
         raise
+
+
+def _cannot_write(path: str, folder: Path, e: OSError) -> UserError:
+    return UserError(f"cache: cannot write {path}'s entry in {folder.parent}: {describe_os_error(e)}")
+
+
+def _move_into_place(folder: Path, final: Path) -> str:
+    """Where the entry built in `folder` is: `final`, or `folder` while something not ours holds `final`."""
+    if state(final) == "absent":
+        try:
+            folder.rename(final)  # onto an empty folder made meanwhile too: not worth a renameat2 call
+            return str(final)
+        except OSError:
+            pass
+    if state(final) == "foreign":
+        return str(folder)
+    _remove(folder)  # built by another process meanwhile: theirs is the same
+    return str(final)
+
+
+def _remove(folder: Path) -> None:
+    """Removes a folder this process made (never a link: rmtree refuses those)."""
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _row_by_row(preprocessor: Preprocessor) -> bool:
@@ -207,12 +273,14 @@ def _decode(
 
 
 class _ColumnWriter:
-    """Appends rows, chunk by chunk, to one raw file per column; a damaged record's row is zeros."""
+    """Appends rows, chunk by chunk, to one raw file per column, and their checksums; a damaged record's row
+    is zeros. Not ndarray.tofile: its error on a full disk has no errno ("8192 requested and 0 written")."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.files: dict[str, tuple] = {}  # name -> (open file, dtype, shape of one row)
-        self.valid = open(folder / "valid.bin", "wb")
+        self.checksums: Counter[BinaryIO] = Counter()  # open file -> crc32c so far
+        self.valid = create(folder / "valid.bin")
         self.records = 0
 
     def __enter__(self) -> _ColumnWriter:
@@ -230,33 +298,52 @@ class _ColumnWriter:
             valid[kept] = True
             for name, values in arrays.items():
                 if name not in self.files:  # its rows so far are all damaged ones: zeros
-                    file = open(self.folder / f"column-{len(self.files)}.bin", "wb")
+                    file = create(self.folder / _column_file(len(self.files)))
                     self.files[name] = (file, values.dtype, values.shape[1:])
-                    np.zeros((self.records, *values.shape[1:]), values.dtype).tofile(file)
+                    self._write(file, np.zeros((self.records, *values.shape[1:]), values.dtype))
                 file, dtype, shape = self.files[name]
                 full = values if len(kept) == n else np.zeros((n, *shape), dtype)
                 full[kept] = values
-                np.ascontiguousarray(full, dtype=dtype).tofile(file)
+                self._write(file, np.ascontiguousarray(full, dtype=dtype))
         for name, (file, dtype, shape) in self.files.items():
             if decoded is None or name not in decoded[0]:
-                np.zeros((n, *shape), dtype).tofile(file)
-        valid.tofile(self.valid)
+                self._write(file, np.zeros((n, *shape), dtype))
+        self._write(self.valid, valid)
         self.records += n
+
+    def _write(self, file: BinaryIO, values: np.ndarray) -> None:
+        raw = values.reshape(-1).view(np.uint8)  # any dtype (bfloat16 exports no buffer of its own)
+        file.write(raw)  # buffered: all of it, or an OSError with its errno
+        self.checksums[file] = checksum(raw, self.checksums[file])
 
     def finish(self, path: str, damage: dict | None, defaults_filled: Counter[str]) -> None:
         columns = [
-            {"name": name, "file": Path(file.name).name, "dtype": dtype.str, "shape": list(shape)}
-            for name, (file, dtype, shape) in self.files.items()
+            {
+                "name": name,
+                "file": _column_file(i),
+                "dtype": dtype.str,
+                "shape": list(shape),
+                "crc32c": self.checksums[file],
+            }
+            for i, (name, (file, dtype, shape)) in enumerate(self.files.items())
         ]
         manifest = {
             "format": FORMAT,
             "source": path,
             "records": self.records,
             "columns": columns,
+            "valid_crc32c": self.checksums[self.valid],
             "damage": damage or {"file": None, "records": 0, "messages": []},
             "defaults_filled": dict(defaults_filled),
         }
-        (self.folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for file in [self.valid, *(file for file, _, _ in self.files.values())]:
+            file.flush()  # a full disk raises here, before the manifest says the entry is whole
+        with create(self.folder / MANIFEST) as f:
+            f.write(json.dumps(manifest, indent=1).encode())
+
+
+def _column_file(index: int) -> str:
+    return f"column-{index}.bin"
 
 
 def gather(items: list[tuple[Entry, str, int]], tasks: tuple[str, ...]) -> Rows | None:
