@@ -22,6 +22,7 @@ import numpy as np
 import pydantic_core
 import torch
 
+from .limits import header_number
 from .request import BadRequest, CandidateId, id_problem
 from .scorer import InputSpec
 
@@ -71,11 +72,12 @@ def split_body(body: bytes | bytearray, header_length: str | None) -> tuple[dict
     """The JSON header (the whole body when no length is given) and the binary data after it."""
     size = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        length = header_number(header_length)
+        if length is None or length > len(body):
             raise invalid(
                 f"{HEADER_LENGTH}: {header_length[:32]!r} is not a length within the body's {size} bytes"
             )
-        size = int(header_length)
+        size = length
     try:
         header = pydantic_core.from_json(body if size == len(body) else body[:size])
     except ValueError as e:
