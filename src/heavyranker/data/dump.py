@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config
 from ..config.data import DataConfig
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from .dataset import RecapDataset, describe_counts
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def dump_batches(
     `inputs` (a glob) replaces the split's files. bfloat16 features are written as float32 (numpy has no
     bfloat16)."""
     if batches < 1:
-        raise UserError(f"--batches must be at least 1, got {batches}")
+        raise SettingError("batches", f"must be at least 1, got {batches}")
     where, data = _split(config, split)
     as_training = shuffle and split == "train"
     with RecapDataset(

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..config import Config
-from ..errors import DataError, UserError
+from ..errors import DataError, SettingError, UserError
 from .dataset import RecapDataset, describe_counts
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def write_feature_stats(config: Config, *, out: str, batches: int) -> None:
     if batches < 1:
-        raise UserError(f"--batches must be positive, got {batches}")
+        raise SettingError("batches", f"must be positive, got {batches}")
     count, mean, m2 = _moments(config, batches)
     std = np.sqrt(np.divide(m2, count, out=np.zeros_like(m2), where=count > 0))
     stats = {

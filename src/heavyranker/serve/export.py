@@ -43,8 +43,9 @@ from torch import nn
 from ..atomic import atomic_path, atomic_write
 from ..checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 from ..config import Config
+from ..config.serving import ServeOptions
 from ..data.shapes import feature_dtypes, feature_shapes
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..model import Ranker, build_model
 from .scorer import FORMAT, MANIFEST, OUTPUTS, PROGRAMS, OnnxProgram, sha256_file
 
@@ -55,7 +56,7 @@ EXPORT_BATCH = 4
 CHECK_BATCH = 3  # != EXPORT_BATCH: the check catches a program that baked in the batch size
 CHECK_TOLERANCE = 1e-5
 TRITON_CONFIG = "config.pbtxt"
-TRITON_MAX_BATCH = 2048  # candidates in one forward, as serve's --max-candidates default
+TRITON_MAX_BATCH = ServeOptions.model_fields["max_candidates"].default  # candidates in one forward, as serve
 
 
 class ScoringProgram(nn.Module):
@@ -224,9 +225,10 @@ def _onnx_program(
     model/linear.py), then onnxscript translates the aten graph into standard ONNX ops."""
     for n in names:
         if dtypes[n] == torch.bfloat16:  # numpy has no bfloat16
-            raise UserError(
-                f"--format onnx: input {n} is {dtype_name(dtypes[n])} (preprocess.downcast), which "
-                "onnxruntime's Python API cannot take: export --format pt2, or downcast it to float16"
+            raise SettingError(
+                "format",
+                f"onnx: input {n} is {dtype_name(dtypes[n])} (preprocess.downcast), which onnxruntime's "
+                "Python API cannot take: export with format pt2, or downcast it to float16",
             )
     candidates = torch.export.Dim("candidates", min=1)
     with _quiet_exporter():
