@@ -183,6 +183,14 @@ def _with_config(parser: argparse.ArgumentParser, positional: bool = False) -> N
     )
 
 
+def flag_of(parser: argparse.ArgumentParser, setting: str) -> str | None:
+    """The command's flag that gives `setting` (a library names the setting, the user typed the flag)."""
+    for action in parser._actions:
+        if action.dest == setting and action.option_strings:
+            return action.option_strings[0]
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heavyranker", description="Train, evaluate and serve a heavy ranker."
@@ -307,14 +315,6 @@ def log_level(verbose: bool) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return logging.WARNING
     return logging.DEBUG if verbose else logging.INFO
-
-
-def flag_of(parser: argparse.ArgumentParser, setting: str) -> str | None:
-    """The command's flag that gives `setting` (a library names the setting, the user typed the flag)."""
-    for action in parser._actions:
-        if action.dest == setting and action.option_strings:
-            return action.option_strings[0]
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
