@@ -182,7 +182,7 @@ def test_the_export_command_writes_either_format_and_onnx_by_default(
 
 
 def test_an_unknown_format_is_refused(exported: Exported, tmp_path):
-    with pytest.raises(UserError, match="--format tf: not one of onnx, pt2"):
+    with pytest.raises(UserError, match="^format tf: not one of onnx, pt2"):
         export_model(exported.config, checkpoint=str(exported.checkpoint), out=str(tmp_path), format="tf")
 
 

@@ -80,7 +80,7 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str, for
     `checkpoint`: a step_<N>.pt file or a run folder (default: save_dir's checkpoint that best.json marks
     when training.keep_best is set, else its newest)."""
     if format not in PROGRAMS:
-        raise UserError(f"--format {format}: not one of {', '.join(PROGRAMS)}")
+        raise SettingError("format", f"{format}: not one of {', '.join(PROGRAMS)}")
     best = checkpoint is None and config.training.keep_best is not None
     source = resolve_checkpoint(checkpoint or config.training.save_dir, best=best)
     state = load_checkpoint(source)
