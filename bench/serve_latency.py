@@ -49,9 +49,9 @@ from results import add_results_option, write_results
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
+from heavyranker.config.serving import ServeOptions
 from heavyranker.data.columns import feature_specs
 from heavyranker.model import build_model
-from heavyranker.serve.batcher import MAX_BATCH
 from heavyranker.serve.export import export_model
 from heavyranker.serve.request import parse_candidates
 from heavyranker.serve.scorer import InputSpec, Scorer
@@ -62,6 +62,7 @@ START_TIMEOUT_S = 300
 # numpy), so while 16 bodies of 55 MB are parsed the event loop reads the next ones slower than 10 s allows
 # and the defaults answer 408. The binary format has no such parse.
 READ_TIMEOUT_S = 300
+MAX_BATCH = ServeOptions().max_batch  # the server's, which the bench leaves at its default
 Request = tuple[bytes, dict[str, str]]  # body, headers
 
 

@@ -4,9 +4,9 @@ link and anchor resolves), and the README stays a guide that starts with the two
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
-import json
 import subprocess
 import sys
 from types import ModuleType

@@ -328,7 +328,7 @@ def test_two_rank_evaluation_equals_one_process(two_rank_run, tmp_path):
 
 
 def watch_is_refused(config: Path) -> None:
-    with pytest.raises(UserError, match="--watch runs in one process"):
+    with pytest.raises(UserError, match="^watch runs in one process"):
         evaluate_command(load_config(config), checkpoint=None, watch=True, split=None)
 
 

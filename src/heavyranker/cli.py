@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable
 
 from .config import Config, ConfigError, dump_config, load_config
-from .errors import UserError
+from .config.serving import SERVING, ServeOptions
+from .errors import SettingError, UserError
 from .memory import keep_freed_memory
 
 EXIT_USER_ERROR = 2
@@ -136,18 +137,35 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .serve.app import run_server
 
-    run_server(
-        model_dir=args.model,
-        host=args.host,
-        port=args.port,
-        max_candidates=args.max_candidates,
-        max_queue=args.max_queue,
-        read_timeout_s=args.read_timeout,
-        max_batch=args.max_batch,
-        batch_wait_ms=args.batch_wait_ms,
-        model_name=args.model_name,
-    )
+    run_server(args.model, **serve_flags_given(args))
     return 0
+
+
+METAVARS = {int: "N", float: "NUMBER", str: "TEXT"}
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option of config.serving.ServeOptions: `max_queue` is --max-queue, its value held as
+    `serving.max_queue` (the setting's name, which errors give). A flag not given leaves the option to the
+    model folder's `serving:` section, then to the default."""
+    for name, field in ServeOptions.model_fields.items():
+        default = f"{field.default:g}" if isinstance(field.default, float) else field.default
+        described = f"{field.description} Default: {SERVING}.{name} of the model's config, else {default}."
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"{SERVING}.{name}",
+            type=field.annotation,
+            metavar=METAVARS[field.annotation],
+            help=described.replace("%", "%%"),
+        )
+
+
+def serve_flags_given(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        name: value
+        for name in ServeOptions.model_fields
+        if (value := getattr(args, f"{SERVING}.{name}")) is not None
+    }
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -172,6 +190,14 @@ def _with_config(parser: argparse.ArgumentParser, positional: bool = False) -> N
     )
 
 
+def flag_of(parser: argparse.ArgumentParser, setting: str) -> str | None:
+    """The command's flag that gives `setting` (a library names the setting, the user typed the flag)."""
+    for action in parser._actions:
+        if action.dest == setting and action.option_strings:
+            return action.option_strings[0]
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heavyranker", description="Train, evaluate and serve a heavy ranker."
@@ -183,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         parent: argparse._SubParsersAction, name: str, help: str, handler: Callable
     ) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help, description=help)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, parser=sub)
         return sub
 
     config = commands.add_parser("config", help="config tools").add_subparsers(dest="sub", required=True)
@@ -283,43 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(commands, "serve", "HTTP ranking service for an exported model", _serve)
     p.add_argument("--model", required=True, help="an exported model folder")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-candidates", type=int, default=2048, help="per request; more is answered 413")
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=8,
-        help="requests admitted beside the one being scored (reading, parsing or waiting); "
-        "more are answered 503 with Retry-After (default 8)",
-    )
-    p.add_argument(
-        "--read-timeout",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="for a request's head, then for its body, to arrive whole; past it the connection closes, "
-        "after a 408 for a body (default 10)",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=2048,
-        metavar="CANDIDATES",
-        help="concurrent requests share one forward of the model up to this many candidates; a larger "
-        "request is scored alone (default 2048)",
-    )
-    p.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=2.0,
-        metavar="MS",
-        help="the longest a request that finds the model idle waits for others to join its forward "
-        "(default 2)",
-    )
-    p.add_argument(
-        "--model-name", default="heavyranker", help="the model's name on /v2 (default heavyranker)"
-    )
+    add_serve_flags(p)
 
     p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)
     _with_config(p)
@@ -345,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         for line in e.lines():
             print(line, file=sys.stderr)
+        return EXIT_USER_ERROR
+    except SettingError as e:
+        flag = None if e.source else flag_of(args.parser, e.setting)
+        print(f"error: {flag} {e.problem}" if flag else f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

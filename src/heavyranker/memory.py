@@ -13,9 +13,10 @@ def keep_freed_memory() -> None:
     """Keep blocks up to 32 MiB in glibc's heap once freed, instead of handing them back to the OS.
 
     With glibc's defaults the heap is trimmed whenever its free top passes a threshold, so each training
-    step's gradients (192 MB for local_prod) fault their pages in again: about 45,000 page faults and 85 ms
-    of kernel CPU time per local_prod step at batch 128, some 15% of the step. A training process reaches
-    the same peak every step, so keeping it costs no more memory than the peak itself. Blocks over 32 MiB
+    step's gradients fault their pages in again, in kernel time that is a sizeable part of a step:
+    bench/model_step.py measures the step with this and with glibc's defaults (--glibc-default), and
+    bench/results/model_step.json holds its figures. A training process reaches the same peak every step,
+    so keeping it costs no more memory than the peak itself. Blocks over 32 MiB
     stay mapped and unmapped one by one, as by default: forcing them into the heap too (M_MMAP_MAX=0)
     fragments it, several times a large tensor's size. A no-op off glibc."""
     name = ctypes.util.find_library("c")

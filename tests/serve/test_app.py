@@ -412,5 +412,7 @@ def test_the_serve_command_listens_on_loopback(exported: Exported, tmp_path):
 
 
 def test_max_candidates_must_be_positive(exported: Exported):
-    with pytest.raises(UserError, match="--max-candidates must be at least 1, not 0"):
+    with pytest.raises(
+        UserError, match=r"^serving.max_candidates should be greater than or equal to 1 \(got 0\)$"
+    ):
         create_app(exported.folder, max_candidates=0)

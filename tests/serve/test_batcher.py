@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from heavyranker.errors import UserError
+from heavyranker.config.serving import ServeOptions
 from heavyranker.serve.app import create_app
 from heavyranker.serve.batcher import Batcher
 from heavyranker.serve.scorer import Scorer
@@ -28,6 +28,9 @@ from tests.serve.conftest import (
     serving,
     tensors,
 )
+
+OPTIONS = ServeOptions()  # the defaults serve runs with
+BATCHING = {"max_batch": OPTIONS.max_batch, "wait_ms": OPTIONS.batch_wait_ms}
 
 BOUND_S = 60  # for what must happen, so that a loaded machine is never a failure
 
@@ -132,7 +135,7 @@ def test_a_failed_forward_fails_its_requests_and_the_next_forward_serves(exporte
     scorer.program = failing_once
 
     async def run() -> tuple[np.ndarray, np.ndarray]:
-        with Batcher(scorer) as batcher:
+        with Batcher(scorer, **BATCHING) as batcher:
             with pytest.raises(RuntimeError, match="out of memory"):
                 await batcher.score(features(3, seed=0))
             return await batcher.score(features(2, seed=1))
@@ -143,20 +146,12 @@ def test_a_failed_forward_fails_its_requests_and_the_next_forward_serves(exporte
 
 def test_a_request_without_candidates_needs_no_forward(model: HeldModel):
     async def run() -> tuple[np.ndarray, np.ndarray]:
-        with Batcher(model.scorer) as batcher:
+        with Batcher(model.scorer, **BATCHING) as batcher:
             return await batcher.score(features(0, seed=0))
 
     probabilities, score = asyncio.run(run())
     assert probabilities.shape == (0, len(model.scorer.tasks)) and score.shape == (0,)
     assert model.sizes == []
-
-
-def test_the_settings_must_be_possible(exported: Exported):
-    scorer = Scorer(exported.folder)
-    with pytest.raises(UserError, match="--max-batch must be at least 1, not 0"):
-        Batcher(scorer, max_batch=0)
-    with pytest.raises(UserError, match="--batch-wait-ms must be at least 0, not -1"):
-        Batcher(scorer, wait_ms=-1)
 
 
 def test_v1_and_v2_requests_share_a_forward_through_the_server(exported: Exported):

@@ -89,3 +89,35 @@ def test_a_header_length_beyond_the_body_is_a_400(client: httpx.Client):
         "detail": f"Inference-Header-Content-Length: '{len(content) + 1}' is not a length within the "
         f"body's {len(content)} bytes"
     }
+
+
+TWICE = "given twice (a key may appear once in an object)"
+
+
+@pytest.mark.parametrize(
+    "written, where",
+    [
+        (lambda text: text.replace('"ids": [1]', '"ids": [2], "ids": [1]'), "ids"),
+        (
+            lambda text: text.replace('"name": "binary"', '"name": "continuous", "name": "binary"'),
+            "inputs[1].name",
+        ),
+        (  # written with an escape, the key is the same
+            lambda text: text.replace(
+                '{"binary_data_size"', '{"binary_data_siz\\u0065": 0, "binary_data_size"'
+            ),
+            "inputs[0].parameters.binary_data_size",
+        ),
+    ],
+    ids=["ids", "a tensor's name", "escaped"],
+)
+def test_a_key_given_twice_in_the_json_header_is_a_400_naming_where(
+    client: httpx.Client, written, where: str
+):
+    # As in a JSON body (a 422 there): the parser would keep the last value, which the writer may not mean.
+    described, data = tensors(random_features(SHAPES, 1), binary=True)
+    content, headers = binary_request({"ids": [1], "inputs": described}, data)
+    text = written(content[: int(headers["inference-header-content-length"])].decode())
+    headers["inference-header-content-length"] = str(len(text))
+    response = client.post("/v1/rank", content=text.encode() + data, headers=headers)
+    assert (response.status_code, response.json()) == (400, {"detail": f"{where}: {TWICE}"})

@@ -19,11 +19,8 @@ import httpx
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 
-from heavyranker.cli import build_parser
-from heavyranker.errors import UserError
-from heavyranker.serve.app import MODEL_NAME, create_app
-from heavyranker.serve.batcher import BATCH_WAIT_MS, MAX_BATCH
-from heavyranker.serve.limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits
+from heavyranker.serve.app import create_app
+from heavyranker.serve.limits import RequestLimits
 from tests.serve.conftest import Exported, serving
 
 QUEUE = 2
@@ -33,7 +30,7 @@ BOUND_S = 60  # for what must happen, so that a loaded machine is never a failur
 
 @pytest.fixture(scope="module")
 def served(exported: Exported) -> Iterator[tuple[FastAPI, str]]:
-    app = create_app(exported.folder, max_queue=QUEUE, read_timeout_s=READ_TIMEOUT)
+    app = create_app(exported.folder, max_queue=QUEUE, read_timeout=READ_TIMEOUT)
     with serving(app) as url:
         yield app, url
 
@@ -173,7 +170,7 @@ def test_a_connection_without_a_whole_request_head_closes(served, sent: bytes):
 
 
 def test_a_client_that_leaves_during_its_body_is_a_400_not_a_traceback():
-    limits = RequestLimits(max_body_bytes=1000)
+    limits = RequestLimits(max_body_bytes=1000, max_queue=QUEUE, read_timeout_s=BOUND_S)
     messages = iter(
         [{"type": "http.request", "body": b'{"cand', "more_body": True}, {"type": "http.disconnect"}]
     )
@@ -193,16 +190,3 @@ def test_a_client_that_leaves_during_its_body_is_a_400_not_a_traceback():
         "the connection closed before the body's end",
     )
     assert limits.admitted == 0
-
-
-def test_the_limits_must_be_possible():
-    with pytest.raises(UserError, match="--max-queue must be at least 0, not -1"):
-        RequestLimits(max_body_bytes=1000, max_queue=-1)
-    with pytest.raises(UserError, match="--read-timeout must be more than 0 seconds, not 0"):
-        RequestLimits(max_body_bytes=1000, read_timeout_s=0)
-
-
-def test_the_serve_command_defaults_are_the_apps():
-    args = build_parser().parse_args(["serve", "--model", "folder"])
-    assert (args.max_queue, args.read_timeout) == (MAX_QUEUE, READ_TIMEOUT_S)
-    assert (args.max_batch, args.batch_wait_ms, args.model_name) == (MAX_BATCH, BATCH_WAIT_MS, MODEL_NAME)

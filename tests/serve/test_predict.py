@@ -112,7 +112,7 @@ def test_predict_logs_the_defaults_it_filled(exported: Exported, tmp_path, caplo
 
 def test_an_unknown_extension_is_refused(exported: Exported, records, tmp_path):
     folder, _ = records
-    with pytest.raises(UserError, match=r"--out .*scores\.json: the extension says the format"):
+    with pytest.raises(UserError, match=r"^out .*scores\.json: the extension says the format"):
         _predict(exported, folder / "*.gz", tmp_path / "scores.json")
 
 

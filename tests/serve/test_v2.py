@@ -212,3 +212,21 @@ def test_the_limits_answer_in_the_protocols_error_body(url: str):
     }
     response = httpx.get(f"{url}/v2/models/{NAME}/versions", timeout=60)
     assert (response.status_code, response.json()) == (404, {"error": "Not Found"})
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_a_key_given_twice_in_the_request_is_a_400_naming_where(url: str, binary: bool):
+    # As in a JSON /v1/rank body: the parser would keep the last value, which the writer may not mean.
+    described, data = tensors(random_features(SHAPES, 1), binary=binary)
+    text = json.dumps({"id": "a", "inputs": described}).replace('"id": "a"', '"id": "a", "id": "b"')
+    if binary:
+        content = text.encode() + data
+        headers = {
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(len(text)),
+        }
+    else:
+        content, headers = text.encode(), {"content-type": "application/json"}
+    response = httpx.post(f"{url}/v2/models/{NAME}/infer", content=content, headers=headers, timeout=60)
+    assert response.status_code == 400
+    assert response.json() == {"error": "id: given twice (a key may appear once in an object)"}

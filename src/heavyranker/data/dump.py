@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..config.data import DataConfig
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from .dataset import RecapDataset, describe_counts
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def dump_batches(
     `inputs` (a glob) replaces the split's files. bfloat16 features are written as float32 (numpy has no
     bfloat16)."""
     if batches < 1:
-        raise UserError(f"--batches must be at least 1, got {batches}")
+        raise SettingError("batches", f"must be at least 1, got {batches}")
     as_training = shuffle and split == "train"
     with RecapDataset(
         data,

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..config.data import DataConfig
-from ..errors import DataError, UserError
+from ..errors import DataError, SettingError, UserError
 from .dataset import RecapDataset, describe_counts
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def write_feature_stats(data: DataConfig, *, seed: int, out: str, batches: int) 
     """The statistics of the first `batches` batches of `data` (the training data, read in order from
     `seed`), written to `out`."""
     if batches < 1:
-        raise UserError(f"--batches must be positive, got {batches}")
+        raise SettingError("batches", f"must be positive, got {batches}")
     count, mean, m2 = _moments(data, seed, batches)
     std = np.sqrt(np.divide(m2, count, out=np.zeros_like(m2), where=count > 0))
     stats = {

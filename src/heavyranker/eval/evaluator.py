@@ -22,7 +22,7 @@ from ..config.data import DataConfig
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.files import check_sharding
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..model import Ranker, build_model, restore_weights
 from ..runtime import Runtime, distributed_runtime
 from .metrics import MetricAccumulator, gather_metrics
@@ -136,9 +136,10 @@ def evaluate_command(
         model = build_model(config.model, specs, config.train_data.tasks).to(runtime.device).eval()
         if watch:
             if runtime.distributed:
-                raise UserError(
-                    "--watch runs in one process (without torchrun); with torchrun, evaluate one "
-                    "checkpoint: --checkpoint PATH, or the newest by default"
+                raise SettingError(
+                    "watch",
+                    "runs in one process (without torchrun); with torchrun, evaluate one checkpoint: the "
+                    "one given, or the newest by default",
                 )
             watch_checkpoints(config, model, runtime, split)
             return None

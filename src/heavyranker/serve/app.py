@@ -33,17 +33,15 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException
 
-from ..errors import UserError
+from ..config.serving import serve_options
 from . import v2
-from .batcher import BATCH_WAIT_MS, MAX_BATCH, Batcher, first_non_finite
-from .limits import MAX_QUEUE, READ_TIMEOUT_S, RequestLimits, h11_with_deadline, media_type
+from .batcher import Batcher, first_non_finite
+from .limits import RequestLimits, h11_with_deadline, media_type
 from .metrics import Instrumented, Metrics
 from .request import BadRequest, CandidateId, parse_candidates
-from .scorer import InputSpec, Scorer
+from .scorer import MANIFEST, InputSpec, Scorer
 from .tensors import HEADER_LENGTH, parse_binary_candidates
 
-MAX_CANDIDATES = 2048
-MODEL_NAME = "heavyranker"
 # Body limit per number: the longest JSON float (-1.2345678901234567e-308) and a separator, with room.
 BYTES_PER_VALUE = 32
 BYTES_PER_CANDIDATE = 256  # the id, the keys and the brackets
@@ -64,30 +62,28 @@ class ErrorMessage(BaseModel):
     detail: str = Field(description="what is wrong and where: candidates[index] (id ...): field: problem")
 
 
-def create_app(
-    model_dir: str | Path,
-    *,
-    max_candidates: int = MAX_CANDIDATES,
-    max_body_bytes: int | None = None,
-    max_queue: int = MAX_QUEUE,
-    read_timeout_s: float = READ_TIMEOUT_S,
-    max_batch: int = MAX_BATCH,
-    batch_wait_ms: float = BATCH_WAIT_MS,
-    model_name: str = MODEL_NAME,
-) -> FastAPI:
-    """The app for one model folder. The body limit defaults to what max_candidates candidates need as JSON;
-    see limits.py for max_queue and read_timeout_s, batcher.py for max_batch and batch_wait_ms; model_name
-    is the model's name on /v2. `app.state` holds the scorer, the limits, the batcher and the metrics."""
-    if max_candidates < 1:
-        raise UserError(f"--max-candidates must be at least 1, not {max_candidates}")
+def create_app(model_dir: str | Path, *, max_body_bytes: int | None = None, **overrides: object) -> FastAPI:
+    """The app for one model folder. `overrides`: options of config.serving.ServeOptions by name, over the
+    `serving:` section of the config the folder was exported with (its manifest's); see limits.py for
+    max_queue and read_timeout, batcher.py for max_batch and batch_wait_ms. The body limit defaults to what
+    max_candidates candidates need as JSON. `app.state` holds the options, the scorer, the limits, the
+    batcher and the metrics."""
     scorer = Scorer(model_dir)
+    section = scorer.manifest.get("config", {}).get("serving", {})
+    options = serve_options(section, overrides, str(Path(model_dir) / MANIFEST))
+    max_candidates = options.max_candidates
     if max_body_bytes is None:
         values = sum(spec.width for spec in scorer.inputs)
         max_body_bytes = max_candidates * (values * BYTES_PER_VALUE + BYTES_PER_CANDIDATE)
-    limits = RequestLimits(max_body_bytes=max_body_bytes, max_queue=max_queue, read_timeout_s=read_timeout_s)
-    metrics = Metrics(max_batch)
+    limits = RequestLimits(
+        max_body_bytes=max_body_bytes, max_queue=options.max_queue, read_timeout_s=options.read_timeout
+    )
+    metrics = Metrics(options.max_batch)
     batcher = Batcher(
-        scorer, max_batch=max_batch, wait_ms=batch_wait_ms, on_batch=metrics.batch_candidates.observe
+        scorer,
+        max_batch=options.max_batch,
+        wait_ms=options.batch_wait_ms,
+        on_batch=metrics.batch_candidates.observe,
     )
     metrics.watch(limits, batcher)
     scorer.warm_up()
@@ -103,7 +99,7 @@ def create_app(
         summary="Ranks candidates by their weighted engagement probabilities.",
         lifespan=lifespan,
     )
-    app.state.scorer, app.state.limits = scorer, limits
+    app.state.options, app.state.scorer, app.state.limits = options, scorer, limits
     app.state.batcher, app.state.metrics = batcher, metrics
     app.add_middleware(Instrumented, metrics=metrics)
     model_description = client_manifest(scorer.manifest)
@@ -173,7 +169,7 @@ def create_app(
         return metrics.exposition()
 
     app.include_router(
-        v2.router(scorer, batcher, limits, model_name=model_name, max_candidates=max_candidates)
+        v2.router(scorer, batcher, limits, model_name=options.model_name, max_candidates=max_candidates)
     )
     app.openapi = _openapi(app, request_model)  # type: ignore[method-assign]
     return app
@@ -222,10 +218,10 @@ def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_server(model_dir: str, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-    """Serves create_app(model_dir, **options) until interrupted."""
-    app = create_app(model_dir, **options)
-    uvicorn.Server(server_config(app, host=host, port=port)).run()
+def run_server(model_dir: str, **overrides: object) -> None:
+    """Serves create_app(model_dir, **overrides) on its options' host and port until interrupted."""
+    app = create_app(model_dir, **overrides)
+    uvicorn.Server(server_config(app, host=app.state.options.host, port=app.state.options.port)).run()
 
 
 def server_config(app: FastAPI, **options: Any) -> uvicorn.Config:

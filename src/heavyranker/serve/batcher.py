@@ -1,11 +1,11 @@
 """Dynamic batching: concurrent requests share one forward of the model, and each gets its own rows back.
 
-A forward has a fixed cost whatever its size (60 ms for one candidate of local_prod's model on one core, 440
-ms for 100, 3 s for 1,000), so requests scored together finish sooner than one after another. One thread
-owns the model: it takes the oldest request, adds those queued behind it while they fit in `max_batch`
-candidates and the oldest has waited less than `wait_s`, runs one forward and splits its outputs by request.
-While a forward runs, the next requests queue: under load, batches fill without waiting at all; the wait
-only delays a request that arrives at an idle model, by at most wait_s.
+A forward has a fixed cost whatever its size (bench/serve_latency.py measures it against the served
+latency; bench/results/serve_latency.json has the figures), so requests scored together finish sooner than
+one after another. One thread owns the model: it takes the oldest request, adds those queued behind it
+while they fit in `max_batch` candidates and the oldest has waited less than `wait_s`, runs one forward and
+splits its outputs by request. While a forward runs, the next requests queue: under load, batches fill
+without waiting at all; the wait only delays a request that arrives at an idle model, by at most wait_s.
 
 Rows are scored independently (batch norm in eval mode, no cross-candidate feature), so a request's results
 do not depend on its batch mates; a matrix product may round differently for another number of rows (the
@@ -25,15 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import UserError
 from .scorer import Scorer
-
-# Throughput per candidate stops growing past about 1,000 candidates a forward (local_prod's model, one
-# core: 227 candidates/s at 100, 335 at 1,000, 353 at 4,096), while every request of a batch waits for all
-# of it: a bigger batch only delays the requests at its front. 2,048 takes one request of the largest size.
-MAX_BATCH = 2048
-# Under 1% of the smallest forward (60 ms), and enough for requests sent together (a caller's fan-out).
-BATCH_WAIT_MS = 2.0
 
 Arrays = Mapping[str, np.ndarray]
 Outputs = tuple[np.ndarray, np.ndarray]  # probabilities [n, T], score [n]
@@ -51,20 +43,17 @@ class Batcher:
     """`await batcher.score(arrays)` -> (probabilities, score) of these rows, as float32 numpy arrays.
 
     `with batcher:` runs the thread that owns the model; `on_batch(candidates)` is called for each forward.
-    A request larger than max_batch is scored alone, never split."""
+    A request larger than max_batch is scored alone, never split. config.serving.ServeOptions checks the
+    settings (max_batch >= 1, wait_ms >= 0) and gives their defaults."""
 
     def __init__(
         self,
         scorer: Scorer,
         *,
-        max_batch: int = MAX_BATCH,
-        wait_ms: float = BATCH_WAIT_MS,
+        max_batch: int,
+        wait_ms: float,
         on_batch: Callable[[int], None] = lambda candidates: None,
     ):
-        if max_batch < 1:
-            raise UserError(f"--max-batch must be at least 1, not {max_batch}")
-        if not wait_ms >= 0:
-            raise UserError(f"--batch-wait-ms must be at least 0, not {wait_ms}")
         self.scorer = scorer
         self.max_batch = max_batch
         self.wait_s = wait_ms / 1e3

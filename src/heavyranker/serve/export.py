@@ -43,8 +43,9 @@ from torch import nn
 from ..atomic import atomic_path, atomic_write
 from ..checkpoint import resolve_checkpoint
 from ..config import Config
+from ..config.serving import ServeOptions
 from ..data.columns import feature_specs
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from ..model import Ranker, build_model, restore_weights
 from .scorer import FORMAT, MANIFEST, OUTPUTS, PROGRAMS, OnnxProgram, sha256_file
 
@@ -55,7 +56,7 @@ EXPORT_BATCH = 4
 CHECK_BATCH = 3  # != EXPORT_BATCH: the check catches a program that baked in the batch size
 CHECK_TOLERANCE = 1e-5
 TRITON_CONFIG = "config.pbtxt"
-TRITON_MAX_BATCH = 2048  # candidates in one forward, as serve's --max-candidates default
+TRITON_MAX_BATCH = ServeOptions.model_fields["max_candidates"].default  # candidates in one forward, as serve
 
 
 class ScoringProgram(nn.Module):
@@ -79,7 +80,7 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str, for
     `checkpoint`: a step_<N>.pt file or a run folder (default: save_dir's checkpoint that best.json marks
     when training.keep_best is set, else its newest)."""
     if format not in PROGRAMS:
-        raise UserError(f"--format {format}: not one of {', '.join(PROGRAMS)}")
+        raise SettingError("format", f"{format}: not one of {', '.join(PROGRAMS)}")
     best = checkpoint is None and config.training.keep_best is not None
     source = resolve_checkpoint(checkpoint or config.training.save_dir, best=best)
     specs = feature_specs(config.train_data)
@@ -222,9 +223,10 @@ def _onnx_program(
     model/linear.py), then onnxscript translates the aten graph into standard ONNX ops."""
     for n in names:
         if dtypes[n] == torch.bfloat16:  # numpy has no bfloat16
-            raise UserError(
-                f"--format onnx: input {n} is {dtype_name(dtypes[n])} (preprocess.downcast), which "
-                "onnxruntime's Python API cannot take: export --format pt2, or downcast it to float16"
+            raise SettingError(
+                "format",
+                f"onnx: input {n} is {dtype_name(dtypes[n])} (preprocess.downcast), which onnxruntime's "
+                "Python API cannot take: export with format pt2, or downcast it to float16",
             )
     candidates = torch.export.Dim("candidates", min=1)
     with _quiet_exporter():

@@ -2,14 +2,18 @@
 head and body may take to arrive, and a place among the requests admitted at once.
 
 Requests beyond those in the model's forward wait, each holding its body and then its parsed values.
-Without a bound, a burst queued them all behind the model: 20 requests of 2,048 candidates waited up to
-12 s and took 350 MB. A request is admitted before its body is read, so that a refused one costs nothing,
-and counts until it is scored, so that the bodies and parsed values held at once are bounded too.
+Without a bound, a burst queued them all behind the model, each waiting for every forward ahead of it and
+holding its memory meanwhile (bench/serve_latency.py measures the forwards and the bodies' sizes;
+bench/results/serve_latency.json has the figures). A request is admitted before its body is read, so that
+a refused one costs nothing, and counts until it is scored, so that the bodies and parsed values held at
+once are bounded too. The bounds are settings, with their defaults and reasons: config.serving.ServeOptions
+(max_queue, read_timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
@@ -17,19 +21,10 @@ from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import UserError
-
-# Each waiting request adds its candidates to the forwards ahead of those behind it (batcher.py merges
-# requests, but a forward's time grows with its candidates). Eight keep the model busy (the next requests
-# are parsed while some are scored) and absorb a burst from a handful of clients; beyond them a client may
-# wait more than eight forwards (over 20 s for 2,048 candidates of local_prod's model on one core) and does
-# better retrying, or trying another replica, than queueing.
-MAX_QUEUE = 8
-# For the whole head, then the whole body, not the gap between two reads: a client sending a byte now and
-# then must not hold its connection and its place in the queue. 10 s carries local_prod's largest body
-# (2,048 candidates, about 50 MB of JSON at 4 decimals) at 40 Mbit/s.
-READ_TIMEOUT_S = 10.0
 RETRY_AFTER_S = 1  # the queue drains by one forward at a time; the header counts whole seconds
+# A length in a header: ASCII digits only (RFC 9110's 1*DIGIT). str.isdigit() also takes '²' and '¹',
+# which int() refuses, and int() refuses more than 4,300 digits; 18 digits hold any body's length.
+HEADER_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
 class RequestLimits:
@@ -39,13 +34,7 @@ class RequestLimits:
     At most 1 + max_queue requests are admitted at once: reading their body, being parsed, waiting for the
     model or in its forward. Only the event loop touches the count, so it needs no lock."""
 
-    def __init__(
-        self, *, max_body_bytes: int, max_queue: int = MAX_QUEUE, read_timeout_s: float = READ_TIMEOUT_S
-    ):
-        if max_queue < 0:
-            raise UserError(f"--max-queue must be at least 0, not {max_queue}")
-        if not read_timeout_s > 0:
-            raise UserError(f"--read-timeout must be more than 0 seconds, not {read_timeout_s}")
+    def __init__(self, *, max_body_bytes: int, max_queue: int, read_timeout_s: float):
         self.max_body_bytes = max_body_bytes
         self.max_queue = max_queue
         self.read_timeout_s = read_timeout_s
@@ -73,7 +62,8 @@ class RequestLimits:
 
     def _check_declared_length(self, request: Request) -> None:
         length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
+        declared = header_number(length)
+        if declared is not None and declared > self.max_body_bytes:
             raise HTTPException(
                 413, f"the body is {length} bytes, at most {self.max_body_bytes} are accepted"
             )
@@ -98,6 +88,11 @@ class RequestLimits:
             if len(body) > self.max_body_bytes:
                 raise HTTPException(413, f"the body is over {self.max_body_bytes} bytes, the most accepted")
         return body
+
+
+def header_number(value: str) -> int | None:
+    """The number a header's value gives in ASCII decimal digits, or None if it is not one."""
+    return int(value) if HEADER_NUMBER.fullmatch(value) else None
 
 
 def require_content_type(request: Request, accepted: Collection[str | None]) -> None:

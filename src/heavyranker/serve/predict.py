@@ -21,7 +21,7 @@ from ..atomic import atomic_path
 from ..config.data import DataConfig
 from ..data.batch import Batch
 from ..data.dataset import RecapDataset, describe_counts
-from ..errors import UserError
+from ..errors import SettingError, UserError
 from .scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,9 @@ def _writer_class(out: str) -> type:
         return pq.ParquetWriter
     if suffix == ".csv":
         return pa_csv.CSVWriter
-    raise UserError(f"--out {out}: the extension says the format, .parquet or .csv (got {suffix or 'none'})")
+    raise SettingError(
+        "out", f"{out}: the extension says the format, .parquet or .csv (got {suffix or 'none'})"
+    )
 
 
 def _data_config(scorer: Scorer, model_dir: str, batch_size: int) -> DataConfig:
@@ -96,6 +98,6 @@ def _data_config(scorer: Scorer, model_dir: str, batch_size: int) -> DataConfig:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise UserError(
-            f"{Path(model_dir) / 'manifest.json'}: config.train_data (with --batch-size "
+            f"{Path(model_dir) / 'manifest.json'}: config.train_data (with batch_size "
             f"{batch_size}): {problems}"
         ) from None

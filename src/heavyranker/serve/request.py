@@ -47,7 +47,7 @@ def parse_candidates(
         raise BadRequest(400, f"the body is not valid JSON: {e}") from None
     candidates = _candidate_list(document, max_candidates)
     ids, rows = _structure(candidates, inputs)
-    _check_unique_keys(body, ids, inputs)
+    _check_unique_keys(body, document, ids)
     booleans = b"true" in body or b"false" in body  # a cheap, conservative test: ids may hold the words too
     return ids, {spec.name: _column(rows[spec.name], spec, ids, booleans) for spec in inputs}
 
@@ -127,28 +127,57 @@ def id_problem(cid: object) -> str | None:
     return None
 
 
-def _check_unique_keys(body: bytes | bytearray, ids: list[CandidateId], inputs: Sequence[InputSpec]) -> None:
-    """A key given twice is a 422: the parser keeps its last value silently, so the request would not mean
-    what its writer checked (nor what a proxy that reads the first value saw).
+GIVEN_TWICE = "given twice (a key may appear once in an object)"
+Path = list[str | int]  # keys and list indices from the document's top
 
-    Found by counting: each ':' outside a string separates a key from its value, and a body that passed
-    _structure has 1 + (2 + inputs) * candidates keys. Strings (ids and keys) hold as many ':' in the text
-    as parsed, unless one is escaped (\\u003a). Counting costs about 3% of the parse (0.1 s of 2.8 s on
-    2,048 candidates of 2,800 values, 48 MB); only a body that fails the count is parsed again, by the
-    json module (4x slower), to find the key."""
-    keys = 1 + len(ids) * (2 + len(inputs))
-    in_names = len(ids) * sum(spec.name.count(":") for spec in inputs)
-    in_ids = sum(cid.count(":") for cid in ids if type(cid) is str)
-    escaped = b"\\" in body and (b"\\u003a" in body or b"\\u003A" in body)
-    if body.count(b":") == keys + in_names + in_ids and not escaped:
+
+def _check_unique_keys(body: bytes | bytearray, document: object, ids: list[CandidateId]) -> None:
+    """A key given twice is a 422 (duplicate_key), named as the other messages name a candidate."""
+    path = duplicate_key(body, document, "the body")
+    if path is None:
         return
+    where = dotted(path)
+    if len(path) > 2:  # candidates, i, ...
+        where = f"{_candidate(int(path[1]), ids[int(path[1])])}: {dotted(path[2:])}"
+    raise _invalid(f"{where}: {GIVEN_TWICE}")
+
+
+def duplicate_key(text: bytes | bytearray, document: object, what: str) -> Path | None:
+    """Where the first key that the JSON `text` (`what`, for a message) gives twice in one object is, or
+    None. `document` is the text as parsed: a parser keeps a repeated key's last value silently, so a
+    request would not mean what its writer checked, nor what a proxy that reads the first value saw.
+
+    Found by counting: each ':' outside a string separates a key from its value, so the text holds as many
+    ':' as the document has keys and ':' in its strings (keys, ids), unless a key is repeated or a ':' is
+    escaped (\\u003a). Counting costs about 3% of the parse (0.1 s of 2.8 s on 2,048 candidates of 2,800
+    values, 48 MB); only a text that fails the count is parsed again, by the json module (4x slower), to
+    find the key."""
+    escaped = b"\\" in text and (b"\\u003a" in text or b"\\u003A" in text)
+    if text.count(b":") == _colons(document) and not escaped:
+        return None
     try:
-        document = json.loads(body, object_pairs_hook=_Object.of)
+        exact = json.loads(text, object_pairs_hook=_Object.of)
     except ValueError as e:  # read by pydantic_core already, but a parser may refuse what another reads
-        raise BadRequest(400, f"the body is not valid JSON: {e}") from None
-    where = _duplicated(document)
-    if where:
-        raise _invalid(f"{where}: given twice (a key may appear once in an object)")
+        raise BadRequest(400, f"{what} is not valid JSON: {e}") from None
+    return _duplicated(exact, [])
+
+
+def dotted(path: Path) -> str:
+    """A path as messages write it: inputs[0].parameters."""
+    return "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path).removeprefix(".")
+
+
+def _colons(value: object) -> int:
+    """The ':' that a JSON text of `value` holds outside escapes: one per key, and those in its strings. A
+    list whose first item is a number is taken for a list of numbers, whose items are too many to look at
+    one by one: were it not one, the count falls short and the text is parsed again."""
+    if isinstance(value, str):
+        return value.count(":")
+    if isinstance(value, dict):
+        return sum(1 + key.count(":") + _colons(item) for key, item in value.items())
+    if isinstance(value, list) and value and isinstance(value[0], dict | list | str):
+        return sum(map(_colons, value))
+    return 0
 
 
 class _Object(dict):
@@ -164,14 +193,16 @@ class _Object(dict):
         return made
 
 
-def _duplicated(document: _Object) -> str | None:
-    """Where the first key given twice is, as a message names it; None if no key is."""
-    if document.duplicate:
-        return document.duplicate
-    for i, candidate in enumerate(document["candidates"]):
-        for made, prefix in ((candidate, ""), (candidate["features"], "features.")):
-            if made.duplicate:
-                return f"{_candidate(i, candidate['id'])}: {prefix}{made.duplicate}"
+def _duplicated(value: object, path: Path) -> Path | None:
+    """The path of the first key given twice in `value` (built with _Object), depth first; None if none."""
+    if isinstance(value, _Object) and value.duplicate is not None:
+        return [*path, value.duplicate]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(item, (dict, list)):
+            found = _duplicated(item, [*path, key])
+            if found:
+                return found
     return None
 
 

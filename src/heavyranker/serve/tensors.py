@@ -22,7 +22,8 @@ import numpy as np
 import pydantic_core
 import torch
 
-from .request import BadRequest, CandidateId, id_problem
+from .limits import header_number
+from .request import GIVEN_TWICE, BadRequest, CandidateId, dotted, duplicate_key, id_problem
 from .scorer import InputSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -68,18 +69,24 @@ def parse_binary_candidates(
 
 
 def split_body(body: bytes | bytearray, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
-    """The JSON header (the whole body when no length is given) and the binary data after it."""
+    """The JSON header (the whole body when no length is given) and the binary data after it. A key given
+    twice in the header is refused, as it is in a JSON /v1/rank body."""
     size = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        length = header_number(header_length)
+        if length is None or length > len(body):
             raise invalid(
                 f"{HEADER_LENGTH}: {header_length[:32]!r} is not a length within the body's {size} bytes"
             )
-        size = int(header_length)
+        size = length
+    text = body if size == len(body) else body[:size]
     try:
-        header = pydantic_core.from_json(body if size == len(body) else body[:size])
+        header = pydantic_core.from_json(text)
     except ValueError as e:
         raise invalid(f"the JSON header is not valid JSON: {e}") from None
+    twice = duplicate_key(text, header, "the JSON header")
+    if twice is not None:  # as in a JSON /v1/rank body, whose candidates this header describes too
+        raise invalid(f"{dotted(twice)}: {GIVEN_TWICE}")
     return json_object(header, "the JSON header"), memoryview(body)[size:]
 
 
