@@ -9,6 +9,8 @@ import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from itertools import islice
@@ -337,3 +339,18 @@ def test_no_permission_is_one_line(server, small_data):
                 list(read_records(url))
     finally:
         requests.post(f"{server}/moto-api/reset-auth", data=b"inf").raise_for_status()
+
+
+def test_importing_storage_makes_no_thread_pool():
+    """The fetch threads' pool is made at the first remote read: a command that reads local files only (and
+    every process the cache forks) carries none."""
+    probe = (
+        "import gc, threading\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "import heavyranker.data.storage\n"
+        "pools = [o for o in gc.get_objects() if isinstance(o, ThreadPoolExecutor)]\n"
+        "print(len(pools), threading.active_count())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["0", "1"]

@@ -9,6 +9,7 @@ out, throttling, a 5xx) is retried with backoff from the byte offset it had reac
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -31,9 +32,15 @@ MAX_BACKOFF = 2.0  # ... up to this
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pyproject's extras, by URL scheme
 
 
-# Fetch threads mostly wait for the back-end's event loop; one per open remote file keeps every file's next
-# block coming (a training reads file_batch_size files at once).
-_FETCHES = ThreadPoolExecutor(64, thread_name_prefix="heavyranker-fetch")
+FETCH_THREADS = 64  # at most; started as fetches need them
+
+
+@functools.cache
+def _fetches() -> ThreadPoolExecutor:
+    """The fetch threads, made at the first remote read: importing this module (every data command does)
+    starts none. They mostly wait for the back-end's event loop; one per open remote file keeps every file's
+    next block coming (a training reads file_batch_size files at once)."""
+    return ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="heavyranker-fetch")
 
 
 class FileChanged(OSError):
@@ -136,11 +143,11 @@ class RetryingReader(io.RawIOBase):
             end = self._block_start + len(self._block)
             if self._next is None or end != self._offset:  # the first read, or after a seek
                 self._drop_blocks()
-                self._next = _FETCHES.submit(self._fetch, self._offset)
+                self._next = _fetches().submit(self._fetch, self._offset)
             block, self._next = self._next.result(), None
             self._block, self._block_start, at = memoryview(block), self._offset, 0
             if block:  # not at the end: the next block is fetched while this one is read
-                self._next = _FETCHES.submit(self._fetch, self._offset + len(block))
+                self._next = _fetches().submit(self._fetch, self._offset + len(block))
         n = min(len(buffer), len(self._block) - at)
         buffer[:n] = self._block[at : at + n]
         self._offset += n
