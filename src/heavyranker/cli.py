@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--step", type=int, help="this step's checkpoint of both runs (default: the marked best, else newest)"
     )
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument(
+        "--resamples", type=int, default=1000, help="bootstrap resamples: at least 100 (default 1000)"
+    )
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
     p.add_argument("--html", metavar="FILE", help="also write the table and reliability plots as HTML")
     p.add_argument("--config-b", help="the YAML of RUN_B's model where it differs (data: from --config)")
