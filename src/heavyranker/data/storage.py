@@ -2,7 +2,9 @@
 
 A URL's back-end (s3fs, gcsfs, ...) is found by fsspec and takes its credentials and settings from its own
 standard chain (environment, config files, instance metadata; for s3 also AWS_ENDPOINT_URL), never from
-the URL: a URL holding a password is refused, so that no secret reaches a log, an error or a run folder.
+the URL: a URL holding a user name, a password or a signed query (X-Amz-Signature=, sig=, token=, ...) is
+refused, so that no secret reaches a log, an error or a run folder. A back-end's own errors (botocore's,
+aiohttp's: not OSErrors) become one line naming the URL.
 Remote files stream with read-ahead, and a read that fails for a transient reason (connection reset, time
 out, throttling, a 5xx) is retried with backoff from the byte offset it had reached."""
 
@@ -16,12 +18,12 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
 from ..errors import UserError
+from ..urls import credentials_in, redact
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +68,28 @@ def local(path: str) -> str:
 
 def filesystem(url: str) -> AbstractFileSystem:
     """The fsspec file system of `url`. Raises UserError when its back-end is not installed or the URL
-    holds a password."""
-    parts = urlsplit(url)
-    if parts.password is not None:
+    holds credentials (the message leaves them out)."""
+    scheme = url.split("://", 1)[0].lower()
+    problem = credentials_in(url)
+    if problem:
         raise UserError(
-            f"{parts.scheme}://{parts.hostname}{parts.path}: a URL must not hold a password (it would be "
-            f"logged); give credentials the way the {parts.scheme}:// back-end reads them (environment, "
-            f"config files)"
+            f"{redact(url)}: a URL must not hold {problem} (it would be logged); give credentials the way "
+            f"the {scheme}:// back-end reads them (environment, config files)"
         )
     try:
-        return fsspec.filesystem(parts.scheme)
+        return fsspec.filesystem(scheme)
     except ImportError as e:
-        extra = _EXTRAS.get(parts.scheme)
+        extra = _EXTRAS.get(scheme)
         remedy = f"pip install 'heavyranker[{extra}]'" if extra else str(e).splitlines()[0]
-        raise UserError(f"{url}: reading {parts.scheme}:// URLs needs a back-end: {remedy}") from None
+        raise UserError(f"{url}: reading {scheme}:// URLs needs a back-end: {remedy}") from None
     except ValueError:
-        raise UserError(f"{url}: no fsspec back-end knows the scheme {parts.scheme}://") from None
+        raise UserError(f"{url}: no fsspec back-end knows the scheme {scheme}://") from None
+
+
+def error_line(error: BaseException) -> str:
+    """An error of a back-end in one line: its type and the first line of its message, URLs redacted."""
+    lines = str(error).strip().splitlines()
+    return redact(f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
 
 
 def file_version(path: str) -> dict[str, object]:
@@ -90,7 +98,13 @@ def file_version(path: str) -> dict[str, object]:
     if not is_url(path):
         stat = os.stat(local(path))
         return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    info = filesystem(path).info(path)
+    fs = filesystem(path)
+    try:
+        info = fs.info(path)
+    except OSError:
+        raise
+    except Exception as e:  # the back-end's own: an OSError, as a failed read is
+        raise OSError(error_line(e)) from None
     keys = (*_VERSION_KEYS, "LastModified", "mtime", "updated")
     return {"size": info.get("size"), **{key: str(info[key]) for key in keys if key in info}}
 
@@ -166,8 +180,10 @@ class RetryingReader(io.RawIOBase):
                 self._drop_file()
                 if attempt == TRIES:
                     # An OSError: read_records reports it as unreadable data, naming the URL and record.
-                    raise OSError(f"{type(e).__name__}: {e} ({TRIES} tries)") from None
-                log.warning("%s: %s at byte %d, reading again (try %d)", self._url, e, offset, attempt + 1)
+                    raise OSError(f"{error_line(e)} ({TRIES} tries)") from None
+                log.warning(
+                    "%s: %s at byte %d, reading again (try %d)", self._url, error_line(e), offset, attempt + 1
+                )
                 time.sleep(min(MAX_BACKOFF, BACKOFF * 2 ** (attempt - 1)))
         raise AssertionError("unreachable")
 
