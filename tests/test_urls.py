@@ -65,3 +65,14 @@ def test_urls_without_credentials_are_left_as_they_are(url):
 def test_every_url_in_a_text_is_redacted():
     text = f"cannot read 's3://ID:{SECRET}@b/x.gz' (see gs://c/y?token={SECRET}), nor /local/p?token=1"
     assert redact(text) == "cannot read 's3://b/x.gz' (see gs://c/y?token=***), nor /local/p?token=1"
+
+
+def test_the_cli_redacts_every_log_line():
+    import logging
+
+    from heavyranker.cli import _redact_record
+
+    record = logging.LogRecord(
+        "x", logging.WARNING, __file__, 1, "%s: at byte %d", (f"s3://K:{SECRET}@b/x", 5), None
+    )
+    assert _redact_record(record) and record.getMessage() == "s3://b/x: at byte 5"
