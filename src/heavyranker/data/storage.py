@@ -11,10 +11,10 @@ out, throttling, a 5xx) is retried with backoff from the byte offset it had reac
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
@@ -35,14 +35,18 @@ _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pyproject's ex
 
 
 FETCH_THREADS = 64  # at most; started as fetches need them
+_pool: list[ThreadPoolExecutor] = []  # the one pool, once made
+_pool_lock = threading.Lock()  # reader threads open remote files at once: one of them makes it
 
 
-@functools.cache
 def _fetches() -> ThreadPoolExecutor:
     """The fetch threads, made at the first remote read: importing this module (every data command does)
-    starts none. They mostly wait for the back-end's event loop; one per open remote file keeps every file's
+    makes none. They mostly wait for the back-end's event loop; one per open remote file keeps every file's
     next block coming (a training reads file_batch_size files at once)."""
-    return ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="heavyranker-fetch")
+    with _pool_lock:
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="heavyranker-fetch"))
+        return _pool[0]
 
 
 class FileChanged(OSError):
