@@ -39,8 +39,8 @@ def example_bytes(specs: Mapping[str, Spec], tasks: int) -> int:
 
 
 def activation_bytes(model: nn.Module, specs: Mapping[str, Spec]) -> int:
-    """Bytes of the outputs of the model's leaf modules for one example: what autograd keeps for the
-    backward pass, about. Measured by a forward of zero examples without gradients (no state changes)."""
+    """Bytes of the outputs of the model's leaf modules for one example: about what autograd keeps for the
+    backward pass. Measured by a forward of zero examples without gradients (no state changes)."""
     total = 0
 
     def count(module: nn.Module, inputs: object, output: object) -> None:
@@ -84,23 +84,24 @@ def check_batch_fits(
     """Raises UserError naming train_data.global_batch_size when a training batch of `batch_size` examples
     per process cannot fit in `limit` (bytes, and where the limit comes from; default: memory_limit()).
     On a GPU the model's part (its state and activations) is compared with the GPU's memory instead."""
-    batch, model_part = example_bytes(specs, tasks), activation_bytes(model, specs)
+    batch, activations = example_bytes(specs, tasks), activation_bytes(model, specs)
+    state = state_bytes(model)
+    host = limit or memory_limit()
     device = next(model.parameters()).device
-    budgets = [(batch, 0, limit or memory_limit())]
     if device.type == "cuda":
-        gpu = torch.cuda.get_device_properties(device).total_memory
-        budgets.append((model_part, state_bytes(model), (gpu, f"the memory of {device}")))
+        gpu = (torch.cuda.get_device_properties(device).total_memory, f"the memory of {device}")
+        budgets = [(batch, 0, host, "the batch"), (activations, state, gpu, "the activations")]
     else:
-        budgets = [(batch + model_part, state_bytes(model), budgets[0][2])]
-    for per_example, fixed, (limit_bytes, source) in budgets:
+        budgets = [(batch + activations, state, host, "the batch and the activations")]
+    for per_example, fixed, (limit_bytes, source), counted in budgets:
         need = fixed + batch_size * per_example
         if need > limit_bytes:
             fits = max(0, (limit_bytes - fixed) // per_example) * world_size
             raise UserError(
                 f"train_data.global_batch_size: {batch_size * world_size:,} examples need at least "
-                f"{need / GiB:.1f} GiB ({per_example / 1024:.1f} KiB per example, counting the batch and the "
-                f"activations kept for the backward pass), more than the {limit_bytes / GiB:.1f} GiB of "
-                f"{source}; lower train_data.global_batch_size (this estimate allows at most {fits:,})"
+                f"{need / GiB:.1f} GiB ({per_example / 1024:.1f} KiB per example for {counted}), more than "
+                f"the {limit_bytes / GiB:.1f} GiB of {source}; lower train_data.global_batch_size (this "
+                f"estimate allows at most {fits:,})"
             )
 
 
@@ -109,10 +110,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     RuntimeError, or CUDA's OutOfMemoryError."""
     if isinstance(error, MemoryError | torch.OutOfMemoryError):
         return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and (
-        "not enough memory" in text or "can't allocate memory" in text
-    )
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in ALLOCATOR_FAILED)
 
 
 @contextlib.contextmanager
