@@ -94,7 +94,7 @@ class Columns:
             if not kept.size:
                 return None
             columns = {name: np.concatenate([parts[i][name] for i in kept]) for name in parts[kept[0]]}
-        keep = self._check_zero_one(columns, [items[i] for i in kept])
+        keep = self._check_labels(columns, [items[i] for i in kept])
         if keep is None:
             return columns, kept
         if not keep.any():
@@ -127,7 +127,7 @@ class Columns:
             self._damaged(path, e)
             return None
 
-    def _check_zero_one(self, columns: dict[str, np.ndarray], items: list[Item]) -> np.ndarray | None:
+    def _check_labels(self, columns: dict[str, np.ndarray], items: list[Item]) -> np.ndarray | None:
         """Which rows to keep, None for all. A label is 0 or 1 (int64 or float in the schema), and so is each
         flag (FLAGS, int64): any other value (2, -1, 0.5, 2**62) is damage, not a positive or a set flag, as
         the model would take 2**62 for a flag's input as it is. One vectorized check per column; only failing
