@@ -1,8 +1,8 @@
 """Throughput of the data pipeline, against the floor under any reader: inflating the same files.
 
 Writes seed-schema data (configs/segdense.json: 6000 continuous, 512 binary, 320 discrete, 3x200 embedding
-values; rows like the reference's random data: uniform floats, small integers, 63-bit ids, about 24 KB per
-example gzipped) to a temporary folder, then measures in the same run:
+values; rows like the reference's random data: uniform floats, small integers, 63-bit ids, but 0/1 flags as
+binary features are; about 24 KB per example gzipped) to a temporary folder, then measures in the same run:
 
   pipeline  RecapDataset as configs/local_prod.yaml reads its training data: files interleaved, shuffle
             buffer 1024, batches of 128, read + inflate + CRC + decode + truncate to 2117/59 + torch;
@@ -98,7 +98,7 @@ def _random_column(name: str, dtype: str, n: int, length: int, rng: np.random.Ge
         return rng.random((n, length), dtype=np.float32)
     if name.startswith("meta."):
         return rng.integers(0, 2**63 - 1, (n, length))
-    if name.startswith("recap.engagement."):
+    if name.startswith("recap.engagement.") or "_binary_" in name:  # labels and flags: 0 or 1
         return (rng.random((n, length)) < 0.1).astype(np.int64)
     return rng.integers(0, 10, (n, length))
 

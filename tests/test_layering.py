@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "heavyranker"
 # Top-level modules are named by their stem, packages by their folder.
 FLOORS = {
     "errors": 0,
+    "urls": 0,
     "atomic": 0,
     "schema": 0,
     "memory": 0,

@@ -1,5 +1,6 @@
 import ctypes
 import ctypes.util
+import os
 import resource
 
 import pytest
@@ -43,3 +44,17 @@ def test_only_the_commands_that_train_set_it(monkeypatch, small_config_path):
     assert cli.main(["train", "--config", config]) == 0
     assert cli.main(["demo", "--config", config]) == 0
     assert calls == ["set", "train", "set", "demo"]
+
+
+def test_the_memory_limit_is_the_cgroups_when_it_has_one(tmp_path, monkeypatch):
+    from heavyranker import memory
+
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (str(v2), str(v1)))
+    assert memory.memory_limit() == (physical, "the physical memory")  # no cgroup files
+    v2.write_text("max\n")
+    v1.write_text(f"{2**63 - 4096}\n")  # v1's "unlimited"
+    assert memory.memory_limit() == (physical, "the physical memory")
+    v1.write_text(f"{2**30}\n")
+    assert memory.memory_limit() == (2**30, f"the cgroup limit in {v1}")

@@ -14,6 +14,7 @@ from .config import Config, ConfigError, dump_config, load_config
 from .config.serving import SERVING, ServeOptions
 from .errors import SettingError, UserError
 from .memory import keep_freed_memory
+from .urls import redact
 
 EXIT_USER_ERROR = 2
 OUT_OF_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk or quota, a read-only disk: one line
@@ -275,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--step", type=int, help="this step's checkpoint of both runs (default: the marked best, else newest)"
     )
-    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument(
+        "--resamples", type=int, default=1000, help="bootstrap resamples: at least 100 (default 1000)"
+    )
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
     p.add_argument("--html", metavar="FILE", help="also write the table and reliability plots as HTML")
     p.add_argument("--config-b", help="the YAML of RUN_B's model where it differs (data: from --config)")
@@ -324,31 +327,39 @@ def log_level(verbose: bool) -> int:
     return logging.DEBUG if verbose else logging.INFO
 
 
+def _redact_record(record: logging.LogRecord) -> bool:
+    """Every log line as `redact` leaves it (URLs without credentials), whichever library logged it."""
+    record.msg, record.args = redact(record.getMessage()), None
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=log_level(args.verbose),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redact_record)
     try:
         return args.handler(args)
     except ConfigError as e:
         for line in e.lines():
-            print(line, file=sys.stderr)
+            print(redact(line), file=sys.stderr)
         return EXIT_USER_ERROR
     except SettingError as e:
         flag = None if e.source else flag_of(args.parser, e.setting)
         print(f"error: {flag} {e.problem}" if flag else f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact(f"error: {e}"), file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as e:
         if e.errno not in OUT_OF_ROOM:
             raise
         # Wherever it happened (TensorBoard's files, a report), what was written before stays: checkpoints and
         # results are written atomically.
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
+        print(redact(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}"), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

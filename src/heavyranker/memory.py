@@ -1,9 +1,11 @@
-"""Process-wide allocator setting for the commands and benchmarks that train (it pays off in the step)."""
+"""Process-wide memory: the allocator setting for the commands and benchmarks that train (it pays off in the
+step), and the most memory a process may use."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 LARGEST_HEAP_BLOCK = 32 * 2**20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
@@ -26,3 +28,24 @@ def keep_freed_memory() -> None:
     if hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, LARGEST_HEAP_BLOCK)
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # a C int: 2 GiB
+
+
+CGROUP_LIMITS = (
+    "/sys/fs/cgroup/memory.max",  # cgroup v2: "max" when unlimited
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v1: a huge number when unlimited
+)
+
+
+def memory_limit() -> tuple[int, str]:
+    """The most memory this process may use, in bytes, and where that limit comes from: its cgroup's
+    limit (a container's), else the machine's physical memory."""
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < physical:
+            return int(text), f"the cgroup limit in {path}"
+    return physical, "the physical memory"

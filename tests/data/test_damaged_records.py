@@ -47,6 +47,15 @@ DAMAGE = {  # kind -> (the damaged record of id i, what the error says about it)
         lambda i: encode_example({**example(i), "f": np.array([np.nan], dtype=np.float32)}),
         r"label f is nan, not 0 or 1",
     ),
+    # Flags are 0/1 as labels are; as a float32 input, 2**62 would be 4.6e18.
+    "flag 2**62": (
+        lambda i: encode_example({**example(i), "bin": np.array([0, 1, 2**62, 0])}),
+        r"feature binary \(bin\) column 2 is 4611686018427387904, not 0 or 1",
+    ),
+    "flag -1": (
+        lambda i: encode_example({**example(i), "bin": np.array([-1, 1, 0, 0])}),
+        r"feature binary \(bin\) column 0 is -1, not 0 or 1",
+    ),
 }
 
 
@@ -61,6 +70,15 @@ def test_a_damaged_record_stops_the_read_naming_file_and_record(tmp_path, kind):
     data = damaged(tmp_path, {3: kind, 12: kind})
     with pytest.raises(DataError, match=rf"part-0\.gz: record 3: {DAMAGE[kind][1]}"):
         list(RecapDataset(data))
+
+
+@pytest.mark.parametrize("kind", ["flag 2**62", "label 2"])
+def test_the_cache_refuses_what_the_uncached_read_refuses(tmp_path, kind):
+    cached = {"cache": True, "cache_dir": str(tmp_path / "cache"), "cache_workers": 1}
+    with pytest.raises(DataError, match=rf"part-0\.gz: record 3: {DAMAGE[kind][1]}"):
+        list(RecapDataset(damaged(tmp_path, {3: kind}, **cached)))
+    dataset = RecapDataset(damaged(tmp_path, {3: kind}, ignore_data_errors=True, **cached))
+    assert 3 not in sum(batch_ids(dataset), []) and dataset.counts()["skipped_records"] == 1
 
 
 @pytest.mark.parametrize("kind", DAMAGE)

@@ -9,6 +9,8 @@ import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from itertools import islice
@@ -20,6 +22,7 @@ import s3fs
 import torch
 from moto.server import ThreadedMotoServer
 
+from heavyranker.cli import main
 from heavyranker.config import load_config
 from heavyranker.config.data import ExplicitDateInputs
 from heavyranker.data import storage
@@ -337,3 +340,89 @@ def test_no_permission_is_one_line(server, small_data):
                 list(read_records(url))
     finally:
         requests.post(f"{server}/moto-api/reset-auth", data=b"inf").raise_for_status()
+
+
+def test_importing_storage_makes_no_thread_pool():
+    """The fetch threads' pool is made at the first remote read: a command that reads local files only (and
+    every process the cache forks) carries none."""
+    probe = (
+        "import gc, threading\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "import heavyranker.data.storage\n"
+        "pools = [o for o in gc.get_objects() if isinstance(o, ThreadPoolExecutor)]\n"
+        "print(len(pools), threading.active_count())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["0", "1"]
+
+
+SECRET = "S3CR3T"
+URLS_WITH_CREDENTIALS = [
+    f"s3://{SECRET}@bucket/train/*.gz",
+    f"s3://KEYID:{SECRET}@bucket/train/*.gz",
+    f"s3://KEYID%3A{SECRET}@bucket/train/*.gz",
+    *(
+        f"s3://bucket/train/*.gz?{key}={SECRET}"
+        for key in (
+            "X-Amz-Signature",
+            "X-Amz-Credential",
+            "X-Amz-Security-Token",
+            "X-Goog-Signature",
+            "sig",
+            "Signature",
+            "token",
+        )
+    ),
+]
+
+
+@pytest.mark.parametrize("door", ["config", "--inputs"])
+@pytest.mark.parametrize("url", URLS_WITH_CREDENTIALS)
+def test_a_url_with_credentials_is_refused_in_one_line_that_leaves_them_out(
+    url, door, tmp_path, capsys, caplog
+):
+    """Through the config (any path field) or a command's own --inputs (storage refuses it)."""
+    common = ["--config", str(CONFIGS / "local_small.yaml"), "--out", str(tmp_path / "out.npz")]
+    if door == "config":
+        argv = ["data", "dump", *common, "--set", f"train_data.inputs={url}"]
+    else:
+        argv = ["data", "dump", *common, "--inputs", url]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "a URL must not hold" in err
+    assert SECRET not in out + err + caplog.text
+
+
+@contextlib.contextmanager
+def refusing_endpoint() -> Iterator[str]:
+    """A loopback port bound but not listening: every connection to it is refused at once."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        with s3_endpoint(f"http://127.0.0.1:{bound.getsockname()[1]}"), pytest.MonkeyPatch.context() as patch:
+            patch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries of a refused connection
+            patch.setattr(storage, "BACKOFF", 0.001)  # ours
+            yield f"s3://{BUCKET}/train"
+
+
+def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, capsys):
+    with refusing_endpoint() as folder:
+        argv = [
+            "data",
+            "stats",
+            "--config",
+            str(CONFIGS / "local_small.yaml"),
+            "--out",
+            str(tmp_path / "s.json"),
+        ]
+        assert main([*argv, "--set", f"train_data.inputs={folder}/*.gz"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot list inputs '{folder}/*.gz': EndpointConnectionError: ")
+        assert err.count("\n") == 1
+        with pytest.raises(OSError, match=r"^EndpointConnectionError: Could not connect") as e:
+            storage.file_version(f"{folder}/part-00000.gz")
+        assert "\n" not in str(e.value)
+        unreadable = rf"^{folder}/x\.gz: record 0: unreadable \(OSError: EndpointConnectionError: "
+        with pytest.raises(DataError, match=unreadable) as e:
+            list(read_records(f"{folder}/x.gz"))
+        assert "\n" not in str(e.value)

@@ -123,11 +123,21 @@ def test_compare_prints_both_runs_metrics_as_evaluate_does_with_intervals_and_wr
 
 def test_a_run_compared_with_itself_differs_by_exactly_zero(small_data, two_runs, capsys):
     run_a, _ = two_runs
-    assert compare(small_data, str(run_a), str(run_a), "--resamples", "50") == 0
+    assert compare(small_data, str(run_a), str(run_a), "--resamples", "100") == 0
     for cells in table_rows(capsys.readouterr().out).values():
         # A task without positives in the split (the rarest) has no metrics, so no difference either.
         zero = ["nan", "nan,nan"] if cells[0] == "nan" else ["0", "0,0"]
         assert cells[2:4] == zero and cells[6:8] == zero and "*" not in cells
+
+
+@pytest.mark.parametrize("resamples", ["0", "-5", "99"])
+def test_too_few_resamples_is_one_line_before_any_scoring(small_data, tmp_path, capsys, resamples):
+    runs = (str(tmp_path / "a"), str(tmp_path / "b"))  # never read: the count is checked first
+    assert compare(small_data, *runs, "--resamples", resamples) == 2
+    out, err = capsys.readouterr()
+    expected = f"compare: resamples is {resamples}; a 95% interval needs at least 100 (default 1000)"
+    assert err == f"error: {expected}\n"
+    assert out == ""
 
 
 def test_compare_names_a_missing_step(small_data, two_runs, capsys):

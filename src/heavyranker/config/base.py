@@ -18,6 +18,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from ..urls import credentials_in
+
 # The description of each field kept only so that the reference's YAML loads; loading a config that sets
 # one logs a warning (root.config_warnings finds them by this description).
 NO_EFFECT = "accepted for compatibility with the reference; has no effect"
@@ -59,7 +61,15 @@ NonNegative = Annotated[int, Strict(), Field(ge=0)]  # column indices, tolerance
 
 def _resolve_path(value: str, info: ValidationInfo) -> str:
     """Relative paths (and globs) are relative to the folder of the YAML file that names them; a URL
-    (s3://bucket/..., file:///...) is left as it is."""
+    (s3://bucket/..., file:///...) is left as it is, unless it holds credentials."""
+    problem = credentials_in(value)
+    if problem:  # the loader's message shows the value redacted
+        raise PydanticCustomError(
+            "url_credentials",
+            "a URL must not hold {problem} (it would be logged); give credentials the way its back-end reads "
+            "them (environment, config files)",
+            {"problem": problem},
+        )
     base = (info.context or {}).get("base_dir")
     if base is None or Path(value).is_absolute() or "://" in value:
         return value

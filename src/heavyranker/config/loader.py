@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
+from ..urls import redact
 from .root import Config, Problem, config_warnings, cross_check
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def _apply_override(data: dict[str, Any], override: str, file: str) -> None:
         value = yaml.load(raw, Loader=_BoundedLoader)
     except yaml.YAMLError as e:
         _, problem = _yaml_problem(e)
-        raise ConfigError(file, [("--set", f"{override!r:.80}: {problem}")]) from None
+        raise ConfigError(file, [("--set", f"{redact(repr(override)):.80}: {problem}")]) from None
     segments = dotted.split(".")
     node = data
     while True:
@@ -263,7 +264,7 @@ def _describe(error: dict[str, Any]) -> Problem:
         return path, "required field is missing"
     message = error["msg"].removeprefix("Value error, ")
     if kind not in ("one_of",) and not isinstance(error.get("input"), dict | list):
-        message += f" (got {error.get('input')!r:.80})"
+        message += f" (got {redact(repr(error.get('input'))):.80})"
     return path, message
 
 

@@ -128,20 +128,25 @@ class Columns:
             return None
 
     def _check_labels(self, columns: dict[str, np.ndarray], items: list[Item]) -> np.ndarray | None:
-        """Which rows to keep, None for all. A label is 0 or 1 (int64 or float in the schema): any other
-        value (2, -1, 0.5) is damage, not a positive. One vectorized check; only failing rows cost more."""
-        if not self.tasks:
+        """Which rows to keep, None for all. A label is 0 or 1 (int64 or float in the schema), and so is each
+        flag (FLAGS, int64): any other value (2, -1, 0.5, 2**62) is damage, not a positive or a set flag, as
+        the model would take 2**62 for a flag's input as it is. One vectorized check per column; only failing
+        rows cost more."""
+        checked = {f"label {task}": columns[task] for task in self.tasks}
+        if FLAGS in self.features:
+            checked[f"feature {FLAGS} ({self.features[FLAGS]})"] = columns[self.features[FLAGS]]
+        wrong = {what: (values != 0) & (values != 1) for what, values in checked.items()}
+        wrong = {what: cells for what, cells in wrong.items() if cells.any()}
+        if not wrong:
             return None
-        labels = np.concatenate([columns[task] for task in self.tasks], axis=1)
-        wrong = (labels != 0) & (labels != 1)
-        if not wrong.any():
-            return None
-        keep = ~wrong.any(axis=1)
+        keep = ~np.any([cells.any(axis=1) for cells in wrong.values()], axis=0)
         for row in np.flatnonzero(~keep):
-            task = self.tasks[int(np.argmax(wrong[row]))]
+            what, cells = next((what, cells) for what, cells in wrong.items() if cells[row].any())
+            column = int(np.argmax(cells[row]))
+            where = f" column {column}" if cells.shape[1] > 1 else ""
+            value = checked[what][row, column]  # as stored: int64 or float
             _, path, index = items[row]
-            value = columns[task][row, 0]  # as stored: labels above may have been promoted to float
-            self._damaged(path, DataError(f"{path}: record {index}: label {task} is {value}, not 0 or 1"))
+            self._damaged(path, DataError(f"{path}: record {index}: {what}{where} is {value}, not 0 or 1"))
         return keep
 
     def _damaged(self, path: str, error: DataError) -> None:

@@ -16,7 +16,7 @@ from ..config.data import (
     ExplicitDatetimeInputs,
 )
 from ..errors import UserError
-from .storage import filesystem, is_url, local
+from .storage import error_line, filesystem, is_url, local
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,14 @@ def _url_glob(pattern: str) -> list[str]:
 
 
 def _listing(list_entries: Callable[[], Iterable[dict]], what: str) -> list[dict]:
-    """A remote listing's entries: none where the folder is missing, one line for any other error."""
+    """A remote listing's entries: none where the folder is missing, one line for any other error (the
+    back-end's own too: botocore's connection errors are no OSErrors)."""
     try:
         return list(list_entries())
     except (FileNotFoundError, NotADirectoryError):
         return []
-    except OSError as e:
-        raise UserError(f"cannot list {what}: {type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise UserError(f"cannot list {what}: {error_line(e)}") from None
 
 
 def _missing_bucket(url: str) -> str:
@@ -103,8 +104,8 @@ def _missing_bucket(url: str) -> str:
     bucket = fs._strip_protocol(url).split("/", 1)[0]
     try:
         return "" if fs.exists(bucket) else f": the bucket {bucket!r} does not exist"
-    except OSError as e:  # PermissionError and the like: the listing above said no more than this
-        return f": {type(e).__name__}: {e}"
+    except Exception as e:  # PermissionError and the like: the listing above said no more than this
+        return f": {error_line(e)}"
 
 
 def date_files(spec: ExplicitDateInputs) -> list[str]:

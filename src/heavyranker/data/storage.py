@@ -2,7 +2,9 @@
 
 A URL's back-end (s3fs, gcsfs, ...) is found by fsspec and takes its credentials and settings from its own
 standard chain (environment, config files, instance metadata; for s3 also AWS_ENDPOINT_URL), never from
-the URL: a URL holding a password is refused, so that no secret reaches a log, an error or a run folder.
+the URL: a URL holding a user name, a password or a signed query (X-Amz-Signature=, sig=, token=, ...) is
+refused, so that no secret reaches a log, an error or a run folder. A back-end's own errors (botocore's,
+aiohttp's: not OSErrors) become one line naming the URL.
 Remote files stream with read-ahead, and a read that fails for a transient reason (connection reset, time
 out, throttling, a 5xx) is retried with backoff from the byte offset it had reached."""
 
@@ -12,15 +14,16 @@ import contextlib
 import io
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
 from ..errors import UserError
+from ..urls import credentials_in, redact
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,19 @@ MAX_BACKOFF = 2.0  # ... up to this
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # pyproject's extras, by URL scheme
 
 
-# Fetch threads mostly wait for the back-end's event loop; one per open remote file keeps every file's next
-# block coming (a training reads file_batch_size files at once).
-_FETCHES = ThreadPoolExecutor(64, thread_name_prefix="heavyranker-fetch")
+FETCH_THREADS = 64  # at most; started as fetches need them
+_pool: list[ThreadPoolExecutor] = []  # the one pool, once made
+_pool_lock = threading.Lock()  # reader threads open remote files at once: one of them makes it
+
+
+def _fetches() -> ThreadPoolExecutor:
+    """The fetch threads, made at the first remote read: importing this module (every data command does)
+    makes none. They mostly wait for the back-end's event loop; one per open remote file keeps every file's
+    next block coming (a training reads file_batch_size files at once)."""
+    with _pool_lock:
+        if not _pool:
+            _pool.append(ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="heavyranker-fetch"))
+        return _pool[0]
 
 
 class FileChanged(OSError):
@@ -59,22 +72,28 @@ def local(path: str) -> str:
 
 def filesystem(url: str) -> AbstractFileSystem:
     """The fsspec file system of `url`. Raises UserError when its back-end is not installed or the URL
-    holds a password."""
-    parts = urlsplit(url)
-    if parts.password is not None:
+    holds credentials (the message leaves them out)."""
+    scheme = url.split("://", 1)[0].lower()
+    problem = credentials_in(url)
+    if problem:
         raise UserError(
-            f"{parts.scheme}://{parts.hostname}{parts.path}: a URL must not hold a password (it would be "
-            f"logged); give credentials the way the {parts.scheme}:// back-end reads them (environment, "
-            f"config files)"
+            f"{redact(url)}: a URL must not hold {problem} (it would be logged); give credentials the way "
+            f"the {scheme}:// back-end reads them (environment, config files)"
         )
     try:
-        return fsspec.filesystem(parts.scheme)
+        return fsspec.filesystem(scheme)
     except ImportError as e:
-        extra = _EXTRAS.get(parts.scheme)
+        extra = _EXTRAS.get(scheme)
         remedy = f"pip install 'heavyranker[{extra}]'" if extra else str(e).splitlines()[0]
-        raise UserError(f"{url}: reading {parts.scheme}:// URLs needs a back-end: {remedy}") from None
+        raise UserError(f"{url}: reading {scheme}:// URLs needs a back-end: {remedy}") from None
     except ValueError:
-        raise UserError(f"{url}: no fsspec back-end knows the scheme {parts.scheme}://") from None
+        raise UserError(f"{url}: no fsspec back-end knows the scheme {scheme}://") from None
+
+
+def error_line(error: BaseException) -> str:
+    """An error of a back-end in one line: its type and the first line of its message, URLs redacted."""
+    lines = str(error).strip().splitlines()
+    return redact(f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
 
 
 def file_version(path: str) -> dict[str, object]:
@@ -83,7 +102,13 @@ def file_version(path: str) -> dict[str, object]:
     if not is_url(path):
         stat = os.stat(local(path))
         return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    info = filesystem(path).info(path)
+    fs = filesystem(path)
+    try:
+        info = fs.info(path)
+    except OSError:
+        raise
+    except Exception as e:  # the back-end's own: an OSError, as a failed read is
+        raise OSError(error_line(e)) from None
     keys = (*_VERSION_KEYS, "LastModified", "mtime", "updated")
     return {"size": info.get("size"), **{key: str(info[key]) for key in keys if key in info}}
 
@@ -136,11 +161,11 @@ class RetryingReader(io.RawIOBase):
             end = self._block_start + len(self._block)
             if self._next is None or end != self._offset:  # the first read, or after a seek
                 self._drop_blocks()
-                self._next = _FETCHES.submit(self._fetch, self._offset)
+                self._next = _fetches().submit(self._fetch, self._offset)
             block, self._next = self._next.result(), None
             self._block, self._block_start, at = memoryview(block), self._offset, 0
             if block:  # not at the end: the next block is fetched while this one is read
-                self._next = _FETCHES.submit(self._fetch, self._offset + len(block))
+                self._next = _fetches().submit(self._fetch, self._offset + len(block))
         n = min(len(buffer), len(self._block) - at)
         buffer[:n] = self._block[at : at + n]
         self._offset += n
@@ -159,8 +184,10 @@ class RetryingReader(io.RawIOBase):
                 self._drop_file()
                 if attempt == TRIES:
                     # An OSError: read_records reports it as unreadable data, naming the URL and record.
-                    raise OSError(f"{type(e).__name__}: {e} ({TRIES} tries)") from None
-                log.warning("%s: %s at byte %d, reading again (try %d)", self._url, e, offset, attempt + 1)
+                    raise OSError(f"{error_line(e)} ({TRIES} tries)") from None
+                log.warning(
+                    "%s: %s at byte %d, reading again (try %d)", self._url, error_line(e), offset, attempt + 1
+                )
                 time.sleep(min(MAX_BACKOFF, BACKOFF * 2 ** (attempt - 1)))
         raise AssertionError("unreachable")
 

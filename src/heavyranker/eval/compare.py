@@ -37,6 +37,9 @@ from .report import reliability_curve
 
 METRICS = {"auroc": auroc, "rce": rce}
 BLOCK = 64  # resamples evaluated together: [BLOCK, N] float64 arrays, 30 MB each at N = 60k
+# Fewest resamples: a 95% interval's ends are the 2.5% tails of the resampled differences; with 100 resamples
+# each end rests on 2 or 3 of them, with fewer on the one or two most extreme (at 0 there is no interval).
+MIN_RESAMPLES = 100
 
 
 @dataclass
@@ -259,6 +262,10 @@ def compare_runs(
     """Score both runs' checkpoints (of `step`, else the best marked, else the newest) on `split` (default:
     the first validation split), print the table, and write it as HTML if asked. `config` gives the data
     and run A's model; `config_b`, when run B's model differs, gives B's (its data sections are not read)."""
+    if resamples < MIN_RESAMPLES:
+        raise UserError(
+            f"compare: resamples is {resamples}; a 95% interval needs at least {MIN_RESAMPLES} (default 1000)"
+        )
     if not config.validation_data:
         raise UserError("compare: the config has no validation_data to score the runs on")
     split = split or next(iter(config.validation_data))

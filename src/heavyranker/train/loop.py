@@ -34,6 +34,7 @@ from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime
 from .best import BestTracker
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
+from .memory_fit import check_batch_fits, out_of_memory_as_user_error
 from .optim import build_optimizer, load_optimizer_state
 from .run_folder import claim_run_folder
 
@@ -55,6 +56,9 @@ class Trainer:
         torch.manual_seed(config.training.seed)
         specs = feature_specs(config.train_data)
         self.model: Ranker = build_model(config.model, specs, config.train_data.tasks).to(self.runtime.device)
+        world = self.runtime.world_size
+        batch_size, tasks = config.train_data.global_batch_size // world, len(config.train_data.tasks)
+        check_batch_fits(specs, tasks, self.model, batch_size, world)
         self.train_model = self.runtime.wrap(self.model)  # DDP across ranks; checkpoints use the bare model
         self.loss_fn: MultiTaskLoss = build_loss(config.model).to(self.runtime.device)
         self.optimizer, self.scheduler = build_optimizer(config.optimizer, self.model)
@@ -160,7 +164,8 @@ class Trainer:
                 and not self.runtime.any(self._stop_requested)
             ):
                 started = time.perf_counter()
-                total, per_task, examples = self.train_step(batches)
+                with out_of_memory_as_user_error("train_data.global_batch_size", f"at step {self.step + 1}"):
+                    total, per_task, examples = self.train_step(batches)
                 self.step += 1
                 logger.add(total, per_task, examples, time.perf_counter() - started)
                 bar.update(1)
@@ -172,7 +177,10 @@ class Trainer:
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
                     self.save()
                 if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
-                    self._evaluate(logger)
+                    with out_of_memory_as_user_error(
+                        "validation_data.<split>.global_batch_size", f"evaluating at step {self.step}"
+                    ):
+                        self._evaluate(logger)
         if self.step < training.num_train_steps:
             if not self._stopped_early:
                 log.info("stopping on a signal at step %d", self.step)
