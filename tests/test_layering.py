@@ -2,7 +2,8 @@
 
 A module may import from its own floor or any floor below, never above; eval never imports train (both
 sit on the same floor and share the ground-floor modules runtime.py and checkpoint.py instead). The
-ground floor (errors, atomic, schema, runtime, checkpoint, memory) imports nothing above config and data."""
+ground floor (errors, atomic, schema, runtime, checkpoint, memory, run_folder) imports nothing above config
+and data; run_folder takes a path, never a Config."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ FLOORS = {
     "atomic": 0,
     "schema": 0,
     "memory": 0,
+    "run_folder": 0,
     "config": 1,
     "data": 2,
     "runtime": 2,
@@ -90,6 +92,7 @@ def test_no_import_points_up_a_floor():
         ("eval/evaluator.py", "from ..train.loop import Trainer\n"),
         ("data/dataset.py", "from heavyranker.model import Ranker\n"),
         ("runtime.py", "from .eval.metrics import MetricAccumulator\n"),
+        ("run_folder.py", "from .config import Config\n"),
         ("model/mlp.py", "import heavyranker.serve.app\n"),
     ],
 )
