@@ -59,6 +59,7 @@ def test_a_marker_reads_back_as_written(tmp_path):
         (json.dumps({**GOOD, "step": True}), "step is true, not of type int"),
         (json.dumps({**GOOD, "step": -1}), "step is -1, below 0"),
         (json.dumps({**GOOD, "value": None}), "value is null, not of type float"),
+        (json.dumps({**GOOD, "value": float("nan")}), "value is nan, not a finite number"),
         (json.dumps({**GOOD, "task": 7}), "task is 7, not of type str"),
         (json.dumps({**GOOD, "evaluated_step": 2.5}), "evaluated_step is 2.5, not of type int"),
     ],

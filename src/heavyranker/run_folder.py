@@ -9,7 +9,7 @@ checkpoints it keeps.
                                     stopping resumes from (BestMarker)
     eval/<split>/step_<N>.json      evaluation results
 
-heavyranker never writes through a symbolic link here, nor over one: a link at one of these files (planted to
+heavyranker never writes through a symbolic link at one of these files, nor over one: a link there (planted to
 make `train` truncate the file it points at) is a one-line error."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -32,7 +33,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-_CHECKPOINT = re.compile(r"^step_(\d+)\.pt$")
+_STEP_FILE = re.compile(r"^step_(\d+)(\.pt|\.json)$")  # a checkpoint, an evaluation's result
 
 
 class NotAMarker(UserError):
@@ -67,16 +68,26 @@ class BestMarker:
                 return f"{field.name} is {json.dumps(value)}, not of type {field.type}"
             if field.type == "int" and value < 0:
                 return f"{field.name} is {value}, below 0"
+            if field.type == "float" and not math.isfinite(value):  # NaN would never be improved on
+                return f"{field.name} is {value}, not a finite number"
         return None
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in a folder of checkpoints, oldest first (temporary files are not listed)."""
-    folder = Path(folder)
+    return _by_step(Path(folder), ".pt")
+
+
+def list_results(folder: str | Path) -> list[tuple[int, Path]]:
+    """An evaluation's results in eval/<split>, oldest first (temporary files are not listed)."""
+    return _by_step(Path(folder), ".json")
+
+
+def _by_step(folder: Path, suffix: str) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), folder / m.group(0)) for m in map(_CHECKPOINT.match, os.listdir(folder)) if m]
-    return sorted(found)
+    found = [_STEP_FILE.match(name) for name in os.listdir(folder)]
+    return sorted((int(m.group(1)), folder / m.group(0)) for m in found if m and m.group(2) == suffix)
 
 
 class RunFolder:
