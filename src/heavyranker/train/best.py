@@ -43,9 +43,9 @@ class BestTracker:
         except NotAMarker as e:  # train's own state: it writes a good one at its next evaluation
             log.warning("%s: not a best marker (%s): replaced at the next evaluation", e.path, e.why)
             return
-        c = self.config
         if marker is None:
             return
+        c = self.config
         if (marker.split, marker.task, marker.metric) != (c.split, c.task, c.metric):
             log.info("%s chose by another keep_best: starting afresh", self.run.best_marker)
             return
