@@ -8,16 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from heavyranker.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_model_weights,
-    resolve_checkpoint,
-    save_checkpoint,
-    write_best,
-)
+from heavyranker.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint, save_checkpoint
 from heavyranker.errors import UserError
+from heavyranker.run_folder import BestMarker, RunFolder, list_checkpoints
 from tests.conftest import FullDisk
 
 # A child that saves step 2 but hangs inside fsync, i.e. after writing part of the file, until killed.
@@ -48,7 +41,8 @@ def test_kill_during_write_leaves_previous_checkpoint_newest(tmp_path):
     assert any(
         name.endswith(f"tmp-{child.pid}") for name in os.listdir(tmp_path)
     )  # the half file is there...
-    assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))["w"], torch.zeros(3))  # ...and ignored
+    newest = RunFolder.of_checkpoints(tmp_path).newest_checkpoint()
+    assert torch.equal(load_checkpoint(newest)["w"], torch.zeros(3))  # ...and ignored
 
 
 def test_a_full_disk_is_one_error_naming_the_file_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
@@ -56,22 +50,23 @@ def test_a_full_disk_is_one_error_naming_the_file_and_the_previous_checkpoint_st
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda state, f: real_save(state, FullDisk(f, room=1000)))
     with pytest.raises(UserError) as info:
-        save_checkpoint(tmp_path, 2, {"w": torch.ones(1000)}, max_to_keep=1)
+        save_checkpoint(tmp_path, 2, {"w": torch.ones(1000)})
     assert str(info.value) == f"{tmp_path}/step_2.pt: cannot write the checkpoint: No space left on device"
-    assert os.listdir(tmp_path) == ["step_1.pt"]  # no partial file, and max_to_keep removed nothing
+    assert os.listdir(tmp_path) == ["step_1.pt"]  # no partial file
     assert torch.equal(load_checkpoint(tmp_path / "step_1.pt")["w"], torch.zeros(3))
 
 
 def test_max_to_keep_removes_the_oldest(tmp_path):
     for step in (5, 10, 15, 20):
-        save_checkpoint(tmp_path, step, {"step": step}, max_to_keep=2)
+        save_checkpoint(tmp_path, step, {"step": step})
+        RunFolder.of_checkpoints(tmp_path).prune(max_to_keep=2)
     assert [step for step, _ in list_checkpoints(tmp_path)] == [15, 20]
 
 
 def test_steps_sort_numerically_not_as_text(tmp_path):
     for step in (9, 10, 100):
         save_checkpoint(tmp_path, step, {})
-    assert latest_checkpoint(tmp_path).name == "step_100.pt"
+    assert RunFolder.of_checkpoints(tmp_path).newest_checkpoint().name == "step_100.pt"
 
 
 def test_loading_refuses_code(tmp_path):
@@ -112,14 +107,19 @@ def test_resolve_finds_newest_in_a_run_folder(tmp_path):
 
 
 def test_max_to_keep_spares_the_kept_step_and_resolve_takes_the_marked_best(tmp_path):
-    folder = tmp_path / "checkpoints"
+    run = RunFolder(tmp_path)
     for step in (2, 4, 6):
-        save_checkpoint(folder, step, {}, max_to_keep=1, keep=2)
-    assert [step for step, _ in list_checkpoints(folder)] == [2, 6]
+        save_checkpoint(run.checkpoints, step, {})
+        run.prune(max_to_keep=1, keep=2)
+    assert [step for step, _ in list_checkpoints(run.checkpoints)] == [2, 6]
     assert resolve_checkpoint(tmp_path, best=True).name == "step_6.pt"  # no marker: the newest
-    write_best(folder, {"step": 2})
+    run.write_best(marker(step=2))
     assert resolve_checkpoint(tmp_path, best=True).name == "step_2.pt"
     assert resolve_checkpoint(tmp_path).name == "step_6.pt"
-    write_best(folder, {"step": 4})
+    run.write_best(marker(step=4))
     with pytest.raises(UserError, match="best.json marks step_4.pt as the best checkpoint, but there is no"):
         resolve_checkpoint(tmp_path, best=True)
+
+
+def marker(step: int) -> BestMarker:
+    return BestMarker(step, "validation", "mean", "rce", 1.0, 0, evaluated_step=step)

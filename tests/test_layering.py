@@ -2,8 +2,8 @@
 
 A module may import from its own floor or any floor below, never above; eval never imports train (both
 sit on the same floor and share the ground-floor modules runtime.py and checkpoint.py instead). The
-ground floor (errors, atomic, schema, runtime, memory) imports nothing of the package above it; checkpoint
-imports nothing above config and data."""
+ground floor (errors, atomic, schema, runtime, memory, urls, run_folder) imports nothing of the package above
+it (run_folder takes a path, never a Config); checkpoint imports nothing above config and data."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ FLOORS = {
     "schema": 0,
     "memory": 0,
     "runtime": 0,
+    "run_folder": 0,
     "config": 1,
     "data": 2,
     "checkpoint": 2,
@@ -95,6 +96,7 @@ def test_no_import_points_up_a_floor():
         ("runtime.py", "from .data.files import shard_files\n"),
         ("runtime.py", "from .config import Config\n"),
         ("eval/compare.py", "from ..demo.baselines import read_rows\n"),
+        ("run_folder.py", "from .config import Config\n"),
         ("model/mlp.py", "import heavyranker.serve.app\n"),
     ],
 )

@@ -5,16 +5,22 @@ The content goes to a temporary in the same folder (a rename is atomic only with
 `.NAME.tmp-PID`: hidden, so globs (`*.gz`, `*`) and the checkpoint listing never see it, and distinct per
 process. It is fsynced before the rename, and the folder after it, so that after a power cut the name
 holds either the previous file or the complete new one. On any exception (KeyboardInterrupt included) the
-temporary is removed and the previous file is left as it was."""
+temporary is removed and the previous file is left as it was.
+
+A symbolic link at the temporary's name is refused (one line), never written through: the file it points at
+stays as it was."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, NamedTuple
+
+from .errors import UserError
 
 _TEMPORARY = re.compile(r"^\.(.+)\.tmp-(\d+)$")  # the names _replacing gives
 
@@ -29,7 +35,7 @@ class Temporary(NamedTuple):
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """An open file (`mode`: "wb" or "w") whose content replaces `path` when the block ends without error.
     Prefer it to atomic_path where the writer takes a file object (np.savez then adds no ".npz")."""
-    with _replacing(Path(path)) as temporary, open(temporary, mode) as f:
+    with _replacing(Path(path)) as temporary, open(temporary, mode, opener=without_following) as f:
         yield f
         f.flush()
         os.fsync(f.fileno())
@@ -46,7 +52,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A writer that opens the temporary itself (atomic_path) cannot be told not to follow a link: check first.
+    temporary = refuse_link(path.with_name(f".{path.name}.tmp-{os.getpid()}"))
     try:
         yield temporary
         os.replace(temporary, path)
@@ -55,6 +62,28 @@ def _replacing(path: Path) -> Iterator[Path]:
             temporary.unlink()
         raise
     _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # makes the rename itself durable
+
+
+def without_following(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """os.open that refuses a symbolic link at `path` (also as `open(..., opener=without_following)`): a link
+    planted there must not make us truncate or append to the file it points at."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP and os.path.islink(path):
+            raise _a_link(path) from None
+        raise
+
+
+def refuse_link(path: Path) -> Path:
+    """`path`, unless a symbolic link is there: for the files we replace or read back as our own."""
+    if path.is_symlink():
+        raise _a_link(path)
+    return path
+
+
+def _a_link(path: str | os.PathLike) -> UserError:
+    return UserError(f"{path}: a symbolic link, which heavyranker does not write through; remove it")
 
 
 def temporaries(folder: str | os.PathLike) -> list[Temporary]:

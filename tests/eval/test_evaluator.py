@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from heavyranker.cli import main
 from heavyranker.data.dataset import RecapDataset
-from heavyranker.eval.evaluator import evaluate_command, result_path, watch_checkpoints
+from heavyranker.eval.evaluator import evaluate_command, watch_checkpoints
+from heavyranker.run_folder import RunFolder
 from heavyranker.runtime import init_runtime
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
@@ -54,7 +55,7 @@ def test_metrics_equal_sklearn_on_the_same_predictions_with_the_split_weights(sm
     assert metrics["auroc"] == pytest.approx(roc_auc_score(labels, probs, sample_weight=weights), abs=1e-9)
     assert metrics["ctr"] == pytest.approx(np.average(labels, weights=weights), rel=1e-9)
     assert metrics["num_examples"] == len(labels)
-    saved = json.loads(result_path(config, "validation_downsampled", 4).read_text())
+    saved = json.loads(RunFolder(config.training.save_dir).result("validation_downsampled", 4).read_text())
     assert saved["metrics"][FAV]["auroc"] == pytest.approx(metrics["auroc"])
 
 
@@ -72,7 +73,8 @@ def test_damaged_records_are_skipped_and_what_reading_met_is_reported(small_data
             config, checkpoint=str(trained / "checkpoints/step_4.pt"), watch=False, split="validation"
         )
     assert results["validation"][FAV]["num_examples"] == 80
-    assert json.loads(result_path(config, "validation", 4).read_text())["data"] == expected
+    saved = RunFolder(config.training.save_dir).result("validation", 4)
+    assert json.loads(saved.read_text())["data"] == expected
     assert (
         "evaluation of validation: defaults_filled=10 (meta.user_id=10), damaged_files=0, skipped_records=20"
         in caplog.messages
@@ -110,7 +112,8 @@ def test_watch_evaluates_each_checkpoint_once_as_it_appears(small_data, trained,
     evaluated = watch_checkpoints(config, trainer.model.eval(), init_runtime(), None, poll_seconds=0.05)
     writer.join()
     assert evaluated == [2, 4]
-    assert all(result_path(config, s, step).exists() for s in SMALL_SPLITS for step in (2, 4))
+    run = RunFolder(config.training.save_dir)
+    assert all(run.result(s, step).exists() for s in SMALL_SPLITS for step in (2, 4))
     # A restarted evaluator finds everything done and stops at once.
     assert watch_checkpoints(config, trainer.model, init_runtime(), None, poll_seconds=0.05) == []
 

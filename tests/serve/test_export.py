@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from heavyranker.checkpoint import load_checkpoint, save_checkpoint, write_best
+from heavyranker.checkpoint import load_checkpoint, save_checkpoint
 from heavyranker.cli import main
 from heavyranker.config.training import KeepBestConfig
 from heavyranker.errors import UserError
+from heavyranker.run_folder import BestMarker, RunFolder
 from heavyranker.serve import scorer as scorer_module
 from heavyranker.serve.export import export_model
 from heavyranker.serve.scorer import ArtifactError, Scorer
@@ -184,7 +185,7 @@ def test_export_without_a_checkpoint_takes_the_marked_best_with_keep_best(export
     state = load_checkpoint(exported.checkpoint)
     for step in (3, 5):
         save_checkpoint(tmp_path / "run" / "checkpoints", step, {**state, "step": step})
-    write_best(tmp_path / "run" / "checkpoints", {"step": 3})
+    RunFolder(tmp_path / "run").write_best(BestMarker(3, "validation", "mean", "rce", 1.0, 0, 3))
     config = exported.config.model_copy(deep=True)
     config.training.save_dir = str(tmp_path / "run")
     config.training.keep_best = KeepBestConfig(split="validation")

@@ -4,6 +4,7 @@ import time
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from heavyranker.run_folder import RunFolder
 from heavyranker.train.logger import TrainLogger
 
 
@@ -14,7 +15,7 @@ def scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_tells_the_evaluation_cross_entropy_from_the_training_loss(tmp_path):
-    logger = TrainLogger(str(tmp_path))
+    logger = TrainLogger(RunFolder(tmp_path))
     logger.add(torch.tensor(0.5), torch.tensor([0.25, 0.75]), examples=8, seconds=2.0)
     logger.flush(3, ["a", "b"], {"backbone": 0.125})
     logger.eval_scalars(3, {"val": {"a": {"auroc": 0.75, "loss": 0.625}, "a/s1": {"loss": 1.5}}})
@@ -43,12 +44,12 @@ def test_a_resumed_logger_drops_what_was_logged_past_its_step(tmp_path, monkeypa
     # killed run's must sort first, as a real one's would.
     with monkeypatch.context() as earlier:
         earlier.setattr(time, "time", lambda: 1e9)
-        first = TrainLogger(str(tmp_path))
+        first = TrainLogger(RunFolder(tmp_path))
         log_steps(first, [1, 2, 3, 4], loss=0.5)
         first.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "lo')  # killed while writing a line
-    resumed = TrainLogger(str(tmp_path), resume_step=2)
+    resumed = TrainLogger(RunFolder(tmp_path), resume_step=2)
     log_steps(resumed, [3, 4], loss=0.25)
     resumed.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

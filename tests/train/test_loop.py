@@ -13,10 +13,11 @@ from itertools import pairwise
 import pytest
 import torch
 
-from heavyranker.checkpoint import list_checkpoints, load_checkpoint
+from heavyranker.checkpoint import load_checkpoint
 from heavyranker.cli import main
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.errors import UserError
+from heavyranker.run_folder import list_checkpoints
 from heavyranker.train.loop import NonFiniteLoss, Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, FullDisk, small_config
 from tests.data.test_damaged_records import write_small_records
@@ -358,7 +359,7 @@ def scripted(values: dict[int, float]):
     """evaluate_splits, for the loop, giving each step's `values` as the AUROC of FAV on validation."""
 
     def evaluate(config, model, step, runtime):
-        return {"validation": {FAV: {"auroc": values[step], "rce": 0.0}}}
+        return {"validation": {FAV: {"auroc": values[step], "rce": 0.0, "ctr": 0.5}}}
 
     return evaluate
 
@@ -406,8 +407,8 @@ def test_a_resumed_run_does_not_count_the_evaluations_it_repeats(small_data, tmp
 def test_a_full_disk_while_logging_is_one_line(small_data, tmp_path, capsys, monkeypatch):
     from heavyranker.train import logger
 
-    def filling_disk(path, mode):
-        return FullDisk(open(path, mode), room=0)
+    def filling_disk(path, mode, **kwargs):
+        return FullDisk(open(path, mode, **kwargs), room=0)
 
     monkeypatch.setattr(logger, "open", filling_disk, raising=False)
     capsys.readouterr()

@@ -16,10 +16,10 @@ from ..data.files import select_files
 from ..data.synthetic import generate_for_config
 from ..data.synthetic.truth import load_truth
 from ..errors import UserError
-from ..eval.evaluator import results_folder
 from ..eval.metrics import auroc, rce
 from ..eval.report import write_report
 from ..model import Ranker
+from ..run_folder import RunFolder
 from ..runtime import init_runtime
 from ..train.loop import Trainer
 from .baselines import BASELINE_FEATURES, gradient_boosted_trees, logistic_regression, read_rows
@@ -36,6 +36,7 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> None:
     split = _plain_split(config)
     _check_baseline_features(config, split)
     save_dir = Path(config.training.save_dir)
+    run = RunFolder(save_dir)
     fresh_run_folder(save_dir)  # before the data: a refused save_dir costs nothing
 
     print(f"== 1/4 generating planted-truth data for {config_path}")
@@ -76,8 +77,8 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> None:
 
     report = write_report(
         save_dir / "report.png",
-        save_dir / "metrics.jsonl",
-        results_folder(config, split),
+        run.metrics,
+        run.results(split),
         config.task_names,
         {"model": probs, "LightGBM": lightgbm, "logistic regression": logreg},
         labels,
@@ -86,11 +87,8 @@ def run_demo(config_path: str, overrides: list[str] | None = None) -> None:
     )
     print("== 4/4 outputs")
     print(f"report (training loss, AUROC and RCE over steps, reliability plots with RCE): {report}")
-    print(f"checkpoints: {save_dir / 'checkpoints'}   metrics: {save_dir / 'metrics.jsonl'}")
-    print(
-        f"evaluation results: {save_dir / 'eval'}   "
-        f"TensorBoard: tensorboard --logdir {save_dir / 'tensorboard'}"
-    )
+    print(f"checkpoints: {run.checkpoints}   metrics: {run.metrics}")
+    print(f"evaluation results: {run.evaluations}   TensorBoard: tensorboard --logdir {run.tensorboard}")
 
 
 def fresh_run_folder(save_dir: Path) -> None:

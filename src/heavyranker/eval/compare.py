@@ -31,6 +31,7 @@ from ..data.dataset import RecapDataset
 from ..data.shapes import feature_shapes
 from ..errors import UserError
 from ..model import Ranker, build_model, restore_weights
+from ..run_folder import RunFolder
 from .evaluator import evaluation_tasks
 from .metrics import EPS, MetricAccumulator, auroc, rce
 from .report import reliability_curve
@@ -69,7 +70,7 @@ def run_checkpoint(run: str | Path, step: int | None) -> Path:
     """Of a run folder: the checkpoint of `step`, else the one best.json marks, else the newest."""
     if step is None:
         return resolve_checkpoint(run, best=True)
-    path = Path(run) / "checkpoints" / f"step_{step}.pt"
+    path = RunFolder(run).checkpoint(step)
     if not path.is_file():
         raise UserError(f"{run}: no checkpoint of step {step} ({path})")
     return path

@@ -7,16 +7,11 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
-from ..checkpoint import (
-    checkpoint_dir,
-    list_checkpoints,
-    resolve_checkpoint,
-)
+from ..atomic import atomic_write, refuse_link
+from ..checkpoint import resolve_checkpoint
 from ..config import Config, short_names
 from ..config.data import DataConfig
 from ..data.columns import feature_specs
@@ -24,6 +19,7 @@ from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.files import check_sharding
 from ..errors import SettingError, UserError
 from ..model import Ranker, build_model, restore_weights
+from ..run_folder import RunFolder
 from ..runtime import Runtime, distributed_runtime
 from .metrics import MetricAccumulator, gather_metrics
 
@@ -109,18 +105,10 @@ def format_table(results: Results, step: int) -> str:
     return "\n".join(rows)
 
 
-def result_path(config: Config, split: str, step: int) -> Path:
-    return results_folder(config, split) / f"step_{step}.json"
-
-
-def results_folder(config: Config, split: str) -> Path:
-    return Path(config.training.save_dir) / "eval" / split
-
-
 def _write(
     config: Config, split: str, step: int, metrics: dict[str, dict[str, float]], counts: dict[str, int]
 ) -> None:
-    path = result_path(config, split, step)
+    path = refuse_link(RunFolder(config.training.save_dir).result(split, step))
     path.parent.mkdir(parents=True, exist_ok=True)
     strict = {task: {k: (None if math.isnan(v) else v) for k, v in m.items()} for task, m in metrics.items()}
     with atomic_write(path, "w") as f:  # a result file is complete or absent: a restarted --watch trusts it
@@ -156,12 +144,13 @@ def watch_checkpoints(
     evaluated on has its result file, so a restarted evaluator skips it. Stops after the checkpoint at
     num_train_steps, or after eval_timeout_in_s with no new checkpoint. Returns the steps evaluated."""
     splits = [split] if split else list(config.validation_data)
+    run = RunFolder(config.training.save_dir)
     evaluated: list[int] = []
     last_new = time.monotonic()
     while True:
-        found = list_checkpoints(checkpoint_dir(config.training.save_dir))
+        found = run.list_checkpoints()
         for step, path in found:
-            if all(result_path(config, s, step).exists() for s in splits):
+            if all(run.result(s, step).exists() for s in splits):
                 continue
             try:
                 restore_weights(model, path)

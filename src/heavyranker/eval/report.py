@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..run_folder import list_results
 from .metrics import rce
 
 PLOTS = 4  # per task, in a column: training loss, AUROC, RCE, reliability
@@ -111,8 +112,7 @@ def _reliability(
 
 def _evaluations(eval_dir: Path) -> list[tuple[int, dict[str, dict[str, float | None]]]]:
     """(step, metrics by task) of each step_N.json in eval_dir, by step; none when the folder is absent."""
-    found = [(int(p.stem.removeprefix("step_")), p) for p in eval_dir.glob("step_*.json")]
-    return [(step, json.loads(p.read_text())["metrics"]) for step, p in sorted(found)]
+    return [(step, json.loads(p.read_text())["metrics"]) for step, p in list_results(eval_dir)]
 
 
 def _value(value: float | None) -> float:

@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, refuse_link, without_following
 from ..errors import UserError
-
-METRICS = "metrics.jsonl"
+from ..run_folder import RunFolder
 
 # The evaluation's "loss" is the cross-entropy of the calibrated probabilities, weighted to the population
 # (sum(w * l) / sum(w), no pos_weight); the training loss is the objective (BCE of the logits on the
@@ -26,18 +25,18 @@ class TrainLogger:
     A run resumed at `resume_step` continues the logs of the run it resumes, less what that run logged past
     its checkpoint (the resumed run logs those steps again)."""
 
-    def __init__(self, save_dir: str, *, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, run: RunFolder, *, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self._reset()
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # slow import: only where it writes
 
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
-        _drop_lines_after(Path(save_dir) / METRICS, resume_step)
-        self.jsonl = open(Path(save_dir) / METRICS, "a")
+        run.path.mkdir(parents=True, exist_ok=True)
+        _drop_lines_after(run.metrics, resume_step)
+        self.jsonl = open(run.metrics, "a", opener=without_following)
         # TensorBoard hides the events of earlier files at steps >= purge_step.
-        self.tensorboard = SummaryWriter(str(Path(save_dir) / "tensorboard"), purge_step=resume_step + 1)
+        self.tensorboard = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1)
 
     def _reset(self) -> None:
         self.steps = 0
@@ -102,7 +101,7 @@ class TrainLogger:
 
 def _drop_lines_after(path: Path, step: int) -> None:
     """Keep the lines of metrics.jsonl up to `step`."""
-    if not path.exists():
+    if not refuse_link(path).exists():
         return
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if _step(line) <= step]

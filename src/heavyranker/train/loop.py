@@ -16,9 +16,6 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import (
-    checkpoint_dir,
-    latest_checkpoint,
-    prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -28,15 +25,15 @@ from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.files import check_sharding
 from ..errors import UserError
-from ..eval.evaluator import Results, evaluate_splits
+from ..eval.evaluator import evaluate_splits
 from ..model import Ranker, build_model, restore_weights
+from ..run_folder import RunFolder
 from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime
-from .best import BestTracker
+from .best import BestTracker, refuse_undefinable
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
 from .memory_fit import check_batch_fits, out_of_memory_as_user_error
 from .optim import build_optimizer, load_optimizer_state
-from .run_folder import claim_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(config.optimizer, self.model)
         self.accumulation = config.training.gradient_accumulation or 1
         self.step = 0
-        self.checkpoints = checkpoint_dir(config.training.save_dir)
+        self.run_folder = RunFolder(config.training.save_dir)
         self._stop_requested = False
         self._stopped_early = False
         self.best: BestTracker | None = None  # with training.keep_best, on rank 0 (which decides)
@@ -72,7 +69,7 @@ class Trainer:
     def restore(self) -> None:
         """Resume from save_dir's newest checkpoint, else warm start from initial_checkpoint_dir."""
         # Every rank resumes from the checkpoint rank 0 sees (save_dir is one folder that every node shares).
-        newest = self.runtime.broadcast(latest_checkpoint(self.checkpoints))
+        newest = self.runtime.broadcast(self.run_folder.newest_checkpoint())
         if newest is not None:
             state = restore_weights(self.model, newest)
             load_optimizer_state(self.optimizer, state["optimizer"])
@@ -87,7 +84,8 @@ class Trainer:
             restore_weights(self.model, source)
             log.info("warm start from the weights of %s", source)
         if self.config.training.keep_best and self.runtime.is_main:
-            self.best = BestTracker(self.config.training.keep_best, self.checkpoints)
+            training = self.config.training
+            self.best = BestTracker(training.keep_best, self.run_folder, training.checkpoint_max_to_keep)
 
     def save(self) -> Path | None:
         if not self.runtime.is_main:
@@ -101,17 +99,14 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        return save_checkpoint(
-            self.checkpoints,
-            self.step,
-            state,
-            self.config.training.checkpoint_max_to_keep,
-            keep=self.best.step if self.best else None,
-        )
+        saved = save_checkpoint(self.run_folder.checkpoints, self.step, state)
+        best = self.best.step if self.best else None
+        self.run_folder.prune(self.config.training.checkpoint_max_to_keep, keep=best)
+        return saved
 
     def run(self) -> None:
         # save_dir is one folder that every rank shares, and rank 0 alone writes there.
-        with claim_run_folder(self.config) if self.runtime.is_main else nullcontext():
+        with self.run_folder.claim() if self.runtime.is_main else nullcontext():
             self._run()
 
     def _run(self) -> None:
@@ -134,7 +129,7 @@ class Trainer:
             where="train_data",
         ) as dataset:
             dataset.skip_to(self.step * self.accumulation)
-            logger = TrainLogger(training.save_dir, enabled=self.runtime.is_main, resume_step=self.step)
+            logger = TrainLogger(self.run_folder, enabled=self.runtime.is_main, resume_step=self.step)
             try:
                 self._train(iter(dataset), logger, dataset.counts)
             finally:
@@ -211,7 +206,8 @@ class Trainer:
             where = _nonfinite_inputs(batch)
             raise NonFiniteLoss(
                 f"step {self.step + 1}: the loss of {', '.join(tasks)} is not finite{where}; "
-                f"training stopped, the newest checkpoint in {self.checkpoints} is the last good state"
+                f"training stopped, the newest checkpoint in {self.run_folder.checkpoints} is the last good "
+                "state"
             )
         self.optimizer.step()
         self.scheduler.step()
@@ -229,22 +225,11 @@ class Trainer:
         finally:
             self.model.train()
         logger.eval_scalars(self.step, results)
-        if self.config.training.keep_best:
-            self._stopped_early = self.runtime.broadcast(self._keep_best(results))
-
-    def _keep_best(self, results: Results) -> bool:
-        """Rank 0: save this step's checkpoint if it is the best so far, then mark the best (in that order,
-        so that the marker always names a checkpoint on disk). Returns whether to stop early."""
-        if self.best is None or not self.best.is_new(self.step):
-            return False
-        value = self.best.score(results)
-        if self.best.improves(value) and not (self.checkpoints / f"step_{self.step}.pt").exists():
-            self.save()  # keeps the previous best: the marker still names it
-        self.best.record(self.step, value)
-        prune_checkpoints(self.checkpoints, self.config.training.checkpoint_max_to_keep, keep=self.best.step)
-        if self.best.exhausted:
-            log.info("stopping early at step %d: %s", self.step, self.best.describe())
-        return self.best.exhausted
+        keep_best = self.config.training.keep_best
+        if keep_best:
+            refuse_undefinable(keep_best, results)
+            stop = self.best is not None and self.best.update(self.step, results, self.save)
+            self._stopped_early = self.runtime.broadcast(stop)
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
