@@ -23,7 +23,7 @@ from heavyranker.config.root import cross_check
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.shapes import feature_shapes
 from heavyranker.data.tf_example import encode_example
-from heavyranker.data.tfrecord import write_records
+from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.errors import DataError, UserError
 from tests.conftest import CONFIGS, small_config
 

@@ -25,7 +25,7 @@ from heavyranker.config.data import ExplicitDateInputs
 from heavyranker.data import storage
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.files import date_files, glob_files
-from heavyranker.data.tfrecord import read_records
+from heavyranker.data.sources.tfrecord import read_records
 from heavyranker.errors import DataError, UserError
 from tests.conftest import CONFIGS, REPO, small_config
 

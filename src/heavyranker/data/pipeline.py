@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 
 from ..errors import DataError
 from .damage import Damage
-from .tfrecord import read_records
+from .sources.tfrecord import read_records
 
 READ_AHEAD = 1024  # records read ahead for a group of files, in chunks of READ_AHEAD / files
 PREFETCH = 2  # batches decoded ahead of the consumer, beyond one per decoder thread
