@@ -24,7 +24,7 @@ from heavyranker.config import load_config
 from heavyranker.config.data import ExplicitDateInputs
 from heavyranker.data import storage
 from heavyranker.data.dataset import RecapDataset
-from heavyranker.data.files import date_files, glob_files
+from heavyranker.data.sources.files import date_files, glob_files
 from heavyranker.data.sources.tfrecord import read_records
 from heavyranker.errors import DataError, UserError
 from tests.conftest import CONFIGS, REPO, small_config

@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from heavyranker.cli import main
 from heavyranker.config import Config, load_config
-from heavyranker.data.files import select_files
+from heavyranker.data.sources.files import select_files
 from heavyranker.data.synthetic import PROFILES, World, generate_for_config, layout_for
 from heavyranker.data.synthetic.truth import load_truth, truth_path
 from heavyranker.data.tf_example import ExampleDecoder

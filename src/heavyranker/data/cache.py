@@ -38,7 +38,7 @@ from pathlib import Path
 from ..config.data import DataConfig
 from ..errors import DataError, UserError
 from .cache_entry import TEMPORARY, Entry, Fingerprint, build_entry
-from .files import shard_files
+from .sources.files import shard_files
 
 log = logging.getLogger(__name__)
 

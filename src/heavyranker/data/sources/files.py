@@ -10,13 +10,13 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 
-from ..config.data import (
+from ...config.data import (
     DataConfig,
     ExplicitDateInputs,
     ExplicitDatetimeInputs,
 )
-from ..errors import UserError
-from .storage import filesystem, is_url, local
+from ...errors import UserError
+from ..storage import filesystem, is_url, local
 
 log = logging.getLogger(__name__)
 
