@@ -27,8 +27,8 @@ from .batch import Rows
 from .columns import Columns
 from .damage import Damage
 from .preprocess import NegativeDownsampler, Preprocessor, build_preprocessors
-from .storage import file_version, is_url
 from .sources.tfrecord import read_records
+from .storage import file_version, is_url
 
 FORMAT = 1  # bumped when what an entry holds, or how it is computed, changes
 CHUNK = 4096  # records decoded at a time while building an entry

@@ -22,10 +22,10 @@ from .cache import DecodedCache
 from .cache_entry import gather, with_final_labels
 from .columns import Columns
 from .damage import Damage
-from .sources.files import shard_files
 from .order import BLOCK, Item, Order
 from .pipeline import READ_AHEAD, FileReader, OrderedMap
 from .preprocess import NegativeDownsampler, build_preprocessors
+from .sources.files import shard_files
 
 log = logging.getLogger(__name__)
 
