@@ -27,7 +27,7 @@ from .batch import Rows
 from .columns import Columns
 from .damage import Damage
 from .preprocess import NegativeDownsampler, Preprocessor, build_preprocessors
-from .sources.tfrecord import read_records
+from .sources import file_format
 from .storage import file_version, is_url
 
 FORMAT = 1  # bumped when what an entry holds, or how it is computed, changes
@@ -145,12 +145,13 @@ def build_entry(
     damage = _CollectedDamage() if data.ignore_data_errors else None
     preprocessors = [p for p in build_preprocessors(data.preprocess, labels=labels) if _row_by_row(p)]
     keep_stored_labels = labels and _needs_stored_labels(data)
-    columns = Columns(data, preprocessors, labels, damage)
+    source = file_format(data, [path])
+    columns = Columns(data, preprocessors, labels, damage, source)
     folder = Path(temporary)
     folder.mkdir()
     try:
         with _ColumnWriter(folder) as writer:
-            records = _records(path, damage)
+            records = _records(source.read(path, columns.wanted_specs), path, damage)
             first = 0
             while chunk := list(islice(records, CHUNK)):
                 if stopped():
@@ -179,9 +180,9 @@ def _needs_stored_labels(data: DataConfig) -> bool:
     return bool(data.preprocess and data.preprocess.downsample_negatives and data.preprocess.rectify_labels)
 
 
-def _records(path: str, damage: Damage | None) -> Iterator[bytes]:
+def _records(records: Iterator, path: str, damage: Damage | None) -> Iterator:
     try:
-        yield from read_records(path)
+        yield from records
     except DataError as e:
         if damage is None:
             raise
