@@ -158,3 +158,25 @@ def test_a_damaged_column_names_file_row_group_and_column(tmp_path, name, values
     kept = RecapDataset(data.model_copy(update={"ignore_data_errors": True}))
     assert sorted(sum(batch_ids(kept), [])) == [*range(4 * group), *range(10, 16)]
     assert kept.counts()["damaged_files"] == 1
+
+
+def test_dated_folders_list_the_format_s_files(tmp_path, folders):
+    """explicit_datetime_inputs: data_root/YYYY/MM/DD/HH. By default a folder's .gz and .parquet files are
+    listed and the format detected from them; `format` lists only its own."""
+    tfrecord, flat = folders
+    want = batch_ids(RecapDataset(data_config(tfrecord)))
+    root = tmp_path / "root"
+    for f, hour in enumerate(["2026/11/30/23", "2026/12/01/00", "2026/12/01/01"]):
+        (root / hour).mkdir(parents=True)
+        (flat / f"part-{f}.parquet").rename(root / hour / f"part-{f}.parquet")
+    dated = {"data_root": str(root), "end_datetime": "2026-12-01T01", "hours": 3}
+    data = data_config(tmp_path, inputs=None, explicit_datetime_inputs=dated)
+    assert batch_ids(RecapDataset(data)) == want
+    (tfrecord / "part-0.gz").rename(root / "2026/12/01/00/stray.gz")
+    with pytest.raises(UserError, match=r"two formats: .*part-0\.parquet is Parquet and .*stray\.gz is not"):
+        RecapDataset(data)
+    parquet_only = data.model_copy(update={"format": "parquet"})
+    assert batch_ids(RecapDataset(parquet_only)) == want
+    tfrecord_only = data.model_copy(update={"format": "tfrecord"})
+    with pytest.raises(UserError, match=r"2 of 3 hours have no \.gz data files .*allows 0$"):
+        RecapDataset(tfrecord_only)
