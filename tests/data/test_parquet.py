@@ -5,6 +5,8 @@ file is read a row group at a time."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from heavyranker.cli import main
+from heavyranker.data.convert import convert_files
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.sources import PARQUET, TFRECORD, file_format
 from heavyranker.data.sources.parquet import read_rows
+from heavyranker.data.sources.tfrecord import read_records
 from heavyranker.errors import DataError, UserError
+from tests.conftest import CONFIGS
 from tests.data.test_cache import PREPROCESS, assert_same, read
 from tests.data.test_dataset import SCHEMA, TRAINING, batch_ids, data_config, example, write_files
 
@@ -180,3 +186,43 @@ def test_dated_folders_list_the_format_s_files(tmp_path, folders):
     tfrecord_only = data.model_copy(update={"format": "tfrecord"})
     with pytest.raises(UserError, match=r"2 of 3 hours have no \.gz data files .*allows 0$"):
         RecapDataset(tfrecord_only)
+
+
+def test_convert_writes_each_file_in_the_other_format(tmp_path, folders):
+    """TFRecord -> Parquet and pyarrow's Parquet -> TFRecord: one file per file, same name, the same batches
+    read back; nothing temporary left behind."""
+    tfrecord, parquet = configs(folders)
+    want = read(tfrecord, 8, **TRAINING)
+    written = convert_files(tfrecord, to="parquet", out=str(tmp_path / "as-parquet"))
+    assert [Path(p).name for p in written] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    assert sorted(os.listdir(tmp_path / "as-parquet")) == [
+        "part-0.parquet",
+        "part-1.parquet",
+        "part-2.parquet",
+    ]
+    assert pq.ParquetFile(written[1]).metadata.num_rows == SIZES[1]
+    converted = data_config(tmp_path, inputs=str(tmp_path / "as-parquet" / "*.parquet"))
+    assert_same(read(converted, 8, **TRAINING), want)
+    convert_files(parquet, to="tfrecord", out=str(tmp_path / "as-tfrecord"))
+    assert sorted(os.listdir(tmp_path / "as-tfrecord")) == ["part-0.gz", "part-1.gz", "part-2.gz"]
+    assert_same(read(data_config(tmp_path / "as-tfrecord"), 8, **TRAINING), want)
+    with pytest.raises(UserError, match=r"the files are parquet already"):
+        convert_files(parquet, to="parquet", out=str(tmp_path / "again"))
+
+
+def test_the_convert_command_keeps_paths_below_the_inputs_folder(tmp_path, small_data):
+    """Files in hour folders: each keeps its path below the folder they share, so that the part-0 of every
+    hour stays apart; the rows are those of the input."""
+    inputs = sorted((small_data / "train").glob("*.gz"))[:2]
+    for hour, path in zip(("00", "01"), inputs, strict=True):
+        (tmp_path / "root" / hour).mkdir(parents=True)
+        shutil.copy(path, tmp_path / "root" / hour / "part-0.gz")
+    out = tmp_path / "out"
+    args = ["data", "convert", "--config", str(CONFIGS / "local_small.yaml"), "--to", "parquet"]
+    assert main([*args, "--inputs", f"{tmp_path}/root/*/*.gz", "--out", str(out)]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet")) == [
+        "00/part-0.parquet",
+        "01/part-0.parquet",
+    ]
+    rows = [sum(1 for _ in read_records(str(path))) for path in inputs]
+    assert [pq.ParquetFile(out / h / "part-0.parquet").metadata.num_rows for h in ("00", "01")] == rows

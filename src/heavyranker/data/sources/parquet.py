@@ -72,6 +72,15 @@ def read_rows(path: str, specs: Mapping[str, FeatureSpec]) -> Iterator[Row]:
         raise DataError(f"{path}: row group {group}: unreadable ({type(e).__name__}: {e})") from None
 
 
+def column_names(path: str) -> list[str]:
+    """The columns of the Parquet file at `path`, from its footer."""
+    try:
+        with _open(path) as parquet:
+            return parquet.schema_arrow.names
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
 @contextlib.contextmanager
 def _open(path: str) -> Iterator[pq.ParquetFile]:
     # A local file is read by pyarrow itself, without the GIL; a URL through the storage layer's file.
