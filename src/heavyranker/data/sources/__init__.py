@@ -6,15 +6,15 @@ dataset, the decoded cache and the preprocessors see a kind only through its For
                           naming the file and where in it
   decoder(specs, wanted)  one per thread: decode_batch(records) -> schema name -> [N, length] arrays
 
-A record's position is (file, index of the record in that file), whatever the kind: the dataset's items
-carry it, and skip_to, the decoded cache and the error messages name records by it; so can a checkpoint of
-where a followed source stands."""
+A record's position is (file, index of the record in that file, from 0, damaged records counted), whatever
+the kind: the dataset's items carry it (order.Item), and the decoded cache and the error messages name
+records by it; so can a checkpoint of where a followed source stands."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,13 +24,6 @@ from ...schema import FeatureSpec
 from ..tf_example import ExampleDecoder
 from .parquet import RowDecoder, read_rows
 from .tfrecord import read_records
-
-
-class Position(NamedTuple):
-    """Where a record lies: its file, and its index in that file (from 0, damaged records counted)."""
-
-    file: str
-    index: int
 
 
 class Decoder(Protocol):
