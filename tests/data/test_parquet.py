@@ -24,7 +24,6 @@ from heavyranker.errors import DataError, UserError
 from tests.conftest import CONFIGS
 from tests.data.test_cache import PREPROCESS, assert_same, read
 from tests.data.test_dataset import SCHEMA, TRAINING, batch_ids, data_config, example, write_files
-from tests.data.test_storage import BUCKET, s3, server  # noqa: F401 (fixtures)
 
 SIZES = [10, 6, 3]
 LENGTHS = {name: length for name, _, length in SCHEMA}
@@ -227,12 +226,3 @@ def test_the_convert_command_keeps_paths_below_the_inputs_folder(tmp_path, small
     ]
     rows = [sum(1 for _ in read_records(str(path))) for path in inputs]
     assert [pq.ParquetFile(out / h / "part-0.parquet").metadata.num_rows for h in ("00", "01")] == rows
-
-
-def test_parquet_in_a_bucket(s3, folders):  # noqa: F811 (a fixture)
-    """s3:// URLs, through the storage layer's file objects, in hive partitions: the local batches."""
-    tfrecord, parquet = folders
-    for f in range(len(SIZES)):
-        s3.put(str(parquet / f"part-{f}.parquet"), f"{BUCKET}/table/dt=2026-12-0{f + 1}/part-0.parquet")
-    bucket = data_config(parquet, inputs=f"s3://{BUCKET}/table/dt=*/*.parquet")
-    assert_same(read(bucket, 8, **TRAINING), read(data_config(tfrecord), 8, **TRAINING))

@@ -28,6 +28,8 @@ from heavyranker.data.sources.files import date_files, glob_files
 from heavyranker.data.sources.tfrecord import read_records
 from heavyranker.errors import DataError, UserError
 from tests.conftest import CONFIGS, REPO, small_config
+from tests.data.test_dataset import data_config
+from tests.data.test_parquet import write_parquet
 
 BUCKET = "data"
 TRAINING = {"shuffle": True, "repeat": True, "drop_last": True}
@@ -337,3 +339,16 @@ def test_no_permission_is_one_line(server, small_data):
                 list(read_records(url))
     finally:
         requests.post(f"{server}/moto-api/reset-auth", data=b"inf").raise_for_status()
+
+
+def test_parquet_in_a_bucket(s3, tmp_path):
+    """Parquet files as s3:// URLs, in hive partitions (pyarrow reads the footer from the end of the storage
+    layer's file): the local files' batches."""
+    write_parquet(tmp_path, [10, 6, 3])
+    for f in range(3):
+        s3.put(str(tmp_path / f"part-{f}.parquet"), f"{BUCKET}/table/dt=2026-12-0{f + 1}/part-0.parquet")
+    local = data_config(tmp_path, inputs=str(tmp_path / "*.parquet"))
+    bucket = local.model_copy(update={"inputs": f"s3://{BUCKET}/table/dt=*/*.parquet"})
+    assert_same_batches(
+        list(islice(RecapDataset(bucket, **TRAINING), 8)), list(islice(RecapDataset(local, **TRAINING), 8))
+    )
