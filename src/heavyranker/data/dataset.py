@@ -1,8 +1,7 @@
 """The Recap dataset: data files (TFRecord files of tf.Examples, Parquet tables) in, Batches of torch
 tensors out.
 
-sources/     which files, and each kind's records (and decoder), by position (file, record index)
-
+sources/     which files, and each kind's records and decoder; a record's position is (file, index)
 order.py     which records make each batch, in which order: files, interleave, shuffle, epochs
 pipeline.py  the threads that read and decode ahead of the consumer, keeping that order
 columns.py   what is decoded from a record, and how the columns become a Batch
