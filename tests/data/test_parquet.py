@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,15 @@ def test_parquet_gives_the_tfrecord_batches(folders, tmp_path, reading, preproce
         assert_same(read(parquet, batches, **reading), want)
     for skip in (1, 2):  # resuming after `skip` batches: the batches an uninterrupted read gives there
         assert_same(read(parquet, 2, skip=skip, **reading), want[skip : skip + 2])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_reads_the_tfrecord_rank_s_batches(folders, rank):
+    tfrecord, parquet = configs(folders, global_batch_size=4)
+    shard = {"rank": rank, "world_size": 2, **TRAINING}
+    want = list(islice(RecapDataset(tfrecord, **shard), 6))
+    assert_same(list(islice(RecapDataset(parquet, **shard), 6)), want)
+    assert len(want[0]) == 2
 
 
 def test_the_format_is_detected_from_the_file_names(folders):
