@@ -69,8 +69,8 @@ from heavyranker.data.cache import DecodedCache  # noqa: E402
 from heavyranker.data.cache_entry import Entry  # noqa: E402
 from heavyranker.data.cache_files import checksum  # noqa: E402
 from heavyranker.data.dataset import RecapDataset  # noqa: E402
+from heavyranker.data.sources.tfrecord import read_records, write_records  # noqa: E402
 from heavyranker.data.tf_example import ExampleDecoder, encode_example  # noqa: E402
-from heavyranker.data.tfrecord import read_records, write_records  # noqa: E402
 from heavyranker.schema import load_schema  # noqa: E402
 
 CONFIG = REPO / "configs" / "local_prod.yaml"

@@ -35,9 +35,9 @@ import numpy as np
 from isal import igzip
 from results import add_results_option, write_results
 
+from heavyranker.data.sources.tfrecord import read_records, write_records
 from heavyranker.data.tf_example import ExampleDecoder, encode_example
 from heavyranker.data.tf_example import decode as decoder_module
-from heavyranker.data.tfrecord import read_records, write_records
 from heavyranker.schema import load_schema
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,9 +28,9 @@ import yaml
 from heavyranker.checkpoint import load_checkpoint
 from heavyranker.config import load_config
 from heavyranker.data.columns import feature_specs
-from heavyranker.data.files import check_sharding
+from heavyranker.data.sources.files import check_sharding
+from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.data.tf_example import encode_example
-from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.eval.evaluator import evaluate_command
 from heavyranker.model import build_model

@@ -69,6 +69,16 @@ def _data_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_convert(args: argparse.Namespace) -> int:
+    from .data.convert import convert_files
+
+    config = _load(args)
+    _, data = config.split_data(args.split)
+    written = convert_files(data, to=args.to, out=args.out, inputs=args.inputs)
+    print(f"wrote {len(written)} {args.to} files under {args.out}")
+    return 0
+
+
 def _model_summary(args: argparse.Namespace) -> int:
     from .data.columns import feature_specs
     from .model.summary import print_summary
@@ -247,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(data, "cache", "the decoded cache of the config's splits: size, files cached", _data_cache)
     _with_config(p)
     p.add_argument("--clear", action="store_true", help="remove everything in the cache folders")
+    p = command(
+        data, "convert", "rewrite a split's files as Parquet or TFRecord, one file per file", _data_convert
+    )
+    _with_config(p)
+    p.add_argument("--split", default="train", help="train, or a validation split name")
+    p.add_argument("--inputs", help="a glob that replaces the split's inputs")
+    p.add_argument("--to", required=True, choices=["parquet", "tfrecord"], help="the format to write")
+    p.add_argument("--out", required=True, help="folder; each file keeps its path below the inputs' folder")
 
     model = commands.add_parser("model", help="model tools").add_subparsers(dest="sub", required=True)
     _with_config(command(model, "summary", "each module with its parameter count", _model_summary))

@@ -17,9 +17,9 @@ import pytest
 from heavyranker.config import load_config
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.dump import dump_batches
+from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.data.stats import write_feature_stats
 from heavyranker.data.tf_example import encode_example
-from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import DataError
 from heavyranker.schema import load_schema
 from tests.conftest import CONFIGS

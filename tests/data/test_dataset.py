@@ -22,8 +22,8 @@ from heavyranker.config.data import DataConfig
 from heavyranker.config.root import cross_check
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.data.tf_example import encode_example
-from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import DataError, UserError
 from tests.conftest import CONFIGS, small_config
 

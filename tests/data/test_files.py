@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from heavyranker.config.data import DataConfig, ExplicitDateInputs, ExplicitDatetimeInputs
-from heavyranker.data.files import date_files, datetime_files, glob_files, select_files
+from heavyranker.data.sources.files import date_files, datetime_files, glob_files, select_files
 from heavyranker.errors import UserError
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from heavyranker.cli import main
+from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.data.stats import write_feature_stats
 from heavyranker.data.synthetic import generate_for_config
 from heavyranker.data.tf_example import encode_tf_examples
-from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.model.featurize import load_feature_stats
 from tests.data.test_synthetic import TASKS, decode, write_config

@@ -27,10 +27,12 @@ from heavyranker.config import load_config
 from heavyranker.config.data import ExplicitDateInputs
 from heavyranker.data import storage
 from heavyranker.data.dataset import RecapDataset
-from heavyranker.data.files import date_files, glob_files
-from heavyranker.data.tfrecord import read_records
+from heavyranker.data.sources.files import date_files, glob_files
+from heavyranker.data.sources.tfrecord import read_records
 from heavyranker.errors import DataError, UserError
 from tests.conftest import CONFIGS, REPO, small_config
+from tests.data.test_dataset import data_config
+from tests.data.test_parquet import write_parquet
 
 BUCKET = "data"
 TRAINING = {"shuffle": True, "repeat": True, "drop_last": True}
@@ -426,3 +428,16 @@ def test_an_unreachable_endpoint_is_one_line_naming_the_url(tmp_path, capsys):
         with pytest.raises(DataError, match=unreadable) as e:
             list(read_records(f"{folder}/x.gz"))
         assert "\n" not in str(e.value)
+
+
+def test_parquet_in_a_bucket(s3, tmp_path):
+    """Parquet files as s3:// URLs, in hive partitions (pyarrow reads the footer from the end of the storage
+    layer's file): the local files' batches."""
+    write_parquet(tmp_path, [10, 6, 3])
+    for f in range(3):
+        s3.put(str(tmp_path / f"part-{f}.parquet"), f"{BUCKET}/table/dt=2026-12-0{f + 1}/part-0.parquet")
+    local = data_config(tmp_path, inputs=str(tmp_path / "*.parquet"))
+    bucket = local.model_copy(update={"inputs": f"s3://{BUCKET}/table/dt=*/*.parquet"})
+    assert_same_batches(
+        list(islice(RecapDataset(bucket, **TRAINING), 8)), list(islice(RecapDataset(local, **TRAINING), 8))
+    )

@@ -19,11 +19,11 @@ from sklearn.preprocessing import StandardScaler
 
 from heavyranker.cli import main
 from heavyranker.config import Config, load_config
-from heavyranker.data.files import select_files
+from heavyranker.data.sources.files import select_files
+from heavyranker.data.sources.tfrecord import read_records
 from heavyranker.data.synthetic import PROFILES, World, generate_for_config, layout_for
 from heavyranker.data.synthetic.truth import load_truth, truth_path
 from heavyranker.data.tf_example import ExampleDecoder
-from heavyranker.data.tfrecord import read_records
 from heavyranker.errors import DataError, UserError
 from heavyranker.schema import load_schema
 from tests.conftest import CONFIGS

@@ -9,7 +9,7 @@ import tracemalloc
 import crc32c
 import pytest
 
-from heavyranker.data.tfrecord import masked_crc32c, read_records, write_records
+from heavyranker.data.sources.tfrecord import masked_crc32c, read_records, write_records
 from heavyranker.errors import DataError
 
 RECORDS = [b"first", b"", bytes(range(256)) * 3, b"\x00" * 1000, b"last one"]

@@ -14,8 +14,8 @@ import torch
 
 from heavyranker.cli import main
 from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.data.tf_example import encode_example
-from heavyranker.data.tfrecord import write_records
 from heavyranker.errors import UserError
 from heavyranker.serve.predict import predict_files
 from tests.data.test_damaged_records import small_rows

@@ -207,9 +207,17 @@ class Preprocess(StrictModel):
 class DataConfig(StrictModel):
     """A split: which files, how they are read, which labels and how they were sampled."""
 
-    inputs: ConfigPath | None = Field(None, description="A glob of .gz TFRecord files.")
+    inputs: ConfigPath | None = Field(
+        None,
+        description="A glob of data files; ** matches folders at any depth (hive partitions dt=.../hour=...)",
+    )
     explicit_date_inputs: ExplicitDateInputs | None = None
     explicit_datetime_inputs: ExplicitDatetimeInputs | None = None
+    format: Literal["tfrecord", "parquet"] | None = Field(
+        None,
+        description="How the files are read; default: Parquet when the file names end in .parquet (all of "
+        "them), else TFRecord. Dated folders list the format's files: .gz, .parquet (both by default).",
+    )
 
     global_batch_size: Count = Field(
         le=MAX_RECORDS_PER_BATCH,

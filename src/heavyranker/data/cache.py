@@ -42,7 +42,7 @@ from ..config.data import DataConfig
 from ..errors import DataError, UserError
 from .cache_entry import TEMPORARY, BadEntry, Entry, Fingerprint, build_entry
 from .cache_files import describe, state
-from .files import shard_files
+from .sources.files import shard_files
 
 log = logging.getLogger(__name__)
 

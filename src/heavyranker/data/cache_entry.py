@@ -45,8 +45,8 @@ from .cache_files import (
 from .columns import Columns
 from .damage import Damage
 from .preprocess import NegativeDownsampler, Preprocessor, build_preprocessors
+from .sources import file_format
 from .storage import file_version, is_url
-from .tfrecord import read_records
 
 FORMAT = f"{FORMAT_NAME}/{VERSION}"  # in every manifest and every key
 CHUNK = 4096  # records decoded at a time while building an entry
@@ -187,7 +187,8 @@ def build_entry(
     damage = _CollectedDamage() if data.ignore_data_errors else None
     preprocessors = [p for p in build_preprocessors(data.preprocess, labels=labels) if _row_by_row(p)]
     keep_stored_labels = labels and _needs_stored_labels(data)
-    columns = Columns(data, preprocessors, labels, damage)
+    source = file_format(data, [path])
+    columns = Columns(data, preprocessors, labels, damage, source)
     folder = Path(temporary)
     try:
         folder.mkdir()  # neither follows a link nor takes a folder that is there
@@ -196,7 +197,7 @@ def build_entry(
     try:
         mark(folder)
         with _ColumnWriter(folder) as writer:
-            records = _records(path, damage)
+            records = _records(source.read(path, columns.wanted_specs), path, damage)
             first = 0
             while chunk := list(islice(records, CHUNK)):
                 if stopped():
@@ -245,9 +246,9 @@ def _needs_stored_labels(data: DataConfig) -> bool:
     return bool(data.preprocess and data.preprocess.downsample_negatives and data.preprocess.rectify_labels)
 
 
-def _records(path: str, damage: Damage | None) -> Iterator[bytes]:
+def _records(records: Iterator, path: str, damage: Damage | None) -> Iterator:
     try:
-        yield from read_records(path)
+        yield from records
     except DataError as e:
         if damage is None:
             raise

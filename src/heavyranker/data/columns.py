@@ -19,7 +19,7 @@ from .batch import Batch, Rows, Spec
 from .damage import Damage
 from .order import Item
 from .preprocess import Preprocessor, build_preprocessors
-from .tf_example import ExampleDecoder
+from .sources import Decoder, Format
 
 FLAGS = "binary"  # 0/1 flags, int64 in the schema; the model takes them as float32 (or as downcast says)
 
@@ -51,10 +51,16 @@ def _spec(feature: FeatureSpec) -> Spec:
 
 class Columns:
     """What to decode for a data config, and how decoded columns become Rows and then a Batch.
-    labels=False (prediction) reads no label: Rows.tasks is () and labels and weights are [N, 0]."""
+    labels=False (prediction) reads no label: Rows.tasks is () and labels and weights are [N, 0]. `source`:
+    the files' format, whose decoder turns records into columns."""
 
     def __init__(
-        self, data: DataConfig, preprocessors: list[Preprocessor], labels: bool, damage: Damage | None
+        self,
+        data: DataConfig,
+        preprocessors: list[Preprocessor],
+        labels: bool,
+        damage: Damage | None,
+        source: Format,
     ):
         self.specs = data.seg_dense_schema.specs
         self.features = feature_sources(data)
@@ -65,6 +71,8 @@ class Columns:
         extras = [name for p in preprocessors for name in p.columns if name not in self.features]
         self.extras = list(dict.fromkeys(extras))
         self.wanted = list(dict.fromkeys([*self.features.values(), *self.tasks, *self.extras]))
+        self.wanted_specs = {name: self.specs[name] for name in self.wanted}
+        self._source = source
         self.mantissa_masks = {
             name: np.uint32((0xFFFFFFFF << bits) & 0xFFFFFFFF)
             for name, bits in data.seg_dense_schema.mask_mantissa_features.items()
@@ -73,7 +81,7 @@ class Columns:
         self.bfloat16 = [name for name, spec in feature_specs(data).items() if spec.dtype == torch.bfloat16]
         self._damage = damage
         self._decoders = threading.local()
-        self._every_decoder: list[ExampleDecoder] = []  # every thread's, for defaults_filled
+        self._every_decoder: list[Decoder] = []  # every thread's, for defaults_filled
         self._lock = threading.Lock()
 
     def decode(self, items: list[Item]) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
@@ -111,15 +119,15 @@ class Columns:
             filled.update(dict(decoder.missing_counts))  # dict() copies in one step; its thread counts on
         return filled
 
-    def _decoder(self) -> ExampleDecoder:
+    def _decoder(self) -> Decoder:
         decoder = getattr(self._decoders, "decoder", None)
         if decoder is None:  # one per thread: a decoder counts the absent features it meets
-            decoder = self._decoders.decoder = ExampleDecoder(self.specs, self.wanted)
+            decoder = self._decoders.decoder = self._source.decoder(self.specs, self.wanted)
             with self._lock:
                 self._every_decoder.append(decoder)
         return decoder
 
-    def _decode_record(self, decoder: ExampleDecoder, item: Item) -> dict[str, np.ndarray] | None:
+    def _decode_record(self, decoder: Decoder, item: Item) -> dict[str, np.ndarray] | None:
         record, path, index = item
         try:
             return decoder.decode_batch([record], file=path, first_index=index)

@@ -1,5 +1,7 @@
-"""The Recap dataset: TFRecord files of tf.Examples in, Batches of torch tensors out.
+"""The Recap dataset: data files (TFRecord files of tf.Examples, Parquet tables) in, Batches of torch
+tensors out.
 
+sources/     which files, and each kind's records and decoder; a record's position is (file, index)
 order.py     which records make each batch, in which order: files, interleave, shuffle, epochs
 pipeline.py  the threads that read and decode ahead of the consumer, keeping that order
 columns.py   what is decoded from a record, and how the columns become a Batch
@@ -22,10 +24,11 @@ from .cache import DecodedCache
 from .cache_entry import gather, with_final_labels
 from .columns import Columns
 from .damage import Damage
-from .files import shard_files
 from .order import BLOCK, Item, Order
 from .pipeline import READ_AHEAD, FileReader, OrderedMap
 from .preprocess import NegativeDownsampler, build_preprocessors
+from .sources import file_format
+from .sources.files import shard_files
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class RecapDataset:
                 update={"inputs": inputs, "explicit_date_inputs": None, "explicit_datetime_inputs": None}
             )
         self.files, self.batch_size = shard_files(data, rank, world_size, where)
+        self.format = file_format(data, self.files)
         self.data = data
         self.repeat = repeat
         self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
@@ -91,7 +95,7 @@ class RecapDataset:
             repeat=repeat,
             drop_last=drop_last,
         )
-        self._columns = Columns(data, self.preprocessors, require_labels, self._damage)
+        self._columns = Columns(data, self.preprocessors, require_labels, self._damage, self.format)
         self._chunk = max(BLOCK, READ_AHEAD // min(data.file_batch_size, len(self.files)))
         self._start = 0
         self._maps: set[OrderedMap] = set()
@@ -184,7 +188,8 @@ class RecapDataset:
         if self._cache is not None:
             return self._open_cached(path)
         # The reader starts reading now, so that every file of a group is being read before it is needed.
-        reader = FileReader(path, pool, self._chunk, self._damage)
+        records = self.format.read(path, self._columns.wanted_specs)
+        reader = FileReader(path, records, pool, self._chunk, self._damage)
         return ((record, path, index) for index, record in enumerate(reader))
 
     def _open_cached(self, path: str) -> Iterator[Item]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import count, islice
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from ..errors import DataError
 
 BLOCK = 4  # records taken from one file before the interleave moves to the next
 
-Item = tuple[bytes, str, int]  # a record, its file and its index in that file
+Item = tuple[Any, str, int]  # a record (as its source reads it), its file and its index in that file
 
 
 @dataclass(frozen=True)

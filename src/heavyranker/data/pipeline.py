@@ -20,7 +20,6 @@ from typing import Generic, TypeVar
 
 from ..errors import DataError
 from .damage import Damage
-from .tfrecord import read_records
 
 READ_AHEAD = 1024  # records read ahead for a group of files, in chunks of READ_AHEAD / files
 PREFETCH = 2  # batches decoded ahead of the consumer, beyond one per decoder thread
@@ -30,25 +29,27 @@ R = TypeVar("R")
 
 
 class FileReader:
-    """A file's records, read `chunk` at a time by a reader thread, one chunk ahead of the consumer. It
-    starts reading when made. Damage in the file raises DataError, or with `damage` (ignore_data_errors)
-    ends the file there and is reported to it."""
+    """A file's records (`records`, as its source reads them), read `chunk` at a time by a reader thread, one
+    chunk ahead of the consumer. It starts reading when made. Damage in the file raises DataError, or with
+    `damage` (ignore_data_errors) ends the file there and is reported to it."""
 
-    def __init__(self, path: str, pool: ThreadPoolExecutor, chunk: int, damage: Damage | None):
+    def __init__(
+        self, path: str, records: Iterator, pool: ThreadPoolExecutor, chunk: int, damage: Damage | None
+    ):
         self.path = path
-        self._records = read_records(path)
+        self._records = records
         self._pool = pool
         self._chunk = chunk
         self._damage = damage
         self._next = pool.submit(self._read_chunk)
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator:
         while chunk := self._next.result():
             self._next = self._pool.submit(self._read_chunk)
             yield from chunk
 
-    def _read_chunk(self) -> list[bytes]:
-        chunk: list[bytes] = []
+    def _read_chunk(self) -> list:
+        chunk: list = []
         try:
             for record in self._records:
                 chunk.append(record)

@@ -126,7 +126,8 @@ class RetryingReader(io.RawIOBase):
     consumes the current one: a file arrives at the reader's speed rather than at request latency plus
     transfer time. A fetch that fails for a transient reason re-opens the file at the block's offset, so that
     no byte is lost or read twice; after TRIES failed fetches of the same bytes the last error is raised.
-    Reads from the start on; seeks only to an absolute offset. Holds two blocks at most."""
+    Reads from the start on; seeks to an absolute offset, or from the end (pyarrow finds a Parquet file's
+    footer so). Holds two blocks at most."""
 
     def __init__(self, fs: AbstractFileSystem, url: str):
         self._fs = fs
@@ -148,8 +149,10 @@ class RetryingReader(io.RawIOBase):
         return self._offset
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            offset, whence = self._fs.size(self._url) + offset, io.SEEK_SET
         if whence != io.SEEK_SET:
-            raise io.UnsupportedOperation("seek to an absolute offset only")
+            raise io.UnsupportedOperation("seek to an absolute offset, or from the end, only")
         if not self._block_start <= offset < self._block_start + len(self._block):
             self._drop_blocks()
         self._offset = offset

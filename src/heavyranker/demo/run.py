@@ -12,7 +12,7 @@ import torch
 
 from ..config import Config, load_config, short_names
 from ..data.dataset import RecapDataset
-from ..data.files import select_files
+from ..data.sources.files import select_files
 from ..data.synthetic import generate_for_config
 from ..data.synthetic.truth import load_truth
 from ..errors import UserError

@@ -16,7 +16,7 @@ from ..config import Config, short_names
 from ..config.data import DataConfig
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
-from ..data.files import check_sharding
+from ..data.sources.files import check_sharding
 from ..errors import SettingError, UserError
 from ..model import Ranker, build_model, restore_weights
 from ..run_folder import RunFolder

@@ -23,7 +23,7 @@ from ..config import Config, short_names
 from ..data.batch import Batch
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
-from ..data.files import check_sharding
+from ..data.sources.files import check_sharding
 from ..errors import UserError
 from ..eval.evaluator import evaluate_splits
 from ..model import Ranker, build_model, restore_weights

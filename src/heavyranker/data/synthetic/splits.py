@@ -16,8 +16,8 @@ import numpy as np
 from ...config import Config
 from ...config.data import DataConfig
 from ...errors import UserError
+from ..sources.tfrecord import write_records
 from ..tf_example import encode_tf_examples
-from ..tfrecord import write_records
 from .layout import Layout, layout_for
 from .truth import truth_path, write_truth
 from .world import World

@@ -16,9 +16,9 @@ from typing import BinaryIO
 import crc32c
 from isal import igzip, isal_zlib
 
-from ..atomic import atomic_write
-from ..errors import DataError
-from .storage import open_binary
+from ...atomic import atomic_write
+from ...errors import DataError
+from ..storage import open_binary
 
 log = logging.getLogger(__name__)
 

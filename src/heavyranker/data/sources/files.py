@@ -10,27 +10,30 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 
-from ..config.data import (
+from ...config.data import (
     DataConfig,
     ExplicitDateInputs,
     ExplicitDatetimeInputs,
 )
-from ..errors import UserError
-from .storage import error_line, filesystem, is_url, local
+from ...errors import UserError
+from ..storage import error_line, filesystem, is_url, local
+from . import FORMATS
 
 log = logging.getLogger(__name__)
 
 
 def select_files(data: DataConfig) -> list[str]:
     """The files `data` names, sorted, cut to `num_files_to_keep`. Raises UserError when none is found,
-    or when more dated folders are missing (or hold no .gz file) than the config tolerates."""
+    or when more dated folders are missing (or hold no data file) than the config tolerates. A dated folder's
+    data files are those of data.format (.gz, .parquet), of either when it is not set."""
+    suffixes = tuple(kind.suffix for name, kind in FORMATS.items() if data.format in (None, name))
     if data.inputs is not None:
         files = glob_files(data.inputs)
     elif data.explicit_date_inputs is not None:
-        files = date_files(data.explicit_date_inputs)
+        files = date_files(data.explicit_date_inputs, suffixes)
     else:
         assert data.explicit_datetime_inputs is not None  # the config allows exactly one of the three
-        files = datetime_files(data.explicit_datetime_inputs)
+        files = datetime_files(data.explicit_datetime_inputs, suffixes)
     if data.num_files_to_keep is not None and len(files) > data.num_files_to_keep:
         log.info("keeping %d of %d files (num_files_to_keep)", data.num_files_to_keep, len(files))
         files = files[: data.num_files_to_keep]
@@ -108,67 +111,82 @@ def _missing_bucket(url: str) -> str:
         return f": {error_line(e)}"
 
 
-def date_files(spec: ExplicitDateInputs) -> list[str]:
-    """The .gz files under data_root/YYYY/MM/DD for the `days` days ending at end_date (inclusive)."""
+def date_files(spec: ExplicitDateInputs, suffixes: tuple[str, ...] = (".gz",)) -> list[str]:
+    """The files named *.gz (or another of `suffixes`) under data_root/YYYY/MM/DD for the `days` days ending
+    at end_date (inclusive)."""
     end = spec.end
     folders = [
         os.path.join(spec.data_root, (end - timedelta(days=i)).strftime("%Y/%m/%d")) for i in range(spec.days)
     ]
     return _folder_files(
-        sorted(folders), spec.num_missing_days_tol, "day", "explicit_date_inputs.num_missing_days_tol"
+        sorted(folders),
+        spec.num_missing_days_tol,
+        "day",
+        "explicit_date_inputs.num_missing_days_tol",
+        suffixes,
     )
 
 
-def datetime_files(spec: ExplicitDatetimeInputs) -> list[str]:
-    """The .gz files under data_root/YYYY/MM/DD/HH, `hours` hours ending at end_datetime (inclusive)."""
+def datetime_files(spec: ExplicitDatetimeInputs, suffixes: tuple[str, ...] = (".gz",)) -> list[str]:
+    """The files named *.gz (or another of `suffixes`) under data_root/YYYY/MM/DD/HH, `hours` hours ending at
+    end_datetime (inclusive)."""
     end = spec.end.replace(minute=0)
     folders = [
         os.path.join(spec.data_root, (end - timedelta(hours=i)).strftime("%Y/%m/%d/%H"))
         for i in range(spec.hours)
     ]
     return _folder_files(
-        sorted(folders), spec.num_missing_hours_tol, "hour", "explicit_datetime_inputs.num_missing_hours_tol"
+        sorted(folders),
+        spec.num_missing_hours_tol,
+        "hour",
+        "explicit_datetime_inputs.num_missing_hours_tol",
+        suffixes,
     )
 
 
-def _folder_files(folders: list[str], tolerance: int, unit: str, field: str) -> list[str]:
-    """The .gz files of `folders`, sorted; a folder that is missing or holds no .gz file counts as missing."""
+def _folder_files(
+    folders: list[str], tolerance: int, unit: str, field: str, suffixes: tuple[str, ...]
+) -> list[str]:
+    """The data files (named *SUFFIX) of `folders`, sorted; a folder that is missing or holds none counts as
+    missing."""
     files: list[str] = []
     missing: list[str] = []
+    # The messages name the first suffix where they did before Parquet, and the others after.
+    kind, others = suffixes[0], "".join(f" (nor {suffix} files)" for suffix in suffixes[1:])
     for folder in folders:
-        found = _gz_files(folder)
+        found = _data_files(folder, suffixes)
         if not found:
-            log.warning("no .gz data files in %s (missing %s of data)", folder, unit)
+            log.warning("no %s data files in %s (missing %s of data)%s", kind, folder, unit, others)
             missing.append(folder)
         files += found
     if len(missing) > tolerance:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(
-            f"{len(missing)} of {len(folders)} {unit}s have no .gz data files ({shown}); "
-            f"{field} allows {tolerance}"
+            f"{len(missing)} of {len(folders)} {unit}s have no {kind} data files ({shown}); "
+            f"{field} allows {tolerance}{others}"
         )
     if not files:
-        raise UserError(f"no .gz data files in {folders[0]} .. {folders[-1]}")
+        raise UserError(f"no {kind} data files in {folders[0]} .. {folders[-1]}{others}")
     return sorted(files)
 
 
-def _gz_files(folder: str) -> list[str]:
+def _data_files(folder: str, suffixes: tuple[str, ...]) -> list[str]:
     if is_url(folder):
-        return _url_gz_files(folder)
+        return _url_data_files(folder, suffixes)
     folder = local(folder)
     try:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    paths = (os.path.join(folder, name) for name in names if name.lower().endswith(".gz"))
+    paths = (os.path.join(folder, name) for name in names if name.lower().endswith(suffixes))
     return [p for p in paths if os.path.isfile(p)]
 
 
-def _url_gz_files(folder: str) -> list[str]:
+def _url_data_files(folder: str, suffixes: tuple[str, ...]) -> list[str]:
     fs = filesystem(folder)
     entries = _listing(lambda: fs.ls(folder, detail=True), folder)
     return [
         fs.unstrip_protocol(entry["name"])
         for entry in entries
-        if entry["type"] == "file" and entry["name"].lower().endswith(".gz")
+        if entry["type"] == "file" and entry["name"].lower().endswith(suffixes)
     ]
