@@ -14,6 +14,7 @@ from .config import Config, ConfigError, dump_config, load_config
 from .config.serving import SERVING, ServeOptions
 from .errors import SettingError, UserError
 from .memory import keep_freed_memory
+from .serve.repository import DEFAULT_KEEP
 from .urls import redact
 
 EXIT_USER_ERROR = 2
@@ -123,7 +124,15 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .serve.export import export_model
+    from .serve.repository import ModelRepository, export_version
 
+    if args.repository:
+        repository = ModelRepository(args.repository, args.model_name)
+        version = export_version(
+            repository, _load(args), checkpoint=args.checkpoint, format=args.format, keep=args.keep_versions
+        )
+        print(f"{repository.version_folder(version)}")
+        return 0
     export_model(_load(args), checkpoint=args.checkpoint, out=args.out, format=args.format)
     return 0
 
@@ -167,6 +176,23 @@ def serve_flags_given(args: argparse.Namespace) -> dict[str, object]:
         for name in ServeOptions.model_fields
         if (value := getattr(args, f"{SERVING}.{name}")) is not None
     }
+
+
+def add_repository_flags(parser: argparse.ArgumentParser) -> None:
+    """--model-name and --keep-versions, for the commands that add a version to a model repository."""
+    default_name = ServeOptions.model_fields["model_name"].default
+    parser.add_argument(
+        "--model-name",
+        default=default_name,
+        help=f"the model's folder in the repository (default {default_name})",
+    )
+    parser.add_argument(
+        "--keep-versions",
+        type=int,
+        default=DEFAULT_KEEP,
+        metavar="K",
+        help=f"keep the newest K versions, and those a server serves (default {DEFAULT_KEEP})",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -296,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         help="a checkpoint (default: the best in save_dir with training.keep_best, else the newest)",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="output folder")
+    where.add_argument(
+        "--repository", metavar="REPO", help="a model repository: add the next version of --model-name to it"
+    )
+    add_repository_flags(p)
     p.add_argument(
         "--format",
         choices=("onnx", "pt2"),
