@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import sys
+import typing
 from collections.abc import Callable
 
 from .config import Config, ConfigError, dump_config, load_config
@@ -147,7 +148,10 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .serve.app import run_server
 
-    run_server(args.model, **serve_flags_given(args))
+    flags = serve_flags_given(args)
+    if (args.model is None) == ("repository" not in flags):
+        raise UserError("serve: give --model (an exported folder) or --repository (a model repository)")
+    run_server(args.model, **flags)
     return 0
 
 
@@ -161,11 +165,15 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in ServeOptions.model_fields.items():
         default = f"{field.default:g}" if isinstance(field.default, float) else field.default
         described = f"{field.description} Default: {SERVING}.{name} of the model's config, else {default}."
+        # An optional option (`str | None`) takes the flag's value as its type.
+        kind = next(
+            t for t in typing.get_args(field.annotation) or (field.annotation,) if t is not type(None)
+        )
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=f"{SERVING}.{name}",
-            type=field.annotation,
-            metavar=METAVARS[field.annotation],
+            type=kind,
+            metavar=METAVARS[kind],
             help=described.replace("%", "%%"),
         )
 
@@ -342,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1024)
 
     p = command(commands, "serve", "HTTP ranking service for an exported model", _serve)
-    p.add_argument("--model", required=True, help="an exported model folder")
+    p.add_argument("--model", help="an exported model folder (or give --repository)")
     add_serve_flags(p)
 
     p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)

@@ -112,10 +112,14 @@ class ModelRepository:
 
     def mark_served(self, version: int) -> Path:
         """Records (or refreshes) that this process serves `version`; returns the marker's path."""
-        marker = self.folder / f"{SERVING_MARKER}{socket.gethostname()}-{os.getpid()}"
+        marker = self.marker_path()
         with atomic_write(marker, "w") as f:
             f.write(f"{version}\n")
         return marker
+
+    def marker_path(self) -> Path:
+        """This process's marker of the version it serves."""
+        return self.folder / f"{SERVING_MARKER}{socket.gethostname()}-{os.getpid()}"
 
     def served_versions(self) -> list[int]:
         """The versions that servers' markers, touched within MARKER_TTL_S, name."""
