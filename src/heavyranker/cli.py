@@ -19,6 +19,7 @@ from .serve.repository import DEFAULT_KEEP
 from .urls import redact
 
 EXIT_USER_ERROR = 2
+EXIT_REFUSED = 1  # promote: the candidate was compared and refused
 OUT_OF_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk or quota, a read-only disk: one line
 
 
@@ -136,6 +137,31 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     export_model(_load(args), checkpoint=args.checkpoint, out=args.out, format=args.format)
     return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from .release.promote import PromotionRule, promote
+    from .serve.repository import ModelRepository
+
+    rule = PromotionRule(
+        metric=args.metric,
+        tasks=tuple(args.task),
+        tolerance=args.tolerance,
+        resamples=args.resamples,
+        seed=args.seed,
+    )
+    decision = promote(
+        _load(args),
+        ModelRepository(args.repository, args.model_name),
+        checkpoint=args.checkpoint,
+        split=args.split,
+        rule=rule,
+        format=args.format,
+        keep=args.keep_versions,
+    )
+    outcome = f"published as version {decision.version}" if decision.published else "refused"
+    print(f"{outcome}: {decision.reason}")
+    return 0 if decision.published else EXIT_REFUSED
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -342,6 +368,37 @@ def build_parser() -> argparse.ArgumentParser:
         default="onnx",
         help="model.onnx and config.pbtxt (onnxruntime, Triton; the default) or model.pt2 (torch.export)",
     )
+
+    p = command(
+        commands,
+        "promote",
+        "publish a checkpoint in a model repository if it is not worse than the version there",
+        _promote,
+    )
+    _with_config(p)
+    p.add_argument("--repository", required=True, metavar="REPO", help="the model repository")
+    p.add_argument(
+        "--checkpoint",
+        help="the candidate (default: the best in save_dir with training.keep_best, else the newest)",
+    )
+    p.add_argument("--split", help="the held-out validation split both are scored on (default: the first)")
+    p.add_argument("--metric", choices=("rce", "auroc"), default="rce", help="what is compared (default rce)")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        help="a task the rule judges (full name); repeatable (default: every task)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="how much worse (metric units) the interval's upper end may be (default 0)",
+    )
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="of the published version")
+    add_repository_flags(p)
 
     p = command(commands, "predict", "score TFRecord files with an exported model", _predict)
     p.add_argument("--model", required=True, help="an exported model folder")
