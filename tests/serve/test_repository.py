@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from heavyranker.cli import main
 from heavyranker.errors import UserError
 from heavyranker.serve.repository import (
     MARKER_TTL_S,
@@ -19,7 +20,7 @@ from heavyranker.serve.repository import (
     export_version,
 )
 from heavyranker.serve.scorer import MANIFEST
-from tests.serve.conftest import Exported
+from tests.serve.conftest import ENV_VALUE, ENV_VAR, OVERRIDES, Exported
 
 
 def writing(text: str):
@@ -108,3 +109,26 @@ def test_export_adds_the_checkpoints_export_as_the_next_version(tmp_path, export
     manifest = json.loads((repository.version_folder(1) / MANIFEST).read_text())
     original = json.loads((exported.folder / MANIFEST).read_text())
     assert manifest["program_sha256"] == original["program_sha256"]
+
+
+def test_the_export_command_adds_versions_and_keeps_the_newest(
+    tmp_path, exported: Exported, monkeypatch, capsys
+):
+    monkeypatch.setenv(ENV_VAR, ENV_VALUE)
+    config = exported.folder.parent / "local_small.yaml"  # the fixture's YAML
+    sets = [arg for value in OVERRIDES for arg in ("--set", value)]
+    command = ["export", "--config", str(config), *sets, "--checkpoint", str(exported.checkpoint)]
+    command += [
+        "--format",
+        "pt2",
+        "--repository",
+        str(tmp_path),
+        "--model-name",
+        "ranker",
+        "--keep-versions",
+        "1",
+    ]
+    capsys.readouterr()
+    assert main(command) == 0 and main(command) == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "ranker" / str(v)) for v in (1, 2)]
+    assert ModelRepository(tmp_path, "ranker").versions() == [2]

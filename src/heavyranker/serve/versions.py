@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
@@ -37,7 +36,6 @@ class Loaded:
     folder: Path
     scorer: Scorer
     published: float | None = None  # when its READY marker was written (time.time())
-    loaded: float = field(default_factory=time.time)
 
 
 class ServedVersions:
