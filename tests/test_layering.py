@@ -1,4 +1,4 @@
-"""The floors of the package run one way: config < data < model < train / eval < serve < cli.
+"""The floors of the package run one way: config < data < model < train / eval < serve < release < cli.
 
 A module may import from its own floor or any floor below, never above; eval never imports train (both
 sit on the same floor and share the ground-floor modules runtime.py and checkpoint.py instead). The
@@ -30,6 +30,7 @@ FLOORS = {
     "train": 4,
     "eval": 4,
     "serve": 5,
+    "release": 6,
     "demo": 6,
     "cli": 7,
     "__main__": 7,

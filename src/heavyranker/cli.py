@@ -8,15 +8,18 @@ import errno
 import logging
 import os
 import sys
+import typing
 from collections.abc import Callable
 
 from .config import Config, ConfigError, dump_config, load_config
 from .config.serving import SERVING, ServeOptions
 from .errors import SettingError, UserError
 from .memory import keep_freed_memory
+from .serve.repository import DEFAULT_KEEP
 from .urls import redact
 
 EXIT_USER_ERROR = 2
+EXIT_REFUSED = 1  # promote: the candidate was compared and refused
 OUT_OF_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk or quota, a read-only disk: one line
 
 
@@ -133,9 +136,42 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .serve.export import export_model
+    from .serve.repository import ModelRepository, export_version
 
+    if args.repository:
+        repository = ModelRepository(args.repository, args.model_name)
+        version = export_version(
+            repository, _load(args), checkpoint=args.checkpoint, format=args.format, keep=args.keep_versions
+        )
+        print(f"{repository.version_folder(version)}")
+        return 0
     export_model(_load(args), checkpoint=args.checkpoint, out=args.out, format=args.format)
     return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from .release.promote import PromotionRule, promote
+    from .serve.repository import ModelRepository
+
+    rule = PromotionRule(
+        metric=args.metric,
+        tasks=tuple(args.task),
+        tolerance=args.tolerance,
+        resamples=args.resamples,
+        seed=args.seed,
+    )
+    decision = promote(
+        _load(args),
+        ModelRepository(args.repository, args.model_name),
+        checkpoint=args.checkpoint,
+        split=args.split,
+        rule=rule,
+        format=args.format,
+        keep=args.keep_versions,
+    )
+    outcome = f"published as version {decision.version}" if decision.published else "refused"
+    print(f"{outcome}: {decision.reason}")
+    return 0 if decision.published else EXIT_REFUSED
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -148,7 +184,10 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .serve.app import run_server
 
-    run_server(args.model, **serve_flags_given(args))
+    flags = serve_flags_given(args)
+    if (args.model is None) == ("repository" not in flags):
+        raise UserError("serve: give --model (an exported folder) or --repository (a model repository)")
+    run_server(args.model, **flags)
     return 0
 
 
@@ -162,11 +201,15 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in ServeOptions.model_fields.items():
         default = f"{field.default:g}" if isinstance(field.default, float) else field.default
         described = f"{field.description} Default: {SERVING}.{name} of the model's config, else {default}."
+        # An optional option (`str | None`) takes the flag's value as its type.
+        kind = next(
+            t for t in typing.get_args(field.annotation) or (field.annotation,) if t is not type(None)
+        )
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=f"{SERVING}.{name}",
-            type=field.annotation,
-            metavar=METAVARS[field.annotation],
+            type=kind,
+            metavar=METAVARS[kind],
             help=described.replace("%", "%%"),
         )
 
@@ -177,6 +220,23 @@ def serve_flags_given(args: argparse.Namespace) -> dict[str, object]:
         for name in ServeOptions.model_fields
         if (value := getattr(args, f"{SERVING}.{name}")) is not None
     }
+
+
+def add_repository_flags(parser: argparse.ArgumentParser) -> None:
+    """--model-name and --keep-versions, for the commands that add a version to a model repository."""
+    default_name = ServeOptions.model_fields["model_name"].default
+    parser.add_argument(
+        "--model-name",
+        default=default_name,
+        help=f"the model's folder in the repository (default {default_name})",
+    )
+    parser.add_argument(
+        "--keep-versions",
+        type=int,
+        default=DEFAULT_KEEP,
+        metavar="K",
+        help=f"keep the newest K versions, and those a server serves (default {DEFAULT_KEEP})",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -314,13 +374,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         help="a checkpoint (default: the best in save_dir with training.keep_best, else the newest)",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="output folder")
+    where.add_argument(
+        "--repository", metavar="REPO", help="a model repository: add the next version of --model-name to it"
+    )
+    add_repository_flags(p)
     p.add_argument(
         "--format",
         choices=("onnx", "pt2"),
         default="onnx",
         help="model.onnx and config.pbtxt (onnxruntime, Triton; the default) or model.pt2 (torch.export)",
     )
+
+    p = command(
+        commands,
+        "promote",
+        "publish a checkpoint in a model repository if it is not worse than the version there",
+        _promote,
+    )
+    _with_config(p)
+    p.add_argument("--repository", required=True, metavar="REPO", help="the model repository")
+    p.add_argument(
+        "--checkpoint",
+        help="the candidate (default: the best in save_dir with training.keep_best, else the newest)",
+    )
+    p.add_argument("--split", help="the held-out validation split both are scored on (default: the first)")
+    p.add_argument("--metric", choices=("rce", "auroc"), default="rce", help="what is compared (default rce)")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        help="a task the rule judges (full name); repeatable (default: every task)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="how much worse (metric units) the interval's upper end may be (default 0)",
+    )
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="of the published version")
+    add_repository_flags(p)
 
     p = command(commands, "predict", "score TFRecord files with an exported model", _predict)
     p.add_argument("--model", required=True, help="an exported model folder")
@@ -329,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1024)
 
     p = command(commands, "serve", "HTTP ranking service for an exported model", _serve)
-    p.add_argument("--model", required=True, help="an exported model folder")
+    p.add_argument("--model", help="an exported model folder (or give --repository)")
     add_serve_flags(p)
 
     p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)

@@ -66,6 +66,12 @@ BENCHES = {
         {"threads", "request_mb", "bare forward", "served", "p50_over_bare_forward"}
         | {"candidates_per_s_over_bare_batched"},
     ),
+    "serve_swap": (
+        ["--config", SMALL, "--candidates", "4", "--clients", "2", "--steady-s", "2", "--swaps", "2"]
+        + ["--threads", "1"],
+        {"threads", "steady", "during_swaps", "p99_during_swaps_over_steady", "failed_requests", "swaps"}
+        | {"swap_window_s_median", "server_rss_mib_one_version", "server_peak_rss_mib"},
+    ),
     "onnx_forward": (
         ["--config", SMALL, "--candidates", "4", "--threads", "1", "--rounds", "2"],
         {"parameters", "forward"},

@@ -30,6 +30,9 @@ FLAGS = {
     "read_timeout": "--read-timeout",
     "max_batch": "--max-batch",
     "batch_wait_ms": "--batch-wait-ms",
+    "repository": "--repository",
+    "poll_seconds": "--poll-seconds",
+    "pin_version": "--pin-version",
 }
 
 
@@ -73,6 +76,9 @@ def test_the_defaults():
         "read_timeout": 10.0,
         "max_batch": 2048,
         "batch_wait_ms": 2.0,
+        "repository": None,
+        "poll_seconds": 2.0,
+        "pin_version": None,
     }
 
 

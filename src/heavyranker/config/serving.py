@@ -75,6 +75,22 @@ class ServeOptions(StrictModel):
         description="Milliseconds, at most, that a request finding the model idle waits for others to join "
         "its forward: a small part of the smallest forward, enough for requests a caller sends together.",
     )
+    repository: str | None = Field(
+        None,
+        description="A model repository (export --repository) to serve from instead of --model: the "
+        "newest complete version of model_name, swapped for each newer one without a pause "
+        "(docs/model-repository.md).",
+    )
+    poll_seconds: Annotated[Float, Field(gt=0, le=3600)] = Field(
+        2.0,
+        description="Seconds between two looks at the repository for a new version (with repository).",
+    )
+    pin_version: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="Serve this version of the repository and no other (a rollback), whatever is newer.",
+    )
 
 
 class ServingConfig(ServeOptions):

@@ -276,7 +276,7 @@ def compare_runs(
     tasks = evaluation_tasks(config, data)
     # Both models and their weights before scoring either: a run B that does not fit fails at once.
     loaded = [
-        _loaded_model(c, data, tasks, run, step) for c, run in ((config, run_a), (config_b or config, run_b))
+        loaded_model(c, data, tasks, run, step) for c, run in ((config, run_a), (config_b or config, run_b))
     ]
     a, b = (score(config, model, checkpoint, at, data) for model, checkpoint, at in loaded)
     rows = paired_bootstrap(a, b, resamples, seed)
@@ -287,7 +287,7 @@ def compare_runs(
     return rows
 
 
-def _loaded_model(
+def loaded_model(
     config: Config, data: DataConfig, tasks: list[str], run: str, step: int | None
 ) -> tuple[Ranker, Path, int]:
     """The model `config` describes with the weights of the run's checkpoint (see run_checkpoint), if it can

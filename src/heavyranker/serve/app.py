@@ -33,14 +33,17 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException
 
-from ..config.serving import serve_options
+from ..config.serving import ServeOptions, serve_options
+from ..errors import UserError
 from . import v2
 from .batcher import Batcher, first_non_finite
 from .limits import RequestLimits, h11_with_deadline, media_type
 from .metrics import Instrumented, Metrics
+from .repository import ModelRepository
 from .request import BadRequest, CandidateId, parse_candidates
-from .scorer import MANIFEST, InputSpec, Scorer
+from .scorer import MANIFEST, InputSpec
 from .tensors import HEADER_LENGTH, parse_binary_candidates
+from .versions import ServedVersions
 
 # Body limit per number: the longest JSON float (-1.2345678901234567e-308) and a separator, with room.
 BYTES_PER_VALUE = 32
@@ -62,15 +65,18 @@ class ErrorMessage(BaseModel):
     detail: str = Field(description="what is wrong and where: candidates[index] (id ...): field: problem")
 
 
-def create_app(model_dir: str | Path, *, max_body_bytes: int | None = None, **overrides: object) -> FastAPI:
+def create_app(
+    model_dir: str | Path | None, *, max_body_bytes: int | None = None, **overrides: object
+) -> FastAPI:
     """The app for one model folder. `overrides`: options of config.serving.ServeOptions by name, over the
     `serving:` section of the config the folder was exported with (its manifest's); see limits.py for
     max_queue and read_timeout, batcher.py for max_batch and batch_wait_ms. The body limit defaults to what
     max_candidates candidates need as JSON. `app.state` holds the options, the scorer, the limits, the
     batcher and the metrics."""
-    scorer = Scorer(model_dir)
+    versions = served_versions(model_dir, overrides)
+    scorer = versions.current.scorer  # the first version's: later versions take the same requests
     section = scorer.manifest.get("config", {}).get("serving", {})
-    options = serve_options(section, overrides, str(Path(model_dir) / MANIFEST))
+    options = serve_options(section, overrides, str(versions.current.folder / MANIFEST))
     max_candidates = options.max_candidates
     if max_body_bytes is None:
         values = sum(spec.width for spec in scorer.inputs)
@@ -86,12 +92,19 @@ def create_app(model_dir: str | Path, *, max_body_bytes: int | None = None, **ov
         on_batch=metrics.batch_candidates.observe,
     )
     metrics.watch(limits, batcher)
+    if versions.repository is not None:
+        metrics.watch_versions(versions)
+        versions.warm_batch = options.max_batch
     scorer.warm_up()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with batcher:
-            yield
+            versions.start(options.poll_seconds)
+            try:
+                yield
+            finally:
+                versions.stop()
 
     app = FastAPI(
         title="heavyranker",
@@ -100,9 +113,8 @@ def create_app(model_dir: str | Path, *, max_body_bytes: int | None = None, **ov
         lifespan=lifespan,
     )
     app.state.options, app.state.scorer, app.state.limits = options, scorer, limits
-    app.state.batcher, app.state.metrics = batcher, metrics
+    app.state.batcher, app.state.metrics, app.state.versions = batcher, metrics, versions
     app.add_middleware(Instrumented, metrics=metrics)
-    model_description = client_manifest(scorer.manifest)
     request_model = _request_model(scorer.inputs, max_candidates)
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorMessage, "description": "the body is not JSON, or its binary layout is invalid"},
@@ -130,7 +142,8 @@ def create_app(model_dir: str | Path, *, max_body_bytes: int | None = None, **ov
 
     @app.get("/v1/model", summary="The model's tasks, inputs, engagement weights, program hash and step.")
     def model() -> dict[str, Any]:
-        return model_description
+        served = versions.current
+        return client_manifest(served.scorer.manifest, served.version)
 
     @app.post(
         "/v1/rank",
@@ -153,15 +166,18 @@ def create_app(model_dir: str | Path, *, max_body_bytes: int | None = None, **ov
         },
     )
     async def rank(request: Request) -> Response:
+        served = versions.current  # the version that scores this request, whatever is swapped in meanwhile
         async with limits.admit(request, RANK_CONTENT_TYPES) as body:
             # Worker threads: parsing and the response would otherwise stop the event loop for their duration.
             if media_type(request) == "application/json":
                 parse = partial(parse_candidates, body)
             else:
                 parse = partial(parse_binary_candidates, body, request.headers.get(HEADER_LENGTH))
-            ids, arrays = await run_in_threadpool(parse, scorer.inputs, max_candidates)
-            probabilities, score = await batcher.score(arrays)
-        content = await run_in_threadpool(rank_response, ids, probabilities, score, scorer.tasks)
+            ids, arrays = await run_in_threadpool(parse, served.scorer.inputs, max_candidates)
+            probabilities, score = await batcher.score(arrays, served.scorer)
+        content = await run_in_threadpool(
+            rank_response, ids, probabilities, score, served.scorer.tasks, served.version
+        )
         return Response(content, media_type="application/json")
 
     @app.get("/metrics", summary="The service's metrics, in Prometheus' text format.")
@@ -169,16 +185,21 @@ def create_app(model_dir: str | Path, *, max_body_bytes: int | None = None, **ov
         return metrics.exposition()
 
     app.include_router(
-        v2.router(scorer, batcher, limits, model_name=options.model_name, max_candidates=max_candidates)
+        v2.router(versions, batcher, limits, model_name=options.model_name, max_candidates=max_candidates)
     )
     app.openapi = _openapi(app, request_model)  # type: ignore[method-assign]
     return app
 
 
 def rank_response(
-    ids: list[CandidateId], probabilities: np.ndarray, score: np.ndarray, tasks: Sequence[str]
+    ids: list[CandidateId],
+    probabilities: np.ndarray,
+    score: np.ndarray,
+    tasks: Sequence[str],
+    version: int | None = None,
 ) -> bytes:
-    """The response body: candidates sorted by score, best first (ties keep their order)."""
+    """The response body: candidates sorted by score, best first (ties keep their order), and the version
+    of the repository's model that scored them (serving from a repository)."""
     bad = first_non_finite(probabilities, score)
     if bad is not None:
         raise BadRequest(
@@ -191,7 +212,10 @@ def rank_response(
     ranked = [
         {"id": ids[k], "score": s, "probabilities": dict(zip(tasks, p, strict=True))} for k, s, p in rows
     ]
-    return json.dumps({"candidates": ranked}).encode()
+    body: dict[str, Any] = {"candidates": ranked}
+    if version is not None:
+        body["model_version"] = str(version)
+    return json.dumps(body).encode()
 
 
 def _error(
@@ -202,11 +226,12 @@ def _error(
     return JSONResponse({key: message}, status_code=status, headers=headers)
 
 
-def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+def client_manifest(manifest: dict[str, Any], version: int | None = None) -> dict[str, Any]:
     """What a client needs of the manifest, named field by field: not the checkpoint's path, the schema's
-    file or the resolved config, whose paths and environment-substituted values are the host's own."""
+    file or the resolved config, whose paths and environment-substituted values are the host's own. With
+    the repository's version that is served."""
     input_fields = ("name", "shape", "dtype", "allow_non_finite")
-    return {
+    described = {
         "format": manifest["format"],
         "program_format": manifest["program_format"],
         "program_sha256": manifest["program_sha256"],
@@ -216,9 +241,22 @@ def client_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "outputs": manifest["outputs"],
         "engagement_weights": manifest["engagement_weights"],
     }
+    return described if version is None else {**described, "model_version": str(version)}
 
 
-def run_server(model_dir: str, **overrides: object) -> None:
+def served_versions(model_dir: str | Path | None, overrides: dict[str, object]) -> ServedVersions:
+    """The model folder, or with the `repository` option its newest (or pinned) version, loaded."""
+    repository = overrides.get("repository")
+    if repository is None:
+        if model_dir is None:
+            raise UserError("serve: give a model folder or a repository")
+        return ServedVersions.from_folder(model_dir)
+    name = overrides.get("model_name", ServeOptions.model_fields["model_name"].default)
+    pin = overrides.get("pin_version")
+    return ServedVersions.from_repository(ModelRepository(str(repository), str(name)), pin_version=pin)
+
+
+def run_server(model_dir: str | None, **overrides: object) -> None:
     """Serves create_app(model_dir, **overrides) on its options' host and port until interrupted."""
     app = create_app(model_dir, **overrides)
     uvicorn.Server(server_config(app, host=app.state.options.host, port=app.state.options.port)).run()

@@ -35,6 +35,7 @@ Outputs = tuple[np.ndarray, np.ndarray]  # probabilities [n, T], score [n]
 class _Job:
     arrays: Arrays
     rows: int
+    scorer: Scorer  # the model version the request started with (versions.py)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -77,11 +78,13 @@ class Batcher:
         """Requests queued for a forward (not counting one held over for the next batch)."""
         return self._queue.qsize()
 
-    async def score(self, arrays: Arrays) -> Outputs:
+    async def score(self, arrays: Arrays, scorer: Scorer | None = None) -> Outputs:
+        """The rows' outputs from `scorer` (default: the batcher's), batched only with requests to it."""
+        scorer = scorer or self.scorer
         rows = len(next(iter(arrays.values())))
         if rows == 0:
-            return np.zeros((0, len(self.scorer.tasks)), np.float32), np.zeros(0, np.float32)
-        job = _Job(arrays, rows)
+            return np.zeros((0, len(scorer.tasks)), np.float32), np.zeros(0, np.float32)
+        job = _Job(arrays, rows, scorer)
         self._queue.put(job)
         return await asyncio.wrap_future(job.future)
 
@@ -106,7 +109,7 @@ class Batcher:
             if job is None:  # closed: this batch is the last, and the loop meets the end mark again
                 self._queue.put(None)
                 break
-            if rows + job.rows > self.max_batch:
+            if rows + job.rows > self.max_batch or job.scorer is not first.scorer:
                 return batch, job
             batch.append(job)
             rows += job.rows
@@ -117,13 +120,14 @@ class Batcher:
         jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]
         if not jobs:
             return
+        scorer = jobs[0].scorer
         try:
             features = {
                 spec.name: torch.from_numpy(np.concatenate([job.arrays[spec.name] for job in jobs]))
-                for spec in self.scorer.inputs
+                for spec in scorer.inputs
             }
             self.on_batch(sum(job.rows for job in jobs))
-            probabilities, score = (t.float().numpy() for t in self.scorer(features))
+            probabilities, score = (t.float().numpy() for t in scorer(features))
         except Exception as e:  # every caller learns it; the thread serves the next batch
             for job in jobs:
                 job.future.set_exception(e)

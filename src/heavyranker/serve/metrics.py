@@ -7,6 +7,16 @@ global one would mix the figures of several apps in a process, and of the tests 
     heavyranker_requests_in_progress                         requests admitted: the queue's depth (limits.py)
     heavyranker_requests_waiting_for_model                   of those, parsed and queued for a forward
 
+Serving from a model repository (versions.py), also:
+
+    heavyranker_model_version                                the version served
+    heavyranker_model_swaps_total                            versions swapped in since the start
+    heavyranker_model_failed_loads_total                     versions that failed to load, and were skipped
+    heavyranker_model_version_age_seconds                    since the served version was published
+
+(The seconds since the newest training data of the served version are not there: a checkpoint does not
+record the time of its data.)
+
 `route` is the route's template (/v2/models/{name}/infer), so that clients' paths cannot grow the number
 of series; a path no route matches counts as "unmatched".
 """
@@ -28,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .batcher import Batcher
 from .limits import RequestLimits
+from .versions import ServedVersions
 
 # From a health check (under a millisecond) to the forward of a batch of several thousand candidates.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -71,6 +82,26 @@ class Metrics:
     def watch(self, limits: RequestLimits, batcher: Batcher) -> None:
         self.in_progress.set_function(lambda: limits.admitted)
         self.waiting.set_function(lambda: batcher.waiting)
+
+    def watch_versions(self, versions: ServedVersions) -> None:
+        """The repository's gauges and counters, fed by `versions`."""
+        version = Gauge("heavyranker_model_version", "The model version served", registry=self.registry)
+        version.set_function(lambda: versions.current.version or 0)
+        swaps = Counter(
+            "heavyranker_model_swaps", "Versions swapped in since the start", registry=self.registry
+        )
+        failed = Counter(
+            "heavyranker_model_failed_loads",
+            "Versions that failed to load (damaged, another model's inputs) and were skipped",
+            registry=self.registry,
+        )
+        versions.on_swap, versions.on_failed_load = swaps.inc, failed.inc
+        age = Gauge(
+            "heavyranker_model_version_age_seconds",
+            "Seconds since the served version was published in the repository",
+            registry=self.registry,
+        )
+        age.set_function(lambda: time.time() - (versions.current.published or time.time()))
 
     def exposition(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,10 @@ fleet (`tritonclient.http`, KServe's clients) calls this server as it calls thos
     GET  /v2/models/{name}/ready
     POST /v2/models/{name}/infer    one tensor per model input, [candidates, *shape]
                                     -> probabilities [candidates, tasks] FP32, score [candidates] FP32
+    GET  /v2/models/{name}/versions/{version}[/ready], POST .../infer: the same, of that version if loaded
+
+Serving from a model repository (versions.py), the model's metadata lists the version served, every infer
+response names the version that scored it (`model_version`), and a version that is not loaded is a 404.
 
 Input tensors come as JSON or with the binary tensor data extension (tensors.py). Outputs are binary when
 the request's output asks `"binary_data": true` or, for outputs it does not list, when the request's
@@ -34,6 +38,7 @@ from .limits import RequestLimits
 from .request import BadRequest
 from .scorer import InputSpec, Scorer
 from .tensors import DATATYPES, HEADER_LENGTH, invalid, json_object, read_tensors, split_body
+from .versions import Loaded, ServedVersions
 
 # tritonclient.http sends no content type, aiohttp-based clients application/octet-stream. A page on another
 # origin can post without one too, but reads no answer (no CORS): it could only spend the model's time,
@@ -52,15 +57,24 @@ class InferRequest:
 
 
 def router(
-    scorer: Scorer, batcher: Batcher, limits: RequestLimits, *, model_name: str, max_candidates: int
+    versions: ServedVersions,
+    batcher: Batcher,
+    limits: RequestLimits,
+    *,
+    model_name: str,
+    max_candidates: int,
 ) -> APIRouter:
     """The protocol's routes for the model served as `model_name`."""
     routes = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
-    described = model_metadata(scorer, model_name)
 
-    def known(name: str) -> None:
+    def known(name: str, version: str | None = None) -> Loaded:
+        """The served version, if `name` (and `version`, if given) names it."""
         if name != model_name:
             raise BadRequest(404, f"unknown model {name!r}: this server serves {model_name!r}")
+        served = versions.current
+        if version is not None and version != str(served.version if served.version is not None else 1):
+            raise BadRequest(404, f"model {name!r} has no version {version!r} loaded")
+        return served
 
     @routes.get("", summary="Server metadata.")
     def server() -> dict[str, Any]:
@@ -75,29 +89,35 @@ def router(
         return {"ready": True}
 
     @routes.get("/models/{name}", summary="The model's inputs and outputs.")
-    def model(name: str) -> dict[str, Any]:
-        known(name)
-        return described
+    @routes.get("/models/{name}/versions/{version}", summary="The inputs and outputs of a loaded version.")
+    def model(name: str, version: str | None = None) -> dict[str, Any]:
+        served = known(name, version)
+        return model_metadata(served.scorer, model_name, served.version)
 
     @routes.get("/models/{name}/ready", summary="200 if the server serves this model.")
-    def model_ready(name: str) -> dict[str, Any]:
-        known(name)
+    @routes.get("/models/{name}/versions/{version}/ready", summary="200 if this version is loaded.")
+    def model_ready(name: str, version: str | None = None) -> dict[str, Any]:
+        known(name, version)
         return {"name": name, "ready": True}
 
     @routes.post("/models/{name}/infer", summary="Score candidates: JSON or binary tensors.")
-    async def infer(name: str, request: Request) -> Response:
-        known(name)
+    @routes.post("/models/{name}/versions/{version}/infer", summary="Score candidates with this version.")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        served = known(name, version)  # this request's version, whatever is swapped in meanwhile
+        scorer = served.scorer
         async with limits.admit(request, CONTENT_TYPES) as body:
             length = request.headers.get(HEADER_LENGTH)
             parsed = await run_in_threadpool(parse_infer, body, length, scorer.inputs, max_candidates)
-            probabilities, score = await batcher.score(parsed.arrays)
-        content, headers = await run_in_threadpool(infer_response, model_name, parsed, probabilities, score)
+            probabilities, score = await batcher.score(parsed.arrays, scorer)
+        content, headers = await run_in_threadpool(
+            infer_response, model_name, parsed, probabilities, score, served.version
+        )
         return Response(content, headers=headers)
 
     return routes
 
 
-def model_metadata(scorer: Scorer, model_name: str) -> dict[str, Any]:
+def model_metadata(scorer: Scorer, model_name: str, version: int | None = None) -> dict[str, Any]:
     inputs = [
         {"name": spec.name, "datatype": DATATYPES[spec.dtype][0], "shape": [-1, *spec.shape]}
         for spec in scorer.inputs
@@ -109,13 +129,14 @@ def model_metadata(scorer: Scorer, model_name: str) -> dict[str, Any]:
     platform = PLATFORMS.get(Path(scorer.manifest["program"]).suffix, "unknown")
     # A parameter is a string, number or boolean: the tasks, in the order of the probabilities' columns.
     parameters = {"tasks": ",".join(scorer.tasks)}
-    return {
+    described = {
         "name": model_name,
         "platform": platform,
         "inputs": inputs,
         "outputs": outputs,
         "parameters": parameters,
     }
+    return described if version is None else {**described, "versions": [str(version)]}
 
 
 def parse_infer(
@@ -161,7 +182,11 @@ def _outputs(outputs: object, default_binary: bool) -> list[tuple[str, bool]]:
 
 
 def infer_response(
-    model_name: str, request: InferRequest, probabilities: np.ndarray, score: np.ndarray
+    model_name: str,
+    request: InferRequest,
+    probabilities: np.ndarray,
+    score: np.ndarray,
+    version: int | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: JSON, or a JSON header and the binary outputs after it."""
     row = first_non_finite(probabilities, score)
@@ -181,6 +206,8 @@ def infer_response(
             tensor["data"] = array.ravel().tolist()
         described.append(tensor)
     response: dict[str, Any] = {"model_name": model_name, "outputs": described}
+    if version is not None:
+        response["model_version"] = str(version)
     if request.id is not None:
         response["id"] = request.id
     header = json.dumps(response).encode()

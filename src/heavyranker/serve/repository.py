@@ -1,0 +1,194 @@
+"""A model repository in Triton's layout, shared by `export --repository`, `promote`, `serve --repository`:
+
+    REPO/<model-name>/config.pbtxt         Triton's config of the newest ONNX version (export writes it)
+    REPO/<model-name>/<version>/           1, 2, 3, ...: one `export` folder each (model.onnx or model.pt2,
+                                           manifest.json, schema.json, config.pbtxt), and
+    REPO/<model-name>/<version>/READY      the completion marker, written last
+    REPO/<model-name>/promotions.jsonl     every decision of `promote`, one JSON object a line
+    REPO/<model-name>/.serving-<host>-<pid>  the version a running server serves (retention keeps it)
+
+A version is complete when its folder's name is a number and READY is in it; readers see nothing else. It is
+written in a hidden staging folder in REPO/<model-name>/ (so on the same file system), READY last, then
+renamed to its number: on a local disk the rename makes it appear whole; READY is what marks it complete
+where a rename is not atomic (an object store's folder is written file by file, READY last). Triton ignores
+folders whose name is not a number, so it never sees the staging folder either.
+
+Retention keeps the newest K complete versions, plus those a server's marker names (what it serves, pinned
+or not); an older one is renamed to a hidden name (out of every listing at once), then removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..atomic import atomic_write, without_following
+from ..errors import UserError
+
+if TYPE_CHECKING:  # export (torch, onnx) is imported where a version is exported, not by every CLI command
+    from ..config import Config
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+DECISIONS = "promotions.jsonl"
+TRITON_CONFIG = "config.pbtxt"
+SERVING_MARKER = ".serving-"
+STAGING = ".staging-"
+DELETING = ".deleting-"
+# A server touches its marker at each poll (every few seconds); one older than this is from a server that
+# died without removing it, and no longer protects its version.
+MARKER_TTL_S = 3600.0
+DEFAULT_KEEP = 5
+
+
+class ModelRepository:
+    """The versions of one model (`model_name`) in the repository at `root`."""
+
+    def __init__(self, root: str | os.PathLike, model_name: str):
+        if "://" in str(root):
+            raise UserError(f"{root}: a model repository is a local folder (URLs are not supported yet)")
+        if not model_name or "/" in model_name or model_name.startswith("."):
+            raise UserError(f"model name {model_name!r}: must be a plain folder name")
+        self.root = Path(root)
+        self.model_name = model_name
+        self.folder = self.root / model_name
+
+    def version_folder(self, version: int) -> Path:
+        return self.folder / str(version)
+
+    def versions(self) -> list[int]:
+        """The complete versions, oldest first; none if the repository or the model's folder is not there."""
+        return sorted(v for v in self._numbered() if (self.version_folder(v) / READY).is_file())
+
+    def newest(self) -> int | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def publish(self, write: Callable[[Path], object], *, keep: int | None = DEFAULT_KEEP) -> int:
+        """Adds the next version: `write(folder)` fills a staging folder (export_model(out=folder)), then
+        READY is written and the folder renamed to its number. Returns it; prunes to `keep`."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = self.folder / f"{STAGING}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            write(staging)
+            with atomic_write(staging / READY, "w") as f:
+                f.write(json.dumps({"published": time.time()}) + "\n")
+            version = self._rename_to_next(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if (staging_config := self.version_folder(version) / TRITON_CONFIG).is_file():
+            with atomic_write(self.folder / TRITON_CONFIG, "w") as f:
+                f.write(staging_config.read_text())
+        log.info("published %s version %d in %s", self.model_name, version, self.root)
+        if keep is not None:
+            self.prune(keep)
+        return version
+
+    def prune(self, keep: int, protect: Collection[int] = ()) -> list[int]:
+        """Removes the complete versions older than the newest `keep`, except `protect` and those a live
+        server's marker names. Returns the removed ones."""
+        if keep < 1:
+            raise UserError(f"keep {keep}: the repository keeps at least the newest version")
+        kept = set(self.versions()[-keep:]) | set(protect) | set(self.served_versions())
+        removed = [v for v in self.versions() if v not in kept]
+        for version in removed:
+            doomed = self.folder / f"{DELETING}{version}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.version_folder(version), doomed)  # out of every listing at once
+            shutil.rmtree(doomed, ignore_errors=True)
+            log.info("removed %s version %d (retention: the newest %d)", self.model_name, version, keep)
+        return removed
+
+    def mark_served(self, version: int) -> Path:
+        """Records (or refreshes) that this process serves `version`; returns the marker's path."""
+        marker = self.marker_path()
+        with atomic_write(marker, "w") as f:
+            f.write(f"{version}\n")
+        return marker
+
+    def marker_path(self) -> Path:
+        """This process's marker of the version it serves."""
+        return self.folder / f"{SERVING_MARKER}{socket.gethostname()}-{os.getpid()}"
+
+    def served_versions(self) -> list[int]:
+        """The versions that servers' markers, touched within MARKER_TTL_S, name."""
+        found = []
+        now = time.time()
+        for marker in self.folder.glob(f"{SERVING_MARKER}*") if self.folder.is_dir() else ():
+            try:
+                if now - marker.stat().st_mtime < MARKER_TTL_S:
+                    found.append(int(marker.read_text()))
+            except (OSError, ValueError):  # removed meanwhile, or being written
+                continue
+        return found
+
+    def append_decision(self, record: dict[str, Any]) -> None:
+        """One line appended to promotions.jsonl with a single write: concurrent writers' lines never mix."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = without_following(self.folder / DECISIONS, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def decisions(self) -> list[dict[str, Any]]:
+        path = self.folder / DECISIONS
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def _numbered(self) -> list[int]:
+        try:
+            names = os.listdir(self.folder)
+        except OSError:  # no repository (yet, or any more)
+            return []
+        return [int(name) for name in names if name.isdigit() and (self.folder / name).is_dir()]
+
+    def _rename_to_next(self, staging: Path) -> int:
+        """Renames `staging` to the first number past every numbered folder (complete or not): two
+        publishers racing for one number, the loser's rename fails and it takes the next."""
+        while True:
+            version = max(self._numbered(), default=0) + 1
+            try:
+                os.rename(staging, self.version_folder(version))
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue
+                raise
+            _fsync_folder(self.folder)
+            return version
+
+
+def export_version(
+    repository: ModelRepository,
+    config: Config,
+    *,
+    checkpoint: str | None = None,
+    format: str = "onnx",
+    keep: int | None = DEFAULT_KEEP,
+) -> int:
+    """`export` of `checkpoint` (see export_model) as the repository's next version; returns its number."""
+    from .export import export_model
+
+    return repository.publish(
+        lambda folder: export_model(config, checkpoint=checkpoint, out=str(folder), format=format), keep=keep
+    )
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

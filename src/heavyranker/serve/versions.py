@@ -1,0 +1,197 @@
+"""Hot swap: `serve --repository` serves the newest complete version of a model repository (repository.py)
+and swaps in each newer one while it serves.
+
+A watcher thread polls the repository every poll_seconds. A version to serve (the newest, or the pinned one)
+is loaded beside the served one, its program's hash checked (Scorer), its inputs and tasks compared with the
+served version's (a client's request must still fit), and warmed up with one forward at the largest batch;
+then `current` is replaced, one attribute assignment, which every request reads once when it starts: a
+request in flight finishes on the version it started with, whose scorer it holds. So at most two versions
+are in memory: the served one and the one being loaded (plus, for the moments its last requests take, the
+one just replaced).
+
+A version that fails to load is logged, counted and not tried again (unless its READY marker changes); the
+served one keeps serving. When the served version's folder disappears, the newest complete one below it is
+loaded instead (a rollback by deleting the bad version). A repository that disappears, or holds no complete
+version, leaves the served version serving, with a warning in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .repository import READY, ModelRepository
+from .scorer import Scorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    version: int | None  # None: a model folder served alone, not from a repository
+    folder: Path
+    scorer: Scorer
+    published: float | None = None  # when its READY marker was written (time.time())
+
+
+class ServedVersions:
+    """`current`: the Loaded version being served. `start(poll_seconds)` runs the watcher (repository only),
+    `stop()` ends it. `on_swap()` and `on_failed_load()` are called for each swap and each failed load."""
+
+    def __init__(
+        self,
+        current: Loaded,
+        repository: ModelRepository | None = None,
+        *,
+        pin_version: int | None = None,
+        warm_batch: int = 1,
+        on_swap: Callable[[], None] = lambda: None,
+        on_failed_load: Callable[[], None] = lambda: None,
+    ):
+        self.current = current
+        self.repository = repository
+        self.pin_version = pin_version
+        self.warm_batch = warm_batch
+        self.on_swap, self.on_failed_load = on_swap, on_failed_load
+        self._failed: dict[int, float] = {}  # version -> the mtime of its READY when it failed
+        self._missing_logged = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ServedVersions:
+        return cls(Loaded(None, Path(folder), Scorer(folder)))
+
+    @classmethod
+    def from_repository(
+        cls, repository: ModelRepository, *, pin_version: int | None = None
+    ) -> ServedVersions:
+        """Serving the pinned version, else the newest complete one; a UserError if there is none."""
+        versions = repository.versions()
+        if pin_version is not None and pin_version not in versions:
+            raise UserError(
+                f"{repository.folder}: no complete version {pin_version} (it has {versions or 'none'})"
+            )
+        if not versions:
+            raise UserError(
+                f"{repository.folder}: no complete version to serve (export one with "
+                f"`heavyranker export --repository {repository.root} --model-name {repository.model_name}`)"
+            )
+        version = pin_version if pin_version is not None else versions[-1]
+        folder = repository.version_folder(version)
+        served = cls(
+            Loaded(version, folder, Scorer(folder), _published(folder)), repository, pin_version=pin_version
+        )
+        served._mark()
+        return served
+
+    def start(self, poll_seconds: float) -> None:
+        if self.repository is None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._watch, args=(poll_seconds,), name="versions", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.repository is not None:
+            self._marker().unlink(missing_ok=True)
+
+    def refresh(self) -> None:
+        """One poll: swaps in the version to serve if it is not the served one and loads."""
+        assert self.repository is not None
+        versions = self.repository.versions()
+        served = self.current.version
+        if not versions:
+            if not self._missing_logged:
+                log.warning(
+                    "%s: no complete version (the repository was deleted?): keeping version %s",
+                    self.repository.folder,
+                    served,
+                )
+                self._missing_logged = True
+            return
+        self._missing_logged = False
+        self._mark()
+        wanted = [self.pin_version] if self.pin_version is not None else versions[::-1]
+        for version in wanted:
+            if version == served:
+                return
+            if version not in versions or self._failed.get(version) == self._ready_time(version):
+                continue
+            try:
+                loaded = self._load(version)
+            except (
+                Exception
+            ) as e:  # whatever a damaged or foreign folder raises: the served one keeps serving
+                self._failed[version] = self._ready_time(version)
+                self.on_failed_load()
+                log.error("version %d cannot be served (%s): keeping version %s", version, e, served)
+                continue
+            self.current = loaded
+            self._mark()
+            self.on_swap()
+            log.info("now serving version %d (was %s)", version, served)
+            return
+
+    def _load(self, version: int) -> Loaded:
+        assert self.repository is not None
+        folder = self.repository.version_folder(version)
+        scorer = Scorer(folder)
+        serving = self.current.scorer
+        if scorer.inputs != serving.inputs:
+            raise UserError(f"{folder}: its inputs differ from the served version's: {_inputs(scorer)}")
+        if scorer.tasks != serving.tasks:
+            raise UserError(
+                f"{folder}: its tasks differ from the served version's: {', '.join(scorer.tasks)}"
+            )
+        scorer.warm_up((self.warm_batch,))
+        return Loaded(version, folder, scorer, _published(folder))
+
+    def _watch(self, poll_seconds: float) -> None:
+        while not self._stop.wait(poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # a poll that fails (the file system) must not end the watcher
+                log.exception("polling %s failed", self.repository.folder if self.repository else None)
+
+    def _ready_time(self, version: int) -> float:
+        assert self.repository is not None
+        try:
+            return (self.repository.version_folder(version) / READY).stat().st_mtime
+        except OSError:
+            return -1.0
+
+    def _marker(self) -> Path:
+        assert self.repository is not None
+        return self.repository.marker_path()
+
+    def _mark(self) -> None:
+        """Retention keeps the served version while this process serves it."""
+        assert self.repository is not None and self.current.version is not None
+        try:
+            self.repository.mark_served(self.current.version)
+        except OSError as e:  # a read-only repository: serving goes on, retention does not know of it
+            log.warning(
+                "cannot mark version %s as served in %s: %s", self.current.version, self.repository, e
+            )
+
+
+def _published(folder: Path) -> float | None:
+    try:
+        return (folder / READY).stat().st_mtime
+    except OSError:
+        return None
+
+
+def _inputs(scorer: Scorer) -> str:
+    return ", ".join(f"{spec.name} {list(spec.shape)} {spec.dtype}" for spec in scorer.inputs)

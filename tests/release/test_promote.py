@@ -1,0 +1,107 @@
+"""promote: a candidate is scored against the repository's version on a held-out split with compare's paired
+bootstrap; a planted worse model (the trained weights with noise added) is refused, a better one (the
+trained model against an early checkpoint of its run) is published, and each decision is a line of
+promotions.jsonl with its figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from heavyranker.checkpoint import load_checkpoint, save_checkpoint
+from heavyranker.cli import EXIT_REFUSED, main
+from heavyranker.errors import UserError
+from heavyranker.release.promote import PromotionRule, promote
+from heavyranker.serve.repository import ModelRepository
+from heavyranker.serve.scorer import MANIFEST
+from heavyranker.train.loop import Trainer
+from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
+
+STEPS, EARLY = 60, 5
+FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "training.train_log_every_n=100")
+RUN = (
+    f"training.num_train_steps={STEPS}",
+    f"training.checkpoint_every_n={EARLY}",
+    "training.checkpoint_max_to_keep=null",
+)
+
+
+@pytest.fixture(scope="module")
+def run(small_data, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("run")
+    config = small_config(small_data, save_dir, *FAST, *RUN)
+    Trainer(config).run()
+    return config, save_dir / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def noisy(run, tmp_path_factory):
+    """The trained weights with noise of their own scale added: a model that scores worse everywhere."""
+    _, checkpoints = run
+    state = load_checkpoint(checkpoints / f"step_{STEPS}.pt")
+    gen = torch.Generator().manual_seed(0)
+    noisy = {
+        name: value + 2.0 * value.std() * torch.randn(value.shape, generator=gen)
+        if value.is_floating_point() and value.numel() > 1 and "running" not in name
+        else value
+        for name, value in state["model"].items()
+    }
+    return save_checkpoint(tmp_path_factory.mktemp("noisy"), STEPS + 1, {"model": noisy, "step": STEPS + 1})
+
+
+def test_a_better_model_is_published_and_a_worse_one_refused(run, noisy, tmp_path):
+    config, checkpoints = run
+    repository = ModelRepository(tmp_path / "repo", "ranker")
+    first = promote(config, repository, checkpoint=str(checkpoints / f"step_{EARLY}.pt"), format="pt2")
+    assert first.published and first.version == 1 and first.tasks == {}
+    better = promote(config, repository, checkpoint=str(checkpoints / f"step_{STEPS}.pt"), format="pt2")
+    assert better.published and better.version == 2, better.reason
+    # RCE rises over training: on most tasks the whole interval is above 0.
+    improved = [t for t, f in better.tasks.items() if f["low"] > 0 and f["candidate"] > f["current"]]
+    assert len(improved) >= len(better.tasks) // 2
+    worse = promote(config, repository, checkpoint=str(noisy), format="pt2")
+    assert not worse.published and worse.version is None
+    assert any(f["worse"] and f["high"] < 0 for f in worse.tasks.values())
+    assert worse.reason.startswith("rce worse than version 2 beyond the interval on ")
+    assert repository.versions() == [1, 2]
+    assert json.loads((repository.version_folder(2) / MANIFEST).read_text())["checkpoint"]["step"] == STEPS
+    lines = repository.decisions()
+    assert [line["published"] for line in lines] == [True, True, False]
+    assert lines[2]["current"] == {"version": 2, "step": STEPS}
+    assert lines[2]["tasks"] == {t: pytest.approx(f, nan_ok=True) for t, f in worse.tasks.items()}
+    assert lines[2]["candidate"] == {"checkpoint": str(noisy), "step": STEPS + 1}
+
+
+def test_a_tolerance_beyond_the_loss_lets_the_worse_model_through(run, noisy, tmp_path):
+    config, checkpoints = run
+    repository = ModelRepository(tmp_path / "repo", "ranker")
+    promote(config, repository, checkpoint=str(checkpoints / f"step_{STEPS}.pt"), format="pt2")
+    refused = promote(config, repository, checkpoint=str(noisy), format="pt2")
+    lowest = min(f["high"] for f in refused.tasks.values())
+    allowed = promote(
+        config, repository, checkpoint=str(noisy), format="pt2", rule=PromotionRule(tolerance=-lowest + 1)
+    )
+    assert allowed.published and allowed.version == 2
+
+
+def test_the_rule_names_what_it_does_not_know(run, tmp_path):
+    config, _ = run
+    repository = ModelRepository(tmp_path / "repo", "ranker")
+    with pytest.raises(UserError, match="no task 'nope'"):
+        promote(config, repository, rule=PromotionRule(tasks=("nope",)))
+    with pytest.raises(UserError, match="no validation split 'nope'"):
+        promote(config, repository, split="nope")
+
+
+def test_the_command_exits_1_when_it_refuses(small_data, run, noisy, tmp_path, capsys):
+    config, checkpoints = run
+    sets = [f"train_data.inputs={small_data}/train/*.gz", f"training.save_dir={checkpoints.parent}", *FAST]
+    sets += [f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in SMALL_SPLITS]
+    sets = [arg for value in sets for arg in ("--set", value)]
+    common = ["promote", "--config", str(CONFIGS / "local_small.yaml"), *sets, "--repository", str(tmp_path)]
+    assert main([*common, "--format", "pt2"]) == 0
+    assert capsys.readouterr().out == "published as version 1: the repository has no version yet\n"
+    assert main([*common, "--checkpoint", str(noisy), "--metric", "auroc"]) == EXIT_REFUSED
+    assert capsys.readouterr().out.startswith("refused: auroc worse than version 1 beyond the interval on ")

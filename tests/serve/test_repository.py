@@ -1,0 +1,134 @@
+"""The model repository: versions appear whole and numbered, a half-written one is never listed, retention
+keeps the newest K and what servers serve, decisions append one line each."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from heavyranker.cli import main
+from heavyranker.errors import UserError
+from heavyranker.serve.repository import (
+    MARKER_TTL_S,
+    READY,
+    TRITON_CONFIG,
+    ModelRepository,
+    export_version,
+)
+from heavyranker.serve.scorer import MANIFEST
+from tests.serve.conftest import ENV_VALUE, ENV_VAR, OVERRIDES, Exported
+
+
+def writing(text: str):
+    def write(folder: Path) -> None:
+        (folder / "model.txt").write_text(text)
+        (folder / TRITON_CONFIG).write_text(f"config of {text}\n")
+
+    return write
+
+
+def test_versions_are_numbered_from_one_and_complete(tmp_path):
+    repository = ModelRepository(tmp_path / "repo", "ranker")
+    assert repository.versions() == [] and repository.newest() is None
+    assert [repository.publish(writing(t), keep=None) for t in "ab"] == [1, 2]
+    assert repository.versions() == [1, 2]
+    assert (repository.version_folder(2) / "model.txt").read_text() == "b"
+    assert (repository.version_folder(2) / READY).is_file()
+    # The model's config.pbtxt is the newest version's; nothing else is left in the model's folder.
+    assert (repository.folder / TRITON_CONFIG).read_text() == "config of b\n"
+    assert sorted(os.listdir(repository.folder)) == ["1", "2", TRITON_CONFIG]
+
+
+def test_a_folder_without_its_marker_is_not_a_version_and_its_number_is_not_reused(tmp_path):
+    repository = ModelRepository(tmp_path, "ranker")
+    repository.publish(writing("a"), keep=None)
+    (repository.folder / "2").mkdir()  # being uploaded to an object store: READY comes last
+    (repository.folder / "2" / "model.txt").write_text("half")
+    assert repository.versions() == [1]
+    assert repository.publish(writing("c"), keep=None) == 3
+    assert repository.versions() == [1, 3]
+
+
+def test_a_failed_write_leaves_no_version_and_no_staging_folder(tmp_path):
+    repository = ModelRepository(tmp_path, "ranker")
+
+    def failing(folder: Path) -> None:
+        (folder / "model.txt").write_text("partial")
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError):
+        repository.publish(failing)
+    assert repository.versions() == [] and os.listdir(repository.folder) == []
+
+
+def test_retention_keeps_the_newest_k_the_protected_and_the_served(tmp_path):
+    repository = ModelRepository(tmp_path, "ranker")
+    for text in "abcdef":
+        repository.publish(writing(text), keep=None)
+    repository.mark_served(2)
+    assert repository.prune(2, protect=[1]) == [3, 4]
+    assert repository.versions() == [1, 2, 5, 6]
+    assert not any(name.startswith(".deleting") for name in os.listdir(repository.folder))
+
+
+def test_a_stale_server_marker_protects_nothing(tmp_path):
+    repository = ModelRepository(tmp_path, "ranker")
+    for text in "abc":
+        repository.publish(writing(text), keep=None)
+    marker = repository.mark_served(1)
+    old = time.time() - MARKER_TTL_S - 1
+    os.utime(marker, (old, old))
+    assert repository.served_versions() == []
+    repository.publish(writing("d"), keep=2)
+    assert repository.versions() == [3, 4]
+
+
+def test_decisions_append_one_line_each(tmp_path):
+    repository = ModelRepository(tmp_path, "ranker")
+    repository.append_decision({"published": True, "version": 1})
+    repository.append_decision({"published": False})
+    lines = (repository.folder / "promotions.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"published": True, "version": 1}, {"published": False}]
+    assert repository.decisions() == [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
+def test_a_model_name_that_is_not_a_folder_name_is_refused(tmp_path, name):
+    with pytest.raises(UserError, match="model name"):
+        ModelRepository(tmp_path, name)
+
+
+def test_export_adds_the_checkpoints_export_as_the_next_version(tmp_path, exported: Exported):
+    repository = ModelRepository(tmp_path, "ranker")
+    version = export_version(repository, exported.config, checkpoint=str(exported.checkpoint), format="pt2")
+    assert version == 1 and repository.versions() == [1]
+    manifest = json.loads((repository.version_folder(1) / MANIFEST).read_text())
+    original = json.loads((exported.folder / MANIFEST).read_text())
+    assert manifest["program_sha256"] == original["program_sha256"]
+
+
+def test_the_export_command_adds_versions_and_keeps_the_newest(
+    tmp_path, exported: Exported, monkeypatch, capsys
+):
+    monkeypatch.setenv(ENV_VAR, ENV_VALUE)
+    config = exported.folder.parent / "local_small.yaml"  # the fixture's YAML
+    sets = [arg for value in OVERRIDES for arg in ("--set", value)]
+    command = ["export", "--config", str(config), *sets, "--checkpoint", str(exported.checkpoint)]
+    command += [
+        "--format",
+        "pt2",
+        "--repository",
+        str(tmp_path),
+        "--model-name",
+        "ranker",
+        "--keep-versions",
+        "1",
+    ]
+    capsys.readouterr()
+    assert main(command) == 0 and main(command) == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "ranker" / str(v)) for v in (1, 2)]
+    assert ModelRepository(tmp_path, "ranker").versions() == [2]
