@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from ..schema import FeatureSpec, load_schema
 from .base import NO_EFFECT, ConfigPath, Count, ExistingFile, Float, NonNegative, StrictModel, exactly_one_of
+from .kafka import KafkaInput
 
 DATE_FORMAT = "%Y-%m-%d"
 # Accepted spellings of an hour: ISO with 'T' or a space, or the folder layout itself.
@@ -210,6 +211,7 @@ class DataConfig(StrictModel):
     inputs: ConfigPath | None = Field(None, description="A glob of .gz TFRecord files.")
     explicit_date_inputs: ExplicitDateInputs | None = None
     explicit_datetime_inputs: ExplicitDatetimeInputs | None = None
+    kafka: KafkaInput | None = Field(None, description="A Kafka topic of serialized tf.Examples.")
 
     global_batch_size: Count = Field(
         le=MAX_RECORDS_PER_BATCH,
@@ -262,7 +264,11 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> DataConfig:
-        exactly_one_of(self, "inputs", "explicit_date_inputs", "explicit_datetime_inputs")
+        exactly_one_of(self, "inputs", "explicit_date_inputs", "explicit_datetime_inputs", "kafka")
+        if self.kafka is not None and self.cache:
+            raise PydanticCustomError(
+                "kafka_cache", "cache: true caches files; a kafka topic is read as it comes, without it", {}
+            )
         return self
 
     @model_validator(mode="after")

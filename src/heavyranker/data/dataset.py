@@ -23,9 +23,10 @@ from .cache_entry import gather, with_final_labels
 from .columns import Columns
 from .damage import Damage
 from .files import shard_files
-from .order import BLOCK, Item, Order
+from .order import BLOCK, Item, Order, runs
 from .pipeline import READ_AHEAD, FileReader, OrderedMap
 from .preprocess import NegativeDownsampler, build_preprocessors
+from .sources.kafka import KafkaRecords, Offsets, partition_of
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,25 @@ class RecapDataset:
         inputs: str | None = None,
         require_labels: bool = True,
         where: str = "data",
+        follow: bool = False,
     ):
         if inputs is not None:
             data = data.model_copy(
-                update={"inputs": inputs, "explicit_date_inputs": None, "explicit_datetime_inputs": None}
+                update={
+                    "inputs": inputs,
+                    "explicit_date_inputs": None,
+                    "explicit_datetime_inputs": None,
+                    "kafka": None,
+                }
             )
         self.files, self.batch_size = shard_files(data, rank, world_size, where)
         self.data = data
         self.repeat = repeat
+        # A Kafka topic (data/sources/kafka.py): read in arrival order, the next offset of each partition
+        # handed out with the batches (position()); with `follow` it waits for new messages forever.
+        self.rank, self.world_size, self.where, self.follow = rank, world_size, where, follow
+        self._offsets: Offsets = {}
+        self.kafka: KafkaRecords | None = None
         self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
         # What ignore_data_errors skipped; without it, damage raises DataError.
         self._damage = Damage() if data.ignore_data_errors else None
@@ -92,7 +104,7 @@ class RecapDataset:
             drop_last=drop_last,
         )
         self._columns = Columns(data, self.preprocessors, require_labels, self._damage)
-        self._chunk = max(BLOCK, READ_AHEAD // min(data.file_batch_size, len(self.files)))
+        self._chunk = max(BLOCK, READ_AHEAD // max(1, min(data.file_batch_size, len(self.files))))
         self._start = 0
         self._maps: set[OrderedMap] = set()
         self._cache = DecodedCache(data, require_labels, where) if data.cache else None
@@ -141,8 +153,20 @@ class RecapDataset:
         but not decoded: this costs about the reading time of the skipped examples."""
         self._start = batches_consumed
 
+    def position(self) -> Offsets:
+        """Kafka: partition -> the next offset after the records of the batches handed out so far (those
+        not read yet: absent). The trainer keeps it in its checkpoints."""
+        return dict(self._offsets)
+
+    def resume(self, offsets: Offsets) -> None:
+        """Kafka: the next iteration reads each partition of `offsets` from its offset there."""
+        self._offsets = dict(offsets)
+
     def __iter__(self) -> Iterator[Batch]:
         start, self._start = self._start, 0
+        if self.data.kafka is not None:  # skip_to has no meaning here: the offsets say where to go on
+            yield from self._kafka_batches()
+            return
         if self._cache is not None:
             self._cache.start(self._order.epoch_files(0))
         # Default threads: reading (inflate + CRC) is ~85% of the work and decoding ~10%, so every CPU
@@ -176,6 +200,42 @@ class RecapDataset:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _kafka_batches(self) -> Iterator[Batch]:
+        self.kafka = KafkaRecords(
+            self.data.kafka,
+            rank=self.rank,
+            world_size=self.world_size,
+            follow=self.follow,
+            where=self.where,
+            resume=self._offsets,
+        )
+        order = self._order
+        batches = OrderedMap(
+            lambda pool: runs(iter(self.kafka), order.run_size, order.drop_last),
+            self._positioned_batch,
+            skip=0,
+            read_workers=1,
+            map_workers=self.data.map_num_parallel_calls or max(1, len(os.sched_getaffinity(0)) // 4),
+        )
+        self._maps.add(batches)
+        try:
+            for batch, advanced in batches:
+                self._offsets.update(advanced)
+                if batch is not None:
+                    yield batch
+        finally:
+            batches.close()
+            self._maps.discard(batches)
+            self.kafka.close()
+
+    def _positioned_batch(self, items: list[Item]) -> tuple[Batch | None, Offsets]:
+        """The batch of a run of messages, and the next offset of each partition after it."""
+        advanced = {partition_of(path): index + 1 for _, path, index in items}  # ascending per partition
+        try:
+            return self._make_batch(items), advanced
+        except DataError as e:  # a message's index is its offset
+            raise DataError(str(e).replace(": record ", ": offset ", 1)) from None
 
     def _runs(self, pool: ThreadPoolExecutor) -> Iterator[list[Item]]:
         return self._order.runs(lambda path: self._open(path, pool))
