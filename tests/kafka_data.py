@@ -1,5 +1,5 @@
 """tf.Examples for the Kafka tests: each carries its own id as meta.tweet_id (the rest of local_small's
-features take their schema defaults), and local_small's config reading a topic."""
+features are drawn from it), and local_small's config reading a topic."""
 
 from __future__ import annotations
 
@@ -8,17 +8,25 @@ from pathlib import Path
 import numpy as np
 
 from heavyranker.data.tf_example.encode import encode_example
+from heavyranker.schema import load_schema
 
 from .conftest import CONFIGS
 
+SPECS = load_schema(str(CONFIGS / "segdense_small.json"))
+
 
 def example(tweet_id: int) -> bytes:
-    return encode_example(
-        {
-            "meta.tweet_id": np.array([tweet_id], np.int64),
-            "recap.engagement.is_favorited": np.array([tweet_id % 2]),
-        }
-    )
+    """A record of every schema feature, drawn from tweet_id: 0/1 integers (labels, flags, ids) and floats
+    in [-1, 1)."""
+    rng = np.random.default_rng(tweet_id)
+    features = {
+        name: rng.integers(0, 2, spec.length)
+        if spec.dtype == "int64_list"
+        else rng.uniform(-1, 1, spec.length)
+        for name, spec in SPECS.items()
+    }
+    features["meta.tweet_id"] = np.array([tweet_id], np.int64)
+    return encode_example(features)
 
 
 def kafka_overrides(bootstrap: str, topic: str, **fields: object) -> list[str]:

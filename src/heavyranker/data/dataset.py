@@ -190,6 +190,8 @@ class RecapDataset:
 
     def close(self) -> None:
         """Stops the threads of every iteration still open."""
+        if self.kafka is not None:
+            self.kafka.stop()
         for batches in list(self._maps):
             batches.close()
         if self._cache is not None:
@@ -225,6 +227,7 @@ class RecapDataset:
                 if batch is not None:
                     yield batch
         finally:
+            self.kafka.stop()  # a stream that waits for messages never reaches the producer's stop check
             batches.close()
             self._maps.discard(batches)
             self.kafka.close()

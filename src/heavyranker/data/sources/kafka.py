@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -52,6 +53,7 @@ class KafkaRecords:
 
         self.spec, self.follow, self.where = spec, follow, where
         self._broker_error: tuple[float, str] | None = None  # (since, message) while no broker answers
+        self._stop = threading.Event()
         self._consumer = Consumer(
             {
                 "bootstrap.servers": spec.bootstrap_servers,
@@ -147,7 +149,7 @@ class KafkaRecords:
         self._consumer.assign([TopicPartition(topic, p, offset) for p, offset in self.offsets.items()])
         names = {p: partition_name(topic, p) for p in self.partitions}
         unfinished = set(self.partitions)
-        while self.follow or unfinished:
+        while (self.follow or unfinished) and not self._stop.is_set():
             messages = self._consumer.consume(self.spec.max_messages_per_poll, self.spec.poll_seconds)
             if not messages:
                 self._check_brokers()
@@ -179,6 +181,10 @@ class KafkaRecords:
             f"{self.spec.broker_timeout_seconds:g} s (last error: {message}); nothing read since is lost: "
             "restart from the newest checkpoint once the brokers are back"
         )
+
+    def stop(self) -> None:
+        """Ends the iteration (from another thread) within a poll."""
+        self._stop.set()
 
     def close(self) -> None:
         self._consumer.close()
