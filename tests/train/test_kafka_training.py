@@ -65,7 +65,9 @@ def test_every_message_is_trained_on_once_across_kills(broker, tmp_path):  # noq
     args = overrides(broker.bootstrap, "stream", tmp_path / "run", "training.follow=true")
 
     def write() -> None:
-        for first in range(0, total, 48):  # 48 messages (3 batches' worth) every 0.3 s, over both partitions
+        for first in range(
+            0, total - 48, 48
+        ):  # 48 messages (3 batches' worth) every 0.3 s, over both partitions
             broker.produce(
                 "stream",
                 {
@@ -84,8 +86,12 @@ def test_every_message_is_trained_on_once_across_kills(broker, tmp_path):  # noq
         run.send_signal(signal.SIGKILL)
         run.wait()
     writer.join()
+    last = total - 48  # the writer's last burst comes now: the last run trains on some, its handlers set
+    broker.produce(
+        "stream", {p: [example(i) for i in range(last + p, total, partitions)] for p in range(partitions)}
+    )
     run = start(log, args)
-    wait_for(lambda: len(trained_ids(log)) >= total or run.poll() is not None, "the last run to catch up")
+    wait_for(lambda: len(trained_ids(log)) == total or run.poll() is not None, "the last run to catch up")
     run.send_signal(signal.SIGTERM)
     _, errors = run.communicate(timeout=120)
     assert run.returncode == 0, errors[-2000:]
