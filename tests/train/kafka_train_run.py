@@ -6,6 +6,7 @@ python kafka_train_run.py LOG OVERRIDE..."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local_small.yaml"
 
 
 def main(log_path: str, overrides: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
     def write(line: str) -> None:

@@ -113,6 +113,7 @@ def test_without_follow_it_trains_to_num_train_steps_and_saves_the_offsets(broke
     _, errors = run.communicate(timeout=300)
     assert run.returncode == 0, errors[-2000:]
     assert trained_ids(log) == list(range(5 * BATCH))
+    assert f"kafka: {100 - 5 * BATCH} records behind, newest message 20" in errors  # at step 5's log line
     newest = load_checkpoint(RunFolder(tmp_path / "run").newest_checkpoint())
     assert newest["step"] == 5
     assert newest["data_position"] == {"topic": "bounded", "offsets": {0: 5 * BATCH}}

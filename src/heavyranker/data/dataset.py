@@ -134,13 +134,16 @@ class RecapDataset:
 
     def counts(self) -> dict[str, int]:
         """What reading met so far, over every iteration of this dataset; safe to call from any thread.
+        kafka_lag_records (a Kafka topic): records behind the partitions' ends (sources/kafka.py: lag).
         defaults_filled: features absent from a record, which took the schema default (and, for each
         schema feature that was, defaults_filled/NAME); damaged_files and skipped_records: the files cut
         short and the records left out by ignore_data_errors. A repeating read counts them every epoch."""
         filled = self._columns.defaults_filled()
         with self._replayed_lock:
             filled.update(self._replayed)
+        stream = {"kafka_lag_records": self.kafka.lag(self._offsets)} if self.kafka is not None else {}
         return {
+            **stream,
             "defaults_filled": filled.total(),
             "damaged_files": len(self.damaged_files),
             "skipped_records": self._damage.records if self._damage else 0,

@@ -200,6 +200,7 @@ class Trainer:
                     line = logger.flush(self.step, self.model.task_names, self._learning_rates(), counts)
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
                     log.info(_format_log_line(line))
+                    self._log_stream(counts)
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
                     self.save()
                 if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
@@ -223,6 +224,15 @@ class Trainer:
             return
         for offsets in self.runtime.gather(self._dataset.position()):
             self.data_position.update(offsets)
+
+    def _log_stream(self, counts: dict[str, int]) -> None:
+        """Where a Kafka source stands: records behind (lag) and the broker time of the newest message."""
+        kafka = self._dataset.kafka if self._dataset is not None else None
+        if self.config.train_data.kafka is None:
+            return
+        times = [t for t in self.runtime.gather(kafka and kafka.newest_timestamp) if t is not None]
+        newest = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(times))) if times else "none yet"
+        log.info("kafka: %d records behind, newest message %s", counts.get("kafka_lag_records", 0), newest)
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, int]:
         device = self.runtime.device

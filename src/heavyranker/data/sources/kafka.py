@@ -54,6 +54,7 @@ class KafkaRecords:
         self.spec, self.follow, self.where = spec, follow, where
         self._broker_error: tuple[float, str] | None = None  # (since, message) while no broker answers
         self._stop = threading.Event()
+        self._closed, self._last_lag = False, 0
         self._consumer = Consumer(
             {
                 "bootstrap.servers": spec.bootstrap_servers,
@@ -182,11 +183,28 @@ class KafkaRecords:
             "restart from the newest checkpoint once the brokers are back"
         )
 
+    def lag(self, offsets: Offsets) -> int:
+        """Records behind: the partitions' end offsets (as the client last heard them from the broker) less
+        `offsets`, the next offsets to train on (partitions absent: from their start); after close(), the
+        last lag computed."""
+        from confluent_kafka import TopicPartition
+
+        if self._closed:
+            return self._last_lag
+        behind = 0
+        for p in self.partitions:
+            low, high = self._consumer.get_watermark_offsets(TopicPartition(self.spec.topic, p), cached=True)
+            if high >= 0:  # negative: not heard yet
+                behind += max(0, high - offsets.get(p, max(low, 0)))
+        self._last_lag = behind
+        return behind
+
     def stop(self) -> None:
         """Ends the iteration (from another thread) within a poll."""
         self._stop.set()
 
     def close(self) -> None:
+        self._closed = True
         self._consumer.close()
 
 
