@@ -1,6 +1,7 @@
 """`heavyranker train` on local_small reading a Kafka topic, in its own process, for the kill-and-restart
-tests: it appends to LOG a line `resume S` when it has restored step S, and `step N id id ...` with the
-tweet ids of every record that step N trained on (before the step's checkpoint is saved).
+tests (and bench/follow_latency.py): it appends to LOG a line `resume S` when it has restored step S, and
+`step N TIME id id ...` with the time (time.time()) step N ended and the tweet ids of every record it trained
+on (written before the step's checkpoint is saved).
 
 python kafka_train_run.py LOG OVERRIDE..."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from heavyranker.config import load_config
@@ -39,7 +41,7 @@ def main(log_path: str, overrides: list[str]) -> None:
                 yield batch
 
         result = train_step(self, recording())
-        write(f"step {self.step + 1} " + " ".join(map(str, taken)))
+        write(f"step {self.step + 1} {time.time():.6f} " + " ".join(map(str, taken)))
         return result
 
     loop.Trainer.restore, loop.Trainer.train_step = logged_restore, logged_train_step
@@ -54,11 +56,11 @@ def trained_ids(log_path: Path) -> list[int]:
     for line in log_path.read_text().splitlines(keepends=True):
         if not line.endswith("\n"):
             break  # cut by a kill
-        kind, number, *ids = line.split()
+        kind, number, *rest = line.split()
         if kind == "resume":
             steps = [(n, i) for n, i in steps if n <= int(number)]
         else:
-            steps.append((int(number), [int(i) for i in ids]))
+            steps.append((int(number), [int(i) for i in rest[1:]]))
     return [i for _, ids in steps for i in ids]
 
 

@@ -151,7 +151,12 @@ class KafkaRecords:
         names = {p: partition_name(topic, p) for p in self.partitions}
         unfinished = set(self.partitions)
         while (self.follow or unfinished) and not self._stop.is_set():
-            messages = self._consumer.consume(self.spec.max_messages_per_poll, self.spec.poll_seconds)
+            # poll returns with the first message (consume would wait for a full set or the time out), then
+            # consume takes what is already there.
+            first = self._consumer.poll(self.spec.poll_seconds)
+            messages = [] if first is None else [first]
+            if first is not None and self.spec.max_messages_per_poll > 1:
+                messages += self._consumer.consume(self.spec.max_messages_per_poll - 1, 0)
             if not messages:
                 self._check_brokers()
                 continue
