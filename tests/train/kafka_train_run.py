@@ -7,8 +7,10 @@ python kafka_train_run.py LOG OVERRIDE..."""
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local_small.yaml"
 
 
 def main(log_path: str, overrides: list[str]) -> None:
+    faulthandler.register(signal.SIGUSR1)  # the tests dump the threads of a run that does not stop
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 

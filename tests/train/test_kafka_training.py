@@ -48,6 +48,17 @@ def overrides(bootstrap: str, topic: str, save_dir: Path, *more: str) -> list[st
     ]
 
 
+def stopped(run: subprocess.Popen) -> str:
+    """The stderr of `run` once it has exited; if it does not within 120 s, its threads' stacks, then kill."""
+    try:
+        return run.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        run.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        run.kill()
+        raise AssertionError(f"the run did not stop: {run.communicate()[1][-6000:]}") from None
+
+
 def wait_for(condition, what: str, limit: float = 300) -> None:
     """Polls `condition` (a bound against a hang, not a timing assertion)."""
     deadline = time.monotonic() + limit
@@ -93,7 +104,7 @@ def test_every_message_is_trained_on_once_across_kills(broker, tmp_path):  # noq
     run = start(log, args)
     wait_for(lambda: len(trained_ids(log)) >= total or run.poll() is not None, "the last run to catch up")
     run.send_signal(signal.SIGTERM)
-    _, errors = run.communicate(timeout=120)
+    errors = stopped(run)
     assert run.returncode == 0, errors[-2000:]
     counts = Counter(trained_ids(log))
     assert sorted(counts) == list(range(total))

@@ -54,7 +54,7 @@ class KafkaRecords:
         self.spec, self.follow, self.where = spec, follow, where
         self._broker_error: tuple[float, str] | None = None  # (since, message) while no broker answers
         self._stop = threading.Event()
-        self._closed, self._last_lag = False, 0
+        self._ends: dict[int, tuple[int, int]] = {}  # partition -> (first, end) offsets, as last heard
         self._consumer = Consumer(
             {
                 "bootstrap.servers": spec.bootstrap_servers,
@@ -157,6 +157,7 @@ class KafkaRecords:
             messages = [] if first is None else [first]
             if first is not None and self.spec.max_messages_per_poll > 1:
                 messages += self._consumer.consume(self.spec.max_messages_per_poll - 1, 0)
+            self._note_ends()
             if not messages:
                 self._check_brokers()
                 continue
@@ -189,27 +190,27 @@ class KafkaRecords:
         )
 
     def lag(self, offsets: Offsets) -> int:
-        """Records behind: the partitions' end offsets (as the client last heard them from the broker) less
-        `offsets`, the next offsets to train on (partitions absent: from their start); after close(), the
-        last lag computed."""
+        """Records behind: the partitions' end offsets (as the client last heard them from the broker, after
+        the latest poll) less `offsets`, the next offsets to train on (partitions absent: from their start).
+        Safe from any thread: it reads what the reading thread noted."""
+        ends = dict(self._ends)
+        return sum(max(0, high - offsets.get(p, low)) for p, (low, high) in ends.items())
+
+    def _note_ends(self) -> None:
+        # On the reading thread: the client is not to be called from two threads at once (a call from the
+        # training thread during a poll hung).
         from confluent_kafka import TopicPartition
 
-        if self._closed:
-            return self._last_lag
-        behind = 0
         for p in self.partitions:
             low, high = self._consumer.get_watermark_offsets(TopicPartition(self.spec.topic, p), cached=True)
             if high >= 0:  # negative: not heard yet
-                behind += max(0, high - offsets.get(p, max(low, 0)))
-        self._last_lag = behind
-        return behind
+                self._ends[p] = (max(low, 0), high)
 
     def stop(self) -> None:
         """Ends the iteration (from another thread) within a poll."""
         self._stop.set()
 
     def close(self) -> None:
-        self._closed = True
         self._consumer.close()
 
 
