@@ -60,7 +60,7 @@ def test_configuration_reference_shows_bounds_defaults_and_one_of_groups():
     # global_batch_size: an integer from 1 to 2**20, no default.
     assert "| `global_batch_size` | int (>= 1, <= 1048576) | *required* |" in page
     assert "| `file_batch_size` | int (>= 1) | `16` | Files read at once, their records interleaved." in page
-    assert "Exactly one of: `inputs`, `explicit_date_inputs`, `explicit_datetime_inputs`." in page
+    assert "Exactly one of: `inputs`, `explicit_date_inputs`, `explicit_datetime_inputs`, `kafka`." in page
     assert "At `train_data`, `validation_data.<split>`." in page
     assert '| `metric` | one of: `auroc`, `rce` | `"rce"` |' in page
 

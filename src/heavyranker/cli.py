@@ -99,7 +99,10 @@ def _train(args: argparse.Namespace) -> int:
     from .train.loop import train
 
     keep_freed_memory()  # for the training step; each torchrun worker comes through here too
-    train(_load(args), amp=args.amp)
+    config = _load(args)
+    if args.follow:
+        config.training.follow = True
+    train(config, amp=args.amp)
     return 0
 
 
@@ -333,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--nproc", type=int, default=0, help="launch this many processes with torchrun")
+    p.add_argument("--follow", action="store_true", help="train on new data as it arrives (training.follow)")
 
     p = command(commands, "evaluate", "metrics of a checkpoint on each validation split", _evaluate)
     _with_config(p)

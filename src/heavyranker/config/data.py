@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from ..schema import FeatureSpec, load_schema
 from .base import NO_EFFECT, ConfigPath, Count, ExistingFile, Float, NonNegative, StrictModel, exactly_one_of
+from .kafka import KafkaInput
 
 DATE_FORMAT = "%Y-%m-%d"
 # Accepted spellings of an hour: ISO with 'T' or a space, or the folder layout itself.
@@ -218,6 +219,7 @@ class DataConfig(StrictModel):
         description="How the files are read; default: Parquet when the file names end in .parquet (all of "
         "them), else TFRecord. Dated folders list the format's files: .gz, .parquet (both by default).",
     )
+    kafka: KafkaInput | None = Field(None, description="A Kafka topic of serialized tf.Examples.")
 
     global_batch_size: Count = Field(
         le=MAX_RECORDS_PER_BATCH,
@@ -270,7 +272,11 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> DataConfig:
-        exactly_one_of(self, "inputs", "explicit_date_inputs", "explicit_datetime_inputs")
+        exactly_one_of(self, "inputs", "explicit_date_inputs", "explicit_datetime_inputs", "kafka")
+        if self.kafka is not None and self.cache:
+            raise PydanticCustomError(
+                "kafka_cache", "cache: true caches files; a kafka topic is read as it comes, without it", {}
+            )
         return self
 
     @model_validator(mode="after")

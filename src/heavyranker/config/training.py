@@ -38,6 +38,11 @@ class TrainingConfig(StrictModel):
     gradient_accumulation: Count | None = Field(None, description="Micro-batches per optimizer step.")
     keep_best: KeepBestConfig | None = Field(None, description="Keep and mark the best checkpoint.")
     seed: StrictInt = Field(0, ge=0, le=2**64 - 1, description="Below 2**64: torch and numpy both take it.")
+    follow: bool = Field(
+        False,
+        description="Train on train_data (kafka) as it arrives, each record once, until SIGTERM; "
+        "num_train_steps then only ends the schedules (`train --follow` sets it).",
+    )
 
     @field_validator("num_eval_steps")
     @classmethod

@@ -24,11 +24,12 @@ from .cache import DecodedCache
 from .cache_entry import gather, with_final_labels
 from .columns import Columns
 from .damage import Damage
-from .order import BLOCK, Item, Order
+from .order import BLOCK, Item, Order, runs
 from .pipeline import READ_AHEAD, FileReader, OrderedMap
 from .preprocess import NegativeDownsampler, build_preprocessors
 from .sources import file_format
 from .sources.files import shard_files
+from .sources.kafka import KafkaRecords, Offsets, partition_of
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,26 @@ class RecapDataset:
         inputs: str | None = None,
         require_labels: bool = True,
         where: str = "data",
+        follow: bool = False,
     ):
         if inputs is not None:
             data = data.model_copy(
-                update={"inputs": inputs, "explicit_date_inputs": None, "explicit_datetime_inputs": None}
+                update={
+                    "inputs": inputs,
+                    "explicit_date_inputs": None,
+                    "explicit_datetime_inputs": None,
+                    "kafka": None,
+                }
             )
         self.files, self.batch_size = shard_files(data, rank, world_size, where)
         self.format = file_format(data, self.files)
         self.data = data
         self.repeat = repeat
+        # A Kafka topic (data/sources/kafka.py): read in arrival order, the next offset of each partition
+        # handed out with the batches (position()); with `follow` it waits for new messages forever.
+        self.rank, self.world_size, self.where, self.follow = rank, world_size, where, follow
+        self._offsets: Offsets = {}
+        self.kafka: KafkaRecords | None = None
         self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
         # What ignore_data_errors skipped; without it, damage raises DataError.
         self._damage = Damage() if data.ignore_data_errors else None
@@ -96,7 +108,7 @@ class RecapDataset:
             drop_last=drop_last,
         )
         self._columns = Columns(data, self.preprocessors, require_labels, self._damage, self.format)
-        self._chunk = max(BLOCK, READ_AHEAD // min(data.file_batch_size, len(self.files)))
+        self._chunk = max(BLOCK, READ_AHEAD // max(1, min(data.file_batch_size, len(self.files))))
         self._start = 0
         self._maps: set[OrderedMap] = set()
         self._cache = DecodedCache(data, require_labels, where) if data.cache else None
@@ -126,13 +138,16 @@ class RecapDataset:
 
     def counts(self) -> dict[str, int]:
         """What reading met so far, over every iteration of this dataset; safe to call from any thread.
+        kafka_lag_records (a Kafka topic): records behind the partitions' ends (sources/kafka.py: lag).
         defaults_filled: features absent from a record, which took the schema default (and, for each
         schema feature that was, defaults_filled/NAME); damaged_files and skipped_records: the files cut
         short and the records left out by ignore_data_errors. A repeating read counts them every epoch."""
         filled = self._columns.defaults_filled()
         with self._replayed_lock:
             filled.update(self._replayed)
+        stream = {"kafka_lag_records": self.kafka.lag(self._offsets)} if self.kafka is not None else {}
         return {
+            **stream,
             "defaults_filled": filled.total(),
             "damaged_files": len(self.damaged_files),
             "skipped_records": self._damage.records if self._damage else 0,
@@ -145,8 +160,20 @@ class RecapDataset:
         but not decoded: this costs about the reading time of the skipped examples."""
         self._start = batches_consumed
 
+    def position(self) -> Offsets:
+        """Kafka: partition -> the next offset after the records of the batches handed out so far (those
+        not read yet: absent). The trainer keeps it in its checkpoints."""
+        return dict(self._offsets)
+
+    def resume(self, offsets: Offsets) -> None:
+        """Kafka: the next iteration reads each partition of `offsets` from its offset there."""
+        self._offsets = dict(offsets)
+
     def __iter__(self) -> Iterator[Batch]:
         start, self._start = self._start, 0
+        if self.data.kafka is not None:  # skip_to has no meaning here: the offsets say where to go on
+            yield from self._kafka_batches()
+            return
         if self._cache is not None:
             self._cache.start(self._order.epoch_files(0))
         # Default threads: reading (inflate + CRC) is ~85% of the work and decoding ~10%, so every CPU
@@ -170,6 +197,8 @@ class RecapDataset:
 
     def close(self) -> None:
         """Stops the threads of every iteration still open."""
+        if self.kafka is not None:
+            self.kafka.stop()
         for batches in list(self._maps):
             batches.close()
         if self._cache is not None:
@@ -180,6 +209,43 @@ class RecapDataset:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _kafka_batches(self) -> Iterator[Batch]:
+        self.kafka = KafkaRecords(
+            self.data.kafka,
+            rank=self.rank,
+            world_size=self.world_size,
+            follow=self.follow,
+            where=self.where,
+            resume=self._offsets,
+        )
+        order = self._order
+        batches = OrderedMap(
+            lambda pool: runs(iter(self.kafka), order.run_size, order.drop_last),
+            self._positioned_batch,
+            skip=0,
+            read_workers=1,
+            map_workers=self.data.map_num_parallel_calls or max(1, len(os.sched_getaffinity(0)) // 4),
+        )
+        self._maps.add(batches)
+        try:
+            for batch, advanced in batches:
+                self._offsets.update(advanced)
+                if batch is not None:
+                    yield batch
+        finally:
+            self.kafka.stop()  # a stream that waits for messages never reaches the producer's stop check
+            batches.close()
+            self._maps.discard(batches)
+            self.kafka.close()
+
+    def _positioned_batch(self, items: list[Item]) -> tuple[Batch | None, Offsets]:
+        """The batch of a run of messages, and the next offset of each partition after it."""
+        advanced = {partition_of(path): index + 1 for _, path, index in items}  # ascending per partition
+        try:
+            return self._make_batch(items), advanced
+        except DataError as e:  # a message's index is its offset
+            raise DataError(str(e).replace(": record ", ": offset ", 1)) from None
 
     def _runs(self, pool: ThreadPoolExecutor) -> Iterator[list[Item]]:
         return self._order.runs(lambda path: self._open(path, pool))

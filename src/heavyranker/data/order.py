@@ -40,10 +40,7 @@ class Order:
         records = self.records(open_file)
         if self.shuffle and self.shuffle_buffer_size > 1:
             records = shuffle(records, self.shuffle_buffer_size, np.random.default_rng([*self.seed, 1]))
-        while run := list(islice(records, self.run_size)):
-            if len(run) < self.run_size and self.drop_last:
-                return
-            yield run
+        return runs(records, self.run_size, self.drop_last)
 
     def records(self, open_file: Callable[[str], Iterator[Item]]) -> Iterator[Item]:
         for epoch in count() if self.repeat else range(1):
@@ -65,6 +62,14 @@ class Order:
             return self.files
         permutation = np.random.default_rng([*self.seed, 0, epoch]).permutation(len(self.files))
         return [self.files[i] for i in permutation]
+
+
+def runs(records: Iterator[Item], size: int, drop_last: bool) -> Iterator[list[Item]]:
+    """The records in runs of `size` (the last, short one dropped with drop_last)."""
+    while run := list(islice(records, size)):
+        if len(run) < size and drop_last:
+            return
+        yield run
 
 
 def interleave(streams: Iterable[Iterator[Item]], block: int) -> Iterator[Item]:

@@ -20,10 +20,12 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..config import Config, short_names
+from ..config.training import TrainingConfig
 from ..data.batch import Batch
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.sources.files import check_sharding
+from ..data.sources.follow import follow_sources, restore_position
 from ..errors import UserError
 from ..eval.evaluator import evaluate_splits
 from ..model import Ranker, build_model, restore_weights
@@ -40,6 +42,16 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLoss(UserError):
     pass
+
+
+class _StopWhileWaiting(Exception):
+    """A stop signal that came while the step waited for new data: the step is dropped (it took nothing)."""
+
+
+FOLLOW_PAST_SCHEDULE = (
+    "training.follow: past num_train_steps (%d): every learning-rate schedule holds its last rate from here "
+    "on (constant: the rate; linear ramp: its rate; cosine: final_learning_rate; piecewise: the last value)"
+)
 
 
 class Trainer:
@@ -63,8 +75,13 @@ class Trainer:
         self.step = 0
         self.run_folder = RunFolder(config.training.save_dir)
         self._stop_requested = False
+        self._waiting_for_data = False
         self._stopped_early = False
         self.best: BestTracker | None = None  # with training.keep_best, on rank 0 (which decides)
+        # A Kafka source's next offset per partition, all ranks' (data/sources/kafka.py): in every checkpoint.
+        self.data_position: dict[int, int] = {}
+        self._dataset: RecapDataset | None = None
+        follow_sources(config)
 
     def restore(self) -> None:
         """Resume from save_dir's newest checkpoint, else warm start from initial_checkpoint_dir."""
@@ -75,6 +92,7 @@ class Trainer:
             load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
+            self.data_position = restore_position(state, self.config.train_data)
             torch.set_rng_state(state["rng"])
             if "cuda_rng" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["cuda_rng"])
@@ -97,6 +115,9 @@ class Trainer:
             "step": self.step,
             "rng": torch.get_rng_state(),
         }
+        if self.config.train_data.kafka is not None:
+            topic = self.config.train_data.kafka.topic
+            state["data_position"] = {"topic": topic, "offsets": self.data_position}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         saved = save_checkpoint(self.run_folder.checkpoints, self.step, state)
@@ -112,7 +133,7 @@ class Trainer:
     def _run(self) -> None:
         training = self.config.training
         self.restore()
-        if self.step >= training.num_train_steps:
+        if self.step >= training.num_train_steps and not training.follow:
             log.info("already at step %d of %d: nothing to do", self.step, training.num_train_steps)
             return
         if self.runtime.broadcast(self.best is not None and self.best.exhausted):
@@ -127,8 +148,11 @@ class Trainer:
             repeat=True,
             drop_last=True,
             where="train_data",
+            follow=self.config.train_data.kafka is not None,  # a topic has no end: wait for messages
         ) as dataset:
             dataset.skip_to(self.step * self.accumulation)
+            dataset.resume(self.data_position)
+            self._dataset = dataset
             logger = TrainLogger(self.run_folder, enabled=self.runtime.is_main, resume_step=self.step)
             try:
                 self._train(iter(dataset), logger, dataset.counts)
@@ -145,7 +169,7 @@ class Trainer:
         with (
             self._stop_on_signals(),
             tqdm(
-                total=training.num_train_steps,
+                total=None if training.follow else training.num_train_steps,
                 initial=self.step,
                 disable=not self.runtime.is_main,
                 dynamic_ncols=True,
@@ -154,14 +178,21 @@ class Trainer:
         ):
             # A signal may reach some ranks only, or at different times: all ranks stop at the same step.
             while (
-                self.step < training.num_train_steps
+                (training.follow or self.step < training.num_train_steps)
                 and not self._stopped_early
                 and not self.runtime.any(self._stop_requested)
             ):
                 started = time.perf_counter()
-                with out_of_memory_as_user_error("train_data.global_batch_size", f"at step {self.step + 1}"):
-                    total, per_task, examples = self.train_step(batches)
+                try:
+                    where = f"at step {self.step + 1}"
+                    with out_of_memory_as_user_error("train_data.global_batch_size", where):
+                        total, per_task, examples = self.train_step(batches)
+                except _StopWhileWaiting:
+                    break
                 self.step += 1
+                if training.follow and self.step == training.num_train_steps + 1:
+                    log.warning(FOLLOW_PAST_SCHEDULE, training.num_train_steps)
+                self._gather_position(training)
                 logger.add(total, per_task, examples, time.perf_counter() - started)
                 bar.update(1)
                 if self.step % training.train_log_every_n == 0:
@@ -169,6 +200,7 @@ class Trainer:
                     line = logger.flush(self.step, self.model.task_names, self._learning_rates(), counts)
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
                     log.info(_format_log_line(line))
+                    self._log_stream(counts)
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
                     self.save()
                 if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
@@ -176,10 +208,31 @@ class Trainer:
                         "validation_data.<split>.global_batch_size", f"evaluating at step {self.step}"
                     ):
                         self._evaluate(logger)
-        if self.step < training.num_train_steps:
+        if self.step < training.num_train_steps or training.follow:
             if not self._stopped_early:
                 log.info("stopping on a signal at step %d", self.step)
+            self._gather_position(training, every_rank_here=True)
             self.save()
+
+    def _gather_position(self, training: TrainingConfig, every_rank_here: bool = False) -> None:
+        """Every rank's Kafka offsets into data_position, after each step (a checkpoint holds the offsets
+        after the records of its steps). Under DDP a collective: only where a checkpoint may be saved."""
+        if self._dataset is None or self.config.train_data.kafka is None:
+            return
+        due = self.step % training.checkpoint_every_n == 0 or self.step % training.eval_log_every_n == 0
+        if self.runtime.world_size > 1 and not (due or every_rank_here):
+            return
+        for offsets in self.runtime.gather(self._dataset.position()):
+            self.data_position.update(offsets)
+
+    def _log_stream(self, counts: dict[str, int]) -> None:
+        """Where a Kafka source stands: records behind (lag) and the broker time of the newest message."""
+        kafka = self._dataset.kafka if self._dataset is not None else None
+        if self.config.train_data.kafka is None:
+            return
+        times = [t for t in self.runtime.gather(kafka and kafka.newest_timestamp) if t is not None]
+        newest = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(times))) if times else "none yet"
+        log.info("kafka: %d records behind, newest message %s", counts.get("kafka_lag_records", 0), newest)
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, int]:
         device = self.runtime.device
@@ -187,7 +240,7 @@ class Trainer:
         per_task_sum = torch.zeros(len(self.model.task_names), device=device)
         examples = 0
         for i in range(self.accumulation):
-            batch = next(batches).to(device, non_blocking=True)
+            batch = self._next_batch(batches).to(device, non_blocking=True)
             columns = batch.columns(self.model.task_names)
             with gradient_sync(self.train_model, enabled=i == self.accumulation - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -214,6 +267,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total_sum, per_task_sum, examples * self.runtime.world_size
 
+    def _next_batch(self, batches: Iterator[Batch]) -> Batch:
+        self._waiting_for_data = self.config.train_data.kafka is not None  # may wait for messages forever
+        try:
+            return next(batches)
+        finally:
+            self._waiting_for_data = False
+
     def _learning_rates(self) -> dict[str, float]:
         return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
 
@@ -237,6 +297,8 @@ class Trainer:
 
         def request_stop(signum: int, frame: object) -> None:
             self._stop_requested = True
+            if self._waiting_for_data:
+                raise _StopWhileWaiting
 
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             yield

@@ -50,6 +50,8 @@ def shard_files(data: DataConfig, rank: int, world_size: int, where: str) -> tup
             f"{world_size}; each process takes global_batch_size / {world_size} examples per batch, so "
             f"make it a multiple of {world_size}"
         )
+    if data.kafka is not None:  # partitions, not files: shared when the topic is opened (sources/kafka.py)
+        return [], data.global_batch_size // world_size
     files = select_files(data)
     if len(files) < world_size:
         raise UserError(

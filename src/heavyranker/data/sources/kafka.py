@@ -1,0 +1,233 @@
+"""A Kafka topic as a source of records: each message value is one serialized tf.Example.
+
+confluent-kafka (librdkafka's maintained binding) reads it: partitions are assigned explicitly, each rank
+taking partitions[rank::world_size], and the offsets are ours (no consumer group commits): the dataset hands
+the next offset of each partition to the trainer, which keeps them in every checkpoint, so that a restarted
+run resumes exactly where the checkpoint's training ended."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from ...config.kafka import KafkaInput, KafkaSecurity
+from ...errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+# An Item of a message: its value, where it comes from ("kafka topic T partition P") and its offset.
+Item = tuple[bytes, str, int]
+Offsets = dict[int, int]  # partition -> the next offset to read
+
+
+def partition_name(topic: str, partition: int) -> str:
+    return f"kafka topic {topic} partition {partition}"
+
+
+def partition_of(name: str) -> int:
+    """The partition of a partition_name()."""
+    return int(name.rsplit(" ", 1)[1])
+
+
+class KafkaRecords:
+    """This rank's messages of `spec.topic`, in the order they arrive. With `follow` the stream never ends:
+    it waits for new messages; without it, it ends when every assigned partition is read to its end.
+    `resume` (partition -> next offset), from a checkpoint, overrides `spec.start` for those partitions.
+    newest_timestamp: the broker time (seconds) of the newest message read, None before any."""
+
+    def __init__(
+        self,
+        spec: KafkaInput,
+        *,
+        rank: int,
+        world_size: int,
+        follow: bool,
+        where: str,
+        resume: Offsets | None = None,
+    ):
+        from confluent_kafka import Consumer  # an optional dependency: pip install heavyranker[kafka]
+
+        self.spec, self.follow, self.where = spec, follow, where
+        self._broker_error: tuple[float, str] | None = None  # (since, message) while no broker answers
+        self._stop = threading.Event()
+        self._ends: dict[int, tuple[int, int]] = {}  # partition -> (first, end) offsets, as last heard
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": spec.bootstrap_servers,
+                "group.id": "heavyranker",  # required by the client; we never join or commit to it
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "error_cb": self._on_error,
+                **_security(spec.security, where),
+            }
+        )
+        every = self._partitions()
+        chosen = spec.partitions if spec.partitions is not None else every
+        missing = sorted(set(chosen) - set(every))
+        if missing:
+            raise UserError(
+                f"{where}.kafka.partitions: topic {spec.topic} has no partition {missing[0]} "
+                f"(it has {len(every)}: 0 to {len(every) - 1})"
+            )
+        chosen = sorted(chosen)
+        if len(chosen) < world_size:
+            raise UserError(
+                f"{where}.kafka: {len(chosen)} partition(s) of topic {spec.topic} for {world_size} "
+                "processes; "
+                f"each process reads its own partitions, so the topic needs at least {world_size}"
+            )
+        self.partitions = chosen[rank::world_size]
+        self.offsets: Offsets = self._starts(resume or {})
+        self.newest_timestamp: float | None = None
+        log.info(
+            "%s: kafka topic %s, partitions %s for rank %d of %d, from offsets %s",
+            where,
+            spec.topic,
+            self.partitions,
+            rank,
+            world_size,
+            self.offsets,
+        )
+
+    def _on_error(self, error: object) -> None:
+        # Called from poll: the client retries by itself; we give up after broker_timeout_seconds.
+        from confluent_kafka import KafkaError
+
+        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            if self._broker_error is None:
+                self._broker_error = (time.monotonic(), error.str())
+                log.warning("%s.kafka: %s; retrying", self.where, error.str())
+
+    def _partitions(self) -> list[int]:
+        from confluent_kafka import KafkaException
+
+        deadline = time.monotonic() + self.spec.broker_timeout_seconds
+        while True:
+            try:
+                metadata = self._consumer.list_topics(self.spec.topic, timeout=self.spec.poll_seconds * 5)
+                break
+            except KafkaException as e:
+                if time.monotonic() > deadline:
+                    raise DataError(self._unreachable(e.args[0].str())) from None
+        topic = metadata.topics.get(self.spec.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            reason = topic.error.str() if topic is not None and topic.error is not None else "no partitions"
+            raise UserError(
+                f"{self.where}.kafka.topic: topic {self.spec.topic!r} not found on "
+                f"{self.spec.bootstrap_servers} "
+                f"({reason})"
+            )
+        return sorted(topic.partitions)
+
+    def _starts(self, resume: Offsets) -> Offsets:
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
+
+        fresh = [p for p in self.partitions if p not in resume]
+        starts = {p: resume[p] for p in self.partitions if p in resume}
+        if not fresh:
+            return starts
+        if self.spec.start == "earliest":
+            return starts | {p: OFFSET_BEGINNING for p in fresh}
+        if self.spec.start == "latest":
+            return starts | {p: OFFSET_END for p in fresh}
+        when = datetime.fromisoformat(self.spec.start)
+        millis = int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() * 1000)
+        found = self._consumer.offsets_for_times(
+            [TopicPartition(self.spec.topic, p, millis) for p in fresh],
+            timeout=self.spec.broker_timeout_seconds,
+        )
+        # -1: no message at or after the time: start at the end, on what arrives from now on.
+        return starts | {tp.partition: tp.offset if tp.offset >= 0 else OFFSET_END for tp in found}
+
+    def __iter__(self) -> Iterator[Item]:
+        from confluent_kafka import KafkaError, TopicPartition
+
+        topic = self.spec.topic
+        self._consumer.assign([TopicPartition(topic, p, offset) for p, offset in self.offsets.items()])
+        names = {p: partition_name(topic, p) for p in self.partitions}
+        unfinished = set(self.partitions)
+        while (self.follow or unfinished) and not self._stop.is_set():
+            # poll returns with the first message (consume would wait for a full set or the time out), then
+            # consume takes what is already there.
+            first = self._consumer.poll(self.spec.poll_seconds)
+            messages = [] if first is None else [first]
+            if first is not None and self.spec.max_messages_per_poll > 1:
+                messages += self._consumer.consume(self.spec.max_messages_per_poll - 1, 0)
+            self._note_ends()
+            if not messages:
+                self._check_brokers()
+                continue
+            self._broker_error = None
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        unfinished.discard(message.partition())
+                        continue
+                    if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        raise UserError(f"{self.where}.kafka.topic: topic {topic!r} is gone ({error.str()})")
+                    raise DataError(f"{self.where}.kafka: topic {topic}: {error.str()}")
+                partition, offset = message.partition(), message.offset()
+                self.newest_timestamp = message.timestamp()[1] / 1000
+                yield message.value() or b"", names[partition], offset
+
+    def _check_brokers(self) -> None:
+        if self._broker_error is None:
+            return
+        since, message = self._broker_error
+        if time.monotonic() - since > self.spec.broker_timeout_seconds:
+            raise DataError(self._unreachable(message))
+
+    def _unreachable(self, message: str) -> str:
+        return (
+            f"{self.where}.kafka: no broker of {self.spec.bootstrap_servers} answered for "
+            f"{self.spec.broker_timeout_seconds:g} s (last error: {message}); nothing read since is lost: "
+            "restart from the newest checkpoint once the brokers are back"
+        )
+
+    def lag(self, offsets: Offsets) -> int:
+        """Records behind: the partitions' end offsets (as the client last heard them from the broker, after
+        the latest poll) less `offsets`, the next offsets to train on (partitions absent: from their start).
+        Safe from any thread: it reads what the reading thread noted."""
+        ends = dict(self._ends)
+        return sum(max(0, high - offsets.get(p, low)) for p, (low, high) in ends.items())
+
+    def _note_ends(self) -> None:
+        # On the reading thread: the client is not to be called from two threads at once (a call from the
+        # training thread during a poll hung).
+        from confluent_kafka import TopicPartition
+
+        for p in self.partitions:
+            low, high = self._consumer.get_watermark_offsets(TopicPartition(self.spec.topic, p), cached=True)
+            if high >= 0:  # negative: not heard yet
+                self._ends[p] = (max(low, 0), high)
+
+    def stop(self) -> None:
+        """Ends the iteration (from another thread) within a poll."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _security(security: KafkaSecurity | None, where: str) -> dict[str, str]:
+    """librdkafka's settings for `security`, with the secrets read from the environment now."""
+    if security is None:
+        return {}
+    settings = {"security.protocol": security.protocol}
+    if security.sasl_mechanism:
+        settings["sasl.mechanisms"] = security.sasl_mechanism
+    for key, env in (("sasl.username", security.username_env), ("sasl.password", security.password_env)):
+        if env is None:
+            continue
+        if env not in os.environ:
+            field = "username_env" if key == "sasl.username" else "password_env"
+            raise UserError(f"{where}.kafka.security.{field}: the environment variable {env} is not set")
+        settings[key] = os.environ[env]
+    if security.ca_location:
+        settings["ssl.ca.location"] = security.ca_location
+    return settings

@@ -1,0 +1,156 @@
+"""Training on a Kafka topic: the offsets are in every checkpoint, so runs killed at random moments and
+restarted train on every message exactly once (a real broker: tests/kafka_broker.py)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from heavyranker.checkpoint import load_checkpoint
+from heavyranker.run_folder import RunFolder
+
+from ..kafka_broker import broker  # noqa: F401  (a fixture)
+from ..kafka_data import example, kafka_overrides
+from .kafka_train_run import trained_ids
+
+RUN = Path(__file__).with_name("kafka_train_run.py")
+SRC = Path(__file__).resolve().parents[2] / "src"
+BATCH = 8
+
+
+def start(log: Path, overrides: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen(
+        [sys.executable, str(RUN), str(log), *overrides],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def overrides(bootstrap: str, topic: str, save_dir: Path, *more: str) -> list[str]:
+    return [
+        *kafka_overrides(bootstrap, topic, poll_seconds=0.2),
+        f"training.save_dir={save_dir}",
+        "validation_data={}",
+        f"train_data.global_batch_size={BATCH}",
+        "training.checkpoint_every_n=3",
+        "training.train_log_every_n=5",
+        *more,
+    ]
+
+
+def stopped(run: subprocess.Popen) -> str:
+    """The stderr of `run` once it has exited; if it does not within 120 s, its threads' stacks, then kill."""
+    try:
+        return run.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        run.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        run.kill()
+        raise AssertionError(f"the run did not stop: {run.communicate()[1][-6000:]}") from None
+
+
+def wait_for(condition, what: str, limit: float = 300) -> None:
+    """Polls `condition` (a bound against a hang, not a timing assertion)."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_every_message_is_trained_on_once_across_kills(broker, tmp_path):  # noqa: F811
+    """A writer adds messages while a follow run is SIGKILLed 20 times at random moments and restarted; at
+    the end (SIGTERM: exit 0), the steps in the final state hold every message exactly once."""
+    total, partitions = 960, 2
+    broker.create_topic("stream", partitions)
+    log = tmp_path / "trained.log"
+    args = overrides(broker.bootstrap, "stream", tmp_path / "run", "training.follow=true")
+
+    def write() -> None:
+        for first in range(
+            0, total - 48, 48
+        ):  # 48 messages (3 batches' worth) every 0.3 s, over both partitions
+            broker.produce(
+                "stream",
+                {
+                    p: [example(i) for i in range(first + p, first + 48, partitions)]
+                    for p in range(partitions)
+                },
+            )
+            time.sleep(0.3)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    rng = random.Random(0)
+    for _ in range(20):
+        run = start(log, args)
+        time.sleep(rng.uniform(2.0, 8.0))  # imports and restore take ~2-4 s: some kills come before step 1
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    writer.join()
+    last = total - 48  # the writer's last burst comes now: the last run trains on some, its handlers set
+    broker.produce(
+        "stream", {p: [example(i) for i in range(last + p, total, partitions)] for p in range(partitions)}
+    )
+    run = start(log, args)
+    wait_for(lambda: len(trained_ids(log)) >= total or run.poll() is not None, "the last run to catch up")
+    run.send_signal(signal.SIGTERM)
+    errors = stopped(run)
+    assert run.returncode == 0, errors[-2000:]
+    counts = Counter(trained_ids(log))
+    assert sorted(counts) == list(range(total))
+    assert set(counts.values()) == {1}
+    step = RunFolder(tmp_path / "run").newest_checkpoint()
+    assert load_checkpoint(step)["data_position"] == {
+        "topic": "stream",
+        "offsets": {p: total // partitions for p in range(partitions)},
+    }
+
+
+def test_without_follow_it_trains_to_num_train_steps_and_saves_the_offsets(broker, tmp_path):  # noqa: F811
+    broker.create_topic("bounded", 1)
+    broker.produce("bounded", {0: [example(i) for i in range(100)]})
+    log = tmp_path / "trained.log"
+    run = start(log, overrides(broker.bootstrap, "bounded", tmp_path / "run", "training.num_train_steps=5"))
+    _, errors = run.communicate(timeout=300)
+    assert run.returncode == 0, errors[-2000:]
+    assert trained_ids(log) == list(range(5 * BATCH))
+    assert f"kafka: {100 - 5 * BATCH} records behind, newest message 20" in errors  # at step 5's log line
+    newest = load_checkpoint(RunFolder(tmp_path / "run").newest_checkpoint())
+    assert newest["step"] == 5
+    assert newest["data_position"] == {"topic": "bounded", "offsets": {0: 5 * BATCH}}
+    run = start(log, overrides(broker.bootstrap, "bounded", tmp_path / "run", "training.num_train_steps=7"))
+    _, errors = run.communicate(timeout=300)
+    assert run.returncode == 0, errors[-2000:]
+    assert trained_ids(log) == list(range(7 * BATCH))  # resumed at message 40
+
+
+def test_sigterm_while_waiting_for_messages(broker, tmp_path):  # noqa: F811
+    """A follow run that has trained on everything waits; SIGTERM then saves and exits 0."""
+    broker.create_topic("quiet", 1)
+    broker.produce("quiet", {0: [example(i) for i in range(2 * BATCH)]})
+    log = tmp_path / "trained.log"
+    run = start(
+        log,
+        overrides(
+            broker.bootstrap, "quiet", tmp_path / "run", "training.follow=true", "training.num_train_steps=1"
+        ),
+    )
+    wait_for(lambda: len(trained_ids(log)) == 2 * BATCH or run.poll() is not None, "two steps")
+    run.send_signal(signal.SIGTERM)
+    _, errors = run.communicate(timeout=120)
+    assert run.returncode == 0, errors[-2000:]
+    assert "past num_train_steps (1)" in errors  # the schedule's constant tail, warned once
+    assert errors.count("past num_train_steps") == 1
+    newest = load_checkpoint(RunFolder(tmp_path / "run").newest_checkpoint())
+    assert newest["step"] == 2
+    assert newest["data_position"]["offsets"] == {0: 2 * BATCH}
