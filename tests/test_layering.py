@@ -33,6 +33,7 @@ FLOORS = {
     "release": 6,
     "demo": 6,
     "cli": 7,
+    "handlers": 7,
     "__main__": 7,
 }
 

@@ -30,11 +30,11 @@ def test_a_step_that_allocates_what_the_last_one_freed_does_not_fault_its_pages_
 
 
 def test_only_the_commands_that_train_set_it(monkeypatch, small_config_path):
-    from heavyranker import cli, demo
+    from heavyranker import cli, demo, handlers
     from heavyranker.train import loop
 
     calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("set"))
+    monkeypatch.setattr(handlers, "keep_freed_memory", lambda: calls.append("set"))
     monkeypatch.setattr(loop, "train", lambda config, amp: calls.append("train"))
     monkeypatch.setattr(demo, "run_demo", lambda path, overrides: calls.append("demo"))
     config = str(small_config_path)

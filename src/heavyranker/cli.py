@@ -1,5 +1,5 @@
-"""`heavyranker <command>`: one entry point for every job. Handlers are thin: parse, load the
-config, call the library function that does the work."""
+"""`heavyranker <command>`: one entry point for every job. This module builds the parser (serve's flags from
+config.serving.ServeOptions) and turns errors into one line; handlers.py holds the thin handlers."""
 
 from __future__ import annotations
 
@@ -11,187 +11,15 @@ import sys
 import typing
 from collections.abc import Callable
 
-from .config import Config, ConfigError, dump_config, load_config
+from . import handlers
+from .config import ConfigError
 from .config.serving import SERVING, ServeOptions
 from .errors import SettingError, UserError
-from .memory import keep_freed_memory
 from .serve.repository import DEFAULT_KEEP
 from .urls import redact
 
 EXIT_USER_ERROR = 2
-EXIT_REFUSED = 1  # promote: the candidate was compared and refused
 OUT_OF_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk or quota, a read-only disk: one line
-
-
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.set)
-
-
-def _config_validate(args: argparse.Namespace) -> int:
-    print(dump_config(_load(args)), end="")
-    return 0
-
-
-def _data_generate(args: argparse.Namespace) -> int:
-    from .data.synthetic import generate_for_config
-
-    generate_for_config(_load(args), out=args.out, examples=args.examples, files=args.files, seed=args.seed)
-    return 0
-
-
-def _data_dump(args: argparse.Namespace) -> int:
-    from .data.dump import dump_batches
-
-    config = _load(args)
-    where, data = config.split_data(args.split)
-    dump_batches(
-        data,
-        seed=config.training.seed,
-        split=args.split,
-        where=where,
-        inputs=args.inputs,
-        batches=args.batches,
-        shuffle=not args.no_shuffle,
-        out=args.out,
-    )
-    return 0
-
-
-def _data_stats(args: argparse.Namespace) -> int:
-    from .data.stats import write_feature_stats
-
-    config = _load(args)
-    write_feature_stats(config.train_data, seed=config.training.seed, out=args.out, batches=args.batches)
-    return 0
-
-
-def _data_cache(args: argparse.Namespace) -> int:
-    from .data.cache import clear_cache, describe_cache
-
-    print("\n".join((clear_cache if args.clear else describe_cache)(_load(args).data_sections)))
-    return 0
-
-
-def _data_convert(args: argparse.Namespace) -> int:
-    from .data.convert import convert_files
-
-    config = _load(args)
-    _, data = config.split_data(args.split)
-    written = convert_files(data, to=args.to, out=args.out, inputs=args.inputs)
-    print(f"wrote {len(written)} {args.to} files under {args.out}")
-    return 0
-
-
-def _model_summary(args: argparse.Namespace) -> int:
-    from .data.columns import feature_specs
-    from .model.summary import print_summary
-
-    config = _load(args)
-    print_summary(config.model, feature_specs(config.train_data))
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    if args.nproc and args.nproc > 1:
-        from .runtime import launch_torchrun
-
-        return launch_torchrun(sys.argv[1:], nproc=args.nproc)
-    from .train.loop import train
-
-    keep_freed_memory()  # for the training step; each torchrun worker comes through here too
-    config = _load(args)
-    if args.follow:
-        config.training.follow = True
-    train(config, amp=args.amp)
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from .eval.evaluator import evaluate_command
-
-    evaluate_command(_load(args), checkpoint=args.checkpoint, watch=args.watch, split=args.split)
-    return 0
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from .eval.compare import compare_runs
-
-    config_b = None
-    if args.config_b or args.set_b:  # without --config-b, B is --config with --set, then --set-b
-        config_b = (
-            load_config(args.config_b, args.set_b)
-            if args.config_b
-            else load_config(args.config, args.set + args.set_b)
-        )
-    compare_runs(
-        _load(args),
-        args.run_a,
-        args.run_b,
-        split=args.split,
-        step=args.step,
-        resamples=args.resamples,
-        seed=args.seed,
-        html_path=args.html,
-        config_b=config_b,
-    )
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from .serve.export import export_model
-    from .serve.repository import ModelRepository, export_version
-
-    if args.repository:
-        repository = ModelRepository(args.repository, args.model_name)
-        version = export_version(
-            repository, _load(args), checkpoint=args.checkpoint, format=args.format, keep=args.keep_versions
-        )
-        print(f"{repository.version_folder(version)}")
-        return 0
-    export_model(_load(args), checkpoint=args.checkpoint, out=args.out, format=args.format)
-    return 0
-
-
-def _promote(args: argparse.Namespace) -> int:
-    from .release.promote import PromotionRule, promote
-    from .serve.repository import ModelRepository
-
-    rule = PromotionRule(
-        metric=args.metric,
-        tasks=tuple(args.task),
-        tolerance=args.tolerance,
-        resamples=args.resamples,
-        seed=args.seed,
-    )
-    decision = promote(
-        _load(args),
-        ModelRepository(args.repository, args.model_name),
-        checkpoint=args.checkpoint,
-        split=args.split,
-        rule=rule,
-        format=args.format,
-        keep=args.keep_versions,
-    )
-    outcome = f"published as version {decision.version}" if decision.published else "refused"
-    print(f"{outcome}: {decision.reason}")
-    return 0 if decision.published else EXIT_REFUSED
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from .serve.predict import predict_files
-
-    predict_files(model_dir=args.model, inputs=args.inputs, out=args.out, batch_size=args.batch_size)
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from .serve.app import run_server
-
-    flags = serve_flags_given(args)
-    if (args.model is None) == ("repository" not in flags):
-        raise UserError("serve: give --model (an exported folder) or --repository (a model repository)")
-    run_server(args.model, **flags)
-    return 0
 
 
 METAVARS = {int: "N", float: "NUMBER", str: "TEXT"}
@@ -217,14 +45,6 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def serve_flags_given(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        name: value
-        for name in ServeOptions.model_fields
-        if (value := getattr(args, f"{SERVING}.{name}")) is not None
-    }
-
-
 def add_repository_flags(parser: argparse.ArgumentParser) -> None:
     """--model-name and --keep-versions, for the commands that add a version to a model repository."""
     default_name = ServeOptions.model_fields["model_name"].default
@@ -240,14 +60,6 @@ def add_repository_flags(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help=f"keep the newest K versions, and those a server serves (default {DEFAULT_KEEP})",
     )
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    keep_freed_memory()  # the demo trains
-    run_demo(args.config, overrides=args.set)
-    return 0
 
 
 def _with_config(parser: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -288,13 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="config tools").add_subparsers(dest="sub", required=True)
     _with_config(
-        command(config, "validate", "print the resolved config, or what is wrong with it", _config_validate),
+        command(
+            config,
+            "validate",
+            "print the resolved config, or what is wrong with it",
+            handlers.run_config_validate,
+        ),
         positional=True,
     )
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="sub", required=True)
     p = command(
-        data, "generate", "write synthetic data with a planted truth for the config's splits", _data_generate
+        data,
+        "generate",
+        "write synthetic data with a planted truth for the config's splits",
+        handlers.run_data_generate,
     )
     _with_config(p)
     p.add_argument("--out", help="folder (default: where the config's globs point)")
@@ -306,22 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--files", type=int, help="files per split (default 8)")
     p.add_argument("--seed", type=int, default=0)
-    p = command(data, "dump", "write the arrays of some batches to an .npz for inspection", _data_dump)
+    p = command(
+        data, "dump", "write the arrays of some batches to an .npz for inspection", handlers.run_data_dump
+    )
     _with_config(p)
     p.add_argument("--split", default="train", help="train, or a validation split name")
     p.add_argument("--inputs", help="a glob that replaces the split's inputs")
     p.add_argument("--batches", type=int, default=1)
     p.add_argument("--no-shuffle", action="store_true")
     p.add_argument("--out", required=True, help="FILE.npz")
-    p = command(data, "stats", "per-feature statistics for z_score_log featurization", _data_stats)
+    p = command(
+        data, "stats", "per-feature statistics for z_score_log featurization", handlers.run_data_stats
+    )
     _with_config(p)
     p.add_argument("--out", required=True, help="FILE.json")
     p.add_argument("--batches", type=int, default=100, help="training batches to read")
-    p = command(data, "cache", "the decoded cache of the config's splits: size, files cached", _data_cache)
+    p = command(
+        data, "cache", "the decoded cache of the config's splits: size, files cached", handlers.run_data_cache
+    )
     _with_config(p)
     p.add_argument("--clear", action="store_true", help="remove everything in the cache folders")
     p = command(
-        data, "convert", "rewrite a split's files as Parquet or TFRecord, one file per file", _data_convert
+        data,
+        "convert",
+        "rewrite a split's files as Parquet or TFRecord, one file per file",
+        handlers.run_data_convert,
     )
     _with_config(p)
     p.add_argument("--split", default="train", help="train, or a validation split name")
@@ -330,15 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder; each file keeps its path below the inputs' folder")
 
     model = commands.add_parser("model", help="model tools").add_subparsers(dest="sub", required=True)
-    _with_config(command(model, "summary", "each module with its parameter count", _model_summary))
+    _with_config(
+        command(model, "summary", "each module with its parameter count", handlers.run_model_summary)
+    )
 
-    p = command(commands, "train", "train the model (resumes from save_dir)", _train)
+    p = command(commands, "train", "train the model (resumes from save_dir)", handlers.run_train)
     _with_config(p)
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--nproc", type=int, default=0, help="launch this many processes with torchrun")
     p.add_argument("--follow", action="store_true", help="train on new data as it arrives (training.follow)")
 
-    p = command(commands, "evaluate", "metrics of a checkpoint on each validation split", _evaluate)
+    p = command(
+        commands, "evaluate", "metrics of a checkpoint on each validation split", handlers.run_evaluate
+    )
     _with_config(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", help="a checkpoint (default: the newest in save_dir)")
@@ -349,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "compare",
         "two runs' AUROC and RCE per task on a validation split, with paired bootstrap intervals",
-        _compare,
+        handlers.run_compare,
     )
     p.add_argument("run_a", metavar="RUN_A", help="a run folder (training.save_dir of a run)")
     p.add_argument("run_b", metavar="RUN_B", help="another run folder; the table shows B - A")
@@ -372,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a value of RUN_B's config only (after --config-b, else after --config and --set)",
     )
 
-    p = command(commands, "export", "write a self-contained scoring artifact", _export)
+    p = command(commands, "export", "write a self-contained scoring artifact", handlers.run_export)
     _with_config(p)
     p.add_argument(
         "--checkpoint",
@@ -395,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "promote",
         "publish a checkpoint in a model repository if it is not worse than the version there",
-        _promote,
+        handlers.run_promote,
     )
     _with_config(p)
     p.add_argument("--repository", required=True, metavar="REPO", help="the model repository")
@@ -422,17 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="of the published version")
     add_repository_flags(p)
 
-    p = command(commands, "predict", "score TFRecord files with an exported model", _predict)
+    p = command(commands, "predict", "score TFRecord files with an exported model", handlers.run_predict)
     p.add_argument("--model", required=True, help="an exported model folder")
     p.add_argument("--inputs", required=True, help="a glob of TFRecord files")
     p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
     p.add_argument("--batch-size", type=int, default=1024)
 
-    p = command(commands, "serve", "HTTP ranking service for an exported model", _serve)
+    p = command(commands, "serve", "HTTP ranking service for an exported model", handlers.run_serve)
     p.add_argument("--model", help="an exported model folder (or give --repository)")
     add_serve_flags(p)
 
-    p = command(commands, "demo", "generate data, train, evaluate and report on a small config", _demo)
+    p = command(
+        commands, "demo", "generate data, train, evaluate and report on a small config", handlers.run_demo
+    )
     _with_config(p)
     return parser
 

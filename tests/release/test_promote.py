@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from heavyranker.checkpoint import load_checkpoint, save_checkpoint
-from heavyranker.cli import EXIT_REFUSED, main
+from heavyranker.cli import main
 from heavyranker.errors import UserError
+from heavyranker.handlers import EXIT_REFUSED
 from heavyranker.release.promote import PromotionRule, promote
 from heavyranker.serve.repository import ModelRepository
 from heavyranker.serve.scorer import MANIFEST

@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from heavyranker.cli import build_parser, main, serve_flags_given
+from heavyranker.cli import build_parser, main
 from heavyranker.config.serving import ServeOptions, ServingConfig, serve_options
 from heavyranker.errors import SettingError
+from heavyranker.handlers import serve_flags_given
 from heavyranker.serve.app import create_app
 from heavyranker.serve.scorer import MANIFEST
 from tests.conftest import CONFIGS

@@ -77,7 +77,5 @@ def _moments(data: DataConfig, seed: int, batches: int) -> tuple[np.ndarray, np.
             count = total
         log.info("train_data: %s", describe_counts(dataset.counts()))
     if count is None:
-        raise DataError(
-            f"no training examples to describe in {data.inputs or 'the dated inputs'}"
-        )
+        raise DataError(f"no training examples to describe in {data.inputs or 'the dated inputs'}")
     return count, mean, m2

@@ -1,0 +1,201 @@
+"""The handlers of `heavyranker <command>` (cli.py builds the parser): each parses no more than its
+arguments, loads the config and calls the library function that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import Config, dump_config, load_config
+from .config.serving import SERVING, ServeOptions
+from .errors import UserError
+from .memory import keep_freed_memory
+
+EXIT_REFUSED = 1  # promote: the candidate was compared and refused
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.set)
+
+
+def run_config_validate(args: argparse.Namespace) -> int:
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def run_data_generate(args: argparse.Namespace) -> int:
+    from .data.synthetic import generate_for_config
+
+    generate_for_config(_load(args), out=args.out, examples=args.examples, files=args.files, seed=args.seed)
+    return 0
+
+
+def run_data_dump(args: argparse.Namespace) -> int:
+    from .data.dump import dump_batches
+
+    config = _load(args)
+    where, data = config.split_data(args.split)
+    dump_batches(
+        data,
+        seed=config.training.seed,
+        split=args.split,
+        where=where,
+        inputs=args.inputs,
+        batches=args.batches,
+        shuffle=not args.no_shuffle,
+        out=args.out,
+    )
+    return 0
+
+
+def run_data_stats(args: argparse.Namespace) -> int:
+    from .data.stats import write_feature_stats
+
+    config = _load(args)
+    write_feature_stats(config.train_data, seed=config.training.seed, out=args.out, batches=args.batches)
+    return 0
+
+
+def run_data_cache(args: argparse.Namespace) -> int:
+    from .data.cache import clear_cache, describe_cache
+
+    print("\n".join((clear_cache if args.clear else describe_cache)(_load(args).data_sections)))
+    return 0
+
+
+def run_data_convert(args: argparse.Namespace) -> int:
+    from .data.convert import convert_files
+
+    config = _load(args)
+    _, data = config.split_data(args.split)
+    written = convert_files(data, to=args.to, out=args.out, inputs=args.inputs)
+    print(f"wrote {len(written)} {args.to} files under {args.out}")
+    return 0
+
+
+def run_model_summary(args: argparse.Namespace) -> int:
+    from .data.columns import feature_specs
+    from .model.summary import print_summary
+
+    config = _load(args)
+    print_summary(config.model, feature_specs(config.train_data))
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1:
+        from .runtime import launch_torchrun
+
+        return launch_torchrun(sys.argv[1:], nproc=args.nproc)
+    from .train.loop import train
+
+    keep_freed_memory()  # for the training step; each torchrun worker comes through here too
+    config = _load(args)
+    if args.follow:
+        config.training.follow = True
+    train(config, amp=args.amp)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .eval.evaluator import evaluate_command
+
+    evaluate_command(_load(args), checkpoint=args.checkpoint, watch=args.watch, split=args.split)
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .eval.compare import compare_runs
+
+    config_b = None
+    if args.config_b or args.set_b:  # without --config-b, B is --config with --set, then --set-b
+        config_b = (
+            load_config(args.config_b, args.set_b)
+            if args.config_b
+            else load_config(args.config, args.set + args.set_b)
+        )
+    compare_runs(
+        _load(args),
+        args.run_a,
+        args.run_b,
+        split=args.split,
+        step=args.step,
+        resamples=args.resamples,
+        seed=args.seed,
+        html_path=args.html,
+        config_b=config_b,
+    )
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .serve.export import export_model
+    from .serve.repository import ModelRepository, export_version
+
+    if args.repository:
+        repository = ModelRepository(args.repository, args.model_name)
+        version = export_version(
+            repository, _load(args), checkpoint=args.checkpoint, format=args.format, keep=args.keep_versions
+        )
+        print(f"{repository.version_folder(version)}")
+        return 0
+    export_model(_load(args), checkpoint=args.checkpoint, out=args.out, format=args.format)
+    return 0
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    from .release.promote import PromotionRule, promote
+    from .serve.repository import ModelRepository
+
+    rule = PromotionRule(
+        metric=args.metric,
+        tasks=tuple(args.task),
+        tolerance=args.tolerance,
+        resamples=args.resamples,
+        seed=args.seed,
+    )
+    decision = promote(
+        _load(args),
+        ModelRepository(args.repository, args.model_name),
+        checkpoint=args.checkpoint,
+        split=args.split,
+        rule=rule,
+        format=args.format,
+        keep=args.keep_versions,
+    )
+    outcome = f"published as version {decision.version}" if decision.published else "refused"
+    print(f"{outcome}: {decision.reason}")
+    return 0 if decision.published else EXIT_REFUSED
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .serve.predict import predict_files
+
+    predict_files(model_dir=args.model, inputs=args.inputs, out=args.out, batch_size=args.batch_size)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve.app import run_server
+
+    flags = serve_flags_given(args)
+    if (args.model is None) == ("repository" not in flags):
+        raise UserError("serve: give --model (an exported folder) or --repository (a model repository)")
+    run_server(args.model, **flags)
+    return 0
+
+
+def serve_flags_given(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        name: value
+        for name in ServeOptions.model_fields
+        if (value := getattr(args, f"{SERVING}.{name}")) is not None
+    }
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    keep_freed_memory()  # the demo trains
+    run_demo(args.config, overrides=args.set)
+    return 0
