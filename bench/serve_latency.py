@@ -117,14 +117,18 @@ def binary_body(ids: list, arrays: dict[str, np.ndarray]) -> Request:
 def start_server(
     model: Path, threads: int, max_queue: int, max_candidates: int
 ) -> tuple[subprocess.Popen, str]:
+    options = ["--model", str(model), "--max-queue", str(max_queue), "--max-candidates", str(max_candidates)]
+    return launch_server([*options, "--read-timeout", str(READ_TIMEOUT_S)], threads)
+
+
+def launch_server(options: list[str], threads: int) -> tuple[subprocess.Popen, str]:
+    """`heavyranker serve OPTIONS` on a free loopback port with torch on `threads` threads, once it answers
+    /healthz: the process and its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "heavyranker", "serve", "--model", str(model), "--port", str(port)]
-    command += ["--max-queue", str(max_queue), "--max-candidates", str(max_candidates)]
-    command += ["--read-timeout", str(READ_TIMEOUT_S)]
     server = subprocess.Popen(
-        command,
+        [sys.executable, "-m", "heavyranker", "serve", *options, "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": str(threads)},

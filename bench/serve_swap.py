@@ -20,12 +20,9 @@ memory after the first version loaded. Results go to bench/results/serve_swap.js
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +33,7 @@ import httpx
 import numpy as np
 import torch
 from results import add_results_option, write_results
-from serve_latency import START_TIMEOUT_S, json_body
+from serve_latency import json_body, launch_server
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
@@ -72,27 +69,8 @@ def publish(repository: ModelRepository, folder: Path) -> int:
 
 
 def start_server(root: Path, threads: int, clients: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "heavyranker", "serve", "--repository", str(root), "--port", str(port)]
-    command += ["--model-name", MODEL_NAME, "--poll-seconds", str(POLL_S), "--max-queue", str(clients)]
-    server = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start (exit code {server.poll()})")
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            time.sleep(0.5)
+    options = ["--repository", str(root), "--model-name", MODEL_NAME, "--poll-seconds", str(POLL_S)]
+    return launch_server([*options, "--max-queue", str(clients)], threads)
 
 
 def memory_mib(pid: int, field: str) -> float:
