@@ -248,6 +248,17 @@ def _reliability_png(j: int, a: Scores, b: Scores) -> str:
     return base64.b64encode(png.getvalue()).decode("ascii")
 
 
+def validation_split(config: Config, split: str | None, when_none: str) -> tuple[str, DataConfig]:
+    """The validation split named `split` (default: the first) and its data; `when_none` is the error when
+    the config has no validation_data."""
+    if not config.validation_data:
+        raise UserError(when_none)
+    split = split or next(iter(config.validation_data))
+    if split not in config.validation_data:
+        raise UserError(f"no validation split {split!r} (the config has {', '.join(config.validation_data)})")
+    return split, config.validation_data[split]
+
+
 def compare_runs(
     config: Config,
     run_a: str,
@@ -267,12 +278,9 @@ def compare_runs(
         raise UserError(
             f"compare: resamples is {resamples}; a 95% interval needs at least {MIN_RESAMPLES} (default 1000)"
         )
-    if not config.validation_data:
-        raise UserError("compare: the config has no validation_data to score the runs on")
-    split = split or next(iter(config.validation_data))
-    if split not in config.validation_data:
-        raise UserError(f"no validation split {split!r} (the config has {', '.join(config.validation_data)})")
-    data = config.validation_data[split]
+    split, data = validation_split(
+        config, split, "compare: the config has no validation_data to score the runs on"
+    )
     tasks = evaluation_tasks(config, data)
     # Both models and their weights before scoring either: a run B that does not fit fails at once.
     loaded = [

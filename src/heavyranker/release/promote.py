@@ -24,7 +24,15 @@ import torch
 
 from ..config import Config, short_names
 from ..errors import UserError
-from ..eval.compare import METRICS, MIN_RESAMPLES, Difference, loaded_model, paired_bootstrap, score
+from ..eval.compare import (
+    METRICS,
+    MIN_RESAMPLES,
+    Difference,
+    loaded_model,
+    paired_bootstrap,
+    score,
+    validation_split,
+)
 from ..eval.evaluator import evaluation_tasks
 from ..serve.repository import DEFAULT_KEEP, ModelRepository, export_version
 from ..serve.scorer import Scorer
@@ -94,12 +102,9 @@ def promote(
 ) -> Decision:
     """Scores `checkpoint` (default: training.save_dir's best marked, else newest) against the repository's
     newest version on `split`, publishes it if `rule` allows, and records the decision."""
-    if not config.validation_data:
-        raise UserError("promote: the config has no validation_data to hold out for the comparison")
-    split = split or next(iter(config.validation_data))
-    if split not in config.validation_data:
-        raise UserError(f"no validation split {split!r} (the config has {', '.join(config.validation_data)})")
-    data = config.validation_data[split]
+    split, data = validation_split(
+        config, split, "promote: the config has no validation_data to hold out for the comparison"
+    )
     tasks = evaluation_tasks(config, data)
     rule.check(tasks)
     model, path, step = loaded_model(config, data, tasks, checkpoint or str(config.training.save_dir), None)
