@@ -227,9 +227,9 @@ class Trainer:
 
     def _log_stream(self, counts: dict[str, int]) -> None:
         """Where a Kafka source stands: records behind (lag) and the broker time of the newest message."""
-        kafka = self._dataset.kafka if self._dataset is not None else None
         if self.config.train_data.kafka is None:
             return
+        kafka = self._dataset.kafka if self._dataset is not None else None
         times = [t for t in self.runtime.gather(kafka and kafka.newest_timestamp) if t is not None]
         newest = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(times))) if times else "none yet"
         log.info("kafka: %d records behind, newest message %s", counts.get("kafka_lag_records", 0), newest)
