@@ -22,7 +22,7 @@ from heavyranker.config.data import DataConfig
 from heavyranker.data import cache as cache_module
 from heavyranker.data.batch import Batch
 from heavyranker.data.cache_entry import TEMPORARY, Fingerprint
-from heavyranker.data.cache_files import mark
+from heavyranker.data.cache_files import mark, state
 from heavyranker.data.columns import Columns
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.data.tf_example import encode_example
@@ -343,6 +343,48 @@ def test_a_link_in_an_entry_s_place_is_left_alone_and_never_followed(folder, tmp
     assert os.readlink(dangling) == str(target) and not target.exists()
     assert os.readlink(file_link) == str(victim) and victim.read_text() == "not the cache's"
     assert len(os.listdir(data.cache_dir)) == 3  # the third file's entry, and no temporary left
+
+
+def test_a_link_in_place_of_a_column_file_is_refused_and_the_entry_built_again(folder, tmp_path, caplog):
+    want = read(data_config(folder))
+    data = cached(folder)
+    read(data)
+    entry = entry_of(data, folder / "part-0.gz")
+    column, copy = entry / "column-0.bin", tmp_path / "copy.bin"
+    copy.write_bytes(column.read_bytes())  # the same bytes: its checksum alone would pass them
+    column.unlink()
+    column.symlink_to(copy)
+    caplog.set_level("WARNING")
+    assert_same(read(data), want)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(entry) in warnings[0] and "(ELOOP)" in warnings[0], warnings
+    assert not column.is_symlink() and copy.read_bytes() == column.read_bytes()
+
+
+def test_a_link_swapped_in_after_the_check_is_not_followed(folder, tmp_path, monkeypatch, caplog):
+    """The race: the entry's folder is checked (a folder of ours), then replaced by a link to it before its
+    files are opened. The open refuses the link: the check and the use are one step."""
+    want = read(data_config(folder))
+    data = cached(folder)
+    read(data)
+    entry, moved = entry_of(data, folder / "part-0.gz"), tmp_path / "moved"
+
+    def state_then_swap(path: Path):
+        found = state(path)
+        if path == entry and not entry.is_symlink():
+            entry.rename(moved)
+            entry.symlink_to(moved)
+        return found
+
+    monkeypatch.setattr(cache_module, "state", state_then_swap)
+    caplog.set_level("INFO")
+    assert_same(read(data), want)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("2 of 3 files cached, decoding 1 into it" in m for m in messages), messages  # not 3 of 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"{entry}, the cache entry of" in warnings[0], warnings
+    assert "left alone" in warnings[0] and os.readlink(entry) == str(moved)
+    assert state(moved) == "entry"  # the link's target is untouched
 
 
 def test_clear_reports_links_and_follows_none(small_data, small_config_path, tmp_path, capsys):

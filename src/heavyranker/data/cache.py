@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ..config.data import DataConfig
 from ..errors import DataError, UserError
-from .cache_entry import TEMPORARY, BadEntry, Entry, Fingerprint, build_entry
+from .cache_entry import TEMPORARY, BadEntry, Entry, Fingerprint, NotOurs, build_entry
 from .cache_files import describe, state
 from .sources.files import shard_files
 
@@ -179,22 +179,17 @@ class DecodedCache:
         key = self._key(path)
         folder = self.folder / key
         found = state(folder)
-        if found == "foreign" and path not in self._foreign:
-            self._foreign.add(path)
-            log.warning(
-                "%s: %s, the cache entry of %s, is %s: left alone, and that file's entry is built in a "
-                "temporary folder each time it is read, until that is removed",
-                self.where,
-                folder,
-                path,
-                describe(folder),
-            )
+        if found == "foreign":
+            self._report_foreign(path, folder)
         if found not in ("entry", "building"):
             return None
         try:
             if found == "building":
                 raise BadEntry("is not whole (it has no manifest)")
             return Entry.load(folder, verify)
+        except NotOurs:  # put there since state() looked
+            self._report_foreign(path, folder)
+            return None
         except BadEntry as e:
             log.warning("%s: the cache entry %s %s: decoding %s again", self.where, folder, e, path)
             aside = self._temporary(key)  # out of the way at once, for a reader in another process
@@ -205,12 +200,25 @@ class DecodedCache:
             shutil.rmtree(aside, ignore_errors=True)
             return None
 
+    def _report_foreign(self, path: str, folder: Path) -> None:
+        """Warns, once per path, that something not ours holds the place of its entry."""
+        if path not in self._foreign:
+            self._foreign.add(path)
+            log.warning(
+                "%s: %s, the cache entry of %s, is %s: left alone, and that file's entry is built in a "
+                "temporary folder each time it is read, until that is removed",
+                self.where,
+                folder,
+                path,
+                describe(folder),
+            )
+
     def _load_built(self, path: str, built: str) -> Entry:
         """The entry build_entry just put at `built`: its place, or a temporary folder (removed once
         mapped) where that place holds something not ours."""
         try:
             return Entry.load(Path(built))
-        except BadEntry as e:
+        except (BadEntry, NotOurs) as e:
             raise DataError(f"{path}: its cache entry in {built} {e}, just after it was built") from None
         finally:
             if built != str(self.folder / self._key(path)):

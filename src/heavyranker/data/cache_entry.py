@@ -39,6 +39,7 @@ from .cache_files import (
     describe_os_error,
     map_file,
     mark,
+    open_folder,
     read_small,
     state,
 )
@@ -73,23 +74,35 @@ class Entry:
     def load(cls, folder: Path, verify: bool = True) -> Entry:
         """The entry in `folder` (state "entry"), mapped; with `verify`, its checksums and labels checked.
         BadEntry when it is not whole (a file cut short, a disk that filled up) or, verified, not as
-        written. No file is opened through a link."""
+        written; NotOurs when a link or a file is at `folder` now. No file is opened through a link: the
+        folder is opened as it is checked, and its files through that descriptor."""
         try:
-            manifest = json.loads(read_small(folder / MANIFEST))
+            fd = open_folder(folder)
+        except OSError as e:
+            raise NotOurs(f"is no longer a folder ({describe_os_error(e)})") from None
+        try:
+            return cls._load(fd, verify)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def _load(cls, folder: int, verify: bool) -> Entry:
+        try:
+            manifest = json.loads(read_small(folder, MANIFEST))
             if manifest["format"] != FORMAT:
                 raise BadEntry(f"is of format {manifest['format']!r}, not {FORMAT!r}")
             records = manifest["records"]
             columns = {}
             for column in manifest["columns"]:
                 shape, dtype = (records, *column["shape"]), np.dtype(column["dtype"])
-                mapped = map_file(folder / column["file"], int(np.prod(shape)) * dtype.itemsize)
+                mapped = map_file(folder, column["file"], int(np.prod(shape)) * dtype.itemsize)
                 if verify and checksum(mapped) != column["crc32c"]:
                     raise BadEntry(f"changed on disk: column {column['name']} fails its crc32c")
                 # numpy cannot map an empty file (no records, or labels [N, 0] when reading none). An
                 # ndarray on the map: memmap's Python __getitem__ took a third of gather's time.
                 values = np.empty(shape, dtype) if mapped is None else np.frombuffer(mapped, dtype)
                 columns[column["name"]] = values.reshape(shape)
-            valid_bytes = read_small(folder / "valid.bin")
+            valid_bytes = read_small(folder, "valid.bin")
         except (OSError, ValueError, KeyError, TypeError) as e:
             reason = describe_os_error(e) if isinstance(e, OSError) else e
             raise BadEntry(f"is not whole ({reason})") from None
@@ -106,6 +119,11 @@ class Entry:
 class BadEntry(Exception):
     """An entry of ours that cannot be read: it is removed and built again. The message completes "the
     cache entry FOLDER ..."."""
+
+
+class NotOurs(Exception):
+    """What is at an entry's place is not a folder (a link put there since it was looked at, say): left
+    alone, as cache_files.state's "foreign". The message completes "the cache entry FOLDER ..."."""
 
 
 def _check_labels(columns: dict[str, np.ndarray]) -> None:

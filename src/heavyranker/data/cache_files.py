@@ -33,20 +33,36 @@ def state(folder: Path) -> State:
     """What is at `folder`: nothing; an entry of ours (of any version); a build of ours, running or killed
     (or an entry whose manifest is lost); or something not ours."""
     try:
-        if not stat.S_ISDIR(os.lstat(folder).st_mode):
-            return "foreign"
+        fd = open_folder(folder)
     except FileNotFoundError:
         return "absent"
+    except OSError:  # a link (ELOOP), a file (ENOTDIR), a folder we may not read
+        return "foreign"
     try:
-        marker = json.loads(read_small(folder / MARKER))
+        return _state_in(fd)
+    finally:
+        os.close(fd)
+
+
+def _state_in(fd: int) -> State:
+    try:
+        marker = json.loads(read_small(fd, MARKER))
     except (OSError, ValueError):
         return "foreign"
     if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
         return "foreign"
     try:
-        return "entry" if stat.S_ISREG(os.lstat(folder / MANIFEST).st_mode) else "building"
+        manifest = os.stat(MANIFEST, dir_fd=fd, follow_symlinks=False)
     except OSError:
         return "building"
+    return "entry" if stat.S_ISREG(manifest.st_mode) else "building"
+
+
+def open_folder(folder: Path) -> int:
+    """A descriptor of the folder at `folder`, opened as it is checked: never through a link (ELOOP), never a
+    file (ENOTDIR). Files are then opened relative to it, so a link put in the folder's place after it was
+    looked at is never followed either."""
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def describe(path: Path) -> str:
@@ -72,28 +88,28 @@ def create(path: Path) -> BinaryIO:
     return os.fdopen(fd, "wb")
 
 
-def _open_regular(path: Path) -> int:
-    """A descriptor to read the regular file at `path`: OSError for a link (ELOOP), a FIFO or a device."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _open_regular(folder: int, name: str) -> int:
+    """A descriptor to read the regular file `name` in the folder open as `folder`: OSError for a link
+    (ELOOP), a FIFO or a device."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
+        raise OSError(errno.EINVAL, "not a regular file", name)
     return fd
 
 
-def read_small(path: Path) -> bytes:
-    fd = _open_regular(path)
-    with os.fdopen(fd, "rb") as f:
+def read_small(folder: int, name: str) -> bytes:
+    with os.fdopen(_open_regular(folder, name), "rb") as f:
         return f.read()
 
 
-def map_file(path: Path, size: int) -> mmap.mmap | None:
-    """The file at `path`, mapped read-only; None when empty (nothing can map 0 bytes). ValueError when
-    its size is not `size`."""
-    fd = _open_regular(path)
+def map_file(folder: int, name: str, size: int) -> mmap.mmap | None:
+    """The file `name` in the folder open as `folder`, mapped read-only; None when empty (nothing can map 0
+    bytes). ValueError when its size is not `size`."""
+    fd = _open_regular(folder, name)
     try:
         if os.fstat(fd).st_size != size:
-            raise ValueError(f"{path.name} holds {os.fstat(fd).st_size} bytes, not {size}")
+            raise ValueError(f"{name} holds {os.fstat(fd).st_size} bytes, not {size}")
         return mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
     finally:
         os.close(fd)
