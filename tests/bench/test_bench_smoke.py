@@ -25,7 +25,7 @@ BENCHES = {
             "cache_over_gzip_per_cpu_s",
             "cache_kib_per_example",
             "cache_verified_over_unverified_per_cpu_s",
-            "crc32c",
+            "checksums",
             "s3_over_local",
             "s3_over_local_by_block_mib",
             "gil_share",

@@ -3,7 +3,7 @@ batches are gathered from entries.
 
 An entry is a folder (data/cache_files.py: the marker that makes it ours, written first): a raw array file
 per column (rows in record order, a damaged record's row zeros), valid.bin (whether each record decoded) and
-manifest.json (the columns' dtypes, shapes and crc32c checksums, the records read, the damage met, the schema
+manifest.json (the columns' dtypes, shapes and crc32 checksums, the records read, the damage met, the schema
 defaults filled), written last. Columns are features/NAME after the deterministic preprocessing, labels
 (rectified), weights and, when downsample_negatives and rectify_labels are both configured, the labels as
 stored, which downsampling goes by.
@@ -96,8 +96,8 @@ class Entry:
             for column in manifest["columns"]:
                 shape, dtype = (records, *column["shape"]), np.dtype(column["dtype"])
                 mapped = map_file(folder, column["file"], int(np.prod(shape)) * dtype.itemsize)
-                if verify and checksum(mapped) != column["crc32c"]:
-                    raise BadEntry(f"changed on disk: column {column['name']} fails its crc32c")
+                if verify and checksum(mapped) != column["crc32"]:
+                    raise BadEntry(f"changed on disk: column {column['name']} fails its crc32")
                 # numpy cannot map an empty file (no records, or labels [N, 0] when reading none). An
                 # ndarray on the map: memmap's Python __getitem__ took a third of gather's time.
                 values = np.empty(shape, dtype) if mapped is None else np.frombuffer(mapped, dtype)
@@ -109,8 +109,8 @@ class Entry:
         if len(valid_bytes) != records:
             raise BadEntry(f"is not whole (valid.bin holds {len(valid_bytes)} records, not {records})")
         if verify:
-            if checksum(valid_bytes) != manifest["valid_crc32c"]:
-                raise BadEntry("changed on disk: valid.bin fails its crc32c")
+            if checksum(valid_bytes) != manifest["valid_crc32"]:
+                raise BadEntry("changed on disk: valid.bin fails its crc32")
             _check_labels(columns)
         valid = np.frombuffer(valid_bytes, np.bool_)
         return cls(manifest["source"], columns, valid, manifest["damage"], manifest["defaults_filled"])
@@ -298,7 +298,7 @@ class _ColumnWriter:
     def __init__(self, folder: Path):
         self.folder = folder
         self.files: dict[str, tuple] = {}  # name -> (open file, dtype, shape of one row)
-        self.checksums: Counter[BinaryIO] = Counter()  # open file -> crc32c so far
+        self.checksums: Counter[BinaryIO] = Counter()  # open file -> crc32 so far
         self.valid = create(folder / "valid.bin")
         self.records = 0
 
@@ -342,7 +342,7 @@ class _ColumnWriter:
                 "file": _column_file(i),
                 "dtype": dtype.str,
                 "shape": list(shape),
-                "crc32c": self.checksums[file],
+                "crc32": self.checksums[file],
             }
             for i, (name, (file, dtype, shape)) in enumerate(self.files.items())
         ]
@@ -351,7 +351,7 @@ class _ColumnWriter:
             "source": path,
             "records": self.records,
             "columns": columns,
-            "valid_crc32c": self.checksums[self.valid],
+            "valid_crc32": self.checksums[self.valid],
             "damage": damage or {"file": None, "records": 0, "messages": []},
             "defaults_filled": dict(defaults_filled),
         }
