@@ -1,14 +1,21 @@
 """Process-wide memory: the allocator setting for the commands and benchmarks that train (it pays off in the
-step), and the most memory a process may use."""
+step), the most memory a process may use, and an out-of-memory as one line that names the setting to lower
+(training, evaluate and compare)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Iterator
+
+from .errors import UserError
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 LARGEST_HEAP_BLOCK = 32 * 2**20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+# How torch's CPU allocator words a failed allocation, by version.
+ALLOCATOR_FAILED = ("not enough memory", "can't allocate memory")
 
 
 def keep_freed_memory() -> None:
@@ -49,3 +56,24 @@ def memory_limit() -> tuple[int, str]:
         if text.isdigit() and int(text) < physical:
             return int(text), f"the cgroup limit in {path}"
     return physical, "the physical memory"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: numpy's MemoryError, torch's CPU allocator's
+    RuntimeError, or CUDA's OutOfMemoryError."""
+    import torch  # here: the CLI imports this module at start, long before a command needs torch
+
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in ALLOCATOR_FAILED)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error(setting: str, doing: str) -> Iterator[None]:
+    """An out-of-memory inside becomes one line: what was being done and which setting to lower."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"out of memory {doing}; lower {setting}") from None

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 
 from heavyranker.cli import main
+from heavyranker.eval import compare as compare_module
 from heavyranker.eval.compare import ResampledAuroc, Scores, paired_bootstrap, rce_resampled, resample_counts
 from heavyranker.eval.evaluator import evaluate_command
 from heavyranker.eval.metrics import auroc, rce
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
+from tests.eval.test_evaluator import running_out_of_memory
+from tests.train.test_memory_fit import last_line
 
 FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "training.train_log_every_n=10")
 
@@ -194,3 +197,12 @@ def test_compare_refuses_a_run_b_model_that_cannot_score_the_split(small_data, t
         rf"error: compare: the model of {run_b} reads features the split does not have .*continuous", err
     )
     assert err.count("\n") == 1
+
+
+def test_an_out_of_memory_while_scoring_is_one_line(small_data, two_runs, monkeypatch, capsys):
+    monkeypatch.setattr(compare_module, "build_model", running_out_of_memory(compare_module.build_model))
+    assert compare(small_data, *map(str, two_runs), "--split", "validation") == 2
+    assert last_line(capsys) == (
+        "error: out of memory scoring the runs on validation; "
+        "lower validation_data.validation.global_batch_size"
+    )

@@ -12,12 +12,14 @@ from sklearn.metrics import roc_auc_score
 
 from heavyranker.cli import main
 from heavyranker.data.dataset import RecapDataset
+from heavyranker.eval import evaluator
 from heavyranker.eval.evaluator import evaluate_command, watch_checkpoints
 from heavyranker.run_folder import RunFolder
 from heavyranker.runtime import init_runtime
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
 from tests.data.test_damaged_records import write_small_records
+from tests.train.test_memory_fit import failing_allocation, last_line
 
 FAV = "recap.engagement.is_favorited"
 FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "training.train_log_every_n=10")
@@ -137,3 +139,29 @@ def test_unknown_split_is_a_user_error(small_data, trained, capsys):
     ]
     assert main(args) == 2
     assert "no validation split 'nope'" in capsys.readouterr().err
+
+
+def running_out_of_memory(build):
+    """`build` (a build_model), whose models' forward fails to allocate, as a real allocator refuses."""
+
+    def build_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_hook(failing_allocation)
+        return model
+
+    return build_model
+
+
+def test_an_out_of_memory_is_one_line_naming_the_setting(small_data, trained, monkeypatch, capsys):
+    monkeypatch.setattr(evaluator, "build_model", running_out_of_memory(evaluator.build_model))
+    sets = [f"train_data.inputs={small_data}/train/*.gz", f"training.save_dir={trained}"]
+    sets += [f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in SMALL_SPLITS]
+    argv = ["evaluate", "--config", str(CONFIGS / "local_small.yaml")]
+    argv += [arg for value in sets for arg in ("--set", value)]
+    assert main([*argv, "--split", "validation"]) == 2
+    assert last_line(capsys) == (
+        f"error: out of memory evaluating {trained / 'checkpoints' / 'step_4.pt'}; "
+        "lower validation_data.validation.global_batch_size"
+    )
+    assert main(argv) == 2
+    assert last_line(capsys).endswith("; lower validation_data.<split>.global_batch_size")

@@ -30,9 +30,10 @@ from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset
 from ..data.shapes import feature_shapes
 from ..errors import UserError
+from ..memory import out_of_memory_as_user_error
 from ..model import Ranker, build_model, restore_weights
 from ..run_folder import RunFolder
-from .evaluator import evaluation_tasks
+from .evaluator import batch_setting, evaluation_tasks
 from .metrics import EPS, MetricAccumulator, auroc, rce
 from .report import reliability_curve
 
@@ -286,7 +287,8 @@ def compare_runs(
     loaded = [
         loaded_model(c, data, tasks, run, step) for c, run in ((config, run_a), (config_b or config, run_b))
     ]
-    a, b = (score(config, model, checkpoint, at, data) for model, checkpoint, at in loaded)
+    with out_of_memory_as_user_error(batch_setting(split), f"scoring the runs on {split}"):
+        a, b = (score(config, model, checkpoint, at, data) for model, checkpoint, at in loaded)
     rows = paired_bootstrap(a, b, resamples, seed)
     table = f"split {split}\n" + format_comparison(tasks, rows, a, b)
     print(table)

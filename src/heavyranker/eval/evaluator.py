@@ -18,6 +18,7 @@ from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.sources.files import check_sharding
 from ..errors import SettingError, UserError
+from ..memory import out_of_memory_as_user_error
 from ..model import Ranker, build_model, restore_weights
 from ..run_folder import RunFolder
 from ..runtime import Runtime, distributed_runtime
@@ -129,12 +130,19 @@ def evaluate_command(
                     "runs in one process (without torchrun); with torchrun, evaluate one checkpoint: the "
                     "one given, or the newest by default",
                 )
-            watch_checkpoints(config, model, runtime, split)
+            with out_of_memory_as_user_error(batch_setting(split), "evaluating checkpoints"):
+                watch_checkpoints(config, model, runtime, split)
             return None
         # Every rank evaluates the checkpoint rank 0 found, even if a newer one appears meanwhile.
         path = runtime.broadcast(resolve_checkpoint(checkpoint or config.training.save_dir))
         state = restore_weights(model, path)
-        return evaluate_splits(config, model, int(state["step"]), runtime, split)
+        with out_of_memory_as_user_error(batch_setting(split), f"evaluating {path}"):
+            return evaluate_splits(config, model, int(state["step"]), runtime, split)
+
+
+def batch_setting(split: str | None) -> str:
+    """The setting to lower when evaluating `split` (every split: None) runs out of memory."""
+    return f"validation_data.{split or '<split>'}.global_batch_size"
 
 
 def watch_checkpoints(

@@ -28,13 +28,14 @@ from ..data.sources.files import check_sharding
 from ..data.sources.follow import follow_sources, restore_position
 from ..errors import UserError
 from ..eval.evaluator import evaluate_splits
+from ..memory import out_of_memory_as_user_error
 from ..model import Ranker, build_model, restore_weights
 from ..run_folder import RunFolder
 from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime
 from .best import BestTracker, refuse_undefinable
 from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
-from .memory_fit import check_batch_fits, out_of_memory_as_user_error
+from .memory_fit import check_batch_fits
 from .optim import build_optimizer, load_optimizer_state
 
 log = logging.getLogger(__name__)

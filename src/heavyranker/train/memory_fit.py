@@ -1,5 +1,5 @@
-"""Whether a training batch fits in memory, estimated before the first batch is read; and an out-of-memory
-that still happens, as one line that names the setting to lower.
+"""Whether a training batch fits in memory, estimated before the first batch is read (an out-of-memory that
+still happens becomes one line naming the setting to lower: memory.out_of_memory_as_user_error).
 
 The estimate counts what a step surely holds at once, so that it refuses only batches that cannot fit:
 - the batch: each feature as the batch holds it (its shape and dtype, after preprocessing), and a float32
@@ -13,9 +13,8 @@ peak is higher, and a batch the estimate lets through may still run out of memor
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -27,8 +26,6 @@ from ..memory import memory_limit
 GiB = 2**30
 FLOAT32 = 4
 MODEL_STATE_COPIES = 4  # parameters, gradients, Adam's first and second moments
-# How torch's CPU allocator words a failed allocation, by version.
-ALLOCATOR_FAILED = ("not enough memory", "can't allocate memory")
 PROBE_EXAMPLES = 2  # examples in the forward that measures the activations
 
 
@@ -103,22 +100,3 @@ def check_batch_fits(
                 f"the {limit_bytes / GiB:.1f} GiB of {source}; lower train_data.global_batch_size (this "
                 f"estimate allows at most {fits:,})"
             )
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is an allocation that failed: numpy's MemoryError, torch's CPU allocator's
-    RuntimeError, or CUDA's OutOfMemoryError."""
-    if isinstance(error, MemoryError | torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(words in str(error) for words in ALLOCATOR_FAILED)
-
-
-@contextlib.contextmanager
-def out_of_memory_as_user_error(setting: str, doing: str) -> Iterator[None]:
-    """An out-of-memory inside becomes one line: what was being done and which setting to lower."""
-    try:
-        yield
-    except Exception as e:
-        if not is_out_of_memory(e):
-            raise
-        raise UserError(f"out of memory {doing}; lower {setting}") from None
