@@ -182,6 +182,12 @@ BAD_CANDIDATES = {
         _set("features.binary[2]", float("-inf")),
         "features.binary[2]: -inf: this input must be finite",
     ),
+    "a flag of 2": (_set("features.binary[3]", 2), "features.binary[3]: 2: a binary feature is 0 or 1"),
+    "a flag of 2**62": (  # exact in JSON, and as float32 still far from 0 or 1
+        _set("features.binary[3]", 2**62),
+        f"features.binary[3]: {2**62}: a binary feature is 0 or 1",
+    ),
+    "a flag of 0.5": (_set("features.binary[0]", 0.5), "features.binary[0]: 0.5: a binary feature is 0 or 1"),
     "beyond float32": (
         _set("features.user_eng_embedding[0]", 1e39),
         "features.user_eng_embedding[0]: 1e+39: this input must be finite (as float32)",

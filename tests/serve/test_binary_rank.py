@@ -69,6 +69,14 @@ def test_binary_candidates_rank_as_their_json(client: httpx.Client):
             400,
             "input 'author_embedding': element [0, 0] is inf: this input must be finite",
         ),
+        (
+            lambda ids, f: (
+                ids,
+                {**f, "binary": np.where(np.arange(16) == 5, 2.0**62, f["binary"]).astype("f4")},
+            ),
+            400,
+            f"input 'binary': element [0, 5] is {2.0**62}: a binary feature is 0 or 1",
+        ),
         (lambda ids, f: (ids * 17, f), 413, f"ids: 51 candidates, at most {MAX_CANDIDATES} per request"),
     ],
 )

@@ -36,8 +36,10 @@ def served(exported: Exported) -> Iterator[tuple[FastAPI, str]]:
 
 
 def request_body(app: FastAPI, n: int, first_id: int = 0) -> bytes:
-    """n valid candidates with ids first_id, first_id + 1, ...: every value 0.5."""
-    features = {spec.name: [0.5] * spec.width for spec in app.state.scorer.inputs}
+    """n valid candidates with ids first_id, first_id + 1, ...: every value 0.5, every flag (binary) 1."""
+    features = {
+        spec.name: [1 if spec.name == "binary" else 0.5] * spec.width for spec in app.state.scorer.inputs
+    }
     return json.dumps({"candidates": [{"id": first_id + i, "features": features} for i in range(n)]}).encode()
 
 

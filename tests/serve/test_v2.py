@@ -141,6 +141,15 @@ def test_nan_where_the_input_must_be_finite_is_a_400(client: triton.InferenceSer
     assert error.message() == "input 'user_embedding': element [1, 4] is nan: this input must be finite"
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_a_binary_feature_other_than_0_or_1_is_a_400(client: triton.InferenceServerClient, binary: bool):
+    features = random_features(SHAPES, 3)
+    features["binary"][2, 7] = 2.0
+    error = failure(client, inputs(features, binary))
+    assert error.status() == "400"
+    assert error.message() == "input 'binary': element [2, 7] is 2.0: a binary feature is 0 or 1"
+
+
 def raw_infer(
     url: str, header: dict, data: bytes = b"", content_type: str = "application/json"
 ) -> httpx.Response:

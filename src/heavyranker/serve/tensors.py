@@ -8,7 +8,8 @@ as "data": a flat or nested list, row-major.
      "parameters": {"binary_data_size": 8468000}}
 
 Decoding binary tensors is a view of the body (np.frombuffer): 1,000 candidates of local_prod's model are 11
-MB of float32, against 55 MB of JSON text that takes 0.3 s to parse. Every BadRequest names the tensor.
+MB of float32, against 55 MB of JSON text that takes 0.3 s to parse. Every BadRequest names the tensor. The
+flags (the input data.columns.FLAGS names) are 0 or 1, as in a JSON /v1/rank body.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import pydantic_core
 import torch
 
+from ..data.columns import FLAGS
 from .limits import header_number
 from .request import GIVEN_TWICE, BadRequest, CandidateId, dotted, duplicate_key, id_problem
 from .scorer import InputSpec
@@ -137,7 +139,9 @@ def _read(tensor: dict, spec: InputSpec, binary: memoryview, max_candidates: int
     else:
         raise invalid(f"input {name!r}: no data, and no binary_data_size")
     if spec.dtype.is_floating_point and not spec.allow_non_finite:
-        _check_finite(name, array)
+        _refuse_first(name, array, ~np.isfinite(array), "this input must be finite")
+    if name == FLAGS:
+        _refuse_first(name, array, (array != 0) & (array != 1), "a binary feature is 0 or 1")
     return array, size
 
 
@@ -200,13 +204,11 @@ def _from_json(name: str, data: object, dtype: np.dtype, shape: tuple[int, ...])
         raise invalid(f"input {name!r}: data: a value beyond the range of its datatype") from None
 
 
-def _check_finite(name: str, array: np.ndarray) -> None:
-    bad = ~np.isfinite(array)
+def _refuse_first(name: str, array: np.ndarray, bad: np.ndarray, rule: str) -> None:
+    """A BadRequest at the first True of `bad`, naming the element and its value."""
     if bad.any():
         where = np.unravel_index(int(np.argmax(bad)), array.shape)
-        raise invalid(
-            f"input {name!r}: element {[int(i) for i in where]} is {array[where]}: this input must be finite"
-        )
+        raise invalid(f"input {name!r}: element {[int(i) for i in where]} is {array[where]}: {rule}")
 
 
 def json_object(value: object, where: str) -> dict[str, Any]:
