@@ -272,11 +272,11 @@ def entry_of(data: DataConfig, path: Path) -> Path:
     return Path(data.cache_dir) / Fingerprint(data, labels=True).key(str(path))
 
 
-def overwrite_labels(entry: Path, values: list[float], forge_checksum: bool) -> None:
-    """Rewrites the first labels of an entry in place (same size); with `forge_checksum`, the manifest's
-    checksum too, as someone who knows the format would."""
+def overwrite(entry: Path, name: str, values: list[float], forge_checksum: bool) -> None:
+    """Rewrites the first values of a float32 column of an entry in place (same size); with
+    `forge_checksum`, the manifest's checksum too, as someone who knows the format would."""
     manifest = json.loads((entry / "manifest.json").read_text())
-    column = next(c for c in manifest["columns"] if c["name"] == "labels")
+    column = next(c for c in manifest["columns"] if c["name"] == name)
     file = entry / column["file"]
     raw = bytearray(file.read_bytes())
     raw[: 4 * len(values)] = struct.pack(f"<{len(values)}f", *values)
@@ -287,16 +287,17 @@ def overwrite_labels(entry: Path, values: list[float], forge_checksum: bool) -> 
 
 
 @pytest.mark.parametrize("forge_checksum", [False, True], ids=["bytes", "bytes-and-checksum"])
-def test_an_entry_changed_in_place_is_built_again_not_read(folder, caplog, forge_checksum):
+@pytest.mark.parametrize("column, what", [("labels", "label"), ("features/binary", "flag")])
+def test_an_entry_changed_in_place_is_built_again_not_read(folder, caplog, forge_checksum, column, what):
     want = read(data_config(folder))
     data = cached(folder)
     read(data)
     entry = entry_of(data, folder / "part-0.gz")
-    overwrite_labels(entry, [2.0, 7.5e29], forge_checksum)
+    overwrite(entry, column, [2.0, 7.5e29], forge_checksum)
     caplog.set_level("WARNING")
     assert_same(read(data), want)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    reason = "a label other than 0 or 1" if forge_checksum else "changed on disk: column labels fails"
+    reason = f"a {what} other than 0 or 1" if forge_checksum else f"changed on disk: column {column} fails"
     assert len(warnings) == 1 and str(entry) in warnings[0] and reason in warnings[0], warnings
     caplog.clear()
     assert_same(read(data), want)  # built again: read as it is

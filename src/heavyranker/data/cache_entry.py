@@ -9,8 +9,8 @@ defaults filled), written last. Columns are features/NAME after the deterministi
 stored, which downsampling goes by.
 
 Opening an entry for reading verifies every column's checksum, streaming over its memory map, and that its
-labels are 0 or 1, as decoding checks them: bytes changed on disk, by hand or by a fault, are never read as
-if nothing had happened. What that costs the cached read: bench/data_throughput.py."""
+labels and flags are 0 or 1, as decoding checks them: bytes changed on disk, by hand or by a fault, are
+never read as if nothing had happened. What that costs the cached read: bench/data_throughput.py."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from .cache_files import (
     read_small,
     state,
 )
-from .columns import Columns
+from .columns import FLAGS, Columns
 from .damage import Damage
 from .preprocess import NegativeDownsampler, Preprocessor, build_preprocessors
 from .sources import file_format
@@ -53,6 +53,7 @@ FORMAT = f"{FORMAT_NAME}/{VERSION}"  # in every manifest and every key
 CHUNK = 4096  # records decoded at a time while building an entry
 TEMPORARY = ".building-"  # prefix of the folders entries are written in
 STORED_LABELS = "stored_labels"  # the labels as stored, for downsample_negatives after rectify_labels
+ZERO_OR_ONE = {"labels": "label", STORED_LABELS: "label", f"features/{FLAGS}": "flag"}  # column -> what
 FINAL_LABELS = "final_labels"  # Rows.extras of gather: the rectified labels, while downsampling goes by those
 
 
@@ -102,6 +103,8 @@ class Entry:
                 # ndarray on the map: memmap's Python __getitem__ took a third of gather's time.
                 values = np.empty(shape, dtype) if mapped is None else np.frombuffer(mapped, dtype)
                 columns[column["name"]] = values.reshape(shape)
+                if verify:  # just after its checksum, while the column's bytes are in the CPU's caches
+                    _check_zero_or_one(column["name"], values)
             valid_bytes = read_small(folder, "valid.bin")
         except (OSError, ValueError, KeyError, TypeError) as e:
             reason = describe_os_error(e) if isinstance(e, OSError) else e
@@ -111,7 +114,6 @@ class Entry:
         if verify:
             if checksum(valid_bytes) != manifest["valid_crc32"]:
                 raise BadEntry("changed on disk: valid.bin fails its crc32")
-            _check_labels(columns)
         valid = np.frombuffer(valid_bytes, np.bool_)
         return cls(manifest["source"], columns, valid, manifest["damage"], manifest["defaults_filled"])
 
@@ -126,12 +128,16 @@ class NotOurs(Exception):
     alone, as cache_files.state's "foreign". The message completes "the cache entry FOLDER ..."."""
 
 
-def _check_labels(columns: dict[str, np.ndarray]) -> None:
-    """Labels are 0 or 1, as decoding checks them (Columns._check_labels): what passes the checksums was
-    checked when built, unless the manifest was rewritten to match; a few bytes per record to look at."""
-    for name in ("labels", STORED_LABELS):
-        if name in columns and not ((columns[name] == 0) | (columns[name] == 1)).all():
-            raise BadEntry(f"holds a label other than 0 or 1 in column {name}")
+def _check_zero_or_one(name: str, values: np.ndarray) -> None:
+    """Labels and flags are 0 or 1, as decoding checks them (Columns._check_labels): what passes the
+    checksums was checked when built, unless the manifest was rewritten to match."""
+    what = ZERO_OR_ONE.get(name)
+    if what is None:
+        return
+    if values.dtype == np.bool_:  # downcast flags: a byte other than 0 or 1 would still read as True
+        values = values.view(np.uint8)
+    if not ((values == 0) | (values == 1)).all():
+        raise BadEntry(f"holds a {what} other than 0 or 1 in column {name}")
 
 
 class Fingerprint:
