@@ -73,8 +73,8 @@ class Entry:
 
     @classmethod
     def load(cls, folder: Path, verify: bool = True) -> Entry:
-        """The entry in `folder` (state "entry"), mapped; with `verify`, its checksums and labels checked.
-        BadEntry when it is not whole (a file cut short, a disk that filled up) or, verified, not as
+        """The entry in `folder` (state "entry"), mapped; with `verify`, its checksums, labels and flags
+        checked. BadEntry when it is not whole (a file cut short, a disk that filled up) or, verified, not as
         written; NotOurs when a link or a file is at `folder` now. No file is opened through a link: the
         folder is opened as it is checked, and its files through that descriptor."""
         try:
