@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(commands, "train", "train the model (resumes from save_dir)", handlers.run_train)
     _with_config(p)
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--amp", action="store_true", help="bf16 mixed precision (sets training.precision: bf16)")
     p.add_argument("--nproc", type=int, default=0, help="launch this many processes with torchrun")
     p.add_argument("--follow", action="store_true", help="train on new data as it arrives (training.follow)")
 

@@ -93,7 +93,9 @@ def run_train(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.follow:
         config.training.follow = True
-    train(config, amp=args.amp)
+    if args.amp:
+        config.training.precision = "bf16"
+    train(config)
     return 0
 
 
