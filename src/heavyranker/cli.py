@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="onnx",
         help="model.onnx and config.pbtxt (onnxruntime, Triton; the default) or model.pt2 (torch.export)",
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="of the dense layers' products: fp32 (the default), bf16 (pt2 only) or int8 (onnx only)",
+    )
 
     p = command(
         commands,

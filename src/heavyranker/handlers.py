@@ -141,7 +141,9 @@ def run_export(args: argparse.Namespace) -> int:
         )
         print(f"{repository.version_folder(version)}")
         return 0
-    export_model(_load(args), checkpoint=args.checkpoint, out=args.out, format=args.format)
+    export_model(
+        _load(args), checkpoint=args.checkpoint, out=args.out, format=args.format, precision=args.precision
+    )
     return 0
 
 
