@@ -22,9 +22,12 @@ import numpy as np
 import torch
 from results import add_results_option, cpu_line, write_results
 
+from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config, short_names
+from heavyranker.data.columns import feature_specs
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.eval.metrics import auroc, rce
+from heavyranker.model import build_model
 from heavyranker.serve.export import export_model
 from heavyranker.serve.scorer import Scorer
 
@@ -45,10 +48,16 @@ def score_split(scorer: Scorer, config, split: str) -> tuple[np.ndarray, np.ndar
     return tuple(np.concatenate(p) for p in parts)  # type: ignore[return-value]
 
 
+def initial_checkpoint(config, folder: Path) -> str:
+    torch.manual_seed(0)
+    model = build_model(config.model, feature_specs(config.train_data), config.train_data.tasks)
+    return str(save_checkpoint(folder / "checkpoints", 0, {"model": model.state_dict(), "step": 0}))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "local_small.yaml"))
-    parser.add_argument("--checkpoint", required=True, help="a step_<N>.pt file or a run folder")
+    parser.add_argument("--checkpoint", help="a step_<N>.pt file or a run folder (default: initial weights)")
     parser.add_argument("--split", help="a validation split (default: the config's first)")
     parser.add_argument("--set", action="append", default=[], metavar="DOTTED.PATH=VALUE")
     parser.add_argument("--threads", type=int, default=1)
@@ -61,10 +70,11 @@ def main() -> int:
 
     scored = {}
     with tempfile.TemporaryDirectory(prefix="precision_quality_") as tmp:
+        checkpoint = args.checkpoint or initial_checkpoint(config, Path(tmp))
         for precision, format in EXPORTS.items():
             folder = export_model(
                 config,
-                checkpoint=args.checkpoint,
+                checkpoint=checkpoint,
                 out=f"{tmp}/{precision}",
                 format=format,
                 precision=precision,

@@ -64,7 +64,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     torch.manual_seed(0)
     # On oneDNN whatever this CPU's default kernel (model/linear.py), as the comment on OVERRIDES says.
     matmul = "onednn" if HAS_ONEDNN else "aten"
-    model = build_model(config.model, feature_specs(config.train_data), config.train_data.tasks, matmul=matmul)
+    specs = feature_specs(config.train_data)
+    model = build_model(config.model, specs, config.train_data.tasks, matmul=matmul)
     gen = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm1d):
