@@ -65,8 +65,9 @@ class Trainer:
         check_sharding(config.data_sections, self.runtime.world_size)
         precision = config.training.precision
         self.amp = precision == "bf16"  # bf16 autocast of the forward; weights and optimizer stay fp32
-        if self.amp and self.runtime.device.type == "cpu" and (warning := bf16_warning(cpu_info())):
-            log.warning(warning)
+        on_cpu = self.runtime.device.type == "cpu"
+        if self.amp and on_cpu and self.runtime.is_main and (warning := bf16_warning(cpu_info())):
+            log.warning(warning)  # once, not once per rank
         torch.manual_seed(config.training.seed)
         specs = feature_specs(config.train_data)
         matmul = matmul_for(precision)
