@@ -70,7 +70,8 @@ def training_flops_per_example(trainer: Trainer, batch: Batch) -> float:
 
 
 def measure(config, batch_size: int, amp: bool, steps: int, device: torch.device) -> dict[str, float]:
-    trainer = Trainer(config, amp=amp, runtime=Runtime(0, 1, device))
+    config.training.precision = "bf16" if amp else "fp32"
+    trainer = Trainer(config, runtime=Runtime(0, 1, device))
     batch = random_batch(config, batch_size, device)
     flops = training_flops_per_example(trainer, batch)
     batches = itertools.repeat(batch)

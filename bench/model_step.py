@@ -1,7 +1,8 @@
 """Training and inference speed of the ranker on CPU, against the matmul-bound limit measured in the same run.
 
     .venv/bin/python bench/model_step.py [--config configs/local_prod.yaml] [--batch 128] [--threads N]
-                                         [--profile] [--glibc-default] [--results PATH]
+                                         [--precision fp32|bf16] [--profile] [--glibc-default]
+                                         [--results PATH]
 
 limit (examples/s) = GFLOP/s of a large fp32 matmul (torch.mm: MKL) / training FLOPs per example, where
 training FLOPs = 3 x forward matmul FLOPs (counted by torch.utils.flop_counter: 2 per multiply-add). The
@@ -17,6 +18,11 @@ No step made of these products beats `matmuls alone`; the ceiling line adds buil
 update, which every Adam step makes (memory bound: 7 fp32 reads and writes per parameter). Merging
 products (the four mask blocks' first layers, or the ten towers, as one matmul each) measured no faster
 per FLOP here. The summary goes to bench/results/model_step.json (--results).
+
+--precision bf16 (training.precision: bf16): the large matmuls in bf16 too, and the variants are the fp32
+step (oneDNN products), the bf16 step (bf16 autocast, oneDNN products: what training runs), the same on MKL
+(aten) products, and the bf16 step's products alone; each bf16 variant against the bf16 matmul rates. The
+summary goes to bench/results/model_step_bf16.json by default.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from results import add_results_option, write_results
+from results import RESULTS, add_results_option, cpu_line, write_results
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -65,9 +71,10 @@ def random_features(
     return features
 
 
-def matmul_gflops(n: int) -> tuple[float, float]:
-    """GFLOP/s of an n x n x n fp32 product on torch.mm (MKL) and on oneDNN's linear kernel (0 without it)."""
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+def matmul_gflops(n: int, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """GFLOP/s of an n x n x n product on torch.mm (MKL in fp32) and on oneDNN's linear kernel (0 without
+    it), in `dtype`."""
+    a, b, out = (torch.randn(n, n).to(dtype) for _ in range(3))
 
     def rate(product: Callable[[], object]) -> float:
         product()
@@ -130,10 +137,13 @@ def forward_flops(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> 
     return counter.get_total_flops()
 
 
-def train_step_times(model, optimizer, loss_fn, features, labels, weights) -> list[float]:
+def train_step_times(model, optimizer, loss_fn, features, labels, weights, bf16: bool = False) -> list[float]:
+    """Forward, backward and optimizer seconds of one step; with bf16, the forward under bf16 autocast as
+    training.precision: bf16 runs it (train/loop.py)."""
     start = time.perf_counter()
-    out = model(features)
-    loss, _ = loss_fn(out["logits"], labels, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(features)
+    loss, _ = loss_fn(out["logits"].float(), labels, weights)
     forward = time.perf_counter()
     loss.backward()
     backward = time.perf_counter()
@@ -154,6 +164,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1, help="training steps per variant and round")
     parser.add_argument("--matmul-size", type=int, default=4096, help="n of the large n x n x n matmul")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training.precision")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of a few steps")
     parser.add_argument(
         "--glibc-default",
@@ -162,6 +173,9 @@ def main() -> int:
     )
     add_results_option(parser, "model_step")
     args = parser.parse_args()
+    bf16 = args.precision == "bf16"
+    if bf16 and args.results == RESULTS / "model_step.json":
+        args.results = RESULTS / "model_step_bf16.json"
     if not args.glibc_default:
         keep_freed_memory()  # as `heavyranker train` does
     if args.threads:
@@ -172,7 +186,10 @@ def main() -> int:
     config = load_config(args.config)
     specs = feature_specs(config.train_data)
     shapes = {name: spec.shape for name, spec in specs.items()}
-    model = build_model(config.model, specs, config.train_data.tasks)
+    # oneDNN products whatever this CPU's default (model/linear.py), so that the variants compare kernels
+    model = build_model(
+        config.model, specs, config.train_data.tasks, matmul="onednn" if linear.HAS_ONEDNN else "aten"
+    )
     # the same weights, every product on F.linear
     on_aten = build_model(config.model, specs, config.train_data.tasks, matmul="aten")
     on_aten.load_state_dict(model.state_dict())
@@ -192,33 +209,47 @@ def main() -> int:
     params = sum(p.numel() for p in model.parameters())
     print(
         f"{args.config}: {params:,} parameters, {flops_per_example / 1e6:.1f} training MFLOP/example, "
-        f"batch {args.batch}, {torch.get_num_threads()} threads"
+        f"batch {args.batch}, {torch.get_num_threads()} threads, {args.precision}"
     )
+    print(cpu_line())
     if args.profile:
-        profile(model, fused, loss_fn, features, labels, weights)
+        profile(model, fused, loss_fn, features, labels, weights, bf16)
         return 0
 
-    def step(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], list[float]]:
-        return lambda: train_step_times(net, optimizer, loss_fn, features, labels, weights)
+    def step(
+        net: torch.nn.Module, optimizer: torch.optim.Optimizer, bf16: bool = False
+    ) -> Callable[[], list[float]]:
+        return lambda: train_step_times(net, optimizer, loss_fn, features, labels, weights, bf16)
 
     model.train()
     on_aten.train()
     recorder = MatmulRecorder()
     with recorder:
-        step(model, fused)()
-    variants = {"plain Adam": step(model, plain), "build_optimizer": step(model, fused)}
-    variants["build_optimizer, MKL products"] = step(on_aten, build_optimizer(config.optimizer, on_aten)[0])
-    variants["matmuls alone"] = replay_matmuls(recorder.calls)
+        step(model, fused, bf16)()
+    on_aten_optimizer = build_optimizer(config.optimizer, on_aten)[0]
+    if bf16:
+        variants = {"fp32": step(model, fused), "bf16": step(model, fused, True)}
+        variants["bf16, MKL products"] = step(on_aten, on_aten_optimizer, True)
+        variants["bf16 matmuls alone"] = replay_matmuls(recorder.calls)
+    else:
+        variants = {"plain Adam": step(model, plain), "build_optimizer": step(model, fused)}
+        variants["build_optimizer, MKL products"] = step(on_aten, on_aten_optimizer)
+        variants["matmuls alone"] = replay_matmuls(recorder.calls)
     figures = {
         "parameters": params,
         "training_mflop_per_example": flops_per_example / 1e6,
         "threads": torch.get_num_threads(),
         **report(args, flops_per_example, variants),
     }
+    if bf16:
+        figures["bf16_over_fp32"] = (
+            figures["train"]["bf16"]["examples_per_s"] / figures["train"]["fp32"]["examples_per_s"]
+        )
+        print(f"bf16 / fp32 training examples/s: {figures['bf16_over_fp32']:.2f}")
 
     model.eval()
     batch = random_features(shapes, args.inference_batch, gen)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         model(batch)
         measured = [quietly(lambda: timed(model, batch)) for _ in range(args.rounds)]
     rate = args.inference_batch / statistics.median(_quiet(measured))
@@ -238,16 +269,23 @@ def report(
     ceiling: the matmuls alone plus build_optimizer's update. Returns the same figures."""
     for step in variants.values():
         step(), step()  # warm-up: allocations, optimizer state
-    matmuls: list[tuple[tuple[float, float], float]] = []
+    dtypes = [torch.float32] + ([torch.bfloat16] if args.precision == "bf16" else [])
+    matmuls: list[tuple[tuple[float, ...], float]] = []
     steps: dict[str, list[tuple[list[float], float]]] = {label: [] for label in variants}
     for _ in range(args.rounds):
-        matmuls.append(quietly(lambda: matmul_gflops(args.matmul_size)))
+        matmuls.append(quietly(lambda: sum((matmul_gflops(args.matmul_size, d) for d in dtypes), ())))
         for label, step in variants.items():
             steps[label] += [quietly(step) for _ in range(args.steps)]
-    mkl, onednn = (statistics.median(m[i] for m in _quiet(matmuls)) for i in range(2))
-    print(f"large matmul: {mkl:.0f} GFLOP/s (torch.mm), {onednn:.0f} GFLOP/s (oneDNN) ({_counted(matmuls)})")
+    rates = [statistics.median(m[i] for m in _quiet(matmuls)) for i in range(2 * len(dtypes))]
+    limits = {"fp32": rates[:2], "bf16": rates[2:]}
+    for name, (mkl, onednn) in ((n, r) for n, r in limits.items() if r):
+        print(
+            f"large matmul, {name}: {mkl:.0f} GFLOP/s (torch.mm), {onednn:.0f} GFLOP/s (oneDNN) "
+            f"({_counted(matmuls)})"
+        )
 
-    def against_limits(seconds: float) -> dict[str, float | None]:
+    def against_limits(seconds: float, label: str) -> dict[str, float | None]:
+        mkl, onednn = limits["bf16" if label.startswith("bf16") else "fp32"]
         rate = args.batch / seconds
         gflops = rate * flops_per_example / 1e9
         return {
@@ -267,17 +305,27 @@ def report(
     for label, measured in steps.items():
         times = _quiet(measured)
         phases[label] = [statistics.median(t[i] for t in times) for i in range(len(times[0]))]
-        train[label] = against_limits(statistics.median(sum(t) for t in times)) | _quiet_count(measured)
+        train[label] = against_limits(statistics.median(sum(t) for t in times), label) | _quiet_count(
+            measured
+        )
         detail = ""
         if len(phases[label]) == 3:
             fwd, bwd, opt = (1e3 * t for t in phases[label])
             train[label] |= {"forward_ms": fwd, "backward_ms": bwd, "optimizer_ms": opt}
             detail = f"forward {fwd:.0f} ms, backward {bwd:.0f} ms, optimizer {opt:.0f} ms per step; "
         print(f"train ({label}): {line(train[label])} ({detail}{_counted(measured)})")
-    ceiling = against_limits(phases["matmuls alone"][0] + phases["build_optimizer"][2])
-    print(f"ceiling (matmuls alone + build_optimizer's update): {line(ceiling)}")
+    alone, stepped = (
+        ("bf16 matmuls alone", "bf16") if "bf16" in variants else ("matmuls alone", "build_optimizer")
+    )
+    ceiling = against_limits(phases[alone][0] + phases[stepped][2], stepped)
+    print(f"ceiling ({alone} + {stepped}'s update): {line(ceiling)}")
+    gflops = {
+        f"{name} {kernel}": rate or None
+        for name, pair in limits.items()
+        for kernel, rate in zip(("torch.mm", "onednn"), pair, strict=False)
+    }
     return {
-        "large_matmul_gflops": {"torch.mm": mkl, "onednn": onednn or None, **_quiet_count(matmuls)},
+        "large_matmul_gflops": {**gflops, **_quiet_count(matmuls)},
         "train": train,
         "ceiling": ceiling,
     }
@@ -303,13 +351,13 @@ def _quiet_count(measured: list[tuple[T, float]]) -> dict[str, int]:
     return {"quiet": sum(share >= QUIET for _, share in measured), "measured": len(measured)}
 
 
-def profile(model, optimizer, loss_fn, features, labels, weights) -> None:
+def profile(model, optimizer, loss_fn, features, labels, weights, bf16: bool) -> None:
     model.train()
     for _ in range(2):
-        train_step_times(model, optimizer, loss_fn, features, labels, weights)
+        train_step_times(model, optimizer, loss_fn, features, labels, weights, bf16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(3):
-            train_step_times(model, optimizer, loss_fn, features, labels, weights)
+            train_step_times(model, optimizer, loss_fn, features, labels, weights, bf16)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 

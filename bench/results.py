@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from heavyranker.cpu import PRECISION_FLAGS, CpuInfo, cpu_info
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -44,21 +46,23 @@ def write_results(name: str, figures: dict[str, Any], args: argparse.Namespace) 
 
 def machine() -> dict[str, Any]:
     """The facts a figure depends on. `cpus` is what this process may run on (taskset, a container's
-    quota), not the machine's count; torch's version without importing it (some benches never do)."""
+    quota), not the machine's count; `cpu_flags` the bf16, AMX and VNNI flags present (heavyranker.cpu);
+    torch's version without importing it (some benches never do)."""
+    cpu = cpu_info()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu.model,
+        "cpu_flags": _flags(cpu),
         "cpus": len(os.sched_getaffinity(0)),
         "torch": metadata.version("torch"),
         "python": platform.python_version(),
     }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_line() -> str:
+    """The CPU's model and its precision flags, for a bench to print with its figures."""
+    cpu = cpu_info()
+    return f"CPU: {cpu.model}; flags: {_flags(cpu)}"
+
+
+def _flags(cpu: CpuInfo) -> str:
+    return " ".join(cpu.precision_flags) or "none of " + " ".join(PRECISION_FLAGS)

@@ -3,6 +3,7 @@ the same run.
 
     .venv/bin/python bench/serve_latency.py [--config configs/local_prod.yaml] [--checkpoint CKPT]
         [--model DIR] [--candidates 100,1000] [--concurrency 1,4,16] [--requests 16] [--threads N]
+        [--precisions fp32,bf16,int8]
 
 Exports the config's model (initial weights unless --checkpoint; --model uses an exported folder as is),
 starts `heavyranker serve` in a subprocess on a free loopback port (its queue as deep as the highest
@@ -20,7 +21,11 @@ wall time otherwise. Two ratios, binary format:
     the batcher, the response), aimed at <= 1.15;
   - candidates/s at the highest concurrency of the smallest requests / the bare batched forward's: what
     dynamic batching recovers of one large forward, aimed at >= 0.9.
-The summary goes to bench/results/serve_latency.json (--results). --threads sets torch's intra-op threads of
+Every precision of --precisions is exported (fp32 and int8 as ONNX, bf16 as pt2: serve/precision.py) and
+served in turn, one server at a time, and measured the same way; the figures above are the first
+precision's, and `precision` lists, for each, the binary requests' p50, p99 and candidates/s at concurrency
+1 and its candidates/s over fp32's. With --model, only that folder. The summary goes to
+bench/results/serve_latency.json (--results). --threads sets torch's intra-op threads of
 both the server and the bare forward (default: torch's, one per core). On a machine shared with other jobs, 1
 gives steadier numbers: a parallel op waits for its slowest thread, and a thread that lost its core to a
 neighbour stalls every op.
@@ -45,7 +50,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from results import add_results_option, write_results
+from results import add_results_option, cpu_line, write_results
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
@@ -66,13 +71,20 @@ MAX_BATCH = ServeOptions().max_batch  # the server's, which the bench leaves at 
 Request = tuple[bytes, dict[str, str]]  # body, headers
 
 
-def export(config_path: str, checkpoint: str | None, folder: Path) -> Path:
+FORMATS = {"fp32": "onnx", "bf16": "pt2", "int8": "onnx"}  # each precision's format (serve/precision.py)
+
+
+def export(config_path: str, checkpoint: str | None, folder: Path, precisions: list[str]) -> dict[str, Path]:
+    """The model folder of each precision, all of one checkpoint."""
     config = load_config(config_path)
     if checkpoint is None:
         torch.manual_seed(0)
         model = build_model(config.model, feature_specs(config.train_data), config.train_data.tasks)
         checkpoint = str(save_checkpoint(folder / "checkpoints", 0, {"model": model.state_dict(), "step": 0}))
-    return export_model(config, checkpoint=checkpoint, out=str(folder / "model"))
+    return {
+        p: export_model(config, checkpoint=checkpoint, out=str(folder / p), format=FORMATS[p], precision=p)
+        for p in precisions
+    }
 
 
 def json_body(inputs: list[InputSpec], candidates: int, seed: int = 0) -> bytes:
@@ -201,25 +213,51 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16", help="clients at once, comma-separated")
     parser.add_argument("--requests", type=int, default=16, help="per size, format and concurrency")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    parser.add_argument("--precisions", default="fp32,bf16,int8", help="exported and served in turn")
     add_results_option(parser, "serve_latency")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(n) for n in args.candidates.split(",")]
     levels = sorted({1, *(int(c) for c in args.concurrency.split(","))})  # 1: the latency reference
 
+    print(cpu_line())
+    by_precision = {}
     with tempfile.TemporaryDirectory(prefix="serve_latency_") as tmp:
-        model = Path(args.model) if args.model else export(args.config, args.checkpoint, Path(tmp))
-        scorer = Scorer(model)
-        scorer.warm_up()
-        server, url = start_server(model, args.threads, max(levels) - 1, max(sizes))
-        try:
-            figures = measure(scorer, url, sizes, levels, args.requests)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-    figures["threads"] = args.threads
-    report(figures, sizes, levels)
+        if args.model:
+            models = {Scorer(args.model).precision: Path(args.model)}
+        else:
+            models = export(args.config, args.checkpoint, Path(tmp), args.precisions.split(","))
+        for precision, model in models.items():
+            scorer = Scorer(model)
+            scorer.warm_up()
+            server, url = start_server(model, args.threads, max(levels) - 1, max(sizes))
+            try:
+                by_precision[precision] = measure(scorer, url, sizes, levels, args.requests)
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+            by_precision[precision]["threads"] = args.threads
+            print(f"== {precision} ({model.name})")
+            report(by_precision[precision], sizes, levels)
+    figures = next(iter(by_precision.values()))
+    figures["precision"] = precision_figures(by_precision, sizes)
     write_results("serve_latency", figures, args)
+
+
+def precision_figures(by_precision: dict[str, dict], sizes: list[int]) -> dict[str, dict[str, float]]:
+    """Per size and precision: the binary requests at concurrency 1, and candidates/s over fp32's."""
+    figures = {}
+    for n in sizes:
+        fp32 = by_precision.get("fp32", {}).get("served", {}).get("binary", {}).get(n, {}).get(1)
+        for precision, measured in by_precision.items():
+            served = measured["served"]["binary"][n][1]
+            speedup = served["candidates_per_s"] / fp32["candidates_per_s"] if fp32 else float("nan")
+            figures[f"{n} candidates, {precision}"] = {**served, "candidates_per_s_over_fp32": speedup}
+            print(
+                f"{n} candidates, {precision}: p50 {served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms, "
+                f"{served['candidates_per_s']:.0f} candidates/s, {speedup:.2f}x fp32's"
+            )
+    return figures
 
 
 def measure(scorer: Scorer, url: str, sizes: list[int], levels: list[int], requests: int) -> dict:

@@ -23,6 +23,7 @@ FLOORS = {
     "memory": 0,
     "runtime": 0,
     "run_folder": 0,
+    "cpu": 0,
     "config": 1,
     "data": 2,
     "checkpoint": 2,

@@ -104,9 +104,10 @@ def arguments(args: dict[str, Any]) -> str:
 def block(name: str) -> str:
     results = json.loads((RESULTS / f"{name}.json").read_text())
     machine = results["machine"]
+    flags = f" (flags: {machine['cpu_flags']})" if "cpu_flags" in machine else ""  # bf16, AMX, VNNI
     lines = [
         f"<!-- results: {name} -->",
-        f"*From `bench/results/{name}.json`: measured {results['date'][:10]} on {machine['cpu']}, "
+        f"*From `bench/results/{name}.json`: measured {results['date'][:10]} on {machine['cpu']}{flags}, "
         f"{machine['cpus']} CPUs, torch {machine['torch']}, Python {machine['python']}; "
         f"`bench/{results['bench']}.py {arguments(results['arguments'])}`.*",
         "",

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(commands, "train", "train the model (resumes from save_dir)", handlers.run_train)
     _with_config(p)
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--amp", action="store_true", help="bf16 mixed precision (sets training.precision: bf16)")
     p.add_argument("--nproc", type=int, default=0, help="launch this many processes with torchrun")
     p.add_argument("--follow", action="store_true", help="train on new data as it arrives (training.follow)")
 
@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("onnx", "pt2"),
         default="onnx",
         help="model.onnx and config.pbtxt (onnxruntime, Triton; the default) or model.pt2 (torch.export)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="of the dense layers' products: fp32 (the default), bf16 (pt2 only) or int8 (onnx only)",
     )
 
     p = command(

@@ -93,7 +93,9 @@ def run_train(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.follow:
         config.training.follow = True
-    train(config, amp=args.amp)
+    if args.amp:
+        config.training.precision = "bf16"
+    train(config)
     return 0
 
 
@@ -139,7 +141,9 @@ def run_export(args: argparse.Namespace) -> int:
         )
         print(f"{repository.version_folder(version)}")
         return 0
-    export_model(_load(args), checkpoint=args.checkpoint, out=args.out, format=args.format)
+    export_model(
+        _load(args), checkpoint=args.checkpoint, out=args.out, format=args.format, precision=args.precision
+    )
     return 0
 
 

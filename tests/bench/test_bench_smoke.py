@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SMALL_SPLITS
 
 SMALL = str(REPO / "configs" / "local_small.yaml")
 # bench -> (arguments for a run of a few seconds, the keys of its figures)
@@ -64,7 +64,7 @@ BENCHES = {
             "1",
         ],
         {"threads", "request_mb", "bare forward", "served", "p50_over_bare_forward"}
-        | {"candidates_per_s_over_bare_batched"},
+        | {"candidates_per_s_over_bare_batched", "precision"},
     ),
     "serve_swap": (
         ["--config", SMALL, "--candidates", "4", "--clients", "2", "--steady-s", "2", "--swaps", "2"]
@@ -74,16 +74,41 @@ BENCHES = {
     ),
     "onnx_forward": (
         ["--config", SMALL, "--candidates", "4", "--threads", "1", "--rounds", "2"],
-        {"parameters", "forward"},
+        {"parameters", "forward", "precision"},
     ),
     # Without CUDA it measures nothing and writes nothing.
     "gpu_train": (["--config", SMALL, "--batch", "8", "--steps", "2"], {"gpu", "batch 8"}),
 }
 
 
+# The same benches in another mode: (bench, arguments, the keys of its figures)
+MODES = {
+    "model_step --precision bf16": (
+        "model_step",
+        [*BENCHES["model_step"][0], "--precision", "bf16"],
+        BENCHES["model_step"][1] | {"bf16_over_fp32"},
+    ),
+}
+
+
 @pytest.mark.parametrize("name", list(BENCHES))
 def test_bench_runs_and_writes_its_summary(name, tmp_path):
-    arguments, figures = BENCHES[name]
+    _run_bench(name, *BENCHES[name], tmp_path)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_bench_in_another_mode_runs_and_writes_its_summary(mode, tmp_path):
+    _run_bench(*MODES[mode], tmp_path)
+
+
+def test_precision_quality_runs_and_writes_its_summary(small_data, tmp_path):
+    sets = [f"train_data.inputs={small_data}/train/*.gz"]
+    sets += [f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in SMALL_SPLITS]
+    arguments = ["--config", SMALL, *(a for value in sets for a in ("--set", value))]
+    _run_bench("precision_quality", arguments, {"split", "examples", "tasks", "against_fp32"}, tmp_path)
+
+
+def _run_bench(name: str, arguments: list[str], figures: set[str], tmp_path) -> None:
     results = tmp_path / f"{name}.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(
@@ -102,7 +127,7 @@ def test_bench_runs_and_writes_its_summary(name, tmp_path):
     summary = json.loads(results.read_text())
     assert summary.keys() == {"bench", "date", "machine", "arguments", "figures"}
     assert summary["bench"] == name
-    assert summary["machine"].keys() == {"cpu", "cpus", "torch", "python"}
+    assert summary["machine"].keys() == {"cpu", "cpu_flags", "cpus", "torch", "python"}
     assert summary["machine"]["torch"] == torch.__version__
     assert "results" not in summary["arguments"] and summary["arguments"]  # the settings, not the output
     assert summary["figures"].keys() == figures

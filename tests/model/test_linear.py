@@ -4,9 +4,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from heavyranker.model import linear
-from heavyranker.model.linear import DEFAULT_MATMUL, Linear, Matmul
+from heavyranker.model.linear import Linear, Matmul
 
 needs_onednn = pytest.mark.skipif(not linear.HAS_ONEDNN, reason="this torch has no oneDNN linear kernel")
+# These tests are about the oneDNN path, whichever kernel this CPU's default is (cpu.preferred_matmul).
+ONEDNN_IF_PRESENT: Matmul = "onednn" if linear.HAS_ONEDNN else "aten"
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +29,9 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _layer(in_features: int, out_features: int, bias: bool = True, matmul: Matmul = DEFAULT_MATMUL) -> Linear:
+def _layer(
+    in_features: int, out_features: int, bias: bool = True, matmul: Matmul = ONEDNN_IF_PRESENT
+) -> Linear:
     torch.manual_seed(0)
     return Linear(in_features, out_features, bias=bias, matmul=matmul)
 
@@ -161,3 +165,48 @@ def test_state_dict_is_nn_linear_s():
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(3, 5)
     torch.testing.assert_close(layer(x), reference(x))
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bf16, back in fp32: the operands of a bf16 product, for a reference in fp32."""
+    return t.detach().bfloat16().float()
+
+
+@needs_onednn
+def test_under_bf16_autocast_the_products_run_on_onednn_in_bf16_with_fp32_gradients():
+    first, second = _layer(24, 16, matmul="onednn"), _layer(16, 8, matmul="onednn")
+    x = torch.randn(32, 24, requires_grad=True)
+    upstream = torch.randn(32, 8)
+    with _Ops() as ops:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = first(x)
+            y = second(hidden)
+        (y.float() * upstream).sum().backward()
+    assert hidden.dtype == y.dtype == torch.bfloat16
+    # 2 layers x (forward, grad of x, grad of weight)
+    assert ops.names.count("mkldnn::_linear_pointwise") == 6
+    assert not {"aten::mm", "aten::addmm", "aten::linear"} & set(ops.names)
+    assert x.grad.dtype == first.weight.grad.dtype == first.bias.grad.dtype == torch.float32
+    # A reference in fp32 from bf16-rounded operands; bf16 rounds each product's output to 8 bits too.
+    h_ref = _bf16(x) @ _bf16(first.weight).t() + _bf16(first.bias)
+    torch.testing.assert_close(hidden.float(), h_ref, rtol=1e-2, atol=1e-2)
+    g_hidden = _bf16(_bf16(upstream) @ _bf16(second.weight))
+    torch.testing.assert_close(second.weight.grad, _bf16(upstream).t() @ _bf16(hidden), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(second.bias.grad, _bf16(upstream).sum(0), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(first.weight.grad, g_hidden.t() @ _bf16(x), rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(x.grad, g_hidden @ _bf16(first.weight), rtol=2e-2, atol=5e-2)
+
+
+@needs_onednn
+def test_under_bf16_autocast_a_bf16_input_is_not_cast_again():
+    layer, x = _layer(16, 8, matmul="onednn"), torch.randn(4, 16).bfloat16()
+    with _Ops() as ops, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert ops.names.count("aten::_to_copy") == 2  # the weight and the bias; x is already bf16
+    assert ops.names.count("mkldnn::_linear_pointwise") == 1
+
+
+def test_a_bf16_input_without_autocast_still_goes_through_f_linear():
+    layer, x = _layer(16, 8), torch.randn(4, 16).bfloat16()
+    with pytest.raises(RuntimeError):  # F.linear's dtype check, as for nn.Linear
+        layer(x)

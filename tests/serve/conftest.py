@@ -25,6 +25,7 @@ from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import Config, load_config
 from heavyranker.data.columns import feature_specs
 from heavyranker.model import Ranker, build_model
+from heavyranker.model.linear import HAS_ONEDNN
 from heavyranker.serve.app import server_config
 from heavyranker.serve.export import export_model
 from tests.conftest import CONFIGS
@@ -61,7 +62,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     root = tmp_path_factory.mktemp("serve")
     config = _load_with_env(root)
     torch.manual_seed(0)
-    model = build_model(config.model, feature_specs(config.train_data), config.train_data.tasks)
+    # On oneDNN whatever this CPU's default kernel (model/linear.py), as the comment on OVERRIDES says.
+    matmul = "onednn" if HAS_ONEDNN else "aten"
+    specs = feature_specs(config.train_data)
+    model = build_model(config.model, specs, config.train_data.tasks, matmul=matmul)
     gen = torch.Generator().manual_seed(1)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm1d):

@@ -81,6 +81,7 @@ def test_healthz_and_model(client: httpx.Client, exported: Exported):
         "format": "heavyranker-scorer/2",
         "program_format": "pt2",
         "program_sha256": hashlib.sha256(program).hexdigest(),
+        "precision": "fp32",
         "checkpoint": {"step": STEP},
         "tasks": exported.config.task_names,
         "inputs": [

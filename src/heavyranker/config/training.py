@@ -38,6 +38,12 @@ class TrainingConfig(StrictModel):
     gradient_accumulation: Count | None = Field(None, description="Micro-batches per optimizer step.")
     keep_best: KeepBestConfig | None = Field(None, description="Keep and mark the best checkpoint.")
     seed: StrictInt = Field(0, ge=0, le=2**64 - 1, description="Below 2**64: torch and numpy both take it.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="fp32, or bf16: mixed precision, the dense layers' products in bfloat16 and the weights, "
+        "optimizer state, losses, BatchNorm statistics and metrics in fp32 (`train --amp` sets it). "
+        "Checkpoints are fp32 either way. See docs/precision.md.",
+    )
     follow: bool = Field(
         False,
         description="Train on train_data (kafka) as it arrives, each record once, until SIGTERM; "

@@ -47,6 +47,7 @@ from ..config.serving import ServeOptions
 from ..data.columns import feature_specs
 from ..errors import SettingError, UserError
 from ..model import Ranker, build_model, restore_weights
+from .precision import CHECK_TOLERANCES, check_precision, quantize_onnx, with_bf16_layers
 from .scorer import FORMAT, MANIFEST, OUTPUTS, PROGRAMS, OnnxProgram, sha256_file
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 SCHEMA_COPY = "schema.json"  # predict decodes TFRecords with it, whatever happened to the original
 EXPORT_BATCH = 4
 CHECK_BATCH = 3  # != EXPORT_BATCH: the check catches a program that baked in the batch size
-CHECK_TOLERANCE = 1e-5
 TRITON_CONFIG = "config.pbtxt"
 TRITON_MAX_BATCH = ServeOptions.model_fields["max_candidates"].default  # candidates in one forward, as serve
 
@@ -74,13 +74,17 @@ class ScoringProgram(nn.Module):
         return probabilities, probabilities @ self.weights
 
 
-def export_model(config: Config, *, checkpoint: str | None = None, out: str, format: str = "onnx") -> Path:
+def export_model(
+    config: Config, *, checkpoint: str | None = None, out: str, format: str = "onnx", precision: str = "fp32"
+) -> Path:
     """Writes out/model.onnx and out/config.pbtxt (format "onnx") or out/model.pt2 (format "pt2"), then
     out/manifest.json and out/schema.json; returns the folder.
     `checkpoint`: a step_<N>.pt file or a run folder (default: save_dir's checkpoint that best.json marks
-    when training.keep_best is set, else its newest)."""
+    when training.keep_best is set, else its newest). `precision`: fp32, bf16 (pt2) or int8 (onnx); see
+    precision.py."""
     if format not in PROGRAMS:
         raise SettingError("format", f"{format}: not one of {', '.join(PROGRAMS)}")
+    check_precision(precision, format)
     best = checkpoint is None and config.training.keep_best is not None
     source = resolve_checkpoint(checkpoint or config.training.save_dir, best=best)
     specs = feature_specs(config.train_data)
@@ -99,11 +103,13 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str, for
         return [example(shapes[n], dtypes[n], size, seed) for n in names]
 
     if format == "onnx":
-        program, check, extra = _onnx_program(scoring, names, dtypes, examples(EXPORT_BATCH))
+        program, check, extra = _onnx_program(scoring, names, dtypes, examples(EXPORT_BATCH), precision)
     else:
-        program, check, extra = _pt2_program(scoring, names, examples(EXPORT_BATCH))
+        traced = with_bf16_layers(scoring) if precision == "bf16" else scoring
+        program, check, extra = _pt2_program(traced, names, examples(EXPORT_BATCH))
     with torch.no_grad():
-        _check_same(scoring, check, examples(CHECK_BATCH, seed=1), sum(map(abs, weights.values())))
+        check_inputs, total_weight = examples(CHECK_BATCH, seed=1), sum(map(abs, weights.values()))
+        _check_same(scoring, check, check_inputs, total_weight, CHECK_TOLERANCES[precision])
         non_finite = {
             n: dtypes[n].is_floating_point and _tolerates_non_finite(scoring, examples(3), i)
             for i, n in enumerate(names)
@@ -131,6 +137,7 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str, for
         "format": FORMAT,
         "program_format": format,
         "program": PROGRAMS[format],
+        "precision": precision,
         # Of the file (weights, code and debug source ranges): the same export of the same checkpoint gives
         # the same hash, and the scorer checks it on load.
         "program_sha256": sha256_file(folder / PROGRAMS[format]),
@@ -154,10 +161,11 @@ def export_model(config: Config, *, checkpoint: str | None = None, out: str, for
     for stale in {*PROGRAMS.values(), TRITON_CONFIG} - written:
         (folder / stale).unlink(missing_ok=True)
     log.info(
-        "exported %s (step %s) to %s: inputs %s, %d tasks",
+        "exported %s (step %s) to %s in %s: inputs %s, %d tasks",
         source,
         state.get("step"),
         folder / PROGRAMS[format],
+        precision,
         ", ".join(names),
         len(config.task_names),
     )
@@ -215,9 +223,14 @@ def _pt2_program(
 
 
 def _onnx_program(
-    scoring: ScoringProgram, names: list[str], dtypes: dict[str, torch.dtype], inputs: list[torch.Tensor]
+    scoring: ScoringProgram,
+    names: list[str],
+    dtypes: dict[str, torch.dtype],
+    inputs: list[torch.Tensor],
+    precision: str,
 ) -> tuple[bytes, OnnxProgram, dict[str, Any]]:
-    """The ONNX model's file, the program to check (on onnxruntime) and what the manifest adds about it.
+    """The ONNX model's file, the program to check (on onnxruntime) and what the manifest adds about it;
+    for int8 quantized (precision.quantize_onnx).
 
     torch's dynamo exporter: torch.export traces the module as for .pt2 (so Linear takes F.linear, see
     model/linear.py), then onnxscript translates the aten graph into standard ONNX ops."""
@@ -243,6 +256,8 @@ def _onnx_program(
     model = program.model_proto
     opset = next(o.version for o in model.opset_import if o.domain == "")
     content = model.SerializeToString()
+    if precision == "int8":
+        content = quantize_onnx(content)
     return content, OnnxProgram(content, torch.get_num_threads(), opset), {"onnx_opset": opset}
 
 
@@ -311,12 +326,14 @@ def triton_config(inputs: list[dict[str, Any]], tasks: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_same(eager: nn.Module, program: Callable, inputs: list[torch.Tensor], total_weight: float) -> None:
-    """The program's outputs are the eager model's within CHECK_TOLERANCE, for the score as much as the
+def _check_same(
+    eager: nn.Module, program: Callable, inputs: list[torch.Tensor], total_weight: float, tolerance: float
+) -> None:
+    """The program's outputs are the eager model's within `tolerance`, for the score as much as the
     probabilities' error can move it (by at most the sum of the weights' magnitudes times it)."""
-    tolerances = (CHECK_TOLERANCE, CHECK_TOLERANCE * total_weight)
-    for name, a, b, tolerance in zip(OUTPUTS, eager(*inputs), program(*inputs), tolerances, strict=True):
-        if a.shape != b.shape or not torch.allclose(a, b, rtol=CHECK_TOLERANCE, atol=tolerance):
+    tolerances = (tolerance, tolerance * total_weight)
+    for name, a, b, atol in zip(OUTPUTS, eager(*inputs), program(*inputs), tolerances, strict=True):
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=tolerance, atol=atol):
             raise UserError(
                 f"the exported program's {name} differ from the model's on a batch of "
                 f"{len(inputs[0])}: the forward depends on the batch in a way export misses"

@@ -39,7 +39,7 @@ def predict_files(*, model_dir: str, inputs: str, out: str, batch_size: int = 10
     with RecapDataset(data, inputs=inputs, require_labels=False) as dataset, atomic_path(out) as temporary:
         rows = _write(dataset, scorer, writer_class, temporary)
         log.info("%s: %s", inputs, describe_counts(dataset.counts()))
-    log.info("wrote %d rows to %s", rows, out)
+    log.info("wrote %d rows to %s (scored in %s)", rows, out, scorer.precision)
     return rows
 
 

@@ -81,6 +81,8 @@ class Scorer:
                     f"{folder / MANIFEST}: program_format {other!r}, not one of {list(PROGRAMS)}"
                 )
         self.tasks: list[str] = list(self.manifest["tasks"])
+        # Of the dense layers' products (export --precision); a manifest written before it was recorded: fp32.
+        self.precision: str = self.manifest.get("precision", "fp32")
         self.inputs = [
             InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"]), i["allow_non_finite"])
             for i in self.manifest["inputs"]

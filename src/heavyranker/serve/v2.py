@@ -16,7 +16,8 @@ Input tensors come as JSON or with the binary tensor data extension (tensors.py)
 the request's output asks `"binary_data": true` or, for outputs it does not list, when the request's
 parameter binary_data_output is true. Errors are the protocol's {"error": "..."} (app.py writes it): 404
 for another model's name, 400 for a request the model cannot take, 413 for too many candidates. The columns
-of `probabilities` are the tasks in the order of the model metadata's parameter `tasks`, comma-separated.
+of `probabilities` are the tasks in the order of the model metadata's parameter `tasks`, comma-separated;
+its parameter `precision` is the export's (fp32, bf16 or int8).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def model_metadata(scorer: Scorer, model_name: str, version: int | None = None) 
     ]
     platform = PLATFORMS.get(Path(scorer.manifest["program"]).suffix, "unknown")
     # A parameter is a string, number or boolean: the tasks, in the order of the probabilities' columns.
-    parameters = {"tasks": ",".join(scorer.tasks)}
+    parameters = {"tasks": ",".join(scorer.tasks), "precision": scorer.precision}
     described = {
         "name": model_name,
         "platform": platform,

@@ -21,6 +21,7 @@ from ..checkpoint import (
 )
 from ..config import Config, short_names
 from ..config.training import TrainingConfig
+from ..cpu import bf16_warning, cpu_info
 from ..data.batch import Batch
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
@@ -30,6 +31,7 @@ from ..errors import UserError
 from ..eval.evaluator import evaluate_splits
 from ..memory import out_of_memory_as_user_error
 from ..model import Ranker, build_model, restore_weights
+from ..model.linear import matmul_for
 from ..run_folder import RunFolder
 from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime
 from .best import BestTracker, refuse_undefinable
@@ -58,14 +60,20 @@ FOLLOW_PAST_SCHEDULE = (
 class Trainer:
     """One training run. `run()` trains from wherever save_dir's newest checkpoint left off."""
 
-    def __init__(self, config: Config, *, amp: bool = False, runtime: Runtime | None = None):
+    def __init__(self, config: Config, *, runtime: Runtime | None = None):
         self.config = config
         self.runtime = runtime or init_runtime()
         check_sharding(config.data_sections, self.runtime.world_size)
-        self.amp = amp
+        precision = config.training.precision
+        self.amp = precision == "bf16"  # bf16 autocast of the forward; weights and optimizer stay fp32
+        on_cpu = self.runtime.device.type == "cpu"
+        if self.amp and on_cpu and self.runtime.is_main and (warning := bf16_warning(cpu_info())):
+            log.warning(warning)  # once, not once per rank
         torch.manual_seed(config.training.seed)
         specs = feature_specs(config.train_data)
-        self.model: Ranker = build_model(config.model, specs, config.train_data.tasks).to(self.runtime.device)
+        matmul = matmul_for(precision)
+        model = build_model(config.model, specs, config.train_data.tasks, matmul=matmul)
+        self.model: Ranker = model.to(self.runtime.device)
         world = self.runtime.world_size
         batch_size, tasks = config.train_data.global_batch_size // world, len(config.train_data.tasks)
         check_batch_fits(specs, tasks, self.model, batch_size, world)
@@ -336,7 +344,7 @@ def _format_log_line(line: dict[str, float]) -> str:
     return f"{text} | data: {describe_counts(counts)}" if any(counts.values()) else text
 
 
-def train(config: Config, *, amp: bool = False) -> None:
+def train(config: Config) -> None:
     # DDP warned on every rank that the towers' [1, n] output weights got gradients whose stride in the
     # size-1 dimension differs from its bucket view's (the same memory layout). Process-wide, set by the
     # training command rather than as a side effect of Runtime.wrap; not warnings.catch_warnings() around
@@ -344,4 +352,4 @@ def train(config: Config, *, amp: bool = False) -> None:
     # warning raised in the loop would be printed again at every step.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     with distributed_runtime() as runtime:
-        Trainer(config, amp=amp, runtime=runtime).run()
+        Trainer(config, runtime=runtime).run()
