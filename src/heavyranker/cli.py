@@ -266,6 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(p)
 
     p = command(
+        commands,
+        "tune",
+        "search settings with Optuna: each trial a training run scored on a validation split",
+        handlers.run_tune,
+    )
+    p.add_argument("--config", "-c", help="the YAML config (not with --report)")
+    p.add_argument("--set", action="append", default=[], metavar="DOTTED.PATH=VALUE", help="as for train")
+    p.add_argument("--space", help="the search space YAML: objective and params (see docs/tuning.md)")
+    p.add_argument("--trials", type=int, help="finished trials the study should hold (a rerun continues)")
+    p.add_argument("--out", required=True, help="folder: study.db, trials/<N>/, best.yaml")
+    p.add_argument("--storage", help="an SQLAlchemy URL for the study (default sqlite:///OUT/study.db)")
+    p.add_argument("--seed", type=int, default=0, help="of the TPE sampler (give each worker its own)")
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        default=30,
+        metavar="SECONDS",
+        help="a running trial's heartbeat; one silent for twice this is re-run (default 30)",
+    )
+    p.add_argument("--report", action="store_true", help="print the trials and importances, write a plot")
+
+    p = command(
         commands, "demo", "generate data, train, evaluate and report on a small config", handlers.run_demo
     )
     _with_config(p)

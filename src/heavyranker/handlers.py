@@ -193,6 +193,42 @@ def serve_flags_given(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def run_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        from .tune.report import report_study
+        from .tune.study import TuneOptions, run_tune
+    except ModuleNotFoundError as e:
+        if e.name != "optuna":
+            raise
+        raise UserError("tune needs Optuna: pip install 'heavyranker[tune]'") from None
+
+    out = Path(args.out)
+    if args.report:
+        report = report_study(out, args.storage)
+        if report is not None:
+            print(f"plot: {report}")
+        return 0
+    missing = [
+        flag
+        for flag, given in (("--config", args.config), ("--space", args.space), ("--trials", args.trials))
+        if given is None
+    ]
+    if missing:
+        raise UserError(f"tune: give {', '.join(missing)} (or --report)")
+    keep_freed_memory()  # the trials train
+    options = TuneOptions(
+        args.config, args.set, args.space, args.trials, out, args.storage, args.seed, args.heartbeat
+    )
+    best = run_tune(options)
+    if best is None:
+        print("no trial completed: no best.yaml")
+    else:
+        print(f"best: trial {best.number}, {best.value:.6g}, {best.params}\nwritten: {out / 'best.yaml'}")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
