@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--files", type=int, help="files per split (default 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--world",
+        choices=("demo", "holdout"),
+        default="demo",
+        help="whose planted truth: the demo's, or the second benchmark's (holdout; see docs/tuning.md)",
+    )
     p = command(
         data, "dump", "write the arrays of some batches to an .npz for inspection", handlers.run_data_dump
     )
