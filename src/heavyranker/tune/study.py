@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..eval.evaluator import evaluate_command
 from ..run_folder import RunFolder
 from ..runtime import init_runtime
-from ..train.loop import Trainer
+from ..train.loop import NonFiniteLoss, Trainer
 from .space import Param, SearchSpace, read_space
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,14 @@ def run_tune(options: TuneOptions) -> FrozenTrial | None:
     else:
         stop_at = optuna.study.MaxTrialsCallback(options.trials, states=COUNTED)
         objective = TrialObjective(options, space)
-        study.optimize(objective, callbacks=[stop_at, lambda s, t: write_best(s, options, space)])
+        # A trial whose loss diverged (a learning rate too high) fails and the study goes on; at most the
+        # trials missing here, so that a space where every trial fails still ends.
+        study.optimize(
+            objective,
+            n_trials=options.trials - done,
+            catch=(NonFiniteLoss,),
+            callbacks=[stop_at, lambda s, t: write_best(s, options, space)],
+        )
     return write_best(study, options, space)
 
 
