@@ -125,7 +125,7 @@ class TrialObjective:
         config = load_config(
             self.options.config, self.options.overrides, {**values, "training.save_dir": str(run)}
         )
-        log.info("trial %d: %s in %s", trial.number, json.dumps(values), run)
+        log.info("trial %d: %s in %s", trial.number, json.dumps(trial.params), run)
         pruned = False
 
         def report(step: int, results: dict[str, Any]) -> bool:
