@@ -33,6 +33,7 @@ FLOORS = {
     "serve": 5,
     "release": 6,
     "demo": 6,
+    "tune": 6,
     "cli": 7,
     "handlers": 7,
     "__main__": 7,

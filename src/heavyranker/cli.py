@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--files", type=int, help="files per split (default 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--world",
+        choices=("demo", "holdout"),
+        default="demo",
+        help="whose planted truth: the demo's, or the second benchmark's (holdout; see docs/tuning.md)",
+    )
     p = command(
         data, "dump", "write the arrays of some batches to an .npz for inspection", handlers.run_data_dump
     )
@@ -270,6 +276,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(commands, "serve", "HTTP ranking service for an exported model", handlers.run_serve)
     p.add_argument("--model", help="an exported model folder (or give --repository)")
     add_serve_flags(p)
+
+    p = command(
+        commands,
+        "tune",
+        "search settings with Optuna: each trial a training run scored on a validation split",
+        handlers.run_tune,
+    )
+    p.add_argument("--config", "-c", help="the YAML config (not with --report)")
+    p.add_argument("--set", action="append", default=[], metavar="DOTTED.PATH=VALUE", help="as for train")
+    p.add_argument("--space", help="the search space YAML: objective and params (see docs/tuning.md)")
+    p.add_argument("--trials", type=int, help="finished trials the study should hold (a rerun continues)")
+    p.add_argument("--out", required=True, help="folder: study.db, trials/<N>/, best.yaml")
+    p.add_argument("--storage", help="an SQLAlchemy URL for the study (default sqlite:///OUT/study.db)")
+    p.add_argument("--seed", type=int, default=0, help="of the TPE sampler (give each worker its own)")
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        default=30,
+        metavar="SECONDS",
+        help="a running trial's heartbeat; one silent for twice this is re-run (default 30)",
+    )
+    p.add_argument("--report", action="store_true", help="print the trials and importances, write a plot")
 
     p = command(
         commands, "demo", "generate data, train, evaluate and report on a small config", handlers.run_demo

@@ -26,7 +26,10 @@ def run_config_validate(args: argparse.Namespace) -> int:
 def run_data_generate(args: argparse.Namespace) -> int:
     from .data.synthetic import generate_for_config
 
-    generate_for_config(_load(args), out=args.out, examples=args.examples, files=args.files, seed=args.seed)
+    config = _load(args)
+    generate_for_config(
+        config, out=args.out, examples=args.examples, files=args.files, seed=args.seed, world=args.world
+    )
     return 0
 
 
@@ -195,6 +198,42 @@ def serve_flags_given(args: argparse.Namespace) -> dict[str, object]:
         for name in ServeOptions.model_fields
         if (value := getattr(args, f"{SERVING}.{name}")) is not None
     }
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        from .tune.report import report_study
+        from .tune.study import TuneOptions, run_tune
+    except ModuleNotFoundError as e:
+        if e.name != "optuna":
+            raise
+        raise UserError("tune needs Optuna: pip install 'heavyranker[tune]'") from None
+
+    out = Path(args.out)
+    if args.report:
+        report = report_study(out, args.storage)
+        if report is not None:
+            print(f"plot: {report}")
+        return 0
+    missing = [
+        flag
+        for flag, given in (("--config", args.config), ("--space", args.space), ("--trials", args.trials))
+        if given is None
+    ]
+    if missing:
+        raise UserError(f"tune: give {', '.join(missing)} (or --report)")
+    keep_freed_memory()  # the trials train
+    options = TuneOptions(
+        args.config, args.set, args.space, args.trials, out, args.storage, args.seed, args.heartbeat
+    )
+    best = run_tune(options)
+    if best is None:
+        print("no trial completed: no best.yaml")
+    else:
+        print(f"best: trial {best.number}, {best.value:.6g}, {best.params}\nwritten: {out / 'best.yaml'}")
+    return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -44,12 +44,17 @@ class ConfigError(UserError):
         ]
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Load, substitute, override and validate the YAML at `path`."""
+def load_config(
+    path: str | os.PathLike, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> Config:
+    """Load, substitute, override and validate the YAML at `path`. `values`: dotted path -> value, set after
+    the `overrides` as they are (no YAML parsing: `tune` sets the values its sampler drew)."""
     path = Path(path)
     data = _read_yaml(path)
     for override in overrides or []:
         _apply_override(data, override, str(path))
+    for dotted, value in (values or {}).items():
+        _set_dotted(data, dotted, value, str(path))
     try:
         config = Config.model_validate(data, context={"base_dir": str(path.resolve().parent)})
     except ValidationError as e:
@@ -231,6 +236,10 @@ def _apply_override(data: dict[str, Any], override: str, file: str) -> None:
     except yaml.YAMLError as e:
         _, problem = _yaml_problem(e)
         raise ConfigError(file, [("--set", f"{redact(repr(override)):.80}: {problem}")]) from None
+    _set_dotted(data, dotted, value, file)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, file: str) -> None:
     segments = dotted.split(".")
     node = data
     while True:

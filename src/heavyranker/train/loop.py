@@ -28,7 +28,7 @@ from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.sources.files import check_sharding
 from ..data.sources.follow import follow_sources, restore_position
 from ..errors import UserError
-from ..eval.evaluator import evaluate_splits
+from ..eval.evaluator import Results, evaluate_splits
 from ..memory import out_of_memory_as_user_error
 from ..model import Ranker, build_model, restore_weights
 from ..model.linear import matmul_for
@@ -60,8 +60,17 @@ FOLLOW_PAST_SCHEDULE = (
 class Trainer:
     """One training run. `run()` trains from wherever save_dir's newest checkpoint left off."""
 
-    def __init__(self, config: Config, *, runtime: Runtime | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        runtime: Runtime | None = None,
+        on_evaluation: Callable[[int, Results], bool] | None = None,
+    ):
+        """on_evaluation(step, results), on rank 0 after each evaluation: True ends the run there, as early
+        stopping does (`tune` prunes a trial so, without train knowing of the tuner)."""
         self.config = config
+        self.on_evaluation = on_evaluation
         self.runtime = runtime or init_runtime()
         check_sharding(config.data_sections, self.runtime.world_size)
         precision = config.training.precision
@@ -295,9 +304,13 @@ class Trainer:
             self.model.train()
         logger.eval_scalars(self.step, results)
         keep_best = self.config.training.keep_best
+        stop = False
         if keep_best:
             refuse_undefinable(keep_best, results)
             stop = self.best is not None and self.best.update(self.step, results, self.save)
+        if self.on_evaluation is not None and self.runtime.is_main:
+            stop = self.on_evaluation(self.step, results) or stop
+        if keep_best or self.on_evaluation is not None:
             self._stopped_early = self.runtime.broadcast(stop)
 
     @contextmanager

@@ -4,6 +4,7 @@ planted probability integrates out."""
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,9 +80,41 @@ FLAG_INPUTS = {"follow": "follows_author", "video": "has_video", "reply": "is_re
 STANDARDIZED = ("act", "neg", "pop", "rep", "fav", "age", "aff")
 
 
-def task_profile(task: str) -> TaskProfile:
+def demo_mixes(x: dict[str, np.ndarray]) -> None:
+    """The demo truth's non-linear inputs, from the standardized log counts, flags and affinity in `x`."""
+    x["ua_3plus"] = (x.pop("ua") >= np.log1p(3)).astype(np.float64)
+    x["act_x_fav"] = x["act"] * x["fav"]
+    x["pop_x_fav"] = x["pop"] * x["fav"]
+    x["rep_x_neg"] = x["rep"] * x["neg"]
+    x["age_bump"] = 1.0 - x["age"] ** 2  # neither brand new nor stale
+    x["follow_xor_reply"] = (2 * x["follow"] - 1) * (2 * x["reply"] - 1)
+    x["unfollowed"] = 1.0 - x["follow"]
+    x["neg_unfollowed"] = x["neg"] * x["unfollowed"]
+
+
+@dataclass(frozen=True)
+class Truth:
+    """A world's planted truth: its tasks' profiles, the shared engagement score, how a count becomes an
+    input (before standardization), the non-linear mixes the logits read, the dimension of the tastes, and
+    a salt that gives the world (and its splits) draws of their own for the same --seed."""
+
+    tasks: dict[str, TaskProfile]
+    engage: dict[str, float]
+    count_input: Callable[[np.ndarray], np.ndarray]
+    mixes: Callable[[dict[str, np.ndarray]], None]
+    taste_dims: int = 8
+    salt: tuple[int, ...] = ()
+
+    def task_profile(self, task: str) -> TaskProfile:
+        return task_profile(task, self.tasks)
+
+
+DEMO = Truth(PROFILES, ENGAGE, np.log1p, demo_mixes)
+
+
+def task_profile(task: str, profiles: dict[str, TaskProfile] = PROFILES) -> TaskProfile:
     """A known task's profile, or one made up (deterministically, from the name) for any other label."""
-    known = PROFILES.get(task.removeprefix("recap.engagement."))
+    known = profiles.get(task.removeprefix("recap.engagement."))
     if known:
         return known
     rng = np.random.default_rng(zlib.crc32(task.encode()))

@@ -18,6 +18,7 @@ from ...config.data import DataConfig
 from ...errors import UserError
 from ..sources.tfrecord import write_records
 from ..tf_example import encode_tf_examples
+from .holdout import WORLDS
 from .layout import Layout, layout_for
 from .truth import truth_path, write_truth
 from .world import World
@@ -53,6 +54,7 @@ def generate_for_config(
     examples: int | None = None,
     files: int | None = None,
     seed: int = 0,
+    world: str = "demo",
 ) -> list[str]:
     """Writes data with a planted truth for the train split and each validation split, where their inputs
     point (or under out/<split name>), and returns the data files written.
@@ -62,12 +64,16 @@ def generate_for_config(
     folder). Every split draws its own rows (its seed comes from `seed` and its name) from the same
     users, authors and truth. A split whose tasks have downsampling rates below 1 keeps each drawn row
     with probability prod_t rate_t(label_t), so that its weights undo the sampling; it holds fewer rows
-    than drawn. Splits reading the same folder share its files, written once for the first of them."""
+    than drawn. Splits reading the same folder share its files, written once for the first of them.
+    `world`: whose planted truth, a name of WORLDS (holdout.py: the second benchmark's)."""
     layout = layout_for(config.train_data, config.validation_data)
     n_train = default_examples(layout) if examples is None else examples
     if n_train < 1 or (files is not None and files < 1):
         raise UserError(f"examples and files must be positive (got {examples} and {files})")
-    world = World(layout, users=max(64, n_train // ROWS_PER_USER), seed=seed)
+    if world not in WORLDS:
+        raise UserError(f"no world {world!r} (there are: {', '.join(WORLDS)})")
+    users = max(64, n_train // ROWS_PER_USER)
+    planted = World(layout, users=users, seed=seed, truth=WORLDS[world])
     written: list[str] = []
     writer: dict[str, str] = {}  # folder -> the split written there
     for plan in _plans(config, out):
@@ -80,7 +86,7 @@ def generate_for_config(
             plan.subfolders = fresh
         if plan.subfolders:
             n = n_train if plan.name == "train" else max(1, round(n_train * VALIDATION_FRACTION))
-            written += _write_split(world, plan, n, files or DEFAULT_FILES, seed)
+            written += _write_split(planted, plan, n, files or DEFAULT_FILES, seed)
             writer.update(dict.fromkeys(plan.folders, plan.name))
     return written
 
@@ -141,7 +147,7 @@ def _file_name(pattern: str, where: str) -> str:
 
 
 def _write_split(world: World, plan: SplitPlan, n: int, files: int, seed: int) -> list[str]:
-    rng = np.random.default_rng([seed, zlib.crc32(plan.name.encode())])
+    rng = np.random.default_rng([seed, zlib.crc32(plan.name.encode()), *world.truth.salt])
     tweets = world.tweets(rng, max(1, n // 4))
     users, tweet_rows = world.impressions(rng, tweets, n)
     per_folder = max(1, -(-min(files, n) // len(plan.folders)))

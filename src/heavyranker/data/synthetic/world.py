@@ -11,19 +11,18 @@ from scipy.special import expit
 from ...errors import UserError
 from .layout import EMBEDDINGS, META_IDS, WIDE, Layout, as_written, numpy_dtype
 from .profiles import (
-    ENGAGE,
+    DEMO,
     FLAG_INPUTS,
     LOG_INPUTS,
     MOOD_STD,
     SOURCES,
     STANDARDIZED,
+    Truth,
     integrate_mood,
     solve_bias,
-    task_profile,
 )
 from .recipe import Recipe
 
-TASTE_DIMS = 8
 PILOT_EXAMPLES = 20_000  # rows that fix the truth's standardization and biases
 
 
@@ -40,9 +39,9 @@ class Entities:
 class World:
     """Users, authors, how columns are drawn, and the planted truth: everything the splits share."""
 
-    def __init__(self, layout: Layout, *, users: int, seed: int):
-        self.layout = layout
-        rng = np.random.default_rng([seed, 1])
+    def __init__(self, layout: Layout, *, users: int, seed: int, truth: Truth = DEMO):
+        self.layout, self.truth = layout, truth
+        rng = np.random.default_rng([seed, 1, *truth.salt])
         self.recipes = {}
         for role, width in self._wide_widths().items():
             self.recipes[role] = Recipe.draw(rng, role, width, layout.kept.get(role, np.arange(0)))
@@ -58,7 +57,7 @@ class World:
             "user",
             act=rng.standard_normal(users),
             neg=rng.standard_normal(users),
-            taste=_unit(rng, users),
+            taste=_unit(rng, users, truth.taste_dims),
         )
         authors = max(16, users // 4)
         self.authors = self._entities(
@@ -67,11 +66,11 @@ class World:
             "author",
             pop=rng.standard_normal(authors),
             tox=rng.standard_normal(authors),
-            taste=_unit(rng, authors),
+            taste=_unit(rng, authors, truth.taste_dims),
         )
         self.standardize: dict[str, tuple[float, float]] = {}
         self.bias = np.zeros(len(layout.tasks))
-        self._fit_truth(np.random.default_rng([seed, 2]))
+        self._fit_truth(np.random.default_rng([seed, 2, *truth.salt]))
 
     def _wide_widths(self) -> dict[str, int]:
         """Widths of the wide features, and of the features nobody reads (filled by dtype, as one block)."""
@@ -194,7 +193,7 @@ class World:
         n = len(users)
         u, a, t = self.users.traits, self.authors.traits, tweets.traits
         cosine = np.einsum("ij,ij->i", u["taste"][users], a["taste"][author])
-        affinity = cosine * np.sqrt(TASTE_DIMS)  # ~N(0, 1)
+        affinity = cosine * np.sqrt(self.truth.taste_dims)  # ~N(0, 1)
         age = np.exp(4.5 + 1.2 * rng.standard_normal(n))  # minutes since the tweet was posted
         drawn = {
             "user_engagements": rng.poisson(np.exp(1.2 + u["act"][users])),
@@ -264,10 +263,13 @@ class World:
         return integrate_mood(logits, mood), labels
 
     def _inputs(self, signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The truth's inputs: log counts, flags, the embedding affinity, and their non-linear mixes."""
+        """The truth's inputs: counts (as the truth transforms them), flags, the embedding affinity, and
+        their non-linear mixes."""
         n = len(next(iter(signals.values())))
         x = {
-            name: np.log1p(signals[source].astype(np.float64)) if source in signals else np.zeros(n)
+            name: self.truth.count_input(signals[source].astype(np.float64))
+            if source in signals
+            else np.zeros(n)
             for name, source in LOG_INPUTS.items()
         }
         x.update(
@@ -279,14 +281,7 @@ class World:
         x["aff"] = self._observed_affinity(signals, n)
         for name, (center, scale) in self.standardize.items():
             x[name] = (x[name] - center) / scale
-        x["ua_3plus"] = (x.pop("ua") >= np.log1p(3)).astype(np.float64)
-        x["act_x_fav"] = x["act"] * x["fav"]
-        x["pop_x_fav"] = x["pop"] * x["fav"]
-        x["rep_x_neg"] = x["rep"] * x["neg"]
-        x["age_bump"] = 1.0 - x["age"] ** 2  # neither brand new nor stale
-        x["follow_xor_reply"] = (2 * x["follow"] - 1) * (2 * x["reply"] - 1)
-        x["unfollowed"] = 1.0 - x["follow"]
-        x["neg_unfollowed"] = x["neg"] * x["unfollowed"]
+        self.truth.mixes(x)
         return x
 
     def _observed_affinity(self, signals: dict[str, np.ndarray], n: int) -> np.ndarray:
@@ -302,10 +297,10 @@ class World:
     def _logits(self, signals: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """[n, tasks] logits without the mood, and the tasks' mood loadings [tasks]."""
         x = self._inputs(signals)
-        engage = sum(weight * x[name] for name, weight in ENGAGE.items())
+        engage = sum(weight * x[name] for name, weight in self.truth.engage.items())
         logits, moods = [], []
         for j, task in enumerate(self.layout.tasks):
-            profile = task_profile(task)
+            profile = self.truth.task_profile(task)
             logit = self.bias[j] + profile.engage * engage + sum(w * x[k] for k, w in profile.terms.items())
             if profile.gate:
                 logit = np.where(x[profile.gate] > 0, logit, logit - 5.0)
@@ -323,7 +318,7 @@ class World:
         logits, mood = self._logits(signals)
         self.bias = np.array(
             [
-                solve_bias(logits[:, j], mood[j], task_profile(task).rate)
+                solve_bias(logits[:, j], mood[j], self.truth.task_profile(task).rate)
                 for j, task in enumerate(self.layout.tasks)
             ]
         )
@@ -339,8 +334,8 @@ def _projection(rng: np.random.Generator, rows: int, width: int) -> np.ndarray:
     return np.pad(q.T, ((0, rows - q.shape[1]), (0, 0)))  # latent dimensions beyond the width are lost
 
 
-def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    x = rng.standard_normal((n, TASTE_DIMS))
+def _unit(rng: np.random.Generator, n: int, dims: int) -> np.ndarray:
+    x = rng.standard_normal((n, dims))
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 

@@ -1,0 +1,191 @@
+"""`heavyranker tune`: an Optuna study whose trials are training runs.
+
+    DIR/study.db        the study (SQLite; --storage URL puts it in any SQLAlchemy database instead)
+    DIR/trials/<N>/     trial N's run folder (training.save_dir): checkpoints, metrics, evaluations
+    DIR/best.yaml       the best trial's config, a plain YAML `train` accepts (rewritten after each trial)
+
+Each trial trains the config with its parameters set, reports the objective at every evaluation (the pruner
+may end it there), and scores the checkpoint `export` would take (keep_best's best, else the newest) with the
+evaluator on the objective's validation split. The study is resumable: a trial whose process died stops
+sending heartbeats and, after the grace period, is marked failed and re-run with the same parameters in the
+same run folder (train resumes from its newest checkpoint); a trial stopped by SIGINT/SIGTERM is re-run so at
+once. Several `tune` processes (on one machine, or on several sharing a database) work on one study: Optuna
+hands each its own trial, and a trial's run folder is named by its number."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from ..atomic import atomic_write
+from ..checkpoint import resolve_checkpoint
+from ..config import Config, dump_config, load_config
+from ..errors import UserError
+from ..eval.evaluator import evaluate_command
+from ..run_folder import RunFolder
+from ..runtime import init_runtime
+from ..train.loop import NonFiniteLoss, Trainer
+from .space import Param, SearchSpace, read_space
+
+log = logging.getLogger(__name__)
+
+STUDY_NAME = "heavyranker"
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts
+RUN = "run"  # user attribute: the number of the trial whose run folder a trial trains in
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    config: str
+    overrides: list[str]
+    space: str
+    trials: int
+    out: Path
+    storage: str | None = None
+    seed: int = 0
+    heartbeat: int = 30  # seconds between a running trial's heartbeats; stale after twice that
+
+
+def storage_url(out: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def open_study(out: Path, storage: str | None, seed: int = 0, heartbeat: int = 30) -> optuna.Study:
+    """The study in `storage` (default DIR/study.db), created on first use."""
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8: we rely on them
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = RDBStorage(
+            storage_url(out, storage),
+            heartbeat_interval=heartbeat,
+            grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+        )
+        study = optuna.create_study(
+            storage=rdb,
+            study_name=STUDY_NAME,
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
+            load_if_exists=True,
+        )
+        optuna.storages.fail_stale_trials(
+            study
+        )  # what a killed tune left running: re-run from its checkpoints
+    return study
+
+
+def run_tune(options: TuneOptions) -> FrozenTrial | None:
+    """Runs trials until the study holds `options.trials` complete or pruned ones; writes best.yaml; returns
+    the best trial (None where none completed)."""
+    if options.trials < 1:
+        raise UserError(f"--trials must be at least 1 (got {options.trials})")
+    space = read_space(options.space, options.config, options.overrides)
+    options.out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune logs each trial itself
+    study = open_study(options.out, options.storage, options.seed, options.heartbeat)
+    done = len(study.get_trials(deepcopy=False, states=COUNTED))
+    if done >= options.trials:
+        log.info("the study already holds %d finished trials of %d", done, options.trials)
+    else:
+        stop_at = optuna.study.MaxTrialsCallback(options.trials, states=COUNTED)
+        objective = TrialObjective(options, space)
+        # A trial whose loss diverged (a learning rate too high) fails and the study goes on; at most the
+        # trials missing here, so that a space where every trial fails still ends.
+        study.optimize(
+            objective,
+            n_trials=options.trials - done,
+            catch=(NonFiniteLoss,),
+            callbacks=[stop_at, lambda s, t: write_best(s, options, space)],
+        )
+    return write_best(study, options, space)
+
+
+class TrialObjective:
+    """One trial: its config, its training run, its score."""
+
+    def __init__(self, options: TuneOptions, space: SearchSpace):
+        self.options, self.space = options, space
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = self.space.config_values({p.path: suggest(trial, p) for p in self.space.params})
+        # A re-run (of a trial that died or was stopped) inherits the user attributes, so its run folder.
+        if RUN not in trial.user_attrs:
+            trial.set_user_attr(RUN, trial.number)
+        run = (self.options.out / "trials" / str(trial.user_attrs[RUN])).resolve()
+        config = load_config(
+            self.options.config, self.options.overrides, {**values, "training.save_dir": str(run)}
+        )
+        log.info("trial %d: %s in %s", trial.number, json.dumps(trial.params), run)
+        pruned = False
+
+        def report(step: int, results: dict[str, Any]) -> bool:
+            nonlocal pruned
+            value = self.space.objective.value(results[self.space.objective.split], config.engagement_weights)
+            if not math.isnan(value):
+                trial.report(value, step)
+                pruned = trial.should_prune()
+            return pruned
+
+        trainer = Trainer(config, runtime=init_runtime(), on_evaluation=report)
+        trainer.run()
+        if pruned:
+            raise optuna.TrialPruned(f"at step {trainer.step}")
+        if trainer.step < config.training.num_train_steps and not (trainer.best and trainer.best.exhausted):
+            # Stopped by a signal: re-run with the same parameters (resuming this folder), then stop tuning.
+            trial.study.enqueue_trial(trial.params, user_attrs=trial.user_attrs)
+            raise KeyboardInterrupt
+        return self.score(config)
+
+    def score(self, config: Config) -> float:
+        """The objective at the checkpoint export takes, from the evaluation train wrote for its step, else
+        evaluated now."""
+        split = self.space.objective.split
+        checkpoint = resolve_checkpoint(config.training.save_dir, best=True)
+        step = int(checkpoint.stem.removeprefix("step_"))
+        written = RunFolder(config.training.save_dir).result(split, step)
+        if written.is_file():
+            metrics = json.loads(written.read_text())["metrics"]
+        else:
+            results = evaluate_command(config, checkpoint=str(checkpoint), watch=False, split=split)
+            metrics = results[split]
+        value = self.space.objective.value(metrics, config.engagement_weights)
+        if math.isnan(value):
+            raise UserError(
+                f"{self.options.space}: objective: {self.space.objective.metric} is undefined on {split} "
+                "for every task (one class only); choose other tasks or another split"
+            )
+        return value
+
+
+def suggest(trial: optuna.Trial, param: Param) -> Any:
+    d = param.distribution
+    if isinstance(d, CategoricalDistribution):
+        return trial.suggest_categorical(param.path, d.choices)
+    if isinstance(d, IntDistribution):
+        return trial.suggest_int(param.path, d.low, d.high, step=d.step, log=d.log)
+    assert isinstance(d, FloatDistribution)
+    return trial.suggest_float(param.path, d.low, d.high, step=d.step, log=d.log)
+
+
+def write_best(study: optuna.Study, options: TuneOptions, space: SearchSpace) -> FrozenTrial | None:
+    """DIR/best.yaml: the config with the best trial's parameters (save_dir as the config has it), written
+    atomically, as `config validate` prints a config."""
+    try:
+        best = study.best_trial
+    except ValueError:  # no trial completed
+        return None
+    config = load_config(options.config, options.overrides, space.config_values(best.params))
+    with atomic_write(options.out / "best.yaml", "w") as f:
+        f.write(f"# tune: trial {best.number} of {options.out}, {space.objective.metric} {best.value:.6g}\n")
+        f.write(dump_config(config))
+    return best

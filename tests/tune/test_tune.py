@@ -1,0 +1,149 @@
+"""`heavyranker tune` end to end on local_small with a few steps: a planted good setting is found, best.yaml
+is a config train accepts, the report, and a killed study resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from heavyranker.cli import main
+from heavyranker.config import load_config
+from heavyranker.run_folder import list_checkpoints
+from heavyranker.train.loop import Trainer
+from heavyranker.tune.study import STUDY_NAME, TuneOptions, run_tune
+from tests.conftest import REPO, SMALL_SPLITS, small_config
+from tests.tune.test_space import CONFIG, TOWER_LR, data_overrides
+
+SENSIBLE, TOO_SMALL = 0.006, 0.0006  # local_small's tower peak, and a tenth of it
+STEPS = ["training.num_train_steps=40", "training.eval_log_every_n=20", "training.checkpoint_every_n=20"]
+
+
+def tune_options(tmp_path: Path, data: Path, trials: int, heartbeat: int = 30) -> TuneOptions:
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "objective": {"split": "validation", "metric": "rce", "tasks": "mean"},
+                "params": {TOWER_LR: {"choices": [TOO_SMALL, SENSIBLE]}},
+            }
+        )
+    )
+    overrides = [*data_overrides(data), *STEPS]
+    return TuneOptions(str(CONFIG), overrides, str(space), trials, tmp_path / "out", heartbeat=heartbeat)
+
+
+def load(out: Path) -> optuna.Study:
+    return optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def test_a_planted_good_learning_rate_is_found(tmp_path, small_data, capsys):
+    options = tune_options(tmp_path, small_data, trials=3)
+    best = run_tune(options)
+    trials = load(options.out).get_trials(states=(TrialState.COMPLETE,))
+    by_rate = {
+        rate: [t.value for t in trials if t.params[TOWER_LR] == rate] for rate in (TOO_SMALL, SENSIBLE)
+    }
+    assert by_rate[TOO_SMALL] and by_rate[SENSIBLE], f"the seeded sampler tried one rate only: {by_rate}"
+    assert max(by_rate[TOO_SMALL]) < min(by_rate[SENSIBLE])  # the planted setting really is better
+    assert best is not None and best.params[TOWER_LR] == SENSIBLE
+    for trial in trials:  # each a run folder of its own, evaluated on the objective's split at its last step
+        assert (options.out / "trials" / str(trial.number) / "eval" / "validation" / "step_40.json").is_file()
+
+    # best.yaml: a plain config that train accepts, with the best rate in every tower and save_dir as it was
+    config = load_config(options.out / "best.yaml")
+    towers = config.optimizer.multi_task_learning_rates.tower_learning_rates
+    assert {lr.linear_ramp_to_cosine.learning_rate for lr in towers.values()} == {SENSIBLE}
+    assert config.training.save_dir == load_config(CONFIG).training.save_dir
+
+    capsys.readouterr()
+    assert main(["tune", "--report", "--out", str(options.out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("COMPLETE") == 3 and TOWER_LR in printed.split("importances")[1]
+    assert (options.out / "report.png").stat().st_size > 0
+
+
+def test_report_with_fewer_than_two_complete_trials_says_so(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name=STUDY_NAME)
+    study.add_trial(
+        optuna.create_trial(
+            value=1.0, params={"x": 1.0}, distributions={"x": optuna.distributions.FloatDistribution(0, 2)}
+        )
+    )
+    assert main(["tune", "--report", "--out", str(out)]) == 0
+    assert "importances: need 2 complete trials, the study has 1" in capsys.readouterr().out
+
+
+def states(out: Path) -> list[str]:
+    with sqlite3.connect(out / "study.db") as db:
+        return [row[0] for row in db.execute("SELECT state FROM trials ORDER BY number")]
+
+
+def test_a_killed_study_resumes(tmp_path, small_data):
+    options = tune_options(tmp_path, small_data, trials=3, heartbeat=1)
+    command = [
+        sys.executable,
+        "-m",
+        "heavyranker",
+        "tune",
+        "--config",
+        options.config,
+        "--space",
+        options.space,
+    ]
+    command += [arg for o in options.overrides for arg in ("--set", o)]
+    command += ["--trials", "3", "--out", str(options.out), "--heartbeat", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    tune = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Killed once a trial is complete and the next one has begun (written a checkpoint).
+        while not (
+            (options.out / "study.db").is_file()
+            and states(options.out)[:2] == ["COMPLETE", "RUNNING"]
+            and (options.out / "trials" / "1" / "checkpoints" / "step_20.pt").is_file()
+        ):
+            assert tune.poll() is None, "tune ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        tune.send_signal(signal.SIGKILL)
+        tune.wait()
+    assert states(options.out)[:2] == ["COMPLETE", "RUNNING"]
+
+    run_tune(options)  # the same command again
+    trials = load(options.out).get_trials()
+    assert trials[0].state == TrialState.COMPLETE  # kept, not run again
+    assert trials[1].state == TrialState.FAIL  # its heartbeat stopped: failed, then re-run
+    retried = [t for t in trials[2:] if t.user_attrs["run"] == 1]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == trials[1].params
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert [t.number for t in trials] == list(range(len(trials)))  # the numbering continued
+
+
+def test_on_evaluation_ends_the_run_at_that_evaluation(tmp_path, small_data):
+    seen = []
+
+    def stop_at_the_second(step, results):
+        seen.append((step, sorted(results)))
+        return len(seen) == 2
+
+    overrides = (
+        "training.num_train_steps=12",
+        "training.eval_log_every_n=3",
+        "training.checkpoint_every_n=100",
+    )
+    trainer = Trainer(small_config(small_data, tmp_path, *overrides), on_evaluation=stop_at_the_second)
+    trainer.run()
+    assert [step for step, _ in seen] == [3, 6] and seen[0][1] == sorted(SMALL_SPLITS)
+    assert trainer.step == 6
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [6]  # saved where it stopped
