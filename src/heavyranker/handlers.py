@@ -130,14 +130,14 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from .serve.export import export_model
-    from .serve.repository import ModelRepository, export_version
+    from .serve.repository import export_version, open_repository
 
     if args.repository:
-        repository = ModelRepository(args.repository, args.model_name)
+        repository = open_repository(args.repository, args.model_name)
         version = export_version(
             repository, _load(args), checkpoint=args.checkpoint, format=args.format, keep=args.keep_versions
         )
-        print(f"{repository.version_folder(version)}")
+        print(repository.location(version))
         return 0
     export_model(_load(args), checkpoint=args.checkpoint, out=args.out, format=args.format)
     return 0
@@ -145,7 +145,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_promote(args: argparse.Namespace) -> int:
     from .release.promote import PromotionRule, promote
-    from .serve.repository import ModelRepository
+    from .serve.repository import open_repository
 
     rule = PromotionRule(
         metric=args.metric,
@@ -156,7 +156,7 @@ def run_promote(args: argparse.Namespace) -> int:
     )
     decision = promote(
         _load(args),
-        ModelRepository(args.repository, args.model_name),
+        open_repository(args.repository, args.model_name),
         checkpoint=args.checkpoint,
         split=args.split,
         rule=rule,

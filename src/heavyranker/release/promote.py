@@ -114,7 +114,7 @@ def promote(
     if current is None:
         decision.published, decision.reason = True, "the repository has no version yet"
     else:
-        folder = repository.version_folder(current)
+        folder = repository.local_folder(current)
         served = Scorer(folder)
         decision.current = {"version": current, "step": served.manifest["checkpoint"]["step"]}
         a = score(config, ServedProgram(served), folder, decision.current["step"] or 0, data)  # type: ignore[arg-type]
