@@ -250,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="how much worse (metric units) the interval's upper end may be (default 0)",
     )
+    p.add_argument(
+        "--weighted",
+        action="store_true",
+        help="judge the sum of the tasks' differences weighted by serving.engagement_weights (their size) "
+        "instead of each task's",
+    )
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="of the published version")

@@ -153,6 +153,7 @@ def run_promote(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         resamples=args.resamples,
         seed=args.seed,
+        weighted=args.weighted,
     )
     decision = promote(
         _load(args),
