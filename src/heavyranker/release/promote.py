@@ -104,4 +104,3 @@ def promote(
         decision.reason,
     )
     return decision
-
