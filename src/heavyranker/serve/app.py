@@ -92,6 +92,7 @@ def create_app(
         on_batch=metrics.batch_candidates.observe,
     )
     metrics.watch(limits, batcher)
+    metrics.watch_staleness(versions)
     if versions.repository is not None:
         metrics.watch_versions(versions)
         versions.warm_batch = options.max_batch

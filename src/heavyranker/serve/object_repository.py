@@ -33,6 +33,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from ..data.data_time import info_time
 from ..data.storage import error_line, filesystem
 from ..errors import UserError
 from ..urls import redact
@@ -168,7 +169,7 @@ class ObjectRepository(ModelRepository):
         found = []
         now = time.time()
         for path, info in self._listing().items():
-            if path.rpartition("/")[2].startswith(SERVING_MARKER) and now - _modified(info) < MARKER_TTL_S:
+            if path.rpartition("/")[2].startswith(SERVING_MARKER) and now - info_time(info) < MARKER_TTL_S:
                 try:
                     found.append(int(self.fs.cat_file(path)))
                 except (OSError, ValueError):  # removed meanwhile
@@ -262,8 +263,3 @@ def _by_version(listing: dict[str, dict[str, Any]], model_path: str) -> dict[int
 
 def _etag(info: dict[str, Any]) -> object:
     return info.get("ETag") or info.get("etag") or (info.get("size"), str(info.get("LastModified")))
-
-
-def _modified(info: dict[str, Any]) -> float:
-    modified = info.get("LastModified") or info.get("mtime") or info.get("updated")
-    return modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)

@@ -23,6 +23,7 @@ from ..config import Config, short_names
 from ..config.training import TrainingConfig
 from ..data.batch import Batch
 from ..data.columns import feature_specs
+from ..data.data_time import newest_data_time
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.sources.files import check_sharding
 from ..data.sources.follow import follow_sources, restore_position
@@ -80,6 +81,7 @@ class Trainer:
         self.best: BestTracker | None = None  # with training.keep_best, on rank 0 (which decides)
         # A Kafka source's next offset per partition, all ranks' (data/sources/kafka.py): in every checkpoint.
         self.data_position: dict[int, int] = {}
+        self.newest_data_time: float | None = None  # of the data read (data_time.py): in every checkpoint
         self._dataset: RecapDataset | None = None
         follow_sources(config)
 
@@ -93,6 +95,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             self.data_position = restore_position(state, self.config.train_data)
+            self.newest_data_time = state.get("newest_data_time")
             torch.set_rng_state(state["rng"])
             if "cuda_rng" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["cuda_rng"])
@@ -115,6 +118,9 @@ class Trainer:
             "step": self.step,
             "rng": torch.get_rng_state(),
         }
+        if self._dataset is not None:
+            self.newest_data_time = newest_data_time(self._dataset, self.newest_data_time)
+        state["newest_data_time"] = self.newest_data_time
         if self.config.train_data.kafka is not None:
             topic = self.config.train_data.kafka.topic
             state["data_position"] = {"topic": topic, "offsets": self.data_position}
