@@ -93,7 +93,12 @@ def run_train(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.follow:
         config.training.follow = True
-    train(config, amp=args.amp)
+    promoter = None
+    if config.training.promote is not None:
+        from .release.follow import Promoter
+
+        promoter = Promoter(config)
+    train(config, amp=args.amp, on_checkpoint=promoter)
     return 0
 
 

@@ -54,12 +54,23 @@ FOLLOW_PAST_SCHEDULE = (
     "on (constant: the rate; linear ramp: its rate; cosine: final_learning_rate; piecewise: the last value)"
 )
 
+# Called on rank 0 with each checkpoint written and its step (a run that promotes: release/follow.py).
+CheckpointHook = Callable[[Path, int], None]
+
 
 class Trainer:
     """One training run. `run()` trains from wherever save_dir's newest checkpoint left off."""
 
-    def __init__(self, config: Config, *, amp: bool = False, runtime: Runtime | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        amp: bool = False,
+        runtime: Runtime | None = None,
+        on_checkpoint: CheckpointHook | None = None,
+    ):
         self.config = config
+        self.on_checkpoint = on_checkpoint
         self.runtime = runtime or init_runtime()
         check_sharding(config.data_sections, self.runtime.world_size)
         self.amp = amp
@@ -129,6 +140,8 @@ class Trainer:
         saved = save_checkpoint(self.run_folder.checkpoints, self.step, state)
         best = self.best.step if self.best else None
         self.run_folder.prune(self.config.training.checkpoint_max_to_keep, keep=best)
+        if self.on_checkpoint is not None:  # promotion (release/follow.py): the steps wait for it
+            self.on_checkpoint(saved, self.step)
         return saved
 
     def run(self) -> None:
@@ -341,7 +354,8 @@ def _format_log_line(line: dict[str, float]) -> str:
     return f"{text} | data: {describe_counts(counts)}" if any(counts.values()) else text
 
 
-def train(config: Config, *, amp: bool = False) -> None:
+def train(config: Config, *, amp: bool = False, on_checkpoint: CheckpointHook | None = None) -> None:
+    """The run of `config`; `on_checkpoint(path, step)` is called on rank 0 after each checkpoint."""
     # DDP warned on every rank that the towers' [1, n] output weights got gradients whose stride in the
     # size-1 dimension differs from its bucket view's (the same memory layout). Process-wide, set by the
     # training command rather than as a side effect of Runtime.wrap; not warnings.catch_warnings() around
@@ -349,4 +363,4 @@ def train(config: Config, *, amp: bool = False) -> None:
     # warning raised in the loop would be printed again at every step.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     with distributed_runtime() as runtime:
-        Trainer(config, amp=amp, runtime=runtime).run()
+        Trainer(config, amp=amp, runtime=runtime, on_checkpoint=on_checkpoint).run()
