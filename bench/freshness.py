@@ -13,7 +13,7 @@ given to train() as `heavyranker train` gives it); `heavyranker serve --reposito
 new records land (one step's worth). The promotion's rule is the default one with --tolerance: a tolerance
 past any loss (the default) measures the pipeline, not the gate (a refused candidate waits for the next).
 
-python bench/freshness.py [--arrivals 40] [--interval 0.5] [--batch 2] [--every-steps 4] [--poll-seconds 1]"""
+python bench/freshness.py [--arrivals 48] [--interval 1] [--batch 2] [--every-steps 16] [--poll-seconds 1]"""
 
 from __future__ import annotations
 
@@ -91,15 +91,16 @@ def quantiles(values: list[float]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arrivals", type=int, default=40)
-    parser.add_argument("--interval", type=float, default=0.5, help="seconds between arrivals")
+    parser.add_argument("--arrivals", type=int, default=48)
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between arrivals")
     parser.add_argument("--batch", type=int, default=2, help="records per batch and per arrival")
-    parser.add_argument("--every-steps", type=int, default=4, help="training.promote.every_steps")
+    parser.add_argument("--every-steps", type=int, default=16, help="training.promote.every_steps")
     parser.add_argument("--poll-seconds", type=float, default=1.0, help="serve's --poll-seconds")
     parser.add_argument("--tolerance", type=float, default=1e6, help="of the promotion rule (RCE points)")
     parser.add_argument("--validation-examples", type=int, default=1000, help="the held-out split's size")
     add_results_option(parser, "freshness")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     with running_broker() as broker, tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         generate_for_config(
@@ -202,6 +203,8 @@ def main() -> None:
             else None,
         },
         "records": len(landed),
+        # The machine's load while it ran (a shared machine: steps slow down as it rises).
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
     }
     print(json.dumps(figures, indent=2))
     write_results("freshness", figures, args)
