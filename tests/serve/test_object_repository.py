@@ -115,6 +115,18 @@ def test_a_file_changed_after_ready_is_refused_on_download(s3):
         repository.local_folder(1)
 
 
+def test_a_number_published_again_is_downloaded_again(s3):
+    fs, url = s3
+    repository = open_repository(url, NAME)
+    for text in "ab":
+        repository.publish(writing(text), keep=None)
+    assert (repository.local_folder(2) / "model.txt").read_text() == "b"
+    fs.rm(f"{url}/{NAME}/2", recursive=True)  # a rollback: the newest version removed
+    assert repository.versions() == [1]
+    assert repository.publish(writing("c"), keep=None) == 2
+    assert (repository.local_folder(2) / "model.txt").read_text() == "c"
+
+
 def test_decisions_are_lines_of_one_object(s3):
     fs, url = s3
     repository = open_repository(url, NAME)

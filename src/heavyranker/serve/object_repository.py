@@ -21,6 +21,7 @@ writing at the same moment may lose one line, so promote into one object-store r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -54,7 +55,7 @@ from .repository import (
 log = logging.getLogger(__name__)
 
 CLAIM = ".claim-"
-CACHED_VERSIONS = 2  # downloaded versions kept on local disk: the served one and the one being loaded
+CACHED_VERSIONS = 2  # downloaded versions kept on local disk: the one being loaded and the one before
 
 
 class ObjectRepository(ModelRepository):
@@ -98,10 +99,11 @@ class ObjectRepository(ModelRepository):
     def local_folder(self, version: int) -> Path:
         """The version downloaded into a local folder, each file checked against READY's SHA-256 (a
         UserError if one differs: damaged, or replaced). Keeps the newest CACHED_VERSIONS downloads."""
-        if version not in self._ready and version not in self.versions():
+        if version not in self.versions():  # a fresh look: READY (and so the files) may have changed
             raise UserError(f"{self.version_folder(version)}: not a complete version")
-        record = self._ready[version][1]
-        folder = self._cache / str(version)
+        stamp, record = self._ready[version]
+        # Named by READY's stamp too: a number published again (after its version was removed) is new.
+        folder = self._cache / f"{version}-{hashlib.sha256(str(stamp).encode()).hexdigest()[:12]}"
         if not folder.is_dir():
             staging = self._cache / f".download-{version}-{uuid.uuid4().hex[:8]}"
             for name, expected in record["files"].items():
@@ -114,10 +116,11 @@ class ObjectRepository(ModelRepository):
                         f"{self.version_folder(version)}/{name}: its SHA-256 differs from READY's: damaged"
                     )
             staging.rename(folder)
-        cached = sorted((p for p in self._cache.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-        for stale in cached[:-CACHED_VERSIONS]:
-            if stale != folder:
-                shutil.rmtree(stale, ignore_errors=True)
+        # A loaded version no longer needs its files (the scorer holds the program): the oldest downloads go.
+        downloads = [p for p in self._cache.iterdir() if not p.name.startswith(".")]
+        cached = sorted(downloads, key=lambda p: p.stat().st_mtime)
+        for stale in [p for p in cached if p != folder][: max(0, len(cached) - CACHED_VERSIONS)]:
+            shutil.rmtree(stale, ignore_errors=True)
         return folder
 
     def publish(self, write: Callable[[Path], object], *, keep: int | None = DEFAULT_KEEP) -> int:
