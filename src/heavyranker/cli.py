@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="output folder")
     where.add_argument(
-        "--repository", metavar="REPO", help="a model repository: add the next version of --model-name to it"
+        "--repository",
+        metavar="REPO",
+        help="a model repository (a folder or s3://bucket/prefix): add the next version of --model-name",
     )
     add_repository_flags(p)
     p.add_argument(
@@ -231,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         handlers.run_promote,
     )
     _with_config(p)
-    p.add_argument("--repository", required=True, metavar="REPO", help="the model repository")
+    p.add_argument(
+        "--repository", required=True, metavar="REPO", help="the model repository (a folder or s3://...)"
+    )
     p.add_argument(
         "--checkpoint",
         help="the candidate (default: the best in save_dir with training.keep_best, else the newest)",
