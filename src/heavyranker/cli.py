@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="output folder")
     where.add_argument(
-        "--repository", metavar="REPO", help="a model repository: add the next version of --model-name to it"
+        "--repository",
+        metavar="REPO",
+        help="a model repository (a folder or s3://bucket/prefix): add the next version of --model-name",
     )
     add_repository_flags(p)
     p.add_argument(
@@ -243,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         handlers.run_promote,
     )
     _with_config(p)
-    p.add_argument("--repository", required=True, metavar="REPO", help="the model repository")
+    p.add_argument(
+        "--repository", required=True, metavar="REPO", help="the model repository (a folder or s3://...)"
+    )
     p.add_argument(
         "--checkpoint",
         help="the candidate (default: the best in save_dir with training.keep_best, else the newest)",
@@ -261,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="how much worse (metric units) the interval's upper end may be (default 0)",
+    )
+    p.add_argument(
+        "--weighted",
+        action="store_true",
+        help="judge the sum of the tasks' differences weighted by serving.engagement_weights (their size) "
+        "instead of each task's",
     )
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")

@@ -98,7 +98,12 @@ def run_train(args: argparse.Namespace) -> int:
         config.training.follow = True
     if args.amp:
         config.training.precision = "bf16"
-    train(config)
+    promoter = None
+    if config.training.promote is not None:
+        from .release.follow import Promoter
+
+        promoter = Promoter(config)
+    train(config, on_checkpoint=promoter)
     return 0
 
 
@@ -135,14 +140,14 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from .serve.export import export_model
-    from .serve.repository import ModelRepository, export_version
+    from .serve.repository import export_version, open_repository
 
     if args.repository:
-        repository = ModelRepository(args.repository, args.model_name)
+        repository = open_repository(args.repository, args.model_name)
         version = export_version(
             repository, _load(args), checkpoint=args.checkpoint, format=args.format, keep=args.keep_versions
         )
-        print(f"{repository.version_folder(version)}")
+        print(repository.location(version))
         return 0
     export_model(
         _load(args), checkpoint=args.checkpoint, out=args.out, format=args.format, precision=args.precision
@@ -152,7 +157,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_promote(args: argparse.Namespace) -> int:
     from .release.promote import PromotionRule, promote
-    from .serve.repository import ModelRepository
+    from .serve.repository import open_repository
 
     rule = PromotionRule(
         metric=args.metric,
@@ -160,10 +165,11 @@ def run_promote(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         resamples=args.resamples,
         seed=args.seed,
+        weighted=args.weighted,
     )
     decision = promote(
         _load(args),
-        ModelRepository(args.repository, args.model_name),
+        open_repository(args.repository, args.model_name),
         checkpoint=args.checkpoint,
         split=args.split,
         rule=rule,

@@ -76,6 +76,11 @@ BENCHES = {
         ["--config", SMALL, "--candidates", "4", "--threads", "1", "--rounds", "2"],
         {"parameters", "forward", "precision"},
     ),
+    "freshness": (
+        ["--arrivals", "3", "--validation-examples", "200", "--every-steps", "2", "--poll-seconds", "0.5"],
+        {"freshness_seconds", "landed_to_trained_seconds", "trained_to_published_seconds"}
+        | {"published_to_served_seconds", "promotion_seconds", "promotions", "records", "load_average_1min"},
+    ),
     # Without CUDA it measures nothing and writes nothing.
     "gpu_train": (["--config", SMALL, "--batch", "8", "--steps", "2"], {"gpu", "batch 8"}),
 }

@@ -106,3 +106,10 @@ def test_the_command_exits_1_when_it_refuses(small_data, run, noisy, tmp_path, c
     assert capsys.readouterr().out == "published as version 1: the repository has no version yet\n"
     assert main([*common, "--checkpoint", str(noisy), "--metric", "auroc"]) == EXIT_REFUSED
     assert capsys.readouterr().out.startswith("refused: auroc worse than version 1 beyond the interval on ")
+    assert main([*common, "--checkpoint", str(noisy), "--weighted"]) == EXIT_REFUSED
+    assert capsys.readouterr().out == (
+        "refused: the engagement-weighted sum of rce differences is worse than version 1's beyond the "
+        "interval\n"
+    )
+    weighted = ModelRepository(tmp_path, "heavyranker").decisions()[-1]["weighted"]
+    assert weighted["worse"] and weighted["high"] < 0 and set(weighted["weights"]) == set(config.task_names)

@@ -112,6 +112,7 @@ def cross_check(config: Config) -> list[Problem]:
                     problems.append((f"validation_data.{split}.tasks", f"no label for model task {task}"))
 
     problems += _keep_best_problems(config)
+    problems += _promote_problems(config)
 
     for task in config.serving.engagement_weights or {}:
         if task not in config.model.tasks:
@@ -120,6 +121,34 @@ def cross_check(config: Config) -> list[Problem]:
     problems += _schema_problems("train_data", config.train_data)
     for split, data in config.validation_data.items():
         problems += _schema_problems(f"validation_data.{split}", data)
+    return problems
+
+
+def _promote_problems(config: Config) -> list[Problem]:
+    promote = config.training.promote
+    if promote is None:
+        return []
+    problems = []
+    every = config.training.checkpoint_every_n
+    if promote.every_steps is not None and promote.every_steps % every:
+        problems.append(
+            (
+                "training.promote.every_steps",
+                f"{promote.every_steps} is not a multiple of checkpoint_every_n ({every})",
+            )
+        )
+    if promote.split is not None and promote.split not in config.validation_data:
+        splits = ", ".join(config.validation_data) or "none"
+        problems.append(
+            ("training.promote.split", f"{promote.split} is not a validation split (there are: {splits})")
+        )
+    if not config.validation_data:
+        problems.append(("training.promote", "needs a validation split to score the candidates on"))
+    problems += [
+        ("training.promote.tasks", f"{t} is not a task of model.tasks")
+        for t in promote.tasks
+        if t not in config.model.tasks
+    ]
     return problems
 
 

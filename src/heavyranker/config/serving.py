@@ -77,9 +77,9 @@ class ServeOptions(StrictModel):
     )
     repository: str | None = Field(
         None,
-        description="A model repository (export --repository) to serve from instead of --model: the "
-        "newest complete version of model_name, swapped for each newer one without a pause "
-        "(docs/model-repository.md).",
+        description="A model repository (export --repository: a folder, or an fsspec URL such as "
+        "s3://bucket/prefix) to serve from instead of --model: the newest complete version of model_name, "
+        "swapped for each newer one without a pause (docs/model-repository.md).",
     )
     poll_seconds: Annotated[Float, Field(gt=0, le=3600)] = Field(
         2.0,

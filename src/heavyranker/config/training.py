@@ -8,6 +8,7 @@ from pydantic import Field, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
 from .base import ConfigPath, Count, Float, StrictModel
+from .promotion import PromoteConfig
 
 
 class KeepBestConfig(StrictModel):
@@ -48,6 +49,11 @@ class TrainingConfig(StrictModel):
         False,
         description="Train on train_data (kafka) as it arrives, each record once, until SIGTERM; "
         "num_train_steps then only ends the schedules (`train --follow` sets it).",
+    )
+    promote: PromoteConfig | None = Field(
+        None,
+        description="Promote checkpoints into a model repository while training (the promotion pauses "
+        "the steps): docs/model-repository.md.",
     )
 
     @field_validator("num_eval_steps")

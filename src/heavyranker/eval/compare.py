@@ -154,6 +154,11 @@ def paired_bootstrap(
     """Per task (column), per metric: both runs' values and the percentile interval of b - a over
     `resamples` paired resamples of the examples. Resamples where a metric is undefined (a rare task drawn
     without positives) are left out of its interval."""
+    return differences(a, b, resampled_deltas(a, b, resamples, seed), level)
+
+
+def resampled_deltas(a: Scores, b: Scores, resamples: int, seed: int) -> dict[tuple[int, str], np.ndarray]:
+    """(task's column, metric) -> b - a on each of `resamples` paired resamples (NaN where undefined)."""
     if not (np.array_equal(a.labels, b.labels) and np.array_equal(a.weights, b.weights)):
         raise ValueError("the two runs were not scored on the same examples in the same order")
     n, tasks = a.labels.shape
@@ -166,19 +171,27 @@ def paired_bootstrap(
             deltas[j, "auroc"].append(aurocs[1][j](weights) - aurocs[0][j](weights))
             rces = [rce_resampled(labels[:, j], run.probs[:, j], weights) for run in (a, b)]
             deltas[j, "rce"].append(rces[1] - rces[0])
+    return {key: np.concatenate(blocks) for key, blocks in deltas.items()}
+
+
+def differences(
+    a: Scores, b: Scores, deltas: dict[tuple[int, str], np.ndarray], level: float = 0.95
+) -> list[dict[str, Difference]]:
+    """paired_bootstrap's rows from resampled_deltas."""
     tail = 100 * (1 - level) / 2
     out = []
-    for j in range(tasks):
+    for j in range(a.labels.shape[1]):
         row = {}
         for m, metric in METRICS.items():
-            low, high = _interval(np.concatenate(deltas[j, m]), tail)
+            low, high = interval(deltas[j, m], tail)
             values = (metric(a.labels[:, j], p[:, j], a.weights[:, j]) for p in (a.probs, b.probs))
             row[m] = Difference(*values, low, high)
         out.append(row)
     return out
 
 
-def _interval(deltas: np.ndarray, tail: float) -> tuple[float, float]:
+def interval(deltas: np.ndarray, tail: float) -> tuple[float, float]:
+    """The percentile interval of the defined (not NaN) `deltas`, `tail` percent cut off at each end."""
     defined = deltas[~np.isnan(deltas)]
     if not defined.size:  # a task without positives (or negatives): no metric, no interval
         return math.nan, math.nan

@@ -4,9 +4,10 @@ the version there.
 Both are scored on one held-out validation split (`--split`, default the config's first; neither was trained
 on it: the config's validation splits are kept out of training) - the candidate as its checkpoint's model,
 the repository's newest version as the program it serves - and `compare`'s paired bootstrap gives, per task,
-the candidate's difference with its 95% interval. The rule (PromotionRule): refused if any task's metric
-(RCE by default) is worse beyond the interval by more than the tolerance, that is if the interval's upper
-end of candidate - current lies below -tolerance. Else the candidate is exported as the next version. Every
+the candidate's difference with its 95% interval. The rule (rule.py's PromotionRule): refused if any task's
+metric (RCE by default) is worse beyond the interval by more than the tolerance, that is if the interval's
+upper end of candidate - current lies below -tolerance; or, weighted, if the engagement-weighted sum of the
+tasks' differences is. Else the candidate is exported as the next version. Every
 decision, published or refused, is one line of REPO/<model-name>/promotions.jsonl, with its figures, and a
 line of the log. An empty repository takes the candidate without a comparison.
 
@@ -22,45 +23,14 @@ from typing import Any
 
 import torch
 
-from ..config import Config, short_names
-from ..errors import UserError
-from ..eval.compare import (
-    METRICS,
-    MIN_RESAMPLES,
-    Difference,
-    loaded_model,
-    paired_bootstrap,
-    score,
-    validation_split,
-)
+from ..config import Config
+from ..eval.compare import loaded_model, score, validation_split
 from ..eval.evaluator import evaluation_tasks
 from ..serve.repository import DEFAULT_KEEP, ModelRepository, export_version
 from ..serve.scorer import Scorer
+from .rule import DEFAULT_RULE, PromotionRule, judge
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PromotionRule:
-    """Refuse a candidate whose `metric` is worse than the current version's, beyond the 95% interval and by
-    more than `tolerance` (in the metric's units: RCE in percent), on any of `tasks` (default: all)."""
-
-    metric: str = "rce"
-    tasks: tuple[str, ...] = ()
-    tolerance: float = 0.0
-    resamples: int = 1000
-    seed: int = 0
-
-    def check(self, tasks: list[str]) -> None:
-        if self.metric not in METRICS:
-            raise UserError(f"promote: metric {self.metric!r} is not one of {', '.join(METRICS)}")
-        unknown = [t for t in self.tasks if t not in tasks]
-        if unknown:
-            raise UserError(f"promote: no task {unknown[0]!r} on this split (it has {', '.join(tasks)})")
-        if self.tolerance < 0:
-            raise UserError(f"promote: tolerance {self.tolerance} must be at least 0")
-        if self.resamples < MIN_RESAMPLES:
-            raise UserError(f"promote: resamples is {self.resamples}; at least {MIN_RESAMPLES} are needed")
 
 
 @dataclass
@@ -72,6 +42,7 @@ class Decision:
     current: dict[str, Any] | None
     rule: dict[str, Any]
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> a, b, low, high, worse
+    weighted: dict[str, Any] | None = None  # the weighted rule's figures (rule.py)
     version: int | None = None  # the version published
     time: float = field(default_factory=time.time)
 
@@ -96,7 +67,7 @@ def promote(
     *,
     checkpoint: str | None = None,
     split: str | None = None,
-    rule: PromotionRule = PromotionRule(),
+    rule: PromotionRule = DEFAULT_RULE,
     format: str = "onnx",
     keep: int | None = DEFAULT_KEEP,
 ) -> Decision:
@@ -114,23 +85,14 @@ def promote(
     if current is None:
         decision.published, decision.reason = True, "the repository has no version yet"
     else:
-        folder = repository.version_folder(current)
+        folder = repository.local_folder(current)
         served = Scorer(folder)
         decision.current = {"version": current, "step": served.manifest["checkpoint"]["step"]}
         a = score(config, ServedProgram(served), folder, decision.current["step"] or 0, data)  # type: ignore[arg-type]
         b = score(config, model, path, step, data)
-        rows = paired_bootstrap(a, b, rule.resamples, rule.seed)
-        decision.tasks = {t: _figures(row[rule.metric], rule) for t, row in zip(tasks, rows, strict=True)}
-        judged = rule.tasks or tuple(tasks)
-        worse = [t for t in judged if decision.tasks[t]["worse"]]
-        decision.published = not worse
-        names = short_names(tasks)
-        decision.reason = (
-            f"{rule.metric} worse than version {current} beyond the interval on "
-            + ", ".join(names[t] for t in worse)
-            if worse
-            else f"no task's {rule.metric} worse than version {current} beyond the interval"
-        )
+        verdict = judge(rule, tasks, a, b, config.engagement_weights, current)
+        decision.published, decision.reason = verdict.published, verdict.reason
+        decision.tasks, decision.weighted = verdict.tasks, verdict.weighted
     if decision.published:
         decision.version = export_version(repository, config, checkpoint=str(path), format=format, keep=keep)
     repository.append_decision(asdict(decision))
@@ -142,14 +104,3 @@ def promote(
         decision.reason,
     )
     return decision
-
-
-def _figures(difference: Difference, rule: PromotionRule) -> dict[str, Any]:
-    """The current version's value (a), the candidate's (b), the interval of b - a, and the verdict."""
-    return {
-        "current": difference.a,
-        "candidate": difference.b,
-        "low": difference.low,
-        "high": difference.high,
-        "worse": bool(difference.high < -rule.tolerance),
-    }

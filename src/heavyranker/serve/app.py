@@ -40,7 +40,7 @@ from . import v2
 from .batcher import Batcher, first_non_finite
 from .limits import RequestLimits, h11_with_deadline, media_type
 from .metrics import Instrumented, Metrics
-from .repository import ModelRepository
+from .repository import open_repository
 from .request import BadRequest, CandidateId, parse_candidates
 from .scorer import MANIFEST, InputSpec
 from .tensors import HEADER_LENGTH, parse_binary_candidates
@@ -93,6 +93,7 @@ def create_app(
         on_batch=metrics.batch_candidates.observe,
     )
     metrics.watch(limits, batcher)
+    metrics.watch_staleness(versions)
     if versions.repository is not None:
         metrics.watch_versions(versions)
         versions.warm_batch = options.max_batch
@@ -255,7 +256,7 @@ def served_versions(model_dir: str | Path | None, overrides: dict[str, object]) 
         return ServedVersions.from_folder(model_dir)
     name = overrides.get("model_name", ServeOptions.model_fields["model_name"].default)
     pin = overrides.get("pin_version")
-    return ServedVersions.from_repository(ModelRepository(str(repository), str(name)), pin_version=pin)
+    return ServedVersions.from_repository(open_repository(str(repository), str(name)), pin_version=pin)
 
 
 def run_server(model_dir: str | None, **overrides: object) -> None:

@@ -149,6 +149,8 @@ def export_model(
         },
         "engagement_weights": weights,
         "checkpoint": {"path": str(source.resolve()), "step": state.get("step")},
+        # Seconds since the epoch of the newest data the checkpoint was trained on (data/data_time.py).
+        "newest_data_time": state.get("newest_data_time"),
         "schema": SCHEMA_COPY,
         "torch_version": torch.__version__,
         **extra,

@@ -6,6 +6,9 @@ global one would mix the figures of several apps in a process, and of the tests 
     heavyranker_batch_candidates                             candidates per forward of the model
     heavyranker_requests_in_progress                         requests admitted: the queue's depth (limits.py)
     heavyranker_requests_waiting_for_model                   of those, parsed and queued for a forward
+    heavyranker_model_data_staleness_seconds                 since the newest data the served model was
+                                                             trained on (manifest.json's newest_data_time;
+                                                             NaN for a model exported without it)
 
 Serving from a model repository (versions.py), also:
 
@@ -14,15 +17,13 @@ Serving from a model repository (versions.py), also:
     heavyranker_model_failed_loads_total                     versions that failed to load, and were skipped
     heavyranker_model_version_age_seconds                    since the served version was published
 
-(The seconds since the newest training data of the served version are not there: a checkpoint does not
-record the time of its data.)
-
 `route` is the route's template (/v2/models/{name}/infer), so that clients' paths cannot grow the number
 of series; a path no route matches counts as "unmatched".
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from prometheus_client import (
@@ -83,6 +84,15 @@ class Metrics:
         self.in_progress.set_function(lambda: limits.admitted)
         self.waiting.set_function(lambda: batcher.waiting)
 
+    def watch_staleness(self, versions: ServedVersions) -> None:
+        """Seconds since the newest training data of the version `versions` serves."""
+        staleness = Gauge(
+            "heavyranker_model_data_staleness_seconds",
+            "Seconds since the newest data the served model was trained on (NaN: not recorded)",
+            registry=self.registry,
+        )
+        staleness.set_function(lambda: data_staleness(versions.current.scorer.manifest))
+
     def watch_versions(self, versions: ServedVersions) -> None:
         """The repository's gauges and counters, fed by `versions`."""
         version = Gauge("heavyranker_model_version", "The model version served", registry=self.registry)
@@ -105,6 +115,13 @@ class Metrics:
 
     def exposition(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def data_staleness(manifest: dict) -> float:
+    """Seconds since the manifest's newest_data_time; NaN where the export does not say (an older export,
+    or a checkpoint of a run that recorded no data time)."""
+    newest = manifest.get("newest_data_time")
+    return math.nan if newest is None else time.time() - newest
 
 
 class Instrumented:

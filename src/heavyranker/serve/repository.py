@@ -13,13 +13,19 @@ renamed to its number: on a local disk the rename makes it appear whole; READY i
 where a rename is not atomic (an object store's folder is written file by file, READY last). Triton ignores
 folders whose name is not a number, so it never sees the staging folder either.
 
+READY holds when the version was published and each of its files' size and SHA-256 (ready_record).
+
 Retention keeps the newest K complete versions, plus those a server's marker names (what it serves, pinned
 or not); an older one is renamed to a hidden name (out of every listing at once), then removed.
+
+A repository in object storage (an fsspec URL: s3://bucket/prefix) has the same layout and the same
+methods (object_repository.py); `open_repository` gives the one a location needs.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -55,16 +61,35 @@ class ModelRepository:
     """The versions of one model (`model_name`) in the repository at `root`."""
 
     def __init__(self, root: str | os.PathLike, model_name: str):
-        if "://" in str(root):
-            raise UserError(f"{root}: a model repository is a local folder (URLs are not supported yet)")
-        if not model_name or "/" in model_name or model_name.startswith("."):
-            raise UserError(f"model name {model_name!r}: must be a plain folder name")
+        check_model_name(model_name)
         self.root = Path(root)
         self.model_name = model_name
         self.folder = self.root / model_name
 
     def version_folder(self, version: int) -> Path:
         return self.folder / str(version)
+
+    def location(self, version: int) -> str:
+        """Where the version is, for people (the folder; a URL in object storage)."""
+        return str(self.version_folder(version))
+
+    def local_folder(self, version: int) -> Path:
+        """A local folder holding the version's files, to load it from: here, the version's own folder."""
+        return self.version_folder(version)
+
+    def ready_stamp(self, version: int) -> object:
+        """What changes when the version's READY is written again (its mtime); None when it is not there."""
+        try:
+            return (self.version_folder(version) / READY).stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def published(self, version: int) -> float | None:
+        """When the version was published (time.time()), from its READY; None when that is not there."""
+        try:
+            return (self.version_folder(version) / READY).stat().st_mtime
+        except OSError:
+            return None
 
     def versions(self) -> list[int]:
         """The complete versions, oldest first; none if the repository or the model's folder is not there."""
@@ -82,8 +107,9 @@ class ModelRepository:
         staging.mkdir()
         try:
             write(staging)
+            record = ready_record(staging)
             with atomic_write(staging / READY, "w") as f:
-                f.write(json.dumps({"published": time.time()}) + "\n")
+                f.write(json.dumps(record) + "\n")
             version = self._rename_to_next(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -119,7 +145,11 @@ class ModelRepository:
 
     def marker_path(self) -> Path:
         """This process's marker of the version it serves."""
-        return self.folder / f"{SERVING_MARKER}{socket.gethostname()}-{os.getpid()}"
+        return self.folder / marker_name()
+
+    def unmark_served(self) -> None:
+        """This process serves no version any more (it stops)."""
+        self.marker_path().unlink(missing_ok=True)
 
     def served_versions(self) -> list[int]:
         """The versions that servers' markers, touched within MARKER_TTL_S, name."""
@@ -168,6 +198,42 @@ class ModelRepository:
                 raise
             _fsync_folder(self.folder)
             return version
+
+
+def open_repository(root: str | os.PathLike, model_name: str) -> ModelRepository:
+    """The repository at `root`: a local folder, or a folder in object storage (an fsspec URL)."""
+    from ..data.storage import is_url, local
+
+    if is_url(str(root)):
+        from .object_repository import ObjectRepository
+
+        return ObjectRepository(str(root), model_name)
+    return ModelRepository(local(str(root)), model_name)
+
+
+def check_model_name(model_name: str) -> None:
+    if not model_name or "/" in model_name or model_name.startswith("."):
+        raise UserError(f"model name {model_name!r}: must be a plain folder name")
+
+
+def marker_name() -> str:
+    """The name of this process's marker of the version it serves."""
+    return f"{SERVING_MARKER}{socket.gethostname()}-{os.getpid()}"
+
+
+def ready_record(folder: Path) -> dict[str, Any]:
+    """What READY holds: when it was written, and the size and SHA-256 of every file of the version (by its
+    path under the version's folder), so that a reader can check that it has the files READY was written
+    for (object storage, where the files are uploaded one by one before READY)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != READY):
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+    return {"published": time.time(), "files": files}
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def export_version(

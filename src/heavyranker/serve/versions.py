@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .repository import READY, ModelRepository
+from .repository import ModelRepository
 from .scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Loaded:
     version: int | None  # None: a model folder served alone, not from a repository
     folder: Path
     scorer: Scorer
-    published: float | None = None  # when its READY marker was written (time.time())
+    published: float | None = None  # when it was published in the repository (time.time())
 
 
 class ServedVersions:
@@ -57,7 +57,7 @@ class ServedVersions:
         self.pin_version = pin_version
         self.warm_batch = warm_batch
         self.on_swap, self.on_failed_load = on_swap, on_failed_load
-        self._failed: dict[int, float] = {}  # version -> the mtime of its READY when it failed
+        self._failed: dict[int, object] = {}  # version -> its READY's stamp when it failed
         self._missing_logged = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,9 +82,11 @@ class ServedVersions:
                 f"`heavyranker export --repository {repository.root} --model-name {repository.model_name}`)"
             )
         version = pin_version if pin_version is not None else versions[-1]
-        folder = repository.version_folder(version)
+        folder = repository.local_folder(version)
         served = cls(
-            Loaded(version, folder, Scorer(folder), _published(folder)), repository, pin_version=pin_version
+            Loaded(version, folder, Scorer(folder), repository.published(version)),
+            repository,
+            pin_version=pin_version,
         )
         served._mark()
         return served
@@ -104,7 +106,7 @@ class ServedVersions:
             self._thread.join()
             self._thread = None
         if self.repository is not None:
-            self._marker().unlink(missing_ok=True)
+            self.repository.unmark_served()
 
     def refresh(self) -> None:
         """One poll: swaps in the version to serve if it is not the served one and loads."""
@@ -126,14 +128,14 @@ class ServedVersions:
         for version in wanted:
             if version == served:
                 return
-            if version not in versions or self._failed.get(version) == self._ready_time(version):
+            if version not in versions or self._failed.get(version) == self.repository.ready_stamp(version):
                 continue
             try:
                 loaded = self._load(version)
             except (
                 Exception
             ) as e:  # whatever a damaged or foreign folder raises: the served one keeps serving
-                self._failed[version] = self._ready_time(version)
+                self._failed[version] = self.repository.ready_stamp(version)
                 self.on_failed_load()
                 log.error("version %d cannot be served (%s): keeping version %s", version, e, served)
                 continue
@@ -145,7 +147,7 @@ class ServedVersions:
 
     def _load(self, version: int) -> Loaded:
         assert self.repository is not None
-        folder = self.repository.version_folder(version)
+        folder = self.repository.local_folder(version)
         scorer = Scorer(folder)
         serving = self.current.scorer
         if scorer.inputs != serving.inputs:
@@ -155,7 +157,7 @@ class ServedVersions:
                 f"{folder}: its tasks differ from the served version's: {', '.join(scorer.tasks)}"
             )
         scorer.warm_up((self.warm_batch,))
-        return Loaded(version, folder, scorer, _published(folder))
+        return Loaded(version, folder, scorer, self.repository.published(version))
 
     def _watch(self, poll_seconds: float) -> None:
         while not self._stop.wait(poll_seconds):
@@ -163,17 +165,6 @@ class ServedVersions:
                 self.refresh()
             except Exception:  # a poll that fails (the file system) must not end the watcher
                 log.exception("polling %s failed", self.repository.folder if self.repository else None)
-
-    def _ready_time(self, version: int) -> float:
-        assert self.repository is not None
-        try:
-            return (self.repository.version_folder(version) / READY).stat().st_mtime
-        except OSError:
-            return -1.0
-
-    def _marker(self) -> Path:
-        assert self.repository is not None
-        return self.repository.marker_path()
 
     def _mark(self) -> None:
         """Retention keeps the served version while this process serves it."""
@@ -184,13 +175,6 @@ class ServedVersions:
             log.warning(
                 "cannot mark version %s as served in %s: %s", self.current.version, self.repository, e
             )
-
-
-def _published(folder: Path) -> float | None:
-    try:
-        return (folder / READY).stat().st_mtime
-    except OSError:
-        return None
 
 
 def _inputs(scorer: Scorer) -> str:

@@ -24,6 +24,7 @@ from ..config.training import TrainingConfig
 from ..cpu import bf16_warning, cpu_info
 from ..data.batch import Batch
 from ..data.columns import feature_specs
+from ..data.data_time import newest_data_time
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.sources.files import check_sharding
 from ..data.sources.follow import follow_sources, restore_position
@@ -56,6 +57,9 @@ FOLLOW_PAST_SCHEDULE = (
     "on (constant: the rate; linear ramp: its rate; cosine: final_learning_rate; piecewise: the last value)"
 )
 
+# Called on rank 0 with each checkpoint written and its step (a run that promotes: release/follow.py).
+CheckpointHook = Callable[[Path, int], None]
+
 
 class Trainer:
     """One training run. `run()` trains from wherever save_dir's newest checkpoint left off."""
@@ -66,11 +70,14 @@ class Trainer:
         *,
         runtime: Runtime | None = None,
         on_evaluation: Callable[[int, Results], bool] | None = None,
+        on_checkpoint: CheckpointHook | None = None,
     ):
         """on_evaluation(step, results), on rank 0 after each evaluation: True ends the run there, as early
-        stopping does (`tune` prunes a trial so, without train knowing of the tuner)."""
+        stopping does (`tune` prunes a trial so, without train knowing of the tuner). on_checkpoint(path,
+        step), on rank 0 after each checkpoint (follow mode's promotion)."""
         self.config = config
         self.on_evaluation = on_evaluation
+        self.on_checkpoint = on_checkpoint
         self.runtime = runtime or init_runtime()
         check_sharding(config.data_sections, self.runtime.world_size)
         precision = config.training.precision
@@ -98,6 +105,7 @@ class Trainer:
         self.best: BestTracker | None = None  # with training.keep_best, on rank 0 (which decides)
         # A Kafka source's next offset per partition, all ranks' (data/sources/kafka.py): in every checkpoint.
         self.data_position: dict[int, int] = {}
+        self.newest_data_time: float | None = None  # of the data read (data_time.py): in every checkpoint
         self._dataset: RecapDataset | None = None
         follow_sources(config)
 
@@ -111,6 +119,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step = int(state["step"])
             self.data_position = restore_position(state, self.config.train_data)
+            self.newest_data_time = state.get("newest_data_time")
             torch.set_rng_state(state["rng"])
             if "cuda_rng" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["cuda_rng"])
@@ -133,6 +142,9 @@ class Trainer:
             "step": self.step,
             "rng": torch.get_rng_state(),
         }
+        if self._dataset is not None:
+            self.newest_data_time = newest_data_time(self._dataset, self.newest_data_time)
+        state["newest_data_time"] = self.newest_data_time
         if self.config.train_data.kafka is not None:
             topic = self.config.train_data.kafka.topic
             state["data_position"] = {"topic": topic, "offsets": self.data_position}
@@ -141,6 +153,8 @@ class Trainer:
         saved = save_checkpoint(self.run_folder.checkpoints, self.step, state)
         best = self.best.step if self.best else None
         self.run_folder.prune(self.config.training.checkpoint_max_to_keep, keep=best)
+        if self.on_checkpoint is not None:  # promotion (release/follow.py): the steps wait for it
+            self.on_checkpoint(saved, self.step)
         return saved
 
     def run(self) -> None:
@@ -357,7 +371,8 @@ def _format_log_line(line: dict[str, float]) -> str:
     return f"{text} | data: {describe_counts(counts)}" if any(counts.values()) else text
 
 
-def train(config: Config) -> None:
+def train(config: Config, *, on_checkpoint: CheckpointHook | None = None) -> None:
+    """The run of `config`; `on_checkpoint(path, step)` is called on rank 0 after each checkpoint."""
     # DDP warned on every rank that the towers' [1, n] output weights got gradients whose stride in the
     # size-1 dimension differs from its bucket view's (the same memory layout). Process-wide, set by the
     # training command rather than as a side effect of Runtime.wrap; not warnings.catch_warnings() around
@@ -365,4 +380,4 @@ def train(config: Config) -> None:
     # warning raised in the loop would be printed again at every step.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     with distributed_runtime() as runtime:
-        Trainer(config, runtime=runtime).run()
+        Trainer(config, runtime=runtime, on_checkpoint=on_checkpoint).run()
