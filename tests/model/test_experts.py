@@ -62,9 +62,9 @@ def test_gate_weights_are_a_softmax_of_the_linear_layer_and_sum_to_one():
 def test_a_ple_level_mixes_each_tasks_experts_with_the_shared_ones_by_its_gate():
     """Two tasks, one expert each, one shared expert, 1-wide linear experts on a 2-wide input: every output
     is written out by hand."""
-    own = [[_linear([[1.0, 0.0]], [0.0])], [_linear([[0.0, 1.0]], [0.0])]]  # x0, x1
+    own = {"a": [_linear([[1.0, 0.0]], [0.0])], "b": [_linear([[0.0, 1.0]], [0.0])]}  # x0, x1
     shared = [_linear([[1.0, 1.0]], [1.0])]  # x0 + x1 + 1
-    gates = [_constant_gate([0.0, math.log(3.0)], 2), _constant_gate([math.log(2.0), 0.0], 2)]
+    gates = {"a": _constant_gate([0.0, math.log(3.0)], 2), "b": _constant_gate([math.log(2.0), 0.0], 2)}
     shared_gate = _constant_gate([0.0, 0.0, math.log(2.0)], 2)
     level = ExtractionLevel(own, shared, gates, shared_gate)
     task_a, task_b, common = (
@@ -85,16 +85,17 @@ def test_mmoe_is_one_level_of_shared_experts_with_a_gate_per_task(small_config_p
     config, model = _build(small_config_path, MMOE)
     assert model.backbone is None and len(model.experts.levels) == 1
     level = model.experts.levels[0]
-    assert len(level.shared_experts) == 3 and all(len(row) == 0 for row in level.task_experts)
+    assert len(level.shared_experts) == 3 and all(len(row) == 0 for row in level.task_experts.values())
     assert level.shared_gate is None and len(level.task_gates) == len(TASKS)
     assert level.shared_experts[0].layers[0].in_features == SMALL_INPUT
     assert all(
-        gate.linear.in_features == SMALL_INPUT and gate.linear.out_features == 3 for gate in level.task_gates
+        gate.linear.in_features == SMALL_INPUT and gate.linear.out_features == 3
+        for gate in level.task_gates.values()
     )
     assert all(tower.layers[0].in_features == 12 for tower in model.towers.values())
     out = model(_features(config), return_backbone=True)
     assert out["logits"].shape == (8, len(TASKS)) and out["backbone"].shape == (8, len(TASKS), 12)
-    weights = level.task_gates[4](model.inputs(_features(config)))
+    weights = level.task_gates[module_name(TASKS[4])](model.inputs(_features(config)))
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(8))
 
 
@@ -102,8 +103,10 @@ def test_ple_levels_hold_task_and_shared_experts_and_the_last_has_no_shared_gate
     config, model = _build(small_config_path, PLE)
     first, last = model.experts.levels
     for level, width in ((first, SMALL_INPUT), (last, 12)):
-        assert [len(row) for row in level.task_experts] == [2] * len(TASKS) and len(level.shared_experts) == 3
-        assert {gate.linear.out_features for gate in level.task_gates} == {2 + 3}
+        assert [len(row) for row in level.task_experts.values()] == [2] * len(TASKS) and len(
+            level.shared_experts
+        ) == 3
+        assert {gate.linear.out_features for gate in level.task_gates.values()} == {2 + 3}
         assert level.shared_experts[0].layers[0].in_features == width
     assert first.shared_gate.linear.out_features == 2 * len(TASKS) + 3 and last.shared_gate is None
     assert model(_features(config))["logits"].shape == (8, len(TASKS))
@@ -133,7 +136,7 @@ def test_gate_mlp_puts_hidden_layers_before_the_softmax_layer(small_config_path)
     config, model = _build(
         small_config_path, [*MMOE[:2], f"model.experts={{num_experts: 3, {gate_mlp}, {EXPERT}}}"]
     )
-    gate = model.experts.levels[0].task_gates[0]
+    gate = model.experts.levels[0].task_gates[module_name(TASKS[0])]
     assert gate.hidden.layers[0].in_features == SMALL_INPUT and gate.linear.in_features == 7
     weights = gate(model.inputs(_features(config)))
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(8))

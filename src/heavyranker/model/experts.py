@@ -46,19 +46,20 @@ def mix(weights: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 class ExtractionLevel(nn.Module):
-    """One level: per-task experts, shared experts, a gate per task and optionally the shared gate."""
+    """One level: per-task experts, shared experts, a gate per task and optionally the shared gate. Tasks
+    are keyed by their towers' module names, in task order."""
 
     def __init__(
         self,
-        task_experts: list[list[nn.Module]],
+        task_experts: dict[str, list[nn.Module]],
         shared_experts: list[nn.Module],
-        task_gates: list[Gate],
+        task_gates: dict[str, Gate],
         shared_gate: Gate | None,
     ):
         super().__init__()
-        self.task_experts = nn.ModuleList(nn.ModuleList(experts) for experts in task_experts)
+        self.task_experts = nn.ModuleDict({task: nn.ModuleList(e) for task, e in task_experts.items()})
         self.shared_experts = nn.ModuleList(shared_experts)
-        self.task_gates = nn.ModuleList(task_gates)
+        self.task_gates = nn.ModuleDict(task_gates)
         self.shared_gate = shared_gate
 
     def forward(
@@ -68,11 +69,11 @@ class ExtractionLevel(nn.Module):
         shared = [expert(shared_input) for expert in self.shared_experts]
         own = [
             [expert(x) for expert in experts]
-            for experts, x in zip(self.task_experts, task_inputs, strict=True)
+            for experts, x in zip(self.task_experts.values(), task_inputs, strict=True)
         ]
         mixed = [
             mix(gate(x), outputs + shared)
-            for gate, outputs, x in zip(self.task_gates, own, task_inputs, strict=True)
+            for gate, outputs, x in zip(self.task_gates.values(), own, task_inputs, strict=True)
         ]
         if self.shared_gate is None:
             return mixed, shared_input
@@ -99,7 +100,7 @@ class Experts(nn.Module):
 def build_experts(
     kind: MultiTaskType,
     config: ExpertsConfig,
-    num_tasks: int,
+    tasks: list[str],
     in_features: int,
     vectors: list[Slice],
     build: BuildArchitecture,
@@ -107,7 +108,8 @@ def build_experts(
     matmul: Matmul = DEFAULT_MATMUL,
 ) -> Experts:
     """The experts of `config` for `kind` (mmoe or ple) over an input of `in_features` whose embedding
-    vectors (for DLRM experts) are `vectors`. `build` makes each expert from config.expert."""
+    vectors (for DLRM experts) are `vectors`, for `tasks` (the towers' module names, in order). `build` makes
+    each expert from config.expert."""
     if kind == MultiTaskType.MMOE:
         per_task, shared, num_levels = 0, config.num_experts, 1
     else:
@@ -116,18 +118,18 @@ def build_experts(
     levels = []
     for level in range(num_levels):
         where = f"{WHERE}.expert (level {level})"
-        task_experts = [
-            [build(config.expert, width, vectors, where) for _ in range(per_task)] for _ in range(num_tasks)
-        ]
+        task_experts = {
+            task: [build(config.expert, width, vectors, where) for _ in range(per_task)] for task in tasks
+        }
         shared_experts = [build(config.expert, width, vectors, where) for _ in range(shared)]
-        task_gates = [_gate(config, width, per_task + shared, matmul) for _ in range(num_tasks)]
+        task_gates = {task: _gate(config, width, per_task + shared, matmul) for task in tasks}
         last = level == num_levels - 1
-        shared_gate = None if last else _gate(config, width, num_tasks * per_task + shared, matmul)
+        shared_gate = None if last else _gate(config, width, len(tasks) * per_task + shared, matmul)
         levels.append(ExtractionLevel(task_experts, shared_experts, task_gates, shared_gate))
         # Every expert has config.expert's architecture, so one width; a deeper level reads mixes of their
         # outputs, which hold no embedding vectors.
         width, vectors = shared_experts[0].out_features, []
-    return Experts(levels, num_tasks, width)
+    return Experts(levels, len(tasks), width)
 
 
 def _gate(config: ExpertsConfig, in_features: int, num_experts: int, matmul: Matmul) -> Gate:

@@ -153,7 +153,13 @@ def build_model(
     if model.experts is not None:  # mmoe or ple
         build = partial(build_architecture, matmul=matmul)
         experts = build_experts(
-            model.multi_task_type, model.experts, len(task_names), in_features, vectors, build, matmul=matmul
+            model.multi_task_type,
+            model.experts,
+            [module_name(t) for t in task_names],
+            in_features,
+            vectors,
+            build,
+            matmul=matmul,
         )
         tower_in, tower_vectors = experts.out_features, []
     elif model.multi_task_type != MultiTaskType.SHARE_NONE:
