@@ -6,10 +6,11 @@ task against a logistic regression, and `compare` against the config as shipped,
                                         [--resamples 1000] [--baseline-rows 200000] [--set PATH=VALUE ...]
 
 The data must exist (`heavyranker data generate --config C`). A run folder that already holds its last
-checkpoint is reused, so a killed bench continues. Variants (VARIANTS): the config as it is (`shipped`), and
-each with one change. For each variant, seed s is compared with `shipped` at seed s on the first validation
-split (paired bootstrap, 95% intervals); a difference counts when its interval excludes 0. The logistic
-regression is the demo's (demo/baselines.py), fit once on the first --baseline-rows training rows.
+checkpoint is reused, so a killed bench continues. Variants (VARIANTS): the config as it is (`shipped`,
+always trained), and each with one change. For each variant, seed s is compared with `shipped` at seed s on
+the first validation split (paired bootstrap, 95% intervals); a difference counts when its interval excludes
+0. The logistic regression is the demo's (demo/baselines.py), fit once on the first --baseline-rows training
+rows.
 The summary goes to bench/results/multitask.json (--results).
 """
 
@@ -97,15 +98,18 @@ def main() -> None:
     if "piecewise_linear" in args.variants and not (args.runs / STATS).is_file():
         write_feature_stats(base.train_data, seed=0, out=str(args.runs / STATS), batches=400, bins=16)
 
-    for variant in ["shipped", *[v for v in args.variants if v != "shipped"]]:
+    others = [v for v in args.variants if v != "shipped"]
+    if not others:
+        parser.error("--variants: give at least one variant besides shipped, to compare it with")
+    for variant in ["shipped", *others]:
         for seed in args.seeds:
             train(variant_config(args, variant, seed))
 
     names = short_names(base.task_names)
     logreg = logistic_regression_rce(base, args.baseline_rows)
-    rce_by_seed: dict[str, list[dict[str, float]]] = {}
+    rce_by_seed: dict[str, list[dict[str, float]]] = {"shipped": []}
     versus_shipped: dict[str, dict[str, str]] = {}
-    for variant in args.variants:
+    for variant in others:
         counts = {task: [0, 0] for task in base.task_names}  # seeds better, seeds worse beyond the interval
         for seed in args.seeds:
             shipped, config = variant_config(args, "shipped", seed), variant_config(args, variant, seed)
@@ -117,15 +121,14 @@ def main() -> None:
                 resamples=args.resamples,
                 config_b=config,
             )
-            rce_by_seed.setdefault(variant, []).append(
-                {t: row["rce"].b for t, row in zip(base.task_names, rows, strict=True)}
-            )
-            for task, row in zip(base.task_names, rows, strict=True):
-                d = row["rce"]
+            by_task = dict(zip(base.task_names, (row["rce"] for row in rows), strict=True))
+            rce_by_seed.setdefault(variant, []).append({t: d.b for t, d in by_task.items()})
+            if variant == others[0]:
+                rce_by_seed["shipped"].append({t: d.a for t, d in by_task.items()})
+            for task, d in by_task.items():
                 counts[task][0] += d.significant and d.b > d.a
                 counts[task][1] += d.significant and d.b < d.a
-        if variant != "shipped":
-            versus_shipped[variant] = {names[t]: f"+{up} -{down}" for t, (up, down) in counts.items()}
+        versus_shipped[variant] = {names[t]: f"+{up} -{down}" for t, (up, down) in counts.items()}
 
     figures = {
         "seeds": len(args.seeds),

@@ -114,7 +114,7 @@ def test_multitask_bench_trains_compares_and_writes_its_summary(small_data, tmp_
     data += [
         f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in ("validation", "validation_downsampled")
     ]
-    arguments = ["--config", SMALL, "--seeds", "0", "--variants", "shipped", "mmoe", "piecewise_linear"]
+    arguments = ["--config", SMALL, "--seeds", "0", "--variants", "mmoe", "piecewise_linear"]
     arguments += ["--runs", str(tmp_path / "runs"), "--resamples", "100", "--baseline-rows", "2000"]
     arguments += [
         f"--set={o}" for o in [*data, "training.num_train_steps=3", "training.checkpoint_every_n=3"]
