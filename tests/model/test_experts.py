@@ -10,6 +10,7 @@ from torch import nn
 from heavyranker.config import load_config
 from heavyranker.config.loader import ConfigError
 from heavyranker.data.columns import feature_specs
+from heavyranker.errors import UserError
 from heavyranker.model import build_model, module_name
 from heavyranker.model.experts import ExtractionLevel, Gate
 from tests.model.test_ranker import SMALL_INPUT, TASKS, _features
@@ -166,3 +167,12 @@ def test_config_errors_are_one_line_and_name_the_field(small_config_path, overri
     with pytest.raises(ConfigError, match=message) as error:
         load_config(small_config_path, overrides)
     assert "\n" not in str(error.value)
+
+
+def test_an_experts_build_error_names_its_config_path(small_config_path):
+    block = "{reduction_factor: 0.001, input_layer_norm: false, output_size: 8}"
+    expert = f"expert: {{mask_net_config: {{mask_blocks: [{block}]}}}}"
+    with pytest.raises(
+        UserError, match=r"^model.experts.expert.mask_net_config.mask_blocks\[0\].reduction_factor"
+    ):
+        _build(small_config_path, [*MMOE[:2], f"model.experts={{num_experts: 2, {expert}}}"])

@@ -21,7 +21,7 @@ from .dlrm import Slice
 from .linear import DEFAULT_MATMUL, Linear, Matmul
 from .mlp import build_mlp, init_linear
 
-WHERE = "model.experts"
+WHERE = "model.experts.expert"  # the config path of every expert, for errors
 # Builds one architecture: (config, in_features, embedding vector slices of its input, config path).
 BuildArchitecture = Callable[[ArchitectureConfig, int, list[Slice], str], nn.Module]
 
@@ -117,11 +117,10 @@ def build_experts(
     width = in_features
     levels = []
     for level in range(num_levels):
-        where = f"{WHERE}.expert (level {level})"
         task_experts = {
-            task: [build(config.expert, width, vectors, where) for _ in range(per_task)] for task in tasks
+            task: [build(config.expert, width, vectors, WHERE) for _ in range(per_task)] for task in tasks
         }
-        shared_experts = [build(config.expert, width, vectors, where) for _ in range(shared)]
+        shared_experts = [build(config.expert, width, vectors, WHERE) for _ in range(shared)]
         task_gates = {task: _gate(config, width, per_task + shared, matmul) for task in tasks}
         last = level == num_levels - 1
         shared_gate = None if last else _gate(config, width, len(tasks) * per_task + shared, matmul)
