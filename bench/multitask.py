@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override a value of every variant")
     add_results_option(parser, "multitask")
     args = parser.parse_args()
+    args.runs = args.runs.resolve()  # a relative save_dir in --set would be read against the YAML's folder
     torch.set_num_threads(1)
     base = load_config(args.config, args.set)
     if "piecewise_linear" in args.variants and not (args.runs / STATS).is_file():
@@ -101,15 +102,16 @@ def main() -> None:
     others = [v for v in args.variants if v != "shipped"]
     if not others:
         parser.error("--variants: give at least one variant besides shipped, to compare it with")
-    for variant in ["shipped", *others]:
-        for seed in args.seeds:
-            train(variant_config(args, variant, seed))
+    for seed in args.seeds:
+        train(variant_config(args, "shipped", seed))
 
     names = short_names(base.task_names)
     logreg = logistic_regression_rce(base, args.baseline_rows)
     rce_by_seed: dict[str, list[dict[str, float]]] = {"shipped": []}
     versus_shipped: dict[str, dict[str, str]] = {}
     for variant in others:
+        for seed in args.seeds:
+            train(variant_config(args, variant, seed))
         counts = {task: [0, 0] for task in base.task_names}  # seeds better, seeds worse beyond the interval
         for seed in args.seeds:
             shipped, config = variant_config(args, "shipped", seed), variant_config(args, variant, seed)
