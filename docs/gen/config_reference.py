@@ -48,7 +48,10 @@ ONE_OF = re.compile(r"exactly_one_of\(\s*self,\s*((?:\"\w+\",?\s*)+)\)")
 
 def one_of_groups(model: type[BaseModel]) -> list[list[str]]:
     groups = []
-    for text in ONE_OF.findall(inspect.getsource(model)):
+    # A base config model's validators check its subclasses too (TaskModel's architectures are
+    # ArchitectureConfig's).
+    ours = [c for c in model.__mro__ if issubclass(c, BaseModel) and c.__module__.startswith("heavyranker.")]
+    for text in ONE_OF.findall("".join(inspect.getsource(c) for c in ours)):
         group = re.findall(r"\"(\w+)\"", text)
         if group not in groups:
             groups.append(group)

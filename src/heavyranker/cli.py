@@ -142,11 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", action="store_true")
     p.add_argument("--out", required=True, help="FILE.npz")
     p = command(
-        data, "stats", "per-feature statistics for z_score_log featurization", handlers.run_data_stats
+        data,
+        "stats",
+        "per-feature statistics for z_score_log (and with --bins, piecewise_linear) featurization",
+        handlers.run_data_stats,
     )
     _with_config(p)
     p.add_argument("--out", required=True, help="FILE.json")
     p.add_argument("--batches", type=int, default=100, help="training batches to read")
+    p.add_argument("--bins", type=int, help="also each feature's quantile bin edges, for this many bins")
     p = command(
         data, "cache", "the decoded cache of the config's splits: size, files cached", handlers.run_data_cache
     )

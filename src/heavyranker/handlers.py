@@ -55,7 +55,9 @@ def run_data_stats(args: argparse.Namespace) -> int:
     from .data.stats import write_feature_stats
 
     config = _load(args)
-    write_feature_stats(config.train_data, seed=config.training.seed, out=args.out, batches=args.batches)
+    write_feature_stats(
+        config.train_data, seed=config.training.seed, out=args.out, batches=args.batches, bins=args.bins
+    )
     return 0
 
 

@@ -136,3 +136,39 @@ def _run_bench(name: str, arguments: list[str], figures: set[str], tmp_path) -> 
     assert summary["machine"]["torch"] == torch.__version__
     assert "results" not in summary["arguments"] and summary["arguments"]  # the settings, not the output
     assert summary["figures"].keys() == figures
+
+
+def test_multitask_bench_trains_compares_and_writes_its_summary(small_data, tmp_path):
+    """On the 4,000 rows of small_data, a few steps: its own runs and stats file under --runs."""
+    data = [f"train_data.inputs={small_data}/train/*.gz"]
+    data += [
+        f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in ("validation", "validation_downsampled")
+    ]
+    arguments = ["--config", SMALL, "--seeds", "0", "--variants", "mmoe", "piecewise_linear"]
+    arguments += ["--runs", str(tmp_path / "runs"), "--resamples", "100", "--baseline-rows", "2000"]
+    arguments += [
+        f"--set={o}" for o in [*data, "training.num_train_steps=3", "training.checkpoint_every_n=3"]
+    ]
+    results = tmp_path / "multitask.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "multitask.py"), *arguments, "--results", str(results)],
+        capture_output=True,
+        text=True,
+        env=env | {"OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads(results.read_text())
+    assert summary["bench"] == "multitask"
+    assert summary["figures"].keys() == {
+        "seeds",
+        "logistic_regression_rce",
+        "rce_mean_over_seeds",
+        "rce_lowest_seed",
+        "runs_below_logistic_regression",
+        "seeds_better_worse_than_shipped",
+    }
+    assert summary["figures"]["rce_mean_over_seeds"].keys() == {"shipped", "mmoe", "piecewise_linear"}
+    assert (tmp_path / "runs" / "stats_16_bins.json").is_file()

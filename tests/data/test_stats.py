@@ -109,3 +109,45 @@ def test_cli_writes_stats_and_refuses_no_batches(tmp_path, capsys):
     config = write_config(tmp_path)
     with pytest.raises(UserError):
         write_feature_stats(config.train_data, seed=config.training.seed, out=str(out), batches=-1)
+
+
+def test_bins_add_each_columns_quantiles_over_the_finite_values(tmp_path):
+    config = write_config(tmp_path)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((300, 48)) * 100).astype(np.float32)
+    x[::3, 0] = np.nan
+    x[:, 2] = -np.inf
+    rows = {"home_recap_2022_cont__segdense_vals": x, **{t: np.zeros((300, 1), np.int64) for t in TASKS}}
+    folder = tmp_path / "data" / "train"
+    folder.mkdir(parents=True)
+    write_records(str(folder / "part-0.gz"), encode_tf_examples(rows))
+    out = tmp_path / "stats.json"
+    write_feature_stats(config.train_data, seed=config.training.seed, out=str(out), batches=10, bins=4)
+    features = json.loads(out.read_text())["features"]
+    t = np.sign(x.astype(np.float64)) * np.log1p(np.abs(x.astype(np.float64)))
+    for j in (0, 1, 47):
+        finite = t[np.isfinite(t[:, j]), j]
+        # float32 rows: the quantiles of the float32-rounded transformed values
+        expected = np.quantile(finite.astype(np.float32).astype(np.float64), [0, 0.25, 0.5, 0.75, 1])
+        np.testing.assert_allclose(features[j]["quantiles"], expected, rtol=1e-6)
+    assert features[2]["quantiles"] == [0.0]  # no finite value
+    plain = tmp_path / "plain.json"
+    write_feature_stats(config.train_data, seed=config.training.seed, out=str(plain), batches=10)
+    assert "quantiles" not in json.loads(plain.read_text())["features"][0]  # only with bins
+
+
+def test_cli_refuses_bins_out_of_range(tmp_path, capsys):
+    write_config(tmp_path)
+    config_path = str(tmp_path / "config.yaml")
+    main(["data", "generate", "--config", config_path, "--examples", "300", "--files", "1"])
+    out = str(tmp_path / "stats.json")
+    assert (
+        main(["data", "stats", "--config", config_path, "--out", out, "--batches", "1", "--bins", "0"]) == 2
+    )
+    assert "--bins must be 1 to 1024" in capsys.readouterr().err
+    assert (
+        main(["data", "stats", "--config", config_path, "--out", out, "--batches", "1", "--bins", "8"]) == 0
+    )
+    assert all(
+        len(f["quantiles"]) == 9 for f in json.loads((tmp_path / "stats.json").read_text())["features"]
+    )

@@ -160,3 +160,52 @@ def test_layer_norm_center_without_scale_is_refused():
 def test_layer_norm_scale_without_center_has_no_bias():
     featurizer, _ = _run({"double_norm_log_config": {"layer_norm_config": {"center": False, "scale": True}}})
     assert featurizer.layer_norm.weight.shape == (7,) and featurizer.layer_norm.bias is None
+
+
+def _t(value: float) -> float:
+    """The x whose sign(x) * log1p(|x|) is `value`."""
+    return float(np.sign(value) * np.expm1(abs(value)))
+
+
+def test_piecewise_linear_encodes_each_feature_on_its_bins_by_hand(tmp_path):
+    """Bin edges in log1p space. Feature 0: 4 bins [0, 1, 2, 3, 4]; feature 1: [0, 0, 0, 2] merges to one
+    bin [0, 2]; feature 2 is constant (no bin: nothing in the input); feature 3: 2 bins [-1, 0, 1]."""
+    edges = [[0.0, 1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 2.0], [3.0, 3.0], [-1.0, 0.0, 1.0]]
+    path = _stats(tmp_path, [{"quantiles": e} for e in edges])
+    continuous = np.array(
+        [
+            [_t(1.5), _t(1.0), 5.0, _t(-0.5)],  # bin 2 of 4 at half; half of the one bin; bin 1 of 2 at half
+            [_t(2.25), _t(3.0), -5.0, _t(2.0)],  # bin 3 at a quarter; past the last edge: saturated
+            [_t(-1.0), np.nan, 0.0, _t(-3.0)],  # below the first edge: zeros; NaN reads as 0
+            [0.0, 0.0, np.inf, 0.0],
+        ],
+        dtype=np.float32,
+    )
+    featurizer, out = _run({"piecewise_linear_config": {"analysis_path": path}}, continuous=continuous)
+    expected = np.array(
+        [
+            [1, 0.5, 0, 0, 0.5, 0.5, 0],
+            [1, 1, 0.25, 0, 1, 1, 1],
+            [0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 1, 0],
+        ]
+    )
+    assert featurizer.out_features == 7 + 3
+    np.testing.assert_allclose(out[:, :7], expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out[:, 7:], BINARY)  # feature_names_to_concat: binary
+
+
+def test_piecewise_linear_refuses_a_stats_file_without_quantiles(tmp_path):
+    config = {"piecewise_linear_config": {"analysis_path": _stats(tmp_path, STATS)}}
+    with pytest.raises(
+        DataError, match=r"stats.json .*features\[0\] has no list of numbers `quantiles`.*--bins"
+    ):
+        _run(config)
+    falling = _stats(tmp_path, [{"quantiles": [0.0, 1.0]}] * 3 + [{"quantiles": [1.0, 0.0]}])
+    with pytest.raises(DataError, match=r"features\[3\].quantiles must be finite numbers in ascending order"):
+        _run({"piecewise_linear_config": {"analysis_path": falling}})
+    short = _stats(tmp_path, [{"quantiles": [0.0, 1.0]}] * 3)
+    with pytest.raises(
+        DataError, match=r"piecewise_linear_config.analysis_path.*statistics for 3 features.*has 4"
+    ):
+        _run({"piecewise_linear_config": {"analysis_path": short}})

@@ -79,3 +79,24 @@ def test_shape_mismatch_names_the_shapes_and_the_tasks():
         loss(torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(4, 3))
     with pytest.raises(ValueError, match="2 tasks but 1 pos_weights"):
         MultiTaskLoss(["a", "b"], [1.0])
+
+
+def test_loss_weights_scale_each_task_in_the_total_but_not_the_per_task_losses():
+    logits = [[0.5, -1.0], [2.0, 0.3]]
+    labels = [[1.0, 0.0], [0.0, 1.0]]
+    weights = [[1.0, 2.0], [0.5, 1.0]]
+    loss = MultiTaskLoss(["a", "b"], [1.0, 1.0], [3.0, 0.5])
+    total, per_task = loss(torch.tensor(logits), torch.tensor(labels), torch.tensor(weights))
+    expected = [
+        sum(bce(logits[i][t], labels[i][t], weights[i][t], 1.0) for i in range(2)) / 2 for t in range(2)
+    ]
+    assert per_task.tolist() == pytest.approx(expected, rel=1e-6)
+    assert total.item() == pytest.approx((3.0 * expected[0] + 0.5 * expected[1]) / 2, rel=1e-6)
+
+
+def test_build_loss_takes_loss_weight_per_task_in_model_order():
+    config = load_config(SMALL, ["model.tasks.recap.engagement.is_replied.loss_weight=4"])
+    loss = build_loss(config.model)
+    expected = [4.0 if t == "recap.engagement.is_replied" else 1.0 for t in config.task_names]
+    assert loss.loss_weight.tolist() == expected
+    assert "loss_weight" not in loss.state_dict()

@@ -126,24 +126,35 @@ class AffineMap(StrictModel):
     bias: Float = Field(0.0, description="Added after.")
 
 
-class TaskModel(StrictModel):
-    """One architecture: a task's tower, or the backbone."""
+class ArchitectureConfig(StrictModel):
+    """One architecture: an expert of model.experts."""
 
     mlp_config: MlpConfig | None = None
     dcn_config: DcnConfig | None = None
     dlrm_config: DLRMConfig | None = None
     mask_net_config: MaskNetConfig | None = None
-    affine_map: AffineMap | None = None
-    pos_weight: Float = Field(1.0, gt=0.0, description="Weight of positives in this task's loss.")
 
     @model_validator(mode="after")
-    def _one_architecture(self) -> TaskModel:
+    def _one_architecture(self) -> ArchitectureConfig:
         exactly_one_of(self, "mlp_config", "dcn_config", "dlrm_config", "mask_net_config")
         return self
 
     @property
     def architecture(self) -> str:
         return exactly_one_of(self, "mlp_config", "dcn_config", "dlrm_config", "mask_net_config")
+
+
+class TaskModel(ArchitectureConfig):
+    """One architecture: a task's tower, or the backbone."""
+
+    affine_map: AffineMap | None = None
+    pos_weight: Float = Field(1.0, gt=0.0, description="Weight of positives in this task's loss.")
+    loss_weight: Float = Field(
+        1.0,
+        gt=0.0,
+        description="Multiplies this task's loss in the total, sum(loss_weight * loss) / tasks: a larger "
+        "weight gives the task more say over the shared layers (its own tower's Adam step hardly changes).",
+    )
 
 
 class Log1pAbsConfig(StrictModel):
@@ -176,6 +187,15 @@ class DoubleNormLogConfig(StrictModel):
     )
 
 
+class PiecewiseLinearConfig(StrictModel):
+    """Piecewise-linear encoding (Gorishniy et al. 2022) of sign(x) * log1p(|x|) (non-finite values as 0) on
+    per-feature quantile bins: a value in bin k of T becomes k-1 ones, its fraction of bin k, then zeros."""
+
+    analysis_path: ConfigPath = Field(
+        description="Statistics holding each feature's bin edges, from `heavyranker data stats --bins N`."
+    )
+
+
 class FeaturizationConfig(StrictModel):
     """How the continuous features become the model's input."""
 
@@ -183,6 +203,7 @@ class FeaturizationConfig(StrictModel):
     clip_log1p_abs_config: ClipLog1pAbsConfig | None = None
     z_score_log_config: ZScoreLogConfig | None = None
     double_norm_log_config: DoubleNormLogConfig | None = None
+    piecewise_linear_config: PiecewiseLinearConfig | None = None
     feature_names_to_concat: list[str] = Field(
         ["binary"], description="Raw features appended to the continuous."
     )
@@ -190,7 +211,12 @@ class FeaturizationConfig(StrictModel):
     @model_validator(mode="after")
     def _one_featurization(self) -> FeaturizationConfig:
         exactly_one_of(
-            self, "log1p_abs_config", "clip_log1p_abs_config", "z_score_log_config", "double_norm_log_config"
+            self,
+            "log1p_abs_config",
+            "clip_log1p_abs_config",
+            "z_score_log_config",
+            "double_norm_log_config",
+            "piecewise_linear_config",
         )
         return self
 
@@ -263,6 +289,26 @@ class MultiTaskType(StrEnum):
     SHARE_NONE = "share_none"
     SHARE_ALL = "share_all"
     SHARE_PARTIAL = "share_partial"
+    MMOE = "mmoe"
+    PLE = "ple"
+
+
+class ExpertsConfig(StrictModel):
+    """The experts of mmoe (Ma et al. 2018) and ple (Tang et al. 2020), and their gates: each task's tower
+    reads a softmax-weighted sum of the experts' outputs, with weights from a gate on the gate's input."""
+
+    num_experts: Count = Field(
+        description="mmoe: the experts every task's gate weighs; ple: the experts of each task, per level.",
+        le=64,
+    )
+    num_shared_experts: NonNegative = Field(
+        0, le=64, description="ple only: the experts shared by all tasks, per level."
+    )
+    num_levels: Count = Field(1, le=8, description="ple only: extraction levels, each reading the last.")
+    expert: ArchitectureConfig = Field(description="Every expert's architecture (each with its own weights).")
+    gate_mlp: MlpConfig | None = Field(
+        None, description="Hidden layers of each gate before its linear softmax layer; default: none."
+    )
 
 
 class ModelConfig(StrictModel):
@@ -277,8 +323,9 @@ class ModelConfig(StrictModel):
     multi_task_type: MultiTaskType = Field(
         MultiTaskType.SHARE_NONE,
         description="share_none: towers read the input; share_all: the backbone's output; "
-        "share_partial: both.",
+        "share_partial: both; mmoe, ple: each its gated mix of the experts (model.experts).",
     )
+    experts: ExpertsConfig | None = Field(None, description="The experts and gates of mmoe and ple.")
     featurization_config: FeaturizationConfig
     large_embeddings: LargeEmbeddingsConfig | None = None
     small_embeddings: SmallEmbeddingsConfig | None = None
@@ -287,11 +334,30 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _backbone_matches_sharing(self) -> ModelConfig:
-        shared = self.multi_task_type in (MultiTaskType.SHARE_ALL, MultiTaskType.SHARE_PARTIAL)
+        kind = self.multi_task_type
+        shared = kind in (MultiTaskType.SHARE_ALL, MultiTaskType.SHARE_PARTIAL)
         if shared and self.backbone is None:
-            raise PydanticCustomError(
-                "backbone", "multi_task_type {t} needs a backbone", {"t": self.multi_task_type.value}
-            )
+            raise PydanticCustomError("backbone", "multi_task_type {t} needs a backbone", {"t": kind.value})
         if not shared and self.backbone is not None:
-            raise PydanticCustomError("backbone", "multi_task_type share_none cannot have a backbone", {})
+            raise PydanticCustomError(
+                "backbone", "multi_task_type {t} cannot have a backbone", {"t": kind.value}
+            )
+        mixture = kind in (MultiTaskType.MMOE, MultiTaskType.PLE)
+        if mixture != (self.experts is not None):
+            raise PydanticCustomError(
+                "experts",
+                "model.experts is for multi_task_type mmoe and ple, and they need it (got {t}, experts {e})",
+                {"t": kind.value, "e": "set" if self.experts else "unset"},
+            )
+        if kind == MultiTaskType.MMOE and self.experts is not None:
+            if self.experts.num_shared_experts or self.experts.num_levels != 1:
+                raise PydanticCustomError(
+                    "experts",
+                    "num_shared_experts and num_levels are for ple; mmoe has one level of experts",
+                    {},
+                )
+        if kind == MultiTaskType.PLE and self.experts is not None and not self.experts.num_shared_experts:
+            raise PydanticCustomError(
+                "experts", "ple needs num_shared_experts >= 1 (experts all tasks share)", {}
+            )
         return self

@@ -6,6 +6,11 @@ one entry per column of the `continuous` tensor as the model sees it (after trun
 order; mean and std are those of sign(x) * log1p(|x|) over the finite values. Other keys are ignored.
 A std of 0 (a constant column) is read as 1, so the column becomes 0 instead of NaN. Its optional batch norm
 (or renorm) has torch's defaults (affine, momentum 0.1): the config has no settings for it.
+
+piecewise_linear reads bin edges from the same file: each entry's "quantiles", the ascending quantiles of
+sign(x) * log1p(|x|) at 0, 1/N, ..., 1 (written by `heavyranker data stats --bins N`). Equal edges (a
+value most rows share, such as 0) are merged, so a feature has at most N bins; a constant feature has none
+and adds nothing to the input.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,6 +85,30 @@ class BatchRenorm1d(nn.BatchNorm1d):
         return y * self.weight + self.bias if self.affine else y
 
 
+class PiecewiseLinear(nn.Module):
+    """[B, F] -> [B, total bins]: feature j's component t is clamp((x_j - edges_j[t]) / (edges_j[t + 1] -
+    edges_j[t]), 0, 1), so a value in bin k encodes to k-1 ones, its fraction of bin k, then zeros, and values
+    beyond the outer edges saturate. Features are padded to the most bins and the padding dropped (`keep`)."""
+
+    def __init__(self, edges: list[np.ndarray]):
+        super().__init__()
+        bins = max([len(e) - 1 for e in edges] + [1])
+        lower, width = torch.zeros(len(edges), bins), torch.ones(len(edges), bins)
+        keep = []
+        for j, e in enumerate(edges):
+            lower[j, : len(e) - 1] = torch.from_numpy(e[:-1])
+            width[j, : len(e) - 1] = torch.from_numpy(np.diff(e))
+            keep += [j * bins + t for t in range(len(e) - 1)]
+        self.register_buffer("lower", lower)
+        self.register_buffer("width", width)
+        self.register_buffer("keep", torch.tensor(keep, dtype=torch.int64))
+        self.out_features = len(keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        encoded = ((x.unsqueeze(-1) - self.lower) / self.width).clamp(0.0, 1.0)
+        return encoded.flatten(1).index_select(1, self.keep)
+
+
 class Featurizer(nn.Module):
     """transform(continuous), then the raw `concat_names` features as float32, then an optional LayerNorm."""
 
@@ -113,11 +143,16 @@ def build_featurizer(config: FeaturizationConfig, input_shapes: dict[str, tuple[
                 f"{WHERE}.feature_names_to_concat: {name} is not a feature of train_data "
                 f"(it has {', '.join(input_shapes)})"
             )
-    out = width + sum(_width(input_shapes[name]) for name in config.feature_names_to_concat)
+    concat = sum(_width(input_shapes[name]) for name in config.feature_names_to_concat)
+    out = width + concat
 
     steps: list[nn.Module]
     layer_norm = None
-    if config.log1p_abs_config is not None:
+    if config.piecewise_linear_config is not None:
+        encoding = PiecewiseLinear(load_bin_edges(config.piecewise_linear_config.analysis_path, width))
+        steps = [NonFiniteToZero(), Log1pAbs(), encoding]
+        out = encoding.out_features + concat
+    elif config.log1p_abs_config is not None:
         steps = [Log1pAbs()]
     elif config.clip_log1p_abs_config is not None:
         steps = [Log1pAbs(), Clamp(config.clip_log1p_abs_config.clip_magnitude)]
@@ -157,24 +192,60 @@ def _layer_norm(width: int, config: LayerNormConfig) -> nn.LayerNorm:
 def load_feature_stats(path: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) float32 [width] from a stats file in the format of this module's docstring."""
     where = f"{path} ({WHERE}.z_score_log_config.analysis_path)"
+    entries = _stats_entries(path, where)
     try:
-        with open(path) as f:
-            entries = json.load(f)["features"]
         mean = [float(e["mean"]) for e in entries]
         std = [float(e["std"]) for e in entries]
-    except OSError as e:
-        raise DataError(f"{where}: cannot read the feature statistics: {e.strerror}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(
             f'{where}: not a feature statistics file ({{"features": [{{"mean": .., "std": ..}}, ...]}}, '
             f"from `heavyranker data stats`): {e!r}"
         ) from None
-    if len(entries) != width:
-        raise DataError(
-            f"{where}: statistics for {len(entries)} features, but the continuous tensor has {width}"
-        )
+    _check_count(len(entries), width, where)
     for i, (m, s) in enumerate(zip(mean, std, strict=True)):
         if not (math.isfinite(m) and math.isfinite(s)) or s < 0:
             raise DataError(f"{where}: features[{i}]: mean {m} and std {s} must be finite, std >= 0")
     std_t = torch.tensor(std, dtype=torch.float32)
     return torch.tensor(mean, dtype=torch.float32), torch.where(std_t > 0, std_t, 1.0)
+
+
+def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
+    """Each feature's distinct bin edges, ascending float32, from the "quantiles" of a stats file."""
+    where = f"{path} ({WHERE}.piecewise_linear_config.analysis_path)"
+    entries = _stats_entries(path, where)
+    _check_count(len(entries), width, where)
+    edges = []
+    for i, entry in enumerate(entries):
+        try:
+            quantiles = np.asarray(entry["quantiles"], dtype=np.float64)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(
+                f"{where}: features[{i}] has no list of numbers `quantiles` ({e!r}); write the file with "
+                "`heavyranker data stats --bins N`"
+            ) from None
+        if quantiles.ndim != 1 or not np.isfinite(quantiles).all() or (np.diff(quantiles) < 0).any():
+            raise DataError(f"{where}: features[{i}].quantiles must be finite numbers in ascending order")
+        edges.append(np.unique(quantiles.astype(np.float32)))  # float32 first: edges equal in float32 merge
+    return edges
+
+
+def _stats_entries(path: str, where: str) -> list:
+    """The "features" list of a stats file, one entry per continuous column."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)["features"]
+        if not isinstance(entries, list):
+            raise TypeError(f"features is a {type(entries).__name__}, not a list")
+    except OSError as e:
+        raise DataError(f"{where}: cannot read the feature statistics: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f'{where}: not a feature statistics file ({{"features": [...]}}, from `heavyranker data stats`): '
+            f"{e!r}"
+        ) from None
+    return entries
+
+
+def _check_count(count: int, width: int, where: str) -> None:
+    if count != width:
+        raise DataError(f"{where}: statistics for {count} features, but the continuous tensor has {width}")

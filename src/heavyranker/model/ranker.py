@@ -4,18 +4,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..config.data import TaskData
-from ..config.model import ModelConfig, MultiTaskType, TaskModel
+from ..config.model import ArchitectureConfig, ModelConfig, MultiTaskType
 from ..data.batch import Spec
 from ..errors import UserError
 from .calibration import calibrate, downsampling_ratios
 from .dcn import build_dcn
 from .dlrm import Slice, build_dlrm
 from .embeddings import LargeEmbedding, PositionDebias, SmallEmbedding
+from .experts import Experts, build_experts
 from .featurize import Featurizer, build_featurizer
 from .linear import DEFAULT_MATMUL, Matmul
 from .masknet import build_mask_net
@@ -32,7 +34,8 @@ def module_name(task: str) -> str:
 
 class Ranker(nn.Module):
     """Built by build_model. forward(features) -> logits, probabilities, calibrated_probabilities [B, T] in
-    task_names order (and the towers' input as "backbone" on request)."""
+    task_names order (and the towers' input as "backbone" on request: [B, width], or with experts each
+    task's own as [B, T, width])."""
 
     def __init__(
         self,
@@ -44,6 +47,7 @@ class Ranker(nn.Module):
         position_debias: PositionDebias | None,
         backbone: nn.Module | None,
         multi_task_type: MultiTaskType,
+        experts: Experts | None,
         towers: dict[str, nn.Module],
         affine_maps: dict[str, nn.Linear],
         calibration_ratios: torch.Tensor,
@@ -57,6 +61,7 @@ class Ranker(nn.Module):
         self.position_debias = position_debias
         self.backbone = backbone
         self.share_partial = multi_task_type == MultiTaskType.SHARE_PARTIAL
+        self.experts = experts
         self.towers = nn.ModuleDict(towers)  # module name = task name with "." -> "__"
         self.affine_maps = nn.ModuleDict(affine_maps)
         # From the config, not the checkpoint: the data's downsampling rates are not learned.
@@ -75,13 +80,8 @@ class Ranker(nn.Module):
     def forward(
         self, features: dict[str, torch.Tensor], return_backbone: bool = False
     ) -> dict[str, torch.Tensor]:
-        x = self.inputs(features)
-        net = x
-        if self.backbone is not None:
-            net = self.backbone(x)
-            if self.share_partial:
-                net = torch.cat([x, net], dim=1)
-        logits = torch.cat([tower(net) for tower in self.towers.values()], dim=1)
+        nets = self._tower_inputs(self.inputs(features))
+        logits = torch.cat([tower(net) for tower, net in zip(self.towers.values(), nets, strict=True)], dim=1)
         if len(self.affine_maps) > 0:
             logits = self._affine(logits)
         probabilities = torch.sigmoid(logits)
@@ -91,8 +91,19 @@ class Ranker(nn.Module):
             "calibrated_probabilities": calibrate(probabilities, self.calibration_ratios),
         }
         if return_backbone:
-            out["backbone"] = net
+            out["backbone"] = nets[0] if self.experts is None else torch.stack(nets, dim=1)
         return out
+
+    def _tower_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """What each task's tower reads, in task order."""
+        if self.experts is not None:
+            return self.experts(x)
+        net = x
+        if self.backbone is not None:
+            net = self.backbone(x)
+            if self.share_partial:
+                net = torch.cat([x, net], dim=1)
+        return [net] * len(self.task_names)
 
     def _affine(self, logits: torch.Tensor) -> torch.Tensor:
         columns = []
@@ -137,9 +148,21 @@ def build_model(
         widths.append(position.out_features)
     in_features, vectors = input_layout(widths)
 
-    backbone = None
+    backbone, experts = None, None
     tower_in, tower_vectors = in_features, vectors
-    if model.multi_task_type != MultiTaskType.SHARE_NONE:
+    if model.experts is not None:  # mmoe or ple
+        build = partial(build_architecture, matmul=matmul)
+        experts = build_experts(
+            model.multi_task_type,
+            model.experts,
+            [module_name(t) for t in task_names],
+            in_features,
+            vectors,
+            build,
+            matmul=matmul,
+        )
+        tower_in, tower_vectors = experts.out_features, []
+    elif model.multi_task_type != MultiTaskType.SHARE_NONE:
         assert model.backbone is not None  # the config requires one when sharing
         backbone = build_architecture(model.backbone, in_features, vectors, "model.backbone", matmul)
         if model.multi_task_type == MultiTaskType.SHARE_ALL:
@@ -172,6 +195,7 @@ def build_model(
         position,
         backbone,
         model.multi_task_type,
+        experts,
         towers,
         affine_maps,
         ratios,
@@ -186,9 +210,10 @@ def input_layout(widths: list[int]) -> tuple[int, list[Slice]]:
 
 
 def build_architecture(
-    task: TaskModel, in_features: int, vector_slices: list[Slice], where: str, matmul: Matmul
+    task: ArchitectureConfig, in_features: int, vector_slices: list[Slice], where: str, matmul: Matmul
 ) -> nn.Module:
-    """The one architecture a backbone or tower config names; `where` is its config path, for errors."""
+    """The one architecture a backbone, tower or expert config names; `where` is its config path, for
+    errors."""
     if task.mlp_config is not None:
         return build_mlp(in_features, task.mlp_config, matmul=matmul)
     if task.mask_net_config is not None:
