@@ -196,10 +196,12 @@ class Trainer:
                 logger.add(total, per_task, examples, time.perf_counter() - started)
                 bar.update(1)
                 if self.step % training.train_log_every_n == 0:
-                    counts = total_counts(self.runtime.gather(data_counts()))
+                    outside = {f"{OUT_OF_RANGE}{k}": n for k, n in self.model.ids_out_of_range().items()}
+                    counts = total_counts(self.runtime.gather({**data_counts(), **outside}))
                     line = logger.flush(self.step, self.model.task_names, self._learning_rates(), counts)
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
                     log.info(_format_log_line(line))
+                    _warn_out_of_range(counts)
                     self._log_stream(counts)
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
                     self.save()
@@ -321,6 +323,20 @@ def _nonfinite_inputs(batch: Batch) -> str:
     }
     found = ", ".join(f"{n} in {name}" for name, n in counts.items() if n)
     return f" (the batch holds non-finite feature values: {found})" if found else ""
+
+
+# Counts of ids outside a range table's rows (model.id_mapping), under data/ in metrics.jsonl.
+OUT_OF_RANGE = "ids_out_of_range/"
+
+
+def _warn_out_of_range(counts: dict[str, int]) -> None:
+    outside = {k.removeprefix(OUT_OF_RANGE): n for k, n in counts.items() if k.startswith(OUT_OF_RANGE) and n}
+    if outside:
+        log.warning(
+            "ids outside their table's rows, skipped (they learn nothing; id_mapping hash or managed takes "
+            "raw ids), so far: %s",
+            ", ".join(f"{table}={n}" for table, n in outside.items()),
+        )
 
 
 def _format_log_line(line: dict[str, float]) -> str:
