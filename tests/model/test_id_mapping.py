@@ -118,7 +118,10 @@ def test_small_tables_hash_or_manage_every_value_of_their_column():
 @pytest.mark.parametrize(
     "table, message",
     [
-        ("{name: u, num_embeddings: 10, embedding_dim: 4, num_hashes: 2}", "num_hashes applies to id_mapping hash"),
+        (
+            "{name: u, num_embeddings: 10, embedding_dim: 4, num_hashes: 2}",
+            "num_hashes applies to id_mapping hash",
+        ),
         (
             "{name: u, num_embeddings: 10, embedding_dim: 4, id_mapping: hash, min_count: 3}",
             "min_count applies to id_mapping managed, not hash",

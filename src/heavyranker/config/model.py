@@ -254,7 +254,9 @@ class TableConfig(StrictModel):
                 )
         if self.id_mapping == IdMapping.MANAGED and self.num_embeddings < 2:
             raise PydanticCustomError(
-                "id_mapping", "a managed table needs num_embeddings >= 2 (row 0 is the shared default row)", {}
+                "id_mapping",
+                "a managed table needs num_embeddings >= 2 (row 0 is the shared default row)",
+                {},
             )
         return self
 

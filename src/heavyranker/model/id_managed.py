@@ -83,7 +83,9 @@ class ManagedMapping(nn.Module):
     def resident(self) -> dict[int, int]:
         """id -> row of every id that has a row of its own."""
         used = self.row_used.cpu().numpy()
-        return dict(zip(self.row_ids.cpu().numpy()[used].tolist(), np.flatnonzero(used).tolist(), strict=True))
+        return dict(
+            zip(self.row_ids.cpu().numpy()[used].tolist(), np.flatnonzero(used).tolist(), strict=True)
+        )
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -162,7 +164,9 @@ class ManagedMapping(nn.Module):
             del self._candidate_of[new_id]
         return len(rows)
 
-    def _victims(self, state: dict[str, np.ndarray], prefix: str, wanted: int, keep: np.ndarray) -> np.ndarray:
+    def _victims(
+        self, state: dict[str, np.ndarray], prefix: str, wanted: int, keep: np.ndarray
+    ) -> np.ndarray:
         """Up to `wanted` entries to (re)use, best first: free ones, then by the eviction rule; never
         those in `keep`."""
         if wanted == 0:
