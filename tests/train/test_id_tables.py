@@ -10,9 +10,11 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 from heavyranker.checkpoint import load_checkpoint
 from heavyranker.train.loop import Trainer
+from heavyranker.train.table_optim import RowWiseAdagrad
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
 
 FAST = (
@@ -77,3 +79,46 @@ def test_a_managed_table_killed_mid_run_resumes_with_the_same_map_and_rows(small
     assert int(straight[prefix + "mapping.tick"]) == 14
     for key, value in straight.items():
         assert torch.equal(value, resumed[key]), key
+
+
+def test_rowwise_adagrad_updates_the_rows_looked_up_by_their_own_accumulator():
+    weight = nn.Parameter(torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]))
+    optimizer = RowWiseAdagrad([weight], lr=0.1, weight_decay=0.5, eps=0.0)
+    weight.grad = torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.0, 3.0]])
+    optimizer.step()
+    # row 0: g = (1, 2) + 0.5 * (1, 1) = (1.5, 2.5), sum = (2.25 + 6.25) / 2 = 4.25
+    # row 1: not looked up: no decay, no update; row 2: g = (1.5, 4.5), sum = (2.25 + 20.25) / 2 = 11.25
+    expected = [
+        [1 - 0.1 * 1.5 / 4.25**0.5, 1 - 0.1 * 2.5 / 4.25**0.5],
+        [2.0, 2.0],
+        [3 - 0.1 * 1.5 / 11.25**0.5, 3 - 0.1 * 4.5 / 11.25**0.5],
+    ]
+    torch.testing.assert_close(weight.detach(), torch.tensor(expected))
+    weight.grad = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    optimizer.step()  # row 2's sum grows: 11.25 + mean((1 + 0.5 * w)^2)
+    w2 = torch.tensor(expected[2])
+    g2 = 1 + 0.5 * w2
+    torch.testing.assert_close(weight.detach()[2], w2 - 0.1 * g2 / (11.25 + g2.square().mean()).sqrt())
+
+
+def test_tables_with_their_own_optimizer_leave_the_adam_groups_and_resume_exactly(small_data, tmp_path):
+    own = ("optimizer.embedding={type: rowwise_adagrad, learning_rate: 0.05, weight_decay: 0.001}",)
+    trainer = Trainer(
+        small_config(small_data, tmp_path / "straight", *FAST, MANAGED, *own, "training.num_train_steps=4")
+    )
+    table = trainer.model.large_embeddings["users"].embedding.weight
+    assert all(p is not table for group in trainer.optimizer.param_groups for p in group["params"])
+    trainer.run()
+    lines = [json.loads(line) for line in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["lr/embedding_tables"] == 0.05
+    for steps in (2, 4):
+        Trainer(
+            small_config(
+                small_data, tmp_path / "resumed", *FAST, MANAGED, *own, f"training.num_train_steps={steps}"
+            )
+        ).run()
+    straight = load_checkpoint(tmp_path / "straight/checkpoints/step_4.pt")
+    resumed = load_checkpoint(tmp_path / "resumed/checkpoints/step_4.pt")
+    assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
+    [sums] = [s["sum"] for s in straight["table_optimizer"]["state"].values()]
+    assert torch.equal(sums, resumed["table_optimizer"]["state"][0]["sum"]) and (sums > 0).any()

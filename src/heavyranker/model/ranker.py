@@ -112,6 +112,11 @@ class Ranker(nn.Module):
             if isinstance(table.mapping, RangeMapping)
         }
 
+    def table_parameters(self) -> list[nn.Parameter]:
+        """The weights of the id embedding tables (large and small), which optimizer.embedding trains."""
+        tables = [*self.large_embeddings.values(), *self.small_embeddings.values()]
+        return [table.embedding.weight for table in tables]
+
     def tower_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Task name -> the parameters of its tower and affine map; every other parameter is shared."""
         out = {}

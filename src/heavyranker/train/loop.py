@@ -36,6 +36,7 @@ from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
 from .memory_fit import check_batch_fits, out_of_memory_as_user_error
 from .optim import build_optimizer, load_optimizer_state
+from .table_optim import build_table_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Trainer:
         self.train_model = self.runtime.wrap(self.model)  # DDP across ranks; checkpoints use the bare model
         self.loss_fn: MultiTaskLoss = build_loss(config.model).to(self.runtime.device)
         self.optimizer, self.scheduler = build_optimizer(config.optimizer, self.model)
+        self.table_optimizer = build_table_optimizer(config.optimizer, self.model.table_parameters())
         self.accumulation = config.training.gradient_accumulation or 1
         self.step = 0
         self.run_folder = RunFolder(config.training.save_dir)
@@ -91,6 +93,8 @@ class Trainer:
             state = restore_weights(self.model, newest)
             load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.table_optimizer is not None and "table_optimizer" in state:
+                self.table_optimizer.load_state_dict(state["table_optimizer"])
             self.step = int(state["step"])
             self.data_position = restore_position(state, self.config.train_data)
             torch.set_rng_state(state["rng"])
@@ -115,6 +119,8 @@ class Trainer:
             "step": self.step,
             "rng": torch.get_rng_state(),
         }
+        if self.table_optimizer is not None:
+            state["table_optimizer"] = self.table_optimizer.state_dict()
         if self.config.train_data.kafka is not None:
             topic = self.config.train_data.kafka.topic
             state["data_position"] = {"topic": topic, "offsets": self.data_position}
@@ -267,6 +273,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.table_optimizer is not None:
+            self.table_optimizer.step()
+            self.table_optimizer.zero_grad(set_to_none=True)
         return total_sum, per_task_sum, examples * self.runtime.world_size
 
     def _next_batch(self, batches: Iterator[Batch]) -> Batch:
@@ -277,7 +286,12 @@ class Trainer:
             self._waiting_for_data = False
 
     def _learning_rates(self) -> dict[str, float]:
-        return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+        rates = {
+            group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)
+        }
+        if self.table_optimizer is not None:
+            rates["embedding_tables"] = self.table_optimizer.param_groups[0]["lr"]
+        return rates
 
     def _evaluate(self, logger: TrainLogger) -> None:
         self.runtime.sync_buffers(self.model)  # evaluate the weights a checkpoint of this step holds
