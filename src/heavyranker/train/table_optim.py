@@ -35,6 +35,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 step = group["lr"] * grad / (state["sum"][rows].sqrt() + group["eps"]).unsqueeze(1)
                 weight.index_add_(0, rows, -step)
 
+
 def build_table_optimizer(
     config: OptimizerConfig, tables: list[nn.Parameter]
 ) -> torch.optim.Optimizer | None:
