@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--files", type=int, help="files per split (default 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--id-effects",
+        type=float,
+        default=0.0,
+        help="plant a per-user and per-author effect of this scale (logits) on Zipf-frequent raw int64 ids, "
+        "for id embedding tables to learn (docs/id-embeddings.md; default 0: off)",
+    )
     p = command(
         data, "dump", "write the arrays of some batches to an .npz for inspection", handlers.run_data_dump
     )
