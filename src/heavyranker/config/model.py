@@ -211,7 +211,8 @@ class Eviction(StrEnum):
     LFU = "lfu"
 
 
-# The keys that only one id_mapping reads (docs/id-embeddings.md): set with another, they are an error.
+# The keys that only one id_mapping reads (docs/id-embeddings.md): another value than the default with
+# another mapping is an error.
 MAPPING_KEYS = {"num_hashes": IdMapping.HASH, "combiner": IdMapping.HASH}
 MAPPING_KEYS |= {"min_count": IdMapping.MANAGED, "eviction": IdMapping.MANAGED}
 
@@ -246,7 +247,9 @@ class TableConfig(StrictModel):
                 {"n": f"{elements:,}", "max": f"{MAX_TABLE_ELEMENTS:,}"},
             )
         for key, mapping in MAPPING_KEYS.items():
-            if key in self.model_fields_set and self.id_mapping != mapping:
+            # A default value passes: a dumped config (every field written out) loads again.
+            unread = getattr(self, key) != type(self).model_fields[key].default
+            if unread and self.id_mapping != mapping:
                 raise PydanticCustomError(
                     "id_mapping",
                     "{key} applies to id_mapping {mapping}, not {this}",
