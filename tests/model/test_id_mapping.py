@@ -4,7 +4,7 @@ managed tables admit after min_count sightings and evict by lru or lfu (traced b
 import pytest
 import torch
 
-from heavyranker.config import load_config
+from heavyranker.config import dump_config, load_config
 from heavyranker.config.model import Eviction
 from heavyranker.errors import UserError
 from heavyranker.model.embeddings import LargeEmbedding, SmallEmbedding
@@ -137,3 +137,13 @@ def test_mapping_keys_are_checked_with_one_line_errors(table, message):
     with pytest.raises(UserError) as error:
         load_config(CONFIGS / "local_small.yaml", [f"model.large_embeddings={{tables: [{table}]}}"])
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_ids_config_loads_and_its_dump_loads_again(tmp_path):
+    config = load_config(CONFIGS / "local_small_ids.yaml")
+    [users, authors] = config.model.large_embeddings.tables
+    assert (users.id_mapping, users.min_count, users.padding_id) == ("managed", 2, -1)
+    assert authors.feature_name == "meta__author_id"
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(dump_config(config))  # every field written out, the unread defaults too
+    assert load_config(dumped).model == config.model
