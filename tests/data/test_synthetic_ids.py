@@ -52,4 +52,3 @@ def test_id_effects_off_by_default_and_never_negative(tmp_path):
         generate_for_config(config, examples=100, files=1, id_effects=-1.0)
     world = World(layout_for(config.train_data, config.validation_data), users=64, seed=0)
     assert "effect" not in world.users.traits and (world.users.ids >= 2**20).all()
-
