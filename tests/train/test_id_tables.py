@@ -10,12 +10,15 @@ import sys
 import time
 
 import torch
+import yaml
 from torch import nn
 
 from heavyranker.checkpoint import load_checkpoint
-from heavyranker.train.loop import Trainer
+from heavyranker.config import load_config
+from heavyranker.train.loop import Trainer, train
 from heavyranker.train.table_optim import RowWiseAdagrad
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
+from tests.test_runtime import _cpu, assert_close, data, on_two_ranks, train_config, weights, write_config  # noqa: F401 (fixtures: CPU only, the tiny data set)
 
 FAST = (
     "train_data.global_batch_size=64",
@@ -122,3 +125,28 @@ def test_tables_with_their_own_optimizer_leave_the_adam_groups_and_resume_exactl
     assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
     [sums] = [s["sum"] for s in straight["table_optimizer"]["state"].values()]
     assert torch.equal(sums, resumed["table_optimizer"]["state"][0]["sum"]) and (sums > 0).any()
+
+
+def test_a_managed_map_on_two_ranks_is_the_map_of_one_process_on_the_whole_batch(data, tmp_path):  # noqa: F811
+    """Every rank counts the sightings of both ranks: the same admissions and evictions as one process."""
+    configs = {}
+    for run in ("ddp", "single"):
+        path = write_config(data, tmp_path / run, num_train_steps=6, checkpoint_every_n=6)
+        config = yaml.safe_load(path.read_text())
+        config["model"]["large_embeddings"] = {
+            "tables": [
+                {"name": "d", "feature_name": "discrete", "num_embeddings": 3, "embedding_dim": 2}
+                | {"id_mapping": "managed", "min_count": 2, "eviction": "lfu", "padding_id": None}
+            ]
+        }
+        path.write_text(yaml.safe_dump(config))
+        configs[run] = path
+    on_two_ranks(train_config, configs["ddp"], logs=tmp_path / "logs")
+    train(load_config(configs["single"]))
+    ddp, single = weights(tmp_path / "ddp", 6), weights(tmp_path / "single", 6)
+    mapping = {k: v for k, v in single.items() if ".mapping." in k}
+    assert int(mapping["large_embeddings.d.mapping.num_resident"]) == 2
+    assert int(mapping["large_embeddings.d.mapping.row_count"].sum()) > 0
+    for key, value in mapping.items():
+        assert torch.equal(ddp[key], value), key
+    assert_close(ddp, single)
