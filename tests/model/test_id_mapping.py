@@ -147,3 +147,18 @@ def test_the_ids_config_loads_and_its_dump_loads_again(tmp_path):
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(dump_config(config))  # every field written out, the unread defaults too
     assert load_config(dumped).model == config.model
+
+
+@pytest.mark.parametrize("mapping", ["hash", "managed"])
+def test_all_padding_batches_train_to_zero_vectors_and_finite_gradients(mapping):
+    if mapping == "hash":
+        module = HashMapping(8, 2, padding_id=-1)
+    else:
+        module = ManagedMapping(8, 1, Eviction.LRU, padding_id=-1)
+    table = LargeEmbedding(8, 3, "ids", module)
+    out = table(torch.full((4, 5), -1))
+    torch.testing.assert_close(out, torch.zeros(4, 3))
+    out.sum().backward()
+    assert torch.equal(table.embedding.weight.grad, torch.zeros(8, 3))
+    if mapping == "managed":
+        assert module.resident() == {} and int(module.tick) == 1
