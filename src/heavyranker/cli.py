@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="demo",
         help="whose planted truth: the demo's, or the second benchmark's (holdout; see docs/tuning.md)",
     )
+    p.add_argument(
+        "--id-effects",
+        type=float,
+        default=0.0,
+        help="plant a per-user and per-author effect of this scale (logits) on Zipf-frequent raw int64 ids, "
+        "for id embedding tables to learn (docs/id-embeddings.md; default 0: off)",
+    )
     p = command(
         data, "dump", "write the arrays of some batches to an .npz for inspection", handlers.run_data_dump
     )

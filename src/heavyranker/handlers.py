@@ -26,9 +26,14 @@ def run_config_validate(args: argparse.Namespace) -> int:
 def run_data_generate(args: argparse.Namespace) -> int:
     from .data.synthetic import generate_for_config
 
-    config = _load(args)
     generate_for_config(
-        config, out=args.out, examples=args.examples, files=args.files, seed=args.seed, world=args.world
+        _load(args),
+        out=args.out,
+        examples=args.examples,
+        files=args.files,
+        seed=args.seed,
+        world=args.world,
+        id_effects=args.id_effects,
     )
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import Field, model_validator
@@ -81,6 +82,30 @@ class AdamConfig(StrictModel):
     epsilon: Float = Field(1e-7, gt=0.0, description="Added to the denominator.")
 
 
+class TableOptimizerType(StrEnum):
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    ADAGRAD = "adagrad"
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+class TableOptimizerConfig(StrictModel):
+    """The id embedding tables' own optimizer (model.large_embeddings and small_embeddings), apart from the
+    dense parameters' Adam: the reference trains its tables with torchrec's fused row-wise Adagrad."""
+
+    type: TableOptimizerType = Field(
+        TableOptimizerType.ROWWISE_ADAGRAD,
+        description="rowwise_adagrad: one Adagrad accumulator per row; adagrad, sgd, adam: torch's.",
+    )
+    learning_rate: Rate = Field(description="A constant rate for the tables.")
+    weight_decay: Float = Field(
+        0.0,
+        ge=0.0,
+        description="L2 penalty: rowwise_adagrad on the rows a step looks up, the others on every row.",
+    )
+    epsilon: Float = Field(1e-8, gt=0.0, description="Added to the denominator (not sgd).")
+
+
 class MultiTaskLearningRates(StrictModel):
     """One parameter group per tower and one for everything else, each on its own schedule."""
 
@@ -96,6 +121,10 @@ class OptimizerConfig(StrictModel):
     adam: AdamConfig = AdamConfig()
     multi_task_learning_rates: MultiTaskLearningRates | None = None
     single_task_learning_rate: LearningRate | None = Field(None, description="One schedule for all.")
+    embedding: TableOptimizerConfig | None = Field(
+        None,
+        description="The embedding tables' own optimizer; unset: they train in the backbone's Adam group.",
+    )
 
     @model_validator(mode="after")
     def _one_lr(self) -> OptimizerConfig:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .id_mapping import RangeMapping
+
 
 def _init_table(weight: torch.Tensor) -> None:
     # TorchRec's default for embedding tables (the reference's large embeddings): U(-1/sqrt(n), 1/sqrt(n)).
@@ -17,48 +19,74 @@ def _init_table(weight: torch.Tensor) -> None:
 
 
 class SmallEmbedding(nn.Module):
-    """A table over column `column` of the discrete tensor. Row `num_embeddings` is reserved for ids outside
-    [0, num_embeddings), so unseen or corrupt ids get a learned vector instead of an index error."""
+    """A table over column `column` of the discrete tensor. With the default range mapping, row
+    `num_embeddings` is reserved for ids outside [0, num_embeddings), so unseen or corrupt ids get a learned
+    vector instead of an index error (they are counted, see RangeMapping). With `mapping` (hash or managed)
+    every value is an id, mapped to one of num_embeddings rows."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, column: int):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        column: int,
+        mapping: nn.Module | None = None,
+        mean: bool = False,
+    ):
         super().__init__()
-        self.embedding = nn.Embedding(num_embeddings + 1, embedding_dim)
+        reserved = mapping is None or isinstance(mapping, RangeMapping)
+        self.mapping = RangeMapping(num_embeddings, None) if mapping is None else mapping
+        self.embedding = nn.Embedding(num_embeddings + int(reserved), embedding_dim)
         _init_table(self.embedding.weight)
         self.num_embeddings = num_embeddings
         self.column = column
+        self.mean = mean  # combine an id's num_hashes vectors by their mean, not their sum
         self.out_features = embedding_dim
 
     def forward(self, discrete: torch.Tensor) -> torch.Tensor:
-        ids = discrete[:, self.column]
-        ids = torch.where((ids >= 0) & (ids < self.num_embeddings), ids, self.num_embeddings)
-        return self.embedding(ids)
+        rows, valid = self.mapping(discrete[:, self.column : self.column + 1])
+        if isinstance(self.mapping, RangeMapping):
+            rows = torch.where(valid.unsqueeze(-1), rows, self.num_embeddings)
+        vectors = self.embedding(rows[:, 0]).sum(dim=1)  # [B, k, D] -> [B, D]
+        return vectors / rows.shape[-1] if self.mean else vectors
 
 
 class LargeEmbedding(nn.Module):
-    """A table over a fixed-length id feature [B, L] (or [B]): the mean of the vectors of each example's ids.
-    Ids outside [0, num_embeddings) are padding: left out of the mean (an example with none gets zeros).
-    The table has exactly num_embeddings rows, as the reference's TorchRec tables."""
+    """A table over a fixed-length id feature [B, L] (or [B]): the mean over each example's ids of the
+    id's vector (the sum or mean of its num_hashes rows). `mapping` turns raw ids into rows (default:
+    range, ids outside [0, num_embeddings) skipped as padding); the places it masks are left out of the mean
+    (an example with none gets zeros). The table has exactly num_embeddings rows, as the reference's TorchRec
+    tables."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, feature_name: str):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        feature_name: str,
+        mapping: nn.Module | None = None,
+        mean: bool = False,
+    ):
         super().__init__()
+        self.mapping = RangeMapping(num_embeddings, -1) if mapping is None else mapping
         self.embedding = nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum")
         _init_table(self.embedding.weight)
         self.num_embeddings = num_embeddings
         self.feature_name = feature_name
+        self.mean = mean  # combine an id's num_hashes vectors by their mean, not their sum
         self.out_features = embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = ids.reshape(ids.shape[0], -1)
-        valid = (ids >= 0) & (ids < self.num_embeddings)
-        weights = valid.to(self.embedding.weight.dtype)
-        ids = torch.where(valid, ids, 0)
+        rows, valid = self.mapping(ids.reshape(ids.shape[0], -1))  # [B, L, k], [B, L]
+        batch, _, hashes = rows.shape
+        per_id = valid.to(self.embedding.weight.dtype)
+        weights = (per_id / hashes if self.mean else per_id).unsqueeze(-1).expand(rows.shape)
+        rows, weights = rows.reshape(batch, -1), weights.reshape(batch, -1)
         if torch.compiler.is_compiling():  # also true while torch.export traces for an export
             # ONNX has no EmbeddingBag: its exporter writes a loop over the candidates, 2.5x torch's time at
             # 1,000 local_small candidates. A gather and a weighted sum is the same mean, one op each.
-            summed = (F.embedding(ids, self.embedding.weight) * weights.unsqueeze(-1)).sum(dim=1)
+            summed = (F.embedding(rows, self.embedding.weight) * weights.unsqueeze(-1)).sum(dim=1)
         else:
-            summed = F.embedding_bag(ids, self.embedding.weight, per_sample_weights=weights, mode="sum")
-        return summed / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+            summed = F.embedding_bag(rows, self.embedding.weight, per_sample_weights=weights, mode="sum")
+        return summed / per_id.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 class PositionDebias(nn.Module):

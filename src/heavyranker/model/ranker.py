@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config.data import TaskData
-from ..config.model import ArchitectureConfig, ModelConfig, MultiTaskType
+from ..config.model import ArchitectureConfig, Combiner, ModelConfig, MultiTaskType
 from ..data.batch import Spec
 from ..errors import UserError
 from .calibration import calibrate, downsampling_ratios
@@ -19,6 +19,7 @@ from .dlrm import Slice, build_dlrm
 from .embeddings import LargeEmbedding, PositionDebias, SmallEmbedding
 from .experts import Experts, build_experts
 from .featurize import Featurizer, build_featurizer
+from .id_mapping import RangeMapping, build_id_mapping
 from .linear import DEFAULT_MATMUL, Matmul
 from .masknet import build_mask_net
 from .mlp import build_mlp
@@ -112,6 +113,20 @@ class Ranker(nn.Module):
             name = module_name(task)
             columns.append(self.affine_maps[name](column) if name in self.affine_maps else column)
         return torch.cat(columns, dim=1)
+
+    def ids_out_of_range(self) -> dict[str, int]:
+        """Table name -> ids outside its range that training met since the process started (range tables)."""
+        tables = {**self.large_embeddings, **self.small_embeddings}
+        return {
+            name: table.mapping.out_of_range
+            for name, table in tables.items()
+            if isinstance(table.mapping, RangeMapping)
+        }
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        """The weights of the id embedding tables (large and small), which optimizer.embedding trains."""
+        tables = [*self.large_embeddings.values(), *self.small_embeddings.values()]
+        return [table.embedding.weight for table in tables]
 
     def tower_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Task name -> the parameters of its tower and affine map; every other parameter is shared."""
@@ -246,13 +261,17 @@ def _embeddings(
                 f"model.large_embeddings.tables[{i}] ({t.name}): no id feature {feature!r} in train_data "
                 f"(it has {', '.join(input_shapes)})"
             )
-        large[module_name(t.name)] = LargeEmbedding(t.num_embeddings, t.embedding_dim, feature)
+        mapping = build_id_mapping(t, t.padding_id)
+        mean = t.combiner == Combiner.MEAN
+        large[module_name(t.name)] = LargeEmbedding(t.num_embeddings, t.embedding_dim, feature, mapping, mean)
 
     discrete = input_shapes.get("discrete")
     small = {}
     for i, t in enumerate(model.small_embeddings.tables if model.small_embeddings else []):
         _check_column(discrete, t.index, f"model.small_embeddings.tables[{i}].index")
-        small[module_name(t.name)] = SmallEmbedding(t.num_embeddings, t.embedding_dim, t.index)
+        mapping = build_id_mapping(t, None)
+        mean = t.combiner == Combiner.MEAN
+        small[module_name(t.name)] = SmallEmbedding(t.num_embeddings, t.embedding_dim, t.index, mapping, mean)
 
     twhin = {name: nn.LayerNorm(input_shapes[name][-1]) for name in TWHIN_FEATURES if name in input_shapes}
 

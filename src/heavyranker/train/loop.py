@@ -40,6 +40,7 @@ from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
 from .memory_fit import check_batch_fits
 from .optim import build_optimizer, load_optimizer_state
+from .table_optim import build_table_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class Trainer:
         self.train_model = self.runtime.wrap(self.model)  # DDP across ranks; checkpoints use the bare model
         self.loss_fn: MultiTaskLoss = build_loss(config.model).to(self.runtime.device)
         self.optimizer, self.scheduler = build_optimizer(config.optimizer, self.model)
+        self.table_optimizer = build_table_optimizer(config.optimizer, self.model.table_parameters())
         self.accumulation = config.training.gradient_accumulation or 1
         self.step = 0
         self.run_folder = RunFolder(config.training.save_dir)
@@ -117,6 +119,8 @@ class Trainer:
             state = restore_weights(self.model, newest)
             load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.table_optimizer is not None and "table_optimizer" in state:
+                self.table_optimizer.load_state_dict(state["table_optimizer"])
             self.step = int(state["step"])
             self.data_position = restore_position(state, self.config.train_data)
             self.newest_data_time = state.get("newest_data_time")
@@ -145,6 +149,8 @@ class Trainer:
         if self._dataset is not None:
             self.newest_data_time = newest_data_time(self._dataset, self.newest_data_time)
         state["newest_data_time"] = self.newest_data_time
+        if self.table_optimizer is not None:
+            state["table_optimizer"] = self.table_optimizer.state_dict()
         if self.config.train_data.kafka is not None:
             topic = self.config.train_data.kafka.topic
             state["data_position"] = {"topic": topic, "offsets": self.data_position}
@@ -228,10 +234,12 @@ class Trainer:
                 logger.add(total, per_task, examples, time.perf_counter() - started)
                 bar.update(1)
                 if self.step % training.train_log_every_n == 0:
-                    counts = total_counts(self.runtime.gather(data_counts()))
+                    outside = {f"{OUT_OF_RANGE}{k}": n for k, n in self.model.ids_out_of_range().items()}
+                    counts = total_counts(self.runtime.gather({**data_counts(), **outside}))
                     line = logger.flush(self.step, self.model.task_names, self._learning_rates(), counts)
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
                     log.info(_format_log_line(line))
+                    _warn_out_of_range(counts)
                     self._log_stream(counts)
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
                     self.save()
@@ -297,6 +305,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.table_optimizer is not None:
+            self.table_optimizer.step()
+            self.table_optimizer.zero_grad(set_to_none=True)
         return total_sum, per_task_sum, examples * self.runtime.world_size
 
     def _next_batch(self, batches: Iterator[Batch]) -> Batch:
@@ -307,7 +318,12 @@ class Trainer:
             self._waiting_for_data = False
 
     def _learning_rates(self) -> dict[str, float]:
-        return {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+        rates = {
+            group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)
+        }
+        if self.table_optimizer is not None:
+            rates["embedding_tables"] = self.table_optimizer.param_groups[0]["lr"]
+        return rates
 
     def _evaluate(self, logger: TrainLogger) -> None:
         self.runtime.sync_buffers(self.model)  # evaluate the weights a checkpoint of this step holds
@@ -357,6 +373,20 @@ def _nonfinite_inputs(batch: Batch) -> str:
     }
     found = ", ".join(f"{n} in {name}" for name, n in counts.items() if n)
     return f" (the batch holds non-finite feature values: {found})" if found else ""
+
+
+# Counts of ids outside a range table's rows (model.id_mapping), under data/ in metrics.jsonl.
+OUT_OF_RANGE = "ids_out_of_range/"
+
+
+def _warn_out_of_range(counts: dict[str, int]) -> None:
+    outside = {k.removeprefix(OUT_OF_RANGE): n for k, n in counts.items() if k.startswith(OUT_OF_RANGE) and n}
+    if outside:
+        log.warning(
+            "ids outside their table's rows, skipped (they learn nothing; id_mapping hash or managed takes "
+            "raw ids), so far: %s",
+            ", ".join(f"{table}={n}" for table, n in outside.items()),
+        )
 
 
 def _format_log_line(line: dict[str, float]) -> str:

@@ -104,9 +104,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 def _param_groups(
     config: OptimizerConfig, model: nn.Module
 ) -> tuple[list[dict[str, Any]], list[LearningRate]]:
+    # With optimizer.embedding, the tables have their own optimizer (table_optim.py).
+    own = {id(p) for p in model.table_parameters()} if config.embedding is not None else set()
     single = config.single_task_learning_rate
     if single is not None:
-        return [{"params": list(model.parameters()), "name": "all"}], [single]
+        return [{"params": [p for p in model.parameters() if id(p) not in own], "name": "all"}], [single]
     rates = config.multi_task_learning_rates
     assert rates is not None  # the config guarantees exactly one of the two
     # The config's cross-checks guarantee one tower learning rate per model task and none besides.
@@ -114,7 +116,7 @@ def _param_groups(
 
     groups = [{"params": list(params), "name": task} for task, params in towers.items()]
     schedules = [rates.tower_learning_rates[task] for task in towers]
-    in_towers = {id(p) for params in towers.values() for p in params}
+    in_towers = {id(p) for params in towers.values() for p in params} | own
     rest = [p for p in model.parameters() if id(p) not in in_towers]
     if rest:
         if rates.backbone_learning_rate is None:

@@ -55,6 +55,7 @@ def generate_for_config(
     files: int | None = None,
     seed: int = 0,
     world: str = "demo",
+    id_effects: float = 0.0,
 ) -> list[str]:
     """Writes data with a planted truth for the train split and each validation split, where their inputs
     point (or under out/<split name>), and returns the data files written.
@@ -65,15 +66,19 @@ def generate_for_config(
     users, authors and truth. A split whose tasks have downsampling rates below 1 keeps each drawn row
     with probability prod_t rate_t(label_t), so that its weights undo the sampling; it holds fewer rows
     than drawn. Splits reading the same folder share its files, written once for the first of them.
-    `world`: whose planted truth, a name of WORLDS (holdout.py: the second benchmark's)."""
+    `world`: whose planted truth, a name of WORLDS (holdout.py: the second benchmark's).
+    `id_effects` > 0: users and authors get raw int64 ids, Zipf frequencies and a hidden per-id effect of
+    that scale (World._plant_id_effects), which id embedding tables can learn; 0 leaves the data as it was."""
     layout = layout_for(config.train_data, config.validation_data)
     n_train = default_examples(layout) if examples is None else examples
     if n_train < 1 or (files is not None and files < 1):
         raise UserError(f"examples and files must be positive (got {examples} and {files})")
     if world not in WORLDS:
         raise UserError(f"no world {world!r} (there are: {', '.join(WORLDS)})")
+    if id_effects < 0:
+        raise UserError(f"id_effects must be 0 (off) or positive, got {id_effects}")
     users = max(64, n_train // ROWS_PER_USER)
-    planted = World(layout, users=users, seed=seed, truth=WORLDS[world])
+    planted = World(layout, users=users, seed=seed, truth=WORLDS[world], id_effects=id_effects)
     written: list[str] = []
     writer: dict[str, str] = {}  # folder -> the split written there
     for plan in _plans(config, out):

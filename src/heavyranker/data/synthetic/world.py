@@ -23,6 +23,7 @@ from .profiles import (
 )
 from .recipe import Recipe
 
+ZIPF_EXPONENT = 1.0  # with id effects: the k-th most frequent user (author) is seen ~1/k as often
 PILOT_EXAMPLES = 20_000  # rows that fix the truth's standardization and biases
 
 
@@ -39,7 +40,9 @@ class Entities:
 class World:
     """Users, authors, how columns are drawn, and the planted truth: everything the splits share."""
 
-    def __init__(self, layout: Layout, *, users: int, seed: int, truth: Truth = DEMO):
+    def __init__(
+        self, layout: Layout, *, users: int, seed: int, truth: Truth = DEMO, id_effects: float = 0.0
+    ):
         self.layout, self.truth = layout, truth
         rng = np.random.default_rng([seed, 1, *truth.salt])
         self.recipes = {}
@@ -68,9 +71,22 @@ class World:
             tox=rng.standard_normal(authors),
             taste=_unit(rng, authors, truth.taste_dims),
         )
+        if id_effects:
+            self._plant_id_effects(np.random.default_rng([seed, 3]), id_effects)
         self.standardize: dict[str, tuple[float, float]] = {}
         self.bias = np.zeros(len(layout.tasks))
         self._fit_truth(np.random.default_rng([seed, 2, *truth.salt]))
+
+    def _plant_id_effects(self, rng: np.random.Generator, scale: float) -> None:
+        """Raw ids over all of int64 (negative ones too), Zipf-distributed frequencies, and a hidden effect
+        per user and per author (N(0, scale) in logit units, added to the shared engagement score) that
+        only an embedding of the id can learn. Its own random stream: without it, the data is unchanged."""
+        for entities in (self.users, self.authors):
+            n = len(entities.ids)
+            ids = np.unique(rng.integers(-(2**63), 2**63 - 1, 2 * n, dtype=np.int64, endpoint=True))
+            entities.ids = rng.permutation(ids[ids != -1])[:n]  # -1: the padding id of id tables
+            entities.traits["zipf"] = (1.0 + rng.permutation(n)) ** -ZIPF_EXPONENT
+            entities.traits["effect"] = scale * rng.standard_normal(n)
 
     def _wide_widths(self) -> dict[str, int]:
         """Widths of the wide features, and of the features nobody reads (filled by dtype, as one block)."""
@@ -111,7 +127,9 @@ class World:
     def tweets(self, rng: np.random.Generator, n: int) -> Entities:
         """A split's tweets: popular authors tweet (and are seen) more."""
         pop = self.authors.traits["pop"]
-        author = rng.choice(len(pop), size=n, p=_normalized(np.exp(pop)))
+        author = rng.choice(
+            len(pop), size=n, p=_normalized(np.exp(pop) * self.authors.traits.get("zipf", 1.0))
+        )
         tweets = Entities(
             _ids(rng, n, low=1 << 60),
             {  # snowflake-like ids, above 2**53
@@ -129,7 +147,7 @@ class World:
         self, rng: np.random.Generator, tweets: Entities, n: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """n distinct (user, tweet) pairs: active users, and good tweets of popular authors, are seen more."""
-        user_p = _normalized(np.exp(0.6 * self.users.traits["act"]))
+        user_p = _normalized(np.exp(0.6 * self.users.traits["act"]) * self.users.traits.get("zipf", 1.0))
         tweet_p = _normalized(
             np.exp(0.5 * tweets.traits["qual"] + 0.5 * self.authors.traits["pop"][tweets.traits["author"]])
         )
@@ -216,6 +234,8 @@ class World:
             signals.update({source: drawn[source].astype(dtype) for source in planted})
         signals.update({k: v[users] for k, v in self.users.embeddings.items() if k == "user_embedding"})
         signals.update({k: v[author] for k, v in self.authors.embeddings.items()})
+        if "effect" in u:
+            signals["id_effect"] = u["effect"][users] + a["effect"][author]
         return signals
 
     def _features(
@@ -279,6 +299,7 @@ class World:
             }
         )
         x["aff"] = self._observed_affinity(signals, n)
+        x["id_effect"] = signals.get("id_effect", np.zeros(n))
         for name, (center, scale) in self.standardize.items():
             x[name] = (x[name] - center) / scale
         self.truth.mixes(x)
@@ -297,7 +318,7 @@ class World:
     def _logits(self, signals: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """[n, tasks] logits without the mood, and the tasks' mood loadings [tasks]."""
         x = self._inputs(signals)
-        engage = sum(weight * x[name] for name, weight in self.truth.engage.items())
+        engage = sum(weight * x[name] for name, weight in self.truth.engage.items()) + x["id_effect"]
         logits, moods = [], []
         for j, task in enumerate(self.layout.tasks):
             profile = self.truth.task_profile(task)
