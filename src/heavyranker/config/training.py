@@ -40,7 +40,8 @@ class TrainingConfig(StrictModel):
     seed: StrictInt = Field(0, ge=0, le=2**64 - 1, description="Below 2**64: torch and numpy both take it.")
     follow: bool = Field(
         False,
-        description="Train on train_data (kafka) as it arrives, each record once, until SIGTERM; "
+        description="Train on train_data (kafka, new files of an inputs glob, new dated folders) as it "
+        "arrives, each record once, until SIGTERM; "
         "num_train_steps then only ends the schedules (`train --follow` sets it).",
     )
 

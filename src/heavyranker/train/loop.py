@@ -25,7 +25,7 @@ from ..data.batch import Batch
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.sources.files import check_sharding
-from ..data.sources.follow import follow_sources, restore_position
+from ..data.sources.follow import checkpoint_position, follow_sources, restore_position
 from ..errors import UserError
 from ..eval.evaluator import evaluate_splits
 from ..model import Ranker, build_model, restore_weights
@@ -60,7 +60,9 @@ class Trainer:
     def __init__(self, config: Config, *, amp: bool = False, runtime: Runtime | None = None):
         self.config = config
         self.runtime = runtime or init_runtime()
-        check_sharding(config.data_sections, self.runtime.world_size)
+        check_sharding(
+            config.data_sections, self.runtime.world_size, "train_data" if config.training.follow else None
+        )
         self.amp = amp
         torch.manual_seed(config.training.seed)
         specs = feature_specs(config.train_data)
@@ -78,8 +80,10 @@ class Trainer:
         self._waiting_for_data = False
         self._stopped_early = False
         self.best: BestTracker | None = None  # with training.keep_best, on rank 0 (which decides)
-        # A Kafka source's next offset per partition, all ranks' (data/sources/kafka.py): in every checkpoint.
-        self.data_position: dict[int, int] = {}
+        # Where a stream stands, all ranks' (data/sources/follow.py): in every checkpoint. A stream: a Kafka
+        # topic, or followed files; it may wait for data.
+        self.data_position: dict = {}
+        self._streaming = config.train_data.kafka is not None or config.training.follow
         self._dataset: RecapDataset | None = None
         follow_sources(config)
 
@@ -115,9 +119,11 @@ class Trainer:
             "step": self.step,
             "rng": torch.get_rng_state(),
         }
-        if self.config.train_data.kafka is not None:
-            topic = self.config.train_data.kafka.topic
-            state["data_position"] = {"topic": topic, "offsets": self.data_position}
+        position = checkpoint_position(
+            self.config.train_data, self.data_position, self.config.training.follow
+        )
+        if position is not None:
+            state["data_position"] = position
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         saved = save_checkpoint(self.run_folder.checkpoints, self.step, state)
@@ -148,7 +154,7 @@ class Trainer:
             repeat=True,
             drop_last=True,
             where="train_data",
-            follow=self.config.train_data.kafka is not None,  # a topic has no end: wait for messages
+            follow=self._streaming,  # a topic has no end: wait for messages
         ) as dataset:
             dataset.skip_to(self.step * self.accumulation)
             dataset.resume(self.data_position)
@@ -215,9 +221,9 @@ class Trainer:
             self.save()
 
     def _gather_position(self, training: TrainingConfig, every_rank_here: bool = False) -> None:
-        """Every rank's Kafka offsets into data_position, after each step (a checkpoint holds the offsets
+        """Every rank's stream position into data_position, after each step (a checkpoint holds the position
         after the records of its steps). Under DDP a collective: only where a checkpoint may be saved."""
-        if self._dataset is None or self.config.train_data.kafka is None:
+        if self._dataset is None or not self._streaming:
             return
         due = self.step % training.checkpoint_every_n == 0 or self.step % training.eval_log_every_n == 0
         if self.runtime.world_size > 1 and not (due or every_rank_here):
@@ -226,10 +232,16 @@ class Trainer:
             self.data_position.update(offsets)
 
     def _log_stream(self, counts: dict[str, int]) -> None:
-        """Where a Kafka source stands: records behind (lag) and the broker time of the newest message."""
+        """Where a stream stands: Kafka, records behind (lag) and the broker time of the newest message;
+        followed files, files behind and the newest folder (file) listed."""
+        stream = self._dataset.stream
         if self.config.train_data.kafka is None:
+            if self.config.training.follow:
+                newest = [n for n in self.runtime.gather(stream and stream.newest) if n is not None]
+                behind, newest_text = counts.get("follow_lag_files", 0), max(newest, default="none yet")
+                log.info("follow: %d files behind, newest %s", behind, newest_text)
             return
-        kafka = self._dataset.kafka if self._dataset is not None else None
+        kafka = stream
         times = [t for t in self.runtime.gather(kafka and kafka.newest_timestamp) if t is not None]
         newest = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(times))) if times else "none yet"
         log.info("kafka: %d records behind, newest message %s", counts.get("kafka_lag_records", 0), newest)
@@ -268,7 +280,7 @@ class Trainer:
         return total_sum, per_task_sum, examples * self.runtime.world_size
 
     def _next_batch(self, batches: Iterator[Batch]) -> Batch:
-        self._waiting_for_data = self.config.train_data.kafka is not None  # may wait for messages forever
+        self._waiting_for_data = self._streaming  # may wait for new data forever
         try:
             return next(batches)
         finally:
