@@ -97,6 +97,7 @@ class RecapDataset:
         self._offsets: dict = {}  # partition (file) -> next offset (record), of this iteration's batches
         self._resume: Offsets | FilePosition = {}
         self.stream: KafkaRecords | FollowedFiles | None = None
+        self._stream_map: OrderedMap | None = None  # the stream iteration's batches
         self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
         # What ignore_data_errors skipped; without it, damage raises DataError.
         self._damage = Damage() if data.ignore_data_errors else None
@@ -184,8 +185,15 @@ class RecapDataset:
     def __iter__(self) -> Iterator[Batch]:
         start, self._start = self._start, 0
         if self.data.kafka is not None or self.follow:  # skip_to has no meaning: the position says where
-            yield from self._stream_batches()
-            return
+            return self._stream_batches(self._open_stream())  # reading starts now: see ready()
+        return self._file_batches(start)
+
+    def ready(self, timeout: float) -> bool:
+        """A stream: whether the open iteration's next batch (or its end, or its error) is there to take,
+        waiting up to `timeout` seconds for it."""
+        return self._stream_map is not None and self._stream_map.ready(timeout)
+
+    def _file_batches(self, start: int) -> Iterator[Batch]:
         if self._cache is not None:
             self._cache.start(self._order.epoch_files(0))
         # Default threads: reading (inflate + CRC) is ~85% of the work and decoding ~10%, so every CPU
@@ -222,7 +230,7 @@ class RecapDataset:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _stream_batches(self) -> Iterator[Batch]:
+    def _open_stream(self) -> OrderedMap:
         place = {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -243,6 +251,10 @@ class RecapDataset:
             map_workers=self.data.map_num_parallel_calls or max(1, len(os.sched_getaffinity(0)) // 4),
         )
         self._maps.add(batches)
+        self._stream_map = batches
+        return batches
+
+    def _stream_batches(self, batches: OrderedMap) -> Iterator[Batch]:
         try:
             for batch, advanced in batches:
                 self._offsets.update(advanced)
@@ -252,6 +264,7 @@ class RecapDataset:
             self.stream.stop()  # a stream that waits for data never reaches the producer's stop check
             batches.close()
             self._maps.discard(batches)
+            self._stream_map = None
             self.stream.close()
 
     def _stream_records(self, pool: ThreadPoolExecutor) -> Iterator[Item]:

@@ -48,6 +48,8 @@ class _StopWhileWaiting(Exception):
     """A stop signal that came while the step waited for new data: the step is dropped (it took nothing)."""
 
 
+READY_POLL_SECONDS = 1.0  # under DDP on a stream, how often the ranks tell each other whether they have data
+
 FOLLOW_PAST_SCHEDULE = (
     "training.follow: past num_train_steps (%d): every learning-rate schedule holds its last rate from here "
     "on (constant: the rate; linear ramp: its rate; cosine: final_learning_rate; piecewise: the last value)"
@@ -188,6 +190,8 @@ class Trainer:
                 and not self._stopped_early
                 and not self.runtime.any(self._stop_requested)
             ):
+                if not self._every_rank_has_data():
+                    break
                 started = time.perf_counter()
                 try:
                     where = f"at step {self.step + 1}"
@@ -230,6 +234,19 @@ class Trainer:
             return
         for offsets in self.runtime.gather(self._dataset.position()):
             self.data_position.update(offsets)
+
+    def _every_rank_has_data(self) -> bool:
+        """Under DDP, on a stream: waits until every rank's next batch is there, so that no rank waits for
+        data inside the step's collectives (a stop signal there would leave the other ranks waiting in them).
+        False: a stop was asked for meanwhile, on some rank."""
+        if not self._streaming or self.runtime.world_size == 1:
+            return True
+        while True:
+            states = self.runtime.gather((self._dataset.ready(READY_POLL_SECONDS), self._stop_requested))
+            if any(stop for _, stop in states):
+                return False
+            if all(ready for ready, _ in states):
+                return True
 
     def _log_stream(self, counts: dict[str, int]) -> None:
         """Where a stream stands: Kafka, records behind (lag) and the broker time of the newest message;

@@ -174,12 +174,18 @@ class FollowedFiles:
             self._counts[path] = 0
             return
         start = self._resume[path]["next"] if path in self._resume else 0
-        count = start
-        for record, file, index in open_file(path):
-            if index >= start:  # the records before were trained on before a restart
-                count = index + 1
-                yield record, file, index
-        self._counts[path] = count
+        # One record behind the reading: the file's count is known before its last record is handed out, so
+        # that the position of the batch holding it says the file is done.
+        held: Item | None = None
+        for item in open_file(path):
+            if item[2] < start:  # trained on before a restart
+                continue
+            if held is not None:
+                yield held
+            held = item
+        self._counts[path] = start if held is None else held[2] + 1
+        if held is not None:
+            yield held
 
     def _check_version(self, path: str, version: dict) -> None:
         if path in self._versions and version != self._versions[path] and path not in self._rewritten:
