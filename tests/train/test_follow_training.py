@@ -1,5 +1,5 @@
-"""`train --follow` on dated hour folders: each file's position is in every checkpoint, so runs killed at random
-moments and restarted train on every record exactly once, while a writer adds folders."""
+"""`train --follow` on dated hour folders: each file's position is in every checkpoint, so runs killed at
+random moments and restarted train on every record exactly once, while a writer adds folders."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ def folder(index: int) -> str:
 
 
 def test_every_record_of_new_hour_folders_is_trained_on_once_across_kills(tmp_path):
-    """A writer adds an hour folder every second while a follow run is SIGKILLed 20 times at random moments and
-    restarted; at the end (SIGTERM: exit 0), the steps in the final state hold every record exactly once."""
+    """A writer adds an hour folder every second while a follow run is SIGKILLed 20 times at random moments
+    and restarted; at the end (SIGTERM: exit 0), the steps in the final state hold every record
+    exactly once."""
     hours = 40
     root, log = tmp_path / "data", tmp_path / "trained.log"
     args = overrides(root, tmp_path / "run")
