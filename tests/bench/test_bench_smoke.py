@@ -76,6 +76,10 @@ BENCHES = {
         ["--config", SMALL, "--candidates", "4", "--threads", "1", "--rounds", "2"],
         {"parameters", "forward"},
     ),
+    "follow_latency": (  # the folders source: the Kafka one needs a broker
+        ["--source", "folders", "--arrivals", "3", "--interval", "0.2", "--batch", "2", "--poll", "0.2"],
+        {"folders_seconds"},
+    ),
     # Without CUDA it measures nothing and writes nothing.
     "gpu_train": (["--config", SMALL, "--batch", "8", "--steps", "2"], {"gpu", "batch 8"}),
 }
