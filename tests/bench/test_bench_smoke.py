@@ -81,6 +81,10 @@ BENCHES = {
         {"freshness_seconds", "landed_to_trained_seconds", "trained_to_published_seconds"}
         | {"published_to_served_seconds", "promotion_seconds", "promotions", "records", "load_average_1min"},
     ),
+    "follow_latency": (  # the folders source: the Kafka one needs a broker
+        ["--source", "folders", "--arrivals", "3", "--interval", "0.2", "--batch", "2", "--poll", "0.2"],
+        {"folders_seconds"},
+    ),
     # Without CUDA it measures nothing and writes nothing.
     "gpu_train": (["--config", SMALL, "--batch", "8", "--steps", "2"], {"gpu", "batch 8"}),
 }

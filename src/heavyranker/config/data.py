@@ -220,6 +220,21 @@ class DataConfig(StrictModel):
         "them), else TFRecord. Dated folders list the format's files: .gz, .parquet (both by default).",
     )
     kafka: KafkaInput | None = Field(None, description="A Kafka topic of serialized tf.Examples.")
+    follow_poll_seconds: Float = Field(
+        2.0,
+        gt=0.0,
+        le=5.0,
+        description="training.follow on files: seconds between two listings of the inputs glob or the dated "
+        "folders for new files.",
+    )
+    follow_complete: Literal["next_folder", "marker"] = Field(
+        "next_folder",
+        description="training.follow on dated folders: a folder is read once the next one appears "
+        "(next_folder), or once follow_marker is in it (marker).",
+    )
+    follow_marker: str = Field(
+        "_SUCCESS", min_length=1, description="The file that marks a dated folder complete (follow_complete)."
+    )
 
     global_batch_size: Count = Field(
         le=MAX_RECORDS_PER_BATCH,

@@ -47,7 +47,8 @@ class TrainingConfig(StrictModel):
     )
     follow: bool = Field(
         False,
-        description="Train on train_data (kafka) as it arrives, each record once, until SIGTERM; "
+        description="Train on train_data (kafka, new files of an inputs glob, new dated folders) as it "
+        "arrives, each record once, until SIGTERM; "
         "num_train_steps then only ends the schedules (`train --follow` sets it).",
     )
     promote: PromoteConfig | None = Field(

@@ -10,17 +10,32 @@ from datetime import datetime
 from typing import Any
 
 from .dataset import RecapDataset
+from .sources.follow import FollowedFiles
+from .sources.kafka import KafkaRecords
 from .storage import filesystem, is_url, local
 
 
 def newest_data_time(dataset: RecapDataset, before: float | None = None) -> float | None:
     """Seconds since the epoch of the newest data `dataset` has read, or `before` (what a resumed run's
-    checkpoint said) if that is newer or nothing is known yet."""
-    if dataset.kafka is not None:
-        found = dataset.kafka.newest_timestamp
+    checkpoint said, or an earlier call) if that is newer or nothing is known yet."""
+    stream = dataset.stream
+    if isinstance(stream, KafkaRecords):
+        found = stream.newest_timestamp
+    elif isinstance(stream, FollowedFiles):  # files are taken in arrival order: the last is the newest
+        found = _modified_or_none(stream.taken[-1]) if stream.taken else None
+    elif before is None:  # a fixed set of files: the same answer at every checkpoint, so asked once
+        found = max((t for t in map(_modified_or_none, dataset.files) if t is not None), default=None)
     else:
-        found = max((modified_time(f) for f in dataset.files), default=None)
+        found = None
     return max((t for t in (found, before) if t is not None), default=None)
+
+
+def _modified_or_none(path: str) -> float | None:
+    """modified_time(path), or None for a file gone since it was read (its time is then unknown)."""
+    try:
+        return modified_time(path)
+    except OSError:
+        return None
 
 
 def modified_time(path: str) -> float:

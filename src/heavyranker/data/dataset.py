@@ -29,6 +29,7 @@ from .pipeline import READ_AHEAD, FileReader, OrderedMap
 from .preprocess import NegativeDownsampler, build_preprocessors
 from .sources import file_format
 from .sources.files import shard_files
+from .sources.follow import FilePosition, FollowedFiles
 from .sources.kafka import KafkaRecords, Offsets, partition_of
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,19 @@ class RecapDataset:
                     "kafka": None,
                 }
             )
-        self.files, self.batch_size = shard_files(data, rank, world_size, where)
-        self.format = file_format(data, self.files)
+        self.files, self.batch_size = shard_files(data, rank, world_size, where, follow)
+        # Followed files come later: their format is the glob's (*.parquet), or data.format.
+        self.format = file_format(data, self.files or [data.inputs or ""])
         self.data = data
         self.repeat = repeat
-        # A Kafka topic (data/sources/kafka.py): read in arrival order, the next offset of each partition
-        # handed out with the batches (position()); with `follow` it waits for new messages forever.
+        # A stream, read in arrival order (a Kafka topic, sources/kafka.py, or with `follow` an inputs glob or
+        # dated folders, sources/follow.py): the next offset of each partition (the next record of each
+        # file) handed out with the batches is position(); with `follow` it waits for new data forever.
         self.rank, self.world_size, self.where, self.follow = rank, world_size, where, follow
-        self._offsets: Offsets = {}
-        self.kafka: KafkaRecords | None = None
+        self._offsets: dict = {}  # partition (file) -> next offset (record), of this iteration's batches
+        self._resume: Offsets | FilePosition = {}
+        self.stream: KafkaRecords | FollowedFiles | None = None
+        self._stream_map: OrderedMap | None = None  # the stream iteration's batches
         self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
         # What ignore_data_errors skipped; without it, damage raises DataError.
         self._damage = Damage() if data.ignore_data_errors else None
@@ -138,14 +143,19 @@ class RecapDataset:
 
     def counts(self) -> dict[str, int]:
         """What reading met so far, over every iteration of this dataset; safe to call from any thread.
-        kafka_lag_records (a Kafka topic): records behind the partitions' ends (sources/kafka.py: lag).
+        kafka_lag_records (a Kafka topic): records behind the partitions' ends (sources/kafka.py: lag);
+        follow_lag_files (followed files): files taken and not handed out to their end yet.
         defaults_filled: features absent from a record, which took the schema default (and, for each
         schema feature that was, defaults_filled/NAME); damaged_files and skipped_records: the files cut
         short and the records left out by ignore_data_errors. A repeating read counts them every epoch."""
         filled = self._columns.defaults_filled()
         with self._replayed_lock:
             filled.update(self._replayed)
-        stream = {"kafka_lag_records": self.kafka.lag(self._offsets)} if self.kafka is not None else {}
+        stream = {}
+        if isinstance(self.stream, KafkaRecords):
+            stream = {"kafka_lag_records": self.stream.lag({**self._resume, **self._offsets})}
+        elif isinstance(self.stream, FollowedFiles):
+            stream = {"follow_lag_files": self.stream.lag(self._offsets)}
         return {
             **stream,
             "defaults_filled": filled.total(),
@@ -160,20 +170,30 @@ class RecapDataset:
         but not decoded: this costs about the reading time of the skipped examples."""
         self._start = batches_consumed
 
-    def position(self) -> Offsets:
-        """Kafka: partition -> the next offset after the records of the batches handed out so far (those
-        not read yet: absent). The trainer keeps it in its checkpoints."""
+    def position(self) -> Offsets | FilePosition:
+        """Where the batches handed out so far leave a stream, for what they read (the rest: absent): Kafka,
+        partition -> the next offset; followed files, path -> FilePosition's entry. The trainer keeps it in
+        its checkpoints, over what resume() gave."""
+        if isinstance(self.stream, FollowedFiles):
+            return self.stream.position(self._offsets)
         return dict(self._offsets)
 
-    def resume(self, offsets: Offsets) -> None:
-        """Kafka: the next iteration reads each partition of `offsets` from its offset there."""
-        self._offsets = dict(offsets)
+    def resume(self, position: Offsets | FilePosition) -> None:
+        """A stream's next iteration goes on from `position` (a checkpoint's, as position() gave it)."""
+        self._resume = dict(position)
 
     def __iter__(self) -> Iterator[Batch]:
         start, self._start = self._start, 0
-        if self.data.kafka is not None:  # skip_to has no meaning here: the offsets say where to go on
-            yield from self._kafka_batches()
-            return
+        if self.data.kafka is not None or self.follow:  # skip_to has no meaning: the position says where
+            return self._stream_batches(self._open_stream())  # reading starts now: see ready()
+        return self._file_batches(start)
+
+    def ready(self, timeout: float) -> bool:
+        """A stream: whether the open iteration's next batch (or its end, or its error) is there to take,
+        waiting up to `timeout` seconds for it."""
+        return self._stream_map is not None and self._stream_map.ready(timeout)
+
+    def _file_batches(self, start: int) -> Iterator[Batch]:
         if self._cache is not None:
             self._cache.start(self._order.epoch_files(0))
         # Default threads: reading (inflate + CRC) is ~85% of the work and decoding ~10%, so every CPU
@@ -197,8 +217,8 @@ class RecapDataset:
 
     def close(self) -> None:
         """Stops the threads of every iteration still open."""
-        if self.kafka is not None:
-            self.kafka.stop()
+        if self.stream is not None:
+            self.stream.stop()
         for batches in list(self._maps):
             batches.close()
         if self._cache is not None:
@@ -210,37 +230,53 @@ class RecapDataset:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _kafka_batches(self) -> Iterator[Batch]:
-        self.kafka = KafkaRecords(
-            self.data.kafka,
-            rank=self.rank,
-            world_size=self.world_size,
-            follow=self.follow,
-            where=self.where,
-            resume=self._offsets,
-        )
+    def _open_stream(self) -> OrderedMap:
+        place = {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "where": self.where,
+            "resume": self._resume,
+        }
+        if self.data.kafka is not None:
+            self.stream = KafkaRecords(self.data.kafka, follow=self.follow, **place)
+        else:
+            self.stream = FollowedFiles(self.data, **place)
+        self._offsets = {}
         order = self._order
         batches = OrderedMap(
-            lambda pool: runs(iter(self.kafka), order.run_size, order.drop_last),
+            lambda pool: runs(self._stream_records(pool), order.run_size, order.drop_last),
             self._positioned_batch,
             skip=0,
             read_workers=1,
             map_workers=self.data.map_num_parallel_calls or max(1, len(os.sched_getaffinity(0)) // 4),
         )
         self._maps.add(batches)
+        self._stream_map = batches
+        return batches
+
+    def _stream_batches(self, batches: OrderedMap) -> Iterator[Batch]:
         try:
             for batch, advanced in batches:
                 self._offsets.update(advanced)
                 if batch is not None:
                     yield batch
         finally:
-            self.kafka.stop()  # a stream that waits for messages never reaches the producer's stop check
+            self.stream.stop()  # a stream that waits for data never reaches the producer's stop check
             batches.close()
             self._maps.discard(batches)
-            self.kafka.close()
+            self._stream_map = None
+            self.stream.close()
 
-    def _positioned_batch(self, items: list[Item]) -> tuple[Batch | None, Offsets]:
-        """The batch of a run of messages, and the next offset of each partition after it."""
+    def _stream_records(self, pool: ThreadPoolExecutor) -> Iterator[Item]:
+        if isinstance(self.stream, KafkaRecords):
+            return iter(self.stream)
+        return self.stream.records(lambda path: self._open(path, pool))
+
+    def _positioned_batch(self, items: list[Item]) -> tuple[Batch | None, dict]:
+        """The batch of a run of a stream's records, and the next offset of each partition (the next record
+        of each file) after it."""
+        if isinstance(self.stream, FollowedFiles):
+            return self._make_batch(items), {path: index + 1 for _, path, index in items}
         advanced = {partition_of(path): index + 1 for _, path, index in items}  # ascending per partition
         try:
             return self._make_batch(items), advanced

@@ -120,6 +120,11 @@ class OrderedMap(Generic[T, R]):
                 raise item
             yield item.result()
 
+    def ready(self, timeout: float) -> bool:
+        """Whether the next result (or the end, or an error) is there to take, waiting up to `timeout`."""
+        with self._queue.not_empty:  # the queue's own lock: len() of its deque, not qsize(), which takes it
+            return self._queue.not_empty.wait_for(lambda: len(self._queue.queue) > 0, timeout)
+
     def close(self) -> None:
         """Stops the threads; returns once the producer has ended (within a chunk's read)."""
         self._stop.set()

@@ -109,6 +109,11 @@ def file_version(path: str) -> dict[str, object]:
         raise
     except Exception as e:  # the back-end's own: an OSError, as a failed read is
         raise OSError(error_line(e)) from None
+    return version_of(info)
+
+
+def version_of(info: dict) -> dict[str, object]:
+    """file_version() of a remote file from its back-end's details (fs.info, or a listing's entry)."""
     keys = (*_VERSION_KEYS, "LastModified", "mtime", "updated")
     return {"size": info.get("size"), **{key: str(info[key]) for key in keys if key in info}}
 

@@ -27,7 +27,7 @@ from ..data.columns import feature_specs
 from ..data.data_time import newest_data_time
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.sources.files import check_sharding
-from ..data.sources.follow import follow_sources, restore_position
+from ..data.sources.follow import checkpoint_position, follow_sources, restore_position
 from ..errors import UserError
 from ..eval.evaluator import Results, evaluate_splits
 from ..memory import out_of_memory_as_user_error
@@ -52,6 +52,8 @@ class NonFiniteLoss(UserError):
 class _StopWhileWaiting(Exception):
     """A stop signal that came while the step waited for new data: the step is dropped (it took nothing)."""
 
+
+READY_POLL_SECONDS = 1.0  # under DDP on a stream, how often the ranks tell each other whether they have data
 
 FOLLOW_PAST_SCHEDULE = (
     "training.follow: past num_train_steps (%d): every learning-rate schedule holds its last rate from here "
@@ -80,7 +82,9 @@ class Trainer:
         self.on_evaluation = on_evaluation
         self.on_checkpoint = on_checkpoint
         self.runtime = runtime or init_runtime()
-        check_sharding(config.data_sections, self.runtime.world_size)
+        check_sharding(
+            config.data_sections, self.runtime.world_size, "train_data" if config.training.follow else None
+        )
         precision = config.training.precision
         self.amp = precision == "bf16"  # bf16 autocast of the forward; weights and optimizer stay fp32
         on_cpu = self.runtime.device.type == "cpu"
@@ -105,8 +109,10 @@ class Trainer:
         self._waiting_for_data = False
         self._stopped_early = False
         self.best: BestTracker | None = None  # with training.keep_best, on rank 0 (which decides)
-        # A Kafka source's next offset per partition, all ranks' (data/sources/kafka.py): in every checkpoint.
-        self.data_position: dict[int, int] = {}
+        # Where a stream stands, all ranks' (data/sources/follow.py): in every checkpoint. A stream: a Kafka
+        # topic, or followed files; it may wait for data.
+        self.data_position: dict = {}
+        self._streaming = config.train_data.kafka is not None or config.training.follow
         self.newest_data_time: float | None = None  # of the data read (data_time.py): in every checkpoint
         self._dataset: RecapDataset | None = None
         follow_sources(config)
@@ -151,9 +157,11 @@ class Trainer:
         state["newest_data_time"] = self.newest_data_time
         if self.table_optimizer is not None:
             state["table_optimizer"] = self.table_optimizer.state_dict()
-        if self.config.train_data.kafka is not None:
-            topic = self.config.train_data.kafka.topic
-            state["data_position"] = {"topic": topic, "offsets": self.data_position}
+        position = checkpoint_position(
+            self.config.train_data, self.data_position, self.config.training.follow
+        )
+        if position is not None:
+            state["data_position"] = position
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         saved = save_checkpoint(self.run_folder.checkpoints, self.step, state)
@@ -186,7 +194,7 @@ class Trainer:
             repeat=True,
             drop_last=True,
             where="train_data",
-            follow=self.config.train_data.kafka is not None,  # a topic has no end: wait for messages
+            follow=self._streaming,  # a topic has no end: wait for messages
         ) as dataset:
             dataset.skip_to(self.step * self.accumulation)
             dataset.resume(self.data_position)
@@ -220,6 +228,8 @@ class Trainer:
                 and not self._stopped_early
                 and not self.runtime.any(self._stop_requested)
             ):
+                if not self._every_rank_has_data():
+                    break
                 started = time.perf_counter()
                 try:
                     where = f"at step {self.step + 1}"
@@ -255,9 +265,9 @@ class Trainer:
             self.save()
 
     def _gather_position(self, training: TrainingConfig, every_rank_here: bool = False) -> None:
-        """Every rank's Kafka offsets into data_position, after each step (a checkpoint holds the offsets
+        """Every rank's stream position into data_position, after each step (a checkpoint holds the position
         after the records of its steps). Under DDP a collective: only where a checkpoint may be saved."""
-        if self._dataset is None or self.config.train_data.kafka is None:
+        if self._dataset is None or not self._streaming:
             return
         due = self.step % training.checkpoint_every_n == 0 or self.step % training.eval_log_every_n == 0
         if self.runtime.world_size > 1 and not (due or every_rank_here):
@@ -265,11 +275,30 @@ class Trainer:
         for offsets in self.runtime.gather(self._dataset.position()):
             self.data_position.update(offsets)
 
+    def _every_rank_has_data(self) -> bool:
+        """Under DDP, on a stream: waits until every rank's next batch is there, so that no rank waits for
+        data inside the step's collectives (a stop signal there would leave the other ranks waiting in them).
+        False: a stop was asked for meanwhile, on some rank."""
+        if not self._streaming or self.runtime.world_size == 1:
+            return True
+        while True:
+            states = self.runtime.gather((self._dataset.ready(READY_POLL_SECONDS), self._stop_requested))
+            if any(stop for _, stop in states):
+                return False
+            if all(ready for ready, _ in states):
+                return True
+
     def _log_stream(self, counts: dict[str, int]) -> None:
-        """Where a Kafka source stands: records behind (lag) and the broker time of the newest message."""
+        """Where a stream stands: Kafka, records behind (lag) and the broker time of the newest message;
+        followed files, files behind and the newest folder (file) listed."""
+        stream = self._dataset.stream
         if self.config.train_data.kafka is None:
+            if self.config.training.follow:
+                newest = [n for n in self.runtime.gather(stream and stream.newest) if n is not None]
+                behind, newest_text = counts.get("follow_lag_files", 0), max(newest, default="none yet")
+                log.info("follow: %d files behind, newest %s", behind, newest_text)
             return
-        kafka = self._dataset.kafka if self._dataset is not None else None
+        kafka = stream
         times = [t for t in self.runtime.gather(kafka and kafka.newest_timestamp) if t is not None]
         newest = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(times))) if times else "none yet"
         log.info("kafka: %d records behind, newest message %s", counts.get("kafka_lag_records", 0), newest)
@@ -311,7 +340,7 @@ class Trainer:
         return total_sum, per_task_sum, examples * self.runtime.world_size
 
     def _next_batch(self, batches: Iterator[Batch]) -> Batch:
-        self._waiting_for_data = self.config.train_data.kafka is not None  # may wait for messages forever
+        self._waiting_for_data = self._streaming  # may wait for new data forever
         try:
             return next(batches)
         finally:

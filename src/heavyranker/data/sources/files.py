@@ -8,7 +8,7 @@ import glob
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from ...config.data import (
     DataConfig,
@@ -16,7 +16,7 @@ from ...config.data import (
     ExplicitDatetimeInputs,
 )
 from ...errors import UserError
-from ..storage import error_line, filesystem, is_url, local
+from ..storage import error_line, file_version, filesystem, is_url, local, version_of
 from . import FORMATS
 
 log = logging.getLogger(__name__)
@@ -40,17 +40,20 @@ def select_files(data: DataConfig) -> list[str]:
     return files
 
 
-def shard_files(data: DataConfig, rank: int, world_size: int, where: str) -> tuple[list[str], int]:
+def shard_files(
+    data: DataConfig, rank: int, world_size: int, where: str, follow: bool = False
+) -> tuple[list[str], int]:
     """This rank's files, files[rank::world_size] of `data`'s sorted files, and its batch size,
     global_batch_size / world_size. Raises UserError naming the config section `where` (train_data,
-    validation_data.<split>) when the data cannot be shared that way."""
+    validation_data.<split>) when the data cannot be shared that way. With `follow` no file is chosen now:
+    a followed source shares its files as they come (sources/follow.py)."""
     if data.global_batch_size % world_size:
         raise UserError(
             f"{where}.global_batch_size: {data.global_batch_size} is not divisible by the world size "
             f"{world_size}; each process takes global_batch_size / {world_size} examples per batch, so "
             f"make it a multiple of {world_size}"
         )
-    if data.kafka is not None:  # partitions, not files: shared when the topic is opened (sources/kafka.py)
+    if data.kafka is not None or follow:  # shared as they are read (sources/kafka.py, sources/follow.py)
         return [], data.global_batch_size // world_size
     files = select_files(data)
     if len(files) < world_size:
@@ -61,15 +64,15 @@ def shard_files(data: DataConfig, rank: int, world_size: int, where: str) -> tup
     return files[rank::world_size], data.global_batch_size // world_size
 
 
-def check_sharding(sections: Mapping[str, DataConfig], world_size: int) -> None:
+def check_sharding(sections: Mapping[str, DataConfig], world_size: int, followed: str | None = None) -> None:
     """Each rank reads its own files (files[rank::world_size]) in batches of global_batch_size / world_size.
     Raise now, naming the config section (`sections`: dotted path -> data config, as Config.data_sections),
     if a split cannot be shared that way, rather than when the split is first read (for a validation split,
-    maybe hours into training)."""
+    maybe hours into training). `followed`: the section read in follow mode, whose files come later."""
     if world_size == 1:
         return
     for where, data in sections.items():
-        shard_files(data, 0, world_size, where)
+        shard_files(data, 0, world_size, where, follow=where == followed)
 
 
 def glob_files(pattern: str) -> list[str]:
@@ -85,9 +88,108 @@ def glob_files(pattern: str) -> list[str]:
 
 
 def _url_glob(pattern: str) -> list[str]:
+    return sorted(_url_glob_versions(pattern))
+
+
+def _url_glob_versions(pattern: str) -> dict[str, dict]:
     fs = filesystem(pattern)
     found = _listing(lambda: fs.glob(pattern, detail=True).values(), f"inputs {pattern!r}")
-    return sorted(fs.unstrip_protocol(info["name"]) for info in found if info["type"] == "file")
+    return {fs.unstrip_protocol(info["name"]): version_of(info) for info in found if info["type"] == "file"}
+
+
+# Listings for follow mode (sources/follow.py): every call lists afresh, and gives each file's version
+# (storage.file_version) beside its path, so that a file rewritten after it was read is noticed.
+
+
+def glob_versions(pattern: str) -> dict[str, dict]:
+    """path -> version of every file the glob matches now (none: {}), sorted by path."""
+    if is_url(pattern):
+        filesystem(pattern).invalidate_cache()
+        return dict(sorted(_url_glob_versions(pattern).items()))
+    return _local_versions(sorted(glob.glob(local(pattern), recursive=True)))
+
+
+def folder_versions(folder: str, suffixes: tuple[str, ...]) -> dict[str, dict]:
+    """path -> version of the data files (named *SUFFIX) in `folder` now, sorted by path."""
+    if not is_url(folder):
+        return _local_versions(sorted(_data_files(folder, suffixes)))
+    fs = filesystem(folder)
+    fs.invalidate_cache()
+    entries = _listing(lambda: fs.ls(folder, detail=True), folder)
+    named = {fs.unstrip_protocol(entry["name"]): entry for entry in entries if entry["type"] == "file"}
+    return {path: version_of(named[path]) for path in sorted(named) if path.lower().endswith(suffixes)}
+
+
+def _local_versions(paths: list[str]) -> dict[str, dict]:
+    versions = {}
+    for path in paths:
+        try:
+            if os.path.isfile(path):
+                versions[path] = file_version(path)
+        except FileNotFoundError:  # gone since it was listed: as if not listed
+            continue
+    return versions
+
+
+def holds_file(folder: str, name: str) -> bool:
+    """Whether `folder` holds a file `name` now (a marker such as _SUCCESS)."""
+    path = os.path.join(folder, name)
+    if not is_url(folder):
+        return os.path.isfile(local(path))
+    fs = filesystem(folder)
+    fs.invalidate_cache()
+    try:
+        return fs.isfile(path)
+    except Exception as e:  # as _listing: the back-end's own errors too
+        raise UserError(f"cannot list {path}: {error_line(e)}") from None
+
+
+def dated_folders(root: str, since: datetime, hours: bool) -> list[tuple[datetime, str]]:
+    """(time, folder) of the dated folders under `root` now, YYYY/MM/DD (with `hours`, YYYY/MM/DD/HH), of
+    since's day or later, oldest first. Only the branches from since's day on are listed; names that are no
+    such numbers (or no date) are passed over."""
+    levels = 4 if hours else 3
+    floor = since.strftime("%Y/%m/%d").split("/")
+    found: list[tuple[datetime, str]] = []
+
+    def walk(folder: str, names: list[str]) -> None:
+        if len(names) == levels:
+            try:
+                found.append((datetime.strptime("/".join(names), "/".join(DATED_LEVELS[:levels])), folder))
+            except ValueError:  # 2026/13/01: no date
+                pass
+            return
+        level = len(names)
+        at_floor = level < 3 and names == floor[:level]
+        for name in _subfolders(folder):
+            if (
+                len(name) == (4 if level == 0 else 2)
+                and name.isdigit()
+                and not (at_floor and name < floor[level])
+            ):
+                walk(os.path.join(folder, name), [*names, name])
+
+    if is_url(root):
+        filesystem(root).invalidate_cache()
+    walk(root, [])
+    return found
+
+
+DATED_LEVELS = ("%Y", "%m", "%d", "%H")
+
+
+def _subfolders(folder: str) -> list[str]:
+    """The names of `folder`'s sub-folders, sorted (none when it is missing)."""
+    if not is_url(folder):
+        try:
+            return sorted(entry.name for entry in os.scandir(local(folder)) if entry.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    fs = filesystem(folder)
+    entries = _listing(lambda: fs.ls(folder, detail=True), folder)
+    return sorted(
+        entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory"
+    )
 
 
 def _listing(list_entries: Callable[[], Iterable[dict]], what: str) -> list[dict]:

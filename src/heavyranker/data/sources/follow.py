@@ -1,42 +1,247 @@
-"""Follow mode (training.follow, `train --follow`): which sources can be followed, and the position of a
-followed source as a checkpoint keeps it."""
+"""Follow mode (training.follow, `train --follow`): which sources can be followed, the files of a followed
+glob or dated folders as they come, and the position of a followed source as a checkpoint keeps it.
+
+A followed file source is read file after file, in arrival order, without a shuffle buffer (it would hold
+records across a checkpoint). Its position is, for each file trained on, the records trained (`next`, the
+index of the next one), whether the file was read to its end (`done`) and its version when it was first
+listed (storage.file_version: size and mtime, or size and ETag on object storage)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 from ...config import Config
 from ...config.data import DataConfig
 from ...errors import UserError
+from . import FORMATS
+from .files import dated_folders, folder_versions, glob_versions, holds_file
 from .kafka import Offsets
 
 log = logging.getLogger(__name__)
 
+Item = tuple[Any, str, int]  # a record, its file and its index in that file (order.Item)
+FilePosition = dict[str, dict]  # path -> {"next": int, "done": bool, "version": dict}
+
 
 def follow_sources(config: Config) -> None:
     """Raise, before anything is read, when training.follow is set on a source that cannot be followed."""
-    if config.training.follow and config.train_data.kafka is None:
+    data = config.train_data
+    if config.training.follow and data.kafka is None and data.cache:
         raise UserError(
-            "training.follow (train --follow): train_data must be a kafka topic (train_data.kafka); "
-            "following "
-            "files (an inputs glob, dated folders) is not supported yet"
+            "training.follow (train --follow): train_data.cache: true caches a fixed set of files; followed "
+            "files are read once, as they come: set cache: false"
         )
 
 
-def restore_position(state: dict[str, Any], data: DataConfig) -> Offsets:
-    """The Kafka offsets a checkpoint's `state` holds for `data`'s topic; {} (start at kafka.start) when it
-    holds none, or those of another topic."""
+def source_name(data: DataConfig) -> str:
+    """What a position belongs to: the topic, the glob, or the dated folders' data_root."""
+    if data.kafka is not None:
+        return f"kafka topic {data.kafka.topic}"
+    if data.inputs is not None:
+        return f"inputs {data.inputs}"
+    dated = data.explicit_datetime_inputs or data.explicit_date_inputs
+    assert dated is not None  # the config allows exactly one source
+    return f"dated folders {dated.data_root}"
+
+
+def checkpoint_position(data: DataConfig, position: dict, follow: bool) -> dict | None:
+    """The `data_position` a checkpoint keeps: Kafka's offsets per partition; in follow mode, the files'
+    positions; none for files read as a fixed set (their position is the step)."""
+    if data.kafka is not None:
+        return {"topic": data.kafka.topic, "offsets": position}
+    return {"source": source_name(data), "files": position} if follow else None
+
+
+def restore_position(state: dict[str, Any], data: DataConfig) -> Offsets | FilePosition:
+    """What a checkpoint's `state` holds of `data`'s position: the Kafka offsets of its topic, or the
+    positions of its followed files; {} (from the start) when it holds none, or another source's."""
     saved = state.get("data_position")
-    if data.kafka is None or saved is None:
+    if saved is None:
         return {}
-    if saved["topic"] != data.kafka.topic:
+    held = f"kafka topic {saved['topic']}" if "topic" in saved else saved["source"]
+    if held != source_name(data):
         log.warning(
-            "the checkpoint holds the offsets of kafka topic %s, not of %s: reading %s from kafka.start (%s)",
-            saved["topic"],
-            data.kafka.topic,
-            data.kafka.topic,
-            data.kafka.start,
+            "the checkpoint holds the position of %s, not of %s: reading %s from its start",
+            held,
+            source_name(data),
+            source_name(data),
         )
         return {}
-    return {int(partition): int(offset) for partition, offset in saved["offsets"].items()}
+    if data.kafka is not None:
+        return {int(partition): int(offset) for partition, offset in saved["offsets"].items()}
+    return dict(saved["files"])
+
+
+class FollowedFiles:
+    """This rank's share of the files of a followed `inputs` glob or dated folders, listed every
+    follow_poll_seconds, in arrival order: the files a listing finds that no earlier one did, sorted by path;
+    dated folders, in time order as each becomes complete (the next folder is there, or with follow_complete:
+    marker, follow_marker is in it), each folder's files sorted by path. The first listing finds every file
+    there is; dated folders are listed from the configured first day (hour) on, past the configured end.
+
+    Rank r of n takes a dated folder's files whose index in the folder is r modulo n, and a glob's files whose
+    crc32 of the path is: every rank decides alone, the same way, whenever it lists.
+
+    `resume`: a checkpoint's positions. A file done there is not read again; a file partly trained is read
+    on from its `next` record if its version is the one it had, else skipped with a warning."""
+
+    def __init__(self, data: DataConfig, *, rank: int, world_size: int, where: str, resume: FilePosition):
+        self.data, self.rank, self.world_size, self.where = data, rank, world_size, where
+        self._resume = resume
+        self._versions = {path: entry["version"] for path, entry in resume.items()}  # path -> version read
+        self._listed = {path for path, entry in resume.items() if entry["done"]}  # never taken again
+        self._counts: dict[str, int] = {}  # path -> records, of the files read to their end
+        self._rewritten: set[str] = set()
+        self._stop = threading.Event()
+        self.taken: list[str] = []  # this rank's files, in the order they are read
+        self.newest: str | None = None  # the newest folder (time) or file listed
+        self._dated = data.explicit_datetime_inputs or data.explicit_date_inputs
+        self._folders_done: set[str] = set()
+        self._folders_seen: dict[str, datetime] = {}  # the last listing's folders
+        if self._dated is not None:
+            hours = data.explicit_datetime_inputs is not None
+            span = timedelta(hours=self._dated.hours - 1) if hours else timedelta(days=self._dated.days - 1)
+            self._first = (self._dated.end.replace(minute=0) if hours else self._dated.end) - span
+            self._since = self._first
+        self._suffixes = (FORMATS[data.format or "tfrecord"].suffix,)
+
+    def records(self, open_file: Callable[[str], Iterator[Item]]) -> Iterator[Item]:
+        """The records of this rank's files as they come, until stop(); open_file(path) reads a file's."""
+        while not self._stop.is_set():
+            new = self._new_files()
+            for path in new:
+                if self._stop.is_set():
+                    return
+                yield from self._read(path, open_file)
+            if not new:
+                self._stop.wait(self.data.follow_poll_seconds)
+
+    def position(self, progress: dict[str, int]) -> FilePosition:
+        """The positions of the files of `progress` (path -> the records of it handed out so far)."""
+        return {
+            path: {"next": n, "done": self._counts.get(path) == n, "version": self._versions[path]}
+            for path, n in progress.items()
+        }
+
+    def lag(self, progress: dict[str, int]) -> int:
+        """Files behind: this rank's files taken whose records are not all handed out yet."""
+        return sum(
+            1 for path in self.taken if path not in self._counts or self._counts[path] != progress.get(path)
+        )
+
+    def stop(self) -> None:
+        """Ends the iteration (from another thread) within a poll."""
+        self._stop.set()
+
+    def close(self) -> None:
+        pass
+
+    def _new_files(self) -> list[str]:
+        mine = []
+        for path, version, index in self._dated_listing() if self._dated else self._glob_listing():
+            if path in self._listed:
+                self._check_version(path, version)
+                continue
+            self._listed.add(path)
+            if index % self.world_size != self.rank:
+                continue
+            saved = self._resume.get(path)
+            if saved is not None and saved["version"] != version:
+                log.warning(
+                    "%s: %s changed after %d of its records were trained on (version %s, now %s): the rest "
+                    "is not read",
+                    self.where,
+                    path,
+                    saved["next"],
+                    saved["version"],
+                    version,
+                )
+                continue
+            self._versions[path] = version
+            mine.append(path)
+        self.taken += mine
+        return mine
+
+    def _read(self, path: str, open_file: Callable[[str], Iterator[Item]]) -> Iterator[Item]:
+        if not holds_file(os.path.dirname(path), os.path.basename(path)):
+            log.warning("%s: %s is gone before it was read: left out", self.where, path)
+            self._counts[path] = 0
+            return
+        start = self._resume[path]["next"] if path in self._resume else 0
+        # One record behind the reading: the file's count is known before its last record is handed out, so
+        # that the position of the batch holding it says the file is done.
+        held: Item | None = None
+        for item in open_file(path):
+            if item[2] < start:  # trained on before a restart
+                continue
+            if held is not None:
+                yield held
+            held = item
+        self._counts[path] = start if held is None else held[2] + 1
+        if held is not None:
+            yield held
+
+    def _check_version(self, path: str, version: dict) -> None:
+        if path in self._versions and version != self._versions[path] and path not in self._rewritten:
+            self._rewritten.add(path)
+            log.warning(
+                "%s: %s was rewritten after it was read (version %s, now %s): not read again; new data needs "
+                "a new file name",
+                self.where,
+                path,
+                self._versions[path],
+                version,
+            )
+
+    def _glob_listing(self) -> list[tuple[str, dict, int]]:
+        versions = glob_versions(self.data.inputs)
+        if versions:
+            self.newest = max(versions)
+        return [(path, version, zlib.crc32(path.encode())) for path, version in versions.items()]
+
+    def _dated_listing(self) -> list[tuple[str, dict, int]]:
+        hours = self.data.explicit_datetime_inputs is not None
+        folders = [
+            (when, f)
+            for when, f in dated_folders(self._dated.data_root, self._since, hours)
+            if when >= self._first
+        ]
+        self._note_gone(folders)
+        if self.data.follow_complete == "marker":
+            complete = [
+                (w, f)
+                for w, f in folders
+                if f not in self._folders_done and holds_file(f, self.data.follow_marker)
+            ]
+        else:
+            complete = [(w, f) for w, f in folders[:-1] if f not in self._folders_done]
+        listed = []
+        for when, folder in complete:
+            self._folders_done.add(folder)
+            versions = folder_versions(folder, self._suffixes)
+            listed += [(path, version, index) for index, (path, version) in enumerate(versions.items())]
+            self.newest = when.strftime("%Y-%m-%d %H:00" if hours else "%Y-%m-%d")
+        pending = [when for when, folder in folders if folder not in self._folders_done]
+        if folders:  # the next listing starts at the day of the oldest folder not read, else of the newest
+            self._since = min(pending) if pending else folders[-1][0]
+        return listed
+
+    def _note_gone(self, folders: list[tuple[datetime, str]]) -> None:
+        """Warn of a folder that an earlier listing found and this one, over the same days, does not: its
+        files not read yet are left out (what was trained on stays trained)."""
+        now = {folder: when for when, folder in folders}
+        scope = self._since.replace(hour=0)  # this listing's days
+        for folder, when in sorted(self._folders_seen.items()):
+            if when >= scope and folder not in now:
+                log.warning(
+                    "%s: the dated folder %s is gone; its files not read by then are left out",
+                    self.where,
+                    folder,
+                )
+        self._folders_seen = now

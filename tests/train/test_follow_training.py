@@ -1,0 +1,81 @@
+"""`train --follow` on dated hour folders: each file's position is in every checkpoint, so runs killed at
+random moments and restarted train on every record exactly once, while a writer adds folders."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from heavyranker.checkpoint import load_checkpoint
+from heavyranker.run_folder import RunFolder
+
+from ..data.test_follow import hour
+from .kafka_train_run import trained_ids
+from .test_kafka_training import start, stopped, wait_for
+
+BATCH = 8
+PER_FILE = 12  # two files an hour: 24 records, three steps
+
+
+def overrides(root: Path, save_dir: Path, *more: str) -> list[str]:
+    dated = f"{{data_root: '{root}', end_datetime: '2026-01-01T00', hours: 1}}"
+    return [
+        "train_data.inputs=null",
+        f"train_data.explicit_datetime_inputs={dated}",
+        "train_data.follow_poll_seconds=0.2",
+        f"training.save_dir={save_dir}",
+        "validation_data={}",
+        f"train_data.global_batch_size={BATCH}",
+        "training.checkpoint_every_n=3",
+        "training.train_log_every_n=5",
+        "training.follow=true",
+        *more,
+    ]
+
+
+def folder(index: int) -> str:
+    """The index-th hour from 2026-01-01 00:00, as its folder."""
+    return time.strftime("%Y/%m/%d/%H", time.gmtime(1767225600 + 3600 * index))
+
+
+def test_every_record_of_new_hour_folders_is_trained_on_once_across_kills(tmp_path):
+    """A writer adds an hour folder every second while a follow run is SIGKILLed 20 times at random moments
+    and restarted; at the end (SIGTERM: exit 0), the steps in the final state hold every record
+    exactly once."""
+    hours = 40
+    root, log = tmp_path / "data", tmp_path / "trained.log"
+    args = overrides(root, tmp_path / "run")
+
+    def write() -> None:
+        for index in range(hours):
+            hour(root, folder(index), index * 2 * PER_FILE, per_file=PER_FILE)
+            time.sleep(1.0)
+        (root / folder(hours)).mkdir(parents=True)  # the next folder: the last hour is complete
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    rng = random.Random(0)
+    for _ in range(20):
+        run = start(log, args)
+        time.sleep(rng.uniform(2.0, 8.0))  # imports and restore take ~2-4 s: some kills come before step 1
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    writer.join()
+    total = hours * 2 * PER_FILE
+    run = start(log, args)
+    wait_for(lambda: len(trained_ids(log)) >= total or run.poll() is not None, "the last run to catch up")
+    run.send_signal(signal.SIGTERM)
+    errors = stopped(run)
+    assert run.returncode == 0, errors[-2000:]
+    counts = Counter(trained_ids(log))
+    assert sorted(counts) == list(range(total))
+    assert set(counts.values()) == {1}
+    position = load_checkpoint(RunFolder(tmp_path / "run").newest_checkpoint())["data_position"]
+    assert position["source"] == f"dated folders {root}"
+    assert len(position["files"]) == 2 * hours
+    assert {(e["next"], e["done"]) for e in position["files"].values()} == {(PER_FILE, True)}
+    assert "follow: 0 files behind, newest 2026-01-02 15:00" in errors  # hour 39, at a log line
