@@ -262,6 +262,8 @@ class Trainer:
             if not self._stopped_early:
                 log.info("stopping on a signal at step %d", self.step)
             self._gather_position(training, every_rank_here=True)
+            if self._streaming:  # where the stream stood at the stop, whenever the last log line was
+                self._log_stream(total_counts(self.runtime.gather(data_counts())))
             self.save()
 
     def _gather_position(self, training: TrainingConfig, every_rank_here: bool = False) -> None:
