@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from heavyranker.checkpoint import load_checkpoint
@@ -42,6 +44,26 @@ def folder(index: int) -> str:
     return time.strftime("%Y/%m/%d/%H", time.gmtime(1767225600 + 3600 * index))
 
 
+def lines(log: Path, kind: str) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith(kind)] if log.exists() else []
+
+
+def steps_after_resume(log: Path, resumed: list[str]) -> int:
+    """The steps logged after the run that follows `resumed` (the resume lines before it started) restored."""
+    if len(lines(log, "resume")) <= len(resumed):
+        return 0
+    text = log.read_text().splitlines()
+    last = max(i for i, line in enumerate(text) if line.startswith("resume"))
+    return sum(1 for line in text[last + 1 :] if line.startswith("step"))
+
+
+def got_somewhere(run: subprocess.Popen, log: Path, resumed: list[str], steps: int, total: int) -> bool:
+    """The run made `steps` steps since its restore, or there is nothing left to train on, or it ended."""
+    return (
+        steps_after_resume(log, resumed) >= steps or len(trained_ids(log)) >= total or run.poll() is not None
+    )
+
+
 def test_every_record_of_new_hour_folders_is_trained_on_once_across_kills(tmp_path):
     """A writer adds an hour folder every second while a follow run is SIGKILLed 20 times at random moments
     and restarted; at the end (SIGTERM: exit 0), the steps in the final state hold every record
@@ -59,13 +81,19 @@ def test_every_record_of_new_hour_folders_is_trained_on_once_across_kills(tmp_pa
     writer = threading.Thread(target=write)
     writer.start()
     rng = random.Random(0)
+    total = hours * 2 * PER_FILE
     for _ in range(20):
+        resumed = lines(log, "resume")
         run = start(log, args)
-        time.sleep(rng.uniform(2.0, 8.0))  # imports and restore take ~2-4 s: some kills come before step 1
+        # Killed 1 to 5 steps after its restore, then at a random moment within a second: whatever the
+        # machine's load, every run gets somewhere, and the kills fall anywhere between and in checkpoints.
+        steps = rng.randint(1, 5)
+        wait_for(partial(got_somewhere, run, log, resumed, steps, total), "the run's steps")
+        time.sleep(rng.uniform(0.0, 1.0))
         run.send_signal(signal.SIGKILL)
         run.wait()
     writer.join()
-    total = hours * 2 * PER_FILE
+    assert len({int(line.split()[1]) for line in lines(log, "resume")} - {0}) >= 10  # restores mid-stream
     before = listening(log)
     run = start(log, args)
     # Caught up, and listening: a killed run's steps count until the next run's resume drops them, so the ids
