@@ -38,6 +38,12 @@ class TrainingConfig(StrictModel):
     gradient_accumulation: Count | None = Field(None, description="Micro-batches per optimizer step.")
     keep_best: KeepBestConfig | None = Field(None, description="Keep and mark the best checkpoint.")
     seed: StrictInt = Field(0, ge=0, le=2**64 - 1, description="Below 2**64: torch and numpy both take it.")
+    embedding_sharding: Literal["replicated", "torchrec"] = Field(
+        "replicated",
+        description="Where model.large_embeddings live under DDP: `replicated` (a full copy on every rank) "
+        "or `torchrec` (split over the ranks by torchrec's planner; needs the torchrec extra, see "
+        "docs/sharding.md).",
+    )
     follow: bool = Field(
         False,
         description="Train on train_data (kafka) as it arrives, each record once, until SIGTERM; "

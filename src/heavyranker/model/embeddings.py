@@ -47,18 +47,28 @@ class LargeEmbedding(nn.Module):
         self.feature_name = feature_name
         self.out_features = embedding_dim
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def bag(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows each example's vectors come from [B, L'] and their weights (0: padding): everything before
+        the table, so that a sharded table (train/sharding.py) looks up the same bags."""
         ids = ids.reshape(ids.shape[0], -1)
         valid = (ids >= 0) & (ids < self.num_embeddings)
-        weights = valid.to(self.embedding.weight.dtype)
-        ids = torch.where(valid, ids, 0)
+        return torch.where(valid, ids, 0), valid.to(torch.float32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids, weights = self.bag(ids)
+        weights = weights.to(self.embedding.weight.dtype)
         if torch.compiler.is_compiling():  # also true while torch.export traces for an export
             # ONNX has no EmbeddingBag: its exporter writes a loop over the candidates, 2.5x torch's time at
             # 1,000 local_small candidates. A gather and a weighted sum is the same mean, one op each.
             summed = (F.embedding(ids, self.embedding.weight) * weights.unsqueeze(-1)).sum(dim=1)
         else:
             summed = F.embedding_bag(ids, self.embedding.weight, per_sample_weights=weights, mode="sum")
-        return summed / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return bag_mean(summed, weights)
+
+
+def bag_mean(summed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted sum of a bag's vectors [B, D] over its total weight: the mean (zeros for an empty bag)."""
+    return summed / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 class PositionDebias(nn.Module):

@@ -62,10 +62,15 @@ class Ranker(nn.Module):
         # From the config, not the checkpoint: the data's downsampling rates are not learned.
         self.register_buffer("calibration_ratios", calibration_ratios, persistent=False)
 
-    def inputs(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, input width]: featurized dense features, then each embedding block (see `input_layout`)."""
+    def inputs(
+        self, features: dict[str, torch.Tensor], large: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """[B, input width]: featurized dense features, then each embedding block (see `input_layout`).
+        `large`: the large tables' vectors when they were looked up elsewhere (sharded: train/sharding.py)."""
         parts = [self.featurizer(features)]
-        parts += [table(features[table.feature_name]) for table in self.large_embeddings.values()]
+        if large is None:
+            large = [table(features[table.feature_name]) for table in self.large_embeddings.values()]
+        parts += large
         parts += [table(features["discrete"]) for table in self.small_embeddings.values()]
         parts += [norm(features[name]) for name, norm in self.twhin_norms.items()]
         if self.position_debias is not None:
@@ -73,9 +78,12 @@ class Ranker(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(
-        self, features: dict[str, torch.Tensor], return_backbone: bool = False
+        self,
+        features: dict[str, torch.Tensor],
+        return_backbone: bool = False,
+        large: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        x = self.inputs(features)
+        x = self.inputs(features, large)
         net = x
         if self.backbone is not None:
             net = self.backbone(x)
