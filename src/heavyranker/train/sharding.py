@@ -162,7 +162,7 @@ class ShardedTables:
         self.optimizer_view = _OptimizerView(ranker, [by_key[key] for key in order])
 
     def _sharded(self) -> dict[str, Any]:
-        """Table name -> its weight as a torchrec ShardedTensor (this rank's shards, and where the rest is)."""
+        """Table name -> its weight as a torchrec ShardedTensor (its shards here, and where the rest is)."""
         state = self.wrapper.tables.state_dict()
         return {name: state[f"embedding_bags.{name}.weight"] for name in self.ranker.large_embeddings}
 
