@@ -12,16 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from heavyranker.config import load_config
+from heavyranker.data.columns import feature_specs
 from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.data.tf_example import encode_example
 from heavyranker.errors import UserError
+from heavyranker.model import build_model
+from heavyranker.runtime import distributed_runtime
 from heavyranker.train.loop import train
-from heavyranker.train.sharding import PINS, version_problem
+from heavyranker.train.optim import build_optimizer
+from heavyranker.train.sharding import PINS, ShardedTables, version_problem
 from tests.test_runtime import (
     SCHEMA,
+    TASKS,
     assert_close,
     log_lines,
     on_two_ranks,
@@ -80,7 +86,7 @@ def _config(data: Path, run: Path, sharding: str) -> Path:
     config["training"]["embedding_sharding"] = sharding
     config["model"]["large_embeddings"] = {
         "tables": [
-            {"name": "users", "num_embeddings": USERS, "embedding_dim": 4, "feature_name": "user_ids"},
+            {"name": "users", "num_embeddings": USERS, "embedding_dim": 8, "feature_name": "user_ids"},
             {"name": "authors", "num_embeddings": AUTHORS, "embedding_dim": 6, "feature_name": "author_id"},
         ]
     }
@@ -150,3 +156,87 @@ def test_a_missing_extra_is_one_line(data, tmp_path):
 def test_one_process_is_refused(data, tmp_path):
     with pytest.raises(UserError, match="run `train --nproc N`"):
         train(load_config(_config(data, tmp_path / "run", "torchrec")))
+
+
+def _batch(specs: dict, step: int, rows: slice) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Global batch `step` of 8 examples (ids partly outside the tables), cut to `rows`."""
+    generator = torch.Generator().manual_seed(step)
+    features = {}
+    for name, spec in specs.items():
+        shape = (8, *spec.shape)
+        if name == "user_ids":
+            features[name] = torch.randint(-2, USERS + 3, shape, generator=generator)
+        elif name == "author_id":
+            features[name] = torch.randint(0, AUTHORS, shape, generator=generator)
+        elif spec.dtype == torch.int64:
+            features[name] = torch.randint(0, 4, shape, generator=generator)
+        else:
+            features[name] = torch.randn(shape, generator=generator).to(spec.dtype)
+    labels = (torch.rand(8, len(TASKS), generator=generator) < 0.4).float()
+    return {k: v[rows] for k, v in features.items()}, labels[rows]
+
+
+def _steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, specs: dict, rows: slice) -> list:
+    losses = []
+    for step in range(STEPS):
+        features, labels = _batch(specs, step, rows)
+        loss = F.binary_cross_entropy_with_logits(model(features)["logits"], labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return losses
+
+
+def _fresh_model(config_path: Path) -> tuple:
+    config = load_config(config_path)
+    specs = feature_specs(config.train_data)
+    torch.manual_seed(0)
+    return config, specs, build_model(config.model, specs, config.train_data.tasks)
+
+
+def _pinned_sharded_steps(config_path: Path, out: Path) -> None:
+    """On each of 2 ranks: users column-wise (half the columns per rank), authors table-wise."""
+    config, specs, model = _fresh_model(config_path)
+    with distributed_runtime() as runtime:
+        sharded = ShardedTables(
+            model, runtime, sharding_types={"users": "column_wise", "authors": "table_wise"}
+        )
+        plans = runtime.gather(sorted((n, len(w.local_shards())) for n, w in sharded._sharded().items()))
+        optimizer, _ = build_optimizer(config.optimizer, sharded.optimizer_view)
+        half = slice(4 * runtime.rank, 4 * runtime.rank + 4)
+        losses = [runtime.mean(loss) for loss in _steps(sharded.module, optimizer, specs, half)]
+        model_state, optimizer_state = sharded.full_model_state(), sharded.full_optimizer_state(optimizer)
+        # The checkpoint's optimizer state cut back to this rank is this rank's state.
+        local = sharded.local_optimizer_state(optimizer, runtime.broadcast(optimizer_state))
+        own = optimizer.state_dict()["state"]
+        assert local["state"].keys() == own.keys()
+        for index, entry in own.items():
+            for key, value in entry.items():
+                torch.testing.assert_close(local["state"][index][key], value, rtol=0, atol=0)
+        if runtime.is_main:
+            torch.save(
+                {"plans": plans, "losses": losses, "model": model_state, "optimizer": optimizer_state}, out
+            )
+
+
+def test_column_wise_and_table_wise_shards_train_as_replicated_tables(data, tmp_path):
+    config_path = _config(data, tmp_path / "run", "torchrec")
+    on_two_ranks(_pinned_sharded_steps, config_path, tmp_path / "sharded.pt", logs=tmp_path / "logs")
+    sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
+    # users: split in 2 column shards (the planner places them); authors: one whole table on one rank
+    shards = {name: sum(dict(plan)[name] for plan in sharded["plans"]) for name in ("users", "authors")}
+    assert shards == {"users": 2, "authors": 1}
+    config, specs, model = _fresh_model(config_path)
+    optimizer, _ = build_optimizer(config.optimizer, model)
+    losses = _steps(model, optimizer, specs, slice(0, 8))
+    torch.testing.assert_close(torch.stack(sharded["losses"]), torch.stack(losses), rtol=1e-5, atol=1e-6)
+    want = model.state_dict()
+    assert sharded["model"].keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(sharded["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    want_state = optimizer.state_dict()["state"]
+    assert sharded["optimizer"]["state"].keys() == want_state.keys()
+    for index, entry in want_state.items():
+        for key, value in entry.items():
+            torch.testing.assert_close(sharded["optimizer"]["state"][index][key], value, rtol=1e-4, atol=1e-6)
