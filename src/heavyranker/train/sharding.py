@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 from typing import Any
 
 import torch
@@ -93,6 +94,10 @@ class _TablesAndRanker(nn.Module):
         self.tables = tables
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.ranker(features, large=self.large(features))
+
+    def large(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The large tables' vectors [B, D] each, as LargeEmbedding.forward's. Collective: every rank."""
         from torchrec import KeyedJaggedTensor
 
         names, rows, weights = [], [], []
@@ -109,8 +114,7 @@ class _TablesAndRanker(nn.Module):
             lengths=torch.cat(lengths),
         )
         summed = self.tables(ids).to_dict()
-        large = [bag_mean(summed[name], w) for name, w in zip(names, weights, strict=True)]
-        return self.ranker(features, large=large)
+        return [bag_mean(summed[name], w) for name, w in zip(names, weights, strict=True)]
 
 
 class _OptimizerView:
@@ -264,7 +268,8 @@ def _distribute(wrapper: nn.Module, runtime: Runtime, sharding_types: dict[str, 
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
     from torchrec.distributed.types import ShardingType
 
     offered = [ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value]
@@ -281,7 +286,13 @@ def _distribute(wrapper: nn.Module, runtime: Runtime, sharding_types: dict[str, 
             min_partition=dim // runtime.world_size if pinned == ShardingType.COLUMN_WISE.value else None,
         )
     sharder = EmbeddingBagCollectionSharder()
-    topology = Topology(world_size=runtime.world_size, compute_device=runtime.device.type)
+    trainer = TrainerConfig(
+        world_size=runtime.world_size,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size)),  # torchrun sets it
+    )
+    topology = TopologyFactory.create_topology(
+        trainer, kernel_config=KernelConfig(compute_device=runtime.device.type)
+    )
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(wrapper, [sharder], dist.GroupMember.WORLD)
     # The planner only offers fused kernels off data-parallel (their sparse optimizer runs inside backward);
