@@ -76,6 +76,11 @@ BENCHES = {
         ["--config", SMALL, "--candidates", "4", "--threads", "1", "--rounds", "2"],
         {"parameters", "forward"},
     ),
+    "embedding_scale": (
+        ["--config", SMALL, "--rows", "1000", "--steps", "2", "--batch", "16"],
+        {"threads_per_rank", "ranks"}
+        | {f"1,000 rows, {mode}" for mode in ("replicated", "sharded", "sharded over replicated")},
+    ),
     # Without CUDA it measures nothing and writes nothing.
     "gpu_train": (["--config", SMALL, "--batch", "8", "--steps", "2"], {"gpu", "batch 8"}),
 }

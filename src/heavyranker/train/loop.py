@@ -119,7 +119,7 @@ class Trainer:
         if self.sharded is None:
             return restore_weights(self.model, checkpoint)
         state = load_checkpoint(checkpoint)
-        self.sharded.load_model_state(state["model"])
+        self.sharded.load_model_state(state["model"], str(checkpoint))
         return state
 
     def save(self) -> Path | None:

@@ -58,7 +58,7 @@ def version_problem(
 
 
 def _release_matches(version: str, pin: str) -> bool:
-    """ "2.13.0+cpu" matches "2.13" and "2.13.0"; "2.13.1" does not match "2.13.0"."""
+    """Whether the release numbers start with the pin's: 2.13.0+cpu fits 2.13 and 2.13.0, not 2.13.1."""
     release = version.split("+")[0].split(".")
     return release[: len(pin.split("."))] == pin.split(".")
 
@@ -158,7 +158,7 @@ class ShardedTables:
             table.embedding = None  # its rows live in the shards from here on
         self.wrapper = _TablesAndRanker(ranker, _collection(full))
         self.module = _distribute(self.wrapper, runtime, sharding_types)
-        self.load_model_state({_weight_key(n): w for n, w in full.items()} | ranker.state_dict())
+        self.load_model_state({_weight_key(n): w for n, w in full.items()} | ranker.state_dict(), "the model")
         own = dict(ranker.named_parameters())
         # embedding_bags.<name>.weight: this rank's part of the table (an empty parameter where it has none)
         self.table_params = {n.split(".")[1]: p for n, p in self.wrapper.tables.named_parameters()}
@@ -179,18 +179,19 @@ class ShardedTables:
                 state[_weight_key(name)] = gathered
         return state
 
-    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Replicated-layout weights (a checkpoint's "model") into the ranker and this rank's shards."""
+    def load_model_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Replicated-layout weights (a checkpoint's "model", from `source`) into the ranker and this rank's
+        shards, every name and shape checked."""
         tables = {_weight_key(name): name for name in self.ranker.large_embeddings}
         missing = [key for key in tables if key not in state]
         if missing:
-            raise UserError(f"the checkpoint does not fit this model: missing {', '.join(missing)}")
-        load_model_weights(self.ranker, {k: v for k, v in state.items() if k not in tables}, "the checkpoint")
+            raise UserError(f"{source} does not fit this model: missing {', '.join(missing)}")
+        load_model_weights(self.ranker, {k: v for k, v in state.items() if k not in tables}, source)
         for name, weight in self._sharded().items():
             full = state[_weight_key(name)]
             if tuple(full.shape) != tuple(weight.size()):
                 raise UserError(
-                    f"the checkpoint does not fit this model: {_weight_key(name)}: shape {tuple(full.shape)} "
+                    f"{source} does not fit this model: {_weight_key(name)}: shape {tuple(full.shape)} "
                     f"in the checkpoint, {tuple(weight.size())} in the model"
                 )
             with torch.no_grad():
@@ -347,5 +348,6 @@ def sharded_tables(training: TrainingConfig, ranker: Ranker, runtime: Runtime) -
             f"{WHERE}: training.keep_best needs evaluations during training, which sharded tables do not "
             "run; evaluate the checkpoints with `heavyranker evaluate` instead"
         )
+    sharded = ShardedTables(ranker, runtime)
     log.info("%s: no evaluation during training; run `heavyranker evaluate` on the checkpoints", WHERE)
-    return ShardedTables(ranker, runtime)
+    return sharded
