@@ -25,9 +25,10 @@ from heavyranker.runtime import distributed_runtime
 from heavyranker.train.loop import train
 from heavyranker.train.optim import build_optimizer
 from heavyranker.train.sharding import PINS, ShardedTables, version_problem
-from tests.test_runtime import (
+from tests.test_runtime import (  # _cpu: autouse, the CPU also on a machine with a GPU
     SCHEMA,
     TASKS,
+    _cpu,  # noqa: F401
     assert_close,
     log_lines,
     on_two_ranks,
