@@ -2,6 +2,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCHREC := torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0
 
 .PHONY: demo test install lint docs docs-gen clean
 
@@ -10,6 +11,9 @@ $(STAMP): pyproject.toml
 	# The CPU build on this disk; never let pip resolve plain `torch` (a multi-GB CUDA build).
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# The torchrec extra's own wheels: torchrec's requires the CUDA fbgemm-gpu, so both without their
+	# dependencies (the extra lists the rest); train/sharding.py checks this pair at start.
+	$(BIN)/pip install --quiet --no-deps $(TORCHREC)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -85,6 +85,11 @@ BENCHES = {
         ["--source", "folders", "--arrivals", "3", "--interval", "0.2", "--batch", "2", "--poll", "0.2"],
         {"folders_seconds"},
     ),
+    "embedding_scale": (
+        ["--config", SMALL, "--rows", "1000", "--steps", "2", "--batch", "16"],
+        {"threads_per_rank", "ranks"}
+        | {f"1,000 rows, {mode}" for mode in ("replicated", "sharded", "sharded over replicated")},
+    ),
     # Without CUDA it measures nothing and writes nothing.
     "gpu_train": (["--config", SMALL, "--batch", "8", "--steps", "2"], {"gpu", "batch 8"}),
 }

@@ -45,6 +45,12 @@ class TrainingConfig(StrictModel):
         "optimizer state, losses, BatchNorm statistics and metrics in fp32 (`train --amp` sets it). "
         "Checkpoints are fp32 either way. See docs/precision.md.",
     )
+    embedding_sharding: Literal["replicated", "torchrec"] = Field(
+        "replicated",
+        description="Where model.large_embeddings live under DDP: `replicated` (a full copy on every rank) "
+        "or `torchrec` (split over the ranks by torchrec's planner; needs the torchrec extra, see "
+        "docs/sharding.md).",
+    )
     follow: bool = Field(
         False,
         description="Train on train_data (kafka, new files of an inputs glob, new dated folders) as it "

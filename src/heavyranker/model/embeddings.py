@@ -74,19 +74,31 @@ class LargeEmbedding(nn.Module):
         self.mean = mean  # combine an id's num_hashes vectors by their mean, not their sum
         self.out_features = embedding_dim
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def bag(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything before the table, so that a sharded table (train/sharding.py) looks up the same bags:
+        the rows each example's vectors come from [B, L * k], their weights (0: a place the mapping masks;
+        1 / k each with mean) and the ids counted [B, 1], what the weighted sum is divided by."""
         rows, valid = self.mapping(ids.reshape(ids.shape[0], -1))  # [B, L, k], [B, L]
         batch, _, hashes = rows.shape
-        per_id = valid.to(self.embedding.weight.dtype)
+        per_id = valid.to(torch.float32)
         weights = (per_id / hashes if self.mean else per_id).unsqueeze(-1).expand(rows.shape)
-        rows, weights = rows.reshape(batch, -1), weights.reshape(batch, -1)
+        return rows.reshape(batch, -1), weights.reshape(batch, -1), per_id.sum(dim=1, keepdim=True)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows, weights, counted = self.bag(ids)
+        weights = weights.to(self.embedding.weight.dtype)
         if torch.compiler.is_compiling():  # also true while torch.export traces for an export
             # ONNX has no EmbeddingBag: its exporter writes a loop over the candidates, 2.5x torch's time at
             # 1,000 local_small candidates. A gather and a weighted sum is the same mean, one op each.
             summed = (F.embedding(rows, self.embedding.weight) * weights.unsqueeze(-1)).sum(dim=1)
         else:
             summed = F.embedding_bag(rows, self.embedding.weight, per_sample_weights=weights, mode="sum")
-        return summed / per_id.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return bag_mean(summed, counted)
+
+
+def bag_mean(summed: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """A bag's weighted sum [B, D] over the ids counted in it [B, 1]: the mean (zeros for an empty bag)."""
+    return summed / counted.to(summed.dtype).clamp(min=1.0)
 
 
 class PositionDebias(nn.Module):

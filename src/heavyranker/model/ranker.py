@@ -68,10 +68,15 @@ class Ranker(nn.Module):
         # From the config, not the checkpoint: the data's downsampling rates are not learned.
         self.register_buffer("calibration_ratios", calibration_ratios, persistent=False)
 
-    def inputs(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, input width]: featurized dense features, then each embedding block (see `input_layout`)."""
+    def inputs(
+        self, features: dict[str, torch.Tensor], large: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """[B, input width]: featurized dense features, then each embedding block (see `input_layout`).
+        `large`: the large tables' vectors when they were looked up elsewhere (sharded: train/sharding.py)."""
         parts = [self.featurizer(features)]
-        parts += [table(features[table.feature_name]) for table in self.large_embeddings.values()]
+        if large is None:
+            large = [table(features[table.feature_name]) for table in self.large_embeddings.values()]
+        parts += large
         parts += [table(features["discrete"]) for table in self.small_embeddings.values()]
         parts += [norm(features[name]) for name, norm in self.twhin_norms.items()]
         if self.position_debias is not None:
@@ -79,9 +84,12 @@ class Ranker(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(
-        self, features: dict[str, torch.Tensor], return_backbone: bool = False
+        self,
+        features: dict[str, torch.Tensor],
+        return_backbone: bool = False,
+        large: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        nets = self._tower_inputs(self.inputs(features))
+        nets = self._tower_inputs(self.inputs(features, large))
         logits = torch.cat([tower(net) for tower, net in zip(self.towers.values(), nets, strict=True)], dim=1)
         if len(self.affine_maps) > 0:
             logits = self._affine(logits)

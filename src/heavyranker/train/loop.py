@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import (
+    load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -40,6 +41,7 @@ from .logger import TrainLogger
 from .loss import MultiTaskLoss, build_loss
 from .memory_fit import check_batch_fits
 from .optim import build_optimizer, load_optimizer_state
+from .sharding import sharded_tables
 from .table_optim import build_table_optimizer
 
 log = logging.getLogger(__name__)
@@ -98,9 +100,20 @@ class Trainer:
         world = self.runtime.world_size
         batch_size, tasks = config.train_data.global_batch_size // world, len(config.train_data.tasks)
         check_batch_fits(specs, tasks, self.model, batch_size, world)
-        self.train_model = self.runtime.wrap(self.model)  # DDP across ranks; checkpoints use the bare model
+        # With sharded tables, checkpoints gather the shards into the bare model's layout (train/sharding.py).
+        self.sharded = sharded_tables(config.training, self.model, self.runtime)
+        if self.sharded is not None:
+            self.train_model, params = self.sharded.module, self.sharded.optimizer_view
+        else:  # DDP across ranks; checkpoints use the bare model
+            self.train_model, params = self.runtime.wrap(self.model), self.model
         self.loss_fn: MultiTaskLoss = build_loss(config.model).to(self.runtime.device)
-        self.optimizer, self.scheduler = build_optimizer(config.optimizer, self.model)
+        self.optimizer, self.scheduler = build_optimizer(config.optimizer, params)
+        if self.sharded is not None and config.optimizer.embedding is not None:
+            raise UserError(
+                "optimizer.embedding: the tables' own optimizer does not apply to tables sharded with "
+                "torchrec (training.embedding_sharding: torchrec), which the dense optimizer trains: remove "
+                "one of the two"
+            )
         self.table_optimizer = build_table_optimizer(config.optimizer, self.model.table_parameters())
         self.accumulation = config.training.gradient_accumulation or 1
         self.step = 0
@@ -122,8 +135,11 @@ class Trainer:
         # Every rank resumes from the checkpoint rank 0 sees (save_dir is one folder that every node shares).
         newest = self.runtime.broadcast(self.run_folder.newest_checkpoint())
         if newest is not None:
-            state = restore_weights(self.model, newest)
-            load_optimizer_state(self.optimizer, state["optimizer"])
+            state = self._restore_weights(newest)
+            optimizer_state = state["optimizer"]
+            if self.sharded is not None:
+                optimizer_state = self.sharded.local_optimizer_state(self.optimizer, optimizer_state)
+            load_optimizer_state(self.optimizer, optimizer_state)
             self.scheduler.load_state_dict(state["scheduler"])
             if self.table_optimizer is not None and "table_optimizer" in state:
                 self.table_optimizer.load_state_dict(state["table_optimizer"])
@@ -136,18 +152,30 @@ class Trainer:
             log.info("resumed from %s at step %d", newest, self.step)
         elif self.config.training.initial_checkpoint_dir:
             source = self.runtime.broadcast(resolve_checkpoint(self.config.training.initial_checkpoint_dir))
-            restore_weights(self.model, source)
+            self._restore_weights(source)
             log.info("warm start from the weights of %s", source)
         if self.config.training.keep_best and self.runtime.is_main:
             training = self.config.training
             self.best = BestTracker(training.keep_best, self.run_folder, training.checkpoint_max_to_keep)
 
+    def _restore_weights(self, checkpoint: Path) -> dict:
+        if self.sharded is None:
+            return restore_weights(self.model, checkpoint)
+        state = load_checkpoint(checkpoint)
+        self.sharded.load_model_state(state["model"], str(checkpoint))
+        return state
+
     def save(self) -> Path | None:
+        if self.sharded is not None:  # every rank takes part in gathering the shards
+            model = self.sharded.full_model_state()
+            optimizer = self.sharded.full_optimizer_state(self.optimizer)
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         if not self.runtime.is_main:
             return None
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "rng": torch.get_rng_state(),
@@ -253,7 +281,7 @@ class Trainer:
                     self._log_stream(counts)
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
                     self.save()
-                if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
+                if self.step % training.eval_log_every_n == 0 and self._evaluates():
                     with out_of_memory_as_user_error(
                         "validation_data.<split>.global_batch_size", f"evaluating at step {self.step}"
                     ):
@@ -355,6 +383,10 @@ class Trainer:
         if self.table_optimizer is not None:
             rates["embedding_tables"] = self.table_optimizer.param_groups[0]["lr"]
         return rates
+
+    def _evaluates(self) -> bool:
+        """Sharded tables' lookups are collectives, which an evaluation's uneven shares cannot run."""
+        return self.sharded is None and bool(self.config.validation_data)
 
     def _evaluate(self, logger: TrainLogger) -> None:
         self.runtime.sync_buffers(self.model)  # evaluate the weights a checkpoint of this step holds
