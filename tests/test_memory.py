@@ -35,7 +35,7 @@ def test_only_the_commands_that_train_set_it(monkeypatch, small_config_path):
 
     calls = []
     monkeypatch.setattr(handlers, "keep_freed_memory", lambda: calls.append("set"))
-    monkeypatch.setattr(loop, "train", lambda config: calls.append("train"))
+    monkeypatch.setattr(loop, "train", lambda config, on_checkpoint=None: calls.append("train"))
     monkeypatch.setattr(demo, "run_demo", lambda path, overrides: calls.append("demo"))
     config = str(small_config_path)
     assert cli.main(["config", "validate", config]) == 0

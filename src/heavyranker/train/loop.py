@@ -114,7 +114,8 @@ class Trainer:
                 "torchrec (training.embedding_sharding: torchrec), which the dense optimizer trains: remove "
                 "one of the two"
             )
-        self.table_optimizer = build_table_optimizer(config.optimizer, self.model.table_parameters())
+        tables = [] if self.sharded is not None else self.model.table_parameters()  # sharded: the dense one's
+        self.table_optimizer = build_table_optimizer(config.optimizer, tables)
         self.accumulation = config.training.gradient_accumulation or 1
         self.step = 0
         self.run_folder = RunFolder(config.training.save_dir)
