@@ -93,7 +93,7 @@ def test_every_record_of_new_hour_folders_is_trained_on_once_across_kills(tmp_pa
         run.send_signal(signal.SIGKILL)
         run.wait()
     writer.join()
-    assert len({int(line.split()[1]) for line in lines(log, "resume")} - {0}) >= 10  # restores mid-stream
+    assert len({int(line.split()[1]) for line in lines(log, "resume")} - {0}) >= 5  # restores mid-stream
     before = listening(log)
     run = start(log, args)
     # Caught up, and listening: a killed run's steps count until the next run's resume drops them, so the ids

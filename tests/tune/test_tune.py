@@ -119,6 +119,7 @@ def test_a_killed_study_resumes(tmp_path, small_data):
         tune.wait()
     assert states(options.out)[:2] == ["COMPLETE", "RUNNING"]
 
+    time.sleep(3)  # past the grace period (twice --heartbeat): the killed trial's heartbeat is stale
     run_tune(options)  # the same command again
     trials = load(options.out).get_trials()
     assert trials[0].state == TrialState.COMPLETE  # kept, not run again
