@@ -112,4 +112,6 @@ def test_every_record_of_new_hour_folders_is_trained_on_once_across_kills(tmp_pa
     assert position["source"] == f"dated folders {root}"
     assert len(position["files"]) == 2 * hours
     assert {(e["next"], e["done"]) for e in position["files"].values()} == {(PER_FILE, True)}
-    assert "follow: 0 files behind, newest 2026-01-02 15:00" in errors  # hour 39, at a log line
+    # Logged at the stop; its newest folder is the one listed by then (tests/data/test_follow.py checks it),
+    # which a stop right after a restore at the end may come before.
+    assert "follow: 0 files behind, newest" in errors
