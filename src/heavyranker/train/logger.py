@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,12 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write, refuse_link, without_following
+from ..config import short_names
+from ..data.dataset import describe_counts
 from ..errors import UserError
 from ..run_folder import RunFolder
+
+log = logging.getLogger(__name__)
 
 # The evaluation's "loss" is the cross-entropy of the calibrated probabilities, weighted to the population
 # (sum(w * l) / sum(w), no pos_weight); the training loss is the objective (BCE of the logits on the
@@ -115,3 +120,31 @@ def _step(line: str) -> float:
         return json.loads(line)["step"]
     except json.JSONDecodeError:  # the end of a line cut short by a kill: dropped
         return math.inf
+
+
+# Counts of ids outside a range table's rows (model.id_mapping), under data/ in metrics.jsonl.
+OUT_OF_RANGE = "ids_out_of_range/"
+
+
+def warn_out_of_range(counts: dict[str, int]) -> None:
+    """One warning naming the tables whose ids fell outside their rows so far (counts: all ranks')."""
+    outside = {k.removeprefix(OUT_OF_RANGE): n for k, n in counts.items() if k.startswith(OUT_OF_RANGE) and n}
+    if outside:
+        log.warning(
+            "ids outside their table's rows, skipped (they learn nothing; id_mapping hash or managed takes "
+            "raw ids), so far: %s",
+            ", ".join(f"{table}={n}" for table, n in outside.items()),
+        )
+
+
+def format_log_line(line: dict[str, float]) -> str:
+    """A TrainLogger.flush line as the training log prints it."""
+    losses = {k.removeprefix("loss/"): v for k, v in line.items() if k.startswith("loss/")}
+    short = short_names(list(losses))
+    per_task = ", ".join(f"{short[task]}={value:.4f}" for task, value in losses.items())
+    text = (
+        f"step {line['step']}: loss {line['loss']:.4f} | {line['steps_per_s']:.2f} steps/s, "
+        f"{line['examples_per_s']:.0f} examples/s | {per_task}"
+    )
+    counts = {k.removeprefix("data/"): v for k, v in line.items() if k.startswith("data/")}
+    return f"{text} | data: {describe_counts(counts)}" if any(counts.values()) else text

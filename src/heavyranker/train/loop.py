@@ -20,13 +20,13 @@ from ..checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from ..config import Config, short_names
+from ..config import Config
 from ..config.training import TrainingConfig
 from ..cpu import bf16_warning, cpu_info
 from ..data.batch import Batch
 from ..data.columns import feature_specs
 from ..data.data_time import newest_data_time
-from ..data.dataset import RecapDataset, describe_counts, total_counts
+from ..data.dataset import RecapDataset, total_counts
 from ..data.sources.files import check_sharding
 from ..data.sources.follow import checkpoint_position, follow_sources, restore_position
 from ..errors import UserError
@@ -37,7 +37,7 @@ from ..model.linear import matmul_for
 from ..run_folder import RunFolder
 from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime
 from .best import BestTracker, refuse_undefinable
-from .logger import TrainLogger
+from .logger import OUT_OF_RANGE, TrainLogger, format_log_line, warn_out_of_range
 from .loss import MultiTaskLoss, build_loss
 from .memory_fit import check_batch_fits
 from .optim import build_optimizer, load_optimizer_state
@@ -277,8 +277,8 @@ class Trainer:
                     counts = total_counts(self.runtime.gather({**data_counts(), **outside}))
                     line = logger.flush(self.step, self.model.task_names, self._learning_rates(), counts)
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
-                    log.info(_format_log_line(line))
-                    _warn_out_of_range(counts)
+                    log.info(format_log_line(line))
+                    warn_out_of_range(counts)
                     self._log_stream(counts)
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
                     self.save()
@@ -437,32 +437,6 @@ def _nonfinite_inputs(batch: Batch) -> str:
     }
     found = ", ".join(f"{n} in {name}" for name, n in counts.items() if n)
     return f" (the batch holds non-finite feature values: {found})" if found else ""
-
-
-# Counts of ids outside a range table's rows (model.id_mapping), under data/ in metrics.jsonl.
-OUT_OF_RANGE = "ids_out_of_range/"
-
-
-def _warn_out_of_range(counts: dict[str, int]) -> None:
-    outside = {k.removeprefix(OUT_OF_RANGE): n for k, n in counts.items() if k.startswith(OUT_OF_RANGE) and n}
-    if outside:
-        log.warning(
-            "ids outside their table's rows, skipped (they learn nothing; id_mapping hash or managed takes "
-            "raw ids), so far: %s",
-            ", ".join(f"{table}={n}" for table, n in outside.items()),
-        )
-
-
-def _format_log_line(line: dict[str, float]) -> str:
-    losses = {k.removeprefix("loss/"): v for k, v in line.items() if k.startswith("loss/")}
-    short = short_names(list(losses))
-    per_task = ", ".join(f"{short[task]}={value:.4f}" for task, value in losses.items())
-    text = (
-        f"step {line['step']}: loss {line['loss']:.4f} | {line['steps_per_s']:.2f} steps/s, "
-        f"{line['examples_per_s']:.0f} examples/s | {per_task}"
-    )
-    counts = {k.removeprefix("data/"): v for k, v in line.items() if k.startswith("data/")}
-    return f"{text} | data: {describe_counts(counts)}" if any(counts.values()) else text
 
 
 def train(config: Config, *, on_checkpoint: CheckpointHook | None = None) -> None:
