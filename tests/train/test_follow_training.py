@@ -8,7 +8,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from heavyranker.checkpoint import load_checkpoint
 from heavyranker.run_folder import RunFolder
 
 from ..data.test_follow import hour
-from .kafka_train_run import listening, trained_ids
-from .test_kafka_training import start, stopped, wait_for
+from .kafka_train_run import trained_ids
+from .test_kafka_training import last_run_trains_each_once, start, wait_for
 
 BATCH = 8
 PER_FILE = 12  # two files an hour: 24 records, three steps
@@ -94,20 +93,7 @@ def test_every_record_of_new_hour_folders_is_trained_on_once_across_kills(tmp_pa
         run.wait()
     writer.join()
     assert len({int(line.split()[1]) for line in lines(log, "resume")} - {0}) >= 5  # restores mid-stream
-    before = listening(log)
-    run = start(log, args)
-    # Caught up, and listening: a killed run's steps count until the next run's resume drops them, so the ids
-    # may all be there before the last run has its SIGTERM handler.
-    wait_for(
-        lambda: (listening(log) > before and len(trained_ids(log)) >= total) or run.poll() is not None,
-        "the last run to catch up",
-    )
-    run.send_signal(signal.SIGTERM)
-    errors = stopped(run)
-    assert run.returncode == 0, errors[-2000:]
-    counts = Counter(trained_ids(log))
-    assert sorted(counts) == list(range(total))
-    assert set(counts.values()) == {1}
+    errors = last_run_trains_each_once(log, args, total)
     position = load_checkpoint(RunFolder(tmp_path / "run").newest_checkpoint())["data_position"]
     assert position["source"] == f"dated folders {root}"
     assert len(position["files"]) == 2 * hours

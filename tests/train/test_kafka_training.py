@@ -67,6 +67,26 @@ def wait_for(condition, what: str, limit: float = 300) -> None:
         time.sleep(0.2)
 
 
+def last_run_trains_each_once(log: Path, args: list[str], total: int) -> str:
+    """After a kill loop: one more run, stopped by SIGTERM once it has caught up; it must exit 0, and the
+    steps in the final state hold each of ids 0..total-1 exactly once. Returns the run's stderr."""
+    before = listening(log)
+    run = start(log, args)
+    # Caught up, and listening: a killed run's steps count until the next run's resume drops them, so the ids
+    # may all be there before the last run has its SIGTERM handler.
+    wait_for(
+        lambda: (listening(log) > before and len(trained_ids(log)) >= total) or run.poll() is not None,
+        "the last run to catch up",
+    )
+    run.send_signal(signal.SIGTERM)
+    errors = stopped(run)
+    assert run.returncode == 0, errors[-2000:]
+    counts = Counter(trained_ids(log))
+    assert sorted(counts) == list(range(total))
+    assert set(counts.values()) == {1}
+    return errors
+
+
 def test_every_message_is_trained_on_once_across_kills(broker, tmp_path):  # noqa: F811
     """A writer adds messages while a follow run is SIGKILLed 20 times at random moments and restarted; at
     the end (SIGTERM: exit 0), the steps in the final state hold every message exactly once."""
@@ -101,20 +121,7 @@ def test_every_message_is_trained_on_once_across_kills(broker, tmp_path):  # noq
     broker.produce(
         "stream", {p: [example(i) for i in range(last + p, total, partitions)] for p in range(partitions)}
     )
-    before = listening(log)
-    run = start(log, args)
-    # Caught up, and listening: a killed run's steps count until the next run's resume drops them, so the ids
-    # may all be there before the last run has its SIGTERM handler.
-    wait_for(
-        lambda: (listening(log) > before and len(trained_ids(log)) >= total) or run.poll() is not None,
-        "the last run to catch up",
-    )
-    run.send_signal(signal.SIGTERM)
-    errors = stopped(run)
-    assert run.returncode == 0, errors[-2000:]
-    counts = Counter(trained_ids(log))
-    assert sorted(counts) == list(range(total))
-    assert set(counts.values()) == {1}
+    last_run_trains_each_once(log, args, total)
     step = RunFolder(tmp_path / "run").newest_checkpoint()
     assert load_checkpoint(step)["data_position"] == {
         "topic": "stream",
