@@ -14,7 +14,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from moto.server import ThreadedMotoServer
 
 from heavyranker.config import load_config
 from heavyranker.data.dataset import RecapDataset
@@ -22,7 +21,7 @@ from heavyranker.data.sources.follow import checkpoint_position, follow_sources,
 from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.errors import UserError
 from tests.conftest import CONFIGS
-from tests.data.test_storage import s3_endpoint
+from tests.data.test_storage import moto_server, s3_endpoint
 from tests.kafka_data import example
 
 BATCH = 4
@@ -206,16 +205,10 @@ def test_ranks_take_disjoint_shares_of_new_files(tmp_path):
 
 @contextlib.contextmanager
 def moto_bucket() -> Iterator[fsspec.AbstractFileSystem]:
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    try:
-        with s3_endpoint(f"http://{host}:{port}"):
-            fs = fsspec.filesystem("s3")
-            fs.mkdir("follow")
-            yield fs
-    finally:
-        moto.stop()
+    with moto_server() as url, s3_endpoint(url):
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("follow")
+        yield fs
 
 
 def upload(s3: fsspec.AbstractFileSystem, tmp_path: Path, url: str, ids: range) -> None:

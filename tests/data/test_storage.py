@@ -59,21 +59,27 @@ def s3_endpoint(url: str) -> Iterator[None]:
             s3fs.S3FileSystem.clear_instance_cache()
 
 
-@pytest.fixture(scope="module")
-def server(small_data) -> Iterator[str]:
-    """The S3 server's URL, with small_data's train files under s3://data/train/."""
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """An S3-compatible server (moto) on loopback while the block runs: its URL."""
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     host, port = moto.get_host_and_port()
-    url = f"http://{host}:{port}"
     try:
+        yield f"http://{host}:{port}"
+    finally:
+        moto.stop()
+
+
+@pytest.fixture(scope="module")
+def server(small_data) -> Iterator[str]:
+    """The S3 server's URL, with small_data's train files under s3://data/train/."""
+    with moto_server() as url:
         with s3_endpoint(url):
             fs = fsspec.filesystem("s3")
             fs.mkdir(BUCKET)
             fs.put(str(small_data / "train" / "*.gz"), f"{BUCKET}/train/")
         yield url
-    finally:
-        moto.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import fsspec
 import httpx
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
 
 from heavyranker.cli import main
 from heavyranker.errors import UserError
@@ -22,7 +21,7 @@ from heavyranker.serve.app import create_app
 from heavyranker.serve.object_repository import ObjectRepository
 from heavyranker.serve.repository import READY, TRITON_CONFIG, open_repository
 from heavyranker.serve.scorer import MANIFEST
-from tests.data.test_storage import s3_endpoint
+from tests.data.test_storage import moto_server, s3_endpoint
 from tests.serve.conftest import ENV_VALUE, ENV_VAR, OVERRIDES, Exported, serving
 from tests.serve.test_hot_swap import NAME, expected, programs, rank  # noqa: F401 (fixtures)
 
@@ -31,16 +30,10 @@ BUCKET = "models"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    url = f"http://{host}:{port}"
-    try:
+    with moto_server() as url:
         with s3_endpoint(url):
             fsspec.filesystem("s3").mkdir(BUCKET)
         yield url
-    finally:
-        moto.stop()
 
 
 @pytest.fixture
