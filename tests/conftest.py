@@ -6,6 +6,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+# LightGBM's threads (demo/baselines.py), in this process and the benches' subprocesses: one per test worker.
+os.environ["HEAVYRANKER_LIGHTGBM_THREADS"] = "1"
 # A byte-for-byte copy of the reference implementation's local_prod.yaml (shared/reference/).
 REFERENCE_YAML = REPO / "tests" / "fixtures" / "reference_local_prod.yaml"
 
