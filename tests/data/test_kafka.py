@@ -73,8 +73,7 @@ def test_chosen_partitions(broker, tmp_path):  # noqa: F811
 
 
 def test_start_at_a_time(broker, tmp_path):  # noqa: F811
-    """The messages from a time on. (start: latest is not tested here: tansu 0.6 answers the end offset of a
-    partition with 1 whatever it holds.)"""
+    """The messages from a time on."""
     broker.create_topic("timed", 1)
     produce_ids(broker, "timed", {0: range(0, 5)})
     time.sleep(0.05)  # the broker stamps messages in milliseconds: the next ones come strictly after
@@ -86,6 +85,27 @@ def test_start_at_a_time(broker, tmp_path):  # noqa: F811
     )
     with dataset(config) as data:
         assert ids(data) == list(range(5, 9))
+
+
+def test_start_latest_reads_only_what_comes_after_the_start(broker, tmp_path):  # noqa: F811
+    """start: latest skips what the topic holds when reading starts, and reads what comes after exactly once;
+    the position holds where each partition started, so a restart before any of it is trained starts there.
+    Each partition's earlier messages are produced as one record batch, whose end tansu 0.6's ListOffsets
+    answers as 1 (the batch's base offset + 1)."""
+    broker.create_topic("latest", 2)
+    produce_ids(broker, "latest", {0: range(0, 10), 1: range(100, 105)})
+    config = kafka_config(
+        broker.bootstrap, "latest", tmp_path, f"train_data.global_batch_size={BATCH}", start="latest"
+    )
+    with dataset(config, follow=True) as data:
+        batches = iter(data)  # the partitions' ends are resolved here
+        assert data.position() == {0: 10, 1: 5}
+        produce_ids(broker, "latest", {0: range(10, 14), 1: range(105, 109)})
+        read = ids([next(batches)])
+        assert sorted(read) == [*range(10, 14), *range(105, 109)]
+        produce_ids(broker, "latest", {0: range(14, 22)})
+        assert ids([next(batches)]) == list(range(14, 22))  # nothing read twice in between
+        assert data.position() == {0: 22, 1: 9}
 
 
 def test_a_message_that_is_not_a_tf_example(broker, tmp_path):  # noqa: F811

@@ -172,7 +172,8 @@ class RecapDataset:
 
     def position(self) -> Offsets | FilePosition:
         """Where the batches handed out so far leave a stream, for what they read (the rest: absent): Kafka,
-        partition -> the next offset; followed files, path -> FilePosition's entry. The trainer keeps it in
+        partition -> the next offset (or the start, where it is a number); followed files, path ->
+        FilePosition's entry. The trainer keeps it in
         its checkpoints, over what resume() gave."""
         if isinstance(self.stream, FollowedFiles):
             return self.stream.position(self._offsets)
@@ -237,11 +238,14 @@ class RecapDataset:
             "where": self.where,
             "resume": self._resume,
         }
+        self._offsets = {}
         if self.data.kafka is not None:
             self.stream = KafkaRecords(self.data.kafka, follow=self.follow, **place)
+            # Where each partition starts, when a number (start: latest, a time, a resume): a restart goes on
+            # from there, even before a message of it is trained on.
+            self._offsets = {p: offset for p, offset in self.stream.offsets.items() if offset >= 0}
         else:
             self.stream = FollowedFiles(self.data, **place)
-        self._offsets = {}
         order = self._order
         batches = OrderedMap(
             lambda pool: runs(self._stream_records(pool), order.run_size, order.drop_last),
