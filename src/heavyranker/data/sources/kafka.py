@@ -28,11 +28,6 @@ def partition_name(topic: str, partition: int) -> str:
     return f"kafka topic {topic} partition {partition}"
 
 
-def partition_of(name: str) -> int:
-    """The partition of a partition_name()."""
-    return int(name.rsplit(" ", 1)[1])
-
-
 class KafkaRecords:
     """This rank's messages of `spec.topic`, in the order they arrive. With `follow` the stream never ends:
     it waits for new messages; without it, it ends when every assigned partition is read to its end.
@@ -81,6 +76,7 @@ class KafkaRecords:
                 f"each process reads its own partitions, so the topic needs at least {world_size}"
             )
         self.partitions = chosen[rank::world_size]
+        self.names = {partition_name(spec.topic, p): p for p in self.partitions}  # Item name -> partition
         self.offsets: Offsets = self._starts(resume or {})
         self.newest_timestamp: float | None = None
         log.info(
@@ -176,7 +172,7 @@ class KafkaRecords:
 
         topic = self.spec.topic
         self._consumer.assign([TopicPartition(topic, p, offset) for p, offset in self.offsets.items()])
-        names = {p: partition_name(topic, p) for p in self.partitions}
+        names = {p: name for name, p in self.names.items()}
         unfinished = set(self.partitions)
         while (self.follow or unfinished) and not self._stop.is_set():
             # poll returns with the first message (consume would wait for a full set or the time out), then
