@@ -293,7 +293,8 @@ class DataConfig(StrictModel):
     def _one_input(self) -> DataConfig:
         files = ("inputs", "explicit_date_inputs", "explicit_datetime_inputs")
         if self.kafka is None or sum(getattr(self, name) is not None for name in files) > 1:
-            exactly_one_of(self, *files, "kafka")  # or kafka beside one of them: a follow run reads both
+            # Or kafka beside one of them, which a follow run reads together (sources/mixed.py).
+            exactly_one_of(self, "inputs", "explicit_date_inputs", "explicit_datetime_inputs", "kafka")
         if self.kafka is not None and self.cache:
             raise PydanticCustomError(
                 "kafka_cache", "cache: true caches files; a kafka topic is read as it comes, without it", {}
