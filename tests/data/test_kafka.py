@@ -254,8 +254,8 @@ def test_files_and_a_topic_are_refused_outside_follow_mode(broker, tmp_path):  #
         dataset(config)
     message = str(error.value)
     assert message == (
-        f"train_data: kafka together with inputs {tmp_path}/*.gz is read only in follow mode (training.follow, "
-        "train --follow, on train_data); elsewhere keep one of them"
+        f"train_data: kafka together with inputs {tmp_path}/*.gz is read only in follow mode "
+        "(training.follow, train --follow, on train_data); elsewhere keep one of them"
     )
     with pytest.raises(UserError, match="^train_data: kafka together with inputs"):
         follow_sources(config)  # train without --follow

@@ -112,7 +112,8 @@ def cross_check(config: Config) -> list[Problem]:
                     problems.append((f"validation_data.{split}.tasks", f"no label for model task {task}"))
 
     for split, data in config.validation_data.items():
-        if data.kafka is not None and (data.inputs or data.explicit_date_inputs or data.explicit_datetime_inputs):
+        files = data.inputs or data.explicit_date_inputs or data.explicit_datetime_inputs
+        if data.kafka is not None and files:
             reason = "a topic together with files is read only by train_data in follow mode: keep one of them"
             problems.append((f"validation_data.{split}.kafka", reason))
 
