@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .. import pipeline
 from .follow import FollowedFiles, Item
 from .kafka import KafkaRecords
 
@@ -72,6 +73,8 @@ class FilesAndTopic:
                 yield item
 
     def _read(self, stream: Iterator[Any], arrived: queue.Queue) -> None:
+        # A data thread, as the pipeline's own; through the module, which bench/train_throughput.py stubs.
+        pipeline._yield_to_the_model()
         try:
             for item in stream:
                 if not self._put(arrived, item):
