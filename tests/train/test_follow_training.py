@@ -1,5 +1,6 @@
-"""`train --follow` on dated hour folders: each file's position is in every checkpoint, so runs killed at
-random moments and restarted train on every record exactly once, while a writer adds folders."""
+"""`train --follow` on dated hour folders and a Kafka topic together: each file's position and each
+partition's offset are in every checkpoint, so runs killed at random moments and restarted train on every
+record exactly once, while a writer adds folders and messages."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from heavyranker.checkpoint import load_checkpoint
 from heavyranker.run_folder import RunFolder
 
 from ..data.test_follow import hour
+from ..kafka_broker import broker  # noqa: F401  (a fixture)
+from ..kafka_data import example, kafka_overrides
 from .kafka_train_run import trained_ids
 from .test_kafka_training import last_run_trains_each_once, start, wait_for
 
@@ -63,24 +66,34 @@ def got_somewhere(run: subprocess.Popen, log: Path, resumed: list[str], steps: i
     )
 
 
-def test_every_record_of_new_hour_folders_is_trained_on_once_across_kills(tmp_path):
-    """A writer adds an hour folder every second while a follow run is SIGKILLed 20 times at random moments
-    and restarted; at the end (SIGTERM: exit 0), the steps in the final state hold every record
-    exactly once."""
-    hours = 40
+def test_every_record_of_new_hour_folders_and_kafka_batches_is_trained_on_once_across_kills(
+    broker,  # noqa: F811
+    tmp_path,
+):
+    """One follow run reads dated hour folders and a topic together. A writer adds an hour folder, then a
+    batch of messages, every second, while the run is SIGKILLed 20 times at random moments and restarted;
+    at the end (SIGTERM: exit 0), the steps in the final state hold every record of both exactly once, and
+    the checkpoint holds both positions."""
+    hours, partitions = 20, 2
+    per_hour = 2 * PER_FILE  # records of an hour folder; as many messages follow it
     root, log = tmp_path / "data", tmp_path / "trained.log"
-    args = overrides(root, tmp_path / "run")
+    broker.create_topic("stream", partitions)
+    args = overrides(root, tmp_path / "run", *kafka_overrides(broker.bootstrap, "stream", poll_seconds=0.2))
 
     def write() -> None:
         for index in range(hours):
-            hour(root, folder(index), index * 2 * PER_FILE, per_file=PER_FILE)
-            time.sleep(1.0)
+            first = index * 2 * per_hour
+            hour(root, folder(index), first, per_file=PER_FILE)
+            time.sleep(0.5)
+            messages = [example(i) for i in range(first + per_hour, first + 2 * per_hour)]
+            broker.produce("stream", {p: messages[p::partitions] for p in range(partitions)})
+            time.sleep(0.5)
         (root / folder(hours)).mkdir(parents=True)  # the next folder: the last hour is complete
 
     writer = threading.Thread(target=write)
     writer.start()
     rng = random.Random(0)
-    total = hours * 2 * PER_FILE
+    total = hours * 2 * per_hour
     for _ in range(20):
         resumed = lines(log, "resume")
         run = start(log, args)
@@ -98,6 +111,8 @@ def test_every_record_of_new_hour_folders_is_trained_on_once_across_kills(tmp_pa
     assert position["source"] == f"dated folders {root}"
     assert len(position["files"]) == 2 * hours
     assert {(e["next"], e["done"]) for e in position["files"].values()} == {(PER_FILE, True)}
+    assert position["topic"] == "stream"
+    assert position["offsets"] == {p: hours * per_hour // partitions for p in range(partitions)}
     # Logged at the stop; its newest folder is the one listed by then (tests/data/test_follow.py checks it),
     # which a stop right after a restore at the end may come before.
     assert "follow: 0 files behind, newest" in errors

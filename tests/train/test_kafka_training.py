@@ -1,14 +1,12 @@
-"""Training on a Kafka topic: the offsets are in every checkpoint, so runs killed at random moments and
-restarted train on every message exactly once (a real broker: tests/kafka_broker.py)."""
+"""Training on a Kafka topic (a real broker: tests/kafka_broker.py): the offsets are in every checkpoint. The
+kill-and-restart test, a topic read together with hour folders, is tests/train/test_follow_training.py."""
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -85,48 +83,6 @@ def last_run_trains_each_once(log: Path, args: list[str], total: int) -> str:
     assert sorted(counts) == list(range(total))
     assert set(counts.values()) == {1}
     return errors
-
-
-def test_every_message_is_trained_on_once_across_kills(broker, tmp_path):  # noqa: F811
-    """A writer adds messages while a follow run is SIGKILLed 20 times at random moments and restarted; at
-    the end (SIGTERM: exit 0), the steps in the final state hold every message exactly once."""
-    total, partitions = 960, 2
-    broker.create_topic("stream", partitions)
-    log = tmp_path / "trained.log"
-    args = overrides(broker.bootstrap, "stream", tmp_path / "run", "training.follow=true")
-
-    def write() -> None:
-        for first in range(
-            0, total - 48, 48
-        ):  # 48 messages (3 batches' worth) every 0.3 s, over both partitions
-            broker.produce(
-                "stream",
-                {
-                    p: [example(i) for i in range(first + p, first + 48, partitions)]
-                    for p in range(partitions)
-                },
-            )
-            time.sleep(0.3)
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    rng = random.Random(0)
-    for _ in range(20):
-        run = start(log, args)
-        time.sleep(rng.uniform(2.0, 8.0))  # imports and restore take ~2-4 s: some kills come before step 1
-        run.send_signal(signal.SIGKILL)
-        run.wait()
-    writer.join()
-    last = total - 48  # the writer's last burst comes now: the last run trains on some, its handlers set
-    broker.produce(
-        "stream", {p: [example(i) for i in range(last + p, total, partitions)] for p in range(partitions)}
-    )
-    last_run_trains_each_once(log, args, total)
-    step = RunFolder(tmp_path / "run").newest_checkpoint()
-    assert load_checkpoint(step)["data_position"] == {
-        "topic": "stream",
-        "offsets": {p: total // partitions for p in range(partitions)},
-    }
 
 
 def test_without_follow_it_trains_to_num_train_steps_and_saves_the_offsets(broker, tmp_path):  # noqa: F811

@@ -219,7 +219,11 @@ class DataConfig(StrictModel):
         description="How the files are read; default: Parquet when the file names end in .parquet (all of "
         "them), else TFRecord. Dated folders list the format's files: .gz, .parquet (both by default).",
     )
-    kafka: KafkaInput | None = Field(None, description="A Kafka topic of serialized tf.Examples.")
+    kafka: KafkaInput | None = Field(
+        None,
+        description="A Kafka topic of serialized tf.Examples. In train_data under training.follow it may be "
+        "read together with inputs or dated folders of TFRecord files, in arrival order.",
+    )
     follow_poll_seconds: Float = Field(
         2.0,
         gt=0.0,
@@ -287,10 +291,19 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> DataConfig:
-        exactly_one_of(self, "inputs", "explicit_date_inputs", "explicit_datetime_inputs", "kafka")
+        files = ("inputs", "explicit_date_inputs", "explicit_datetime_inputs")
+        if self.kafka is None or sum(getattr(self, name) is not None for name in files) > 1:
+            # Or kafka beside one of them, which a follow run reads together (sources/mixed.py).
+            exactly_one_of(self, "inputs", "explicit_date_inputs", "explicit_datetime_inputs", "kafka")
         if self.kafka is not None and self.cache:
             raise PydanticCustomError(
                 "kafka_cache", "cache: true caches files; a kafka topic is read as it comes, without it", {}
+            )
+        if self.kafka is not None and self.format == "parquet":
+            raise PydanticCustomError(
+                "kafka_parquet",
+                "kafka messages are tf.Examples, and so are the files read with them: format: tfrecord",
+                {},
             )
         return self
 

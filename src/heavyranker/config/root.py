@@ -111,6 +111,12 @@ def cross_check(config: Config) -> list[Problem]:
                 if task not in data.tasks:
                     problems.append((f"validation_data.{split}.tasks", f"no label for model task {task}"))
 
+    for split, data in config.validation_data.items():
+        files = data.inputs or data.explicit_date_inputs or data.explicit_datetime_inputs
+        if data.kafka is not None and files:
+            reason = "a topic together with files is read only by train_data in follow mode: keep one of them"
+            problems.append((f"validation_data.{split}.kafka", reason))
+
     problems += _keep_best_problems(config)
     problems += _promote_problems(config)
 

@@ -1,7 +1,7 @@
 """The time of the newest data a training has read, which a checkpoint carries (`newest_data_time`) into
 export's manifest and serve's staleness metric: a Kafka source's newest message's broker time, else the
 modification time of the newest of the dataset's files (a followed glob's newest file, a dated folder's
-newest file)."""
+newest file); a topic read with files: the newer of the two."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from .dataset import RecapDataset
 from .sources.follow import FollowedFiles
 from .sources.kafka import KafkaRecords
+from .sources.mixed import FilesAndTopic
 from .storage import filesystem, is_url, local
 
 
@@ -23,6 +24,9 @@ def newest_data_time(dataset: RecapDataset, before: float | None = None) -> floa
         found = stream.newest_timestamp
     elif isinstance(stream, FollowedFiles):  # files are taken in arrival order: the last is the newest
         found = _modified_or_none(stream.taken[-1]) if stream.taken else None
+    elif isinstance(stream, FilesAndTopic):
+        newest_file = _modified_or_none(stream.taken[-1]) if stream.taken else None
+        found = max((t for t in (newest_file, stream.newest_timestamp) if t is not None), default=None)
     elif before is None:  # a fixed set of files: the same answer at every checkpoint, so asked once
         found = max((t for t in map(_modified_or_none, dataset.files) if t is not None), default=None)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -29,8 +30,12 @@ from .pipeline import READ_AHEAD, FileReader, OrderedMap
 from .preprocess import NegativeDownsampler, build_preprocessors
 from .sources import file_format
 from .sources.files import shard_files
-from .sources.follow import FilePosition, FollowedFiles
-from .sources.kafka import KafkaRecords, Offsets, partition_of
+from .sources.follow import FilePosition, FollowedFiles, check_files_and_topic, files_source_name
+from .sources.kafka import KafkaRecords, Offsets
+from .sources.mixed import FilesAndTopic
+
+# A Kafka message's name in an error message (kafka.partition_name), before its record index
+_MESSAGE = re.compile(r"(kafka topic \S+ partition \d+): record ")
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +90,20 @@ class RecapDataset:
                     "kafka": None,
                 }
             )
+        check_files_and_topic(data, follow, where)
         self.files, self.batch_size = shard_files(data, rank, world_size, where, follow)
         # Followed files come later: their format is the glob's (*.parquet), or data.format.
         self.format = file_format(data, self.files or [data.inputs or ""])
         self.data = data
         self.repeat = repeat
         # A stream, read in arrival order (a Kafka topic, sources/kafka.py, or with `follow` an inputs glob or
-        # dated folders, sources/follow.py): the next offset of each partition (the next record of each
-        # file) handed out with the batches is position(); with `follow` it waits for new data forever.
+        # dated folders, sources/follow.py, or both, sources/mixed.py): the next offset of each partition (the
+        # next record of each file) handed out with the batches is position(); with `follow` it waits for
+        # new data forever.
         self.rank, self.world_size, self.where, self.follow = rank, world_size, where, follow
         self._offsets: dict = {}  # partition (file) -> next offset (record), of this iteration's batches
         self._resume: Offsets | FilePosition = {}
-        self.stream: KafkaRecords | FollowedFiles | None = None
+        self.stream: KafkaRecords | FollowedFiles | FilesAndTopic | None = None
         self._stream_map: OrderedMap | None = None  # the stream iteration's batches
         self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
         # What ignore_data_errors skipped; without it, damage raises DataError.
@@ -152,10 +159,11 @@ class RecapDataset:
         with self._replayed_lock:
             filled.update(self._replayed)
         stream = {}
-        if isinstance(self.stream, KafkaRecords):
-            stream = {"kafka_lag_records": self.stream.lag({**self._resume, **self._offsets})}
-        elif isinstance(self.stream, FollowedFiles):
-            stream = {"follow_lag_files": self.stream.lag(self._offsets)}
+        kafka, files = self._streams()
+        if kafka is not None:
+            stream["kafka_lag_records"] = kafka.lag({**self._resume, **self._offsets})
+        if files is not None:
+            stream["follow_lag_files"] = files.lag(self._offsets)
         return {
             **stream,
             "defaults_filled": filled.total(),
@@ -172,9 +180,10 @@ class RecapDataset:
 
     def position(self) -> Offsets | FilePosition:
         """Where the batches handed out so far leave a stream, for what they read (the rest: absent): Kafka,
-        partition -> the next offset; followed files, path -> FilePosition's entry. The trainer keeps it in
+        partition -> the next offset (or the start, where it is a number); followed files, path ->
+        FilePosition's entry. The trainer keeps it in
         its checkpoints, over what resume() gave."""
-        if isinstance(self.stream, FollowedFiles):
+        if isinstance(self.stream, FollowedFiles | FilesAndTopic):
             return self.stream.position(self._offsets)
         return dict(self._offsets)
 
@@ -231,17 +240,18 @@ class RecapDataset:
         self.close()
 
     def _open_stream(self) -> OrderedMap:
-        place = {
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "where": self.where,
-            "resume": self._resume,
-        }
+        place = {"rank": self.rank, "world_size": self.world_size, "where": self.where}
+        kafka = files = None
         if self.data.kafka is not None:
-            self.stream = KafkaRecords(self.data.kafka, follow=self.follow, **place)
-        else:
-            self.stream = FollowedFiles(self.data, **place)
-        self._offsets = {}
+            offsets = {p: offset for p, offset in self._resume.items() if isinstance(p, int)}
+            kafka = KafkaRecords(self.data.kafka, follow=self.follow, resume=offsets, **place)
+        if self.follow and files_source_name(self.data) is not None:
+            positions = {path: entry for path, entry in self._resume.items() if isinstance(path, str)}
+            files = FollowedFiles(self.data, resume=positions, **place)
+        self.stream = FilesAndTopic(files, kafka) if kafka and files else kafka or files
+        # Where each partition starts, when a number (start: latest, a time, a resume): a restart goes on from
+        # there, even before a message of it is trained on.
+        self._offsets = {p: offset for p, offset in kafka.offsets.items() if offset >= 0} if kafka else {}
         order = self._order
         batches = OrderedMap(
             lambda pool: runs(self._stream_records(pool), order.run_size, order.drop_last),
@@ -267,6 +277,12 @@ class RecapDataset:
             self._stream_map = None
             self.stream.close()
 
+    def _streams(self) -> tuple[KafkaRecords | None, FollowedFiles | None]:
+        """The open stream's topic and followed files, each None where it has none."""
+        if isinstance(self.stream, FilesAndTopic):
+            return self.stream.kafka, self.stream.files
+        return (self.stream, None) if isinstance(self.stream, KafkaRecords) else (None, self.stream)
+
     def _stream_records(self, pool: ThreadPoolExecutor) -> Iterator[Item]:
         if isinstance(self.stream, KafkaRecords):
             return iter(self.stream)
@@ -274,14 +290,14 @@ class RecapDataset:
 
     def _positioned_batch(self, items: list[Item]) -> tuple[Batch | None, dict]:
         """The batch of a run of a stream's records, and the next offset of each partition (the next record
-        of each file) after it."""
-        if isinstance(self.stream, FollowedFiles):
-            return self._make_batch(items), {path: index + 1 for _, path, index in items}
-        advanced = {partition_of(path): index + 1 for _, path, index in items}  # ascending per partition
+        of each file) after it: a partition by its number, a file by its path. Ascending in each."""
+        kafka, _ = self._streams()
+        names = kafka.names if kafka else {}
+        advanced = {names.get(name, name): index + 1 for _, name, index in items}
         try:
             return self._make_batch(items), advanced
         except DataError as e:  # a message's index is its offset
-            raise DataError(str(e).replace(": record ", ": offset ", 1)) from None
+            raise DataError(_MESSAGE.sub(r"\1: offset ", str(e), count=1)) from None
 
     def _runs(self, pool: ThreadPoolExecutor) -> Iterator[list[Item]]:
         return self._order.runs(lambda path: self._open(path, pool))

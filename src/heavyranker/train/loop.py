@@ -28,7 +28,7 @@ from ..data.columns import feature_specs
 from ..data.data_time import newest_data_time
 from ..data.dataset import RecapDataset, total_counts
 from ..data.sources.files import check_sharding
-from ..data.sources.follow import checkpoint_position, follow_sources, restore_position
+from ..data.sources.follow import checkpoint_position, files_source_name, follow_sources, restore_position
 from ..errors import UserError
 from ..eval.evaluator import Results, evaluate_splits
 from ..memory import out_of_memory_as_user_error
@@ -323,11 +323,11 @@ class Trainer:
         """Where a stream stands: Kafka, records behind (lag) and the broker time of the newest message;
         followed files, files behind and the newest folder (file) listed."""
         stream = self._dataset.stream
+        if self.config.training.follow and files_source_name(self.config.train_data) is not None:
+            newest = [n for n in self.runtime.gather(stream and stream.newest) if n is not None]
+            behind, newest_text = counts.get("follow_lag_files", 0), max(newest, default="none yet")
+            log.info("follow: %d files behind, newest %s", behind, newest_text)
         if self.config.train_data.kafka is None:
-            if self.config.training.follow:
-                newest = [n for n in self.runtime.gather(stream and stream.newest) if n is not None]
-                behind, newest_text = counts.get("follow_lag_files", 0), max(newest, default="none yet")
-                log.info("follow: %d files behind, newest %s", behind, newest_text)
             return
         kafka = stream
         times = [t for t in self.runtime.gather(kafka and kafka.newest_timestamp) if t is not None]

@@ -30,41 +30,70 @@ FilePosition = dict[str, dict]  # path -> {"next": int, "done": bool, "version":
 
 
 def follow_sources(config: Config) -> None:
-    """Raise, before anything is read, when training.follow is set on a source that cannot be followed."""
+    """Raise, before anything is read, when training.follow is set on a source that cannot be followed, or
+    is not set on one that is read only when followed (a topic together with files)."""
     data = config.train_data
     if config.training.follow and data.kafka is None and data.cache:
         raise UserError(
             "training.follow (train --follow): train_data.cache: true caches a fixed set of files; followed "
             "files are read once, as they come: set cache: false"
         )
+    check_files_and_topic(data, config.training.follow, "train_data")
 
 
-def source_name(data: DataConfig) -> str:
-    """What a position belongs to: the topic, the glob, or the dated folders' data_root."""
-    if data.kafka is not None:
-        return f"kafka topic {data.kafka.topic}"
+def files_source_name(data: DataConfig) -> str | None:
+    """What a files position belongs to: the glob, or the dated folders' data_root; None: no files."""
     if data.inputs is not None:
         return f"inputs {data.inputs}"
     dated = data.explicit_datetime_inputs or data.explicit_date_inputs
-    assert dated is not None  # the config allows exactly one source
-    return f"dated folders {dated.data_root}"
+    return None if dated is None else f"dated folders {dated.data_root}"
+
+
+def source_name(data: DataConfig) -> str:
+    """What a position belongs to: the glob or the dated folders' data_root, and (or) the topic."""
+    names = [files_source_name(data), data.kafka and f"kafka topic {data.kafka.topic}"]
+    return " and ".join(name for name in names if name)
+
+
+def check_files_and_topic(data: DataConfig, follow: bool, where: str) -> None:
+    """A topic together with files (sources/mixed.py) is read only in follow mode: UserError otherwise."""
+    if data.kafka is None or files_source_name(data) is None:
+        return
+    if not follow:
+        raise UserError(
+            f"{where}: kafka together with {files_source_name(data)} is read only in follow mode "
+            "(training.follow, train --follow, on train_data); elsewhere keep one of them"
+        )
+    if data.inputs is not None and data.inputs.lower().endswith(FORMATS["parquet"].suffix):
+        raise UserError(
+            f"{where}.inputs: {data.inputs} names Parquet files; kafka messages are tf.Examples, and so are "
+            "the files read with them (TFRecord)"
+        )
 
 
 def checkpoint_position(data: DataConfig, position: dict, follow: bool) -> dict | None:
-    """The `data_position` a checkpoint keeps: Kafka's offsets per partition; in follow mode, the files'
-    positions; none for files read as a fixed set (their position is the step)."""
+    """The `data_position` a checkpoint keeps: Kafka's offsets per partition (the number keys of
+    `position`); in follow mode, the files' positions (its path keys); none for files read as a fixed set
+    (their position is the step)."""
+    saved = {}
     if data.kafka is not None:
-        return {"topic": data.kafka.topic, "offsets": position}
-    return {"source": source_name(data), "files": position} if follow else None
+        offsets = {key: n for key, n in position.items() if isinstance(key, int)}
+        saved |= {"topic": data.kafka.topic, "offsets": offsets}
+    if follow and files_source_name(data) is not None:
+        files = {key: entry for key, entry in position.items() if isinstance(key, str)}
+        saved |= {"source": files_source_name(data), "files": files}
+    return saved or None
 
 
 def restore_position(state: dict[str, Any], data: DataConfig) -> Offsets | FilePosition:
-    """What a checkpoint's `state` holds of `data`'s position: the Kafka offsets of its topic, or the
+    """What a checkpoint's `state` holds of `data`'s position: the Kafka offsets of its topic, and (or) the
     positions of its followed files; {} (from the start) when it holds none, or another source's."""
     saved = state.get("data_position")
     if saved is None:
         return {}
-    held = f"kafka topic {saved['topic']}" if "topic" in saved else saved["source"]
+    held = " and ".join(
+        name for name in (saved.get("source"), "topic" in saved and f"kafka topic {saved['topic']}") if name
+    )
     if held != source_name(data):
         log.warning(
             "the checkpoint holds the position of %s, not of %s: reading %s from its start",
@@ -73,9 +102,8 @@ def restore_position(state: dict[str, Any], data: DataConfig) -> Offsets | FileP
             source_name(data),
         )
         return {}
-    if data.kafka is not None:
-        return {int(partition): int(offset) for partition, offset in saved["offsets"].items()}
-    return dict(saved["files"])
+    offsets = {int(partition): int(offset) for partition, offset in saved.get("offsets", {}).items()}
+    return offsets | dict(saved.get("files", {}))
 
 
 class FollowedFiles:

@@ -28,11 +28,6 @@ def partition_name(topic: str, partition: int) -> str:
     return f"kafka topic {topic} partition {partition}"
 
 
-def partition_of(name: str) -> int:
-    """The partition of a partition_name()."""
-    return int(name.rsplit(" ", 1)[1])
-
-
 class KafkaRecords:
     """This rank's messages of `spec.topic`, in the order they arrive. With `follow` the stream never ends:
     it waits for new messages; without it, it ends when every assigned partition is read to its end.
@@ -81,6 +76,7 @@ class KafkaRecords:
                 f"each process reads its own partitions, so the topic needs at least {world_size}"
             )
         self.partitions = chosen[rank::world_size]
+        self.names = {partition_name(spec.topic, p): p for p in self.partitions}  # Item name -> partition
         self.offsets: Offsets = self._starts(resume or {})
         self.newest_timestamp: float | None = None
         log.info(
@@ -124,7 +120,7 @@ class KafkaRecords:
         return sorted(topic.partitions)
 
     def _starts(self, resume: Offsets) -> Offsets:
-        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
         fresh = [p for p in self.partitions if p not in resume]
         starts = {p: resume[p] for p in self.partitions if p in resume}
@@ -133,22 +129,50 @@ class KafkaRecords:
         if self.spec.start == "earliest":
             return starts | {p: OFFSET_BEGINNING for p in fresh}
         if self.spec.start == "latest":
-            return starts | {p: OFFSET_END for p in fresh}
+            return starts | self._ends_now(fresh)
         when = datetime.fromisoformat(self.spec.start)
         millis = int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() * 1000)
         found = self._consumer.offsets_for_times(
             [TopicPartition(self.spec.topic, p, millis) for p in fresh],
             timeout=self.spec.broker_timeout_seconds,
         )
+        timed = {tp.partition: tp.offset for tp in found if tp.offset >= 0}
         # -1: no message at or after the time: start at the end, on what arrives from now on.
-        return starts | {tp.partition: tp.offset if tp.offset >= 0 else OFFSET_END for tp in found}
+        return starts | timed | self._ends_now([p for p in fresh if p not in timed])
+
+    def _ends_now(self, partitions: list[int]) -> Offsets:
+        """The end offset of each of `partitions` now, as the high watermark of a fetch answers it: the
+        end-of-partition event's offset, fetching from where ListOffsets (OFFSET_END) says the end is. Apache
+        Kafka's ListOffsets answers the end itself, so the fetch reads nothing; tansu 0.6 answers the base
+        offset of the partition's last record batch + 1, so the fetch reads the rest of that batch, passed
+        over. A number, not OFFSET_END, so that the position holds it from the start: a restart starts there.
+        """
+        from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
+
+        if not partitions:
+            return {}
+        self._consumer.assign([TopicPartition(self.spec.topic, p, OFFSET_END) for p in partitions])
+        ends: Offsets = {}
+        deadline = time.monotonic() + self.spec.broker_timeout_seconds
+        while len(ends) < len(partitions):
+            message = self._consumer.poll(self.spec.poll_seconds)
+            error = None if message is None else message.error()
+            if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                ends.setdefault(message.partition(), message.offset())
+            elif error is not None:
+                raise DataError(f"{self.where}.kafka: topic {self.spec.topic}: {error.str()}")
+            elif time.monotonic() > deadline:
+                reason = self._broker_error[1] if self._broker_error else "no end of partition reported"
+                raise DataError(self._unreachable(reason))
+        self._consumer.unassign()
+        return ends
 
     def __iter__(self) -> Iterator[Item]:
         from confluent_kafka import KafkaError, TopicPartition
 
         topic = self.spec.topic
         self._consumer.assign([TopicPartition(topic, p, offset) for p, offset in self.offsets.items()])
-        names = {p: partition_name(topic, p) for p in self.partitions}
+        names = {p: name for name, p in self.names.items()}
         unfinished = set(self.partitions)
         while (self.follow or unfinished) and not self._stop.is_set():
             # poll returns with the first message (consume would wait for a full set or the time out), then
