@@ -117,8 +117,8 @@ class ManagedMapping(nn.Module):
         admitted = self._admit(state, tick, touched_rows, waiting)  # candidate entries
         # One merge into the candidate index: the new ids that stay candidates in, the evicted and
         # admitted ones (unless they only came in this batch) out.
-        stays = ~np.isin(taken, admitted)
-        gone = admitted[~np.isin(admitted, taken)]
+        stays = ~np.isin(taken, admitted, kind="sort")
+        gone = admitted[~np.isin(admitted, taken, kind="sort")]
         added = state["candidate_ids"][taken[stays]]
         removed = np.concatenate([dropped, state["candidate_ids"][gone]])
         self._candidate_index.replace(removed, added, taken[stays])
@@ -185,7 +185,7 @@ class ManagedMapping(nn.Module):
             return np.zeros(0, dtype=np.int64)
         free = np.flatnonzero(~state[f"{prefix}_used"])
         chosen = free[: wanted + len(keep)]
-        chosen = chosen[~np.isin(chosen, keep)][:wanted]
+        chosen = chosen[~np.isin(chosen, keep, kind="sort")][:wanted]
         if len(chosen) == wanted:
             return chosen
         # Fewer free entries than wanted: so few that every one of them is in `chosen` or `keep`.
@@ -210,10 +210,8 @@ class SortedIndex:
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The value of each key, and whether it is there (if not, the value means nothing)."""
-        if self.size == 0:
-            return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
-        at = np.minimum(np.searchsorted(self.keys[: self.size], keys), self.size - 1)
-        return self.values[at], self.keys[at] == keys
+        at, found = _search(self.keys[: self.size], keys)
+        return self.values[at], found
 
     def replace(self, removed: np.ndarray, added: np.ndarray, added_values: np.ndarray) -> None:
         """Drops the `removed` keys (all there) and adds the `added` ones (none there)."""
@@ -224,7 +222,7 @@ class SortedIndex:
         # Runs of kept keys between the changes: each moves by (keys added before it) - (removed before it).
         cuts = np.unique(np.concatenate([[0, self.size], gone, gone + 1, at]))
         starts, ends = cuts[:-1], cuts[1:]
-        kept = ~np.isin(starts, gone)
+        kept = ~np.isin(starts, gone, kind="sort")
         starts, ends = starts[kept], ends[kept]
         shifts = np.searchsorted(at, starts, side="right") - np.searchsorted(gone, starts)
         # A run moving left can only overwrite runs before it, one moving right runs after it: so the
@@ -242,24 +240,49 @@ class SortedIndex:
 def _smallest(
     keys: list[np.ndarray], k: int, excluded: np.ndarray, among: np.ndarray | None = None
 ) -> np.ndarray:
-    """The k entries (of `among`, ascending, or of all), none of them `excluded`, first in the order of
-    (keys[0], keys[1], ..., index), in that order. An O(n) selection (np.partition) of the first key's
-    threshold, then the same with the next key among the entries tied at it; only the k chosen are sorted."""
+    """The k entries (of `among`, ascending, or of all), none of them `excluded` (ascending), first in the
+    order of (keys[0], keys[1], ..., index), in that order. The first key's threshold is its lowest value
+    where that has enough entries (ties are the rule: a batch's ids share their last sighting), else an O(n)
+    selection (np.partition); then the same with the next key among the entries tied at the threshold.
+    Only the k chosen are sorted, and the excluded are found by binary search."""
     primary = keys[0] if among is None else keys[0][among]
-    if len(primary) == 0:
+    if len(primary) == 0 or k == 0:
         return np.zeros(0, dtype=np.int64)
     nth = min(k + len(excluded), len(primary)) - 1  # the excluded may all be among the smallest
-    threshold = np.partition(primary, nth)[nth]
-    candidates = np.flatnonzero(primary <= threshold)
-    below = primary[candidates] < threshold
+    threshold = primary.min()
+    at_threshold = primary == threshold
+    below = np.zeros(0, dtype=np.int64)
+    if np.count_nonzero(at_threshold) <= nth:
+        threshold = np.partition(primary, nth)[nth]
+        at_threshold, below = primary == threshold, np.flatnonzero(primary < threshold)
+    tied = np.flatnonzero(at_threshold)
     if among is not None:
-        candidates = among[candidates]
-    below, candidates = below[~np.isin(candidates, excluded)], candidates[~np.isin(candidates, excluded)]
-    tied, below = candidates[~below], candidates[below]
+        below, tied = among[below], among[tied]
+    below = _without(below, excluded)
     below = below[np.lexsort([below, *(key[below] for key in reversed(keys))])][:k]
     need = k - len(below)
-    rest = tied[:need] if len(keys) == 1 or need == 0 else _smallest(keys[1:], need, excluded[:0], tied)
+    if need == 0:
+        return below
+    if len(keys) == 1:  # ties by index: the first ones will do
+        rest = _without(tied[: need + len(excluded)], excluded)[:need]
+    else:
+        rest = _smallest(keys[1:], need, excluded[:0], _without(tied, excluded))
     return np.concatenate([below, rest])
+
+
+def _without(ascending: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    at, found = _search(ascending, excluded)
+    kept = np.ones(len(ascending), dtype=bool)
+    kept[at[found]] = False
+    return ascending[kept]
+
+
+def _search(ascending: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each key is in `ascending` (a binary search each), and whether it is there at all."""
+    if len(ascending) == 0:
+        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+    at = np.minimum(np.searchsorted(ascending, keys), len(ascending) - 1)
+    return at, ascending[at] == keys
 
 
 def _all_ranks(seen: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
