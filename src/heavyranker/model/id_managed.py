@@ -45,6 +45,8 @@ KEPT = np.iinfo(np.int64).max  # the score of an entry that must not be evicted:
 class ManagedMapping(nn.Module):
     """forward(ids [B, L]) -> rows [B, L, 1], mask [B, L] (False only for the padding id)."""
 
+    same_on_every_rank = True  # every rank counts every rank's ids: DDP need not send rank 0's buffers
+
     def __init__(self, num_embeddings: int, min_count: int, eviction: Eviction, padding_id: int | None):
         super().__init__()
         self.num_embeddings = num_embeddings
