@@ -23,10 +23,12 @@ A managed table starts full (every row and candidate entry taken: the steady sta
 than the ids), with min_count 2 and lru; a batch's ids are 1/2 resident, 1/4 candidates (admitted, so each
 evicts a row) and 1/4 new raw 64-bit ids (each evicts a candidate).
 Examples/s are global (both ranks' examples). Before a size, each mode's peak per rank is extrapolated
-linearly from its two largest sizes measured; a mode whose 2 ranks would need more than 80% of the memory
-available is skipped, and the figure says so. --managed-baseline REV also times a managed map's counting
-step alone (one process, one full table, sizes up to 10M rows) with id_managed.py as at git revision REV
-against the current one, side by side. The summary goes to bench/results/embedding_scale.json (--results).
+linearly from its two largest sizes measured; a mode whose 2 ranks would need more than 60% of the memory
+available (other work shares the machine) is skipped, and so is a mode after a rank of it failed (the OOM
+killer's SIGKILL); the figure says which and why. --managed-baseline REV also times a managed map's
+counting step alone (one process, one full table, sizes up to 10M rows) with id_managed.py as at git
+revision REV against the current one, side by side. The summary goes to bench/results/embedding_scale.json
+(--results), rewritten after each size.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import json
 import multiprocessing
 import os
 import resource
+import signal
 import socket
 import subprocess
 import tempfile
@@ -53,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODES = ("replicated", "sharded", "managed")
 TABLES = ("user", "author")  # a table over meta__<name>_id each
 LOOKUP_ROUNDS = 20  # passes over the timed batches: a replicated lookup takes microseconds
-MEMORY_SHARE = 0.8  # of the memory available, what a mode's 2 ranks may be predicted to take
+MEMORY_SHARE = 0.6  # of the memory available, what a mode's 2 ranks may be predicted to take
 BASELINE_MAX_ROWS = 10_000_000  # the counting step before issue 26's rewrite took ~20 s at 10M rows
 MIXER = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15: odd, so i -> i * MIXER is a bijection of int64
 
@@ -87,7 +90,11 @@ def main() -> None:
                 print(f"{rows:,} rows, {mode}: skipped, {too_big}")
                 figures[f"{rows:,} rows, {mode}"] = {"skipped": too_big}
                 continue
-            by_mode[mode] = figures[f"{rows:,} rows, {mode}"] = on_two_ranks(mode, rows, args)
+            measured = figures[f"{rows:,} rows, {mode}"] = on_two_ranks(mode, rows, args)
+            if "failed" in measured:
+                peaks[mode].append((rows, float("inf")))  # no larger size of this mode is tried
+                continue
+            by_mode[mode] = measured
             peaks[mode].append((rows, by_mode[mode]["rank_peak_rss_mib"]))
         for mode in ("sharded", "managed"):
             if mode in by_mode and "replicated" in by_mode:
@@ -98,7 +105,7 @@ def main() -> None:
             figures[f"{rows:,} rows, managed counting step"] = counting_before_after(
                 args.managed_baseline, rows, args
             )
-    write_results("embedding_scale", figures, args)
+        write_results("embedding_scale", figures, args)  # after each size: a later one may not end
 
 
 def ratios(mode: dict[str, float], replicated: dict[str, float]) -> dict[str, float]:
@@ -109,6 +116,8 @@ def ratios(mode: dict[str, float], replicated: dict[str, float]) -> dict[str, fl
 def predicted_too_big(measured: list[tuple[int, float]], rows: int) -> str | None:
     """Why 2 ranks of a mode would not fit at `rows` (its peak per rank extrapolated from its two largest
     sizes), or None."""
+    if measured and measured[-1][1] == float("inf"):
+        return f"it failed at {measured[-1][0]:,} rows"
     if len(measured) < 2:
         return None
     (small, small_peak), (large, large_peak) = measured[-2:]
@@ -135,12 +144,19 @@ def on_two_ranks(mode: str, rows: int, args: argparse.Namespace) -> dict[str, fl
         ranks = [context.Process(target=rank_main, args=(r, port, mode, rows, args, out)) for r in range(2)]
         for process in ranks:
             process.start()
-        for process in ranks:
-            process.join()
-        failed = [r for r, process in enumerate(ranks) if process.exitcode != 0]
+        while all(process.exitcode is None for process in ranks):  # until one ends
+            time.sleep(1)
+        for process in ranks:  # a rank that died (the OOM killer's SIGKILL) leaves the other in a collective
+            process.join(timeout=300 if all(p.exitcode == 0 for p in ranks if p.exitcode is not None) else 0)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        failed = [(r, process.exitcode) for r, process in enumerate(ranks) if process.exitcode != 0]
         if failed:
-            code = ranks[failed[0]].exitcode
-            raise SystemExit(f"{mode} at {rows:,} rows: rank {failed[0]} failed (exit {code})")
+            rank, code = failed[0]
+            why = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
+            print(f"{mode} at {rows:,} rows: rank {rank} failed, exit {code}{why}")
+            return {"failed": f"rank {rank} exited with {code}{why}"}
         return json.loads(out.read_text())
 
 
