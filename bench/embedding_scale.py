@@ -1,45 +1,64 @@
-"""Large id tables at scale on 2 gloo processes: replicated (DDP, a full table on each rank) against sharded
-by torchrec (training.embedding_sharding: torchrec), in one run, for each table size.
+"""Large id tables at scale on 2 gloo processes: replicated (DDP, a full table on each rank), sharded by
+torchrec (training.embedding_sharding: torchrec) and managed (replicated, with id_mapping: managed), in one
+run, for each table size.
 
     .venv/bin/python bench/embedding_scale.py [--config configs/local_small.yaml] [--rows 1000000 10000000]
                                               [--dim 8]  [--batch 256] [--steps 10] [--threads 1]
+                                              [--table-optimizer adam] [--managed-baseline REV]
                                               [--results PATH]
 
 The model is the config's with two large tables of `rows` x `dim`, over meta__user_id and meta__author_id,
 ids uniform over the rows (torchrec's planner puts one table on each rank). Per mode and size, 2 fresh
 processes (so that each peak is its own) measure:
-  lookup   the large table's vectors for a global batch (the sharded lookup's all-to-alls included)
-  step     forward, backward and the run's Adam step (build_optimizer: Adam over every row, as training)
-  memory   the larger rank's resident memory after 2 untimed steps (tables, gradients and Adam's two
-           moments are allocated by then), its peak, and its tables' bytes. The sharded peak includes
-           the full tables every rank builds before they are sharded (train/sharding.py).
-Examples/s are global (both ranks' examples). Table memory per rank is ~2 tables x 4 x rows x dim x 4 bytes
-replicated (weights, gradients, two moments), half that sharded: 2.4 GiB per rank at 10M rows and dim 8;
-mind the machine's memory before asking for 100M rows. The summary goes to
-bench/results/embedding_scale.json (--results).
+  lookup   the large table's vectors for a global batch (the sharded lookup's all-to-alls included; the
+           managed map's binary search, in eval mode: no counting)
+  step     forward, backward and the optimizer step: the run's Adam over every row (build_optimizer, as
+           training), or with --table-optimizer sgd | rowwise_adagrad the tables' own (optimizer.embedding)
+           for replicated and managed. Sharded tables always train with the run's Adam (training refuses
+           optimizer.embedding with them), so they carry Adam's two moments whatever the option says.
+  memory   the larger rank's resident memory after 2 untimed steps (tables, gradients and optimizer state
+           are allocated by then), its peak, and its tables' bytes. The sharded peak includes the full
+           tables every rank builds before they are sharded (train/sharding.py).
+A managed table starts full (every row and candidate entry taken: the steady state of a table far smaller
+than the ids), with min_count 2 and lru; a batch's ids are 1/2 resident, 1/4 candidates (admitted, so each
+evicts a row) and 1/4 new raw 64-bit ids (each evicts a candidate).
+Examples/s are global (both ranks' examples). Before a size, each mode's peak per rank is extrapolated
+linearly from its two largest sizes measured; a mode whose 2 ranks would need more than 60% of the memory
+available (other work shares the machine) is skipped, and so is a mode after a rank of it failed (the OOM
+killer's SIGKILL); the figure says which and why. --managed-baseline REV also times a managed map's
+counting step alone (one process, one full table, sizes up to 10M rows) with id_managed.py as at git
+revision REV against the current one, side by side. The summary goes to bench/results/embedding_scale.json
+(--results), rewritten after each size.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
 import resource
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from results import add_results_option, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("replicated", "sharded")
+MODES = ("replicated", "sharded", "managed")
 TABLES = ("user", "author")  # a table over meta__<name>_id each
 LOOKUP_ROUNDS = 20  # passes over the timed batches: a replicated lookup takes microseconds
+MEMORY_SHARE = 0.6  # of the memory available, what a mode's 2 ranks may be predicted to take
+BASELINE_MAX_ROWS = 10_000_000  # the counting step before issue 26's rewrite took ~20 s at 10M rows
+MIXER = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15: odd, so i -> i * MIXER is a bijection of int64
 
 
 def main() -> None:
@@ -52,26 +71,64 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="global batch (both ranks)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 untimed)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--table-optimizer",
+        default="adam",
+        choices=["adam", "sgd", "rowwise_adagrad"],
+        help="adam: the run's Adam over every parameter; else optimizer.embedding (replicated, managed)",
+    )
+    parser.add_argument("--managed-baseline", metavar="REV", help="git revision of the counting to compare")
     add_results_option(parser, "embedding_scale")
     args = parser.parse_args()
     figures: dict = {"threads_per_rank": args.threads, "ranks": 2}
-    for rows in args.rows:
-        by_mode = {mode: on_two_ranks(mode, rows, args) for mode in MODES}
-        for mode, measured in by_mode.items():
-            figures[f"{rows:,} rows, {mode}"] = measured
-        replicated, sharded = by_mode["replicated"], by_mode["sharded"]
-        figures[f"{rows:,} rows, sharded over replicated"] = {
-            "lookup_examples_per_s": sharded["lookup_examples_per_s"] / replicated["lookup_examples_per_s"],
-            "step_examples_per_s": sharded["step_examples_per_s"] / replicated["step_examples_per_s"],
-            "rank_rss_mib": sharded["rank_rss_mib"] / replicated["rank_rss_mib"],
-            "rank_peak_rss_mib": sharded["rank_peak_rss_mib"] / replicated["rank_peak_rss_mib"],
-        }
-        ratios = figures[f"{rows:,} rows, sharded over replicated"]
-        print(
-            f"{rows:,} rows, sharded over replicated: "
-            + ", ".join(f"{k} {v:.3g}x" for k, v in ratios.items())
-        )
-    write_results("embedding_scale", figures, args)
+    peaks: dict[str, list[tuple[int, float]]] = {mode: [] for mode in MODES}
+    for rows in sorted(args.rows):
+        by_mode = {}
+        for mode in MODES:
+            too_big = predicted_too_big(peaks[mode], rows)
+            if too_big:
+                print(f"{rows:,} rows, {mode}: skipped, {too_big}")
+                figures[f"{rows:,} rows, {mode}"] = {"skipped": too_big}
+                continue
+            measured = figures[f"{rows:,} rows, {mode}"] = on_two_ranks(mode, rows, args)
+            if "failed" in measured:
+                peaks[mode].append((rows, float("inf")))  # no larger size of this mode is tried
+                continue
+            by_mode[mode] = measured
+            peaks[mode].append((rows, by_mode[mode]["rank_peak_rss_mib"]))
+        for mode in ("sharded", "managed"):
+            if mode in by_mode and "replicated" in by_mode:
+                figures[f"{rows:,} rows, {mode} over replicated"] = ratios(
+                    by_mode[mode], by_mode["replicated"]
+                )
+        if args.managed_baseline and rows <= BASELINE_MAX_ROWS:
+            figures[f"{rows:,} rows, managed counting step"] = counting_before_after(
+                args.managed_baseline, rows, args
+            )
+        write_results("embedding_scale", figures, args)  # after each size: a later one may not end
+
+
+def ratios(mode: dict[str, float], replicated: dict[str, float]) -> dict[str, float]:
+    keys = ("lookup_examples_per_s", "step_examples_per_s", "rank_rss_mib", "rank_peak_rss_mib")
+    return {key: mode[key] / replicated[key] for key in keys}
+
+
+def predicted_too_big(measured: list[tuple[int, float]], rows: int) -> str | None:
+    """Why 2 ranks of a mode would not fit at `rows` (its peak per rank extrapolated from its two largest
+    sizes), or None."""
+    if measured and measured[-1][1] == float("inf"):
+        return f"it failed at {measured[-1][0]:,} rows"
+    if len(measured) < 2:
+        return None
+    (small, small_peak), (large, large_peak) = measured[-2:]
+    predicted = large_peak + (large_peak - small_peak) / (large - small) * (rows - large)
+    available = available_mib()
+    if 2 * predicted <= MEMORY_SHARE * available:
+        return None
+    return (
+        f"predicted peak {predicted:,.0f} MiB per rank (from {small:,} and {large:,} rows) x 2 ranks > "
+        f"{MEMORY_SHARE:.0%} of the {available:,.0f} MiB available"
+    )
 
 
 def on_two_ranks(mode: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
@@ -87,12 +144,19 @@ def on_two_ranks(mode: str, rows: int, args: argparse.Namespace) -> dict[str, fl
         ranks = [context.Process(target=rank_main, args=(r, port, mode, rows, args, out)) for r in range(2)]
         for process in ranks:
             process.start()
-        for process in ranks:
-            process.join()
-        failed = [r for r, process in enumerate(ranks) if process.exitcode != 0]
+        while all(process.exitcode is None for process in ranks):  # until one ends
+            time.sleep(1)
+        for process in ranks:  # a rank that died (the OOM killer's SIGKILL) leaves the other in a collective
+            process.join(timeout=300 if all(p.exitcode == 0 for p in ranks if p.exitcode is not None) else 0)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        failed = [(r, process.exitcode) for r, process in enumerate(ranks) if process.exitcode != 0]
         if failed:
-            code = ranks[failed[0]].exitcode
-            raise SystemExit(f"{mode} at {rows:,} rows: rank {failed[0]} failed (exit {code})")
+            rank, code = failed[0]
+            why = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
+            print(f"{mode} at {rows:,} rows: rank {rank} failed, exit {code}{why}")
+            return {"failed": f"rank {rank} exited with {code}{why}"}
         return json.loads(out.read_text())
 
 
@@ -107,16 +171,17 @@ def rank_main(rank: int, port: int, mode: str, rows: int, args: argparse.Namespa
     from heavyranker.train.loss import build_loss
     from heavyranker.train.optim import build_optimizer
     from heavyranker.train.sharding import ShardedTables
+    from heavyranker.train.table_optim import build_table_optimizer
 
-    tables = [
-        f"{{name: {name}, num_embeddings: {rows}, embedding_dim: {args.dim}, feature_name: meta__{name}_id}}"
-        for name in TABLES
-    ]
-    config = load_config(args.config, [f"model.large_embeddings={{tables: [{', '.join(tables)}]}}"])
+    config = load_config(args.config, overrides(mode, rows, args))
     specs = feature_specs(config.train_data)
     with distributed_runtime() as runtime:
         torch.manual_seed(0)
         model = build_model(config.model, specs, config.train_data.tasks)
+        managed = None
+        if mode == "managed":
+            for table in model.large_embeddings.values():
+                managed = fill_managed(table.mapping, rows)
         if mode == "sharded":
             sharded = ShardedTables(model, runtime)
             train_model, params = sharded.module, sharded.optimizer_view
@@ -131,23 +196,29 @@ def rank_main(rank: int, port: int, mode: str, rows: int, args: argparse.Namespa
             def lookup(features: dict) -> object:
                 return [t(features[t.feature_name]) for t in model.large_embeddings.values()]
 
-        optimizer, _ = build_optimizer(config.optimizer, params)
+        optimizers = [build_optimizer(config.optimizer, params)[0]]
+        optimizers += [o for o in [build_table_optimizer(config.optimizer, list(tables))] if o is not None]
         loss_fn = build_loss(config.model)
         tasks = len(config.model.tasks)
-        batches = [random_batch(specs, args.batch // 2, rows, tasks, seed) for seed in range(args.steps + 2)]
+        batches = [
+            random_batch(specs, args.batch // 2, rows, tasks, seed, managed) for seed in range(args.steps + 2)
+        ]
 
         def step(features: dict, labels: torch.Tensor) -> None:
             logits = train_model(features)["logits"]
             loss, _ = loss_fn(logits, labels, torch.ones_like(labels))
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
         for features, labels in batches[:2]:  # untimed: the first steps allocate gradients and moments
             step(features, labels)
         rss = resident_mib()
         with torch.no_grad():
+            model.eval()  # a lookup, as in serving: a managed map is searched, not counted
             lookup_s = timed(lambda: [lookup(f) for _ in range(LOOKUP_ROUNDS) for f, _ in batches[2:]])
+            model.train()
         step_s = timed(lambda: [step(f, y) for f, y in batches[2:]])
         examples = args.batch * args.steps
         figures = {
@@ -164,18 +235,130 @@ def rank_main(rank: int, port: int, mode: str, rows: int, args: argparse.Namespa
         dist.barrier()  # neither rank leaves the group while the other still works
 
 
-def random_batch(specs: dict, batch: int, rows: int, tasks: int, seed: int) -> tuple[dict, torch.Tensor]:
+def overrides(mode: str, rows: int, args: argparse.Namespace) -> list[str]:
+    """The config overrides of a mode: its two large tables, and the tables' own optimizer if any."""
+    mapping = ", id_mapping: managed, min_count: 2, eviction: lru" if mode == "managed" else ""
+    tables = [
+        f"{{name: {name}, num_embeddings: {rows}, embedding_dim: {args.dim}, feature_name: meta__{name}_id"
+        f"{mapping}}}"
+        for name in TABLES
+    ]
+    chosen = [f"model.large_embeddings={{tables: [{', '.join(tables)}]}}"]
+    if args.table_optimizer != "adam" and mode != "sharded":
+        chosen.append(f"optimizer.embedding={{type: {args.table_optimizer}, learning_rate: 0.01}}")
+    return chosen
+
+
+def full_map(rows: int) -> dict[str, torch.Tensor]:
+    """A managed map's buffers with every row and candidate entry taken, by distinct raw 64-bit ids
+    (rows - 1 resident, seen twice; rows candidates, seen once), all last seen at batch 1."""
+    ids = np.arange(1, 2 * rows, dtype=np.int64) * MIXER  # wraps around: distinct, over the whole int64 range
+    resident, candidates = np.concatenate([[0], ids[: rows - 1]]), ids[rows - 1 :]
+    order = np.argsort(resident[1:])
+    ones = np.ones(rows, np.int64)
+    state = {
+        "row_ids": resident,
+        "row_used": np.arange(rows) > 0,
+        "row_count": 2 * ones,
+        "row_last": ones,
+        "candidate_ids": candidates,
+        "candidate_used": ones > 0,
+        "candidate_count": ones,
+        "candidate_last": ones,
+        "sorted_ids": np.append(resident[1:][order], 0),
+        "sorted_rows": np.append(order + 1, 0),
+        "num_resident": np.array(rows - 1),
+        "tick": np.array(1),
+    }
+    return {name: torch.from_numpy(values) for name, values in state.items()}
+
+
+def fill_managed(mapping: torch.nn.Module, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Loads full_map into `mapping`; returns its resident ids and its candidates."""
+    state = full_map(rows)
+    mapping.load_state_dict(state)
+    return state["row_ids"][1:].numpy(), state["candidate_ids"].numpy()
+
+
+def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
+    """A full managed map's counting step (its forward in training, on a global batch's ids) with
+    id_managed.py as at `rev` and as now, on the same batches, in this process."""
+    from heavyranker.config.model import Eviction
+    from heavyranker.model.id_managed import ManagedMapping
+
+    torch.set_num_threads(args.threads)
+    seconds = {}
+    for name, mapping_class in (("before", baseline_mapping(rev)), ("after", ManagedMapping)):
+        mapping = mapping_class(rows, 2, Eviction.LRU, -1)
+        managed = fill_managed(mapping, rows)
+        batches = [managed_ids((args.batch, 1), seed, *managed) for seed in range(args.steps + 1)]
+        mapping(batches[0])  # untimed: the first count builds the indexes of the buffers, once per process
+        start = time.perf_counter()
+        for ids in batches[1:]:
+            mapping(ids)
+        seconds[name] = (time.perf_counter() - start) / args.steps
+        del mapping, managed
+    print(
+        f"{rows:,} rows, managed counting step: {seconds['before']:.3g} s before, "
+        f"{seconds['after']:.3g} s after"
+    )
+    return {
+        "before_ms": seconds["before"] * 1e3,
+        "after_ms": seconds["after"] * 1e3,
+        "before_over_after": seconds["before"] / seconds["after"],
+    }
+
+
+def baseline_mapping(rev: str) -> type:
+    """ManagedMapping as src/heavyranker/model/id_managed.py was at git revision `rev`."""
+    source = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:src/heavyranker/model/id_managed.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "id_managed_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("heavyranker.model.id_managed_baseline", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # its relative imports resolve in heavyranker.model
+    return module.ManagedMapping
+
+
+def random_batch(
+    specs: dict, batch: int, rows: int, tasks: int, seed: int, managed: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[dict, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     features = {}
     for name, spec in specs.items():
         shape = (batch, *spec.shape)
         if name in ("meta__user_id", "meta__author_id"):
             features[name] = torch.randint(0, rows, shape, generator=generator)
+            if managed is not None:
+                features[name] = managed_ids(shape, seed, *managed)
         elif spec.dtype == torch.int64:
             features[name] = torch.randint(0, 300, shape, generator=generator)
         else:
             features[name] = torch.randn(shape, generator=generator).to(spec.dtype)
     return features, (torch.rand(batch, tasks, generator=generator) < 0.1).float()
+
+
+def managed_ids(
+    shape: tuple[int, ...], seed: int, resident: np.ndarray, candidates: np.ndarray
+) -> torch.Tensor:
+    """1/2 resident ids, 1/4 candidates (admitted on this sighting) and 1/4 ids never seen."""
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape))
+    quarter = size // 4
+    ids = np.concatenate(
+        [
+            rng.choice(resident, size - 2 * quarter),
+            rng.choice(candidates, quarter),
+            rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, quarter),
+        ]
+    )
+    return torch.from_numpy(rng.permutation(ids).reshape(shape))
 
 
 def timed(work: Callable[[], object]) -> float:
@@ -185,6 +368,11 @@ def timed(work: Callable[[], object]) -> float:
     work()
     dist.barrier()
     return time.perf_counter() - start
+
+
+def available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**10
 
 
 def resident_mib() -> float:

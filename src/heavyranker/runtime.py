@@ -51,6 +51,15 @@ class Runtime:
         if not self.distributed:
             return model
         devices = [self.device] if self.device.type == "cuda" else None
+        # DDP sends rank 0's buffers at each forward; a module's `same_on_every_rank` buffers (a managed
+        # id map: 66 bytes a row, model/id_managed.py) are computed alike on every rank and need not travel.
+        same = [
+            f"{name}.{b}"
+            for name, m in model.named_modules()
+            if getattr(m, "same_on_every_rank", False)
+            for b, _ in m.named_buffers(recurse=False)
+        ]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, same)
         return DistributedDataParallel(model, device_ids=devices)
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:

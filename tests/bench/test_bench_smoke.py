@@ -98,9 +98,10 @@ BENCHES = {
         {"folders_seconds"},
     ),
     "embedding_scale": (
-        ["--config", SMALL, "--rows", "1000", "--steps", "2", "--batch", "16"],
+        ["--config", SMALL, "--rows", "1000", "--steps", "2", "--batch", "16", "--managed-baseline", "HEAD"],
         {"threads_per_rank", "ranks"}
-        | {f"1,000 rows, {mode}" for mode in ("replicated", "sharded", "sharded over replicated")},
+        | {f"1,000 rows, {mode}" for mode in ("replicated", "sharded", "managed", "managed counting step")}
+        | {f"1,000 rows, {mode} over replicated" for mode in ("sharded", "managed")},
     ),
     # Without CUDA it measures nothing and writes nothing.
     "gpu_train": (["--config", SMALL, "--batch", "8", "--steps", "2"], {"gpu", "batch 8"}),

@@ -21,6 +21,7 @@ from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.data.tf_example import encode_example
 from heavyranker.errors import UserError
 from heavyranker.model import build_model
+from heavyranker.run_folder import RunFolder
 from heavyranker.runtime import distributed_runtime
 from heavyranker.train.loop import train
 from heavyranker.train.optim import build_optimizer
@@ -124,6 +125,42 @@ def test_sharded_run_equals_replicated_run_and_its_checkpoints_load_into_one_pro
     for run in ("replicated_from_sharded", "sharded_from_replicated"):
         assert [line["step"] for line in log_lines(tmp_path / run)] == list(range(11, STEPS + 1))
         assert_close(weights(tmp_path / run, 20), weights(tmp_path / "replicated", 20))
+
+
+def _evaluating(data: Path, run: Path, sharding: str) -> Path:
+    """_config with a validation split (the training files) evaluated at steps 5 and 10, and keep_best: the
+    first evaluation's checkpoint is saved by keep_best alone (checkpoint_every_n is above the run)."""
+    path = _config(data, run, sharding)
+    config = yaml.safe_load(path.read_text())
+    config["training"].update(num_train_steps=10, eval_log_every_n=5, checkpoint_every_n=100)
+    config["training"]["keep_best"] = {"split": "held", "metric": "auroc"}
+    config["validation_data"] = {"held": {**config["train_data"], "global_batch_size": 16}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_sharded_run_evaluates_and_keeps_its_best_as_a_replicated_run(data, tmp_path):
+    """Rank 0 evaluates the whole split on the gathered tables; the replicated run's 2 ranks each evaluate
+    their file. Same examples, same weights: the same metrics, and keep_best marks and keeps the same step."""
+    for sharding in ("torchrec", "replicated"):
+        on_two_ranks(train_config, _evaluating(data, tmp_path / sharding, sharding), logs=tmp_path / "logs")
+    sharded, replicated = RunFolder(tmp_path / "torchrec"), RunFolder(tmp_path / "replicated")
+    for step in (5, 10):
+        got, want = (json.loads(run.result("held", step).read_text()) for run in (sharded, replicated))
+        assert got["metrics"].keys() == want["metrics"].keys() and got["metrics"]
+        assert [want["metrics"][task]["num_examples"] for task in TASKS] == [128] * len(TASKS)  # both files
+        for task, metrics in want["metrics"].items():
+            for name, value in metrics.items():
+                assert got["metrics"][task][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (
+                    step,
+                    task,
+                    name,
+                )
+    best, replicated_best = sharded.read_best(), replicated.read_best()
+    assert best is not None and replicated_best is not None
+    assert best.step == replicated_best.step and best.value == pytest.approx(replicated_best.value, rel=1e-4)
+    assert_close(weights(tmp_path / "torchrec", best.step), weights(tmp_path / "replicated", best.step))
+    assert sharded.checkpoint(5).exists()  # saved by keep_best at the first evaluation, every rank gathering
 
 
 def test_version_check_names_what_to_install():

@@ -13,6 +13,12 @@ uninterrupted one), and the lookup is a binary search over the resident ids sort
 gather steps), which torch.export and ONNX trace: an export serves the map as it was at its checkpoint.
 Under torch.distributed every rank counts the sightings of all ranks, so the maps stay identical.
 
+A training step costs O(batch) plus a few vectorized passes over the table, never a sort of it: the
+batch's ids are found by binary search in the resident ids and in a sorted index of the candidates (kept
+beside the buffers, rebuilt from them on load); free entries are taken by index; a full table picks its
+victims with one selection (np.partition) of the eviction key's threshold; and the sorted arrays take the
+admitted and evicted ids in place, by shifting the runs between them.
+
 Why not torchrec's MCHManagedCollisionModule: its admission is a threshold on counts within one eviction
 interval (not a count that accumulates until admission), it works on KeyedJaggedTensor dicts of a
 ManagedCollisionCollection, and its lookup is torch.searchsorted, for which the ONNX exporter has no op.
@@ -32,10 +38,14 @@ from ..config.model import Eviction
 FREE = -1  # the score of a free row or candidate entry: taken before any eviction
 ROW_STATE = ("row_ids", "row_used", "row_count", "row_last")
 CANDIDATE_STATE = ("candidate_ids", "candidate_used", "candidate_count", "candidate_last")
+STATE = (*ROW_STATE, *CANDIDATE_STATE, "sorted_ids", "sorted_rows")
+KEPT = np.iinfo(np.int64).max  # the score of an entry that must not be evicted: chosen last, then dropped
 
 
 class ManagedMapping(nn.Module):
     """forward(ids [B, L]) -> rows [B, L, 1], mask [B, L] (False only for the padding id)."""
+
+    same_on_every_rank = True  # every rank counts every rank's ids: DDP need not send rank 0's buffers
 
     def __init__(self, num_embeddings: int, min_count: int, eviction: Eviction, padding_id: int | None):
         super().__init__()
@@ -55,8 +65,7 @@ class ManagedMapping(nn.Module):
         self.register_buffer("sorted_rows", torch.zeros(n, dtype=torch.int64))  # ... and their rows
         self.register_buffer("num_resident", torch.zeros((), dtype=torch.int64))
         self.register_buffer("tick", torch.zeros((), dtype=torch.int64))  # batches counted
-        self._row_of: dict[int, int] | None = None  # id -> row and id -> candidate entry, from the buffers
-        self._candidate_of: dict[int, int] | None = None
+        self._candidate_index: SortedIndex | None = None  # candidate id -> entry, from the buffers
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not torch.compiler.is_compiling():
@@ -89,7 +98,7 @@ class ManagedMapping(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._row_of = self._candidate_of = None  # rebuilt from the loaded buffers on the next count
+        self._candidate_index = None  # rebuilt from the loaded buffers on the next count
 
     # -- counting (training only) ------------------------------------------------------------------------
 
@@ -100,95 +109,182 @@ class ManagedMapping(nn.Module):
         if self.padding_id is not None:
             flat = flat[flat != self.padding_id]
         seen, counts = _all_ranks(*np.unique(flat.cpu().numpy(), return_counts=True))
-        state = {name: getattr(self, name).cpu().numpy().copy() for name in (*ROW_STATE, *CANDIDATE_STATE)}
-        if self._row_of is None or self._candidate_of is None:
-            self._row_of, self._candidate_of = self._index(state, "row"), self._index(state, "candidate")
+        # The buffers themselves on CPU (.numpy() shares their memory): no copy of the table's state.
+        state = {name: getattr(self, name).cpu().numpy() for name in STATE}
+        if self._candidate_index is None:
+            used = np.flatnonzero(state["candidate_used"])
+            self._candidate_index = SortedIndex.of(state["candidate_ids"][used], used, self.num_embeddings)
         tick = int(self.tick) + 1
-        touched_rows, waiting = self._count(state, tick, seen, counts)
-        admitted = self._admit(state, tick, touched_rows, waiting)
-        for name, values in state.items():
-            getattr(self, name).copy_(torch.from_numpy(values))
+        touched_rows, waiting, taken, dropped = self._count(state, tick, seen, counts)
+        admitted = self._admit(state, tick, touched_rows, waiting)  # candidate entries
+        # One merge into the candidate index: the new ids that stay candidates in, the evicted and
+        # admitted ones (unless they only came in this batch) out.
+        stays = ~np.isin(taken, admitted, kind="sort")
+        gone = admitted[~np.isin(admitted, taken, kind="sort")]
+        added = state["candidate_ids"][taken[stays]]
+        removed = np.concatenate([dropped, state["candidate_ids"][gone]])
+        self._candidate_index.replace(removed, added, taken[stays])
+        if self.row_ids.device.type != "cpu":
+            for name, values in state.items():
+                getattr(self, name).copy_(torch.from_numpy(values))
         self.tick.fill_(tick)
-        if admitted:
-            self._sort()
-
-    @staticmethod
-    def _index(state: dict[str, np.ndarray], prefix: str) -> dict[int, int]:
-        used = state[f"{prefix}_used"]
-        return dict(zip(state[f"{prefix}_ids"][used].tolist(), np.flatnonzero(used).tolist(), strict=True))
 
     def _count(
         self, state: dict[str, np.ndarray], tick: int, seen: np.ndarray, counts: np.ndarray
-    ) -> tuple[np.ndarray, list[int]]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Adds the sightings to resident rows and candidate entries (new ids take entries); returns the
-        rows touched and the candidate entries touched."""
-        assert self._row_of is not None and self._candidate_of is not None
-        rows = [self._row_of.get(i, -1) for i in seen.tolist()]
-        resident = np.array(rows, dtype=np.int64) >= 0
-        touched_rows = np.array(rows, dtype=np.int64)[resident]
-        np.add.at(state["row_count"], touched_rows, counts[resident])
+        rows touched, the candidate entries touched, those of them the new ids took, and the candidate
+        ids they evicted."""
+        assert self._candidate_index is not None
+        rows, is_resident = self._resident_index(state).find(seen)
+        touched_rows = rows[is_resident]
+        state["row_count"][touched_rows] += counts[is_resident]  # each row once: the ids are unique
         state["row_last"][touched_rows] = tick
-        others = [(i, c) for i, c, r in zip(seen.tolist(), counts.tolist(), resident, strict=True) if not r]
-        known = [(self._candidate_of[i], c) for i, c in others if i in self._candidate_of]
-        new = [(i, c) for i, c in others if i not in self._candidate_of]
-        touched = [entry for entry, _ in known]
-        free = self._victims(state, "candidate", len(new), np.array(touched, dtype=np.int64))
-        for entry, (i, _) in zip(free, new, strict=False):
-            if state["candidate_used"][entry]:
-                del self._candidate_of[int(state["candidate_ids"][entry])]
-            state["candidate_ids"][entry], state["candidate_used"][entry] = i, True
-            state["candidate_count"][entry] = 0
-            self._candidate_of[i] = int(entry)
-        known += [(int(entry), c) for entry, (_, c) in zip(free, new, strict=False)]
-        for entry, c in known:
-            state["candidate_count"][entry] += c
-            state["candidate_last"][entry] = tick
-        return touched_rows, [entry for entry, _ in known]
+        others, other_counts = seen[~is_resident], counts[~is_resident]
+        entries, is_known = self._candidate_index.find(others)
+        known = entries[is_known]
+        new, new_counts = others[~is_known], other_counts[~is_known]
+        taken = self._victims(state, "candidate", len(new), known)
+        new, new_counts = new[: len(taken)], new_counts[: len(taken)]  # the rest is not counted
+        dropped = state["candidate_ids"][taken[state["candidate_used"][taken]]]
+        state["candidate_ids"][taken], state["candidate_used"][taken] = new, True
+        state["candidate_count"][taken] = new_counts
+        state["candidate_count"][known] += other_counts[is_known]
+        waiting = np.concatenate([known, taken])
+        state["candidate_last"][waiting] = tick
+        return touched_rows, waiting, taken, dropped
 
     def _admit(
-        self, state: dict[str, np.ndarray], tick: int, touched_rows: np.ndarray, waiting: list[int]
-    ) -> int:
-        """Gives rows to the waiting ids that reached min_count, most sighted first (then lowest id)."""
-        assert self._row_of is not None and self._candidate_of is not None
-        ready = [e for e in waiting if state["candidate_count"][e] >= self.min_count]
-        ready.sort(key=lambda e: (-int(state["candidate_count"][e]), int(state["candidate_ids"][e])))
+        self, state: dict[str, np.ndarray], tick: int, touched_rows: np.ndarray, waiting: np.ndarray
+    ) -> np.ndarray:
+        """Gives rows to the waiting ids that reached min_count, most sighted first (then lowest id);
+        returns the candidate entries admitted."""
+        ready = waiting[state["candidate_count"][waiting] >= self.min_count]
+        ready = ready[np.lexsort((state["candidate_ids"][ready], -state["candidate_count"][ready]))]
         rows = self._victims(state, "row", len(ready), np.append(touched_rows, 0))
-        for row, entry in zip(rows.tolist(), ready, strict=False):
-            if state["row_used"][row]:
-                del self._row_of[int(state["row_ids"][row])]
-            new_id = int(state["candidate_ids"][entry])
-            state["row_ids"][row], state["row_used"][row] = new_id, True
-            state["row_count"][row], state["row_last"][row] = state["candidate_count"][entry], tick
-            self._row_of[new_id] = row
-            state["candidate_used"][entry] = False
-            del self._candidate_of[new_id]
-        return len(rows)
+        ready = ready[: len(rows)]
+        if len(rows) == 0:
+            return ready
+        evicted = state["row_ids"][rows[state["row_used"][rows]]]
+        admitted = state["candidate_ids"][ready]
+        state["row_ids"][rows], state["row_used"][rows] = admitted, True
+        state["row_count"][rows], state["row_last"][rows] = state["candidate_count"][ready], tick
+        state["candidate_used"][ready] = False
+        index = self._resident_index(state)
+        index.replace(evicted, admitted, rows)  # in the buffers themselves
+        self.num_resident.fill_(index.size)
+        return ready
+
+    def _resident_index(self, state: dict[str, np.ndarray]) -> SortedIndex:
+        return SortedIndex(state["sorted_ids"], state["sorted_rows"], int(self.num_resident))
 
     def _victims(
         self, state: dict[str, np.ndarray], prefix: str, wanted: int, keep: np.ndarray
     ) -> np.ndarray:
-        """Up to `wanted` entries to (re)use, best first: free ones, then by the eviction rule; never
-        those in `keep`."""
+        """Up to `wanted` entries to (re)use, best first: free ones (by index), then by the eviction rule
+        (ties by index); never those in `keep`. One O(n) selection on the table, no sort of it."""
         if wanted == 0:
             return np.zeros(0, dtype=np.int64)
-        used = state[f"{prefix}_used"]
-        last = np.where(used, state[f"{prefix}_last"], FREE)
-        count = np.where(used, state[f"{prefix}_count"], FREE)
-        blocked = np.zeros(len(used), dtype=bool)
-        blocked[keep] = True
-        index = np.arange(len(used))
-        keys = (index, last) if self.eviction == Eviction.LRU else (index, last, count)
-        order = np.lexsort(keys)
-        return order[~blocked[order]][:wanted]
+        free = np.flatnonzero(~state[f"{prefix}_used"])
+        chosen = free[: wanted + len(keep)]
+        chosen = chosen[~np.isin(chosen, keep, kind="sort")][:wanted]
+        if len(chosen) == wanted:
+            return chosen
+        # Fewer free entries than wanted: so few that every one of them is in `chosen` or `keep`.
+        rule = ["last"] if self.eviction == Eviction.LRU else ["count", "last"]
+        keys = [state[f"{prefix}_{name}"] for name in rule]
+        return np.concatenate([chosen, _smallest(keys, wanted - len(chosen), np.union1d(free, keep))])
 
-    def _sort(self) -> None:
-        ids, used = self.row_ids.cpu().numpy(), self.row_used.cpu().numpy()
-        rows = np.flatnonzero(used)
-        order = np.argsort(ids[rows], kind="stable")
-        n = len(rows)
-        self.sorted_ids[:n] = torch.from_numpy(ids[rows][order])
-        self.sorted_rows[:n] = torch.from_numpy(rows[order])
-        self.num_resident.fill_(n)
+
+class SortedIndex:
+    """keys[:size] (unique, ascending) -> values[:size], in arrays of a fixed capacity: searched with
+    np.searchsorted, and changed in place by shifting the runs between the changes (no sort, no new array)."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray, size: int):
+        self.keys, self.values, self.size = keys, values, size
+
+    @classmethod
+    def of(cls, keys: np.ndarray, values: np.ndarray, capacity: int) -> SortedIndex:
+        index = cls(np.zeros(capacity, np.int64), np.zeros(capacity, np.int64), len(keys))
+        order = np.argsort(keys, kind="stable")
+        index.keys[: len(keys)], index.values[: len(keys)] = keys[order], values[order]
+        return index
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The value of each key, and whether it is there (if not, the value means nothing)."""
+        at, found = _search(self.keys[: self.size], keys)
+        return self.values[at], found
+
+    def replace(self, removed: np.ndarray, added: np.ndarray, added_values: np.ndarray) -> None:
+        """Drops the `removed` keys (all there) and adds the `added` ones (none there)."""
+        gone = np.sort(np.searchsorted(self.keys[: self.size], removed))
+        order = np.argsort(added, kind="stable")
+        added, added_values = added[order], added_values[order]
+        at = np.searchsorted(self.keys[: self.size], added)  # each goes before the key now at `at`
+        # Runs of kept keys between the changes: each moves by (keys added before it) - (removed before it).
+        cuts = np.unique(np.concatenate([[0, self.size], gone, gone + 1, at]))
+        starts, ends = cuts[:-1], cuts[1:]
+        kept = ~np.isin(starts, gone, kind="sort")
+        starts, ends = starts[kept], ends[kept]
+        shifts = np.searchsorted(at, starts, side="right") - np.searchsorted(gone, starts)
+        # A run moving left can only overwrite runs before it, one moving right runs after it: so the
+        # left-moving ones go first, from the left, then the right-moving ones from the right.
+        left, right = np.flatnonzero(shifts < 0), np.flatnonzero(shifts > 0)[::-1]
+        for run in np.concatenate([left, right]).tolist():
+            start, end, shift = int(starts[run]), int(ends[run]), int(shifts[run])
+            self.keys[start + shift : end + shift] = self.keys[start:end]
+            self.values[start + shift : end + shift] = self.values[start:end]
+        places = at + np.arange(len(added)) - np.searchsorted(gone, at)
+        self.keys[places], self.values[places] = added, added_values
+        self.size += len(added) - len(gone)
+
+
+def _smallest(
+    keys: list[np.ndarray], k: int, excluded: np.ndarray, among: np.ndarray | None = None
+) -> np.ndarray:
+    """The k entries (of `among`, ascending, or of all), none of them `excluded` (ascending), first in the
+    order of (keys[0], keys[1], ..., index), in that order. The first key's threshold is its lowest value
+    where that has enough entries (ties are the rule: a batch's ids share their last sighting), else an O(n)
+    selection (np.partition); then the same with the next key among the entries tied at the threshold.
+    Only the k chosen are sorted, and the excluded are found by binary search."""
+    primary = keys[0] if among is None else keys[0][among]
+    if len(primary) == 0 or k == 0:
+        return np.zeros(0, dtype=np.int64)
+    nth = min(k + len(excluded), len(primary)) - 1  # the excluded may all be among the smallest
+    threshold = primary.min()
+    at_threshold = primary == threshold
+    below = np.zeros(0, dtype=np.int64)
+    if np.count_nonzero(at_threshold) <= nth:
+        threshold = np.partition(primary, nth)[nth]
+        at_threshold, below = primary == threshold, np.flatnonzero(primary < threshold)
+    tied = np.flatnonzero(at_threshold)
+    if among is not None:
+        below, tied = among[below], among[tied]
+    below = _without(below, excluded)
+    below = below[np.lexsort([below, *(key[below] for key in reversed(keys))])][:k]
+    need = k - len(below)
+    if need == 0:
+        return below
+    if len(keys) == 1:  # ties by index: the first ones will do
+        rest = _without(tied[: need + len(excluded)], excluded)[:need]
+    else:
+        rest = _smallest(keys[1:], need, excluded[:0], _without(tied, excluded))
+    return np.concatenate([below, rest])
+
+
+def _without(ascending: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    at, found = _search(ascending, excluded)
+    kept = np.ones(len(ascending), dtype=bool)
+    kept[at[found]] = False
+    return ascending[kept]
+
+
+def _search(ascending: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each key is in `ascending` (a binary search each), and whether it is there at all."""
+    if len(ascending) == 0:
+        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+    at = np.minimum(np.searchsorted(ascending, keys), len(ascending) - 1)
+    return at, ascending[at] == keys
 
 
 def _all_ranks(seen: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

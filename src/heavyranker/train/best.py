@@ -73,6 +73,11 @@ class BestTracker:
             log.info("stopping early at step %d: %s", step, self.describe())
         return self.exhausted
 
+    def saves(self, step: int, results: Results) -> bool:
+        """Whether update(step, results, save) will call save."""
+        improves = step > self.evaluated_step and self.improves(self.score(results))
+        return improves and not self.run.checkpoint(step).exists()
+
     def improves(self, value: float) -> bool:
         return value > self.value  # NaN (no task defined) never does
 

@@ -282,7 +282,7 @@ class Trainer:
                     self._log_stream(counts)
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
                     self.save()
-                if self.step % training.eval_log_every_n == 0 and self._evaluates():
+                if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
                     with out_of_memory_as_user_error(
                         "validation_data.<split>.global_batch_size", f"evaluating at step {self.step}"
                     ):
@@ -385,15 +385,14 @@ class Trainer:
             rates["embedding_tables"] = self.table_optimizer.param_groups[0]["lr"]
         return rates
 
-    def _evaluates(self) -> bool:
-        """Sharded tables' lookups are collectives, which an evaluation's uneven shares cannot run."""
-        return self.sharded is None and bool(self.config.validation_data)
-
     def _evaluate(self, logger: TrainLogger) -> None:
         self.runtime.sync_buffers(self.model)  # evaluate the weights a checkpoint of this step holds
         self.model.eval()
-        try:
-            results = evaluate_splits(self.config, self.model, self.step, self.runtime)
+        try:  # with sharded tables, rank 0 alone on the gathered tables (train/sharding.py)
+            evaluate = lambda model, runtime: evaluate_splits(self.config, model, self.step, runtime)  # noqa: E731
+            results = (
+                self.sharded.on_main_alone(evaluate) if self.sharded else evaluate(self.model, self.runtime)
+            )
         finally:
             self.model.train()
         logger.eval_scalars(self.step, results)
@@ -401,6 +400,10 @@ class Trainer:
         stop = False
         if keep_best:
             refuse_undefinable(keep_best, results)
+            if self.sharded and self.runtime.broadcast(
+                self.best is not None and self.best.saves(self.step, results)
+            ):
+                self.save()  # gathering shards takes every rank: before rank 0's update, which finds it saved
             stop = self.best is not None and self.best.update(self.step, results, self.save)
         if self.on_evaluation is not None and self.runtime.is_main:
             stop = self.on_evaluation(self.step, results) or stop

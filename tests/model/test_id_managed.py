@@ -1,0 +1,94 @@
+"""A managed table's map against a plain-Python LRU / LFU of the same rules (id_managed's docstring), written
+one id at a time with dicts and full sorts, over a few hundred batches that fill and evict a small table."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from heavyranker.config.model import Eviction
+from heavyranker.model.id_managed import ManagedMapping
+
+PADDING = -1
+
+
+class ReferenceMap:
+    """Rows 1..n-1 and n candidate entries, each [id, count, last batch]; a missing key is a free one."""
+
+    def __init__(self, num_embeddings: int, min_count: int, eviction: Eviction):
+        self.n, self.min_count, self.lfu = num_embeddings, min_count, eviction == Eviction.LFU
+        self.rows: dict[int, list[int]] = {}
+        self.candidates: dict[int, list[int]] = {}
+        self.tick = 0
+
+    def resident(self) -> dict[int, int]:
+        return {id_: row for row, (id_, _, _) in self.rows.items()}
+
+    def best_first(self, table: dict[int, list[int]], places: range, keep: set[int]) -> list[int]:
+        """Free places by index, then the least recently seen (lru) or least often, then least recently
+        (lfu), ties by index."""
+
+        def key(place: int) -> tuple[int, ...]:
+            if place not in table:
+                return (0, place)
+            _, count, last = table[place]
+            return (1, count, last, place) if self.lfu else (1, last, place)
+
+        return [place for place in sorted(places, key=key) if place not in keep]
+
+    def step(self, ids: list[int]) -> None:
+        self.tick += 1
+        sightings = Counter(i for i in ids if i != PADDING)
+        row_of, touched_rows = self.resident(), set()
+        for id_, count in sightings.items():
+            if id_ in row_of:
+                row = row_of[id_]
+                self.rows[row][1] += count
+                self.rows[row][2] = self.tick
+                touched_rows.add(row)
+        entry_of = {id_: entry for entry, (id_, _, _) in self.candidates.items()}
+        others = sorted(i for i in sightings if i not in row_of)
+        known = [i for i in others if i in entry_of]
+        new = [i for i in others if i not in entry_of]
+        free = self.best_first(self.candidates, range(self.n), {entry_of[i] for i in known})
+        for entry, id_ in zip(free, new, strict=False):  # new ids beyond the free entries are not counted
+            self.candidates[entry] = [id_, 0, 0]
+            entry_of[id_] = entry
+        waiting = [entry_of[i] for i in others if i in entry_of]
+        for entry in waiting:
+            self.candidates[entry][1] += sightings[self.candidates[entry][0]]
+            self.candidates[entry][2] = self.tick
+        ready = [e for e in waiting if self.candidates[e][1] >= self.min_count]
+        ready.sort(key=lambda e: (-self.candidates[e][1], self.candidates[e][0]))
+        rows = self.best_first(self.rows, range(1, self.n), touched_rows)
+        for row, entry in zip(rows, ready, strict=False):
+            id_, count, _ = self.candidates.pop(entry)
+            self.rows[row] = [id_, count, self.tick]
+
+
+@pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])
+@pytest.mark.parametrize("min_count", [1, 3])
+def test_the_map_is_a_plain_python_lru_or_lfu_of_the_same_ids(eviction, min_count):
+    rng = np.random.default_rng([min_count, eviction == Eviction.LFU])
+    pool = np.append(rng.integers(-(2**63), 2**63 - 1, 40, dtype=np.int64), PADDING)
+    mapping = ManagedMapping(9, min_count, eviction, PADDING)
+    reference = ReferenceMap(9, min_count, eviction)
+    evictions = 0
+    for step in range(300):
+        draws = rng.zipf(1.4, int(rng.integers(1, 13)))  # a few frequent ids, and many ties
+        ids = pool[np.minimum(draws, len(pool)) - 1]
+        if step == 150:  # a resumed mapping rebuilds its indexes from the buffers
+            resumed = ManagedMapping(9, min_count, eviction, PADDING)
+            resumed.load_state_dict(mapping.state_dict())
+            mapping = resumed
+        before = reference.resident()
+        rows, _ = mapping(torch.from_numpy(ids).unsqueeze(0))
+        reference.step(ids.tolist())
+        resident = reference.resident()
+        assert mapping.resident() == resident, step
+        assert rows[0, :, 0].tolist() == [resident.get(i, 0) for i in ids.tolist()], step
+        evictions += len(before.keys() - resident.keys())
+    assert evictions > 40  # the table was full most of the time: eviction decided most admissions
