@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/id_quality.py --data DATA [--study memory | defaults]
         [--config configs/local_small_ids.yaml] [--steps N] [--seeds 0 1 2] [--workers 2]
-        [--resamples 200] [--runs FOLDER] [--results PATH]
+        [--resamples 200] [--runs FOLDER] [--variants NAME ...] [--results PATH]
 
 DATA is what `heavyranker data generate --config CONFIG --id-effects S --out DATA` wrote (a folder per split).
 The bench counts the distinct user and author ids of DATA's train split, trains one run per variant and
@@ -97,9 +97,13 @@ def tables(rows: dict[str, int], **mapping: object) -> str:
 
 
 def shipped_tables(config: Config, **changes: object) -> str:
-    """The config's `model.large_embeddings` with `changes` to every table (--set cannot reach into a list)."""
+    """The config's `model.large_embeddings` with `changes` to every table (--set cannot reach into lists)."""
     entries = [
-        "{" + ", ".join(f"{k}: {v}" for k, v in {**table.model_dump(mode="json"), **changes}.items() if v is not None) + "}"
+        "{"
+        + ", ".join(
+            f"{k}: {v}" for k, v in {**table.model_dump(mode="json"), **changes}.items() if v is not None
+        )
+        + "}"
         for table in config.model.large_embeddings.tables
     ]
     return "model.large_embeddings={tables: [" + ", ".join(entries) + "]}"
@@ -132,7 +136,9 @@ def defaults_study(config: Config, distinct: dict[str, int]) -> tuple[dict, list
         "min_count 1": [shipped_tables(config, min_count=1)],
         "min_count 5": [shipped_tables(config, min_count=5)],
         # A row per distinct id, and row 0 (the default row) besides.
-        "full size": [tables({t.name: distinct[t.name] + 1 for t in shipped}, id_mapping="managed", min_count=2)],
+        "full size": [
+            tables({t.name: distinct[t.name] + 1 for t in shipped}, id_mapping="managed", min_count=2)
+        ],
         f"rate {rate * 4:g}": [f"optimizer.embedding.learning_rate={rate * 4}"],
     }
     return variants, [("none", name) for name in variants if name != "none"]
@@ -185,7 +191,7 @@ def comparison(a: Scores, b: Scores, tasks: list[str], resamples: int, seed: int
 
 
 def summarize(per_seed: list[dict[str, dict]]) -> dict[str, dict]:
-    """Per task: the mean RCE difference over seeds, and on how many seeds its interval was above / below 0."""
+    """Per task: the mean RCE difference over seeds, and on how many seeds its interval was above, below 0."""
     summary = {}
     for task in per_seed[0]:
         rows = [seed[task] for seed in per_seed]
@@ -210,6 +216,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="trainings at once")
     parser.add_argument("--resamples", type=int, default=200, help="of each paired bootstrap")
     parser.add_argument("--runs", help="where the runs go (default: a temporary folder, removed)")
+    parser.add_argument("--variants", nargs="+", help="only these of the study's variants (default: all)")
     add_results_option(parser, "id_quality")
     args = parser.parse_args()
     if args.study == "defaults" and args.results == parser.get_default("results"):
@@ -221,6 +228,9 @@ def main() -> int:
     distinct = distinct_ids(config)
     print("distinct ids in the train split:", distinct)
     variants, pairs = STUDIES[args.study](config, distinct)
+    if args.variants:
+        variants = {name: sets for name, sets in variants.items() if name in args.variants}
+        pairs = [(a, b) for a, b in pairs if a in variants and b in variants]
     common = base + step_overrides(config, args.steps)
     with tempfile.TemporaryDirectory(prefix="id_quality_") as tmp:
         runs = Path(args.runs or tmp)
@@ -232,7 +242,11 @@ def main() -> int:
         with ThreadPoolExecutor(args.workers) as pool:
             for job in [
                 pool.submit(
-                    train, args.config, [*common, *variants[n], f"training.seed={s}"], folder(n, s), args.steps
+                    train,
+                    args.config,
+                    [*common, *variants[n], f"training.seed={s}"],
+                    folder(n, s),
+                    args.steps,
                 )
                 for n, s in jobs
             ]:
@@ -246,7 +260,9 @@ def main() -> int:
     for a, b in pairs:
         per_seed = [comparison(scores[a, s], scores[b, s], task_names, args.resamples, s) for s in args.seeds]
         comparisons[f"{b} - {a}"] = summarize(per_seed)
-        print(f"\n{b} - {a}: RCE points, mean over seeds {args.seeds} [min, max]; seeds whose interval > 0 / < 0")
+        print(
+            f"\n{b} - {a}: RCE points, mean over seeds {args.seeds} [min, max]; seeds with interval > 0 / < 0"
+        )
         for task, row in comparisons[f"{b} - {a}"].items():
             print(
                 f"  {task:<48} {row['positives']:>6} {row['rce_delta_mean']:+7.2f} "

@@ -70,7 +70,9 @@ def main() -> int:
     parser.add_argument("--split", help="a validation split (default: the config's first)")
     parser.add_argument("--set", action="append", default=[], metavar="DOTTED.PATH=VALUE")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tables", action="store_true", help="fp32 against int8 id tables (--table-precision)")
+    parser.add_argument(
+        "--tables", action="store_true", help="fp32 against int8 id tables (--table-precision)"
+    )
     add_results_option(parser, "precision_quality")
     args = parser.parse_args()
     if args.tables and args.results == parser.get_default("results"):
@@ -87,7 +89,10 @@ def main() -> int:
         for name, options in exports.items():
             folder = export_model(config, checkpoint=checkpoint, out=f"{tmp}/{name}", **options)
             scorer = Scorer(folder, threads=args.threads)
-            scored[name], table_bytes[name] = score_split(scorer, config, split), scorer.manifest["table_bytes"]
+            scored[name], table_bytes[name] = (
+                score_split(scorer, config, split),
+                scorer.manifest["table_bytes"],
+            )
     reference, labels, weights = scored["fp32"]
     short = short_names(list(config.task_names))
     tasks: dict[str, dict[str, float]] = {}
@@ -118,7 +123,9 @@ def main() -> int:
             "max_abs_probability_difference": float(np.abs(scored[precision][0] - reference).max()),
             "mean_abs_probability_difference": float(np.abs(scored[precision][0] - reference).mean()),
             "aim_met": met[precision],
-            "table_bytes_of_fp32": table_bytes[precision] / table_bytes["fp32"] if table_bytes["fp32"] else 1.0,
+            "table_bytes_of_fp32": table_bytes[precision] / table_bytes["fp32"]
+            if table_bytes["fp32"]
+            else 1.0,
         }
         for precision in met
     }

@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 import onnx
-from onnx.numpy_helper import to_array
 import pytest
 import torch
+from onnx.numpy_helper import to_array
 
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
@@ -34,7 +34,8 @@ TABLES = [
     f"{{name: users, num_embeddings: 16, embedding_dim: {DIM}, feature_name: meta__user_id, "
     "id_mapping: managed},"
     f"{{name: authors, num_embeddings: 400, embedding_dim: {DIM}, feature_name: meta__author_id}}]}}",
-    f"model.small_embeddings={{tables: [{{name: column, num_embeddings: 10, embedding_dim: {DIM}, index: 3}}]}}",
+    "model.small_embeddings={tables: "
+    f"[{{name: column, num_embeddings: 10, embedding_dim: {DIM}, index: 3}}]}}",
 ]
 USERS = [2**63 - 1, -(2**63), -12345, 1_234_567_890_123]
 
@@ -140,20 +141,27 @@ def test_exported_int8_tables_score_as_the_eager_model_with_the_same_rows(traine
 def test_programs_hold_the_tables_in_8_bits_at_a_quarter_of_their_bytes(trained, tmp_path):
     config, model, checkpoint, _ = trained
     folders = {
-        (p, f): export_model(config, checkpoint=str(checkpoint), out=str(tmp_path / p / f), format=f, table_precision=p)
+        (p, f): export_model(
+            config, checkpoint=str(checkpoint), out=str(tmp_path / p / f), format=f, table_precision=p
+        )
         for p in ("fp32", "int8")
         for f in ("onnx", "pt2")
     }
     tables = {**model.large_embeddings, **model.small_embeddings}
     rows = sorted(t.embedding.weight.shape[0] for t in tables.values())
     fp32_bytes, int8_bytes = (
-        json.loads((folders[p, "onnx"] / "manifest.json").read_text())["table_bytes"] for p in ("fp32", "int8")
+        json.loads((folders[p, "onnx"] / "manifest.json").read_text())["table_bytes"]
+        for p in ("fp32", "int8")
     )
     assert fp32_bytes == 4 * DIM * sum(rows)
     assert int8_bytes == (DIM + 4) * sum(rows)  # (D + 4) / 4D of fp32: 0.375 at D = 8, 0.27 at D = 64
-    onnx_tensors = {p: onnx.load(folders[p, "onnx"] / "model.onnx").graph.initializer for p in ("fp32", "int8")}
+    onnx_tensors = {
+        p: onnx.load(folders[p, "onnx"] / "model.onnx").graph.initializer for p in ("fp32", "int8")
+    }
     found = {  # the tables' codes and scales, by their rows
-        kind: sorted(int(t.dims[0]) for t in onnx_tensors["int8"] if t.data_type == kind and t.dims[1:] == [width])
+        kind: sorted(
+            int(t.dims[0]) for t in onnx_tensors["int8"] if t.data_type == kind and t.dims[1:] == [width]
+        )
         for kind, width in ((onnx.TensorProto.UINT8, DIM), (onnx.TensorProto.FLOAT16, 2))
     }
     assert found == {onnx.TensorProto.UINT8: rows, onnx.TensorProto.FLOAT16: rows}
@@ -181,7 +189,8 @@ def test_int8_tables_move_the_scores_within_the_bound_their_rounding_gives(tmp_p
     base = load_config(CONFIGS / "local_small.yaml", TABLES)
     linear = [f"model.tasks.{task}={{mlp_config: {{layer_sizes: [1]}}}}" for task in base.model.tasks]
     config = load_config(
-        CONFIGS / "local_small.yaml", [*TABLES, "model.multi_task_type=share_none", "model.backbone=null", *linear]
+        CONFIGS / "local_small.yaml",
+        [*TABLES, "model.multi_task_type=share_none", "model.backbone=null", *linear],
     )
     torch.manual_seed(1)
     specs = feature_specs(config.train_data)
@@ -201,7 +210,9 @@ def test_int8_tables_move_the_scores_within_the_bound_their_rounding_gives(tmp_p
         rounding.append((start, DIM, hashes * float(scale_bias[:, 0].float().max()) / 2))
         start += DIM
     tower_weights = [tower.layers[0].weight.detach()[0] for tower in model.towers.values()]  # [input width]
-    logit_bound = torch.stack([sum(e * w[a : a + n].abs().sum() for a, n, e in rounding) for w in tower_weights])
+    logit_bound = torch.stack(
+        [sum(e * w[a : a + n].abs().sum() for a, n, e in rounding) for w in tower_weights]
+    )
     probability_bound = logit_bound / 4 + 1e-6
     weights = torch.tensor([config.engagement_weights.get(t, 0.0) for t in config.task_names])
     features = features_with_ids(shapes, 64)

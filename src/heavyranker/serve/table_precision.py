@@ -30,9 +30,7 @@ FP16_MAX = float(torch.finfo(torch.float16).max)
 
 def check_table_precision(table_precision: str) -> None:
     if table_precision not in TABLE_PRECISIONS:
-        raise SettingError(
-            "table_precision", f"{table_precision}: not one of {', '.join(TABLE_PRECISIONS)}"
-        )
+        raise SettingError("table_precision", f"{table_precision}: not one of {', '.join(TABLE_PRECISIONS)}")
 
 
 def quantize_rows(weight: torch.Tensor, table: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +39,8 @@ def quantize_rows(weight: torch.Tensor, table: str) -> tuple[torch.Tensor, torch
     rows = weight.detach().float()
     if not bool(torch.isfinite(rows).all()) or float(rows.abs().max()) >= FP16_MAX / 2:
         raise UserError(
-            f"table {table}: a row holds a value that is not finite or beyond {FP16_MAX / 2:g}, which the int8 "
-            "tables' fp16 scale and bias cannot hold: export with --table-precision fp32"
+            f"table {table}: a row holds a value that is not finite or beyond {FP16_MAX / 2:g}, which the "
+            "int8 tables' fp16 scale and bias cannot hold: export with --table-precision fp32"
         )
     low, high = rows.min(dim=1).values, rows.max(dim=1).values
     bias = _fp16_at_most(low)
@@ -54,7 +52,9 @@ def quantize_rows(weight: torch.Tensor, table: str) -> tuple[torch.Tensor, torch
 
 def _fp16_at_most(x: torch.Tensor) -> torch.Tensor:
     rounded = x.half()
-    return torch.where(rounded.float() > x, torch.nextafter(rounded, torch.tensor(-torch.inf).half()), rounded)
+    return torch.where(
+        rounded.float() > x, torch.nextafter(rounded, torch.tensor(-torch.inf).half()), rounded
+    )
 
 
 def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,9 @@ def generate_for_config(
     if id_effects < 0:
         raise UserError(f"id_effects must be 0 (off) or positive, got {id_effects}")
     if rows_per_user <= 0 or (rows_per_author is not None and rows_per_author <= 0):
-        raise UserError(f"rows per user and per author must be positive (got {rows_per_user}, {rows_per_author})")
+        raise UserError(
+            f"rows per user and per author must be positive (got {rows_per_user}, {rows_per_author})"
+        )
     users = max(64, int(n_train // rows_per_user))
     authors = None if rows_per_author is None else max(16, int(n_train // rows_per_author))
     planted = World(
