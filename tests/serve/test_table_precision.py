@@ -14,6 +14,7 @@ import torch
 from onnx.numpy_helper import to_array
 
 from heavyranker.checkpoint import save_checkpoint
+from heavyranker.cli import main
 from heavyranker.config import load_config
 from heavyranker.data.columns import feature_specs
 from heavyranker.errors import SettingError, UserError
@@ -223,3 +224,11 @@ def test_int8_tables_move_the_scores_within_the_bound_their_rounding_gives(tmp_p
     assert bool((moved <= probability_bound).all())
     assert bool(((score - eager @ weights).abs() <= probability_bound @ weights.abs() + 1e-5).all())
     assert float(moved.max()) > 0  # the rows were rounded
+
+
+def test_the_export_command_takes_the_table_precision(trained, tmp_path):
+    _, _, checkpoint, _ = trained
+    arguments = ["export", "--config", str(CONFIGS / "local_small.yaml"), "--checkpoint", str(checkpoint)]
+    arguments += [a for value in TABLES for a in ("--set", value)]
+    assert main([*arguments, "--out", str(tmp_path), "--format", "pt2", "--table-precision", "int8"]) == 0
+    assert json.loads((tmp_path / "manifest.json").read_text())["table_precision"] == "int8"
