@@ -3,13 +3,17 @@ same checkpoint, on the same validation split, with the probabilities' largest a
 
     .venv/bin/python bench/precision_quality.py --checkpoint runs/local_small
         [--config configs/local_small.yaml]
-        [--split validation] [--set DOTTED.PATH=VALUE ...] [--threads N] [--results PATH]
+        [--split validation] [--set DOTTED.PATH=VALUE ...] [--threads N] [--tables] [--results PATH]
 
 Exports fp32 (ONNX, the default format), bf16 (pt2: the only format that runs it) and int8 (ONNX), scores
 every example of the split with each through the Scorer, as predict and serve do, and compares. The aim of
 issue 28: |delta RCE| <= 0.1 points and |delta AUROC| <= 0.001 on every task with >= 500 positives.
 tests/serve/test_precision.py holds int8 to the drift measured here. The summary goes to
 bench/results/precision_quality.json; docs/benchmarks.md shows it, docs/precision.md discusses it.
+
+With --tables, the id tables' precision instead (export --table-precision): fp32 and int8 tables, both ONNX
+with fp32 dense layers, of a model with id tables (configs/local_small_ids.yaml); the summary goes to
+bench/results/table_precision_quality.json, docs/id-embeddings.md discusses it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from heavyranker.serve.export import export_model
 from heavyranker.serve.scorer import Scorer
 
 REPO = Path(__file__).resolve().parents[1]
-EXPORTS = {"fp32": "onnx", "bf16": "pt2", "int8": "onnx"}  # precision -> the format it is exported in
+EXPORTS = {  # what is compared -> export_model's options
+    "fp32": {"format": "onnx"},
+    "bf16": {"format": "pt2", "precision": "bf16"},
+    "int8": {"format": "onnx", "precision": "int8"},
+}
+TABLE_EXPORTS = {"fp32": {"format": "onnx"}, "int8 tables": {"format": "onnx", "table_precision": "int8"}}
 AIM_POSITIVES, AIM_RCE, AIM_AUROC = 500, 0.1, 0.001
 
 
@@ -61,29 +70,33 @@ def main() -> int:
     parser.add_argument("--split", help="a validation split (default: the config's first)")
     parser.add_argument("--set", action="append", default=[], metavar="DOTTED.PATH=VALUE")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--tables", action="store_true", help="fp32 against int8 id tables (--table-precision)"
+    )
     add_results_option(parser, "precision_quality")
     args = parser.parse_args()
+    if args.tables and args.results == parser.get_default("results"):
+        args.results = args.results.with_name("table_precision_quality.json")
+    exports = TABLE_EXPORTS if args.tables else EXPORTS
     torch.set_num_threads(args.threads)
     config = load_config(args.config, args.set)
     split = args.split or next(iter(config.validation_data))
     print(cpu_line())
 
-    scored = {}
+    scored, table_bytes = {}, {}
     with tempfile.TemporaryDirectory(prefix="precision_quality_") as tmp:
         checkpoint = args.checkpoint or initial_checkpoint(config, Path(tmp))
-        for precision, format in EXPORTS.items():
-            folder = export_model(
-                config,
-                checkpoint=checkpoint,
-                out=f"{tmp}/{precision}",
-                format=format,
-                precision=precision,
+        for name, options in exports.items():
+            folder = export_model(config, checkpoint=checkpoint, out=f"{tmp}/{name}", **options)
+            scorer = Scorer(folder, threads=args.threads)
+            scored[name], table_bytes[name] = (
+                score_split(scorer, config, split),
+                scorer.manifest["table_bytes"],
             )
-            scored[precision] = score_split(Scorer(folder, threads=args.threads), config, split)
     reference, labels, weights = scored["fp32"]
     short = short_names(list(config.task_names))
     tasks: dict[str, dict[str, float]] = {}
-    met = {precision: True for precision in EXPORTS if precision != "fp32"}
+    met = {name: True for name in exports if name != "fp32"}
     print(
         f"{'task':<40} {'positives':>9} {'fp32 AUROC':>10} {'RCE':>6} "
         + " ".join(f"{p + ' dAUROC':>12} {'dRCE':>6}" for p in met)
@@ -110,6 +123,9 @@ def main() -> int:
             "max_abs_probability_difference": float(np.abs(scored[precision][0] - reference).max()),
             "mean_abs_probability_difference": float(np.abs(scored[precision][0] - reference).mean()),
             "aim_met": met[precision],
+            "table_bytes_of_fp32": table_bytes[precision] / table_bytes["fp32"]
+            if table_bytes["fp32"]
+            else 1.0,
         }
         for precision in met
     }

@@ -139,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="plant a per-user and per-author effect of this scale (logits) on Zipf-frequent raw int64 ids, "
         "for id embedding tables to learn (docs/id-embeddings.md; default 0: off)",
     )
+    p.add_argument(
+        "--rows-per-user",
+        type=float,
+        default=8.0,
+        help="train rows per user on average, which sets how many users there are (default 8)",
+    )
+    p.add_argument(
+        "--rows-per-author",
+        type=float,
+        help="train rows per author on average (default: authors a quarter as many as users)",
+    )
     p = command(
         data, "dump", "write the arrays of some batches to an .npz for inspection", handlers.run_data_dump
     )
@@ -247,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "bf16", "int8"),
         default="fp32",
         help="of the dense layers' products: fp32 (the default), bf16 (pt2 only) or int8 (onnx only)",
+    )
+    p.add_argument(
+        "--table-precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="of the id embedding tables' rows: fp32 (the default) or int8 (row-wise, a quarter of the "
+        "bytes; either format; docs/id-embeddings.md)",
     )
 
     p = command(

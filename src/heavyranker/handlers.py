@@ -34,6 +34,8 @@ def run_data_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         world=args.world,
         id_effects=args.id_effects,
+        rows_per_user=args.rows_per_user,
+        rows_per_author=args.rows_per_author,
     )
     return 0
 
@@ -157,7 +159,12 @@ def run_export(args: argparse.Namespace) -> int:
         print(repository.location(version))
         return 0
     export_model(
-        _load(args), checkpoint=args.checkpoint, out=args.out, format=args.format, precision=args.precision
+        _load(args),
+        checkpoint=args.checkpoint,
+        out=args.out,
+        format=args.format,
+        precision=args.precision,
+        table_precision=args.table_precision,
     )
     return 0
 

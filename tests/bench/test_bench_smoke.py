@@ -135,6 +135,30 @@ def test_precision_quality_runs_and_writes_its_summary(small_data, tmp_path):
     _run_bench("precision_quality", arguments, {"split", "examples", "tasks", "against_fp32"}, tmp_path)
 
 
+def test_precision_quality_of_id_tables_runs_and_writes_its_summary(small_data, tmp_path):
+    sets = [f"train_data.inputs={small_data}/train/*.gz"]
+    sets += [f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in SMALL_SPLITS]
+    sets += [
+        "model.large_embeddings={tables: [{name: users, feature_name: meta__user_id, num_embeddings: 64, "
+        "embedding_dim: 4, id_mapping: hash}]}"
+    ]
+    arguments = ["--config", SMALL, "--tables", *(a for value in sets for a in ("--set", value))]
+    _run_bench("precision_quality", arguments, {"split", "examples", "tasks", "against_fp32"}, tmp_path)
+
+
+def test_id_quality_trains_compares_and_writes_its_summary(tmp_path):
+    """Two of the memory study's variants, a few steps each, on a little id data."""
+    ids = str(REPO / "configs" / "local_small_ids.yaml")
+    generate = [sys.executable, "-m", "heavyranker", "data", "generate", "--config", ids, "--id-effects", "1"]
+    generate += ["--examples", "600", "--files", "1", "--out", str(tmp_path / "data")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(generate, env=env, check=True, capture_output=True, timeout=600)
+    arguments = ["--data", str(tmp_path / "data"), "--steps", "3", "--seeds", "0", "--resamples", "100"]
+    arguments += ["--runs", str(tmp_path / "runs"), "--variants", "none", "managed 1/10"]
+    figures = {"study", "distinct_ids", "train_steps", "variants", "rce_difference"}
+    _run_bench("id_quality", arguments, figures, tmp_path)
+
+
 def _run_bench(name: str, arguments: list[str], figures: set[str], tmp_path) -> None:
     results = tmp_path / f"{name}.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}

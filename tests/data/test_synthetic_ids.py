@@ -52,3 +52,17 @@ def test_id_effects_off_by_default_and_never_negative(tmp_path):
         generate_for_config(config, examples=100, files=1, id_effects=-1.0)
     world = World(layout_for(config.train_data, config.validation_data), users=64, seed=0)
     assert "effect" not in world.users.traits and (world.users.ids >= 2**20).all()
+
+
+def test_rows_per_user_and_per_author_set_how_many_there_are(tmp_path):
+    """The issue's held-out data: about 25 impressions per user and 130 per author (train split)."""
+    config = write_config(tmp_path)
+    files = generate_for_config(
+        config, examples=5200, files=1, seed=2, id_effects=1.0, rows_per_user=26, rows_per_author=130
+    )
+    ids = load_truth([f for f in files if "/train/" in f]).ids
+    users, authors = (len(np.unique(ids[key])) for key in ("user_id", "author_id"))
+    # 200 users and 40 authors drawn Zipf-like: nearly all are seen in 5,200 rows, none beyond them.
+    assert 150 <= users <= 200 and 30 <= authors <= 40
+    with pytest.raises(UserError, match="rows per user and per author must be positive"):
+        generate_for_config(config, examples=100, files=1, rows_per_author=0)

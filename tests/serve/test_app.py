@@ -82,6 +82,7 @@ def test_healthz_and_model(client: httpx.Client, exported: Exported):
         "program_format": "pt2",
         "program_sha256": hashlib.sha256(program).hexdigest(),
         "precision": "fp32",
+        "table_precision": "fp32",
         "checkpoint": {"step": STEP},
         "tasks": exported.config.task_names,
         "inputs": [

@@ -86,13 +86,17 @@ class LargeEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows, weights, counted = self.bag(ids)
-        weights = weights.to(self.embedding.weight.dtype)
-        if torch.compiler.is_compiling():  # also true while torch.export traces for an export
-            # ONNX has no EmbeddingBag: its exporter writes a loop over the candidates, 2.5x torch's time at
-            # 1,000 local_small candidates. A gather and a weighted sum is the same mean, one op each.
-            summed = (F.embedding(rows, self.embedding.weight) * weights.unsqueeze(-1)).sum(dim=1)
+        table = self.embedding
+        if isinstance(table, nn.EmbeddingBag) and not torch.compiler.is_compiling():
+            weights = weights.to(table.weight.dtype)
+            summed = F.embedding_bag(rows, table.weight, per_sample_weights=weights, mode="sum")
         else:
-            summed = F.embedding_bag(rows, self.embedding.weight, per_sample_weights=weights, mode="sum")
+            # While torch.export traces (for an export): ONNX has no EmbeddingBag, and its exporter writes a
+            # loop over the candidates, 2.5x torch's time at 1,000 local_small candidates; a gather and a
+            # weighted sum is the same mean, one op each. An exported table of 8-bit rows
+            # (serve/table_precision.py) gathers and dequantizes its rows itself.
+            vectors = F.embedding(rows, table.weight) if isinstance(table, nn.EmbeddingBag) else table(rows)
+            summed = (vectors * weights.to(vectors.dtype).unsqueeze(-1)).sum(dim=1)
         return bag_mean(summed, counted)
 
 

@@ -4,7 +4,7 @@
                     as binary tensors (content-type application/octet-stream; tensors.py)
                     -> {"candidates": [{"id", "score", "probabilities": {task: p}}, ...]}, best score first
     GET  /v1/model  what a client needs of the manifest: tasks, inputs, weights, the program's hash and
-                    precision, step
+                    precision and table precision, step
     GET  /healthz   {"status": "ok"}
     /v2/...         the Open Inference Protocol (v2.py), for Triton's and KServe's clients
     GET  /metrics   Prometheus' text format (metrics.py)
@@ -238,6 +238,7 @@ def client_manifest(manifest: dict[str, Any], version: int | None = None) -> dic
         "program_format": manifest["program_format"],
         "program_sha256": manifest["program_sha256"],
         "precision": manifest.get("precision", "fp32"),
+        "table_precision": manifest.get("table_precision", "fp32"),
         "checkpoint": {"step": manifest["checkpoint"]["step"]},
         "tasks": manifest["tasks"],
         "inputs": [{field: spec[field] for field in input_fields} for spec in manifest["inputs"]],

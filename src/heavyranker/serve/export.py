@@ -49,6 +49,7 @@ from ..errors import SettingError, UserError
 from ..model import Ranker, build_model, restore_weights
 from .precision import CHECK_TOLERANCES, check_precision, quantize_onnx, with_bf16_layers
 from .scorer import FORMAT, MANIFEST, OUTPUTS, PROGRAMS, OnnxProgram, sha256_file
+from .table_precision import check_table_precision, table_bytes, with_int8_tables
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,24 @@ class ScoringProgram(nn.Module):
 
 
 def export_model(
-    config: Config, *, checkpoint: str | None = None, out: str, format: str = "onnx", precision: str = "fp32"
+    config: Config,
+    *,
+    checkpoint: str | None = None,
+    out: str,
+    format: str = "onnx",
+    precision: str = "fp32",
+    table_precision: str = "fp32",
 ) -> Path:
     """Writes out/model.onnx and out/config.pbtxt (format "onnx") or out/model.pt2 (format "pt2"), then
     out/manifest.json and out/schema.json; returns the folder.
     `checkpoint`: a step_<N>.pt file or a run folder (default: save_dir's checkpoint that best.json marks
     when training.keep_best is set, else its newest). `precision`: fp32, bf16 (pt2) or int8 (onnx); see
-    precision.py."""
+    precision.py. `table_precision`: of the id tables' rows, fp32 or int8 (either format; table_precision.py):
+    the exported program is checked against the model with the rows it holds."""
     if format not in PROGRAMS:
         raise SettingError("format", f"{format}: not one of {', '.join(PROGRAMS)}")
     check_precision(precision, format)
+    check_table_precision(table_precision)
     best = checkpoint is None and config.training.keep_best is not None
     source = resolve_checkpoint(checkpoint or config.training.save_dir, best=best)
     specs = feature_specs(config.train_data)
@@ -93,6 +102,8 @@ def export_model(
     model = build_model(config.model, specs, config.train_data.tasks)
     state = restore_weights(model, source)
     model.eval()
+    if table_precision == "int8":
+        model = with_int8_tables(model)
 
     names = used_inputs(model, {name: example(shape, dtypes[name], 2) for name, shape in shapes.items()})
     # A task the config gives no weight does not count in the score.
@@ -138,6 +149,8 @@ def export_model(
         "program_format": format,
         "program": PROGRAMS[format],
         "precision": precision,
+        "table_precision": table_precision,  # of the id tables' rows
+        "table_bytes": table_bytes(model),
         # Of the file (weights, code and debug source ranges): the same export of the same checkpoint gives
         # the same hash, and the scorer checks it on load.
         "program_sha256": sha256_file(folder / PROGRAMS[format]),
@@ -163,11 +176,12 @@ def export_model(
     for stale in {*PROGRAMS.values(), TRITON_CONFIG} - written:
         (folder / stale).unlink(missing_ok=True)
     log.info(
-        "exported %s (step %s) to %s in %s: inputs %s, %d tasks",
+        "exported %s (step %s) to %s in %s (tables %s): inputs %s, %d tasks",
         source,
         state.get("step"),
         folder / PROGRAMS[format],
         precision,
+        table_precision,
         ", ".join(names),
         len(config.task_names),
     )

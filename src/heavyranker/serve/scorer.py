@@ -83,6 +83,8 @@ class Scorer:
         self.tasks: list[str] = list(self.manifest["tasks"])
         # Of the dense layers' products (export --precision); a manifest written before it was recorded: fp32.
         self.precision: str = self.manifest.get("precision", "fp32")
+        # Of the id tables' rows (export --table-precision); before it was recorded: fp32.
+        self.table_precision: str = self.manifest.get("table_precision", "fp32")
         self.inputs = [
             InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"]), i["allow_non_finite"])
             for i in self.manifest["inputs"]

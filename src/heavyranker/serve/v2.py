@@ -17,7 +17,7 @@ the request's output asks `"binary_data": true` or, for outputs it does not list
 parameter binary_data_output is true. Errors are the protocol's {"error": "..."} (app.py writes it): 404
 for another model's name, 400 for a request the model cannot take, 413 for too many candidates. The columns
 of `probabilities` are the tasks in the order of the model metadata's parameter `tasks`, comma-separated;
-its parameter `precision` is the export's (fp32, bf16 or int8).
+its parameters `precision` and `table_precision` are the export's (fp32, bf16 or int8; fp32 or int8).
 """
 
 from __future__ import annotations
@@ -129,7 +129,11 @@ def model_metadata(scorer: Scorer, model_name: str, version: int | None = None) 
     ]
     platform = PLATFORMS.get(Path(scorer.manifest["program"]).suffix, "unknown")
     # A parameter is a string, number or boolean: the tasks, in the order of the probabilities' columns.
-    parameters = {"tasks": ",".join(scorer.tasks), "precision": scorer.precision}
+    parameters = {
+        "tasks": ",".join(scorer.tasks),
+        "precision": scorer.precision,
+        "table_precision": scorer.table_precision,
+    }
     described = {
         "name": model_name,
         "platform": platform,

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FILES = 8
 DEFAULT_VALUES = 150_000_000  # default train size in feature values: 20k rows of the seed schema
 MAX_DEFAULT_EXAMPLES = 600_000  # ... and 600k of a small one: local_small's 3000 steps see a row ~1.3 times
-ROWS_PER_USER = 8  # in the train split; authors are a quarter as many as users, tweets as rows
+ROWS_PER_USER = 8  # in the train split, by default; authors are a quarter as many as users, tweets as rows
 VALIDATION_FRACTION = 0.1
 
 
@@ -56,6 +56,8 @@ def generate_for_config(
     seed: int = 0,
     world: str = "demo",
     id_effects: float = 0.0,
+    rows_per_user: float = ROWS_PER_USER,
+    rows_per_author: float | None = None,
 ) -> list[str]:
     """Writes data with a planted truth for the train split and each validation split, where their inputs
     point (or under out/<split name>), and returns the data files written.
@@ -68,7 +70,9 @@ def generate_for_config(
     than drawn. Splits reading the same folder share its files, written once for the first of them.
     `world`: whose planted truth, a name of WORLDS (holdout.py: the second benchmark's).
     `id_effects` > 0: users and authors get raw int64 ids, Zipf frequencies and a hidden per-id effect of
-    that scale (World._plant_id_effects), which id embedding tables can learn; 0 leaves the data as it was."""
+    that scale (World._plant_id_effects), which id embedding tables can learn; 0 leaves the data as it was.
+    `rows_per_user`, `rows_per_author`: train rows per user and per author on average, which set how many
+    users and authors there are (default 8, and authors a quarter as many as users)."""
     layout = layout_for(config.train_data, config.validation_data)
     n_train = default_examples(layout) if examples is None else examples
     if n_train < 1 or (files is not None and files < 1):
@@ -77,8 +81,15 @@ def generate_for_config(
         raise UserError(f"no world {world!r} (there are: {', '.join(WORLDS)})")
     if id_effects < 0:
         raise UserError(f"id_effects must be 0 (off) or positive, got {id_effects}")
-    users = max(64, n_train // ROWS_PER_USER)
-    planted = World(layout, users=users, seed=seed, truth=WORLDS[world], id_effects=id_effects)
+    if rows_per_user <= 0 or (rows_per_author is not None and rows_per_author <= 0):
+        raise UserError(
+            f"rows per user and per author must be positive (got {rows_per_user}, {rows_per_author})"
+        )
+    users = max(64, int(n_train // rows_per_user))
+    authors = None if rows_per_author is None else max(16, int(n_train // rows_per_author))
+    planted = World(
+        layout, users=users, authors=authors, seed=seed, truth=WORLDS[world], id_effects=id_effects
+    )
     written: list[str] = []
     writer: dict[str, str] = {}  # folder -> the split written there
     for plan in _plans(config, out):

@@ -41,7 +41,14 @@ class World:
     """Users, authors, how columns are drawn, and the planted truth: everything the splits share."""
 
     def __init__(
-        self, layout: Layout, *, users: int, seed: int, truth: Truth = DEMO, id_effects: float = 0.0
+        self,
+        layout: Layout,
+        *,
+        users: int,
+        seed: int,
+        truth: Truth = DEMO,
+        id_effects: float = 0.0,
+        authors: int | None = None,
     ):
         self.layout, self.truth = layout, truth
         rng = np.random.default_rng([seed, 1, *truth.salt])
@@ -62,7 +69,7 @@ class World:
             neg=rng.standard_normal(users),
             taste=_unit(rng, users, truth.taste_dims),
         )
-        authors = max(16, users // 4)
+        authors = max(16, users // 4) if authors is None else authors
         self.authors = self._entities(
             rng,
             authors,
