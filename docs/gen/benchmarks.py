@@ -152,7 +152,12 @@ def protocol_block(world: str) -> str:
     """A world's tables of bench/results/quality_protocol.json: per task the test positives, the truth's,
     the baselines' and each setting's RCE (its seeds' mean and range), the medians of the gap closed and the
     aims; then each one's gap closed per task and compare's verdicts."""
-    results = json.loads((RESULTS / "quality_protocol.json").read_text())
+    path = RESULTS / "quality_protocol.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"figures": {}}
+    if world not in results["figures"]:
+        return (
+            f"<!-- protocol: {world} -->\n*No figures of this world in {path.name} yet.*\n<!-- /protocol -->"
+        )
     figures = results["figures"][world]
     settings = [s for s in SETTINGS if s in figures] + [s for s in figures if s not in SETTINGS]
     first = figures[settings[0]]
