@@ -211,6 +211,7 @@ def table(
         "seeds": args.seeds,
         "config": str(args.config),
         "test_rows": len(runs[0].labels),
+        "resamples": args.resamples,
         "tasks": per_task,
         "median_gap_closed_vs_logistic_regression": median(
             [r["gap_closed_vs_logistic_regression"] for r in rows]

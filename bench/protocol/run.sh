@@ -3,7 +3,8 @@
 # tune on the demo's data, its best.yaml on the holdout world, tune on the holdout world and its best. One
 # training at a time. bench/quality_protocol.py then scores every setting on a test split and writes the tables
 # (it reuses the run folders trained here: runs/protocol/<world>/<setting>_s<seed>).
-#   bash bench/protocol/run.sh   (from the repository root; data/holdout_small must exist)
+#   bash bench/protocol/run.sh [defaults]   (from the repository root; data/holdout_small must exist)
+# With `defaults`: only the defaults' runs of both worlds.
 # Trials per tune: the number in runs/protocol/trials when the tune starts (default 8).
 set -euo pipefail -f  # -f: the data globs are for heavyranker, not the shell
 R=$PWD/runs/protocol; C=configs/local_small.yaml; S=bench/protocol/space.yaml
@@ -32,6 +33,7 @@ tune() {  # world data...
 mkdir -p $R/demo $R/holdout
 three demo $C defaults $DEMO
 three holdout $C defaults $HOLDOUT
+[ "${1:-}" = defaults ] && exit 0
 tune demo $DEMO
 three holdout $R/demo/tune/best.yaml demo_tuned $HOLDOUT
 tune holdout $HOLDOUT

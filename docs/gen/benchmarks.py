@@ -192,7 +192,7 @@ def protocol_block(world: str) -> str:
         f"<!-- protocol: {world} -->",
         f"*From `bench/results/quality_protocol.json`: measured {results['date'][:10]} on "
         f"{results['machine']['cpu']}; {first['test_rows']:,} test rows; ranker seeds {seeds} (mean, and "
-        "range over the seeds).*",
+        f"range over the seeds); compare's bootstrap with {first['resamples']} resamples.*",
         "",
         *table(["task", "positives", "truth", "LR", "LightGBM", *names], [*rows, medians]),
         "",
