@@ -79,6 +79,15 @@ def test_every_results_file_has_its_block():
         assert f"<!-- results: {results.stem} -->" in page, results.name
 
 
+def test_tuning_tables_are_current_and_a_changed_figure_is_caught():
+    page = benchmarks.TUNING_PAGE.read_text()
+    assert page == benchmarks.render_tuning(page), f"a table in docs/tuning.md differs: {REGENERATE}"
+    tampered = page.replace(
+        "<!-- protocol: holdout -->\n", "<!-- protocol: holdout -->\n| is_favorited | 1 |\n"
+    )
+    assert tampered != page and benchmarks.render_tuning(tampered) == page
+
+
 def test_a_figure_copied_wrong_is_caught():
     page = benchmarks.PAGE.read_text()
     results = json.loads((REPO / "bench" / "results" / "data_throughput.json").read_text())

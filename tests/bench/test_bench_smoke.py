@@ -218,3 +218,50 @@ def test_multitask_bench_trains_compares_and_writes_its_summary(small_data, tmp_
     }
     assert summary["figures"]["rce_mean_over_seeds"].keys() == {"shipped", "mmoe", "piecewise_linear"}
     assert (tmp_path / "runs" / "stats_16_bins.json").is_file()
+
+
+def test_quality_protocol_writes_each_setting_and_a_test_split_of_the_same_world(small_data, tmp_path):
+    """Two settings of a few steps on small_data (4,000 training rows, seed 0): both under their world in
+    one results file, the second compared with the first; the test split is drawn from small_data's world,
+    which the split drawn again under the name "validation" shows (the same bytes as small_data's)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality_protocol
+
+    runs, results = tmp_path / "runs", tmp_path / "quality_protocol.json"
+    common = ["--world", "demo", "--data", str(small_data), "--examples", "4000", "--files", "4"]
+    common += ["--config", SMALL, "--seeds", "0", "1", "--runs", str(runs), "--resamples", "100"]
+    common += ["--baseline-rows", "2000", "--results", str(results)]
+    common += [f"--set={o}" for o in ("training.num_train_steps=3", "training.checkpoint_every_n=3")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    for setting in (["--setting", "defaults"], ["--setting", "other", "--against", "defaults"]):
+        run = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "quality_protocol.py"), *common, *setting],
+            capture_output=True,
+            text=True,
+            env=env | {"OMP_NUM_THREADS": "1"},
+            cwd=tmp_path,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+    figures = json.loads(results.read_text())["figures"]
+    assert figures["demo"].keys() == {"defaults", "other"}
+    other = figures["demo"]["other"]
+    assert other["test_rows"] == 400 and len(other["tasks"]) == 10
+    task = other["tasks"]["is_favorited"]
+    assert len(task["rce_per_seed"]) == 2 and task["rce"] == pytest.approx(
+        sum(task["rce_per_seed"]) / 2, abs=1e-3
+    )
+    assert {"seeds_above_below_lightgbm", "seeds_above_below_defaults"} <= task.keys()
+
+    from heavyranker.config import load_config
+
+    args = quality_protocol.argparse.Namespace(examples=4000, data_seed=0, generator="demo", files=4)
+    args.test = tmp_path / "validation_again"
+    config = load_config(SMALL, quality_protocol.data_overrides(small_data))
+    quality_protocol.write_test_split(config, args, name="validation")
+    again = sorted(args.test.glob("*.gz"))
+    assert [p.read_bytes() for p in again] == [
+        (small_data / "validation" / p.name).read_bytes() for p in again
+    ]
+    test = sorted((runs / "demo" / "test").glob("*.gz"))
+    assert len(test) == 4 and test[0].read_bytes() != again[0].read_bytes()
