@@ -9,12 +9,14 @@ against the config as shipped seed by seed, 95% intervals) run once per world.
 A world is NAME=DIR: DIR holds the train, validation and validation_downsampled folders that `heavyranker
 data generate --out DIR` writes (--world holdout for the second benchmark's); `config` reads the config's own
 globs. Each world's runs go to --runs/NAME, and a finished run is reused. The summary, one entry per world,
-goes to bench/results/numeric_wide.json (--results).
+goes to bench/results/numeric_wide.json (--results). The worlds a summary already in that file holds and this
+run does not measure are kept, so that worlds can be measured by separate runs (at the same time).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -64,7 +66,17 @@ def main() -> None:
         one = argparse.Namespace(**vars(args))
         one.runs, one.set = runs / name, [*args.set, *data_overrides(folder)]
         figures[name] = measure(one)
-    write_results("numeric_wide", {"worlds": worlds, **figures}, args)
+    earlier = kept_worlds(args.results, set(worlds))
+    write_results("numeric_wide", {"worlds": {**earlier[0], **worlds}, **earlier[1], **figures}, args)
+
+
+def kept_worlds(path: Path, measured: set[str]) -> tuple[dict, dict]:
+    """({world: data folder}, {world: figures}) of the summary in `path`, for the worlds not in `measured`."""
+    if not path.is_file():
+        return {}, {}
+    figures = json.loads(path.read_text())["figures"]
+    folders = {name: folder for name, folder in figures["worlds"].items() if name not in measured}
+    return folders, {name: figures[name] for name in folders}
 
 
 if __name__ == "__main__":

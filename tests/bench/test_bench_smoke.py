@@ -186,11 +186,13 @@ def test_multitask_bench_trains_compares_and_writes_its_summary(small_data, tmp_
 
 def test_numeric_wide_bench_measures_each_world_in_its_own_runs_folder(small_data, tmp_path):
     """Both variants on one world (small_data's 4,000 rows, a few steps): the multitask figures under the
-    world's name, its runs under --runs/NAME."""
+    world's name, its runs under --runs/NAME, beside the other worlds the results file already held."""
     arguments = ["--config", SMALL, "--seeds", "0", "--world", f"tiny={small_data}"]
     arguments += ["--runs", str(tmp_path / "runs"), "--resamples", "100", "--baseline-rows", "2000"]
     arguments += [f"--set={o}" for o in ["training.num_train_steps=3", "training.checkpoint_every_n=3"]]
     results = tmp_path / "numeric_wide.json"
+    earlier = {"worlds": {"other": "/data/other", "tiny": "/data/old"}, "other": {"seeds": 3}, "tiny": {}}
+    results.write_text(json.dumps({"bench": "numeric_wide", "figures": earlier}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(
         [sys.executable, str(REPO / "bench" / "numeric_wide.py"), *arguments, "--results", str(results)],
@@ -203,8 +205,9 @@ def test_numeric_wide_bench_measures_each_world_in_its_own_runs_folder(small_dat
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads(results.read_text())
     assert summary["bench"] == "numeric_wide"
-    assert summary["figures"].keys() == {"worlds", "tiny"}
-    assert summary["figures"]["worlds"] == {"tiny": str(small_data)}
+    assert summary["figures"].keys() == {"worlds", "tiny", "other"}
+    assert summary["figures"]["worlds"] == {"other": "/data/other", "tiny": str(small_data)}
+    assert summary["figures"]["other"] == {"seeds": 3}
     tiny = summary["figures"]["tiny"]
     assert tiny["rce_mean_over_seeds"].keys() == {"shipped", "periodic", "wide"}
     assert tiny["rce_minus_shipped_by_seed"].keys() == {"periodic", "wide"}
