@@ -38,6 +38,17 @@ RARE = (
     "recap.engagement.is_replied_reply_engaged_by_author",
     "recap.engagement.is_report_tweet_clicked",
 )
+# Every tower of local_small, for the variants that change them all.
+TOWERS = (
+    "recap.engagement.is_favorited",
+    "recap.engagement.is_good_clicked_convo_desc_favorited_or_replied",
+    "recap.engagement.is_good_clicked_convo_desc_v2",
+    "recap.engagement.is_profile_clicked_and_profile_engaged",
+    "recap.engagement.is_replied",
+    "recap.engagement.is_retweeted",
+    "recap.engagement.is_video_playback_50",
+    *RARE,
+)
 STATS = "stats_16_bins.json"  # in --runs, written by `data stats --bins 16` when a variant needs it
 VARIANTS = {
     "shipped": [],
@@ -53,6 +64,8 @@ VARIANTS = {
         "model.featurization_config={piecewise_linear_config: {analysis_path: STATS}, "
         "feature_names_to_concat: [binary]}"
     ],
+    "periodic": ["model.featurization_config={periodic_config: {}, feature_names_to_concat: [binary]}"],
+    "wide": [f"model.tasks.{task}.wide=true" for task in TOWERS],
 }
 
 
@@ -94,14 +107,22 @@ def main() -> None:
     add_results_option(parser, "multitask")
     args = parser.parse_args()
     args.runs = args.runs.resolve()  # a relative save_dir in --set would be read against the YAML's folder
+    if not [v for v in args.variants if v != "shipped"]:
+        parser.error("--variants: give at least one variant besides shipped, to compare it with")
     torch.set_num_threads(1)
+    figures = measure(args)
+    below = {v: sum(r.values()) for v, r in figures["runs_below_logistic_regression"].items()}
+    print("task-runs below the logistic regression: " + ", ".join(f"{v} {n}" for v, n in below.items()))
+    write_results("multitask", figures, args)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Trains `shipped` and args.variants over args.seeds in args.runs (reusing finished runs), fits the
+    logistic regression, compares each variant with shipped seed by seed; the figures of the summary."""
     base = load_config(args.config, args.set)
     if "piecewise_linear" in args.variants and not (args.runs / STATS).is_file():
         write_feature_stats(base.train_data, seed=0, out=str(args.runs / STATS), batches=400, bins=16)
-
     others = [v for v in args.variants if v != "shipped"]
-    if not others:
-        parser.error("--variants: give at least one variant besides shipped, to compare it with")
     for seed in args.seeds:
         train(variant_config(args, "shipped", seed))
 
@@ -109,10 +130,12 @@ def main() -> None:
     logreg = logistic_regression_rce(base, args.baseline_rows)
     rce_by_seed: dict[str, list[dict[str, float]]] = {"shipped": []}
     versus_shipped: dict[str, dict[str, str]] = {}
+    intervals: dict[str, dict[str, str]] = {}  # variant -> task -> each seed's RCE difference and interval
     for variant in others:
         for seed in args.seeds:
             train(variant_config(args, variant, seed))
         counts = {task: [0, 0] for task in base.task_names}  # seeds better, seeds worse beyond the interval
+        seen: dict[str, list[str]] = {task: [] for task in base.task_names}
         for seed in args.seeds:
             shipped, config = variant_config(args, "shipped", seed), variant_config(args, variant, seed)
             print(f"== {variant} against shipped, seed {seed}")
@@ -130,9 +153,11 @@ def main() -> None:
             for task, d in by_task.items():
                 counts[task][0] += d.significant and d.b > d.a
                 counts[task][1] += d.significant and d.b < d.a
+                seen[task].append(f"{d.b - d.a:+.2f} [{d.low:+.2f}, {d.high:+.2f}]")
+        intervals[variant] = {names[t]: "; ".join(values) for t, values in seen.items()}
         versus_shipped[variant] = {names[t]: f"+{up} -{down}" for t, (up, down) in counts.items()}
 
-    figures = {
+    return {
         "seeds": len(args.seeds),
         "logistic_regression_rce": {names[t]: value for t, value in logreg.items()},
         "rce_mean_over_seeds": {
@@ -148,10 +173,8 @@ def main() -> None:
             for v, runs in rce_by_seed.items()
         },
         "seeds_better_worse_than_shipped": versus_shipped,
+        "rce_minus_shipped_by_seed": intervals,
     }
-    below = {v: sum(r.values()) for v, r in figures["runs_below_logistic_regression"].items()}
-    print("task-runs below the logistic regression: " + ", ".join(f"{v} {n}" for v, n in below.items()))
-    write_results("multitask", figures, args)
 
 
 if __name__ == "__main__":

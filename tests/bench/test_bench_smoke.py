@@ -215,6 +215,7 @@ def test_multitask_bench_trains_compares_and_writes_its_summary(small_data, tmp_
         "rce_lowest_seed",
         "runs_below_logistic_regression",
         "seeds_better_worse_than_shipped",
+        "rce_minus_shipped_by_seed",
     }
     assert summary["figures"]["rce_mean_over_seeds"].keys() == {"shipped", "mmoe", "piecewise_linear"}
     assert (tmp_path / "runs" / "stats_16_bins.json").is_file()
@@ -265,3 +266,37 @@ def test_quality_protocol_writes_each_setting_and_a_test_split_of_the_same_world
     ]
     test = sorted((runs / "demo" / "test").glob("*.gz"))
     assert len(test) == 4 and test[0].read_bytes() != again[0].read_bytes()
+
+
+def test_numeric_wide_bench_measures_each_world_in_its_own_runs_folder(small_data, tmp_path):
+    """Both variants on one world (small_data's 4,000 rows, a few steps): the multitask figures under the
+    world's name, its runs under --runs/NAME, beside the other worlds the results file already held."""
+    arguments = ["--config", SMALL, "--seeds", "0", "--world", f"tiny={small_data}"]
+    arguments += ["--runs", str(tmp_path / "runs"), "--resamples", "100", "--baseline-rows", "2000"]
+    arguments += [f"--set={o}" for o in ["training.num_train_steps=3", "training.checkpoint_every_n=3"]]
+    results = tmp_path / "numeric_wide.json"
+    earlier = {"worlds": {"other": "/data/other", "tiny": "/data/old"}, "other": {"seeds": 3}, "tiny": {}}
+    results.write_text(json.dumps({"bench": "numeric_wide", "figures": earlier}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "numeric_wide.py"), *arguments, "--results", str(results)],
+        capture_output=True,
+        text=True,
+        env=env | {"OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads(results.read_text())
+    assert summary["bench"] == "numeric_wide"
+    assert summary["figures"].keys() == {"worlds", "tiny", "other"}
+    assert summary["figures"]["worlds"] == {"other": "/data/other", "tiny": str(small_data)}
+    assert summary["figures"]["other"] == {"seeds": 3}
+    tiny = summary["figures"]["tiny"]
+    assert tiny["rce_mean_over_seeds"].keys() == {"shipped", "periodic", "wide"}
+    assert tiny["rce_minus_shipped_by_seed"].keys() == {"periodic", "wide"}
+    assert {p.name for p in (tmp_path / "runs" / "tiny").iterdir()} == {
+        "shipped_s0",
+        "periodic_s0",
+        "wide_s0",
+    }

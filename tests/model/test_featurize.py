@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from heavyranker.config import ConfigError, load_config
 from heavyranker.config.model import FeaturizationConfig
 from heavyranker.errors import DataError, UserError
 from heavyranker.model.featurize import build_featurizer
@@ -209,3 +210,67 @@ def test_piecewise_linear_refuses_a_stats_file_without_quantiles(tmp_path):
         DataError, match=r"piecewise_linear_config.analysis_path.*statistics for 3 features.*has 4"
     ):
         _run({"piecewise_linear_config": {"analysis_path": short}})
+
+
+def test_periodic_embeds_each_feature_through_its_frequencies_and_layer_by_hand():
+    """Two features, one frequency each, 2 dimensions: v = sign(x) log1p(|x|) of 1, -1 and 0 (NaN) at
+    frequencies 1/4 and 1/2 give angles of quarter and half turns, whose cos and sin are 0 and +-1."""
+    shapes = {"continuous": (2,), "binary": (3,)}
+    config = FeaturizationConfig(periodic_config={"n_frequencies": 1, "sigma": 1.0, "embedding_dim": 2})
+    featurizer = build_featurizer(config, shapes)
+    periodic = featurizer.transform[2]
+    with torch.no_grad():
+        periodic.frequencies.copy_(torch.tensor([[0.25], [0.5]]))
+        # rows: the weights of cos, then of sin
+        periodic.weight.copy_(torch.tensor([[[1.0, 2.0], [3.0, -4.0]], [[2.0, 0.0], [0.0, 1.0]]]))
+        periodic.bias.copy_(torch.tensor([[0.5, -10.0], [3.0, 1.0]]))
+    e1 = float(np.e - 1)
+    continuous = torch.tensor([[e1, e1], [-e1, -e1], [np.nan, np.inf]])
+    binary = torch.tensor([[1.0, 0, 1], [0, 1, 0], [0, 0, 1]])
+    out = featurizer({"continuous": continuous, "binary": binary}).detach().numpy()
+    expected = [
+        # feature 0 at v=1: angle pi/2, [cos, sin] = [0, 1] -> [3, -4] + [0.5, -10] = [3.5, -14] -> relu
+        # feature 1 at v=1: angle pi, [-1, 0] -> [-2, 0] + [3, 1] = [1, 1]
+        [3.5, 0.0, 1.0, 1.0],
+        # v=-1: [0, -1] -> [-3, 4] + b = [-2.5, -6] -> 0, 0; angle -pi: [-1, 0] -> [1, 1] as above
+        [0.0, 0.0, 1.0, 1.0],
+        # non-finite as 0: [1, 0] -> [1, 2] + b = [1.5, -8] -> [1.5, 0]; [2, 0] + [3, 1] = [5, 1]
+        [1.5, 0.0, 5.0, 1.0],
+    ]
+    assert featurizer.out_features == 2 * 2 + 3
+    np.testing.assert_allclose(out[:, :4], expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(out[:, 4:], binary.numpy())
+
+
+def test_periodic_frequencies_start_normal_with_the_configured_sigma_and_are_trained():
+    config = FeaturizationConfig(periodic_config={"n_frequencies": 256, "sigma": 0.3, "embedding_dim": 5})
+    torch.manual_seed(0)
+    featurizer = build_featurizer(config, SHAPES)
+    periodic = featurizer.transform[2]
+    frequencies = periodic.frequencies.detach().numpy()
+    assert frequencies.shape == (4, 256) and periodic.weight.shape == (4, 512, 5)
+    # 1,024 draws of N(0, 0.3): the sample std is within 10% of 0.3 (its standard error is 2.2%)
+    assert abs(frequencies.std() - 0.3) < 0.03 and abs(frequencies.mean()) < 0.03
+    assert featurizer.out_features == 4 * 5 + 3
+    featurizer(_features()).sum().backward()
+    assert periodic.frequencies.grad is not None and periodic.frequencies.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"periodic_config": {}, "log1p_abs_config": {}},
+            r"exactly one of .*log1p_abs_config.*periodic_config",
+        ),
+        ({"periodic_config": {"n_frequencies": 0}}, r"periodic_config.n_frequencies"),
+        ({"periodic_config": {"sigma": -1.0}}, r"periodic_config.sigma"),
+        ({"periodic_config": {"embedding_dim": 2**16}}, r"periodic_config.embedding_dim"),
+        ({"periodic_config": {"frequencies": 3}}, r"periodic_config.frequencies"),
+    ],
+)
+def test_periodic_config_errors_are_one_line_and_name_the_field(small_config_path, config, message):
+    featurization = {**config, "feature_names_to_concat": ["binary"]}
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(small_config_path, [f"model.featurization_config={json.dumps(featurization)}"])
+    assert "\n" not in str(error.value)

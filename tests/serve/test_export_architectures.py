@@ -1,5 +1,5 @@
-"""MMoE, PLE and the piecewise-linear featurization export as the rest do: the pt2 and ONNX programs give the
-eager model's probabilities, and the rank endpoint serves them."""
+"""MMoE, PLE, the piecewise-linear and periodic featurizations and the wide path export as the rest do: the
+pt2 and ONNX programs give the eager model's probabilities, and the rank endpoint serves them."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from heavyranker.serve.scorer import Scorer
 from tests.conftest import CONFIGS
 from tests.serve.conftest import SHAPES, random_features, serving
 
+RARE = "recap.engagement.is_replied_reply_engaged_by_author"
 EXPERT = "expert: {mlp_config: {layer_sizes: [32, 16], final_layer_activation: true}}"
 VARIANTS = {
     "mmoe": [
@@ -34,6 +35,10 @@ VARIANTS = {
         f"model.experts={{num_experts: 1, num_shared_experts: 2, num_levels: 2, {EXPERT}}}",
     ],
     "piecewise_linear": [],  # its stats file is written per test
+    "periodic": [
+        "model.featurization_config={periodic_config: {n_frequencies: 4, sigma: 0.5, embedding_dim: 3}}"
+    ],
+    "wide": [f"model.tasks.{task}.wide=true" for task in ("recap.engagement.is_favorited", RARE)],
 }
 
 
@@ -55,7 +60,7 @@ def _stats_file(folder: Path) -> str:
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def exported(request, tmp_path_factory) -> tuple:
     """(eager model in eval mode, pt2 folder, ONNX folder) of local_small with the variant, its weights
-    randomised so that no gate is near uniform."""
+    randomised so that no gate is near uniform and no wide path is zero."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp(request.param)
     overrides = [f"training.save_dir={root / 'run'}", *VARIANTS[request.param]]
@@ -68,7 +73,7 @@ def exported(request, tmp_path_factory) -> tuple:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.startswith("experts.") and "gates" in name:
+            if (name.startswith("experts.") and "gates" in name) or name.startswith("wide."):
                 parameter.normal_(0.0, 0.5, generator=gen)
     checkpoint = save_checkpoint(root / "run" / "checkpoints", 3, {"model": model.state_dict(), "step": 3})
     folders = [

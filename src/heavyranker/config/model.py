@@ -155,6 +155,12 @@ class TaskModel(ArchitectureConfig):
         description="Multiplies this task's loss in the total, sum(loss_weight * loss) / tasks: a larger "
         "weight gives the task more say over the shared layers (its own tower's Adam step hardly changes).",
     )
+    wide: bool = Field(
+        False,
+        description="A task's tower only: add a linear logit on the model's input (featurized features and "
+        "embeddings, before any backbone) to the tower's, as in wide & deep; it starts at zero and learns "
+        "at the tower's rate.",
+    )
 
 
 class Log1pAbsConfig(StrictModel):
@@ -196,6 +202,18 @@ class PiecewiseLinearConfig(StrictModel):
     )
 
 
+class PeriodicConfig(StrictModel):
+    """Periodic embeddings (PLR, Gorishniy et al. 2022) of v = sign(x) * log1p(|x|) (non-finite x as 0): each
+    feature's [cos(2 pi c v), sin(2 pi c v)] over its own trainable frequencies c, then its own linear layer
+    and a ReLU."""
+
+    n_frequencies: Count = Field(16, le=256, description="Frequencies per feature (at most 256).")
+    sigma: Float = Field(
+        0.1, gt=0.0, le=1000.0, description="Standard deviation of the frequencies' normal initialisation."
+    )
+    embedding_dim: Width = Field(8, description="Output dimensions per feature.")
+
+
 class FeaturizationConfig(StrictModel):
     """How the continuous features become the model's input."""
 
@@ -204,6 +222,7 @@ class FeaturizationConfig(StrictModel):
     z_score_log_config: ZScoreLogConfig | None = None
     double_norm_log_config: DoubleNormLogConfig | None = None
     piecewise_linear_config: PiecewiseLinearConfig | None = None
+    periodic_config: PeriodicConfig | None = None
     feature_names_to_concat: list[str] = Field(
         ["binary"], description="Raw features appended to the continuous."
     )
@@ -217,6 +236,7 @@ class FeaturizationConfig(StrictModel):
             "z_score_log_config",
             "double_norm_log_config",
             "piecewise_linear_config",
+            "periodic_config",
         )
         return self
 
@@ -398,6 +418,10 @@ class ModelConfig(StrictModel):
         if not shared and self.backbone is not None:
             raise PydanticCustomError(
                 "backbone", "multi_task_type {t} cannot have a backbone", {"t": kind.value}
+            )
+        if self.backbone is not None and self.backbone.wide:
+            raise PydanticCustomError(
+                "wide", "backbone.wide: only a task's tower has a wide path (model.tasks.<task>.wide)", {}
             )
         mixture = kind in (MultiTaskType.MMOE, MultiTaskType.PLE)
         if mixture != (self.experts is not None):

@@ -11,6 +11,9 @@ piecewise_linear reads bin edges from the same file: each entry's "quantiles", t
 sign(x) * log1p(|x|) at 0, 1/N, ..., 1 (written by `heavyranker data stats --bins N`). Equal edges (a
 value most rows share, such as 0) are merged, so a feature has at most N bins; a constant feature has none
 and adds nothing to the input.
+
+periodic reads no file: its frequencies and layers are parameters, learnt with the rest of the model at the
+backbone's rate (they are outside every tower).
 """
 
 from __future__ import annotations
@@ -109,6 +112,29 @@ class PiecewiseLinear(nn.Module):
         return encoded.flatten(1).index_select(1, self.keep)
 
 
+class Periodic(nn.Module):
+    """[B, F] -> [B, F * embedding_dim]: PLR (Gorishniy et al. 2022). Feature j's value v becomes
+    relu([cos(2 pi c_j v), sin(2 pi c_j v)] W_j + b_j) with its own frequencies c_j [k] (initialised from
+    N(0, sigma)) and its own layer W_j [2k, embedding_dim], b_j (initialised as nn.Linear's)."""
+
+    def __init__(self, features: int, n_frequencies: int, sigma: float, embedding_dim: int):
+        super().__init__()
+        self.frequencies = nn.Parameter(torch.randn(features, n_frequencies) * sigma)
+        bound = 1.0 / math.sqrt(2 * n_frequencies)  # nn.Linear's default initialisation
+        self.weight = nn.Parameter(
+            torch.empty(features, 2 * n_frequencies, embedding_dim).uniform_(-bound, bound)
+        )
+        self.bias = nn.Parameter(torch.empty(features, embedding_dim).uniform_(-bound, bound))
+        self.out_features = features * embedding_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * self.frequencies * x.unsqueeze(-1)  # [B, F, k]
+        periodic = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # [B, F, 2k]
+        # Each feature through its own layer: [F, B, 2k] @ [F, 2k, d] -> [F, B, d].
+        embedded = torch.bmm(periodic.transpose(0, 1), self.weight).transpose(0, 1) + self.bias
+        return torch.relu(embedded).flatten(1)
+
+
 class Featurizer(nn.Module):
     """transform(continuous), then the raw `concat_names` features as float32, then an optional LayerNorm."""
 
@@ -150,6 +176,10 @@ def build_featurizer(config: FeaturizationConfig, input_shapes: dict[str, tuple[
     layer_norm = None
     if config.piecewise_linear_config is not None:
         encoding = PiecewiseLinear(load_bin_edges(config.piecewise_linear_config.analysis_path, width))
+        steps = [NonFiniteToZero(), Log1pAbs(), encoding]
+        out = encoding.out_features + concat
+    elif (p := config.periodic_config) is not None:
+        encoding = Periodic(width, p.n_frequencies, p.sigma, p.embedding_dim)
         steps = [NonFiniteToZero(), Log1pAbs(), encoding]
         out = encoding.out_features + concat
     elif config.log1p_abs_config is not None:

@@ -52,6 +52,7 @@ class Ranker(nn.Module):
         towers: dict[str, nn.Module],
         affine_maps: dict[str, nn.Linear],
         calibration_ratios: torch.Tensor,
+        wide: dict[str, nn.Linear] | None = None,
     ):
         super().__init__()
         self.task_names = list(task_names)
@@ -65,6 +66,7 @@ class Ranker(nn.Module):
         self.experts = experts
         self.towers = nn.ModuleDict(towers)  # module name = task name with "." -> "__"
         self.affine_maps = nn.ModuleDict(affine_maps)
+        self.wide = nn.ModuleDict(wide or {})  # the towers with a wide path: a linear logit on the input
         # From the config, not the checkpoint: the data's downsampling rates are not learned.
         self.register_buffer("calibration_ratios", calibration_ratios, persistent=False)
 
@@ -89,8 +91,11 @@ class Ranker(nn.Module):
         return_backbone: bool = False,
         large: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        nets = self._tower_inputs(self.inputs(features, large))
-        logits = torch.cat([tower(net) for tower, net in zip(self.towers.values(), nets, strict=True)], dim=1)
+        x = self.inputs(features, large)
+        nets = self._tower_inputs(x)
+        logits = torch.cat(
+            [self._logit(name, net, x) for name, net in zip(self.towers, nets, strict=True)], dim=1
+        )
         if len(self.affine_maps) > 0:
             logits = self._affine(logits)
         probabilities = torch.sigmoid(logits)
@@ -113,6 +118,11 @@ class Ranker(nn.Module):
             if self.share_partial:
                 net = torch.cat([x, net], dim=1)
         return [net] * len(self.task_names)
+
+    def _logit(self, name: str, net: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[B, 1]: the tower's logit on its input `net`, plus its wide path's on the model's input `x`."""
+        logit = self.towers[name](net)
+        return logit + self.wide[name](x) if name in self.wide else logit
 
     def _affine(self, logits: torch.Tensor) -> torch.Tensor:
         columns = []
@@ -137,13 +147,15 @@ class Ranker(nn.Module):
         return [table.embedding.weight for table in tables]
 
     def tower_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Task name -> the parameters of its tower and affine map; every other parameter is shared."""
+        """Task name -> the parameters of its tower, affine map and wide path; every other parameter is
+        shared."""
         out = {}
         for task in self.task_names:
             name = module_name(task)
             params = list(self.towers[name].parameters())
-            if name in self.affine_maps:
-                params += list(self.affine_maps[name].parameters())
+            for extra in (self.affine_maps, self.wide):
+                if name in extra:
+                    params += list(extra[name].parameters())
             out[task] = params
         return out
 
@@ -193,7 +205,7 @@ def build_model(
         else:
             tower_in = in_features + backbone.out_features
 
-    towers, affine_maps = {}, {}
+    towers, affine_maps, wide = {}, {}, {}
     for task, task_model in model.tasks.items():
         tower = build_architecture(task_model, tower_in, tower_vectors, f"model.tasks.{task}", matmul)
         if tower.out_features != 1:
@@ -205,6 +217,8 @@ def build_model(
             affine_maps[module_name(task)] = _affine_map(
                 task_model.affine_map.scale, task_model.affine_map.bias
             )
+        if task_model.wide:
+            wide[module_name(task)] = _wide_path(in_features)
     if label_rates is None:
         ratios = torch.ones(len(task_names))
     else:
@@ -222,6 +236,7 @@ def build_model(
         towers,
         affine_maps,
         ratios,
+        wide,
     )
 
 
@@ -253,6 +268,14 @@ def _affine_map(scale: float, bias: float) -> nn.Linear:
     with torch.no_grad():
         layer.weight.fill_(scale)
         layer.bias.fill_(bias)
+    return layer
+
+
+def _wide_path(in_features: int) -> nn.Linear:
+    # No bias (the tower's last layer has one); zero weights, so the model starts as the deep one alone, and
+    # no random draws (skip_init), so every other layer is initialised as without it.
+    layer = nn.utils.skip_init(nn.Linear, in_features, 1, bias=False)
+    nn.init.zeros_(layer.weight)
     return layer
 
 
