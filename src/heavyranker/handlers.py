@@ -151,21 +151,18 @@ def run_export(args: argparse.Namespace) -> int:
     from .serve.export import export_model
     from .serve.repository import export_version, open_repository
 
+    options = {
+        "checkpoint": args.checkpoint,
+        "format": args.format,
+        "precision": args.precision,
+        "table_precision": args.table_precision,
+    }
     if args.repository:
         repository = open_repository(args.repository, args.model_name)
-        version = export_version(
-            repository, _load(args), checkpoint=args.checkpoint, format=args.format, keep=args.keep_versions
-        )
+        version = export_version(repository, _load(args), keep=args.keep_versions, **options)
         print(repository.location(version))
         return 0
-    export_model(
-        _load(args),
-        checkpoint=args.checkpoint,
-        out=args.out,
-        format=args.format,
-        precision=args.precision,
-        table_precision=args.table_precision,
-    )
+    export_model(_load(args), out=args.out, **options)
     return 0
 
 

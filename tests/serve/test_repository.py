@@ -132,3 +132,15 @@ def test_the_export_command_adds_versions_and_keeps_the_newest(
     assert main(command) == 0 and main(command) == 0
     assert capsys.readouterr().out.splitlines() == [str(tmp_path / "ranker" / str(v)) for v in (1, 2)]
     assert ModelRepository(tmp_path, "ranker").versions() == [2]
+
+
+def test_the_export_command_publishes_the_precisions_it_is_given(tmp_path, exported: Exported, monkeypatch):
+    """--precision and --table-precision reach a repository's version as they reach --out's folder."""
+    monkeypatch.setenv(ENV_VAR, ENV_VALUE)
+    config = exported.folder.parent / "local_small.yaml"
+    sets = [arg for value in OVERRIDES for arg in ("--set", value)]
+    command = ["export", "--config", str(config), *sets, "--checkpoint", str(exported.checkpoint)]
+    command += ["--precision", "int8", "--table-precision", "int8", "--repository", str(tmp_path)]
+    assert main([*command, "--model-name", "ranker"]) == 0
+    manifest = json.loads((ModelRepository(tmp_path, "ranker").version_folder(1) / MANIFEST).read_text())
+    assert (manifest["precision"], manifest["table_precision"]) == ("int8", "int8")

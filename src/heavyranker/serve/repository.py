@@ -242,14 +242,24 @@ def export_version(
     *,
     checkpoint: str | None = None,
     format: str = "onnx",
+    precision: str = "fp32",
+    table_precision: str = "fp32",
     keep: int | None = DEFAULT_KEEP,
 ) -> int:
     """`export` of `checkpoint` (see export_model) as the repository's next version; returns its number."""
     from .export import export_model
 
-    return repository.publish(
-        lambda folder: export_model(config, checkpoint=checkpoint, out=str(folder), format=format), keep=keep
-    )
+    def export(folder: Path) -> Path:
+        return export_model(
+            config,
+            checkpoint=checkpoint,
+            out=str(folder),
+            format=format,
+            precision=precision,
+            table_precision=table_precision,
+        )
+
+    return repository.publish(export, keep=keep)
 
 
 def _fsync_folder(folder: Path) -> None:
