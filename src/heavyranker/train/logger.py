@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..atomic import atomic_write, refuse_link, without_following
-from ..config import short_names
+from ..config import Config, short_names
 from ..data.dataset import describe_counts
+from ..data.sources.follow import files_source_name
 from ..errors import UserError
 from ..run_folder import RunFolder
+from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -148,3 +151,17 @@ def format_log_line(line: dict[str, float]) -> str:
     )
     counts = {k.removeprefix("data/"): v for k, v in line.items() if k.startswith("data/")}
     return f"{text} | data: {describe_counts(counts)}" if any(counts.values()) else text
+
+
+def log_stream(stream: Any, config: Config, runtime: Runtime, counts: dict[str, int]) -> None:
+    """Where a followed stream stands (collective: every rank): followed files, files behind and the newest
+    folder (file) listed; Kafka, records behind (lag) and the broker time of the newest message."""
+    if config.training.follow and files_source_name(config.train_data) is not None:
+        newest = [n for n in runtime.gather(stream and stream.newest) if n is not None]
+        behind, newest_text = counts.get("follow_lag_files", 0), max(newest, default="none yet")
+        log.info("follow: %d files behind, newest %s", behind, newest_text)
+    if config.train_data.kafka is None:
+        return
+    times = [t for t in runtime.gather(stream and stream.newest_timestamp) if t is not None]
+    newest = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(times))) if times else "none yet"
+    log.info("kafka: %d records behind, newest message %s", counts.get("kafka_lag_records", 0), newest)

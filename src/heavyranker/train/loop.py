@@ -28,7 +28,7 @@ from ..data.columns import feature_specs
 from ..data.data_time import newest_data_time
 from ..data.dataset import RecapDataset, total_counts
 from ..data.sources.files import check_sharding
-from ..data.sources.follow import checkpoint_position, files_source_name, follow_sources, restore_position
+from ..data.sources.follow import checkpoint_position, follow_sources, restore_position
 from ..errors import UserError
 from ..eval.evaluator import Results, evaluate_splits
 from ..memory import out_of_memory_as_user_error
@@ -37,7 +37,7 @@ from ..model.linear import matmul_for
 from ..run_folder import RunFolder
 from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime
 from .best import BestTracker, refuse_undefinable
-from .logger import OUT_OF_RANGE, TrainLogger, format_log_line, warn_out_of_range
+from .logger import OUT_OF_RANGE, TrainLogger, format_log_line, log_stream, warn_out_of_range
 from .loss import MultiTaskLoss, build_loss
 from .memory_fit import check_batch_fits
 from .optim import build_optimizer, load_optimizer_state
@@ -279,7 +279,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{line['loss']:.4f}")
                     log.info(format_log_line(line))
                     warn_out_of_range(counts)
-                    self._log_stream(counts)
+                    log_stream(self._dataset.stream, self.config, self.runtime, counts)
                 if self.step % training.checkpoint_every_n == 0 or self.step == training.num_train_steps:
                     self.save()
                 if self.step % training.eval_log_every_n == 0 and self.config.validation_data:
@@ -292,7 +292,8 @@ class Trainer:
                 log.info("stopping on a signal at step %d", self.step)
             self._gather_position(training, every_rank_here=True)
             if self._streaming:  # where the stream stood at the stop, whenever the last log line was
-                self._log_stream(total_counts(self.runtime.gather(data_counts())))
+                counts = total_counts(self.runtime.gather(data_counts()))
+                log_stream(self._dataset.stream, self.config, self.runtime, counts)
             self.save()
 
     def _gather_position(self, training: TrainingConfig, every_rank_here: bool = False) -> None:
@@ -318,21 +319,6 @@ class Trainer:
                 return False
             if all(ready for ready, _ in states):
                 return True
-
-    def _log_stream(self, counts: dict[str, int]) -> None:
-        """Where a stream stands: Kafka, records behind (lag) and the broker time of the newest message;
-        followed files, files behind and the newest folder (file) listed."""
-        stream = self._dataset.stream
-        if self.config.training.follow and files_source_name(self.config.train_data) is not None:
-            newest = [n for n in self.runtime.gather(stream and stream.newest) if n is not None]
-            behind, newest_text = counts.get("follow_lag_files", 0), max(newest, default="none yet")
-            log.info("follow: %d files behind, newest %s", behind, newest_text)
-        if self.config.train_data.kafka is None:
-            return
-        kafka = stream
-        times = [t for t in self.runtime.gather(kafka and kafka.newest_timestamp) if t is not None]
-        newest = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(times))) if times else "none yet"
-        log.info("kafka: %d records behind, newest message %s", counts.get("kafka_lag_records", 0), newest)
 
     def train_step(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor, int]:
         device = self.runtime.device
