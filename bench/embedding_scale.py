@@ -40,7 +40,6 @@ import multiprocessing
 import os
 import resource
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -133,9 +132,10 @@ def predicted_too_big(measured: list[tuple[int, float]], rows: int) -> str | Non
 
 def on_two_ranks(mode: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
     """Rank 0's figures of `mode` at `rows`, measured by 2 fresh processes of a gloo group."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # The group's store lives here, on a port it holds from the start: a free port found and closed first
+    # could be taken by another process before rank 0 binds it (seen once in CI, with the suite's workers).
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = store.port
     context = multiprocessing.get_context("forkserver")
     # Fresh processes for each measurement, forked from a server that imported these once.
     context.set_forkserver_preload(["torch", "torchrec", "heavyranker.train.sharding", "torch._dynamo"])
@@ -163,6 +163,7 @@ def on_two_ranks(mode: str, rows: int, args: argparse.Namespace) -> dict[str, fl
 def rank_main(rank: int, port: int, mode: str, rows: int, args: argparse.Namespace, out: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ.update(MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
+    os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True")  # both ranks join the parent's store as clients
     torch.set_num_threads(args.threads)
     from heavyranker.config import load_config
     from heavyranker.data.columns import feature_specs

@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 from heavyranker.checkpoint import load_checkpoint
@@ -175,10 +175,10 @@ def on_two_ranks(function: Callable, *args: object, logs: Path) -> None:
     context = multiprocessing.get_context("forkserver")
     # The server imports once what each rank would import again (torch._dynamo: the optimizer imports it).
     context.set_forkserver_preload([__name__, "torch._dynamo", "torch.utils.tensorboard"])
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ranks = [context.Process(target=_rank, args=(rank, port, logs, function, args)) for rank in range(2)]
+    # The group's store lives here, on a port it holds from the start (as torchrun's agent hosts it): a free
+    # port found and closed first could be taken by another test's process before rank 0 binds it.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ranks = [context.Process(target=_rank, args=(r, store.port, logs, function, args)) for r in range(2)]
     for process in ranks:
         process.start()
     for process in ranks:
@@ -202,6 +202,7 @@ def _rank(rank: int, port: int, logs: Path, function: Callable, args: tuple) -> 
         WORLD_SIZE="2",
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # both ranks join the parent's store as clients
         CUDA_VISIBLE_DEVICES="",
     )
     torch.set_num_threads(1)

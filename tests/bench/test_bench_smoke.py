@@ -181,7 +181,7 @@ def _run_bench(name: str, arguments: list[str], figures: set[str], tmp_path) -> 
     assert summary["machine"].keys() == {"cpu", "cpu_flags", "cpus", "torch", "python"}
     assert summary["machine"]["torch"] == torch.__version__
     assert "results" not in summary["arguments"] and summary["arguments"]  # the settings, not the output
-    assert summary["figures"].keys() == figures
+    assert summary["figures"].keys() == figures, run.stdout + run.stderr
 
 
 def test_multitask_bench_trains_compares_and_writes_its_summary(small_data, tmp_path):
