@@ -206,7 +206,9 @@ class Preprocess(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """A split: which files, how they are read, which labels and how they were sampled."""
+    """A split: which files, how they are read, which labels and how they were sampled. One source, except
+    in a follow run's `train_data`, which may read `kafka` beside one of the three file sources
+    (docs/fresh-data.md)."""
 
     inputs: ConfigPath | None = Field(
         None,
