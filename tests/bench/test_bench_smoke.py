@@ -151,26 +151,36 @@ def test_id_quality_trains_compares_and_writes_its_summary(tmp_path):
     ids = str(REPO / "configs" / "local_small_ids.yaml")
     generate = [sys.executable, "-m", "heavyranker", "data", "generate", "--config", ids, "--id-effects", "1"]
     generate += ["--examples", "600", "--files", "1", "--out", str(tmp_path / "data")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run(generate, env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(generate, env=_importing_this_checkout(), check=True, capture_output=True, timeout=600)
     arguments = ["--data", str(tmp_path / "data"), "--steps", "3", "--seeds", "0", "--resamples", "100"]
     arguments += ["--runs", str(tmp_path / "runs"), "--variants", "none", "managed 1/10"]
     figures = {"study", "distinct_ids", "train_steps", "variants", "rce_difference"}
     _run_bench("id_quality", arguments, figures, tmp_path)
 
 
-def _run_bench(name: str, arguments: list[str], figures: set[str], tmp_path) -> None:
-    results = tmp_path / f"{name}.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+def _run_script(script: str, arguments: list[str], cwd) -> subprocess.CompletedProcess:
+    """`bench/<script>.py arguments` on one thread, importing this checkout; fails with its output unless it
+    exits 0."""
     run = subprocess.run(
-        [sys.executable, str(REPO / "bench" / f"{name}.py"), *arguments, "--results", str(results)],
+        [sys.executable, str(REPO / "bench" / f"{script}.py"), *arguments],
         capture_output=True,
         text=True,
-        env=env | {"OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,
+        env=_importing_this_checkout() | {"OMP_NUM_THREADS": "1"},
+        cwd=cwd,
         timeout=600,  # a hang fails rather than stalls the suite
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def _importing_this_checkout() -> dict[str, str]:
+    paths = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def _run_bench(name: str, arguments: list[str], figures: set[str], tmp_path) -> None:
+    results = tmp_path / f"{name}.json"
+    run = _run_script(name, [*arguments, "--results", str(results)], tmp_path)
     if name == "gpu_train" and not torch.cuda.is_available():
         assert not results.exists()
         return
@@ -196,16 +206,7 @@ def test_multitask_bench_trains_compares_and_writes_its_summary(small_data, tmp_
         f"--set={o}" for o in [*data, "training.num_train_steps=3", "training.checkpoint_every_n=3"]
     ]
     results = tmp_path / "multitask.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "multitask.py"), *arguments, "--results", str(results)],
-        capture_output=True,
-        text=True,
-        env=env | {"OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    _run_script("multitask", [*arguments, "--results", str(results)], tmp_path)
     summary = json.loads(results.read_text())
     assert summary["bench"] == "multitask"
     assert summary["figures"].keys() == {
@@ -233,17 +234,8 @@ def test_quality_protocol_writes_each_setting_and_a_test_split_of_the_same_world
     common += ["--config", SMALL, "--seeds", "0", "1", "--runs", str(runs), "--resamples", "100"]
     common += ["--baseline-rows", "2000", "--results", str(results)]
     common += [f"--set={o}" for o in ("training.num_train_steps=3", "training.checkpoint_every_n=3")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     for setting in (["--setting", "defaults"], ["--setting", "other", "--against", "defaults"]):
-        run = subprocess.run(
-            [sys.executable, str(REPO / "bench" / "quality_protocol.py"), *common, *setting],
-            capture_output=True,
-            text=True,
-            env=env | {"OMP_NUM_THREADS": "1"},
-            cwd=tmp_path,
-            timeout=600,
-        )
-        assert run.returncode == 0, run.stdout + run.stderr
+        _run_script("quality_protocol", [*common, *setting], tmp_path)
     figures = json.loads(results.read_text())["figures"]
     assert figures["demo"].keys() == {"defaults", "other"}
     other = figures["demo"]["other"]
@@ -277,16 +269,7 @@ def test_numeric_wide_bench_measures_each_world_in_its_own_runs_folder(small_dat
     results = tmp_path / "numeric_wide.json"
     earlier = {"worlds": {"other": "/data/other", "tiny": "/data/old"}, "other": {"seeds": 3}, "tiny": {}}
     results.write_text(json.dumps({"bench": "numeric_wide", "figures": earlier}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "numeric_wide.py"), *arguments, "--results", str(results)],
-        capture_output=True,
-        text=True,
-        env=env | {"OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
+    _run_script("numeric_wide", [*arguments, "--results", str(results)], tmp_path)
     summary = json.loads(results.read_text())
     assert summary["bench"] == "numeric_wide"
     assert summary["figures"].keys() == {"worlds", "tiny", "other"}
