@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -388,12 +387,11 @@ def test_the_openapi_schema_describes_the_api(client: httpx.Client):
 
 
 def test_the_serve_command_listens_on_loopback(exported: Exported, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    """On --port 0, the port the system gave, which uvicorn's start line names (a port found free first
+    could be taken by another process before the server binds it)."""
     log = open(tmp_path / "serve.log", "w")  # the server writes to it until terminated
     server = subprocess.Popen(
-        [sys.executable, "-m", "heavyranker", "serve", "--model", str(exported.folder), "--port", str(port)]
+        [sys.executable, "-m", "heavyranker", "serve", "--model", str(exported.folder), "--port", "0"]
         + ["--max-queue", "3", "--read-timeout", "2.5", "--max-batch", "64", "--batch-wait-ms", "1"]
         + ["--model-name", "ranker"],
         stdout=log,
@@ -402,21 +400,25 @@ def test_the_serve_command_listens_on_loopback(exported: Exported, tmp_path):
     )
     try:
         deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+        while not (started := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", _text(tmp_path))):
+            assert server.poll() is None and time.monotonic() < deadline, _text(tmp_path)
+            time.sleep(0.2)
+        url = f"http://127.0.0.1:{started.group(1)}"
+        assert int(started.group(1)) > 0
+        while httpx.get(f"{url}/healthz").status_code != 200:  # ready once the model is loaded
+            assert server.poll() is None and time.monotonic() < deadline, _text(tmp_path)
+            time.sleep(0.2)
+        with httpx.Client(base_url=url) as http:
             assert post(http, body(2)).status_code == 200
             assert http.get("/v2/models/ranker/ready").status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
-    assert f"Uvicorn running on http://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
+
+
+def _text(tmp_path) -> str:
+    return (tmp_path / "serve.log").read_text()
 
 
 def test_max_candidates_must_be_positive(exported: Exported):
