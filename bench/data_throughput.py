@@ -44,9 +44,9 @@ import functools
 import glob
 import logging
 import os
+import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -315,25 +315,29 @@ def best_of(runs: dict[str, Callable], rounds: int) -> dict[str, tuple[float, fl
 def s3_copy(folder: str, paths: list[str]) -> Iterator[str]:
     """The files in a bucket of moto's S3 server, run in its own process on loopback; yields the bucket's
     URL, with the environment pointing s3fs at the server."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench"}
-    env |= {"AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(env)
+    log = Path(folder) / "moto.log"
+    with open(log, "w") as out:  # a file, not a pipe: nobody drains a pipe of the requests it logs
+        # Port 0: the system's free port, bound by the server itself and named in its start line (a port
+        # found free here first could be taken by another process before the server binds it).
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"], stdout=out, stderr=out
+        )
     try:
         import fsspec
 
-        for _ in range(100):  # the server starts in a second or two
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        port = None
+        for _ in range(300):  # the server starts in a second or two
+            if started := re.search(r"Running on http://127\.0\.0\.1:(\d+)", log.read_text()):
+                port = int(started.group(1))
+                break
+            if server.poll() is not None:
                 break
             time.sleep(0.1)
+        if port is None:
+            raise RuntimeError(f"moto's server did not start: {log.read_text()[-500:]}")
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench"}
+        env |= {"AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+        os.environ.update(env)
         fs = fsspec.filesystem("s3")
         fs.mkdir("bench")
         for path in paths:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import re
 import statistics
 import subprocess
 import sys
@@ -135,21 +135,26 @@ def start_server(
 
 def launch_server(options: list[str], threads: int) -> tuple[subprocess.Popen, str]:
     """`heavyranker serve OPTIONS` on a free loopback port with torch on `threads` threads, once it answers
-    /healthz: the process and its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    /healthz: the process and its URL. Port 0: the server binds the system's free port and its start line
+    names it (a port found free here first could be taken by another process before the server binds it)."""
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe that nobody drains; the server holds it open
     server = subprocess.Popen(
-        [sys.executable, "-m", "heavyranker", "serve", *options, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "heavyranker", "serve", *options, "--port", "0"],
+        stdout=log,
+        stderr=log,
         env={**os.environ, "OMP_NUM_THREADS": str(threads)},
     )
-    url = f"http://127.0.0.1:{port}"
+    url = None
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if server.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"the server did not start (exit code {server.poll()})")
+        if url is None:
+            log.seek(0)
+            if started := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read()):
+                url = started.group(1)
+            time.sleep(0.2)
+            continue
         try:
             if httpx.get(f"{url}/healthz").status_code == 200:
                 return server, url
