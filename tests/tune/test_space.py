@@ -10,7 +10,7 @@ import yaml
 from heavyranker.config import load_config
 from heavyranker.errors import UserError
 from heavyranker.tune.space import Objective, expand, read_space
-from tests.conftest import CONFIGS, SMALL_SPLITS
+from tests.conftest import CONFIGS, REPO, SMALL_SPLITS
 
 CONFIG = CONFIGS / "local_small.yaml"
 TOWER_LR = "optimizer.multi_task_learning_rates.tower_learning_rates.*.linear_ramp_to_cosine.learning_rate"
@@ -207,3 +207,16 @@ def test_a_param_inside_a_mapping_choice_is_refused(tmp_path, small_data):
         data_overrides(small_data),
     )
     assert [p.path for p in space.params] == ["model", "model.tasks.*.mlp_config.layer_sizes"]
+
+
+def test_the_protocol_space_draws_mmoe_and_ple_with_their_experts(tmp_path, small_data):
+    space = read_space(REPO / "bench/protocol/space.yaml", CONFIG, data_overrides(small_data))
+    (model,) = [p for p in space.params if p.path == "model"]
+    kinds = {}
+    for label in model.distribution.choices:
+        config = load_config(CONFIG, data_overrides(small_data), space.config_values({"model": label}))
+        kinds[config.model.multi_task_type.value] = config.model
+    assert sorted(kinds) == ["mmoe", "ple", "share_all", "share_partial"]
+    assert kinds["mmoe"].backbone is None and kinds["mmoe"].experts.num_experts == 4
+    assert kinds["ple"].backbone is None and kinds["ple"].experts.num_shared_experts == 2
+    assert kinds["share_partial"].backbone == kinds["share_all"].backbone is not None
