@@ -221,7 +221,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     try:
-        from .tune.report import report_study
+        from .tune.report import format_best, report_study
         from .tune.study import TuneOptions, run_tune
     except ModuleNotFoundError as e:
         if e.name != "optuna":
@@ -249,7 +249,7 @@ def run_tune(args: argparse.Namespace) -> int:
     if best is None:
         print("no trial completed: no best.yaml")
     else:
-        print(f"best: trial {best.number}, {best.value:.6g}, {best.params}\nwritten: {out / 'best.yaml'}")
+        print(f"{format_best(best)}\nwritten: {out / 'best.yaml'}")
     return 0
 
 

@@ -4,6 +4,7 @@ is a config train accepts, the report, and a killed study resumes."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -12,16 +13,18 @@ import time
 from pathlib import Path
 
 import optuna
+import torch
 import yaml
 from optuna.trial import TrialState
 
 from heavyranker.cli import main
 from heavyranker.config import load_config
+from heavyranker.model import module_name
 from heavyranker.run_folder import list_checkpoints
 from heavyranker.train.loop import Trainer
 from heavyranker.tune.study import STUDY_NAME, TuneOptions, run_tune
 from tests.conftest import REPO, SMALL_SPLITS, small_config
-from tests.tune.test_space import CONFIG, TOWER_LR, data_overrides
+from tests.tune.test_space import CONFIG, MMOE, PLE, TOWER_LR, data_overrides
 
 SENSIBLE, TOO_SMALL = 0.006, 0.0006  # local_small's tower peak, and a tenth of it
 STEPS = ["training.num_train_steps=40", "training.eval_log_every_n=20", "training.checkpoint_every_n=20"]
@@ -148,3 +151,42 @@ def test_on_evaluation_ends_the_run_at_that_evaluation(tmp_path, small_data):
     assert [step for step, _ in seen] == [3, 6] and seen[0][1] == sorted(SMALL_SPLITS)
     assert trainer.step == 6
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [6]  # saved where it stopped
+
+
+def test_a_study_over_mmoe_and_ple_trains_each_and_its_best_settings_apply(tmp_path, small_data, capsys):
+    space = tmp_path / "space.yaml"
+    params = {"model": {"choices": [MMOE, PLE]}}
+    space.write_text(yaml.safe_dump({"objective": {"split": "validation"}, "params": params}))
+    steps = ["training.num_train_steps=20", "training.eval_log_every_n=20", "training.checkpoint_every_n=20"]
+    overrides = [*data_overrides(small_data), *steps]
+    options = TuneOptions(str(CONFIG), overrides, str(space), 2, tmp_path / "out")
+    best = run_tune(options)
+    trials = load(options.out).get_trials(states=(TrialState.COMPLETE,))
+    drawn = {yaml.safe_load(t.params["model"])["multi_task_type"]: t for t in trials}
+    assert sorted(drawn) == ["mmoe", "ple"], "the seeded sampler drew one choice twice"
+
+    towers = {module_name(task) for task in load_config(CONFIG).model.tasks}
+    for kind, trial in drawn.items():  # the model each trial trained, read from its checkpoint's weights
+        checkpoint = options.out / "trials" / str(trial.number) / "checkpoints" / "step_20.pt"
+        names = list(torch.load(checkpoint, weights_only=False)["model"])
+        assert not any(name.startswith("backbone.") for name in names)
+        shared = {n.split(".")[4] for n in names if n.startswith("experts.levels.0.shared_experts.")}
+        own = {n.split(".")[4] for n in names if n.startswith("experts.levels.0.task_experts.")}
+        # mmoe: 2 experts every task shares, none of a task's own; ple: 1 shared, 1 per task
+        assert (shared, own) == (({"0", "1"}, set()) if kind == "mmoe" else ({"0"}, towers))
+        assert f"--set model.multi_task_type={kind}" in trial.user_attrs["settings"]
+
+    # best.yaml is a valid config, and the --set lines in its header give it from the tuned config
+    written = (options.out / "best.yaml").read_text()
+    sets = [
+        arg for line in written.splitlines() if line.startswith("#   --set") for arg in shlex.split(line[1:])
+    ]
+    assert sets[::2] == ["--set"] * 3 and len(sets) == 6
+    applied = load_config(CONFIG, [*overrides, *sets[1::2]])
+    assert load_config(options.out / "best.yaml").model == applied.model
+    assert applied.model.multi_task_type == yaml.safe_load(best.params["model"])["multi_task_type"]
+
+    capsys.readouterr()
+    assert main(["tune", "--report", "--out", str(options.out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"best: trial {best.number}," in printed and "--set model.backbone=null" in printed

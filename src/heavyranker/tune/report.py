@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..atomic import atomic_write
 from ..errors import UserError
-from .study import STUDY_NAME, storage_url
+from .study import SETTINGS, STUDY_NAME, storage_url
 
 
 def report_study(out: Path, storage: str | None) -> Path | None:
@@ -28,6 +28,8 @@ def report_study(out: Path, storage: str | None) -> Path | None:
     trials = study.get_trials(deepcopy=False)
     print(format_trials(trials))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        print(format_best(study.best_trial))
     if len(complete) < 2:
         print(f"importances: need 2 complete trials, the study has {len(complete)}")
     else:
@@ -51,6 +53,16 @@ def format_trials(trials: list[FrozenTrial]) -> str:
             f"{t.number:>5} {t.state.name:<8} {value:>10} {steps:>6} {took:>8}  {json.dumps(t.params)}"
         )
     return "\n".join(lines)
+
+
+def format_best(best: FrozenTrial) -> str:
+    """The best trial, its parameters as Optuna holds them, and the settings they give, as `--set` arguments
+    (a mapping choice one per field it sets; a study tuned before they were recorded has none)."""
+    settings = best.user_attrs.get(SETTINGS, [])
+    lines = [f"best: trial {best.number}, {best.value:.6g}, {json.dumps(best.params)}"]
+    if settings:
+        lines.append("  its settings, as train takes them on top of tune's --config and --set:")
+    return "\n".join([*lines, *(f"    {override}" for override in settings)])
 
 
 def write_plot(study: optuna.Study, path: Path, importances: bool) -> Path:

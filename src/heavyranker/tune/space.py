@@ -7,6 +7,9 @@ into Optuna distributions.
       training.num_train_steps: {low: 1000, high: 4000, step: 1000}
       model.multi_task_type: {choices: [share_all, share_partial]}
       model.backbone.mask_net_config.mlp.layer_sizes: {choices: [[128], [256, 128]]}
+      model: {choices: [{multi_task_type: share_all}, {multi_task_type: mmoe, backbone: null, experts: ...}]}
+
+A choice that is a mapping sets the fields it names below the parameter's path (tune/settings.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from optuna.distributions import (
 from ..config import Config, ConfigError, load_config
 from ..data.sources.files import select_files
 from ..errors import UserError
+from .settings import check_mapping, flow_yaml, refuse_conflicts, settings
 
 METRICS = ("rce", "auroc", "nrce")  # higher is better, as the study's direction says
 TASK_RULES = ("mean", "weighted")
@@ -66,7 +70,7 @@ class Param:
     """One dotted config path and its distribution; `values` maps a categorical label back to its value
     (a choice Optuna cannot store, such as a list of layer sizes, is stored as its YAML). A `*` in the path
     stands for every key at its level (`...tower_learning_rates.*.constant`: one value for every tower);
-    `targets` are the paths it names in the config."""
+    `targets` are the paths it names in the config. A mapping choice sets the fields it names below them."""
 
     path: str
     distribution: BaseDistribution
@@ -75,6 +79,17 @@ class Param:
 
     def config_value(self, drawn: Any) -> Any:
         return self.values.get(drawn, drawn) if isinstance(drawn, str) else drawn
+
+    def samples(self) -> list[Any]:
+        """Each choice's value, or a range's two ends."""
+        distribution = self.distribution
+        if isinstance(distribution, CategoricalDistribution):
+            return [self.config_value(c) for c in distribution.choices]
+        return [distribution.low, distribution.high]
+
+    def settings(self, drawn: Any) -> dict[str, Any]:
+        """Dotted config path -> value, for a drawn value (Optuna's label of a choice)."""
+        return settings(self.targets, self.config_value(drawn))
 
 
 @dataclass(frozen=True)
@@ -85,10 +100,10 @@ class SearchSpace:
     def config_values(self, drawn: dict[str, Any]) -> dict[str, Any]:
         """Dotted path -> config value of a trial's parameters (Optuna's names are the dotted paths)."""
         return {
-            target: p.config_value(drawn[p.path])
+            path: value
             for p in self.params
             if p.path in drawn
-            for target in p.targets
+            for path, value in p.settings(drawn[p.path]).items()
         }
 
 
@@ -127,6 +142,7 @@ def read_space(
     )
     for param in space.params:
         _check_applies(where, param, config_path, overrides)
+    refuse_conflicts(where, {p.path: _fields(p) for p in space.params})
     return space
 
 
@@ -209,10 +225,10 @@ def _param(where: str, path: str, spec: Any, targets: tuple[str, ...]) -> Param:
         choices = spec["choices"]
         if set(spec) != {"choices"} or not isinstance(choices, list) or not choices:
             raise UserError(f"{at}: choices is a non-empty list, alone")
-        labels = [
-            c if isinstance(c, PRIMITIVE) else yaml.safe_dump(c, default_flow_style=True).strip()
-            for c in choices
-        ]
+        for n, choice in enumerate(choices):
+            if isinstance(choice, dict):
+                check_mapping(f"{at}.choices[{n}]", choice)
+        labels = [c if isinstance(c, PRIMITIVE) else flow_yaml(c) for c in choices]
         if len(set(map(repr, labels))) < len(labels):
             raise UserError(f"{at}: a choice is given twice")
         values = {label: c for label, c in zip(labels, choices, strict=True) if not isinstance(c, PRIMITIVE)}
@@ -242,17 +258,22 @@ def _range(at: str, spec: dict[str, Any]) -> BaseDistribution:
 
 def _check_applies(where: str, param: Param, config_path: str | os.PathLike, overrides: list[str]) -> None:
     """Each end of a range, each choice, applied to the config alone and validated as the config is: an
-    unknown path or a value of the wrong type is an error naming the path before any trial runs."""
-    distribution = param.distribution
-    if isinstance(distribution, CategoricalDistribution):
-        samples = [param.config_value(c) for c in distribution.choices]
-    else:
-        samples = [distribution.low, distribution.high]
-    for value in samples:
+    unknown path or a value of the wrong type is an error naming the path (a mapping choice: its index)
+    before any trial runs."""
+    for n, value in enumerate(param.samples()):
         try:
-            load_config(config_path, overrides, values=dict.fromkeys(param.targets, value))
+            load_config(config_path, overrides, values=settings(param.targets, value))
         except ConfigError as e:
             path, problem = e.problems[0]
+            what = f".choices[{n}]: it" if isinstance(value, dict) else f": {value!r}"
             raise UserError(
-                f"{where}: params.{param.path}: {value!r} does not fit the config: {path}: {problem}"
+                f"{where}: params.{param.path}{what} does not fit the config: {path}: {problem}"
             ) from None
+
+
+def _fields(param: Param) -> tuple[bool, set[str]]:
+    """Whether a choice of `param` is a mapping, and the dotted paths its values set."""
+    samples = param.samples()
+    return any(isinstance(v, dict) for v in samples), {
+        path for v in samples for path in settings(param.targets, v)
+    }

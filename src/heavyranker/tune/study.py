@@ -35,6 +35,7 @@ from ..eval.evaluator import evaluate_command
 from ..run_folder import RunFolder
 from ..runtime import init_runtime
 from ..train.loop import NonFiniteLoss, Trainer
+from .settings import as_overrides
 from .space import Param, SearchSpace, read_space
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 STUDY_NAME = "heavyranker"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts
 RUN = "run"  # user attribute: the number of the trial whose run folder a trial trains in
+SETTINGS = "settings"  # user attribute: what the trial sets in the config, as `--set` arguments
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class TrialObjective:
         # A re-run (of a trial that died or was stopped) inherits the user attributes, so its run folder.
         if RUN not in trial.user_attrs:
             trial.set_user_attr(RUN, trial.number)
+        trial.set_user_attr(SETTINGS, as_overrides(values))
         run = (self.options.out / "trials" / str(trial.user_attrs[RUN])).resolve()
         config = load_config(
             self.options.config, self.options.overrides, {**values, "training.save_dir": str(run)}
@@ -184,8 +187,11 @@ def write_best(study: optuna.Study, options: TuneOptions, space: SearchSpace) ->
         best = study.best_trial
     except ValueError:  # no trial completed
         return None
-    config = load_config(options.config, options.overrides, space.config_values(best.params))
+    values = space.config_values(best.params)
+    config = load_config(options.config, options.overrides, values)
     with atomic_write(options.out / "best.yaml", "w") as f:
         f.write(f"# tune: trial {best.number} of {options.out}, {space.objective.metric} {best.value:.6g}\n")
+        f.write("# its settings, as train takes them on top of tune's --config and --set:\n")
+        f.write("".join(f"#   {override}\n" for override in as_overrides(values)))
         f.write(dump_config(config))
     return best
