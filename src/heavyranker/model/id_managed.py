@@ -40,6 +40,7 @@ ROW_STATE = ("row_ids", "row_used", "row_count", "row_last")
 CANDIDATE_STATE = ("candidate_ids", "candidate_used", "candidate_count", "candidate_last")
 STATE = (*ROW_STATE, *CANDIDATE_STATE, "sorted_ids", "sorted_rows")
 KEPT = np.iinfo(np.int64).max  # the score of an entry that must not be evicted: chosen last, then dropped
+SCAN_CHUNK = 1 << 16  # entries a scan for the first few of a kind reads at a time
 
 
 class ManagedMapping(nn.Module):
@@ -185,8 +186,8 @@ class ManagedMapping(nn.Module):
         (ties by index); never those in `keep`. One O(n) selection on the table, no sort of it."""
         if wanted == 0:
             return np.zeros(0, dtype=np.int64)
-        free = np.flatnonzero(~state[f"{prefix}_used"])
-        chosen = free[: wanted + len(keep)]
+        free = _first_true(~state[f"{prefix}_used"], wanted + len(keep))  # all free ones, if fewer
+        chosen = free
         chosen = chosen[~np.isin(chosen, keep, kind="sort")][:wanted]
         if len(chosen) == wanted:
             return chosen
@@ -243,21 +244,16 @@ def _smallest(
     keys: list[np.ndarray], k: int, excluded: np.ndarray, among: np.ndarray | None = None
 ) -> np.ndarray:
     """The k entries (of `among`, ascending, or of all), none of them `excluded` (ascending), first in the
-    order of (keys[0], keys[1], ..., index), in that order. The first key's threshold is its lowest value
-    where that has enough entries (ties are the rule: a batch's ids share their last sighting), else an O(n)
-    selection (np.partition); then the same with the next key among the entries tied at the threshold.
-    Only the k chosen are sorted, and the excluded are found by binary search."""
+    order of (keys[0], keys[1], ..., index), in that order: those below the first key's threshold (the
+    value of its nth smallest, counting the excluded that may all be among the smallest), then those tied
+    at it, by the next key (the same way, among them) or, for the last key, by index. Only the k chosen are
+    sorted, and the excluded are found by binary search."""
     primary = keys[0] if among is None else keys[0][among]
     if len(primary) == 0 or k == 0:
         return np.zeros(0, dtype=np.int64)
-    nth = min(k + len(excluded), len(primary)) - 1  # the excluded may all be among the smallest
-    threshold = primary.min()
-    at_threshold = primary == threshold
-    below = np.zeros(0, dtype=np.int64)
-    if np.count_nonzero(at_threshold) <= nth:
-        threshold = np.partition(primary, nth)[nth]
-        at_threshold, below = primary == threshold, np.flatnonzero(primary < threshold)
-    tied = np.flatnonzero(at_threshold)
+    nth = min(k + len(excluded), len(primary)) - 1
+    # By index, the first k + len(excluded) tied entries will do: no need to list all of them.
+    below, tied = _split_at_nth(primary, nth, k + len(excluded) if len(keys) == 1 else None)
     if among is not None:
         below, tied = among[below], among[tied]
     below = _without(below, excluded)
@@ -270,6 +266,48 @@ def _smallest(
     else:
         rest = _smallest(keys[1:], need, excluded[:0], _without(tied, excluded))
     return np.concatenate([below, rest])
+
+
+def _split_at_nth(values: np.ndarray, nth: int, tied_limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The entries (ascending) whose value is below the nth smallest value, and those equal to it (only the
+    first tied_limit, if given). The lowest value is the threshold directly where it has enough entries
+    (ties are the rule: a batch's ids share their last sighting); else the nth is selected among the entries
+    up to a bound, doubled from the lowest value until enough lie under it: a few passes over the table
+    (the keys are batch numbers and counts), where np.partition would copy and partially sort all of it."""
+    lowest = int(values.min())
+    at_lowest = values == lowest
+    if np.count_nonzero(at_lowest) > nth:
+        return np.zeros(0, dtype=np.int64), _first_true(at_lowest, tied_limit)
+    step = 1
+    while True:
+        bound = min(lowest + step, KEPT)
+        under = values <= bound
+        if bound == KEPT or np.count_nonzero(under) > nth:
+            break
+        step *= 2
+    entries = np.flatnonzero(under)
+    chosen = values[entries]
+    threshold = np.partition(chosen, nth)[nth]
+    return entries[chosen < threshold], _first_true(chosen == threshold, tied_limit, entries)
+
+
+def _first_true(
+    mask: np.ndarray, limit: int | None, entries: np.ndarray | None = None
+) -> np.ndarray:
+    """The indices (or `entries`) where `mask` is true, ascending: only the first `limit`, found a chunk at a
+    time (a full table has millions tied), or all of them."""
+    if limit is None:
+        found = np.flatnonzero(mask)
+    else:
+        chunks, total = [np.zeros(0, dtype=np.int64)], 0
+        for start in range(0, len(mask), SCAN_CHUNK):
+            chunks.append(np.flatnonzero(mask[start : start + SCAN_CHUNK]))
+            chunks[-1] += start
+            total += len(chunks[-1])
+            if total >= limit:
+                break
+        found = np.concatenate(chunks)[:limit]
+    return found if entries is None else entries[found]
 
 
 def _without(ascending: np.ndarray, excluded: np.ndarray) -> np.ndarray:
