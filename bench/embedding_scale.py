@@ -26,9 +26,9 @@ Examples/s are global (both ranks' examples). Before a size, each mode's peak pe
 linearly from its two largest sizes measured; a mode whose 2 ranks would need more than 60% of the memory
 available (other work shares the machine) is skipped, and so is a mode after a rank of it failed (the OOM
 killer's SIGKILL); the figure says which and why. --managed-baseline REV also times a managed map's
-counting step alone (one process, one full table, sizes up to 10M rows) with id_managed.py as at git
-revision REV against the current one, side by side. The summary goes to bench/results/embedding_scale.json
-(--results), rewritten after each size.
+counting step alone (one process, one full table, sizes up to 10M rows, from the start and from a long
+run's steady state) with id_managed.py as at git revision REV against the current one, side by side. The
+summary goes to bench/results/embedding_scale.json (--results), rewritten after each size.
 """
 
 from __future__ import annotations
@@ -274,31 +274,44 @@ def fill_managed(mapping: torch.nn.Module, rows: int) -> tuple[np.ndarray, np.nd
 
 def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
     """A full managed map's counting step (its forward in training, on a global batch's ids) with
-    id_managed.py as at `rev` and as now, on the same batches, in this process."""
+    id_managed.py as at `rev` and as now, on the same batches, in this process: from the bench's start
+    (every entry last seen at batch 1) and from a long run's steady state (last sightings spread over
+    past batches, as many a batch as it touches)."""
     from heavyranker.config.model import Eviction
     from heavyranker.model.id_managed import ManagedMapping
 
     torch.set_num_threads(args.threads)
-    seconds = {}
-    for name, mapping_class in (("before", baseline_mapping(rev)), ("after", ManagedMapping)):
-        mapping = mapping_class(rows, 2, Eviction.LRU, -1)
-        managed = fill_managed(mapping, rows)
-        batches = [managed_ids((args.batch, 1), seed, *managed) for seed in range(args.steps + 1)]
-        mapping(batches[0])  # untimed: the first count builds the indexes of the buffers, once per process
-        start = time.perf_counter()
-        for ids in batches[1:]:
-            mapping(ids)
-        seconds[name] = (time.perf_counter() - start) / args.steps
-        del mapping, managed
-    print(
-        f"{rows:,} rows, managed counting step: {seconds['before']:.3g} s before, "
-        f"{seconds['after']:.3g} s after"
-    )
-    return {
-        "before_ms": seconds["before"] * 1e3,
-        "after_ms": seconds["after"] * 1e3,
-        "before_over_after": seconds["before"] / seconds["after"],
-    }
+    ms = {}
+    for state in ("start", "steady"):
+        for name, mapping_class in (("before", baseline_mapping(rev)), ("after", ManagedMapping)):
+            mapping = mapping_class(rows, 2, Eviction.LRU, -1)
+            managed = fill_managed(mapping, rows)
+            if state == "steady":
+                spread_sightings(mapping, rows, args.batch)
+            batches = [managed_ids((args.batch, 1), seed, *managed) for seed in range(args.steps + 1)]
+            mapping(batches[0])  # untimed: the first count builds the indexes of the buffers
+            start = time.perf_counter()
+            for ids in batches[1:]:
+                mapping(ids)
+            ms[f"{state}_{name}"] = (time.perf_counter() - start) / args.steps * 1e3
+            del mapping, managed
+        ms[f"{state}_before_over_after"] = ms[f"{state}_before"] / ms[f"{state}_after"]
+        print(
+            f"{rows:,} rows, managed counting step from the {state}: {ms[f'{state}_before']:.3g} ms before, "
+            f"{ms[f'{state}_after']:.3g} ms after"
+        )
+    return ms
+
+
+def spread_sightings(mapping: torch.nn.Module, rows: int, batch: int) -> None:
+    """Every row and candidate last seen at a random one of the past batches, each touching 3/4 of its
+    ids' rows (1/2 resident, 1/4 admitted): a full lru table after a long run, where the oldest batch
+    holds fewer entries than a batch evicts."""
+    batches = max(1, rows // max(1, batch * 3 // 4))
+    rng = np.random.default_rng(0)
+    for name in ("row_last", "candidate_last"):
+        getattr(mapping, name).copy_(torch.from_numpy(rng.integers(1, batches + 1, rows)))
+    mapping.tick.fill_(batches)
 
 
 def baseline_mapping(rev: str) -> type:

@@ -291,9 +291,7 @@ def _split_at_nth(values: np.ndarray, nth: int, tied_limit: int | None) -> tuple
     return entries[chosen < threshold], _first_true(chosen == threshold, tied_limit, entries)
 
 
-def _first_true(
-    mask: np.ndarray, limit: int | None, entries: np.ndarray | None = None
-) -> np.ndarray:
+def _first_true(mask: np.ndarray, limit: int | None, entries: np.ndarray | None = None) -> np.ndarray:
     """The indices (or `entries`) where `mask` is true, ascending: only the first `limit`, found a chunk at a
     time (a full table has millions tied), or all of them."""
     if limit is None:
