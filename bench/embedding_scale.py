@@ -5,7 +5,7 @@ run, for each table size.
     .venv/bin/python bench/embedding_scale.py [--config configs/local_small.yaml] [--rows 1000000 10000000]
                                               [--dim 8]  [--batch 256] [--steps 10] [--threads 1]
                                               [--table-optimizer adam] [--managed-baseline REV]
-                                              [--results PATH]
+                                              [--profile] [--results PATH]
 
 The model is the config's with two large tables of `rows` x `dim`, over meta__user_id and meta__author_id,
 ids uniform over the rows (torchrec's planner puts one table on each rank). Per mode and size, 2 fresh
@@ -27,17 +27,20 @@ linearly from its two largest sizes measured; a mode whose 2 ranks would need mo
 available (other work shares the machine) is skipped, and so is a mode after a rank of it failed (the OOM
 killer's SIGKILL); the figure says which and why. --managed-baseline REV also times a managed map's
 counting step alone (one process, one full table, sizes up to 10M rows, from the start and from a long
-run's steady state) with id_managed.py as at git revision REV against the current one, side by side. The
+run's steady state) with id_managed.py as at git revision REV against the current one, side by side.
+--profile prints where rank 0's timed steps spend their time (cProfile; it slows them a little). The
 summary goes to bench/results/embedding_scale.json (--results), rewritten after each size.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
 import json
 import multiprocessing
 import os
+import pstats
 import resource
 import signal
 import subprocess
@@ -57,6 +60,7 @@ TABLES = ("user", "author")  # a table over meta__<name>_id each
 LOOKUP_ROUNDS = 20  # passes over the timed batches: a replicated lookup takes microseconds
 MEMORY_SHARE = 0.6  # of the memory available, what a mode's 2 ranks may be predicted to take
 BASELINE_MAX_ROWS = 10_000_000  # the counting step before issue 26's rewrite took ~20 s at 10M rows
+PROFILE_LINES = 12  # functions listed by --profile, by their own time
 MIXER = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15: odd, so i -> i * MIXER is a bijection of int64
 
 
@@ -77,6 +81,9 @@ def main() -> None:
         help="adam: the run's Adam over every parameter; else optimizer.embedding (replicated, managed)",
     )
     parser.add_argument("--managed-baseline", metavar="REV", help="git revision of the counting to compare")
+    parser.add_argument(
+        "--profile", action="store_true", help="print rank 0's cProfile of each mode's timed steps"
+    )
     add_results_option(parser, "embedding_scale")
     args = parser.parse_args()
     figures: dict = {"threads_per_rank": args.threads, "ranks": 2}
@@ -220,7 +227,11 @@ def rank_main(rank: int, port: int, mode: str, rows: int, args: argparse.Namespa
             model.eval()  # a lookup, as in serving: a managed map is searched, not counted
             lookup_s = timed(lambda: [lookup(f) for _ in range(LOOKUP_ROUNDS) for f, _ in batches[2:]])
             model.train()
-        step_s = timed(lambda: [step(f, y) for f, y in batches[2:]])
+        profile = cProfile.Profile() if args.profile else None
+        step_s = timed(lambda: profiled(profile, lambda: [step(f, y) for f, y in batches[2:]]))
+        if profile is not None and runtime.is_main:
+            print(f"{mode} at {rows:,} rows, rank 0's timed steps:")
+            pstats.Stats(profile).sort_stats("tottime").print_stats(PROFILE_LINES)
         examples = args.batch * args.steps
         figures = {
             "lookup_examples_per_s": examples * LOOKUP_ROUNDS / lookup_s,
@@ -297,7 +308,7 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
             del mapping, managed
         ms[f"{state}_before_over_after"] = ms[f"{state}_before"] / ms[f"{state}_after"]
         print(
-            f"{rows:,} rows, managed counting step from the {state}: {ms[f'{state}_before']:.3g} ms before, "
+            f"{rows:,} rows, managed counting step ({state}): {ms[f'{state}_before']:.3g} ms before, "
             f"{ms[f'{state}_after']:.3g} ms after"
         )
     return ms
@@ -364,6 +375,11 @@ def managed_ids(
         ]
     )
     return torch.from_numpy(rng.permutation(ids).reshape(shape))
+
+
+def profiled(profile: cProfile.Profile | None, work: Callable[[], object]) -> object:
+    """work(), under `profile` if any."""
+    return work() if profile is None else profile.runcall(work)
 
 
 def timed(work: Callable[[], object]) -> float:
