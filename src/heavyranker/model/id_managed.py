@@ -15,9 +15,10 @@ Under torch.distributed every rank counts the sightings of all ranks, so the map
 
 A training step costs O(batch) plus a few vectorized passes over the table, never a sort of it: the
 batch's ids are found by binary search in the resident ids and in a sorted index of the candidates (kept
-beside the buffers, rebuilt from them on load); free entries are taken by index; a full table picks its
-victims with one selection (np.partition) of the eviction key's threshold; and the sorted arrays take the
-admitted and evicted ids in place, by shifting the runs between them.
+beside the buffers, rebuilt from them on load); free entries are taken by index; a full table finds the
+eviction key's threshold among the entries under a bound doubled from its lowest value, and lists only
+the first few entries tied at it (lru); and the sorted arrays take the admitted and evicted ids in place,
+by shifting the runs between them.
 
 Why not torchrec's MCHManagedCollisionModule: its admission is a threshold on counts within one eviction
 interval (not a count that accumulates until admission), it works on KeyedJaggedTensor dicts of a
@@ -183,12 +184,11 @@ class ManagedMapping(nn.Module):
         self, state: dict[str, np.ndarray], prefix: str, wanted: int, keep: np.ndarray
     ) -> np.ndarray:
         """Up to `wanted` entries to (re)use, best first: free ones (by index), then by the eviction rule
-        (ties by index); never those in `keep`. One O(n) selection on the table, no sort of it."""
+        (ties by index); never those in `keep`. A few passes over the table, no sort of it."""
         if wanted == 0:
             return np.zeros(0, dtype=np.int64)
         free = _first_true(~state[f"{prefix}_used"], wanted + len(keep))  # all free ones, if fewer
-        chosen = free
-        chosen = chosen[~np.isin(chosen, keep, kind="sort")][:wanted]
+        chosen = free[~np.isin(free, keep, kind="sort")][:wanted]
         if len(chosen) == wanted:
             return chosen
         # Fewer free entries than wanted: so few that every one of them is in `chosen` or `keep`.
