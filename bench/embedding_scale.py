@@ -26,10 +26,11 @@ Examples/s are global (both ranks' examples). Before a size, each mode's peak pe
 linearly from its two largest sizes measured; a mode whose 2 ranks would need more than 60% of the memory
 available (other work shares the machine) is skipped, and so is a mode after a rank of it failed (the OOM
 killer's SIGKILL); the figure says which and why. --managed-baseline REV also times a managed map's
-counting step alone (one process, one full table, sizes up to 10M rows, from the start and from a long
-run's steady state) with id_managed.py as at git revision REV against the current one, side by side.
---profile prints where rank 0's timed steps spend their time (cProfile; it slows them a little). The
-summary goes to bench/results/embedding_scale.json (--results), rewritten after each size.
+counting step alone (one process, one full table, sizes up to 10M rows; lru from the start and from a
+long run's steady state, lfu from the start) with id_managed.py as at git revision REV against the
+current one, side by side. --profile prints where rank 0's timed steps spend their time (cProfile; it
+slows them a little). The summary goes to bench/results/embedding_scale.json (--results), rewritten after
+each size.
 """
 
 from __future__ import annotations
@@ -286,16 +287,16 @@ def fill_managed(mapping: torch.nn.Module, rows: int) -> tuple[np.ndarray, np.nd
 def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
     """A full managed map's counting step (its forward in training, on a global batch's ids) with
     id_managed.py as at `rev` and as now, on the same batches, in this process: from the bench's start
-    (every entry last seen at batch 1) and from a long run's steady state (last sightings spread over
-    past batches, as many a batch as it touches)."""
+    (every entry last seen at batch 1, with the same count), from a long run's steady state (last sightings
+    spread over past batches, as many a batch as it touches), and from the start with lfu eviction."""
     from heavyranker.config.model import Eviction
     from heavyranker.model.id_managed import ManagedMapping
 
     torch.set_num_threads(args.threads)
     ms = {}
-    for state in ("start", "steady"):
+    for state, eviction in (("start", Eviction.LRU), ("steady", Eviction.LRU), ("lfu_start", Eviction.LFU)):
         for name, mapping_class in (("before", baseline_mapping(rev)), ("after", ManagedMapping)):
-            mapping = mapping_class(rows, 2, Eviction.LRU, -1)
+            mapping = mapping_class(rows, 2, eviction, -1)
             managed = fill_managed(mapping, rows)
             if state == "steady":
                 spread_sightings(mapping, rows, args.batch)

@@ -17,8 +17,9 @@ A training step costs O(batch) plus a few vectorized passes over the table, neve
 batch's ids are found by binary search in the resident ids and in a sorted index of the candidates (kept
 beside the buffers, rebuilt from them on load); free entries are taken by index; a full table finds the
 eviction key's threshold among the entries under a bound doubled from its lowest value, and lists only
-the first few entries tied at it (lru); and the sorted arrays take the admitted and evicted ids in place,
-by shifting the runs between them.
+the first few entries tied at it (lfu orders those tied on the count by last sighting through a mask of
+them, not a list); and the sorted arrays take the admitted and evicted ids in place, by shifting the runs
+between them.
 
 Why not torchrec's MCHManagedCollisionModule: its admission is a threshold on counts within one eviction
 interval (not a count that accumulates until admission), it works on KeyedJaggedTensor dicts of a
@@ -246,14 +247,16 @@ def _smallest(
     """The k entries (of `among`, ascending, or of all), none of them `excluded` (ascending), first in the
     order of (keys[0], keys[1], ..., index), in that order: those below the first key's threshold (the
     value of its nth smallest, counting the excluded that may all be among the smallest), then those tied
-    at it, by the next key (the same way, among them) or, for the last key, by index. Only the k chosen are
-    sorted, and the excluded are found by binary search."""
+    at it, by the next key (the same way: over all entries, the others masked as KEPT, or among them) or,
+    for the last key, by index. Only the k chosen are sorted, and the excluded are found by binary search."""
     primary = keys[0] if among is None else keys[0][among]
     if len(primary) == 0 or k == 0:
         return np.zeros(0, dtype=np.int64)
     nth = min(k + len(excluded), len(primary)) - 1
-    # By index, the first k + len(excluded) tied entries will do: no need to list all of them.
-    below, tied = _split_at_nth(primary, nth, k + len(excluded) if len(keys) == 1 else None)
+    # By index, the first k + len(excluded) tied entries will do: no need to list all of them; nor, over the
+    # whole table, for the next key, which takes them with a mask (below).
+    listed = None if len(keys) > 1 and among is not None else k + len(excluded)
+    below, tied, threshold = _split_at_nth(primary, nth, listed)
     if among is not None:
         below, tied = among[below], among[tied]
     below = _without(below, excluded)
@@ -263,21 +266,26 @@ def _smallest(
         return below
     if len(keys) == 1:  # ties by index: the first ones will do
         rest = _without(tied[: need + len(excluded)], excluded)[:need]
-    else:
+    elif among is not None:
         rest = _smallest(keys[1:], need, excluded[:0], _without(tied, excluded))
+    else:  # the next key over the whole table, KEPT outside the tie (so last), rather than a list of the tie
+        is_tied = keys[0] == threshold
+        rest = _smallest([np.where(is_tied, keys[1], KEPT), *keys[2:]], need, excluded)
+        rest = rest[is_tied[rest]]  # a small table may not have `need` tied entries
     return np.concatenate([below, rest])
 
 
-def _split_at_nth(values: np.ndarray, nth: int, tied_limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The entries (ascending) whose value is below the nth smallest value, and those equal to it (only the
-    first tied_limit, if given). The lowest value is the threshold directly where it has enough entries
-    (ties are the rule: a batch's ids share their last sighting); else the nth is selected among the entries
-    up to a bound, doubled from the lowest value until enough lie under it: a few passes over the table
-    (the keys are batch numbers and counts), where np.partition would copy and partially sort all of it."""
+def _split_at_nth(values: np.ndarray, nth: int, tied_limit: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The entries (ascending) whose value is below the nth smallest value, those equal to it (only the
+    first tied_limit, if given), and that value. The lowest value is the threshold directly where it has
+    enough entries (ties are the rule: a batch's ids share their last sighting); else the nth is selected
+    among the entries up to a bound, doubled from the lowest value until enough lie under it: a few passes
+    over the table (the keys are batch numbers and counts), where np.partition would copy and partially
+    sort all of it."""
     lowest = int(values.min())
     at_lowest = values == lowest
     if np.count_nonzero(at_lowest) > nth:
-        return np.zeros(0, dtype=np.int64), _first_true(at_lowest, tied_limit)
+        return np.zeros(0, dtype=np.int64), _first_true(at_lowest, tied_limit), lowest
     step = 1
     while True:
         bound = min(lowest + step, KEPT)
@@ -288,7 +296,7 @@ def _split_at_nth(values: np.ndarray, nth: int, tied_limit: int | None) -> tuple
     entries = np.flatnonzero(under)
     chosen = values[entries]
     threshold = np.partition(chosen, nth)[nth]
-    return entries[chosen < threshold], _first_true(chosen == threshold, tied_limit, entries)
+    return entries[chosen < threshold], _first_true(chosen == threshold, tied_limit, entries), int(threshold)
 
 
 def _first_true(mask: np.ndarray, limit: int | None, entries: np.ndarray | None = None) -> np.ndarray:
