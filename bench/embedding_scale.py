@@ -5,7 +5,7 @@ run, for each table size.
     .venv/bin/python bench/embedding_scale.py [--config configs/local_small.yaml] [--rows 1000000 10000000]
                                               [--dim 8]  [--batch 256] [--steps 10] [--threads 1]
                                               [--table-optimizer adam] [--managed-baseline REV]
-                                              [--results PATH]
+                                              [--profile] [--results PATH]
 
 The model is the config's with two large tables of `rows` x `dim`, over meta__user_id and meta__author_id,
 ids uniform over the rows (torchrec's planner puts one table on each rank). Per mode and size, 2 fresh
@@ -26,18 +26,22 @@ Examples/s are global (both ranks' examples). Before a size, each mode's peak pe
 linearly from its two largest sizes measured; a mode whose 2 ranks would need more than 60% of the memory
 available (other work shares the machine) is skipped, and so is a mode after a rank of it failed (the OOM
 killer's SIGKILL); the figure says which and why. --managed-baseline REV also times a managed map's
-counting step alone (one process, one full table, sizes up to 10M rows) with id_managed.py as at git
-revision REV against the current one, side by side. The summary goes to bench/results/embedding_scale.json
-(--results), rewritten after each size.
+counting step alone (one process, one full table, sizes up to 10M rows; lru from the start and from a
+long run's steady state, lfu from the start) with id_managed.py as at git revision REV against the
+current one, side by side. --profile prints where rank 0's timed steps spend their time (cProfile; it
+slows them a little). The summary goes to bench/results/embedding_scale.json (--results), rewritten after
+each size.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
 import json
 import multiprocessing
 import os
+import pstats
 import resource
 import signal
 import subprocess
@@ -57,6 +61,7 @@ TABLES = ("user", "author")  # a table over meta__<name>_id each
 LOOKUP_ROUNDS = 20  # passes over the timed batches: a replicated lookup takes microseconds
 MEMORY_SHARE = 0.6  # of the memory available, what a mode's 2 ranks may be predicted to take
 BASELINE_MAX_ROWS = 10_000_000  # the counting step before issue 26's rewrite took ~20 s at 10M rows
+PROFILE_LINES = 12  # functions listed by --profile, by their own time
 MIXER = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15: odd, so i -> i * MIXER is a bijection of int64
 
 
@@ -77,6 +82,9 @@ def main() -> None:
         help="adam: the run's Adam over every parameter; else optimizer.embedding (replicated, managed)",
     )
     parser.add_argument("--managed-baseline", metavar="REV", help="git revision of the counting to compare")
+    parser.add_argument(
+        "--profile", action="store_true", help="print rank 0's cProfile of each mode's timed steps"
+    )
     add_results_option(parser, "embedding_scale")
     args = parser.parse_args()
     figures: dict = {"threads_per_rank": args.threads, "ranks": 2}
@@ -220,7 +228,11 @@ def rank_main(rank: int, port: int, mode: str, rows: int, args: argparse.Namespa
             model.eval()  # a lookup, as in serving: a managed map is searched, not counted
             lookup_s = timed(lambda: [lookup(f) for _ in range(LOOKUP_ROUNDS) for f, _ in batches[2:]])
             model.train()
-        step_s = timed(lambda: [step(f, y) for f, y in batches[2:]])
+        profile = cProfile.Profile() if args.profile else None
+        step_s = timed(lambda: profiled(profile, lambda: [step(f, y) for f, y in batches[2:]]))
+        if profile is not None and runtime.is_main:
+            print(f"{mode} at {rows:,} rows, rank 0's timed steps:")
+            pstats.Stats(profile).sort_stats("tottime").print_stats(PROFILE_LINES)
         examples = args.batch * args.steps
         figures = {
             "lookup_examples_per_s": examples * LOOKUP_ROUNDS / lookup_s,
@@ -250,64 +262,68 @@ def overrides(mode: str, rows: int, args: argparse.Namespace) -> list[str]:
     return chosen
 
 
-def full_map(rows: int) -> dict[str, torch.Tensor]:
-    """A managed map's buffers with every row and candidate entry taken, by distinct raw 64-bit ids
-    (rows - 1 resident, seen twice; rows candidates, seen once), all last seen at batch 1."""
-    ids = np.arange(1, 2 * rows, dtype=np.int64) * MIXER  # wraps around: distinct, over the whole int64 range
-    resident, candidates = np.concatenate([[0], ids[: rows - 1]]), ids[rows - 1 :]
-    order = np.argsort(resident[1:])
-    ones = np.ones(rows, np.int64)
-    state = {
-        "row_ids": resident,
-        "row_used": np.arange(rows) > 0,
-        "row_count": 2 * ones,
-        "row_last": ones,
-        "candidate_ids": candidates,
-        "candidate_used": ones > 0,
-        "candidate_count": ones,
-        "candidate_last": ones,
-        "sorted_ids": np.append(resident[1:][order], 0),
-        "sorted_rows": np.append(order + 1, 0),
-        "num_resident": np.array(rows - 1),
-        "tick": np.array(1),
-    }
-    return {name: torch.from_numpy(values) for name, values in state.items()}
-
-
 def fill_managed(mapping: torch.nn.Module, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Loads full_map into `mapping`; returns its resident ids and its candidates."""
-    state = full_map(rows)
-    mapping.load_state_dict(state)
-    return state["row_ids"][1:].numpy(), state["candidate_ids"].numpy()
+    """Takes every row and candidate entry of a fresh managed map, by distinct raw 64-bit ids (rows - 1
+    resident, seen twice; rows candidates, seen once), all last seen at batch 1; returns its resident ids
+    and its candidates (views of its buffers). Written into the buffers in place: a full state built beside
+    them and loaded (as before) took 0.9 GiB of temporaries for a 10M-row table, and the process kept 230
+    MiB of it after the load."""
+    state = {name: buffer.numpy() for name, buffer in mapping.state_dict().items()}  # shares their memory
+    resident, candidates = state["row_ids"], state["candidate_ids"]
+    resident[:], candidates[:] = np.arange(rows), np.arange(rows, 2 * rows)
+    for ids in (resident, candidates):  # wraps around: distinct, over the whole int64 range
+        np.multiply(ids, MIXER, out=ids)
+    state["row_used"][:], state["row_used"][0] = True, False
+    state["row_count"][:], state["row_last"][:] = 2, 1
+    state["candidate_used"][:], state["candidate_count"][:], state["candidate_last"][:] = True, 1, 1
+    order = np.argsort(resident[1:])
+    np.take(resident[1:], order, out=state["sorted_ids"][:-1])
+    np.add(order, 1, out=state["sorted_rows"][:-1])
+    state["sorted_ids"][-1] = state["sorted_rows"][-1] = 0
+    state["num_resident"][...], state["tick"][...] = rows - 1, 1
+    return resident[1:], candidates
 
 
 def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict[str, float]:
     """A full managed map's counting step (its forward in training, on a global batch's ids) with
-    id_managed.py as at `rev` and as now, on the same batches, in this process."""
+    id_managed.py as at `rev` and as now, on the same batches, in this process: from the bench's start
+    (every entry last seen at batch 1, with the same count), from a long run's steady state (last sightings
+    spread over past batches, as many a batch as it touches), and from the start with lfu eviction."""
     from heavyranker.config.model import Eviction
     from heavyranker.model.id_managed import ManagedMapping
 
     torch.set_num_threads(args.threads)
-    seconds = {}
-    for name, mapping_class in (("before", baseline_mapping(rev)), ("after", ManagedMapping)):
-        mapping = mapping_class(rows, 2, Eviction.LRU, -1)
-        managed = fill_managed(mapping, rows)
-        batches = [managed_ids((args.batch, 1), seed, *managed) for seed in range(args.steps + 1)]
-        mapping(batches[0])  # untimed: the first count builds the indexes of the buffers, once per process
-        start = time.perf_counter()
-        for ids in batches[1:]:
-            mapping(ids)
-        seconds[name] = (time.perf_counter() - start) / args.steps
-        del mapping, managed
-    print(
-        f"{rows:,} rows, managed counting step: {seconds['before']:.3g} s before, "
-        f"{seconds['after']:.3g} s after"
-    )
-    return {
-        "before_ms": seconds["before"] * 1e3,
-        "after_ms": seconds["after"] * 1e3,
-        "before_over_after": seconds["before"] / seconds["after"],
-    }
+    ms = {}
+    for state, eviction in (("start", Eviction.LRU), ("steady", Eviction.LRU), ("lfu_start", Eviction.LFU)):
+        for name, mapping_class in (("before", baseline_mapping(rev)), ("after", ManagedMapping)):
+            mapping = mapping_class(rows, 2, eviction, -1)
+            managed = fill_managed(mapping, rows)
+            if state == "steady":
+                spread_sightings(mapping, rows, args.batch)
+            batches = [managed_ids((args.batch, 1), seed, *managed) for seed in range(args.steps + 1)]
+            mapping(batches[0])  # untimed: the first count builds the indexes of the buffers
+            start = time.perf_counter()
+            for ids in batches[1:]:
+                mapping(ids)
+            ms[f"{state}_{name}"] = (time.perf_counter() - start) / args.steps * 1e3
+            del mapping, managed
+        ms[f"{state}_before_over_after"] = ms[f"{state}_before"] / ms[f"{state}_after"]
+        print(
+            f"{rows:,} rows, managed counting step ({state}): {ms[f'{state}_before']:.3g} ms before, "
+            f"{ms[f'{state}_after']:.3g} ms after"
+        )
+    return ms
+
+
+def spread_sightings(mapping: torch.nn.Module, rows: int, batch: int) -> None:
+    """Every row and candidate last seen at a random one of the past batches, each touching 3/4 of its
+    ids' rows (1/2 resident, 1/4 admitted): a full lru table after a long run, where the oldest batch
+    holds fewer entries than a batch evicts."""
+    batches = max(1, rows // max(1, batch * 3 // 4))
+    rng = np.random.default_rng(0)
+    for name in ("row_last", "candidate_last"):
+        getattr(mapping, name).copy_(torch.from_numpy(rng.integers(1, batches + 1, rows)))
+    mapping.tick.fill_(batches)
 
 
 def baseline_mapping(rev: str) -> type:
@@ -360,6 +376,11 @@ def managed_ids(
         ]
     )
     return torch.from_numpy(rng.permutation(ids).reshape(shape))
+
+
+def profiled(profile: cProfile.Profile | None, work: Callable[[], object]) -> object:
+    """work(), under `profile` if any."""
+    return work() if profile is None else profile.runcall(work)
 
 
 def timed(work: Callable[[], object]) -> float:

@@ -3,6 +3,7 @@ one id at a time with dicts and full sorts, over a few hundred batches that fill
 
 from __future__ import annotations
 
+import tracemalloc
 from collections import Counter
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from heavyranker.config.model import Eviction
+from heavyranker.model import id_managed
 from heavyranker.model.id_managed import ManagedMapping
 
 PADDING = -1
@@ -26,6 +28,9 @@ class ReferenceMap:
 
     def resident(self) -> dict[int, int]:
         return {id_: row for row, (id_, _, _) in self.rows.items()}
+
+    def state(self) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        return self.rows, self.candidates
 
     def best_first(self, table: dict[int, list[int]], places: range, keep: set[int]) -> list[int]:
         """Free places by index, then the least recently seen (lru) or least often, then least recently
@@ -69,9 +74,23 @@ class ReferenceMap:
             self.rows[row] = [id_, count, self.tick]
 
 
+def entries(mapping: ManagedMapping) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Each taken row and candidate entry of the buffers: [id, count, last batch]."""
+    tables = []
+    for prefix in ("row", "candidate"):
+        used = getattr(mapping, f"{prefix}_used").numpy()
+        columns = [getattr(mapping, f"{prefix}_{name}").numpy() for name in ("ids", "count", "last")]
+        tables.append({int(e): [int(c[e]) for c in columns] for e in np.flatnonzero(used)})
+    return tables[0], tables[1]
+
+
 @pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])
 @pytest.mark.parametrize("min_count", [1, 3])
-def test_the_map_is_a_plain_python_lru_or_lfu_of_the_same_ids(eviction, min_count):
+@pytest.mark.parametrize("scan_chunk", [2, id_managed.SCAN_CHUNK])
+def test_the_map_is_a_plain_python_lru_or_lfu_of_the_same_ids(eviction, min_count, scan_chunk, monkeypatch):
+    # Scans of 2 entries at a time: the first free or tied entries are found across chunks, as in a table
+    # of millions.
+    monkeypatch.setattr(id_managed, "SCAN_CHUNK", scan_chunk)
     rng = np.random.default_rng([min_count, eviction == Eviction.LFU])
     pool = np.append(rng.integers(-(2**63), 2**63 - 1, 40, dtype=np.int64), PADDING)
     mapping = ManagedMapping(9, min_count, eviction, PADDING)
@@ -89,6 +108,49 @@ def test_the_map_is_a_plain_python_lru_or_lfu_of_the_same_ids(eviction, min_coun
         reference.step(ids.tolist())
         resident = reference.resident()
         assert mapping.resident() == resident, step
+        assert entries(mapping) == reference.state(), step  # counts and last sightings too
         assert rows[0, :, 0].tolist() == [resident.get(i, 0) for i in ids.tolist()], step
         evictions += len(before.keys() - resident.keys())
     assert evictions > 40  # the table was full most of the time: eviction decided most admissions
+
+
+@pytest.mark.parametrize(("eviction", "bytes_a_row"), [(Eviction.LRU, 3), (Eviction.LFU, 16)])
+def test_a_full_tables_count_lists_only_the_entries_it_needs(eviction, bytes_a_row):
+    """A full table whose rows and candidates were all last seen at the same batch, with the same count (the
+    bench's start; and any batch's ids share a tick): choosing the few to evict must not list the million
+    tied entries (8 bytes each, the time of a count at 10M rows). At most the one-byte masks of a pass over
+    the table and a scan's chunks are allocated at once, and for lfu the next key over the table (8 bytes a
+    row) that orders the entries tied on the count."""
+    n = 1_000_000
+    mapping = ManagedMapping(n, 2, eviction, PADDING)
+    resident = np.arange(1, n, dtype=np.int64) * 7  # ascending: the sorted ids are the row ids
+    state = {
+        "row_ids": np.append(0, resident),
+        "row_used": np.arange(n) > 0,
+        "row_count": np.full(n, 2),
+        "candidate_ids": -np.arange(1, n + 1),  # candidates, seen once: admitted when seen again
+        "candidate_used": np.ones(n, dtype=bool),
+        "candidate_count": np.ones(n, dtype=np.int64),
+        "sorted_ids": np.append(resident, 0),
+        "sorted_rows": np.arange(1, n + 1) % n,
+    }
+    for name, values in state.items():
+        getattr(mapping, name).copy_(torch.from_numpy(values))
+    mapping.row_last.fill_(1)
+    mapping.candidate_last.fill_(1)
+    mapping.num_resident.fill_(n - 1)
+    mapping.tick.fill_(1)
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        seen = rng.choice(resident, 64), -rng.integers(1, n + 1, 32), rng.integers(1, 2**40, 32) * 8 + 1
+        ids = torch.from_numpy(np.concatenate(seen))
+        if step > 0:  # the first count builds the candidates' index (16 bytes a row, kept)
+            tracemalloc.start()
+        mapping(ids.unsqueeze(0))
+        if step > 0:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < bytes_a_row * n, step  # listing the tied rows or candidates takes 8 bytes a row
+        rows = mapping.lookup(ids)
+        assert (rows[:96] > 0).all()  # resident, or candidates admitted (each evicting a row)
+        assert int(mapping.num_resident) == n - 1

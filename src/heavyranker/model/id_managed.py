@@ -15,9 +15,11 @@ Under torch.distributed every rank counts the sightings of all ranks, so the map
 
 A training step costs O(batch) plus a few vectorized passes over the table, never a sort of it: the
 batch's ids are found by binary search in the resident ids and in a sorted index of the candidates (kept
-beside the buffers, rebuilt from them on load); free entries are taken by index; a full table picks its
-victims with one selection (np.partition) of the eviction key's threshold; and the sorted arrays take the
-admitted and evicted ids in place, by shifting the runs between them.
+beside the buffers, rebuilt from them on load); free entries are taken by index; a full table finds the
+eviction key's threshold among the entries under a bound doubled from its lowest value, and lists only
+the first few entries tied at it (lfu orders those tied on the count by last sighting through a mask of
+them, not a list); and the sorted arrays take the admitted and evicted ids in place, by shifting the runs
+between them.
 
 Why not torchrec's MCHManagedCollisionModule: its admission is a threshold on counts within one eviction
 interval (not a count that accumulates until admission), it works on KeyedJaggedTensor dicts of a
@@ -40,6 +42,7 @@ ROW_STATE = ("row_ids", "row_used", "row_count", "row_last")
 CANDIDATE_STATE = ("candidate_ids", "candidate_used", "candidate_count", "candidate_last")
 STATE = (*ROW_STATE, *CANDIDATE_STATE, "sorted_ids", "sorted_rows")
 KEPT = np.iinfo(np.int64).max  # the score of an entry that must not be evicted: chosen last, then dropped
+SCAN_CHUNK = 1 << 16  # entries a scan for the first few of a kind reads at a time
 
 
 class ManagedMapping(nn.Module):
@@ -182,12 +185,11 @@ class ManagedMapping(nn.Module):
         self, state: dict[str, np.ndarray], prefix: str, wanted: int, keep: np.ndarray
     ) -> np.ndarray:
         """Up to `wanted` entries to (re)use, best first: free ones (by index), then by the eviction rule
-        (ties by index); never those in `keep`. One O(n) selection on the table, no sort of it."""
+        (ties by index); never those in `keep`. A few passes over the table, no sort of it."""
         if wanted == 0:
             return np.zeros(0, dtype=np.int64)
-        free = np.flatnonzero(~state[f"{prefix}_used"])
-        chosen = free[: wanted + len(keep)]
-        chosen = chosen[~np.isin(chosen, keep, kind="sort")][:wanted]
+        free = _first_true(~state[f"{prefix}_used"], wanted + len(keep))  # all free ones, if fewer
+        chosen = free[~np.isin(free, keep, kind="sort")][:wanted]
         if len(chosen) == wanted:
             return chosen
         # Fewer free entries than wanted: so few that every one of them is in `chosen` or `keep`.
@@ -243,21 +245,18 @@ def _smallest(
     keys: list[np.ndarray], k: int, excluded: np.ndarray, among: np.ndarray | None = None
 ) -> np.ndarray:
     """The k entries (of `among`, ascending, or of all), none of them `excluded` (ascending), first in the
-    order of (keys[0], keys[1], ..., index), in that order. The first key's threshold is its lowest value
-    where that has enough entries (ties are the rule: a batch's ids share their last sighting), else an O(n)
-    selection (np.partition); then the same with the next key among the entries tied at the threshold.
-    Only the k chosen are sorted, and the excluded are found by binary search."""
+    order of (keys[0], keys[1], ..., index), in that order: those below the first key's threshold (the
+    value of its nth smallest, counting the excluded that may all be among the smallest), then those tied
+    at it, by the next key (the same way: over all entries, the others masked as KEPT, or among them) or,
+    for the last key, by index. Only the k chosen are sorted, and the excluded are found by binary search."""
     primary = keys[0] if among is None else keys[0][among]
     if len(primary) == 0 or k == 0:
         return np.zeros(0, dtype=np.int64)
-    nth = min(k + len(excluded), len(primary)) - 1  # the excluded may all be among the smallest
-    threshold = primary.min()
-    at_threshold = primary == threshold
-    below = np.zeros(0, dtype=np.int64)
-    if np.count_nonzero(at_threshold) <= nth:
-        threshold = np.partition(primary, nth)[nth]
-        at_threshold, below = primary == threshold, np.flatnonzero(primary < threshold)
-    tied = np.flatnonzero(at_threshold)
+    nth = min(k + len(excluded), len(primary)) - 1
+    # By index, the first k + len(excluded) tied entries will do: no need to list all of them; nor, over the
+    # whole table, for the next key, which takes them with a mask (below).
+    listed = None if len(keys) > 1 and among is not None else k + len(excluded)
+    below, tied, threshold = _split_at_nth(primary, nth, listed)
     if among is not None:
         below, tied = among[below], among[tied]
     below = _without(below, excluded)
@@ -267,9 +266,54 @@ def _smallest(
         return below
     if len(keys) == 1:  # ties by index: the first ones will do
         rest = _without(tied[: need + len(excluded)], excluded)[:need]
-    else:
+    elif among is not None:
         rest = _smallest(keys[1:], need, excluded[:0], _without(tied, excluded))
+    else:  # the next key over the whole table, KEPT outside the tie (so last), rather than a list of the tie
+        is_tied = keys[0] == threshold
+        rest = _smallest([np.where(is_tied, keys[1], KEPT), *keys[2:]], need, excluded)
+        rest = rest[is_tied[rest]]  # a small table may not have `need` tied entries
     return np.concatenate([below, rest])
+
+
+def _split_at_nth(values: np.ndarray, nth: int, tied_limit: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The entries (ascending) whose value is below the nth smallest value, those equal to it (only the
+    first tied_limit, if given), and that value. The lowest value is the threshold directly where it has
+    enough entries (ties are the rule: a batch's ids share their last sighting); else the nth is selected
+    among the entries up to a bound, doubled from the lowest value until enough lie under it: a few passes
+    over the table (the keys are batch numbers and counts), where np.partition would copy and partially
+    sort all of it."""
+    lowest = int(values.min())
+    at_lowest = values == lowest
+    if np.count_nonzero(at_lowest) > nth:
+        return np.zeros(0, dtype=np.int64), _first_true(at_lowest, tied_limit), lowest
+    step = 1
+    while True:
+        bound = min(lowest + step, KEPT)
+        under = values <= bound
+        if bound == KEPT or np.count_nonzero(under) > nth:
+            break
+        step *= 2
+    entries = np.flatnonzero(under)
+    chosen = values[entries]
+    threshold = np.partition(chosen, nth)[nth]
+    return entries[chosen < threshold], _first_true(chosen == threshold, tied_limit, entries), int(threshold)
+
+
+def _first_true(mask: np.ndarray, limit: int | None, entries: np.ndarray | None = None) -> np.ndarray:
+    """The indices (or `entries`) where `mask` is true, ascending: only the first `limit`, found a chunk at a
+    time (a full table has millions tied), or all of them."""
+    if limit is None:
+        found = np.flatnonzero(mask)
+    else:
+        chunks, total = [np.zeros(0, dtype=np.int64)], 0
+        for start in range(0, len(mask), SCAN_CHUNK):
+            chunks.append(np.flatnonzero(mask[start : start + SCAN_CHUNK]))
+            chunks[-1] += start
+            total += len(chunks[-1])
+            if total >= limit:
+                break
+        found = np.concatenate(chunks)[:limit]
+    return found if entries is None else entries[found]
 
 
 def _without(ascending: np.ndarray, excluded: np.ndarray) -> np.ndarray:
