@@ -45,20 +45,20 @@ def cpu_info(path: Path = CPUINFO) -> CpuInfo:
     return CpuInfo(fields.get("model name", platform.machine()), fields.get("vendor_id", ""), flags)
 
 
-def bf16_warning(cpu: CpuInfo) -> str | None:
+def bf16_warning(cpu: CpuInfo, subject: str = "training.precision: bf16") -> str | None:
     """One line for a CPU where bf16 products are slower than fp32 ones: without bf16 instructions (emulated),
     or an Intel one with AVX-512 BF16 but no AMX (measured: docs/precision.md). None where bf16 pays, or may
-    (AMD's AVX-512 BF16: not measured), or where the flags are not known."""
+    (AMD's AVX-512 BF16: not measured), or where the flags are not known. `subject`: what runs in bf16."""
     if cpu.flags is None or "amx_bf16" in cpu.flags:
         return None
     if "avx512_bf16" not in cpu.flags:
         return (
-            f"training.precision: bf16 on {cpu.model}, whose flags have neither avx512_bf16 nor amx_bf16: "
+            f"{subject} on {cpu.model}, whose flags have neither avx512_bf16 nor amx_bf16: "
             "bf16 products run without hardware support, often 10-100x slower than fp32 (docs/precision.md)"
         )
     if cpu.vendor == "GenuineIntel":
         return (
-            f"training.precision: bf16 on {cpu.model}, an Intel CPU with avx512_bf16 but no amx_bf16: its "
+            f"{subject} on {cpu.model}, an Intel CPU with avx512_bf16 but no amx_bf16: its "
             "bf16 products are slower than fp32 ones (0.56x on a Xeon of this kind); bf16 pays with AMX "
             "(docs/precision.md)"
         )

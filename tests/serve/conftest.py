@@ -24,6 +24,9 @@ from fastapi import FastAPI
 from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import Config, load_config
 from heavyranker.data.columns import feature_specs
+from heavyranker.data.shapes import feature_shapes
+from heavyranker.data.sources.tfrecord import write_records
+from heavyranker.data.tf_example import encode_example
 from heavyranker.model import Ranker, build_model
 from heavyranker.model.linear import HAS_ONEDNN
 from heavyranker.serve.app import server_config
@@ -175,3 +178,24 @@ def binary_request(header: dict, data: bytes) -> tuple[bytes, dict[str, str]]:
     text = json.dumps(header).encode()
     headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(text))}
     return text + data, headers
+
+
+UNLABELLED_EXAMPLES = 50
+
+
+@pytest.fixture(scope="session")
+def records(exported: Exported, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """One gzipped file of UNLABELLED_EXAMPLES records holding every feature the config reads and no label."""
+    data = exported.config.train_data
+    features = random_features(feature_shapes(data), UNLABELLED_EXAMPLES, seed=11)
+    sources = data.seg_dense_schema.renamed_features
+    folder = tmp_path_factory.mktemp("records")
+    rows = []
+    for i in range(UNLABELLED_EXAMPLES):
+        row = {}
+        for name, values in features.items():
+            value = values[i].reshape(-1)
+            row[sources[name]] = value.astype(np.int64) if name == "binary" else value  # flags are int64_list
+        rows.append(encode_example(row))
+    write_records(str(folder / "part-0.gz"), rows)
+    return folder, features

@@ -12,10 +12,13 @@ import onnx
 import pytest
 import torch
 
+from heavyranker.cpu import CpuInfo
 from heavyranker.errors import SettingError
 from heavyranker.eval.metrics import rce
+from heavyranker.serve import precision as precision_module
 from heavyranker.serve.app import create_app
 from heavyranker.serve.export import export_model
+from heavyranker.serve.predict import predict_files
 from heavyranker.serve.scorer import Scorer
 from tests.serve.conftest import SHAPES, Exported, random_features, serving
 from tests.serve.test_app import body, post
@@ -113,6 +116,38 @@ def test_serve_runs_each_precision_and_reports_it_on_v1_and_v2(folders: dict[str
         assert http.get("/v2/models/ranker").json()["parameters"]["precision"] == precision
         ranked = post(http, body(5))
         assert ranked.status_code == 200 and len(ranked.json()["candidates"]) == 5
+
+
+@pytest.mark.parametrize(
+    "flags, warned",
+    [({"avx512f", "avx512_bf16"}, True), ({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, False)],
+)
+def test_a_bf16_model_on_an_intel_cpu_without_amx_warns_once_per_process(
+    folders: dict[str, Path], records, tmp_path, monkeypatch, caplog, flags: set[str], warned: bool
+):
+    """Served or predicted: one line, at the first bf16 load of the process; fp32 and int8 never warn."""
+    cpu = CpuInfo("Fake Xeon", "GenuineIntel", frozenset(flags))
+    monkeypatch.setattr(precision_module, "cpu_info", lambda: cpu)
+    precision_module._warn_slow_bf16.cache_clear()  # a warning given earlier in this process is not one here
+    with caplog.at_level("WARNING"):
+        for precision in ("fp32", "int8", "bf16", "bf16"):
+            create_app(folders[precision], model_name="ranker", max_candidates=50)
+        precision_module._warn_slow_bf16.cache_clear()  # predict, in a process of its own
+        predict_files(
+            model_dir=str(folders["bf16"]), inputs=str(records[0] / "*.gz"), out=str(tmp_path / "p.csv")
+        )
+    lines = [r.getMessage() for r in caplog.records if "Fake Xeon" in r.getMessage()]
+    assert lines == (
+        [
+            "a bf16 model (export --precision bf16) on Fake Xeon, an Intel CPU with avx512_bf16 but no "
+            "amx_bf16: its bf16 products are slower than fp32 ones (0.56x on a Xeon of this kind); bf16 "
+            "pays with AMX (docs/precision.md)"
+        ]
+        * 2
+        if warned
+        else []
+    )
+    precision_module._warn_slow_bf16.cache_clear()
 
 
 def test_int8_drift_from_fp32_stays_within_the_measured_bound(folders: dict[str, Path]):

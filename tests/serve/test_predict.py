@@ -13,34 +13,15 @@ import pytest
 import torch
 
 from heavyranker.cli import main
-from heavyranker.data.shapes import feature_shapes
 from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.data.tf_example import encode_example
 from heavyranker.errors import UserError
 from heavyranker.serve.predict import predict_files
 from tests.data.test_damaged_records import small_rows
-from tests.serve.conftest import Exported, random_features, score_tolerance
+from tests.serve.conftest import UNLABELLED_EXAMPLES as EXAMPLES
+from tests.serve.conftest import Exported, score_tolerance
 
-EXAMPLES = 50
 BATCH = 16
-
-
-@pytest.fixture(scope="module")
-def records(exported: Exported, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
-    """One gzipped file of EXAMPLES records holding every feature the config reads and no label."""
-    data = exported.config.train_data
-    features = random_features(feature_shapes(data), EXAMPLES, seed=11)
-    sources = data.seg_dense_schema.renamed_features
-    folder = tmp_path_factory.mktemp("records")
-    rows = []
-    for i in range(EXAMPLES):
-        row = {}
-        for name, values in features.items():
-            value = values[i].reshape(-1)
-            row[sources[name]] = value.astype(np.int64) if name == "binary" else value  # flags are int64_list
-        rows.append(encode_example(row))
-    write_records(str(folder / "part-0.gz"), rows)
-    return folder, features
 
 
 def _predict(exported: Exported, inputs: Path, out: Path, **kwargs) -> int:

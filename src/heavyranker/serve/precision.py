@@ -13,6 +13,7 @@ The quality each costs against fp32 is measured in docs/precision.md (bench/prec
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -24,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu import bf16_warning, cpu_info
 from ..errors import SettingError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
 # The export's check of the program against the fp32 model (export._check_same): in fp32 the same
@@ -37,6 +41,19 @@ WHY_NOT = {
     ("int8", "pt2"): "torch's dynamic quantization (torch.ao) is deprecated and does not go through "
     "torch.export; export int8 with --format onnx",
 }
+
+
+def warn_if_slow_here(precision: str) -> None:
+    """Before a program of `precision` serves or predicts: one warning line per process where it is bf16 and
+    this CPU's bf16 products are slower than fp32 ones (cpu.bf16_warning)."""
+    if precision == "bf16":
+        _warn_slow_bf16()
+
+
+@functools.cache
+def _warn_slow_bf16() -> None:
+    if warning := bf16_warning(cpu_info(), "a bf16 model (export --precision bf16)"):
+        log.warning(warning)
 
 
 def check_precision(precision: str, format: str) -> None:

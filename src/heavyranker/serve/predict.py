@@ -22,6 +22,7 @@ from ..config.data import DataConfig
 from ..data.batch import Batch
 from ..data.dataset import RecapDataset, describe_counts
 from ..errors import SettingError, UserError
+from .precision import warn_if_slow_here
 from .scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def predict_files(*, model_dir: str, inputs: str, out: str, batch_size: int = 10
     """Scores every record of the files `inputs` (a glob) matches, in file order; returns the row count."""
     writer_class = _writer_class(out)
     scorer = Scorer(model_dir)
+    warn_if_slow_here(scorer.precision)
     data = _data_config(scorer, model_dir, batch_size)
     with RecapDataset(data, inputs=inputs, require_labels=False) as dataset, atomic_path(out) as temporary:
         rows = _write(dataset, scorer, writer_class, temporary)

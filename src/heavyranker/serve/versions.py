@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .precision import warn_if_slow_here
 from .repository import ModelRepository
 from .scorer import Scorer
 
@@ -52,6 +53,7 @@ class ServedVersions:
         on_swap: Callable[[], None] = lambda: None,
         on_failed_load: Callable[[], None] = lambda: None,
     ):
+        warn_if_slow_here(current.scorer.precision)
         self.current = current
         self.repository = repository
         self.pin_version = pin_version
@@ -149,6 +151,7 @@ class ServedVersions:
         assert self.repository is not None
         folder = self.repository.local_folder(version)
         scorer = Scorer(folder)
+        warn_if_slow_here(scorer.precision)
         serving = self.current.scorer
         if scorer.inputs != serving.inputs:
             raise UserError(f"{folder}: its inputs differ from the served version's: {_inputs(scorer)}")
