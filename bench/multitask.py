@@ -97,13 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="configs/local_small.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_measure_options(parser, Path("runs/multitask"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--runs", type=Path, default=Path("runs/multitask"), help="a folder for the runs")
-    parser.add_argument("--resamples", type=int, default=1000, help="of compare's bootstrap")
-    parser.add_argument("--baseline-rows", type=int, default=200_000, help="training rows of the baseline")
-    parser.add_argument("--set", action="append", default=[], help="override a value of every variant")
     add_results_option(parser, "multitask")
     args = parser.parse_args()
     args.runs = args.runs.resolve()  # a relative save_dir in --set would be read against the YAML's folder
@@ -114,6 +109,16 @@ def main() -> None:
     below = {v: sum(r.values()) for v, r in figures["runs_below_logistic_regression"].items()}
     print("task-runs below the logistic regression: " + ", ".join(f"{v} {n}" for v, n in below.items()))
     write_results("multitask", figures, args)
+
+
+def add_measure_options(parser: argparse.ArgumentParser, runs: Path) -> None:
+    """The options measure() reads, besides --variants (each bench has its own)."""
+    parser.add_argument("--config", default="configs/local_small.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", type=Path, default=runs, help="a folder for the runs")
+    parser.add_argument("--resamples", type=int, default=1000, help="of compare's bootstrap")
+    parser.add_argument("--baseline-rows", type=int, default=200_000, help="training rows of the baseline")
+    parser.add_argument("--set", action="append", default=[], help="override a value of every run")
 
 
 def measure(args: argparse.Namespace) -> dict:

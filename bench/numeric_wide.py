@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from multitask import VARIANTS, measure
+from multitask import VARIANTS, add_measure_options, measure
 from results import add_results_option, write_results
 
 SPLITS = ("validation", "validation_downsampled")
@@ -47,14 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default="configs/local_small.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_measure_options(parser, Path("runs/numeric_wide"))
     parser.add_argument("--world", type=world, action="append", help="NAME=DIR; default: demo=config")
     parser.add_argument("--variants", nargs="+", default=["periodic", "wide"], choices=list(VARIANTS))
-    parser.add_argument("--runs", type=Path, default=Path("runs/numeric_wide"), help="a folder for the runs")
-    parser.add_argument("--resamples", type=int, default=1000, help="of compare's bootstrap")
-    parser.add_argument("--baseline-rows", type=int, default=200_000, help="training rows of the baseline")
-    parser.add_argument("--set", action="append", default=[], help="override a value of every run")
     add_results_option(parser, "numeric_wide")
     args = parser.parse_args()
     worlds = dict(args.world or [("demo", "config")])

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -120,18 +121,30 @@ def test_two_ranks_train_each_record_of_files_and_topic_once_across_a_stop_and_r
     broker.create_topic("both", 2)
     args = overrides(root, run, broker.bootstrap, "both")
 
+    def run_while_writing(attempt: int, write: Callable[[], None], last_step: int, delays: tuple) -> None:
+        """Run `attempt` of the two ranks: `write` once both listen; the stop once both trained `last_step`
+        and polled a while (both wait then, one with a batch ready), reaching rank r delays[r] s later."""
+
+        def write_then_stop() -> None:
+            wait_for(lambda: both_listening(logs, attempt), f"run {attempt} to listen")
+            write()
+            wait_for(
+                lambda: all(last_step in steps(trained_log(logs, r)) for r in (0, 1)),
+                f"run {attempt}'s step {last_step}",
+            )
+            time.sleep(1)
+            (tmp_path / f"stop_{attempt}").touch()
+
+        writer = threading.Thread(target=write_then_stop)
+        writer.start()
+        on_two_ranks(follow_on_a_rank, logs, tmp_path / f"stop_{attempt}", delays, args, logs=logs)
+        writer.join()
+
     def write_first() -> None:
-        wait_for(lambda: both_listening(logs, 1), "run 1 to listen")
         (hour(root, "2026/01/01/00", 0, per_file=4, files=3) / "_SUCCESS").touch()
         produce_ids(broker, "both", {0: range(100, 108), 1: range(200, 204)})
-        wait_for(lambda: all(2 in steps(trained_log(logs, r)) for r in (0, 1)), "run 1's 2 steps")
-        time.sleep(1)  # some polls: both ranks wait, rank 0 with a batch ready
-        (tmp_path / "stop_1").touch()
 
-    writer = threading.Thread(target=write_first)
-    writer.start()
-    on_two_ranks(follow_on_a_rank, logs, tmp_path / "stop_1", (0.0, 1.5), args, logs=logs)
-    writer.join()
+    run_while_writing(1, write_first, last_step=2, delays=(0.0, 1.5))
     state = load_checkpoint(run / "checkpoints" / "step_2.pt")
     assert sorted((run / "checkpoints").glob("step_*.pt")) == [run / "checkpoints" / "step_2.pt"]
     assert [steps(trained_log(logs, r)) for r in (0, 1)] == [[1, 2], [1, 2]]  # none stopped early or late
@@ -141,17 +154,10 @@ def test_two_ranks_train_each_record_of_files_and_topic_once_across_a_stop_and_r
     position_of_what_was_trained(state, root, set(first[0]) | set(first[1]))
 
     def write_second() -> None:
-        wait_for(lambda: both_listening(logs, 2), "run 2 to listen")
         (hour(root, "2026/01/01/01", 12, per_file=8) / "_SUCCESS").touch()
         produce_ids(broker, "both", {0: range(108, 112), 1: range(204, 216)})
-        wait_for(lambda: all(7 in steps(trained_log(logs, r)) for r in (0, 1)), "run 2's 5 steps")
-        time.sleep(1)
-        (tmp_path / "stop_2").touch()
 
-    writer = threading.Thread(target=write_second)
-    writer.start()
-    on_two_ranks(follow_on_a_rank, logs, tmp_path / "stop_2", (1.5, 0.0), args, logs=logs)
-    writer.join()
+    run_while_writing(2, write_second, last_step=7, delays=(1.5, 0.0))
     state = load_checkpoint(run / "checkpoints" / "step_7.pt")
     assert [steps(trained_log(logs, r)) for r in (0, 1)] == [[1, 2, 3, 4, 5, 6, 7]] * 2
     trained = {rank: trained_ids(trained_log(logs, rank)) for rank in (0, 1)}
