@@ -25,6 +25,9 @@ def _cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+NEWER = (1000.0, 3000.0, 2000.0)  # seconds after the test's start: the planted times of hour 01's files
+
+
 def follow_on_a_rank(root: Path, run: Path, stop_file: Path) -> None:
     """A rank's follow run, stopped by SIGTERM after stop_file appears: rank 1 1.5 s after rank 0."""
     delay = 1.5 * int(os.environ["RANK"])
@@ -62,11 +65,15 @@ def test_ranks_share_new_files_and_stop_together_while_one_waits(tmp_path):
         wait_for(run / "checkpoints" / "step_2.pt")
         # Hour 01: three files; rank 0 takes files 0 and 2 (16 records), rank 1 file 1 (8): after 2 more steps
         # rank 1 has nothing, and rank 0 waits with it for data, its next batch ready.
-        (hour(root, "2026/01/01/01", 16, per_file=8, files=3) / "_SUCCESS").touch()
+        folder = hour(root, "2026/01/01/01", 16, per_file=8, files=3)
+        for k, newer in enumerate(NEWER):  # rank 1's file the newest: rank 0 alone would not know it
+            os.utime(folder / f"part-{k}.gz", (start + newer, start + newer))
+        (folder / "_SUCCESS").touch()
         wait_for(run / "checkpoints" / "step_4.pt")
         time.sleep(2)  # some polls: both ranks wait
         stop_file.touch()
 
+    start = time.time()
     writer = threading.Thread(target=write)
     writer.start()
     on_two_ranks(follow_on_a_rank, root, run, stop_file, logs=tmp_path / "logs")
@@ -84,3 +91,5 @@ def test_ranks_share_new_files_and_stop_together_while_one_waits(tmp_path):
         "2026/01/01/01/part-0.gz": (8, True),
         "2026/01/01/01/part-1.gz": (8, True),
     }  # 01/part-2.gz: rank 0's next batch, ready and not trained on
+    # The newest file any rank has read: rank 1's part-1 (rank 0 has opened part-0 and part-2).
+    assert state["newest_data_time"] == pytest.approx(start + NEWER[1], abs=1e-3)

@@ -301,11 +301,19 @@ class Trainer:
         after the records of its steps). Under DDP a collective: only where a checkpoint may be saved."""
         if self._dataset is None or not self._streaming:
             return
-        due = self.step % training.checkpoint_every_n == 0 or self.step % training.eval_log_every_n == 0
-        if self.runtime.world_size > 1 and not (due or every_rank_here):
+        if self.runtime.world_size == 1:
+            self.data_position.update(self._dataset.position())
             return
-        for offsets in self.runtime.gather(self._dataset.position()):
+        due = self.step % training.checkpoint_every_n == 0 or self.step % training.eval_log_every_n == 0
+        if not (due or every_rank_here):
+            return
+        # Each rank reads its own files or partitions: a checkpoint's newest_data_time is the newest any
+        # rank has read, not rank 0's alone.
+        mine = (self._dataset.position(), newest_data_time(self._dataset, self.newest_data_time))
+        ranks = self.runtime.gather(mine)
+        for offsets, _ in ranks:
             self.data_position.update(offsets)
+        self.newest_data_time = max((t for _, t in ranks if t is not None), default=None)
 
     def _every_rank_has_data(self) -> bool:
         """Under DDP, on a stream: waits until every rank's next batch is there, so that no rank waits for
