@@ -126,9 +126,10 @@ def test_candidates_come_back_sorted_by_score_with_their_probabilities(client: h
 
 def test_integer_ids_and_an_empty_request(client: httpx.Client):
     request = body(3)
-    for i, candidate in enumerate(request["candidates"]):
-        candidate["id"] = 1000 + i
-    assert sorted(c["id"] for c in post(client, request).json()["candidates"]) == [1000, 1001, 1002]
+    ids = [-(2**63), 1000, 2**64 - 1]  # the ends of the accepted range: the response encodes them exactly
+    for candidate, cid in zip(request["candidates"], ids, strict=True):
+        candidate["id"] = cid
+    assert sorted(c["id"] for c in post(client, request).json()["candidates"]) == ids
     assert post(client, {"candidates": []}).json() == {"candidates": []}
 
 

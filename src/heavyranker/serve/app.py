@@ -18,7 +18,6 @@ numbers one by one; the pydantic models below only describe the API in the OpenA
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -217,7 +217,7 @@ def rank_response(
     body: dict[str, Any] = {"candidates": ranked}
     if version is not None:
         body["model_version"] = str(version)
-    return json.dumps(body).encode()
+    return orjson.dumps(body)
 
 
 def _error(

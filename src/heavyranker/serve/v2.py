@@ -22,7 +22,6 @@ its parameters `precision` and `table_precision` are the export's (fp32, bf16 or
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -215,7 +215,7 @@ def infer_response(
         response["model_version"] = str(version)
     if request.id is not None:
         response["id"] = request.id
-    header = json.dumps(response).encode()
+    header = orjson.dumps(response)
     if not binary:
         return header, {"content-type": "application/json"}
     headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
