@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from . import handlers
 from .config import ConfigError
+from .config.export import PRECISIONS, TABLE_PRECISIONS
 from .config.serving import SERVING, ServeOptions
 from .errors import SettingError, UserError
 from .serve.repository import DEFAULT_KEEP
@@ -43,6 +44,23 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
             metavar=METAVARS[kind],
             help=described.replace("%", "%%"),
         )
+
+
+def add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    """--precision and --table-precision, for the commands that export."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="of the dense layers' products: fp32 (the default), bf16 (pt2 only) or int8 (onnx only)",
+    )
+    parser.add_argument(
+        "--table-precision",
+        choices=TABLE_PRECISIONS,
+        default="fp32",
+        help="of the id embedding tables' rows: fp32 (the default) or int8 (row-wise, a quarter of the "
+        "bytes; either format; docs/id-embeddings.md)",
+    )
 
 
 def add_repository_flags(parser: argparse.ArgumentParser) -> None:
@@ -253,19 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="onnx",
         help="model.onnx and config.pbtxt (onnxruntime, Triton; the default) or model.pt2 (torch.export)",
     )
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "int8"),
-        default="fp32",
-        help="of the dense layers' products: fp32 (the default), bf16 (pt2 only) or int8 (onnx only)",
-    )
-    p.add_argument(
-        "--table-precision",
-        choices=("fp32", "int8"),
-        default="fp32",
-        help="of the id embedding tables' rows: fp32 (the default) or int8 (row-wise, a quarter of the "
-        "bytes; either format; docs/id-embeddings.md)",
-    )
+    add_precision_flags(p)
 
     p = command(
         commands,
@@ -304,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
     p.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="of the published version")
+    add_precision_flags(p)  # not fp32: the candidate is judged as that program, which is then published
     add_repository_flags(p)
 
     p = command(commands, "predict", "score TFRecord files with an exported model", handlers.run_predict)

@@ -185,6 +185,8 @@ def run_promote(args: argparse.Namespace) -> int:
         split=args.split,
         rule=rule,
         format=args.format,
+        precision=args.precision,
+        table_precision=args.table_precision,
         keep=args.keep_versions,
     )
     outcome = f"published as version {decision.version}" if decision.published else "refused"

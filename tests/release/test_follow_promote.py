@@ -3,6 +3,8 @@ steps, or every M minutes), in the training process, and goes on training; the c
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from heavyranker.cli import main
@@ -10,6 +12,7 @@ from heavyranker.config.loader import load_config
 from heavyranker.errors import UserError
 from heavyranker.release.follow import Promoter
 from heavyranker.serve.repository import ModelRepository
+from heavyranker.serve.scorer import MANIFEST
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
 
 FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "training.train_log_every_n=100")
@@ -28,7 +31,7 @@ def test_train_promotes_every_n_steps_and_goes_on(small_data, tmp_path):
     sets += [
         "training.num_train_steps=6",
         "training.checkpoint_every_n=2",
-        promote_setting(repository, every_steps=4),
+        promote_setting(repository, every_steps=4, format="onnx", precision="int8"),
     ]
     args = ["train", "--config", str(CONFIGS / "local_small.yaml")]
     assert main([*args, *(arg for value in sets for arg in ("--set", value))]) == 0
@@ -36,6 +39,8 @@ def test_train_promotes_every_n_steps_and_goes_on(small_data, tmp_path):
     # Steps 2 and 6 are checkpoints but not due; step 4 is the candidate, into an empty repository.
     assert [d["candidate"]["step"] for d in decisions] == [4]
     assert decisions[0]["published"] and decisions[0]["version"] == 1
+    manifest = json.loads((ModelRepository(repository, "ranker").version_folder(1) / MANIFEST).read_text())
+    assert (manifest["program_format"], manifest["precision"]) == ("onnx", "int8")
     assert (tmp_path / "run" / "checkpoints" / "step_6.pt").is_file()  # training went on past it
 
 
@@ -57,6 +62,10 @@ def test_every_minutes_is_due_at_the_first_checkpoint_past_it(small_data, tmp_pa
         ("split=nope", "training.promote.split: nope is not a validation split"),
         ("tasks=[nope]", "training.promote.tasks: nope is not a task of model.tasks"),
         ("model_name=ranker", "give every_steps, every_minutes or both"),
+        (
+            "precision=bf16",
+            "precision bf16 with format onnx: onnxruntime's CPU provider has no bf16 MatMul; set format: pt2",
+        ),
     ],
 )
 def test_a_promote_setting_that_cannot_work_is_refused(tmp_path, setting, problem):

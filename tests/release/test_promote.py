@@ -13,10 +13,13 @@ import torch
 from heavyranker.checkpoint import load_checkpoint, save_checkpoint
 from heavyranker.cli import main
 from heavyranker.errors import UserError
+from heavyranker.eval.compare import loaded_model, score, validation_split
+from heavyranker.eval.evaluator import evaluation_tasks
+from heavyranker.eval.metrics import rce
 from heavyranker.handlers import EXIT_REFUSED
-from heavyranker.release.promote import PromotionRule, promote
+from heavyranker.release.promote import PromotionRule, ServedProgram, promote
 from heavyranker.serve.repository import ModelRepository
-from heavyranker.serve.scorer import MANIFEST
+from heavyranker.serve.scorer import MANIFEST, Scorer
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
 
@@ -73,6 +76,43 @@ def test_a_better_model_is_published_and_a_worse_one_refused(run, noisy, tmp_pat
     assert lines[2]["current"] == {"version": 2, "step": STEPS}
     assert lines[2]["tasks"] == {t: pytest.approx(f, nan_ok=True) for t, f in worse.tasks.items()}
     assert lines[2]["candidate"] == {"checkpoint": str(noisy), "step": STEPS + 1}
+
+
+def test_an_int8_candidate_is_judged_as_the_program_it_publishes(run, tmp_path):
+    config, checkpoints = run
+    repository = ModelRepository(tmp_path / "repo", "ranker")
+    promote(config, repository, checkpoint=str(checkpoints / f"step_{EARLY}.pt"))
+    trained = checkpoints / f"step_{STEPS}.pt"
+    decision = promote(config, repository, checkpoint=str(trained), precision="int8")
+    assert decision.published and decision.version == 2, decision.reason
+    assert decision.candidate == {
+        "checkpoint": str(trained),
+        "step": STEPS,
+        "precision": "int8",
+        "table_precision": "fp32",
+    }
+    published = repository.version_folder(2)
+    assert json.loads((published / MANIFEST).read_text())["precision"] == "int8"
+    # The candidate's RCE is the published int8 program's, which rounding moves off the checkpoint's own.
+    split, data = validation_split(config, None, "")
+    tasks = evaluation_tasks(config, data)
+    as_served = score(config, ServedProgram(Scorer(published)), published, STEPS, data)
+    model, _, _ = loaded_model(config, data, tasks, str(trained), None)
+    as_trained = score(config, model, trained, STEPS, data)
+    for j, task in enumerate(tasks):
+        judged = decision.tasks[task]["candidate"]
+        served = rce(as_served.labels[:, j], as_served.probs[:, j], as_served.weights[:, j])
+        assert judged == pytest.approx(served, rel=1e-12, nan_ok=True)
+    moved = [rce(s.labels[:, 0], s.probs[:, 0], s.weights[:, 0]) for s in (as_served, as_trained)]
+    assert moved[0] != moved[1]
+
+
+def test_a_precision_without_its_format_is_refused_before_any_work(run, tmp_path):
+    config, _ = run
+    repository = ModelRepository(tmp_path / "repo", "ranker")
+    with pytest.raises(UserError, match="bf16 with format onnx: onnxruntime's CPU provider has no bf16"):
+        promote(config, repository, precision="bf16")
+    assert repository.decisions() == []
 
 
 def test_a_tolerance_beyond_the_loss_lets_the_worse_model_through(run, noisy, tmp_path):

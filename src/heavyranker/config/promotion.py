@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from .base import ConfigPath, Count, Float, StrictModel
+from .export import FORMATS, WHY_NOT
 
 
 class PromoteConfig(StrictModel):
@@ -46,10 +47,33 @@ class PromoteConfig(StrictModel):
     )
     resamples: Annotated[int, Field(ge=100, strict=True)] = Field(1000, description="Bootstrap resamples.")
     format: Literal["onnx", "pt2"] = Field("onnx", description="The published version's program.")
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32",
+        description="The published version's dense products (`export --precision`): int8 with format onnx, "
+        "bf16 with pt2. Other than fp32, the candidate is judged as that program, which is then published.",
+    )
+    table_precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="The published version's id tables (`export --table-precision`)."
+    )
     keep_versions: Count = Field(5, description="Keep the newest K versions, and those a server serves.")
 
     @model_validator(mode="after")
     def _some_schedule(self) -> PromoteConfig:
         if self.every_steps is None and self.every_minutes is None:
             raise PydanticCustomError("no_schedule", "give every_steps, every_minutes or both", {})
+        return self
+
+    @model_validator(mode="after")
+    def _precision_has_the_format(self) -> PromoteConfig:
+        if self.format not in FORMATS[self.precision]:
+            raise PydanticCustomError(
+                "precision_format",
+                "precision {precision} with format {format}: {why}; set format: {needed}",
+                {
+                    "precision": self.precision,
+                    "format": self.format,
+                    "why": WHY_NOT[self.precision],
+                    "needed": FORMATS[self.precision][0],
+                },
+            )
         return self

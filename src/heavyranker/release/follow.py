@@ -53,6 +53,8 @@ class Promoter:
                 split=self.settings.split,
                 rule=self.rule,
                 format=self.settings.format,
+                precision=self.settings.precision,
+                table_precision=self.settings.table_precision,
                 keep=self.settings.keep_versions,
             )
         except Exception as e:  # whatever the repository or the scoring raises: training goes on

@@ -17,8 +17,11 @@ line of the log. An empty repository takes the candidate without a comparison.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,8 +29,11 @@ import torch
 from ..config import Config
 from ..eval.compare import loaded_model, score, validation_split
 from ..eval.evaluator import evaluation_tasks
+from ..serve.export import export_model
+from ..serve.precision import check_precision
 from ..serve.repository import DEFAULT_KEEP, ModelRepository, export_version
 from ..serve.scorer import Scorer
+from ..serve.table_precision import check_table_precision
 from .rule import DEFAULT_RULE, PromotionRule, judge
 
 log = logging.getLogger(__name__)
@@ -69,32 +75,49 @@ def promote(
     split: str | None = None,
     rule: PromotionRule = DEFAULT_RULE,
     format: str = "onnx",
+    precision: str = "fp32",
+    table_precision: str = "fp32",
     keep: int | None = DEFAULT_KEEP,
 ) -> Decision:
     """Scores `checkpoint` (default: training.save_dir's best marked, else newest) against the repository's
-    newest version on `split`, publishes it if `rule` allows, and records the decision."""
+    newest version on `split`, publishes it if `rule` allows, and records the decision. Other than fp32
+    (`precision`, `table_precision`), the candidate is exported first and judged as that program: rounding
+    costs some quality, which the rule must see; the program judged is the one published."""
+    check_precision(precision, format)
+    check_table_precision(table_precision)
     split, data = validation_split(
         config, split, "promote: the config has no validation_data to hold out for the comparison"
     )
     tasks = evaluation_tasks(config, data)
     rule.check(tasks)
     model, path, step = loaded_model(config, data, tasks, checkpoint or str(config.training.save_dir), None)
-    candidate = {"checkpoint": str(path), "step": step}
-    current = repository.newest()
-    decision = Decision(False, "", split, candidate, None, asdict(rule))
-    if current is None:
-        decision.published, decision.reason = True, "the repository has no version yet"
-    else:
-        folder = repository.local_folder(current)
-        served = Scorer(folder)
-        decision.current = {"version": current, "step": served.manifest["checkpoint"]["step"]}
-        a = score(config, ServedProgram(served), folder, decision.current["step"] or 0, data)  # type: ignore[arg-type]
-        b = score(config, model, path, step, data)
-        verdict = judge(rule, tasks, a, b, config.engagement_weights, current)
-        decision.published, decision.reason = verdict.published, verdict.reason
-        decision.tasks, decision.weighted = verdict.tasks, verdict.weighted
-    if decision.published:
-        decision.version = export_version(repository, config, checkpoint=str(path), format=format, keep=keep)
+    candidate: dict[str, Any] = {"checkpoint": str(path), "step": step}
+    with tempfile.TemporaryDirectory(prefix="heavyranker_promote_") as staging:
+        publish = partial(export_version, repository, config, checkpoint=str(path), format=format, keep=keep)
+        if (precision, table_precision) != ("fp32", "fp32"):
+            staged = export_model(
+                config, checkpoint=str(path), out=staging, format=format, precision=precision,
+                table_precision=table_precision,
+            )  # fmt: skip
+            model = ServedProgram(Scorer(staged))  # type: ignore[assignment]
+            candidate.update(precision=precision, table_precision=table_precision)
+            copy_staged = partial(shutil.copytree, staged, dirs_exist_ok=True)  # what was judged is published
+            publish = partial(repository.publish, copy_staged, keep=keep)
+        decision = Decision(False, "", split, candidate, None, asdict(rule))
+        current = repository.newest()
+        if current is None:
+            decision.published, decision.reason = True, "the repository has no version yet"
+        else:
+            folder = repository.local_folder(current)
+            served = Scorer(folder)
+            decision.current = {"version": current, "step": served.manifest["checkpoint"]["step"]}
+            a = score(config, ServedProgram(served), folder, decision.current["step"] or 0, data)  # type: ignore[arg-type]
+            b = score(config, model, path, step, data)
+            verdict = judge(rule, tasks, a, b, config.engagement_weights, current)
+            decision.published, decision.reason = verdict.published, verdict.reason
+            decision.tasks, decision.weighted = verdict.tasks, verdict.weighted
+        if decision.published:
+            decision.version = publish()
     repository.append_decision(asdict(decision))
     log.info(
         "promote %s (step %s): %s: %s",

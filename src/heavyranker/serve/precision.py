@@ -25,22 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.export import FORMATS, PRECISIONS, WHY_NOT
 from ..cpu import bf16_warning, cpu_info
 from ..errors import SettingError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "int8")
 # The export's check of the program against the fp32 model (export._check_same): in fp32 the same
 # arithmetic; in bf16 and int8 a bound that a broken program breaks and rounding does not (over the demo
 # model's validation split their probabilities moved by at most 0.006 and 0.028; docs/precision.md).
 CHECK_TOLERANCES = {"fp32": 1e-5, "bf16": 5e-2, "int8": 5e-2}
-FORMATS = {"fp32": ("onnx", "pt2"), "bf16": ("pt2",), "int8": ("onnx",)}
-WHY_NOT = {
-    ("bf16", "onnx"): "onnxruntime's CPU provider has no bf16 MatMul; export bf16 with --format pt2",
-    ("int8", "pt2"): "torch's dynamic quantization (torch.ao) is deprecated and does not go through "
-    "torch.export; export int8 with --format onnx",
-}
 
 
 def warn_if_slow_here(precision: str) -> None:
@@ -60,7 +54,11 @@ def check_precision(precision: str, format: str) -> None:
     if precision not in PRECISIONS:
         raise SettingError("precision", f"{precision}: not one of {', '.join(PRECISIONS)}")
     if format not in FORMATS[precision]:
-        raise SettingError("precision", f"{precision} with format {format}: {WHY_NOT[precision, format]}")
+        raise SettingError(
+            "precision",
+            f"{precision} with format {format}: {WHY_NOT[precision]}; "
+            f"export {precision} with --format {FORMATS[precision][0]}",
+        )
 
 
 class Bf16Linear(nn.Module):

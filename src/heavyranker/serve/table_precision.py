@@ -20,10 +20,10 @@ from copy import deepcopy
 import torch
 from torch import nn
 
+from ..config.export import TABLE_PRECISIONS
 from ..errors import SettingError, UserError
 from ..model import Ranker
 
-TABLE_PRECISIONS = ("fp32", "int8")
 CODES = 255  # the largest code: 8 bits
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
