@@ -1,5 +1,6 @@
-"""`heavyranker predict` on a small TFRecord file written here without labels: ids, columns, probabilities
-against the eager model, the score against the weights, Parquet and CSV, one row group per batch."""
+"""`heavyranker predict` on a small TFRecord file written here without labels, and on the same rows as
+Parquet: ids, columns, probabilities against the eager model, the score against the weights, Parquet and CSV
+out, one row group per batch."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from heavyranker.cli import main
+from heavyranker.data.convert import convert_files
 from heavyranker.data.sources.tfrecord import write_records
 from heavyranker.data.tf_example import encode_example
 from heavyranker.errors import UserError
@@ -50,6 +52,18 @@ def test_parquet_rows_hold_ids_probabilities_and_the_weighted_score(exported: Ex
     np.testing.assert_allclose(table["score"].to_numpy(), by_hand, rtol=1e-5, atol=1e-4)
     assert pq.ParquetFile(out).num_row_groups == -(-EXAMPLES // BATCH)  # written batch by batch
     assert [p.name for p in tmp_path.iterdir()] == ["scores.parquet"]  # no temporary file left
+
+
+def test_parquet_files_score_as_the_same_records_in_tfrecord(exported: Exported, records, tmp_path):
+    folder, _ = records
+    convert_files(
+        exported.config.train_data, to="parquet", out=str(tmp_path / "rows"), inputs=str(folder / "*.gz")
+    )
+    assert _predict(exported, folder / "*.gz", tmp_path / "from_tfrecord.parquet") == EXAMPLES
+    assert _predict(exported, tmp_path / "rows" / "*.parquet", tmp_path / "from_parquet.parquet") == EXAMPLES
+    assert pq.read_table(tmp_path / "from_parquet.parquet").equals(
+        pq.read_table(tmp_path / "from_tfrecord.parquet")
+    )
 
 
 def test_csv_through_the_command_line_matches_parquet(exported: Exported, records, tmp_path):

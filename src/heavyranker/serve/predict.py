@@ -1,4 +1,4 @@
-"""`heavyranker predict`: score TFRecord files with an exported model folder.
+"""`heavyranker predict`: score data files (TFRecord or Parquet) with an exported model folder.
 
 Writes one row per example: the meta ids the data holds (user_id, tweet_id, author_id), each task's
 calibrated probability (a column named after the task) and the score. Batches stream from the files through
