@@ -223,20 +223,18 @@ def recent_capacity(num_embeddings: int) -> int:
 def _search_rows(
     ascending: torch.Tensor, rows: torch.Tensor, size: torch.Tensor, ids: torch.Tensor, steps: int
 ) -> torch.Tensor:
-    """The row of each id in ascending[:size] -> rows[:size], or 0: the leftmost position whose id is >= the
-    id, found in `steps` halvings of [0, size) (a fixed number of gathers: torch.export and ONNX trace it,
-    where the ONNX exporter has no torch.searchsorted)."""
+    """The row of each id in ascending[:size] -> rows[:size], or 0: at the count of ids below it, found a bit
+    at a time from the highest of `steps` (2**steps > size). A fixed number of gathers, which torch.export and
+    ONNX trace (the ONNX exporter has no torch.searchsorted); a probe each, half the ops of a search that
+    narrows [lo, hi), so that the two searches of a lookup cost what one did."""
     last = len(ascending) - 1
-    lo = torch.zeros_like(ids)
-    hi = lo + size
-    for _ in range(steps):
-        active = lo < hi
-        middle = torch.div(lo + hi, 2, rounding_mode="floor")
-        below = ascending[middle.clamp(max=last)] < ids
-        lo = torch.where(active & below, middle + 1, lo)
-        hi = torch.where(active & ~below, middle, hi)
-    at = lo.clamp(max=last)
-    found = (lo < size) & (ascending[at] == ids)
+    below = torch.zeros_like(ids)  # how many of ascending[:size] are known to be below the id
+    for bit in reversed(range(steps)):
+        probe = below + (1 << bit)
+        is_below = (probe <= size) & (ascending[(probe - 1).clamp(max=last)] < ids)
+        below = torch.where(is_below, probe, below)
+    at = below.clamp(max=last)
+    found = (below < size) & (ascending[at] == ids)
     return torch.where(found, rows[at], 0)
 
 
