@@ -301,7 +301,7 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
     (every entry last seen at batch 1, with the same count), from a long run's steady state (last sightings
     spread over past batches, as many a batch as it touches), and from the start with lfu eviction. The mean
     over enough steps to fill the recent parts of the sorted ids twice (each full one is merged into the main
-    part: the amortized cost), and the slowest step."""
+    part: the amortized cost), the slowest step, and the lookup alone (eval) of the same batches after."""
     from heavyranker.config.model import Eviction
     from heavyranker.model.id_managed import ManagedMapping, recent_capacity
 
@@ -323,12 +323,19 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
                 mapping(ids)
                 each.append(time.perf_counter() - start)
             ms[f"{state}_{name}"], ms[f"{state}_{name}_slowest"] = np.mean(each) * 1e3, np.max(each) * 1e3
+            mapping.eval()  # then the same batches' lookup alone, in the map they left
+            start = time.perf_counter()
+            for ids in batches[1:]:
+                mapping.lookup(ids)
+            ms[f"{state}_lookup_{name}"] = (time.perf_counter() - start) / steps * 1e3
             del mapping, managed
-        ms[f"{state}_before_over_after"] = ms[f"{state}_before"] / ms[f"{state}_after"]
+        for kind in ("", "lookup_"):
+            ms[f"{state}_{kind}before_over_after"] = ms[f"{state}_{kind}before"] / ms[f"{state}_{kind}after"]
         print(
             f"{rows:,} rows, managed counting step ({state}, mean of {steps}): "
             f"{ms[f'{state}_before']:.3g} ms before, {ms[f'{state}_after']:.3g} ms after (slowest "
-            f"{ms[f'{state}_before_slowest']:.3g} and {ms[f'{state}_after_slowest']:.3g} ms)"
+            f"{ms[f'{state}_before_slowest']:.3g} and {ms[f'{state}_after_slowest']:.3g} ms); the lookup "
+            f"alone: {ms[f'{state}_lookup_before']:.3g} and {ms[f'{state}_lookup_after']:.3g} ms"
         )
     return ms
 
