@@ -29,7 +29,8 @@ killer's SIGKILL); the figure says which and why. --managed-baseline REV also ti
 counting step alone (one process, one full table, sizes up to 10M rows; lru from the start and from a
 long run's steady state, lfu from the start) with id_managed.py as at git revision REV against the
 current one, side by side, over enough steps to include merges of the recent parts of its sorted ids.
---profile prints where rank 0's timed steps spend their time (cProfile; it slows them a little). The
+--profile prints where rank 0's timed steps spend their time (cProfile; it slows them a little), and adds
+the counting step's time in changing its sorted ids. The
 summary goes to bench/results/embedding_scale.json (--results), rewritten after each size.
 """
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import importlib.util
 import json
 import multiprocessing
@@ -301,7 +303,8 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
     (every entry last seen at batch 1, with the same count), from a long run's steady state (last sightings
     spread over past batches, as many a batch as it touches), and from the start with lfu eviction. The mean
     over enough steps to fill the recent parts of the sorted ids twice (each full one is merged into the main
-    part: the amortized cost), the slowest step, and the lookup alone (eval) of the same batches after."""
+    part: the amortized cost), the slowest step, and the lookup alone (eval) of the same batches after; with
+    --profile, the time its changes of the sorted ids took (a step's share)."""
     from heavyranker.config.model import Eviction
     from heavyranker.model.id_managed import ManagedMapping, recent_capacity
 
@@ -317,12 +320,14 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
                 spread_sightings(mapping, rows, args.batch)
             batches = [managed_ids((args.batch, 1), seed, *managed) for seed in range(steps + 1)]
             mapping(batches[0])  # untimed: the first count builds the indexes of the buffers
-            each = []
+            each, profile = [], cProfile.Profile() if args.profile else None
             for ids in batches[1:]:
                 start = time.perf_counter()
-                mapping(ids)
+                profiled(profile, functools.partial(mapping, ids))
                 each.append(time.perf_counter() - start)
             ms[f"{state}_{name}"], ms[f"{state}_{name}_slowest"] = np.mean(each) * 1e3, np.max(each) * 1e3
+            if profile is not None:
+                ms[f"{state}_{name}_sorted_ids_changes"] = changes_seconds(profile) / steps * 1e3
             mapping.eval()  # then the same batches' lookup alone, in the map they left
             start = time.perf_counter()
             for ids in batches[1:]:
@@ -338,6 +343,15 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
             f"alone: {ms[f'{state}_lookup_before']:.3g} and {ms[f'{state}_lookup_after']:.3g} ms"
         )
     return ms
+
+
+def changes_seconds(profile: cProfile.Profile) -> float:
+    """The time a profiled count spent changing its sorted ids: in the outermost `replace` (SortedIndex's
+    before the recent parts, SplitIndex's after, merges included)."""
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    return max(
+        (cumulative for (_, _, name), (*_, cumulative, _) in stats.items() if name == "replace"), default=0
+    )
 
 
 def spread_sightings(mapping: torch.nn.Module, rows: int, batch: int) -> None:
