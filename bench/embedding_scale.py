@@ -28,15 +28,17 @@ available (other work shares the machine) is skipped, and so is a mode after a r
 killer's SIGKILL); the figure says which and why. --managed-baseline REV also times a managed map's
 counting step alone (one process, one full table, sizes up to 10M rows; lru from the start and from a
 long run's steady state, lfu from the start) with id_managed.py as at git revision REV against the
-current one, side by side. --profile prints where rank 0's timed steps spend their time (cProfile; it
-slows them a little). The summary goes to bench/results/embedding_scale.json (--results), rewritten after
-each size.
+current one, side by side, over enough steps to include merges of the recent parts of its sorted ids.
+--profile prints where rank 0's timed steps spend their time (cProfile; it slows them a little), and adds
+the counting step's time in changing its sorted ids. The
+summary goes to bench/results/embedding_scale.json (--results), rewritten after each size.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import importlib.util
 import json
 import multiprocessing
@@ -48,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +65,7 @@ TABLES = ("user", "author")  # a table over meta__<name>_id each
 LOOKUP_ROUNDS = 20  # passes over the timed batches: a replicated lookup takes microseconds
 MEMORY_SHARE = 0.6  # of the memory available, what a mode's 2 ranks may be predicted to take
 BASELINE_MAX_ROWS = 10_000_000  # the counting step before issue 26's rewrite took ~20 s at 10M rows
+BASELINE_SIBLINGS = ("sorted_index",)  # modules of model/ holding part of the managed map's code at some rev
 PROFILE_LINES = 12  # functions listed by --profile, by their own time
 MIXER = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15: odd, so i -> i * MIXER is a bijection of int64
 
@@ -297,31 +301,57 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
     """A full managed map's counting step (its forward in training, on a global batch's ids) with
     id_managed.py as at `rev` and as now, on the same batches, in this process: from the bench's start
     (every entry last seen at batch 1, with the same count), from a long run's steady state (last sightings
-    spread over past batches, as many a batch as it touches), and from the start with lfu eviction."""
+    spread over past batches, as many a batch as it touches), and from the start with lfu eviction. The mean
+    over enough steps to fill the recent parts of the sorted ids twice (each full one is merged into the main
+    part: the amortized cost), the slowest step, and the lookup alone (eval) of the same batches after; with
+    --profile, the time its changes of the sorted ids took (a step's share)."""
     from heavyranker.config.model import Eviction
-    from heavyranker.model.id_managed import ManagedMapping
+    from heavyranker.model.id_managed import ManagedMapping, recent_capacity
 
     torch.set_num_threads(args.threads)
-    ms = {}
+    admitted = max(1, args.batch // 4)  # a step's ids that are admitted (and as many new candidates)
+    steps = max(args.steps, 2 * recent_capacity(rows) // admitted + 1)
+    ms: dict[str, float] = {"steps": steps}
     for state, eviction in (("start", Eviction.LRU), ("steady", Eviction.LRU), ("lfu_start", Eviction.LFU)):
         for name, mapping_class in (("before", baseline_mapping(rev)), ("after", ManagedMapping)):
             mapping = mapping_class(rows, 2, eviction, -1)
             managed = fill_managed(mapping, rows)
             if state == "steady":
                 spread_sightings(mapping, rows, args.batch)
-            batches = [managed_ids((args.batch, 1), seed, *managed) for seed in range(args.steps + 1)]
+            batches = [managed_ids((args.batch, 1), seed, *managed) for seed in range(steps + 1)]
             mapping(batches[0])  # untimed: the first count builds the indexes of the buffers
+            each, profile = [], cProfile.Profile() if args.profile else None
+            for ids in batches[1:]:
+                start = time.perf_counter()
+                profiled(profile, functools.partial(mapping, ids))
+                each.append(time.perf_counter() - start)
+            ms[f"{state}_{name}"], ms[f"{state}_{name}_slowest"] = np.mean(each) * 1e3, np.max(each) * 1e3
+            if profile is not None:
+                ms[f"{state}_{name}_sorted_ids_changes"] = changes_seconds(profile) / steps * 1e3
+            mapping.eval()  # then the same batches' lookup alone, in the map they left
             start = time.perf_counter()
             for ids in batches[1:]:
-                mapping(ids)
-            ms[f"{state}_{name}"] = (time.perf_counter() - start) / args.steps * 1e3
+                mapping.lookup(ids)
+            ms[f"{state}_lookup_{name}"] = (time.perf_counter() - start) / steps * 1e3
             del mapping, managed
-        ms[f"{state}_before_over_after"] = ms[f"{state}_before"] / ms[f"{state}_after"]
+        for kind in ("", "lookup_"):
+            ms[f"{state}_{kind}before_over_after"] = ms[f"{state}_{kind}before"] / ms[f"{state}_{kind}after"]
         print(
-            f"{rows:,} rows, managed counting step ({state}): {ms[f'{state}_before']:.3g} ms before, "
-            f"{ms[f'{state}_after']:.3g} ms after"
+            f"{rows:,} rows, managed counting step ({state}, mean of {steps}): "
+            f"{ms[f'{state}_before']:.3g} ms before, {ms[f'{state}_after']:.3g} ms after (slowest "
+            f"{ms[f'{state}_before_slowest']:.3g} and {ms[f'{state}_after_slowest']:.3g} ms); the lookup "
+            f"alone: {ms[f'{state}_lookup_before']:.3g} and {ms[f'{state}_lookup_after']:.3g} ms"
         )
     return ms
+
+
+def changes_seconds(profile: cProfile.Profile) -> float:
+    """The time a profiled count spent changing its sorted ids: in the outermost `replace` (SortedIndex's
+    before the recent parts, SplitIndex's after, merges included)."""
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    return max(
+        (cumulative for (_, _, name), (*_, cumulative, _) in stats.items() if name == "replace"), default=0
+    )
 
 
 def spread_sightings(mapping: torch.nn.Module, rows: int, batch: int) -> None:
@@ -336,20 +366,37 @@ def spread_sightings(mapping: torch.nn.Module, rows: int, batch: int) -> None:
 
 
 def baseline_mapping(rev: str) -> type:
-    """ManagedMapping as src/heavyranker/model/id_managed.py was at git revision `rev`."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{rev}:src/heavyranker/model/id_managed.py"],
-        check=True,
+    """ManagedMapping as src/heavyranker/model/id_managed.py was at git revision `rev`, with the sibling
+    modules it imports that hold the map's code (BASELINE_SIBLINGS) as they were then too."""
+    source = revision_source(rev, "id_managed")
+    assert source is not None
+    for sibling in BASELINE_SIBLINGS:
+        if f"from .{sibling} import" in source:
+            load_baseline(f"{sibling}_baseline", revision_source(rev, sibling) or "")
+            source = source.replace(f"from .{sibling} import", f"from .{sibling}_baseline import")
+    return load_baseline("id_managed_baseline", source).ManagedMapping
+
+
+def revision_source(rev: str, module: str) -> str | None:
+    """src/heavyranker/model/<module>.py at git revision `rev`, if there was one."""
+    shown = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:src/heavyranker/model/{module}.py"],
         capture_output=True,
         text=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "id_managed_baseline.py"
+    )
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def load_baseline(name: str, source: str) -> types.ModuleType:
+    """`source` as the module heavyranker.model.<name>: its relative imports resolve in heavyranker.model."""
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("heavyranker.model.id_managed_baseline", path)
+    spec = importlib.util.spec_from_file_location(f"heavyranker.model.{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its relative imports resolve in heavyranker.model
-    return module.ManagedMapping
+    sys.modules[spec.name] = module  # for the relative import of the module that loads it next
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_batch(

@@ -3,16 +3,20 @@ one id at a time with dicts and full sorts, over a few hundred batches that fill
 
 from __future__ import annotations
 
+import io
 import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 
 from heavyranker.config.model import Eviction
 from heavyranker.model import id_managed
 from heavyranker.model.id_managed import ManagedMapping
+from heavyranker.model.sorted_index import SplitIndex
 
 PADDING = -1
 
@@ -84,13 +88,15 @@ def entries(mapping: ManagedMapping) -> tuple[dict[int, list[int]], dict[int, li
     return tables[0], tables[1]
 
 
-@pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])
-@pytest.mark.parametrize("min_count", [1, 3])
-@pytest.mark.parametrize("scan_chunk", [2, id_managed.SCAN_CHUNK])
-def test_the_map_is_a_plain_python_lru_or_lfu_of_the_same_ids(eviction, min_count, scan_chunk, monkeypatch):
-    # Scans of 2 entries at a time: the first free or tied entries are found across chunks, as in a table
-    # of millions.
-    monkeypatch.setattr(id_managed, "SCAN_CHUNK", scan_chunk)
+def saved(mapping: ManagedMapping, reference: ReferenceMap) -> dict[str, torch.Tensor]:
+    return mapping.state_dict()
+
+
+def maps_as_the_reference(
+    eviction: Eviction, min_count: int, resume_from: Callable[[ManagedMapping, ReferenceMap], dict] = saved
+) -> int:
+    """300 batches of a few ids, zipf-drawn, through a 9-row map and the reference (the map resumed at
+    batch 150 from resume_from's state dict): the same rows, entries and lookups after each; the evictions."""
     rng = np.random.default_rng([min_count, eviction == Eviction.LFU])
     pool = np.append(rng.integers(-(2**63), 2**63 - 1, 40, dtype=np.int64), PADDING)
     mapping = ManagedMapping(9, min_count, eviction, PADDING)
@@ -101,7 +107,7 @@ def test_the_map_is_a_plain_python_lru_or_lfu_of_the_same_ids(eviction, min_coun
         ids = pool[np.minimum(draws, len(pool)) - 1]
         if step == 150:  # a resumed mapping rebuilds its indexes from the buffers
             resumed = ManagedMapping(9, min_count, eviction, PADDING)
-            resumed.load_state_dict(mapping.state_dict())
+            resumed.load_state_dict(resume_from(mapping, reference))
             mapping = resumed
         before = reference.resident()
         rows, _ = mapping(torch.from_numpy(ids).unsqueeze(0))
@@ -111,6 +117,17 @@ def test_the_map_is_a_plain_python_lru_or_lfu_of_the_same_ids(eviction, min_coun
         assert entries(mapping) == reference.state(), step  # counts and last sightings too
         assert rows[0, :, 0].tolist() == [resident.get(i, 0) for i in ids.tolist()], step
         evictions += len(before.keys() - resident.keys())
+    return evictions
+
+
+@pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])
+@pytest.mark.parametrize("min_count", [1, 3])
+@pytest.mark.parametrize("scan_chunk", [2, id_managed.SCAN_CHUNK])
+def test_the_map_is_a_plain_python_lru_or_lfu_of_the_same_ids(eviction, min_count, scan_chunk, monkeypatch):
+    # Scans of 2 entries at a time: the first free or tied entries are found across chunks, as in a table
+    # of millions.
+    monkeypatch.setattr(id_managed, "SCAN_CHUNK", scan_chunk)
+    evictions = maps_as_the_reference(eviction, min_count)
     assert evictions > 40  # the table was full most of the time: eviction decided most admissions
 
 
@@ -154,3 +171,86 @@ def test_a_full_tables_count_lists_only_the_entries_it_needs(eviction, bytes_a_r
         rows = mapping.lookup(ids)
         assert (rows[:96] > 0).all()  # resident, or candidates admitted (each evicting a row)
         assert int(mapping.num_resident) == n - 1
+
+
+@pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])
+@pytest.mark.parametrize("min_count", [1, 3])
+@pytest.mark.parametrize("recent", [1, 2, 3])
+def test_merges_of_small_recent_parts_keep_the_map_of_the_reference(eviction, min_count, recent, monkeypatch):
+    """Recent parts of 1 to 3 ids (of 9): the resident ids' and the candidates' merge every few batches."""
+    monkeypatch.setattr(id_managed, "recent_capacity", lambda num_embeddings: recent)
+    merges: Counter[int] = Counter()
+    merge = SplitIndex.merge
+
+    def counted(index: SplitIndex, *args: np.ndarray) -> None:
+        merges[index.vacant] += 1
+        merge(index, *args)
+
+    monkeypatch.setattr(SplitIndex, "merge", counted)
+    assert maps_as_the_reference(eviction, min_count) > 40
+    # The resident ids' (vacant: row 0), and the candidates' where ids wait (at min_count 1 none does).
+    assert merges[0] >= 2 and (min_count == 1 or merges[id_managed.FREE] > 10)
+
+
+def first_layout(mapping: ManagedMapping, reference: ReferenceMap) -> dict[str, torch.Tensor]:
+    """The state dict as the layout before the recent parts wrote it: every resident id in sorted_ids,
+    ascending (the reference's), and no recent_ids, recent_rows, num_recent or num_vacated."""
+    state = {k: v.clone() for k, v in mapping.state_dict().items() if k not in id_managed.SPLIT_STATE}
+    resident = sorted(reference.resident().items())
+    for name, column in (("sorted_ids", 0), ("sorted_rows", 1)):
+        state[name].zero_()
+        state[name][: len(resident)] = torch.tensor([pair[column] for pair in resident])
+    assert int(state["num_resident"]) == len(resident)
+    return state
+
+
+@pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])
+def test_a_state_dict_of_the_first_layout_resumes_the_same_map(eviction, monkeypatch):
+    monkeypatch.setattr(id_managed, "recent_capacity", lambda num_embeddings: 2)  # merges after the load too
+    assert maps_as_the_reference(eviction, 3, first_layout) > 40
+
+
+def traced_map(monkeypatch: pytest.MonkeyPatch) -> ManagedMapping:
+    """Rows 1..4 and a recent part of 2, lru, admitted when first seen; after 5 batches (traced by hand): the
+    main part [10, 20, 30] (20 evicted: vacated, row 0), the recent part [40, 50]."""
+    monkeypatch.setattr(id_managed, "recent_capacity", lambda num_embeddings: 2)
+    mapping = ManagedMapping(5, 1, Eviction.LRU, None)
+    for ids in ([10, 20], [30], [40], [50], [10]):
+        mapping(torch.tensor([ids]))
+    return mapping
+
+
+def test_the_recent_part_takes_admissions_and_a_merge_folds_it_in_without_the_evicted(monkeypatch):
+    mapping = traced_map(monkeypatch)
+    # [10, 20] -> rows 1, 2 (recent); [30] -> row 3: the recent part full, all merged into the main part;
+    # [40] -> row 4 (recent); [50] evicts 10 (row 1, seen at batch 1 like 20: the lower row): vacated in the
+    # main part; [10] evicts 20 (row 2) and takes its own vacated place again, with row 2.
+    assert mapping.sorted_ids[:3].tolist() == [10, 20, 30] and mapping.sorted_rows[:3].tolist() == [2, 0, 3]
+    assert mapping.recent_ids.tolist() == [40, 50] and mapping.recent_rows.tolist() == [4, 1]
+    assert (int(mapping.num_resident), int(mapping.num_recent), int(mapping.num_vacated)) == (4, 2, 1)
+    ids = torch.tensor([10, 20, 30, 40, 50, 60])
+    assert mapping.lookup(ids).tolist() == [2, 0, 3, 4, 1, 0]  # 20 evicted in the main part: row 0
+    mapping(torch.tensor([[60]]))  # evicts 30 (row 3, batch 2): the recent part is full, a merge
+    assert mapping.sorted_ids[:4].tolist() == [10, 40, 50, 60]
+    assert mapping.sorted_rows[:4].tolist() == [2, 4, 1, 3]
+    assert (int(mapping.num_resident), int(mapping.num_recent), int(mapping.num_vacated)) == (4, 0, 0)
+    assert mapping.lookup(ids).tolist() == [2, 0, 0, 4, 1, 3]
+    assert mapping.resident() == {10: 2, 40: 4, 50: 1, 60: 3}
+
+
+@pytest.mark.parametrize("format", ["pt2", "onnx"])
+def test_an_export_serves_both_parts_of_the_map_as_they_were_at_the_export(format, monkeypatch):
+    mapping = traced_map(monkeypatch).eval()
+    ids = torch.tensor([[10, 20, 30, 40, 50, 60, -(2**63)]])
+    if format == "pt2":
+        saved = io.BytesIO()
+        torch.export.save(torch.export.export(mapping, (ids,)), saved)
+        saved.seek(0)
+        program = torch.export.load(saved).module()
+        served = lambda: program(ids)[0]  # noqa: E731
+    else:
+        proto = torch.onnx.export(mapping, (ids,), dynamo=True, verbose=False).model_proto
+        session = onnxruntime.InferenceSession(proto.SerializeToString())
+        served = lambda: torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])  # noqa: E731
+    mapping.train()(torch.tensor([[60, 70]]))  # the eager map changes after the export
+    assert served()[0, :, 0].tolist() == [2, 0, 3, 4, 1, 0, 0]

@@ -9,8 +9,9 @@ in torchrec). Ids waiting for admission are counted in a candidate table of as m
 by the same rule; a batch's new ids beyond its free entries are not counted.
 
 The whole state is in buffers of fixed size (so in every checkpoint, and a resumed run maps exactly as an
-uninterrupted one), and the lookup is a binary search over the resident ids sorted (a fixed number of
-gather steps), which torch.export and ONNX trace: an export serves the map as it was at its checkpoint.
+uninterrupted one), and the lookup is two binary searches over the resident ids sorted, in a main part
+and a small recent part (a fixed number of gather steps), which torch.export and ONNX trace: an export
+serves the map as it was at its checkpoint.
 Under torch.distributed every rank counts the sightings of all ranks, so the maps stay identical.
 
 A training step costs O(batch) plus a few vectorized passes over the table, never a sort of it: the
@@ -18,8 +19,9 @@ batch's ids are found by binary search in the resident ids and in a sorted index
 beside the buffers, rebuilt from them on load); free entries are taken by index; a full table finds the
 eviction key's threshold among the entries under a bound doubled from its lowest value, and lists only
 the first few entries tied at it (lfu orders those tied on the count by last sighting through a mask of
-them, not a list); and the sorted arrays take the admitted and evicted ids in place, by shifting the runs
-between them.
+them, not a list); and the sorted ids (resident, and candidates) take the admitted and evicted ones in the
+small recent part of a sorted_index.SplitIndex, whose merge into the main part (O(table)) comes once every
+many steps: recent_capacity.
 
 Why not torchrec's MCHManagedCollisionModule: its admission is a threshold on counts within one eviction
 interval (not a count that accumulates until admission), it works on KeyedJaggedTensor dicts of a
@@ -28,6 +30,7 @@ ManagedCollisionCollection, and its lookup is torch.searchsorted, for which the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -36,13 +39,17 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config.model import Eviction
+from .sorted_index import SortedIndex, SplitIndex, search
 
 FREE = -1  # the score of a free row or candidate entry: taken before any eviction
 ROW_STATE = ("row_ids", "row_used", "row_count", "row_last")
 CANDIDATE_STATE = ("candidate_ids", "candidate_used", "candidate_count", "candidate_last")
-STATE = (*ROW_STATE, *CANDIDATE_STATE, "sorted_ids", "sorted_rows")
+STATE = (*ROW_STATE, *CANDIDATE_STATE, "sorted_ids", "sorted_rows", "recent_ids", "recent_rows")
+# Added after the first layout: a checkpoint without them holds an empty recent part and no vacated row.
+SPLIT_STATE = ("recent_ids", "recent_rows", "num_recent", "num_vacated")
 KEPT = np.iinfo(np.int64).max  # the score of an entry that must not be evicted: chosen last, then dropped
 SCAN_CHUNK = 1 << 16  # entries a scan for the first few of a kind reads at a time
+RECENT_PER_ROOT = 4  # the recent parts' capacity, in square roots of the table (see recent_capacity)
 
 
 class ManagedMapping(nn.Module):
@@ -58,17 +65,24 @@ class ManagedMapping(nn.Module):
         self.eviction = eviction
         self.padding_id = padding_id
         self.search_steps = num_embeddings.bit_length()
-        n = num_embeddings
+        n, recent = num_embeddings, recent_capacity(num_embeddings)
+        self.recent_search_steps = recent.bit_length()
         for prefix in ("row", "candidate"):
             self.register_buffer(f"{prefix}_ids", torch.zeros(n, dtype=torch.int64))
             self.register_buffer(f"{prefix}_used", torch.zeros(n, dtype=torch.bool))
             self.register_buffer(f"{prefix}_count", torch.zeros(n, dtype=torch.int64))
             self.register_buffer(f"{prefix}_last", torch.zeros(n, dtype=torch.int64))
-        self.register_buffer("sorted_ids", torch.zeros(n, dtype=torch.int64))  # resident ids, ascending
-        self.register_buffer("sorted_rows", torch.zeros(n, dtype=torch.int64))  # ... and their rows
+        # Resident ids: a main part, ascending, and their rows (0 where the id was evicted since the last
+        # merge: vacated), and a recent part, ascending, and their rows (sorted_index.SplitIndex).
+        self.register_buffer("sorted_ids", torch.zeros(n, dtype=torch.int64))
+        self.register_buffer("sorted_rows", torch.zeros(n, dtype=torch.int64))
+        self.register_buffer("recent_ids", torch.zeros(recent, dtype=torch.int64))
+        self.register_buffer("recent_rows", torch.zeros(recent, dtype=torch.int64))
         self.register_buffer("num_resident", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("num_recent", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("num_vacated", torch.zeros((), dtype=torch.int64))
         self.register_buffer("tick", torch.zeros((), dtype=torch.int64))  # batches counted
-        self._candidate_index: SortedIndex | None = None  # candidate id -> entry, from the buffers
+        self._candidate_index: SplitIndex | None = None  # candidate id -> entry, from the buffers
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not torch.compiler.is_compiling():
@@ -77,20 +91,13 @@ class ManagedMapping(nn.Module):
         return self.lookup(ids).unsqueeze(-1), valid
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """The row of each id: its own, or 0. The leftmost sorted position whose id is >= the id, found in
-        search_steps halvings of [0, num_resident)."""
-        last = self.num_embeddings - 1
-        lo = torch.zeros_like(ids)
-        hi = lo + self.num_resident
-        for _ in range(self.search_steps):
-            active = lo < hi
-            middle = torch.div(lo + hi, 2, rounding_mode="floor")
-            below = self.sorted_ids[middle.clamp(max=last)] < ids
-            lo = torch.where(active & below, middle + 1, lo)
-            hi = torch.where(active & ~below, middle, hi)
-        at = lo.clamp(max=last)
-        found = (lo < self.num_resident) & (self.sorted_ids[at] == ids)
-        return torch.where(found, self.sorted_rows[at], 0)
+        """The row of each id: its own, or 0. Its row in the main part (0 if vacated there) or else in the
+        recent part, each found by binary search."""
+        in_main = self.num_resident - self.num_recent + self.num_vacated
+        main = _search_rows(self.sorted_ids, self.sorted_rows, in_main, ids, self.search_steps)
+        recent_steps = self.recent_search_steps
+        recent = _search_rows(self.recent_ids, self.recent_rows, self.num_recent, ids, recent_steps)
+        return torch.where(main > 0, main, recent)
 
     def resident(self) -> dict[int, int]:
         """id -> row of every id that has a row of its own."""
@@ -99,8 +106,10 @@ class ManagedMapping(nn.Module):
             zip(self.row_ids.cpu().numpy()[used].tolist(), np.flatnonzero(used).tolist(), strict=True)
         )
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kw: Any) -> None:
+        for name in SPLIT_STATE:  # a checkpoint of the first layout: all its resident ids in the main part
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
         self._candidate_index = None  # rebuilt from the loaded buffers on the next count
 
     # -- counting (training only) ------------------------------------------------------------------------
@@ -116,7 +125,9 @@ class ManagedMapping(nn.Module):
         state = {name: getattr(self, name).cpu().numpy() for name in STATE}
         if self._candidate_index is None:
             used = np.flatnonzero(state["candidate_used"])
-            self._candidate_index = SortedIndex.of(state["candidate_ids"][used], used, self.num_embeddings)
+            self._candidate_index = SplitIndex.of(
+                state["candidate_ids"][used], used, self.num_embeddings, len(state["recent_ids"]), FREE
+            )
         tick = int(self.tick) + 1
         touched_rows, waiting, taken, dropped = self._count(state, tick, seen, counts)
         admitted = self._admit(state, tick, touched_rows, waiting)  # candidate entries
@@ -176,10 +187,15 @@ class ManagedMapping(nn.Module):
         index = self._resident_index(state)
         index.replace(evicted, admitted, rows)  # in the buffers themselves
         self.num_resident.fill_(index.size)
+        self.num_recent.fill_(index.recent.size)
+        self.num_vacated.fill_(index.vacated)
         return ready
 
-    def _resident_index(self, state: dict[str, np.ndarray]) -> SortedIndex:
-        return SortedIndex(state["sorted_ids"], state["sorted_rows"], int(self.num_resident))
+    def _resident_index(self, state: dict[str, np.ndarray]) -> SplitIndex:
+        recent, vacated = int(self.num_recent), int(self.num_vacated)
+        in_main = int(self.num_resident) - recent + vacated
+        main = SortedIndex(state["sorted_ids"], state["sorted_rows"], in_main)
+        return SplitIndex(main, SortedIndex(state["recent_ids"], state["recent_rows"], recent), vacated, 0)
 
     def _victims(
         self, state: dict[str, np.ndarray], prefix: str, wanted: int, keep: np.ndarray
@@ -198,47 +214,28 @@ class ManagedMapping(nn.Module):
         return np.concatenate([chosen, _smallest(keys, wanted - len(chosen), np.union1d(free, keep))])
 
 
-class SortedIndex:
-    """keys[:size] (unique, ascending) -> values[:size], in arrays of a fixed capacity: searched with
-    np.searchsorted, and changed in place by shifting the runs between the changes (no sort, no new array)."""
+def recent_capacity(num_embeddings: int) -> int:
+    """The recent parts' capacity: a count shifts them (O(capacity)), a merge every (capacity / ids admitted
+    a count) counts shifts the table (O(table)), and the lookup takes capacity.bit_length() more steps."""
+    return min(num_embeddings, RECENT_PER_ROOT * math.isqrt(num_embeddings))
 
-    def __init__(self, keys: np.ndarray, values: np.ndarray, size: int):
-        self.keys, self.values, self.size = keys, values, size
 
-    @classmethod
-    def of(cls, keys: np.ndarray, values: np.ndarray, capacity: int) -> SortedIndex:
-        index = cls(np.zeros(capacity, np.int64), np.zeros(capacity, np.int64), len(keys))
-        order = np.argsort(keys, kind="stable")
-        index.keys[: len(keys)], index.values[: len(keys)] = keys[order], values[order]
-        return index
-
-    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The value of each key, and whether it is there (if not, the value means nothing)."""
-        at, found = _search(self.keys[: self.size], keys)
-        return self.values[at], found
-
-    def replace(self, removed: np.ndarray, added: np.ndarray, added_values: np.ndarray) -> None:
-        """Drops the `removed` keys (all there) and adds the `added` ones (none there)."""
-        gone = np.sort(np.searchsorted(self.keys[: self.size], removed))
-        order = np.argsort(added, kind="stable")
-        added, added_values = added[order], added_values[order]
-        at = np.searchsorted(self.keys[: self.size], added)  # each goes before the key now at `at`
-        # Runs of kept keys between the changes: each moves by (keys added before it) - (removed before it).
-        cuts = np.unique(np.concatenate([[0, self.size], gone, gone + 1, at]))
-        starts, ends = cuts[:-1], cuts[1:]
-        kept = ~np.isin(starts, gone, kind="sort")
-        starts, ends = starts[kept], ends[kept]
-        shifts = np.searchsorted(at, starts, side="right") - np.searchsorted(gone, starts)
-        # A run moving left can only overwrite runs before it, one moving right runs after it: so the
-        # left-moving ones go first, from the left, then the right-moving ones from the right.
-        left, right = np.flatnonzero(shifts < 0), np.flatnonzero(shifts > 0)[::-1]
-        for run in np.concatenate([left, right]).tolist():
-            start, end, shift = int(starts[run]), int(ends[run]), int(shifts[run])
-            self.keys[start + shift : end + shift] = self.keys[start:end]
-            self.values[start + shift : end + shift] = self.values[start:end]
-        places = at + np.arange(len(added)) - np.searchsorted(gone, at)
-        self.keys[places], self.values[places] = added, added_values
-        self.size += len(added) - len(gone)
+def _search_rows(
+    ascending: torch.Tensor, rows: torch.Tensor, size: torch.Tensor, ids: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """The row of each id in ascending[:size] -> rows[:size], or 0: at the count of ids below it, found a bit
+    at a time from the highest of `steps` (2**steps > size). A fixed number of gathers, which torch.export and
+    ONNX trace (the ONNX exporter has no torch.searchsorted); a probe each, half the ops of a search that
+    narrows [lo, hi), so that the two searches of a lookup cost what one did."""
+    last = len(ascending) - 1
+    below = torch.zeros_like(ids)  # how many of ascending[:size] are known to be below the id
+    for bit in reversed(range(steps)):
+        probe = below + (1 << bit)
+        is_below = (probe <= size) & (ascending[(probe - 1).clamp(max=last)] < ids)
+        below = torch.where(is_below, probe, below)
+    at = below.clamp(max=last)
+    found = (below < size) & (ascending[at] == ids)
+    return torch.where(found, rows[at], 0)
 
 
 def _smallest(
@@ -317,18 +314,10 @@ def _first_true(mask: np.ndarray, limit: int | None, entries: np.ndarray | None 
 
 
 def _without(ascending: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-    at, found = _search(ascending, excluded)
+    at, found = search(ascending, excluded)
     kept = np.ones(len(ascending), dtype=bool)
     kept[at[found]] = False
     return ascending[kept]
-
-
-def _search(ascending: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Where each key is in `ascending` (a binary search each), and whether it is there at all."""
-    if len(ascending) == 0:
-        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
-    at = np.minimum(np.searchsorted(ascending, keys), len(ascending) - 1)
-    return at, ascending[at] == keys
 
 
 def _all_ranks(seen: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
