@@ -313,9 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_flags(p)  # not fp32: the candidate is judged as that program, which is then published
     add_repository_flags(p)
 
-    p = command(commands, "predict", "score data files (TFRecord or Parquet) with an exported model", handlers.run_predict)
+    p = command(
+        commands,
+        "predict",
+        "score data files (TFRecord or Parquet) with an exported model",
+        handlers.run_predict,
+    )
     p.add_argument("--model", required=True, help="an exported model folder")
-    p.add_argument("--inputs", required=True, help="a glob of TFRecord or Parquet files (local or a URL), read as training reads them")
+    p.add_argument(
+        "--inputs",
+        required=True,
+        help="a glob of TFRecord or Parquet files (local or a URL), read as training reads them",
+    )
     p.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
     p.add_argument("--batch-size", type=int, default=1024)
 
