@@ -22,7 +22,9 @@ wall time otherwise. Two ratios, binary format:
   - candidates/s at the highest concurrency of the smallest requests / the bare batched forward's: what
     dynamic batching recovers of one large forward, aimed at >= 0.9.
 Every precision of --precisions is exported (fp32 and int8 as ONNX, bf16 as pt2: serve/precision.py) and
-served in turn, one server at a time, and measured the same way; the figures above are the first
+served by a server of its own, all started at once, and measured the same way: at concurrency 1 each round
+goes through every precision in turn (which goes first rotates), so that all see the same machine load;
+the higher concurrencies take one precision after the other. The figures above are the first
 precision's, and `precision` lists, for each, the binary requests' p50, p99 and candidates/s at concurrency
 1 and its candidates/s over fp32's. With --model, only that folder. The summary goes to
 bench/results/serve_latency.json (--results). --threads sets torch's intra-op threads of
@@ -226,21 +228,24 @@ def main() -> None:
     levels = sorted({1, *(int(c) for c in args.concurrency.split(","))})  # 1: the latency reference
 
     print(cpu_line())
-    by_precision = {}
     with tempfile.TemporaryDirectory(prefix="serve_latency_") as tmp:
         if args.model:
             models = {Scorer(args.model).precision: Path(args.model)}
         else:
             models = export(args.config, args.checkpoint, Path(tmp), args.precisions.split(","))
-        for precision, model in models.items():
-            scorer = Scorer(model)
-            scorer.warm_up()
-            server, url = start_server(model, args.threads, max(levels) - 1, max(sizes))
-            try:
-                by_precision[precision] = measure(scorer, url, sizes, levels, args.requests)
-            finally:
+        scorers = {precision: Scorer(model) for precision, model in models.items()}
+        servers = {}
+        try:
+            for precision, model in models.items():
+                scorers[precision].warm_up()
+                servers[precision] = start_server(model, args.threads, max(levels) - 1, max(sizes))
+            urls = {precision: url for precision, (_, url) in servers.items()}
+            by_precision = measure(scorers, urls, sizes, levels, args.requests)
+        finally:
+            for server, _ in servers.values():
                 server.terminate()
                 server.wait(timeout=60)
+        for precision, model in models.items():
             by_precision[precision]["threads"] = args.threads
             print(f"== {precision} ({model.name})")
             report(by_precision[precision], sizes, levels)
@@ -265,42 +270,90 @@ def precision_figures(by_precision: dict[str, dict], sizes: list[int]) -> dict[s
     return figures
 
 
-def measure(scorer: Scorer, url: str, sizes: list[int], levels: list[int], requests: int) -> dict:
-    figures: dict = {"request_mb": {}, "bare forward": {}, "served": {"json": {}, "binary": {}}}
+def measure(
+    scorers: dict[str, Scorer], urls: dict[str, str], sizes: list[int], levels: list[int], requests: int
+) -> dict[str, dict]:
+    """Each precision's figures (its scorer here, its server at its url), on the same candidates."""
+    by_precision: dict[str, dict] = {
+        precision: {"request_mb": {}, "bare forward": {}, "served": {"json": {}, "binary": {}}}
+        for precision in scorers
+    }
+    inputs = next(iter(scorers.values())).inputs  # every precision's program takes the same inputs
     for n in sizes:
-        text = json_body(scorer.inputs, n)
-        ids, arrays = parse_candidates(text, scorer.inputs, n)
+        text = json_body(inputs, n)
+        ids, arrays = parse_candidates(text, inputs, n)
         formats = {"json": (text, {"content-type": "application/json"}), "binary": binary_body(ids, arrays)}
-        figures["request_mb"][n] = {name: len(body) / 1e6 for name, (body, _) in formats.items()}
+        serial = alone(scorers, urls, repeated(arrays, n), formats, requests)
+        for precision, figures in by_precision.items():
+            times = serial[precision]
+            figures["request_mb"][n] = {name: len(body) / 1e6 for name, (body, _) in formats.items()}
+            figures["bare forward"][n] = {1: level(times["bare"], n / statistics.median(times["bare"]))}
+            for name in formats:
+                figures["served"][name][n] = {1: level(times[name], n / statistics.median(times[name]))}
+            for clients in levels[1:]:
+                loaded(figures, scorers[precision], urls[precision], arrays, formats, clients, requests)
+    for figures in by_precision.values():
+        finish(figures, sizes, levels)
+    return by_precision
 
-        # Concurrency 1: each request follows a bare forward of its candidates, while the server idles.
-        alone, bare, serial = partial(scorer, repeated(arrays, n)), [], {name: [] for name in formats}
-        with httpx.Client(base_url=url, timeout=600) as client:
+
+def alone(
+    scorers: dict[str, Scorer],
+    urls: dict[str, str],
+    features: dict[str, torch.Tensor],
+    formats: dict[str, Request],
+    requests: int,
+) -> dict[str, dict[str, list[float]]]:
+    """Concurrency 1, precision by precision within each round (which goes first rotates), so that every
+    precision sees the same machine load: a bare forward of the candidates, then each format's request while
+    the server idles. Latencies in seconds, by precision and "bare" or format."""
+    times = {precision: {"bare": [], **{name: [] for name in formats}} for precision in scorers}
+    clients = {precision: httpx.Client(base_url=url, timeout=600) for precision, url in urls.items()}
+    try:
+        for client in clients.values():
             for request in formats.values():
                 post(client, request)  # the connection, the server's first allocations
-            for _ in range(requests):
-                bare.append(timed(alone))
+        order = list(scorers)
+        for round_ in range(requests):
+            for precision in order[round_ % len(order) :] + order[: round_ % len(order)]:
+                times[precision]["bare"].append(timed(partial(scorers[precision], features)))
                 for name, request in formats.items():
-                    serial[name].append(post(client, request))
-        figures["bare forward"][n] = {1: level(bare, n / statistics.median(bare))}
-        for name in formats:
-            figures["served"][name][n] = {1: level(serial[name], n / statistics.median(serial[name]))}
-        for clients in levels[1:]:
-            # As many candidates at once as the batcher merges: whole requests, up to --max-batch.
-            rows = n * min(clients, max(1, MAX_BATCH // n))
-            batch = partial(scorer, repeated(arrays, rows))
-            batched = [timed(batch) for _ in range(max(2, requests // clients))]
-            figures["bare forward"][n][clients] = level(batched, rows / statistics.median(batched))
-            for name, request in formats.items():
-                latencies, wall = concurrent(url, request, clients, requests)
-                figures["served"][name][n][clients] = level(latencies, n * len(latencies) / wall)
+                    times[precision][name].append(post(clients[precision], request))
+    finally:
+        for client in clients.values():
+            client.close()
+    return times
+
+
+def loaded(
+    figures: dict,
+    scorer: Scorer,
+    url: str,
+    arrays: dict[str, np.ndarray],
+    formats: dict[str, Request],
+    clients: int,
+    requests: int,
+) -> None:
+    """`clients` at once: the served figures, and the bare forward of as many candidates at once as the
+    batcher merges (whole requests, up to --max-batch)."""
+    n = len(next(iter(arrays.values())))
+    rows = n * min(clients, max(1, MAX_BATCH // n))
+    batch = partial(scorer, repeated(arrays, rows))
+    batched = [timed(batch) for _ in range(max(2, requests // clients))]
+    figures["bare forward"][n][clients] = level(batched, rows / statistics.median(batched))
+    for name, request in formats.items():
+        latencies, wall = concurrent(url, request, clients, requests)
+        figures["served"][name][n][clients] = level(latencies, n * len(latencies) / wall)
+
+
+def finish(figures: dict, sizes: list[int], levels: list[int]) -> None:
+    """The two ratios of the module's docstring."""
     largest, smallest, most = max(sizes), min(sizes), max(levels)
     served, bare = figures["served"]["binary"], figures["bare forward"]
     figures["p50_over_bare_forward"] = served[largest][1]["p50_ms"] / bare[largest][1]["p50_ms"]
     figures["candidates_per_s_over_bare_batched"] = (
         served[smallest][most]["candidates_per_s"] / bare[smallest][most]["candidates_per_s"]
     )
-    return figures
 
 
 def report(figures: dict, sizes: list[int], levels: list[int]) -> None:
