@@ -230,8 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         "two runs' AUROC and RCE per task on a validation split, with paired bootstrap intervals",
         handlers.run_compare,
     )
-    p.add_argument("run_a", metavar="RUN_A", help="a run folder (training.save_dir of a run)")
-    p.add_argument("run_b", metavar="RUN_B", help="another run folder; the table shows B - A")
+    p.add_argument(
+        "run_a",
+        metavar="RUN_A",
+        help="a run folder (training.save_dir of a run), or an exported model folder (scored as its program)",
+    )
+    p.add_argument("run_b", metavar="RUN_B", help="another run or exported folder; the table shows B - A")
     _with_config(p)
     p.add_argument("--split", help="a validation split (default: the config's first)")
     p.add_argument(

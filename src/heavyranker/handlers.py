@@ -125,6 +125,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from .eval.compare import compare_runs
+    from .serve.served_program import exported_program
 
     config_b = None
     if args.config_b or args.set_b:  # without --config-b, B is --config with --set, then --set-b
@@ -143,6 +144,7 @@ def run_compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         html_path=args.html,
         config_b=config_b,
+        exported=exported_program,
     )
     return 0
 

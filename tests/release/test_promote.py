@@ -17,9 +17,10 @@ from heavyranker.eval.compare import loaded_model, score, validation_split
 from heavyranker.eval.evaluator import evaluation_tasks
 from heavyranker.eval.metrics import rce
 from heavyranker.handlers import EXIT_REFUSED
-from heavyranker.release.promote import PromotionRule, ServedProgram, promote
+from heavyranker.release.promote import PromotionRule, promote
 from heavyranker.serve.repository import ModelRepository
 from heavyranker.serve.scorer import MANIFEST, Scorer
+from heavyranker.serve.served_program import ServedProgram
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
 

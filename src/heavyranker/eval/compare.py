@@ -14,9 +14,10 @@ import base64
 import html
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,11 @@ BLOCK = 64  # resamples evaluated together: [BLOCK, N] float64 arrays, 30 MB eac
 # Fewest resamples: a 95% interval's ends are the 2.5% tails of the resampled differences; with 100 resamples
 # each end rests on 2 or 3 of them, with fewer on the one or two most extreme (at 0 there is no interval).
 MIN_RESAMPLES = 100
+
+
+# A model to score (a Ranker, or a program called as one: serve's ServedProgram), where its weights are (a
+# checkpoint, or an exported folder) and their step.
+Loaded = tuple[Any, Path, int]
 
 
 @dataclass
@@ -284,10 +290,13 @@ def compare_runs(
     seed: int = 0,
     html_path: str | None = None,
     config_b: Config | None = None,
+    exported: Callable[[str], Loaded | None] = lambda run: None,
 ) -> list[dict[str, Difference]]:
     """Score both runs' checkpoints (of `step`, else the best marked, else the newest) on `split` (default:
     the first validation split), print the table, and write it as HTML if asked. `config` gives the data
-    and run A's model; `config_b`, when run B's model differs, gives B's (its data sections are not read)."""
+    and run A's model; `config_b`, when run B's model differs, gives B's (its data sections are not read).
+    `exported(run)`: the program of a run given as an exported model folder, scored as it serves (serve/
+    served_program.py: the CLI passes it, eval does not import serve), or None for a run folder."""
     if resamples < MIN_RESAMPLES:
         raise UserError(
             f"compare: resamples is {resamples}; a 95% interval needs at least {MIN_RESAMPLES} (default 1000)"
@@ -298,7 +307,8 @@ def compare_runs(
     tasks = evaluation_tasks(config, data)
     # Both models and their weights before scoring either: a run B that does not fit fails at once.
     loaded = [
-        loaded_model(c, data, tasks, run, step) for c, run in ((config, run_a), (config_b or config, run_b))
+        _program(exported(run), run, tasks) or loaded_model(c, data, tasks, run, step)
+        for c, run in ((config, run_a), (config_b or config, run_b))
     ]
     with out_of_memory_as_user_error(batch_setting(split), f"scoring the runs on {split}"):
         a, b = (score(config, model, checkpoint, at, data) for model, checkpoint, at in loaded)
@@ -308,6 +318,13 @@ def compare_runs(
     if html_path:
         write_html(html_path, table, tasks, a, b)
     return rows
+
+
+def _program(program: Loaded | None, run: str, tasks: list[str]) -> Loaded | None:
+    """An exported folder's program, if it scores every task of the split."""
+    if program is not None and (missing := [t for t in tasks if t not in program[0].task_names]):
+        raise UserError(f"compare: the program of {run} scores no {', '.join(missing)}")
+    return program
 
 
 def loaded_model(

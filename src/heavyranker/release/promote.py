@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
-import torch
-
 from ..config import Config
 from ..eval.compare import loaded_model, score, validation_split
 from ..eval.evaluator import evaluation_tasks
@@ -33,6 +31,7 @@ from ..serve.export import export_model
 from ..serve.precision import check_precision
 from ..serve.repository import DEFAULT_KEEP, ModelRepository, export_version
 from ..serve.scorer import Scorer
+from ..serve.served_program import ServedProgram
 from ..serve.table_precision import check_table_precision
 from .rule import DEFAULT_RULE, PromotionRule, judge
 
@@ -51,20 +50,6 @@ class Decision:
     weighted: dict[str, Any] | None = None  # the weighted rule's figures (rule.py)
     version: int | None = None  # the version published
     time: float = field(default_factory=time.time)
-
-
-class ServedProgram:
-    """A repository version's program as compare.score takes a model: features -> calibrated probabilities."""
-
-    def __init__(self, scorer: Scorer):
-        self.scorer = scorer
-        self.task_names = scorer.tasks
-
-    def eval(self) -> ServedProgram:
-        return self
-
-    def __call__(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"calibrated_probabilities": self.scorer(features)[0]}
 
 
 def promote(
