@@ -239,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
     p.add_argument("--split", help="a validation split (default: the config's first)")
     p.add_argument(
-        "--step", type=int, help="this step's checkpoint of both runs (default: the marked best, else newest)"
+        "--step",
+        type=int,
+        help="this step's checkpoint of both runs (default: the marked best, else newest); an exported "
+        "folder holds one",
     )
     p.add_argument(
         "--resamples", type=int, default=1000, help="bootstrap resamples: at least 100 (default 1000)"
