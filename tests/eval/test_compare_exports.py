@@ -4,7 +4,9 @@ int8 export is scored as its own program, which rounding moves off the fp32 one.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 
@@ -12,6 +14,7 @@ from heavyranker.cli import main
 from heavyranker.errors import UserError
 from heavyranker.eval.compare import compare_runs
 from heavyranker.serve.export import export_model
+from heavyranker.serve.scorer import MANIFEST
 from heavyranker.serve.served_program import exported_program
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
@@ -56,3 +59,15 @@ def test_without_the_loader_an_exported_folder_is_not_a_run(exports):
     config, run, fp32, _ = exports
     with pytest.raises(UserError, match="checkpoint"):
         compare_runs(config, str(run), str(fp32), resamples=100)
+
+
+def test_a_program_that_reads_another_shape_is_refused_before_scoring(exports, tmp_path):
+    config, run, fp32, _ = exports
+    doctored = tmp_path / "doctored"
+    shutil.copytree(fp32, doctored)
+    manifest = json.loads((doctored / MANIFEST).read_text())
+    manifest["inputs"][0]["shape"] = [manifest["inputs"][0]["shape"][0] + 1]
+    (doctored / MANIFEST).write_text(json.dumps(manifest))
+    name = manifest["inputs"][0]["name"]
+    with pytest.raises(UserError, match=f"reads features the split does not have in that shape: {name} "):
+        compare_runs(config, str(run), str(doctored), resamples=100, exported=exported_program)

@@ -307,7 +307,7 @@ def compare_runs(
     tasks = evaluation_tasks(config, data)
     # Both models and their weights before scoring either: a run B that does not fit fails at once.
     loaded = [
-        _program(exported(run), run, tasks) or loaded_model(c, data, tasks, run, step)
+        _program(exported(run), run, data, tasks) or loaded_model(c, data, tasks, run, step)
         for c, run in ((config, run_a), (config_b or config, run_b))
     ]
     with out_of_memory_as_user_error(batch_setting(split), f"scoring the runs on {split}"):
@@ -320,10 +320,18 @@ def compare_runs(
     return rows
 
 
-def _program(program: Loaded | None, run: str, tasks: list[str]) -> Loaded | None:
-    """An exported folder's program, if it scores every task of the split."""
-    if program is not None and (missing := [t for t in tasks if t not in program[0].task_names]):
+def _program(program: Loaded | None, run: str, data: DataConfig, tasks: list[str]) -> Loaded | None:
+    """An exported folder's program, if it can score the split: every task, every input in its shape."""
+    if program is None:
+        return None
+    if missing := [t for t in tasks if t not in program[0].task_names]:
         raise UserError(f"compare: the program of {run} scores no {', '.join(missing)}")
+    has = feature_shapes(data)
+    if differ := [f"{n} {list(s)}" for n, s in program[0].input_shapes.items() if has.get(n) != s]:
+        raise UserError(
+            f"compare: the program of {run} reads features the split does not have in that shape: "
+            + ", ".join(differ)
+        )
     return program
 
 

@@ -17,6 +17,7 @@ class ServedProgram:
     def __init__(self, scorer: Scorer):
         self.scorer = scorer
         self.task_names = scorer.tasks
+        self.input_shapes = {spec.name: spec.shape for spec in scorer.inputs}  # of one candidate
 
     def eval(self) -> ServedProgram:
         return self
