@@ -215,7 +215,8 @@ class ManagedMapping(nn.Module):
         self, state: dict[str, np.ndarray], prefix: str, wanted: int, keep: np.ndarray
     ) -> np.ndarray:
         """Up to `wanted` entries to (re)use, best first: free ones (by index), then by the eviction rule
-        (ties by index); never those in `keep`. A few passes over the table, no sort of it."""
+        (ties by index); never those in `keep`. No sort of the table: under lru, scans a chunk at a time up to
+        the last entry needed; under lfu, a few passes over it."""
         if wanted == 0:
             return np.zeros(0, dtype=np.int64)
         # The free ones are counted (row 0, the default row, is never used): the scan stops at the last.
