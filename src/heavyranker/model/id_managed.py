@@ -16,12 +16,15 @@ Under torch.distributed every rank counts the sightings of all ranks, so the map
 
 A training step costs O(batch) plus a few vectorized passes over the table, never a sort of it: the
 batch's ids are found by binary search in the resident ids and in a sorted index of the candidates (kept
-beside the buffers, rebuilt from them on load); free entries are taken by index; a full table finds the
-eviction key's threshold among the entries under a bound doubled from its lowest value, and lists only
-the first few entries tied at it (lfu orders those tied on the count by last sighting through a mask of
-them, not a list); and the sorted ids (resident, and candidates) take the admitted and evicted ones in the
-small recent part of a sorted_index.SplitIndex, whose merge into the main part (O(table)) comes once every
-many steps: recent_capacity.
+beside the buffers, rebuilt from them on load); free entries are taken by index, found a chunk at a time
+up to the last (their number is the table's size less its used entries); under lru, a full table takes
+the eviction key's threshold from a histogram of the last sightings (key_histogram.Histogram, beside the
+buffers, rebuilt from them on load) and lists the entries up to it a chunk at a time, up to the last one
+it needs; under lfu it finds the threshold among the entries under a bound doubled from the key's lowest
+value, and lists only the first few entries tied at it (ordering those tied on the count by last
+sighting through a mask of them, not a list); and the sorted ids (resident, and candidates) take the
+admitted and evicted ones in the small recent part of a sorted_index.SplitIndex, whose merge into the
+main part (O(table)) comes once every many steps: recent_capacity.
 
 Why not torchrec's MCHManagedCollisionModule: its admission is a threshold on counts within one eviction
 interval (not a count that accumulates until admission), it works on KeyedJaggedTensor dicts of a
@@ -39,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config.model import Eviction
+from .key_histogram import Histogram
 from .sorted_index import SortedIndex, SplitIndex, search
 
 FREE = -1  # the score of a free row or candidate entry: taken before any eviction
@@ -83,6 +87,7 @@ class ManagedMapping(nn.Module):
         self.register_buffer("num_vacated", torch.zeros((), dtype=torch.int64))
         self.register_buffer("tick", torch.zeros((), dtype=torch.int64))  # batches counted
         self._candidate_index: SplitIndex | None = None  # candidate id -> entry, from the buffers
+        self._last_seen: dict[str, Histogram] | None = None  # row_last's, candidate_last's, from the buffers
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not torch.compiler.is_compiling():
@@ -110,7 +115,7 @@ class ManagedMapping(nn.Module):
         for name in SPLIT_STATE:  # a checkpoint of the first layout: all its resident ids in the main part
             state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kw)
-        self._candidate_index = None  # rebuilt from the loaded buffers on the next count
+        self._candidate_index = self._last_seen = None  # rebuilt from the loaded buffers on the next count
 
     # -- counting (training only) ------------------------------------------------------------------------
 
@@ -128,6 +133,8 @@ class ManagedMapping(nn.Module):
             self._candidate_index = SplitIndex.of(
                 state["candidate_ids"][used], used, self.num_embeddings, len(state["recent_ids"]), FREE
             )
+        if self._last_seen is None:
+            self._last_seen = {prefix: Histogram(state[f"{prefix}_last"]) for prefix in ("row", "candidate")}
         tick = int(self.tick) + 1
         touched_rows, waiting, taken, dropped = self._count(state, tick, seen, counts)
         admitted = self._admit(state, tick, touched_rows, waiting)  # candidate entries
@@ -153,7 +160,7 @@ class ManagedMapping(nn.Module):
         rows, is_resident = self._resident_index(state).find(seen)
         touched_rows = rows[is_resident]
         state["row_count"][touched_rows] += counts[is_resident]  # each row once: the ids are unique
-        state["row_last"][touched_rows] = tick
+        self._see(state, "row", touched_rows, tick)
         others, other_counts = seen[~is_resident], counts[~is_resident]
         entries, is_known = self._candidate_index.find(others)
         known = entries[is_known]
@@ -165,7 +172,7 @@ class ManagedMapping(nn.Module):
         state["candidate_count"][taken] = new_counts
         state["candidate_count"][known] += other_counts[is_known]
         waiting = np.concatenate([known, taken])
-        state["candidate_last"][waiting] = tick
+        self._see(state, "candidate", waiting, tick)
         return touched_rows, waiting, taken, dropped
 
     def _admit(
@@ -182,7 +189,8 @@ class ManagedMapping(nn.Module):
         evicted = state["row_ids"][rows[state["row_used"][rows]]]
         admitted = state["candidate_ids"][ready]
         state["row_ids"][rows], state["row_used"][rows] = admitted, True
-        state["row_count"][rows], state["row_last"][rows] = state["candidate_count"][ready], tick
+        state["row_count"][rows] = state["candidate_count"][ready]
+        self._see(state, "row", rows, tick)
         state["candidate_used"][ready] = False
         index = self._resident_index(state)
         index.replace(evicted, admitted, rows)  # in the buffers themselves
@@ -190,6 +198,12 @@ class ManagedMapping(nn.Module):
         self.num_recent.fill_(index.recent.size)
         self.num_vacated.fill_(index.vacated)
         return ready
+
+    def _see(self, state: dict[str, np.ndarray], prefix: str, entries: np.ndarray, tick: int) -> None:
+        """The entries (each once) last seen at `tick`, in the buffer and its histogram."""
+        assert self._last_seen is not None
+        self._last_seen[prefix].move(state[f"{prefix}_last"][entries], tick)
+        state[f"{prefix}_last"][entries] = tick
 
     def _resident_index(self, state: dict[str, np.ndarray]) -> SplitIndex:
         recent, vacated = int(self.num_recent), int(self.num_vacated)
@@ -201,17 +215,27 @@ class ManagedMapping(nn.Module):
         self, state: dict[str, np.ndarray], prefix: str, wanted: int, keep: np.ndarray
     ) -> np.ndarray:
         """Up to `wanted` entries to (re)use, best first: free ones (by index), then by the eviction rule
-        (ties by index); never those in `keep`. A few passes over the table, no sort of it."""
+        (ties by index); never those in `keep`. No sort of the table: under lru, scans a chunk at a time up to
+        the last entry needed; under lfu, a few passes over it."""
         if wanted == 0:
             return np.zeros(0, dtype=np.int64)
-        free = _first_true(~state[f"{prefix}_used"], wanted + len(keep))  # all free ones, if fewer
+        # The free ones are counted (row 0, the default row, is never used): the scan stops at the last.
+        assert self._candidate_index is not None
+        used = int(self.num_resident) if prefix == "row" else self._candidate_index.size
+        limit = min(wanted + len(keep), self.num_embeddings - used)
+        free = _first_true(state[f"{prefix}_used"], limit, where=False)  # all free ones, if fewer
         chosen = free[~np.isin(free, keep, kind="sort")][:wanted]
         if len(chosen) == wanted:
             return chosen
         # Fewer free entries than wanted: so few that every one of them is in `chosen` or `keep`.
-        rule = ["last"] if self.eviction == Eviction.LRU else ["count", "last"]
-        keys = [state[f"{prefix}_{name}"] for name in rule]
-        return np.concatenate([chosen, _smallest(keys, wanted - len(chosen), np.union1d(free, keep))])
+        excluded = np.union1d(free, keep)
+        if self.eviction == Eviction.LRU:  # the threshold from the last sightings' histogram
+            assert self._last_seen is not None
+            histogram = self._last_seen[prefix]
+            rest = _smallest([state[f"{prefix}_last"]], wanted - len(chosen), excluded, None, histogram)
+            return np.concatenate([chosen, rest])
+        keys = [state[f"{prefix}_count"], state[f"{prefix}_last"]]
+        return np.concatenate([chosen, _smallest(keys, wanted - len(chosen), excluded)])
 
 
 def recent_capacity(num_embeddings: int) -> int:
@@ -239,13 +263,18 @@ def _search_rows(
 
 
 def _smallest(
-    keys: list[np.ndarray], k: int, excluded: np.ndarray, among: np.ndarray | None = None
+    keys: list[np.ndarray],
+    k: int,
+    excluded: np.ndarray,
+    among: np.ndarray | None = None,
+    histogram: Histogram | None = None,
 ) -> np.ndarray:
     """The k entries (of `among`, ascending, or of all), none of them `excluded` (ascending), first in the
     order of (keys[0], keys[1], ..., index), in that order: those below the first key's threshold (the
     value of its nth smallest, counting the excluded that may all be among the smallest), then those tied
     at it, by the next key (the same way: over all entries, the others masked as KEPT, or among them) or,
-    for the last key, by index. Only the k chosen are sorted, and the excluded are found by binary search."""
+    for the last key, by index. Only the k chosen are sorted, and the excluded are found by binary search.
+    `histogram`: the first key's (of all entries), which gives its threshold without a pass over it."""
     primary = keys[0] if among is None else keys[0][among]
     if len(primary) == 0 or k == 0:
         return np.zeros(0, dtype=np.int64)
@@ -253,7 +282,7 @@ def _smallest(
     # By index, the first k + len(excluded) tied entries will do: no need to list all of them; nor, over the
     # whole table, for the next key, which takes them with a mask (below).
     listed = None if len(keys) > 1 and among is not None else k + len(excluded)
-    below, tied, threshold = _split_at_nth(primary, nth, listed)
+    below, tied, threshold = _split_at_nth(primary, nth, listed, histogram)
     if among is not None:
         below, tied = among[below], among[tied]
     below = _without(below, excluded)
@@ -272,13 +301,21 @@ def _smallest(
     return np.concatenate([below, rest])
 
 
-def _split_at_nth(values: np.ndarray, nth: int, tied_limit: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+def _split_at_nth(
+    values: np.ndarray, nth: int, tied_limit: int | None, histogram: Histogram | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The entries (ascending) whose value is below the nth smallest value, those equal to it (only the
-    first tied_limit, if given), and that value. The lowest value is the threshold directly where it has
+    first tied_limit, if given), and that value. With the values' histogram, that value and the number of
+    entries below and at it come from it, and one scan lists the entries up to the last one needed. Else the
+    lowest value is the threshold directly where it has
     enough entries (ties are the rule: a batch's ids share their last sighting); else the nth is selected
     among the entries up to a bound, doubled from the lowest value until enough lie under it: a few passes
     over the table (the keys are batch numbers and counts), where np.partition would copy and partially
     sort all of it."""
+    if histogram is not None:
+        threshold, below, tied = histogram.nth(nth)
+        wanted_tied = tied if tied_limit is None else min(tied, tied_limit)
+        return (*_first_at_most(values, threshold, below, wanted_tied), threshold)
     lowest = int(values.min())
     at_lowest = values == lowest
     if np.count_nonzero(at_lowest) > nth:
@@ -296,21 +333,43 @@ def _split_at_nth(values: np.ndarray, nth: int, tied_limit: int | None) -> tuple
     return entries[chosen < threshold], _first_true(chosen == threshold, tied_limit, entries), int(threshold)
 
 
-def _first_true(mask: np.ndarray, limit: int | None, entries: np.ndarray | None = None) -> np.ndarray:
-    """The indices (or `entries`) where `mask` is true, ascending: only the first `limit`, found a chunk at a
-    time (a full table has millions tied), or all of them."""
+def _first_true(
+    mask: np.ndarray, limit: int | None, entries: np.ndarray | None = None, where: bool = True
+) -> np.ndarray:
+    """The indices (or `entries`) where `mask` is true (false, with where=False), ascending: only the first
+    `limit`, found a chunk at a time (a full table has millions tied), or all of them."""
     if limit is None:
-        found = np.flatnonzero(mask)
+        found = np.flatnonzero(mask if where else ~mask)
     else:
         chunks, total = [np.zeros(0, dtype=np.int64)], 0
-        for start in range(0, len(mask), SCAN_CHUNK):
-            chunks.append(np.flatnonzero(mask[start : start + SCAN_CHUNK]))
+        for start in range(0, len(mask) if limit > 0 else 0, SCAN_CHUNK):
+            chunk = mask[start : start + SCAN_CHUNK]
+            chunks.append(np.flatnonzero(chunk if where else ~chunk))
             chunks[-1] += start
             total += len(chunks[-1])
             if total >= limit:
                 break
         found = np.concatenate(chunks)[:limit]
     return found if entries is None else entries[found]
+
+
+def _first_at_most(
+    values: np.ndarray, threshold: int, below: int, tied: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `below` entries (ascending) whose value is below the threshold, all of them, and the first `tied`
+    at it: a chunk at a time, up to the chunk that holds the last one needed."""
+    found_below, found_tied = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    below_left, tied_left = below, tied
+    for start in range(0, len(values), SCAN_CHUNK):
+        if below_left <= 0 and tied_left <= 0:
+            break
+        chunk = values[start : start + SCAN_CHUNK]
+        at_most = np.flatnonzero(chunk <= threshold)
+        is_below = chunk[at_most] < threshold
+        found_below.append(at_most[is_below] + start)
+        found_tied.append(at_most[~is_below] + start)
+        below_left, tied_left = below_left - len(found_below[-1]), tied_left - len(found_tied[-1])
+    return np.concatenate(found_below), np.concatenate(found_tied)[:tied]
 
 
 def _without(ascending: np.ndarray, excluded: np.ndarray) -> np.ndarray:
