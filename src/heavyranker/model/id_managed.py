@@ -307,11 +307,10 @@ def _split_at_nth(
     """The entries (ascending) whose value is below the nth smallest value, those equal to it (only the
     first tied_limit, if given), and that value. With the values' histogram, that value and the number of
     entries below and at it come from it, and one scan lists the entries up to the last one needed. Else the
-    lowest value is the threshold directly where it has
-    enough entries (ties are the rule: a batch's ids share their last sighting); else the nth is selected
-    among the entries up to a bound, doubled from the lowest value until enough lie under it: a few passes
-    over the table (the keys are batch numbers and counts), where np.partition would copy and partially
-    sort all of it."""
+    lowest value is the threshold directly where it has enough entries (ties are the rule: a batch's ids
+    share their last sighting); else the nth is selected among the entries up to a bound, doubled from the
+    lowest value until enough lie under it: a few passes over the table (the keys are batch numbers and
+    counts), where np.partition would copy and partially sort all of it."""
     if histogram is not None:
         threshold, below, tied = histogram.nth(nth)
         wanted_tied = tied if tied_limit is None else min(tied, tied_limit)
