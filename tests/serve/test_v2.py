@@ -174,6 +174,8 @@ def raw_infer(
         (lambda h: h["inputs"][1].update(shape=[2, 16]), "input 'binary': 16 values in data, shape [2, 16]"),
         (lambda h: h["inputs"].append(h["inputs"][0]), "input 'continuous': given twice"),
         (lambda h: h["inputs"][0].update(name="dense"), "inputs[0]: unknown input 'dense'"),
+        (lambda h: h["inputs"][0].update(name=["continuous"]), "inputs[0]: unknown input ['continuous']"),
+        (lambda h: h["inputs"][0].update(name={"a": 1}), "inputs[0]: unknown input {'a': 1}"),
         (lambda h: h.update(outputs=[{"name": "logits"}]), "outputs[0]: unknown output 'logits'"),
         (lambda h: h.update(inputs={}), "inputs: must be a list of tensors"),
         (lambda h: h.update(model="x"), "'model': unknown field"),

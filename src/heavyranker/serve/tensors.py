@@ -105,7 +105,7 @@ def read_tensors(
     for i, tensor in enumerate(tensors):
         tensor = json_object(tensor, f"inputs[{i}]")
         name = tensor.get("name")
-        if name not in specs:
+        if type(name) is not str or name not in specs:  # a list or an object cannot be looked up
             raise invalid(f"inputs[{i}]: unknown input {name!r} (the model's inputs: {', '.join(specs)})")
         if name in arrays:
             raise invalid(f"input {name!r}: given twice")
