@@ -94,6 +94,7 @@ def test_a_half_uploaded_version_is_not_a_version(s3):
     one = {"published": 0, "files": {"model.txt": sizes["model.txt"]}}
     fs.pipe_file(f"{folder}/4/{READY}", json.dumps(one).encode())
     fs.pipe_file(f"{folder}/5/{READY}", b"not json")
+    fs.pipe_file(f"{folder}/\u00b2/{READY}", json.dumps(one).encode())  # not a number: int() refuses it
     assert repository.versions() == [1]
     assert repository.publish(writing("b"), keep=None) == 6  # the numbers in use are not reused
     assert repository.versions() == [1, 6]

@@ -53,6 +53,18 @@ def test_a_folder_without_its_marker_is_not_a_version_and_its_number_is_not_reus
     assert repository.versions() == [1, 3]
 
 
+@pytest.mark.parametrize("name", ["\u00b2", "\u0661"])
+def test_a_folder_named_by_a_digit_that_is_not_ascii_is_not_a_version(tmp_path, name):
+    # str.isdigit() takes both: int() refused the first (every listing failed) and read the second as 1.
+    repository = ModelRepository(tmp_path, "ranker")
+    (repository.folder / name).mkdir(parents=True)
+    (repository.folder / name / READY).write_text("{}")
+    assert repository.versions() == []
+    assert repository.publish(writing("a"), keep=None) == 1
+    assert repository.versions() == [1] and (repository.version_folder(1) / "model.txt").read_text() == "a"
+    assert (repository.folder / name / READY).is_file()  # not anyone's to remove
+
+
 def test_a_failed_write_leaves_no_version_and_no_staging_folder(tmp_path):
     repository = ModelRepository(tmp_path, "ranker")
 

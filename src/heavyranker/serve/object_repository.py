@@ -50,6 +50,7 @@ from .repository import (
     marker_name,
     ready_record,
     sha256_of,
+    version_number,
 )
 
 log = logging.getLogger(__name__)
@@ -259,8 +260,9 @@ def _by_version(listing: dict[str, dict[str, Any]], model_path: str) -> dict[int
     found: dict[int, dict[str, dict[str, Any]]] = {}
     for path, info in listing.items():
         head, _, rest = path.removeprefix(model_path + "/").partition("/")
-        if head.isdigit() and rest:
-            found.setdefault(int(head), {})[rest] = info
+        version = version_number(head)
+        if version is not None and rest:
+            found.setdefault(version, {})[rest] = info
     return found
 
 

@@ -183,7 +183,8 @@ class ModelRepository:
             names = os.listdir(self.folder)
         except OSError:  # no repository (yet, or any more)
             return []
-        return [int(name) for name in names if name.isdigit() and (self.folder / name).is_dir()]
+        numbered = ((version_number(name), name) for name in names)
+        return [v for v, name in numbered if v is not None and (self.folder / name).is_dir()]
 
     def _rename_to_next(self, staging: Path) -> int:
         """Renames `staging` to the first number past every numbered folder (complete or not): two
@@ -214,6 +215,12 @@ def open_repository(root: str | os.PathLike, model_name: str) -> ModelRepository
 def check_model_name(model_name: str) -> None:
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise UserError(f"model name {model_name!r}: must be a plain folder name")
+
+
+def version_number(name: str) -> int | None:
+    """The version a folder's name gives, or None if it is not ASCII decimal digits: str.isdigit() also
+    takes '²', which int() refuses, and '١', which int() reads as 1."""
+    return int(name) if name.isascii() and name.isdigit() else None
 
 
 def marker_name() -> str:
