@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -148,6 +149,41 @@ def test_a_manifest_of_another_format_is_refused(exported: Exported, tmp_path, k
     (folder / "manifest.json").write_text(json.dumps({**manifest, key: value}))
     with pytest.raises(ArtifactError, match=rf"manifest\.json: {message}"):
         Scorer(folder)
+
+
+def without_inputs(manifest: dict) -> None:
+    del manifest["inputs"]
+
+
+def unknown_dtype(manifest: dict) -> None:
+    manifest["inputs"][1]["dtype"] = "float99"
+
+
+def inputs_not_a_list(manifest: dict) -> None:
+    manifest["inputs"] = {"continuous": 48}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (without_inputs, r"no 'inputs': damaged, or not written by `heavyranker export`"),
+        (unknown_dtype, r"inputs\[1\]: \{'name': 'binary'.* is not an input as .* writes one"),
+        (inputs_not_a_list, r"inputs\[0\]: \{'continuous': 48\} is not an input as .* writes one"),
+    ],
+)
+def test_a_manifest_without_what_serving_reads_is_refused_in_one_line(
+    exported: Exported, tmp_path, capsys, damage, message
+):
+    # Was a KeyError, TypeError or AttributeError with a traceback, at the start or at a request.
+    folder = shutil.copytree(exported.folder, tmp_path / "model")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    damage(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=rf"manifest\.json: {message}") as e:
+        Scorer(folder)
+    assert isinstance(e.value, UserError)
+    assert main(["serve", "--model", str(folder)]) == 2
+    assert re.fullmatch(rf"error: .*manifest\.json: {message}\n", capsys.readouterr().err)
 
 
 def test_a_folder_without_manifest_is_refused(tmp_path):

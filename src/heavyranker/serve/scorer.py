@@ -29,6 +29,18 @@ FORMAT = "heavyranker-scorer/2"  # /2: the manifest names its program's format (
 # program_format -> the program's file name in the folder
 PROGRAMS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 OUTPUTS = ("probabilities", "score")
+# What loading and serving read of a manifest: one without them (edited by hand, cut short by a copy that
+# still parses) is an ArtifactError naming the key, not a KeyError at the start or in a request.
+REQUIRED = (
+    "program",
+    "program_format",
+    "program_sha256",
+    "tasks",
+    "inputs",
+    "outputs",
+    "checkpoint",
+    "engagement_weights",
+)
 
 
 class ArtifactError(_Base):
@@ -85,10 +97,7 @@ class Scorer:
         self.precision: str = self.manifest.get("precision", "fp32")
         # Of the id tables' rows (export --table-precision); before it was recorded: fp32.
         self.table_precision: str = self.manifest.get("table_precision", "fp32")
-        self.inputs = [
-            InputSpec(i["name"], tuple(i["shape"]), getattr(torch, i["dtype"]), i["allow_non_finite"])
-            for i in self.manifest["inputs"]
-        ]
+        self.inputs = _input_specs(self.manifest["inputs"], folder / MANIFEST)
         self._lock = threading.Lock()
 
     def __call__(self, features: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,4 +177,26 @@ def _read_manifest(folder: Path) -> dict:
         raise ArtifactError(
             f"{path}: format {found!r}, this code reads {FORMAT!r}: export the model again with this version"
         )
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{path}: no {missing[0]!r}: damaged, or not written by `heavyranker export`")
     return manifest
+
+
+def _input_specs(inputs: object, path: Path) -> list[InputSpec]:
+    """The manifest's inputs; an ArtifactError naming the first that is not one as export writes it."""
+    specs = []
+    for i, spec in enumerate(inputs if isinstance(inputs, list) else [inputs]):
+        try:
+            dtype = getattr(torch, spec["dtype"])
+            if not isinstance(dtype, torch.dtype) or type(spec["name"]) is not str:
+                raise TypeError
+            shape = tuple(spec["shape"])
+            if not all(type(n) is int and n >= 0 for n in shape):
+                raise TypeError
+            specs.append(InputSpec(spec["name"], shape, dtype, bool(spec["allow_non_finite"])))
+        except (KeyError, TypeError, AttributeError):
+            raise ArtifactError(
+                f"{path}: inputs[{i}]: {str(spec)[:100]} is not an input as `heavyranker export` writes one"
+            ) from None
+    return specs
