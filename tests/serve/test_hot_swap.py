@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -160,6 +161,52 @@ def test_a_version_that_cannot_serve_is_skipped_and_logged(tmp_path, programs, e
         assert version == "1"
         np.testing.assert_allclose(scores, expected[0], rtol=1e-5, atol=1e-6)
         assert "heavyranker_model_failed_loads_total 1.0" in client.get(f"{url}/metrics").text
+
+
+def test_a_server_started_while_the_newest_version_is_damaged_serves_the_one_below(
+    tmp_path, programs, expected, caplog
+):
+    # It refused to start: a restart after a damaged publish took the service down while version 1 was good.
+    repository = ModelRepository(tmp_path / "repo", NAME)
+    publish(repository, programs[0])
+    publish(repository, damaged(programs[1], tmp_path / "bad"))
+    with caplog.at_level(logging.ERROR, logger="heavyranker.serve.versions"):
+        app = create_app(None, repository=str(repository.root), model_name=NAME)
+        app.state.versions.refresh()  # not tried again
+    versions = app.state.versions
+    assert versions.current.version == 1 and versions.failed_versions == [2]
+    assert len(caplog.records) == 1 and "version 2 cannot be served" in caplog.records[0].getMessage()
+    assert "content hash" in caplog.records[0].getMessage()
+    with serving(app) as url, httpx.Client() as client:
+        version, scores = rank(client, url)
+        assert version == "1"
+        np.testing.assert_allclose(scores, expected[0], rtol=1e-5, atol=1e-6)
+        assert "heavyranker_model_failed_loads_total 1.0" in client.get(f"{url}/metrics").text
+    publish(repository, programs[2])
+    versions.refresh()
+    assert versions.current.version == 3
+
+
+def test_a_repository_whose_every_version_is_damaged_is_refused_naming_each(tmp_path, programs):
+    repository = ModelRepository(tmp_path / "repo", NAME)
+    publish(repository, damaged(programs[0], tmp_path / "bad0"))
+    publish(repository, other_manifest(programs[1], tmp_path / "bad1"))
+    with pytest.raises(UserError) as e:
+        create_app(None, repository=str(repository.root), model_name=NAME)
+    assert re.fullmatch(
+        rf"{re.escape(str(repository.folder))}: no version can be served: "
+        r"version 2: .*manifest\.json: no 'tasks': .*; version 1: .*model\.pt2: content hash .*",
+        str(e.value),
+    )
+
+
+def other_manifest(folder: Path, out: Path) -> Path:
+    """The folder with a manifest that lacks its tasks."""
+    shutil.copytree(folder, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["tasks"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
 
 
 def test_a_deleted_repository_leaves_the_served_version_serving(tmp_path, programs, expected, caplog):

@@ -105,6 +105,7 @@ class Metrics:
             "Versions that failed to load (damaged, another model's inputs) and were skipped",
             registry=self.registry,
         )
+        failed.inc(len(versions.failed_versions))  # at the start, below the newest that loads
         versions.on_swap, versions.on_failed_load = swaps.inc, failed.inc
         age = Gauge(
             "heavyranker_model_version_age_seconds",

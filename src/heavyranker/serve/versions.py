@@ -10,9 +10,10 @@ are in memory: the served one and the one being loaded (plus, for the moments it
 one just replaced).
 
 A version that fails to load is logged, counted and not tried again (unless its READY marker changes); the
-served one keeps serving. When the served version's folder disappears, the newest complete one below it is
-loaded instead (a rollback by deleting the bad version). A repository that disappears, or holds no complete
-version, leaves the served version serving, with a warning in the log.
+served one keeps serving. So at the start: a server (re)started while the newest version is damaged serves
+the newest one below it that loads. When the served version's folder disappears, the newest complete one
+below it is loaded instead (a rollback by deleting the bad version). A repository that disappears, or holds
+no complete version, leaves the served version serving, with a warning in the log.
 """
 
 from __future__ import annotations
@@ -83,15 +84,39 @@ class ServedVersions:
                 f"{repository.folder}: no complete version to serve (export one with "
                 f"`heavyranker export --repository {repository.root} --model-name {repository.model_name}`)"
             )
-        version = pin_version if pin_version is not None else versions[-1]
-        folder = repository.local_folder(version)
-        served = cls(
-            Loaded(version, folder, Scorer(folder), repository.published(version)),
-            repository,
-            pin_version=pin_version,
-        )
+        if pin_version is not None:
+            folder = repository.local_folder(pin_version)
+            loaded = Loaded(pin_version, folder, Scorer(folder), repository.published(pin_version))
+            served = cls(loaded, repository, pin_version=pin_version)
+        else:
+            served = cls._newest_that_loads(repository, versions)
         served._mark()
         return served
+
+    @classmethod
+    def _newest_that_loads(cls, repository: ModelRepository, versions: list[int]) -> ServedVersions:
+        """The newest version that loads, as the watcher would fall back to it: a damaged newest version
+        must not keep a restarted server from serving the good one below it. Those that fail are logged
+        and, as the watcher's, not tried again; if none loads, a UserError names each one's reason."""
+        failed: dict[int, tuple[object, Exception]] = {}
+        for version in versions[::-1]:
+            try:
+                folder = repository.local_folder(version)
+                loaded = Loaded(version, folder, Scorer(folder), repository.published(version))
+            except Exception as e:  # whatever a damaged folder raises, as in refresh()
+                failed[version] = (repository.ready_stamp(version), e)
+                log.error("version %d cannot be served (%s): trying the version below", version, e)
+                continue
+            served = cls(loaded, repository)
+            served._failed = {v: stamp for v, (stamp, _) in failed.items()}
+            return served
+        reasons = "; ".join(f"version {v}: {e}" for v, (_, e) in failed.items())
+        raise UserError(f"{repository.folder}: no version can be served: {reasons}")
+
+    @property
+    def failed_versions(self) -> list[int]:
+        """The versions that failed to load and are not tried again (until their READY changes)."""
+        return sorted(self._failed)
 
     def start(self, poll_seconds: float) -> None:
         if self.repository is None:
