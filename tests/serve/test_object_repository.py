@@ -129,6 +129,10 @@ def test_decisions_are_lines_of_one_object(s3):
     text = fs.cat_file(f"{url}/{NAME}/promotions.jsonl").decode()
     assert text == '{"published": true, "version": 1}\n{"published": false}\n'
     assert repository.decisions() == [{"published": True, "version": 1}, {"published": False}]
+    # Copied from a folder where a crash tore its last line: the next decision is a line of its own.
+    fs.pipe_file(f"{url}/{NAME}/promotions.jsonl", text.encode() + b'{"published": fa')
+    repository.append_decision({"published": True, "version": 2})
+    assert repository.decisions()[-1] == {"published": True, "version": 2}
 
 
 def test_a_url_with_credentials_is_refused_without_repeating_them(s3):

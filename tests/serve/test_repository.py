@@ -4,6 +4,7 @@ keeps the newest K and what servers serve, decisions append one line each."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -106,6 +107,24 @@ def test_decisions_append_one_line_each(tmp_path):
     lines = (repository.folder / "promotions.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"published": True, "version": 1}, {"published": False}]
     assert repository.decisions() == [json.loads(line) for line in lines]
+
+
+def test_a_decision_after_a_torn_line_is_a_line_of_its_own(tmp_path, caplog):
+    # A promoter killed as it wrote left half a line: the next decision was glued to it, and decisions()
+    # failed on the whole file.
+    repository = ModelRepository(tmp_path, "ranker")
+    repository.append_decision({"published": True, "version": 1})
+    with open(repository.folder / "promotions.jsonl", "a") as f:
+        f.write('{"published": fa')
+    repository.append_decision({"published": False})
+    lines = (repository.folder / "promotions.jsonl").read_text().split("\n")
+    assert lines == ['{"published": true, "version": 1}', '{"published": fa', '{"published": false}', ""]
+    with caplog.at_level(logging.WARNING, logger="heavyranker.serve.repository"):
+        assert repository.decisions() == [{"published": True, "version": 1}, {"published": False}]
+    assert caplog.messages == [
+        f"{repository.folder / 'promotions.jsonl'}:2: not a JSON line (torn by a crash?), skipped: "
+        '{"published": fa'
+    ]
 
 
 @pytest.mark.parametrize("name", ["", "a/b", ".hidden"])

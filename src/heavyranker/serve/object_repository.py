@@ -48,6 +48,7 @@ from .repository import (
     ModelRepository,
     check_model_name,
     marker_name,
+    parse_decisions,
     ready_record,
     sha256_of,
     version_number,
@@ -183,10 +184,12 @@ class ObjectRepository(ModelRepository):
     def append_decision(self, record: dict[str, Any]) -> None:
         """promotions.jsonl read, extended by one line and written whole (see the module's docstring)."""
         text = self._text(DECISIONS) or ""
+        if text and not text.endswith("\n"):  # copied from a folder where a crash tore its last line
+            text += "\n"
         self._put(DECISIONS, text + json.dumps(record, sort_keys=True) + "\n")
 
     def decisions(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in (self._text(DECISIONS) or "").splitlines()]
+        return parse_decisions(self._text(DECISIONS) or "", f"{redact(self.folder)}/{DECISIONS}")
 
     def _listing(self) -> dict[str, dict[str, Any]]:
         """Every object under the model's folder (path -> info), listed afresh."""

@@ -167,8 +167,11 @@ class ModelRepository:
         """One line appended to promotions.jsonl with a single write: concurrent writers' lines never mix."""
         self.folder.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = without_following(self.folder / DECISIONS, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        fd = without_following(self.folder / DECISIONS, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: this one starts anew
+                line = b"\n" + line
             os.write(fd, line)
             os.fsync(fd)
         finally:
@@ -176,7 +179,7 @@ class ModelRepository:
 
     def decisions(self) -> list[dict[str, Any]]:
         path = self.folder / DECISIONS
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        return parse_decisions(path.read_text(), str(path)) if path.is_file() else []
 
     def _numbered(self) -> list[int]:
         try:
@@ -215,6 +218,19 @@ def open_repository(root: str | os.PathLike, model_name: str) -> ModelRepository
 def check_model_name(model_name: str) -> None:
     if not model_name or "/" in model_name or model_name.startswith("."):
         raise UserError(f"model name {model_name!r}: must be a plain folder name")
+
+
+def parse_decisions(text: str, where: str) -> list[dict[str, Any]]:
+    """promotions.jsonl's records. A line that does not parse (torn by a promoter killed as it wrote) is
+    skipped with a warning naming it: the others are still the history."""
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if line.strip():
+                log.warning("%s:%d: not a JSON line (torn by a crash?), skipped: %.80s", where, number, line)
+    return records
 
 
 def version_number(name: str) -> int | None:
