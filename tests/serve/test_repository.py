@@ -127,6 +127,20 @@ def test_a_decision_after_a_torn_line_is_a_line_of_its_own(tmp_path, caplog):
     ]
 
 
+def test_a_repository_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    # A file where the repository should be (as a read-only file system or a missing permission): it was a
+    # NotADirectoryError with a traceback from export, promote and a training run's promotion.
+    (tmp_path / "repo").write_text("not a folder")
+    repository = ModelRepository(tmp_path / "repo", "ranker")
+    message = f"{tmp_path / 'repo' / 'ranker'}: cannot write to the repository: Not a directory"
+    with pytest.raises(UserError) as e:
+        repository.publish(writing("a"))
+    assert str(e.value) == message
+    with pytest.raises(UserError) as e:
+        repository.append_decision({"published": False})
+    assert str(e.value) == message
+
+
 @pytest.mark.parametrize("name", ["", "a/b", ".hidden"])
 def test_a_model_name_that_is_not_a_folder_name_is_refused(tmp_path, name):
     with pytest.raises(UserError, match="model name"):

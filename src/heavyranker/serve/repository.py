@@ -33,7 +33,8 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,9 +103,10 @@ class ModelRepository:
     def publish(self, write: Callable[[Path], object], *, keep: int | None = DEFAULT_KEEP) -> int:
         """Adds the next version: `write(folder)` fills a staging folder (export_model(out=folder)), then
         READY is written and the folder renamed to its number. Returns it; prunes to `keep`."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         staging = self.folder / f"{STAGING}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
+        with self._writing():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
         try:
             write(staging)
             record = ready_record(staging)
@@ -165,9 +167,10 @@ class ModelRepository:
 
     def append_decision(self, record: dict[str, Any]) -> None:
         """One line appended to promotions.jsonl with a single write: concurrent writers' lines never mix."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = without_following(self.folder / DECISIONS, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        with self._writing():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = without_following(self.folder / DECISIONS, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: this one starts anew
@@ -180,6 +183,16 @@ class ModelRepository:
     def decisions(self) -> list[dict[str, Any]]:
         path = self.folder / DECISIONS
         return parse_decisions(path.read_text(), str(path)) if path.is_file() else []
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """An OSError of making the model's folder or a file in it (a file where the repository should be, no
+        permission, a read-only file system) as a UserError naming the repository."""
+        try:
+            yield
+        except OSError as e:
+            where = e.filename or self.folder
+            raise UserError(f"{where}: cannot write to the repository: {e.strerror}") from None
 
     def _numbered(self) -> list[int]:
         try:
