@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,6 +88,36 @@ def test_retention_keeps_the_newest_k_the_protected_and_the_served(tmp_path):
     assert repository.prune(2, protect=[1]) == [3, 4]
     assert repository.versions() == [1, 2, 5, 6]
     assert not any(name.startswith(".deleting") for name in os.listdir(repository.folder))
+
+
+PUBLISHER = """
+import json, sys
+from heavyranker.serve.repository import ModelRepository
+repository = ModelRepository(sys.argv[1], "ranker")
+published = []
+for i in range(int(sys.argv[2])):
+    published.append(repository.publish(lambda folder: (folder / "model.txt").write_text(str(i)), keep=2))
+    repository.append_decision({"published": True, "version": published[-1]})
+print(json.dumps(published))
+"""
+
+
+def test_publishers_at_once_get_distinct_numbers_and_retention_keeps_the_newest(tmp_path):
+    # Retention listed the versions twice: one published between the listings, newer than every kept one,
+    # was removed, and its number given again to the next publisher; and a version another publisher's
+    # retention had removed first was a FileNotFoundError after publishing, so promote recorded no decision.
+    each = 30
+    processes = [
+        subprocess.Popen([sys.executable, "-c", PUBLISHER, str(tmp_path), str(each)], stdout=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    outputs = [process.communicate()[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0]
+    published = sorted(v for output in outputs for v in json.loads(output))
+    assert published == list(range(1, 3 * each + 1))
+    repository = ModelRepository(tmp_path, "ranker")
+    assert repository.versions() == [3 * each - 1, 3 * each]
+    assert sorted(d["version"] for d in repository.decisions()) == published
 
 
 def test_a_stale_server_marker_protects_nothing(tmp_path):

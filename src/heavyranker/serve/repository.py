@@ -129,12 +129,18 @@ class ModelRepository:
         server's marker names. Returns the removed ones."""
         if keep < 1:
             raise UserError(f"keep {keep}: the repository keeps at least the newest version")
-        kept = set(self.versions()[-keep:]) | set(protect) | set(self.served_versions())
-        removed = [v for v in self.versions() if v not in kept]
-        for version in removed:
+        # One listing: a second one could hold a version published meanwhile, newer than every kept one.
+        versions = self.versions()
+        kept = set(versions[-keep:]) | set(protect) | set(self.served_versions())
+        removed = []
+        for version in (v for v in versions if v not in kept):
             doomed = self.folder / f"{DELETING}{version}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.version_folder(version), doomed)  # out of every listing at once
+            try:
+                os.rename(self.version_folder(version), doomed)  # out of every listing at once
+            except FileNotFoundError:  # another publisher's retention took it first
+                continue
             shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(version)
             log.info("removed %s version %d (retention: the newest %d)", self.model_name, version, keep)
         return removed
 
