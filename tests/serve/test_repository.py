@@ -16,8 +16,11 @@ import pytest
 from heavyranker.cli import main
 from heavyranker.errors import UserError
 from heavyranker.serve.repository import (
+    DELETING,
     MARKER_TTL_S,
     READY,
+    STAGING,
+    STAGING_TTL_S,
     TRITON_CONFIG,
     ModelRepository,
     export_version,
@@ -118,6 +121,40 @@ def test_publishers_at_once_get_distinct_numbers_and_retention_keeps_the_newest(
     repository = ModelRepository(tmp_path, "ranker")
     assert repository.versions() == [3 * each - 1, 3 * each]
     assert sorted(d["version"] for d in repository.decisions()) == published
+
+
+STOPPED_PUBLISHER = """
+import sys, time
+from heavyranker.serve.repository import ModelRepository
+
+def write(folder):
+    (folder / "model.txt").write_text("half")
+    print("writing", flush=True)
+    time.sleep(600)
+
+ModelRepository(sys.argv[1], "ranker").publish(write)
+"""
+
+
+def test_a_publisher_killed_half_way_leaves_no_version_and_its_leftovers_go(tmp_path):
+    repository = ModelRepository(tmp_path, "ranker")
+    repository.publish(writing("a"))
+    process = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_PUBLISHER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline() == "writing\n"
+    process.kill()
+    process.wait()
+    (staging,) = repository.folder.glob(f"{STAGING}*")
+    (repository.folder / f"{DELETING}1-0badc0de").mkdir()  # a retention stopped before its rmtree
+    assert repository.versions() == [1]
+    # A recent staging folder may be another publisher's, still writing: it stays.
+    assert repository.publish(writing("b")) == 2
+    assert staging.is_dir() and not (repository.folder / f"{DELETING}1-0badc0de").exists()
+    old = time.time() - STAGING_TTL_S - 60
+    os.utime(staging, (old, old))
+    assert repository.publish(writing("c")) == 3
+    assert sorted(os.listdir(repository.folder)) == ["1", "2", "3", TRITON_CONFIG]
 
 
 def test_a_stale_server_marker_protects_nothing(tmp_path):

@@ -55,6 +55,8 @@ DELETING = ".deleting-"
 # A server touches its marker at each poll (every few seconds); one older than this is from a server that
 # died without removing it, and no longer protects its version.
 MARKER_TTL_S = 3600.0
+# A staging folder this old is a publisher's that was killed (an export takes minutes): retention removes it.
+STAGING_TTL_S = 86400.0
 DEFAULT_KEEP = 5
 
 
@@ -142,7 +144,23 @@ class ModelRepository:
             shutil.rmtree(doomed, ignore_errors=True)
             removed.append(version)
             log.info("removed %s version %d (retention: the newest %d)", self.model_name, version, keep)
+        self._remove_leftovers()
         return removed
+
+    def _remove_leftovers(self) -> None:
+        """What a publisher or a retention killed half way left: folders being deleted, and staging folders
+        older than STAGING_TTL_S. Neither is a version nor becomes one."""
+        now = time.time()
+        for path in self.folder.glob(".*-*"):
+            try:
+                stale = path.name.startswith(DELETING) or (
+                    path.name.startswith(STAGING) and now - path.stat().st_mtime > STAGING_TTL_S
+                )
+            except OSError:  # removed meanwhile
+                continue
+            if stale:
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("removed %s, left by a publisher or a retention that was stopped", path)
 
     def mark_served(self, version: int) -> Path:
         """Records (or refreshes) that this process serves `version`; returns the marker's path."""
