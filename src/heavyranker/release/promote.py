@@ -31,7 +31,7 @@ from ..serve.export import export_model
 from ..serve.precision import check_precision
 from ..serve.repository import DEFAULT_KEEP, ModelRepository, export_version
 from ..serve.scorer import Scorer
-from ..serve.served_program import ServedProgram
+from ..serve.served_program import ServedProgram, served_program
 from ..serve.table_precision import check_table_precision
 from .rule import DEFAULT_RULE, PromotionRule, judge
 
@@ -93,10 +93,9 @@ def promote(
         if current is None:
             decision.published, decision.reason = True, "the repository has no version yet"
         else:
-            folder = repository.local_folder(current)
-            served = Scorer(folder)
-            decision.current = {"version": current, "step": served.manifest["checkpoint"]["step"]}
-            a = score(config, ServedProgram(served), folder, decision.current["step"] or 0, data)  # type: ignore[arg-type]
+            served, folder, served_step = served_program(repository.local_folder(current))
+            decision.current = {"version": current, "step": served.scorer.manifest["checkpoint"]["step"]}
+            a = score(config, served, folder, served_step, data)  # type: ignore[arg-type]
             b = score(config, model, path, step, data)
             verdict = judge(rule, tasks, a, b, config.engagement_weights, current)
             decision.published, decision.reason = verdict.published, verdict.reason

@@ -32,5 +32,11 @@ def exported_program(folder: str) -> tuple[ServedProgram, Path, int] | None:
     path = Path(folder)
     if not (path / MANIFEST).is_file():
         return None
-    scorer = Scorer(path)
-    return ServedProgram(scorer), path, int(scorer.manifest["checkpoint"]["step"] or 0)
+    return served_program(path)
+
+
+def served_program(folder: Path) -> tuple[ServedProgram, Path, int]:
+    """The program of an exported model folder, the folder, and the step of its checkpoint (0 where the
+    manifest has none; `.scorer.manifest` keeps what it says). Scorer's errors if it is not one."""
+    scorer = Scorer(folder)
+    return ServedProgram(scorer), folder, int(scorer.manifest["checkpoint"]["step"] or 0)
