@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI, HTTPException, Request
 
 from heavyranker.serve.app import create_app
-from heavyranker.serve.limits import RequestLimits
+from heavyranker.serve.limits import MAX_HEAD_BYTES, RequestLimits
 from tests.serve.conftest import Exported, serving
 
 QUEUE = 2
@@ -169,6 +169,33 @@ def test_a_connection_without_a_whole_request_head_closes(served, sent: bytes):
     # Before a request reaches the app, uvicorn alone would hold this connection as long as the client liked.
     _, url = served
     assert exchange(url, sent, 10 * READ_TIMEOUT) == (b"", True), "still open at 10x the read timeout"
+
+
+@pytest.mark.parametrize(
+    "sent, status, detail",
+    [
+        (
+            # Beyond what one read takes (asyncio's 256 KiB): h11 counts a head while it is incomplete.
+            head(2, "X-Padding: " + "a" * 20 * MAX_HEAD_BYTES) + b"{}",
+            b"431 Request Header Fields Too Large",
+            f"the request line and headers are too long (more than {MAX_HEAD_BYTES} bytes)",
+        ),
+        (head(2, "Content-Length: 3") + b"{}", b"400 Bad Request", "not an HTTP/1.1 request: "
+         "conflicting Content-Length headers"),
+        (b"\x00\x01 /v1/rank HTTP/1.1\r\n\r\n", b"400 Bad Request", "not an HTTP/1.1 request: illegal "
+         "request line"),
+    ],
+    ids=["head too long", "two lengths", "not http"],
+)  # fmt: skip
+def test_a_request_http_cannot_parse_is_answered_in_json_and_closed(served, sent, status, detail):
+    # uvicorn answered text/plain "Invalid HTTP request received." whatever was wrong.
+    _, url = served
+    response, closed = exchange(url, sent, BOUND_S)
+    assert closed
+    head_sent, _, content = response.partition(b"\r\n\r\n")
+    assert head_sent.startswith(b"HTTP/1.1 " + status + b"\r\n")
+    assert b"content-type: application/json" in head_sent.lower()
+    assert json.loads(content)["detail"].startswith(detail)
 
 
 def test_a_client_that_leaves_during_its_body_is_a_400_not_a_traceback():

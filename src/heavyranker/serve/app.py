@@ -38,7 +38,7 @@ from ..config.serving import ServeOptions, serve_options
 from ..errors import UserError
 from . import v2
 from .batcher import Batcher, first_non_finite
-from .limits import RequestLimits, h11_with_deadline, media_type
+from .limits import MAX_HEAD_BYTES, RequestLimits, h11_with_deadline, media_type
 from .metrics import Instrumented, Metrics
 from .repository import open_repository
 from .request import BadRequest, CandidateId, parse_candidates
@@ -268,7 +268,8 @@ def run_server(model_dir: str | None, **overrides: object) -> None:
 
 def server_config(app: FastAPI, **options: Any) -> uvicorn.Config:
     """uvicorn's config for an app of create_app: connections idle past its read timeout close."""
-    return uvicorn.Config(app, http=h11_with_deadline(app.state.limits.read_timeout_s), **options)
+    http = h11_with_deadline(app.state.limits.read_timeout_s)
+    return uvicorn.Config(app, http=http, h11_max_incomplete_event_size=MAX_HEAD_BYTES, **options)
 
 
 def _request_model(inputs: list[InputSpec], max_candidates: int) -> type[BaseModel]:

@@ -13,10 +13,14 @@ once are bounded too. The bounds are settings, with their defaults and reasons: 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import sys
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 
+import h11
 from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -25,6 +29,10 @@ RETRY_AFTER_S = 1  # the queue drains by one forward at a time; the header count
 # A length in a header: ASCII digits only (RFC 9110's 1*DIGIT). str.isdigit() also takes '²' and '¹',
 # which int() refuses, and int() refuses more than 4,300 digits; 18 digits hold any body's length.
 HEADER_NUMBER = re.compile(r"[0-9]{1,18}")
+# A request's line and headers, as h11 counts them (uvicorn's h11_max_incomplete_event_size, h11's default):
+# while they are incomplete. The clients this serves send a few hundred bytes.
+MAX_HEAD_BYTES = 16 * 1024
+SHOWN_CHARS = 120  # of h11's account of a malformed head, which quotes what was sent
 
 
 class RequestLimits:
@@ -134,6 +142,27 @@ def h11_with_deadline(timeout_s: float) -> type[H11Protocol]:
             super().connection_lost(exc)
             if self._deadline is not None:
                 self._deadline.cancel()
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to bytes h11 cannot take as a request, in this server's error body: JSON
+            naming what h11 found, with its status (431 for a head too long), not text/plain "Invalid HTTP
+            request received."."""
+            error = sys.exc_info()[1]  # uvicorn calls this in its `except h11.RemoteProtocolError:`
+            status = getattr(error, "error_status_hint", 400)
+            if status == 431:
+                problem = f"the request line and headers are too long (more than {MAX_HEAD_BYTES} bytes)"
+            else:
+                problem = f"not an HTTP/1.1 request: {str(error or msg)[:SHOWN_CHARS]}"
+            body = json.dumps({"detail": problem}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            response = h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase)
+            for event in (response, h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def _arm(self) -> None:
             if self._deadline is not None:
