@@ -198,6 +198,18 @@ def test_a_request_http_cannot_parse_is_answered_in_json_and_closed(served, sent
     assert json.loads(content)["detail"].startswith(detail)
 
 
+@pytest.mark.parametrize("length", ["9" * 19, "1" + "0" * 19])
+def test_a_length_beyond_any_number_of_18_digits_is_a_413_before_the_body(served, length: str):
+    # It was read as no length: the server waited for the body until the read timeout, then answered 408.
+    _, url = served
+    response, closed = exchange(
+        url, head(0).replace(b"Content-Length: 0", f"Content-Length: {length}".encode()), BOUND_S
+    )
+    status, _, content = response.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 413 "), status
+    assert json.loads(content)["detail"].startswith(f"the body is {length} bytes, at most ")
+
+
 def test_a_client_that_leaves_during_its_body_is_a_400_not_a_traceback():
     limits = RequestLimits(max_body_bytes=1000, max_queue=QUEUE, read_timeout_s=BOUND_S)
     messages = iter(

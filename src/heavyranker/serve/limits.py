@@ -71,7 +71,9 @@ class RequestLimits:
     def _check_declared_length(self, request: Request) -> None:
         length = request.headers.get("content-length", "")
         declared = header_number(length)
-        if declared is not None and declared > self.max_body_bytes:
+        # 19 or 20 digits (h11 refuses more): beyond any body, not a reason to wait for one.
+        beyond = declared is None and length.isascii() and length.isdigit()
+        if beyond or (declared is not None and declared > self.max_body_bytes):
             raise HTTPException(
                 413, f"the body is {length} bytes, at most {self.max_body_bytes} are accepted"
             )
