@@ -100,6 +100,18 @@ def test_without_requested_outputs_all_come_back_binary(client: triton.Inference
     assert all("data" not in o for o in result.get_response()["outputs"])
 
 
+def test_an_output_requested_twice_is_a_400(client: triton.InferenceServerClient):
+    # Each copy was answered: a 1.4 MB request for 500 candidates and 20,000 copies of `score` made a 200 MB
+    # response (a 7.8 MB request could ask for gigabytes).
+    score = triton.InferRequestedOutput("score", binary_data=False)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer(NAME, inputs(random_features(SHAPES, 2), binary=True), outputs=[score, score])
+    assert (raised.value.status(), raised.value.message()) == (
+        "400",
+        "outputs[1]: output 'score' requested twice",
+    )
+
+
 def failure(
     client: triton.InferenceServerClient, tensors: list, model: str = NAME
 ) -> InferenceServerException:

@@ -175,6 +175,8 @@ def _outputs(outputs: object, default_binary: bool) -> list[tuple[str, bool]]:
             raise invalid(
                 f"outputs[{i}]: unknown output {name!r} (the model's outputs: {', '.join(OUTPUTS)})"
             )
+        if any(name == known for known, _ in requested):  # each copy would be answered: a small request
+            raise invalid(f"outputs[{i}]: output {name!r} requested twice")  # could ask gigabytes back
         parameters = json_object(output.get("parameters", {}), f"output {name!r}: parameters")
         unsupported = sorted(set(parameters) - {"binary_data"})
         if unsupported:
