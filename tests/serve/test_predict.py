@@ -4,6 +4,7 @@ out, one row group per batch."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -140,3 +141,20 @@ def test_a_bad_schema_in_the_model_folder_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert str(model / "schema.json") in err
+
+
+@pytest.mark.parametrize("key", ["config", "schema"])
+def test_a_manifest_without_the_data_settings_is_one_line_and_exit_2(
+    exported: Exported, records, tmp_path, capsys, key
+):
+    # Serving needs neither: Scorer loads such a folder, and predict failed with a KeyError traceback.
+    model = shutil.copytree(exported.folder, tmp_path / "model")
+    manifest = json.loads((model / "manifest.json").read_text())
+    del manifest[key]
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    inputs = str(records[0] / "*.gz")
+    assert main(["predict", "--model", str(model), "--inputs", inputs, "--out", str(tmp_path / "s.csv")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {model / 'manifest.json'}: no config.train_data and schema to read the data with "
+        f"(KeyError: '{key}'): export the model again\n"
+    )

@@ -89,11 +89,17 @@ def _writer_class(out: str) -> type:
 def _data_config(scorer: Scorer, model_dir: str, batch_size: int) -> DataConfig:
     """The training data's reader settings (preprocess included: the model saw its output), reading with
     the schema copied into the model folder, batch_size examples at a time."""
-    data = dict(scorer.manifest["config"]["train_data"])
-    data["seg_dense_schema"] = {
-        **data["seg_dense_schema"],
-        "schema_path": str(Path(model_dir) / scorer.manifest["schema"]),
-    }
+    try:
+        data = dict(scorer.manifest["config"]["train_data"])
+        data["seg_dense_schema"] = {
+            **data["seg_dense_schema"],
+            "schema_path": str(Path(model_dir) / scorer.manifest["schema"]),
+        }
+    except (KeyError, TypeError, ValueError) as e:  # a manifest edited by hand or cut short
+        raise UserError(
+            f"{Path(model_dir) / 'manifest.json'}: no config.train_data and schema to read the data with "
+            f"({type(e).__name__}: {e}): export the model again"
+        ) from None
     data["global_batch_size"] = batch_size
     try:
         return DataConfig.model_validate(data)
