@@ -202,7 +202,7 @@ def test_a_request_http_cannot_parse_is_answered_in_json_and_closed(served, sent
 def test_a_length_beyond_any_number_of_18_digits_is_a_413_before_the_body(served, length: str):
     # It was read as no length: the server waited for the body until the read timeout, then answered 408.
     _, url = served
-    response, closed = exchange(
+    response, _ = exchange(
         url, head(0).replace(b"Content-Length: 0", f"Content-Length: {length}".encode()), BOUND_S
     )
     status, _, content = response.partition(b"\r\n\r\n")
