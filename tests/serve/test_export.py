@@ -212,6 +212,18 @@ def test_export_command_gives_the_same_program(exported: Exported, tmp_path):
     assert again["program_sha256"] == first["program_sha256"]
 
 
+@pytest.mark.parametrize(
+    "under, message", [("", "taken: not a folder"), ("model", "taken/model: cannot make the model folder")]
+)
+def test_an_out_that_cannot_be_a_folder_is_one_line(exported: Exported, tmp_path, under, message):
+    # It was a FileExistsError (NotADirectoryError) traceback, after the whole export.
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" / under if under else tmp_path / "taken"
+    with pytest.raises(UserError) as e:
+        export_model(exported.config, checkpoint=str(exported.checkpoint), out=str(out), format="pt2")
+    assert str(e.value).startswith(f"{tmp_path}/{message}")
+
+
 def test_export_without_a_checkpoint_says_where_it_looked(exported: Exported, tmp_path):
     with pytest.raises(UserError, match=f"no checkpoint at {tmp_path}"):
         export_model(exported.config, checkpoint=str(tmp_path), out=str(tmp_path / "out"), format="pt2")

@@ -94,6 +94,9 @@ def export_model(
         raise SettingError("format", f"{format}: not one of {', '.join(PROGRAMS)}")
     check_precision(precision, format)
     check_table_precision(table_precision)
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():  # known before minutes of export, not after
+        raise UserError(f"{folder}: not a folder, where the exported model would go")
     best = checkpoint is None and config.training.keep_best is not None
     source = resolve_checkpoint(checkpoint or config.training.save_dir, best=best)
     specs = feature_specs(config.train_data)
@@ -126,8 +129,10 @@ def export_model(
             for i, n in enumerate(names)
         }
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{e.filename or folder}: cannot make the model folder: {e.strerror}") from None
     with atomic_write(folder / PROGRAMS[format]) as f:
         f.write(program)
     with atomic_path(folder / SCHEMA_COPY) as temporary:
