@@ -121,6 +121,28 @@ def test_a_number_published_again_is_downloaded_again(s3):
     assert (repository.local_folder(2) / "model.txt").read_text() == "c"
 
 
+def test_a_ready_naming_a_file_outside_its_version_is_refused_and_nothing_is_written(s3, tmp_path):
+    # An object's key may hold '..': the download wrote the file where the key pointed on the server's host.
+    fs, url = s3
+    repository = open_repository(url, NAME)
+    repository.publish(writing("a"), keep=None)
+    escape = "../" * 20 + str(tmp_path / "planted.txt").lstrip("/")
+    folder = f"{url}/{NAME}/2"
+    fs.pipe_file(f"{folder}/model.txt", b"b")
+    fs.pipe_file(f"{folder}/{escape}", b"planted")
+    files = {
+        "model.txt": {"size": 1, "sha256": hashlib.sha256(b"b").hexdigest()},
+        escape: {"size": 7, "sha256": hashlib.sha256(b"planted").hexdigest()},
+    }
+    fs.pipe_file(f"{folder}/{READY}", json.dumps({"published": 0, "files": files}).encode())
+    assert repository.versions() == [1, 2]
+    with pytest.raises(UserError) as e:
+        repository.local_folder(2)
+    assert str(e.value) == f"{folder}/{READY}: names {escape[:100]!r}, outside the version"
+    assert not (tmp_path / "planted.txt").exists()
+    assert (repository.local_folder(1) / "model.txt").read_text() == "a"
+
+
 def test_decisions_are_lines_of_one_object(s3):
     fs, url = s3
     repository = open_repository(url, NAME)

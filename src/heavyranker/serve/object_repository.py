@@ -31,7 +31,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Collection
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..data.data_time import info_time
@@ -106,6 +106,14 @@ class ObjectRepository(ModelRepository):
         stamp, record = self._ready[version]
         # Named by READY's stamp too: a number published again (after its version was removed) is new.
         folder = self._cache / f"{version}-{hashlib.sha256(str(stamp).encode()).hexdigest()[:12]}"
+        # An object's key may hold '..': downloaded, it would be written anywhere on this host.
+        outside = [
+            n for n in record["files"] if PurePosixPath(n).is_absolute() or ".." in PurePosixPath(n).parts
+        ]
+        if outside:
+            raise UserError(
+                f"{self.version_folder(version)}/{READY}: names {outside[0][:100]!r}, outside the version"
+            )
         if not folder.is_dir():
             staging = self._cache / f".download-{version}-{uuid.uuid4().hex[:8]}"
             for name, expected in record["files"].items():
