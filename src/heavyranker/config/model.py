@@ -27,7 +27,12 @@ class DropoutConfig(StrictModel):
 class LayerNormConfig(StrictModel):
     """A LayerNorm over the features."""
 
-    epsilon: Float = Field(1e-3, ge=0.0, description="Added to the variance.")
+    epsilon: Float = Field(
+        1e-3,
+        ge=0.0,
+        description="Added to the variance. With 0.0 (the reference's configs), a row whose inputs to this "
+        "layer are all equal normalizes to 0/0: its probabilities are not finite (serve answers 422 for it).",
+    )
     axis: StrictInt = Field(-1, description="Only the last axis (-1) is supported.")
     center: bool = Field(True, description="Learn a bias.")
     scale: bool = Field(True, description="Learn a scale.")
