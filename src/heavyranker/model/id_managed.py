@@ -372,13 +372,19 @@ def _first_at_most(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `below` entries (ascending) whose keys are below the thresholds (in the order of keys[0], then
     keys[1], ...), all of them, and the first `tied` at them: a chunk at a time, up to the chunk that holds
-    the last one needed."""
+    the last one needed. An entry at most at the thresholds has one key below its threshold or the last
+    at most at its own: those few (the thresholds are the lowest values held) are read for the exact order,
+    where the entries at most at the first key's threshold alone are all of a count (lfu) in a steady state."""
     found_below, found_tied = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     below_left, tied_left = below, tied
     for start in range(0, len(keys[0]), SCAN_CHUNK):
         if below_left <= 0 and tied_left <= 0:
             break
-        at_most = np.flatnonzero(keys[0][start : start + SCAN_CHUNK] <= thresholds[0]) + start
+        chunk = slice(start, start + SCAN_CHUNK)
+        maybe = keys[-1][chunk] <= thresholds[-1]
+        for key, threshold in zip(keys[:-1], thresholds[:-1], strict=True):
+            maybe |= key[chunk] < threshold
+        at_most = np.flatnonzero(maybe) + start
         is_below, is_tied = np.zeros(len(at_most), dtype=bool), np.ones(len(at_most), dtype=bool)
         for key, threshold in zip(keys, thresholds, strict=True):
             values = key[at_most]
