@@ -27,7 +27,8 @@ def test_moves_keep_the_entries_per_count_and_last_sighting_and_the_nth_smallest
             count, last = int(counts[order[nth]]), int(lasts[order[nth]])
             is_below = (counts < count) | ((counts == count) & (lasts < last))
             tied = int(np.sum((counts == count) & (lasts == last)))
-            expected = None if count >= COUNT_BINS else ((count, last), int(np.sum(is_below)), tied)
+            lower = int(np.sum(counts < count))
+            expected = None if count >= COUNT_BINS else ((count, last), int(np.sum(is_below)), tied, lower)
             assert histogram.thresholds(nth, counts, lasts) == expected, (tick, nth)
         bins, last_seen = histogram.as_dicts()
         assert bins == Counter(np.minimum(counts, COUNT_BINS).tolist()), tick

@@ -45,10 +45,11 @@ class CountHistogram:
 
     def thresholds(
         self, nth: int, counts: np.ndarray, lasts: np.ndarray
-    ) -> tuple[tuple[int, int], int, int] | None:
-        """The count and last sighting of the nth smallest entry (from 0), how many entries are below it and
-        how many at it; None where its count is in the last bin (not told apart). counts, lasts: the keys
-        (the buffers), read once by the first threshold at a count, which builds its last_seen."""
+    ) -> tuple[tuple[int, int], int, int, int] | None:
+        """The count and last sighting of the nth smallest entry (from 0), how many entries are below it, how
+        many at it, and how many at a lower count; None where its count is in the last bin (not told apart).
+        counts, lasts: the keys (the buffers), read once by the first threshold at a count (builds its
+        last_seen)."""
         at_or_below = np.cumsum(self.bins)
         count = int(np.searchsorted(at_or_below, nth, side="right"))
         if count >= COUNT_BINS:
@@ -57,7 +58,7 @@ class CountHistogram:
             self.last_seen[count] = _last_seen_at(count, counts, lasts)
         below = int(at_or_below[count] - self.bins[count])
         last, below_last, tied = self.last_seen[count].nth(nth - below)
-        return (count, last), below + below_last, tied
+        return (count, last), below + below_last, tied, below
 
     def as_dicts(self) -> tuple[dict[int, int], dict[int, dict[int, int]]]:
         """bin -> entries, for the bins that some entry is in, and count -> last_seen's as_dict."""

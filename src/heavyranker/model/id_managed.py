@@ -17,14 +17,16 @@ Under torch.distributed every rank counts the sightings of all ranks, so the map
 A training step costs O(batch) plus a few vectorized passes over the table, never a sort of it: the
 batch's ids are found by binary search in the resident ids and in a sorted index of the candidates (kept
 beside the buffers, rebuilt from them on load); free entries are taken by index, found a chunk at a time
-up to the last (their number is the table's size less its used entries); under lru, a full table takes
-the eviction key's threshold from a histogram of the last sightings (key_histogram.Histogram, beside the
-buffers, rebuilt from them on load) and lists the entries up to it a chunk at a time, up to the last one
-it needs; under lfu it finds the threshold among the entries under a bound doubled from the key's lowest
-value, and lists only the first few entries tied at it (ordering those tied on the count by last
-sighting through a mask of them, not a list); and the sorted ids (resident, and candidates) take the
-admitted and evicted ones in the small recent part of a sorted_index.SplitIndex, whose merge into the
-main part (O(table)) comes once every many steps: recent_capacity.
+up to the last (their number is the table's size less its used entries); a full table takes the eviction
+keys' thresholds (the keys of the nth entry to evict) from histograms beside the buffers, rebuilt from them
+on load: under lru of the last sightings (key_histogram.Histogram), under lfu of the counts and, at the low
+counts where a threshold landed, of their last sightings (count_histogram.CountHistogram), and lists the
+entries up to them a chunk at a time, up to the last one it needs (ties by index); where lfu's count is in
+the counts' last bin (COUNT_BINS and more), it finds the threshold among the entries under a bound doubled
+from the count's lowest value (a few passes) and orders those tied on the count by last sighting through
+a mask of them, not a list; and the sorted ids (resident, and candidates) take the admitted and evicted
+ones in the small recent part of a sorted_index.SplitIndex, whose merge into the main part (O(table))
+comes once every many steps: recent_capacity.
 
 Why not torchrec's MCHManagedCollisionModule: its admission is a threshold on counts within one eviction
 interval (not a count that accumulates until admission), it works on KeyedJaggedTensor dicts of a
@@ -57,9 +59,10 @@ SPLIT_STATE = ("recent_ids", "recent_rows", "num_recent", "num_vacated")
 KEPT = np.iinfo(np.int64).max  # the score of an entry that must not be evicted: chosen last, then dropped
 SCAN_CHUNK = 1 << 16  # entries a scan for the first few of a kind reads at a time
 RECENT_PER_ROOT = 4  # the recent parts' capacity, in square roots of the table (see recent_capacity)
-# nth -> the value of each key at the nth smallest entry, and how many entries are below and at them (from a
-# histogram, without a pass), or None where the histogram cannot tell (see _smallest)
-Thresholds = Callable[[int], tuple[tuple[int, ...], int, int] | None]
+# nth -> the value of each key at the nth smallest entry, how many entries are below and at them, and how many
+# of those below are on a key before the last (lfu: a lower count), from histograms without a pass; or None
+# where the histograms cannot tell (see _smallest)
+Thresholds = Callable[[int], tuple[tuple[int, ...], int, int, int] | None]
 
 
 class ManagedMapping(nn.Module):
@@ -298,8 +301,14 @@ def _smallest(
     nth = min(k + len(excluded), len(primary)) - 1
     split = None if thresholds is None else thresholds(nth)
     if split is not None:
-        at, below_count, tied_count = split
-        below, tied = _first_at_most(keys, at, below_count, min(tied_count, k + len(excluded)))
+        at, below_count, tied_count, below_earlier = split
+        # Those below on a key before the last (lfu: a lower count) are few and, in a full table, usually all
+        # excluded (the default row, free entries): then the scan reads the last key alone, half the reads.
+        unlisted = _unlisted(keys, at, excluded, below_earlier)
+        wanted_tied = min(tied_count, k + len(excluded))
+        below, tied = _first_at_most(
+            keys, at, below_count - (unlisted or 0), wanted_tied, unlisted is not None
+        )
     else:
         # By index, the first k + len(excluded) tied entries will do: no need to list all of them; nor, over
         # the whole table, for the next key, which takes them with a mask (below).
@@ -367,29 +376,50 @@ def _first_true(
     return found if entries is None else entries[found]
 
 
+def _unlisted(
+    keys: list[np.ndarray], thresholds: tuple[int, ...], excluded: np.ndarray, earlier: int
+) -> int | None:
+    """Where all the `earlier` entries below the thresholds on a key before the last are excluded: how many
+    of them a scan of the last key alone does not list (those above its threshold); else None."""
+    is_earlier, _ = _below_or_at(keys[:-1], thresholds[:-1], excluded)
+    if np.count_nonzero(is_earlier) < earlier:
+        return None
+    return int(np.count_nonzero(is_earlier & (keys[-1][excluded] > thresholds[-1])))
+
+
+def _below_or_at(
+    keys: list[np.ndarray], thresholds: tuple[int, ...], entries: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which entries are below the thresholds (in the order of keys[0], then keys[1], ...), and which at."""
+    is_below, is_tied = np.zeros(len(entries), dtype=bool), np.ones(len(entries), dtype=bool)
+    for key, threshold in zip(keys, thresholds, strict=True):
+        values = key[entries]
+        is_below |= is_tied & (values < threshold)
+        is_tied &= values == threshold
+    return is_below, is_tied
+
+
 def _first_at_most(
-    keys: list[np.ndarray], thresholds: tuple[int, ...], below: int, tied: int
+    keys: list[np.ndarray], thresholds: tuple[int, ...], below: int, tied: int, last_only: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `below` entries (ascending) whose keys are below the thresholds (in the order of keys[0], then
     keys[1], ...), all of them, and the first `tied` at them: a chunk at a time, up to the chunk that holds
-    the last one needed. An entry at most at the thresholds has one key below its threshold or the last
-    at most at its own: those few (the thresholds are the lowest values held) are read for the exact order,
-    where the entries at most at the first key's threshold alone are all of a count (lfu) in a steady state."""
+    the last one needed. An entry at most at the thresholds has a key below its threshold, or the last key at
+    most at its own (last_only: only the latter are looked for): only those (few: the thresholds are low
+    values) are read again for the exact order, not all those at most at the first key's threshold (under
+    lfu, the whole lowest count: half a table)."""
     found_below, found_tied = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     below_left, tied_left = below, tied
+    earlier = [] if last_only else list(zip(keys[:-1], thresholds[:-1], strict=True))
     for start in range(0, len(keys[0]), SCAN_CHUNK):
         if below_left <= 0 and tied_left <= 0:
             break
         chunk = slice(start, start + SCAN_CHUNK)
         maybe = keys[-1][chunk] <= thresholds[-1]
-        for key, threshold in zip(keys[:-1], thresholds[:-1], strict=True):
+        for key, threshold in earlier:
             maybe |= key[chunk] < threshold
         at_most = np.flatnonzero(maybe) + start
-        is_below, is_tied = np.zeros(len(at_most), dtype=bool), np.ones(len(at_most), dtype=bool)
-        for key, threshold in zip(keys, thresholds, strict=True):
-            values = key[at_most]
-            is_below |= is_tied & (values < threshold)
-            is_tied &= values == threshold
+        is_below, is_tied = _below_or_at(keys, thresholds, at_most)
         found_below.append(at_most[is_below])
         found_tied.append(at_most[is_tied])
         below_left, tied_left = below_left - len(found_below[-1]), tied_left - len(found_tied[-1])

@@ -12,8 +12,9 @@ SPARSE_ENTRIES = 64  # at most this many entries' values below the dense part, h
 class Histogram:
     """dense[v - base]: the entries whose key is v, for v from base up; sparse[v]: those below base (few: the
     default row, never seen, stays at 0). The key's values are non-negative, and an entry's key only moves
-    up to a new value (the batch counted): when the dense part grows, its lowest values that few entries
-    hold leave it, so that it spans the batches of a full table's entries, not all the batches counted."""
+    up to a new value (the batch counted), or the entry leaves (count_histogram's, one a count): when the
+    dense part grows, its lowest values that few entries hold leave it, so that it spans the batches of a
+    full table's entries, not all the batches counted."""
 
     def __init__(self, values: np.ndarray, *, counted: bool = False):
         """values: each entry's key or, counted, how many entries hold each value (from 0)."""
@@ -56,11 +57,11 @@ class Histogram:
         tied = int(self.dense[at])
         return self.base + at, below + int(at_or_below[at]) - tied, tied
 
-    def thresholds(self, nth: int) -> tuple[tuple[int], int, int]:
-        """nth's value as the threshold of one key (as id_managed._smallest takes it), and the entries below
-        and at it."""
+    def thresholds(self, nth: int) -> tuple[tuple[int], int, int, int]:
+        """nth's value as the threshold of one key (as id_managed._smallest takes it), the entries below and
+        at it, and those below on a key before it: none."""
         value, below, tied = self.nth(nth)
-        return (value,), below, tied
+        return (value,), below, tied, 0
 
     def as_dict(self) -> dict[int, int]:
         """value -> entries, for the values that some entry holds."""
