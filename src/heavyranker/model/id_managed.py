@@ -381,6 +381,8 @@ def _unlisted(
 ) -> int | None:
     """Where all the `earlier` entries below the thresholds on a key before the last are excluded: how many
     of them a scan of the last key alone does not list (those above its threshold); else None."""
+    if len(keys) == 1:
+        return 0
     is_earlier, _ = _below_or_at(keys[:-1], thresholds[:-1], excluded)
     if np.count_nonzero(is_earlier) < earlier:
         return None
@@ -391,8 +393,9 @@ def _below_or_at(
     keys: list[np.ndarray], thresholds: tuple[int, ...], entries: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Which entries are below the thresholds (in the order of keys[0], then keys[1], ...), and which at."""
-    is_below, is_tied = np.zeros(len(entries), dtype=bool), np.ones(len(entries), dtype=bool)
-    for key, threshold in zip(keys, thresholds, strict=True):
+    values = keys[0][entries]
+    is_below, is_tied = values < thresholds[0], values == thresholds[0]
+    for key, threshold in zip(keys[1:], thresholds[1:], strict=True):
         values = key[entries]
         is_below |= is_tied & (values < threshold)
         is_tied &= values == threshold
