@@ -26,8 +26,8 @@ Examples/s are global (both ranks' examples). Before a size, each mode's peak pe
 linearly from its two largest sizes measured; a mode whose 2 ranks would need more than 60% of the memory
 available (other work shares the machine) is skipped, and so is a mode after a rank of it failed (the OOM
 killer's SIGKILL); the figure says which and why. --managed-baseline REV also times a managed map's
-counting step alone (one process, one full table, sizes up to 10M rows; lru from the start and from a
-long run's steady state, lfu from the start) with id_managed.py as at git revision REV against the
+counting step alone (one process, one full table, sizes up to 10M rows; lru and lfu from the start and
+from a long run's steady state) with id_managed.py as at git revision REV against the
 current one, side by side, over enough steps to include merges of the recent parts of its sorted ids.
 --profile prints where rank 0's timed steps spend their time (cProfile; it slows them a little), and adds
 the counting step's time in changing its sorted ids. The
@@ -301,7 +301,7 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
     """A full managed map's counting step (its forward in training, on a global batch's ids) with
     id_managed.py as at `rev` and as now, on the same batches, in this process: from the bench's start
     (every entry last seen at batch 1, with the same count), from a long run's steady state (last sightings
-    spread over past batches, as many a batch as it touches), and from the start with lfu eviction. The mean
+    spread over past batches, as many a batch as it touches), and both with lfu eviction. The mean
     over enough steps to fill the recent parts of the sorted ids twice (each full one is merged into the main
     part: the amortized cost), the slowest step, and the lookup alone (eval) of the same batches after; with
     --profile, the time its changes of the sorted ids took (a step's share)."""
@@ -312,12 +312,13 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
     admitted = max(1, args.batch // 4)  # a step's ids that are admitted (and as many new candidates)
     steps = max(args.steps, 2 * recent_capacity(rows) // admitted + 1)
     ms: dict[str, float] = {"steps": steps}
-    for state, eviction in (("start", Eviction.LRU), ("steady", Eviction.LRU), ("lfu_start", Eviction.LFU)):
+    states = ("start", "steady", "lfu_start", "lfu_steady")
+    for state, eviction in zip(states, (Eviction.LRU, Eviction.LRU, Eviction.LFU, Eviction.LFU), strict=True):
         for name, mapping_class in (("before", baseline_mapping(rev)), ("after", ManagedMapping)):
             mapping = mapping_class(rows, 2, eviction, -1)
             managed = fill_managed(mapping, rows)
-            if state == "steady":
-                spread_sightings(mapping, rows, args.batch)
+            if state.endswith("steady"):
+                spread_sightings(mapping, rows, args.batch, spread_counts=eviction == Eviction.LFU)
             batches = [managed_ids((args.batch, 1), seed, *managed) for seed in range(steps + 1)]
             mapping(batches[0])  # untimed: the first count builds the indexes of the buffers
             each, profile = [], cProfile.Profile() if args.profile else None
@@ -354,14 +355,17 @@ def changes_seconds(profile: cProfile.Profile) -> float:
     )
 
 
-def spread_sightings(mapping: torch.nn.Module, rows: int, batch: int) -> None:
+def spread_sightings(mapping: torch.nn.Module, rows: int, batch: int, spread_counts: bool = False) -> None:
     """Every row and candidate last seen at a random one of the past batches, each touching 3/4 of its
     ids' rows (1/2 resident, 1/4 admitted): a full lru table after a long run, where the oldest batch
-    holds fewer entries than a batch evicts."""
+    holds fewer entries than a batch evicts. spread_counts (lfu): each resident id seen 2 times (half of
+    them), 3 (a quarter), ... (candidates stay at 1: min_count 2 admits them at their second sighting)."""
     batches = max(1, rows // max(1, batch * 3 // 4))
     rng = np.random.default_rng(0)
     for name in ("row_last", "candidate_last"):
         getattr(mapping, name).copy_(torch.from_numpy(rng.integers(1, batches + 1, rows)))
+    if spread_counts:
+        mapping.row_count[1:] = torch.from_numpy(1 + rng.geometric(0.5, rows - 1))
     mapping.tick.fill_(batches)
 
 

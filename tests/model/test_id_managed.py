@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import tracemalloc
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnxruntime
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from heavyranker.config.model import Eviction
-from heavyranker.model import id_managed
+from heavyranker.model import count_histogram, id_managed
 from heavyranker.model.id_managed import ManagedMapping
 from heavyranker.model.sorted_index import SplitIndex
 
@@ -184,14 +184,16 @@ def full_tables_batch(rng: np.random.Generator, resident: np.ndarray, n: int) ->
     return torch.from_numpy(np.concatenate(seen))
 
 
-def test_a_full_lru_tables_count_reads_only_the_chunks_up_to_the_entries_it_takes(monkeypatch):
-    """lru: the threshold comes from the last sightings' histogram, and the free entries' count from the
-    map's size, so a count on a full table (after the first, which builds them) reads the key and the used
-    flags only a chunk at a time, up to the last entry it takes: no pass over the table (a mask of it would
-    take a byte a row), which cost 20 to 90 ms a count at 10M rows."""
+@pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])
+def test_a_full_tables_count_reads_only_the_chunks_up_to_the_entries_it_takes(eviction, monkeypatch):
+    """The threshold comes from the last sightings' histogram (lru) or from those of the counts and of the
+    last sightings at a count (lfu), and the free entries' count from the map's size, so a count on a full
+    table (after the first, which builds them) reads the keys and the used flags only a chunk at a time, up
+    to the last entry it takes: no pass over the table (a mask of it would take a byte a row), which cost 20
+    to 90 ms a count at 10M rows (lfu: about 90, and 16 bytes a row before)."""
     monkeypatch.setattr(id_managed, "SCAN_CHUNK", 1024)
     n = 1_000_000
-    mapping, resident = full_table(n, Eviction.LRU)
+    mapping, resident = full_table(n, eviction)
     rng = np.random.default_rng(0)
     mapping(full_tables_batch(rng, resident, n).unsqueeze(0))
     for step in range(3):
@@ -202,11 +204,8 @@ def test_a_full_lru_tables_count_reads_only_the_chunks_up_to_the_entries_it_take
         assert peak < n // 2, step  # a mask of the table: n bytes
 
 
-@pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])
-def test_the_last_sightings_histograms_are_those_of_the_buffers(eviction, monkeypatch):
-    """After each of 300 batches that fill a 9-row map and evict from it, and after a reload: each table's
-    histogram of last sightings is the count of each value in its buffer."""
-    monkeypatch.setattr(id_managed, "recent_capacity", lambda num_embeddings: 2)
+def counted_with_a_reload(eviction: Eviction) -> Iterator[tuple[int, ManagedMapping]]:
+    """A 9-row map after each of 300 zipf-drawn batches that fill it and evict from it, reloaded at 150."""
     rng = np.random.default_rng(5)
     pool = rng.integers(-(2**63), 2**63 - 1, 40, dtype=np.int64)
     mapping = ManagedMapping(9, 2, eviction, PADDING)
@@ -217,10 +216,48 @@ def test_the_last_sightings_histograms_are_those_of_the_buffers(eviction, monkey
             mapping = resumed
         ids = pool[np.minimum(rng.zipf(1.4, int(rng.integers(1, 13))), len(pool)) - 1]
         mapping(torch.from_numpy(ids).unsqueeze(0))
+        yield step, mapping
+
+
+@pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])
+def test_the_last_sightings_histograms_are_those_of_the_buffers(eviction, monkeypatch):
+    """After each of 300 batches that fill a 9-row map and evict from it, and after a reload: each table's
+    histogram of last sightings is the count of each value in its buffer."""
+    monkeypatch.setattr(id_managed, "recent_capacity", lambda num_embeddings: 2)
+    for step, mapping in counted_with_a_reload(eviction):
         for prefix in ("row", "candidate"):
             last = getattr(mapping, f"{prefix}_last").numpy()
             histogram = mapping._last_seen[prefix].as_dict()  # type: ignore[index]
             assert histogram == Counter(last.tolist()), (step, prefix)
+
+
+@pytest.mark.parametrize("count_bins", [3, count_histogram.COUNT_BINS])
+def test_the_lfu_count_histograms_are_those_of_the_buffers(count_bins, monkeypatch):
+    """lfu, the same batches: each table's entries per count (those at count_bins or more in one bin), and
+    for the counts where an eviction threshold landed, per last sighting, are those of its buffers."""
+    monkeypatch.setattr(id_managed, "recent_capacity", lambda num_embeddings: 2)
+    monkeypatch.setattr(count_histogram, "COUNT_BINS", count_bins)
+    thresholds_at: set[tuple[str, int]] = set()  # (table, count) that kept a histogram of last sightings
+    for step, mapping in counted_with_a_reload(Eviction.LFU):
+        for prefix in ("row", "candidate"):
+            count, last = (getattr(mapping, f"{prefix}_{name}").numpy() for name in ("count", "last"))
+            bins, last_seen = mapping._counted[prefix].as_dicts()  # type: ignore[index]
+            assert bins == Counter(np.minimum(count, count_bins).tolist()), (step, prefix)
+            for at, histogram in last_seen.items():
+                assert histogram == Counter(last[count == at].tolist()), (step, prefix, at)
+                thresholds_at.add((prefix, at))
+    assert {"row", "candidate"} == {prefix for prefix, _ in thresholds_at}
+
+
+@pytest.mark.parametrize("min_count", [1, 3])
+@pytest.mark.parametrize("count_bins", [1, 2])
+def test_lfu_thresholds_in_the_count_histograms_last_bin_keep_the_map_of_the_reference(
+    min_count, count_bins, monkeypatch
+):
+    """Counts from 1 or 2 up share the last bin: the threshold falls back to passes over the keys, often
+    (and at 2, as often from the histograms, one count to the next)."""
+    monkeypatch.setattr(count_histogram, "COUNT_BINS", count_bins)
+    assert maps_as_the_reference(Eviction.LFU, min_count) > 40
 
 
 @pytest.mark.parametrize("eviction", [Eviction.LRU, Eviction.LFU])

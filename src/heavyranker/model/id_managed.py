@@ -17,14 +17,16 @@ Under torch.distributed every rank counts the sightings of all ranks, so the map
 A training step costs O(batch) plus a few vectorized passes over the table, never a sort of it: the
 batch's ids are found by binary search in the resident ids and in a sorted index of the candidates (kept
 beside the buffers, rebuilt from them on load); free entries are taken by index, found a chunk at a time
-up to the last (their number is the table's size less its used entries); under lru, a full table takes
-the eviction key's threshold from a histogram of the last sightings (key_histogram.Histogram, beside the
-buffers, rebuilt from them on load) and lists the entries up to it a chunk at a time, up to the last one
-it needs; under lfu it finds the threshold among the entries under a bound doubled from the key's lowest
-value, and lists only the first few entries tied at it (ordering those tied on the count by last
-sighting through a mask of them, not a list); and the sorted ids (resident, and candidates) take the
-admitted and evicted ones in the small recent part of a sorted_index.SplitIndex, whose merge into the
-main part (O(table)) comes once every many steps: recent_capacity.
+up to the last (their number is the table's size less its used entries); a full table takes the eviction
+keys' thresholds (the keys of the nth entry to evict) from histograms beside the buffers, rebuilt from them
+on load: under lru of the last sightings (key_histogram.Histogram), under lfu of the counts and, at the low
+counts where a threshold landed, of their last sightings (count_histogram.CountHistogram), and lists the
+entries up to them a chunk at a time, up to the last one it needs (ties by index); where lfu's count is in
+the counts' last bin (COUNT_BINS and more), it finds the threshold among the entries under a bound doubled
+from the count's lowest value (a few passes) and orders those tied on the count by last sighting through
+a mask of them, not a list; and the sorted ids (resident, and candidates) take the admitted and evicted
+ones in the small recent part of a sorted_index.SplitIndex, whose merge into the main part (O(table))
+comes once every many steps: recent_capacity.
 
 Why not torchrec's MCHManagedCollisionModule: its admission is a threshold on counts within one eviction
 interval (not a count that accumulates until admission), it works on KeyedJaggedTensor dicts of a
@@ -33,7 +35,9 @@ ManagedCollisionCollection, and its lookup is torch.searchsorted, for which the 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config.model import Eviction
+from .count_histogram import CountHistogram
 from .key_histogram import Histogram
 from .sorted_index import SortedIndex, SplitIndex, search
 
@@ -54,6 +59,10 @@ SPLIT_STATE = ("recent_ids", "recent_rows", "num_recent", "num_vacated")
 KEPT = np.iinfo(np.int64).max  # the score of an entry that must not be evicted: chosen last, then dropped
 SCAN_CHUNK = 1 << 16  # entries a scan for the first few of a kind reads at a time
 RECENT_PER_ROOT = 4  # the recent parts' capacity, in square roots of the table (see recent_capacity)
+# nth -> the value of each key at the nth smallest entry, how many entries are below and at them, and how many
+# of those below are on a key before the last (lfu: a lower count), from histograms without a pass; or None
+# where the histograms cannot tell (see _smallest)
+Thresholds = Callable[[int], tuple[tuple[int, ...], int, int, int] | None]
 
 
 class ManagedMapping(nn.Module):
@@ -88,6 +97,7 @@ class ManagedMapping(nn.Module):
         self.register_buffer("tick", torch.zeros((), dtype=torch.int64))  # batches counted
         self._candidate_index: SplitIndex | None = None  # candidate id -> entry, from the buffers
         self._last_seen: dict[str, Histogram] | None = None  # row_last's, candidate_last's, from the buffers
+        self._counted: dict[str, CountHistogram] | None = None  # lfu: (row_count, row_last)'s, candidates'
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training and not torch.compiler.is_compiling():
@@ -115,7 +125,8 @@ class ManagedMapping(nn.Module):
         for name in SPLIT_STATE:  # a checkpoint of the first layout: all its resident ids in the main part
             state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kw)
-        self._candidate_index = self._last_seen = None  # rebuilt from the loaded buffers on the next count
+        # Rebuilt from the loaded buffers on the next count:
+        self._candidate_index = self._last_seen = self._counted = None
 
     # -- counting (training only) ------------------------------------------------------------------------
 
@@ -135,6 +146,8 @@ class ManagedMapping(nn.Module):
             )
         if self._last_seen is None:
             self._last_seen = {prefix: Histogram(state[f"{prefix}_last"]) for prefix in ("row", "candidate")}
+        if self._counted is None and self.eviction == Eviction.LFU:
+            self._counted = {name: CountHistogram(state[f"{name}_count"]) for name in ("row", "candidate")}
         tick = int(self.tick) + 1
         touched_rows, waiting, taken, dropped = self._count(state, tick, seen, counts)
         admitted = self._admit(state, tick, touched_rows, waiting)  # candidate entries
@@ -158,9 +171,8 @@ class ManagedMapping(nn.Module):
         ids they evicted."""
         assert self._candidate_index is not None
         rows, is_resident = self._resident_index(state).find(seen)
-        touched_rows = rows[is_resident]
-        state["row_count"][touched_rows] += counts[is_resident]  # each row once: the ids are unique
-        self._see(state, "row", touched_rows, tick)
+        touched_rows = rows[is_resident]  # each row once: the ids are unique
+        self._see(state, "row", touched_rows, state["row_count"][touched_rows] + counts[is_resident], tick)
         others, other_counts = seen[~is_resident], counts[~is_resident]
         entries, is_known = self._candidate_index.find(others)
         known = entries[is_known]
@@ -169,10 +181,9 @@ class ManagedMapping(nn.Module):
         new, new_counts = new[: len(taken)], new_counts[: len(taken)]  # the rest is not counted
         dropped = state["candidate_ids"][taken[state["candidate_used"][taken]]]
         state["candidate_ids"][taken], state["candidate_used"][taken] = new, True
-        state["candidate_count"][taken] = new_counts
-        state["candidate_count"][known] += other_counts[is_known]
         waiting = np.concatenate([known, taken])
-        self._see(state, "candidate", waiting, tick)
+        known_counts = state["candidate_count"][known] + other_counts[is_known]
+        self._see(state, "candidate", waiting, np.concatenate([known_counts, new_counts]), tick)
         return touched_rows, waiting, taken, dropped
 
     def _admit(
@@ -189,8 +200,7 @@ class ManagedMapping(nn.Module):
         evicted = state["row_ids"][rows[state["row_used"][rows]]]
         admitted = state["candidate_ids"][ready]
         state["row_ids"][rows], state["row_used"][rows] = admitted, True
-        state["row_count"][rows] = state["candidate_count"][ready]
-        self._see(state, "row", rows, tick)
+        self._see(state, "row", rows, state["candidate_count"][ready], tick)
         state["candidate_used"][ready] = False
         index = self._resident_index(state)
         index.replace(evicted, admitted, rows)  # in the buffers themselves
@@ -199,11 +209,17 @@ class ManagedMapping(nn.Module):
         self.num_vacated.fill_(index.vacated)
         return ready
 
-    def _see(self, state: dict[str, np.ndarray], prefix: str, entries: np.ndarray, tick: int) -> None:
-        """The entries (each once) last seen at `tick`, in the buffer and its histogram."""
+    def _see(
+        self, state: dict[str, np.ndarray], prefix: str, entries: np.ndarray, counts: np.ndarray, tick: int
+    ) -> None:
+        """The entries (each once) now counted `counts` times, last seen at `tick`: in the buffers and their
+        histograms."""
         assert self._last_seen is not None
-        self._last_seen[prefix].move(state[f"{prefix}_last"][entries], tick)
-        state[f"{prefix}_last"][entries] = tick
+        old_lasts = state[f"{prefix}_last"][entries]
+        self._last_seen[prefix].move(old_lasts, tick)
+        if self._counted is not None:
+            self._counted[prefix].move(state[f"{prefix}_count"][entries], old_lasts, counts, tick)
+        state[f"{prefix}_count"][entries], state[f"{prefix}_last"][entries] = counts, tick
 
     def _resident_index(self, state: dict[str, np.ndarray]) -> SplitIndex:
         recent, vacated = int(self.num_recent), int(self.num_vacated)
@@ -215,8 +231,10 @@ class ManagedMapping(nn.Module):
         self, state: dict[str, np.ndarray], prefix: str, wanted: int, keep: np.ndarray
     ) -> np.ndarray:
         """Up to `wanted` entries to (re)use, best first: free ones (by index), then by the eviction rule
-        (ties by index); never those in `keep`. No sort of the table: under lru, scans a chunk at a time up to
-        the last entry needed; under lfu, a few passes over it."""
+        (ties by index); never those in `keep`. No sort of the table: the threshold from a histogram (under
+        lfu, of the counts and of the last sightings at the low counts), and a scan a chunk at a time up to
+        the last entry needed; under lfu, where the threshold's count is in the histogram's last bin, a few
+        passes over the table."""
         if wanted == 0:
             return np.zeros(0, dtype=np.int64)
         # The free ones are counted (row 0, the default row, is never used): the scan stops at the last.
@@ -229,13 +247,14 @@ class ManagedMapping(nn.Module):
             return chosen
         # Fewer free entries than wanted: so few that every one of them is in `chosen` or `keep`.
         excluded = np.union1d(free, keep)
-        if self.eviction == Eviction.LRU:  # the threshold from the last sightings' histogram
-            assert self._last_seen is not None
-            histogram = self._last_seen[prefix]
-            rest = _smallest([state[f"{prefix}_last"]], wanted - len(chosen), excluded, None, histogram)
-            return np.concatenate([chosen, rest])
-        keys = [state[f"{prefix}_count"], state[f"{prefix}_last"]]
-        return np.concatenate([chosen, _smallest(keys, wanted - len(chosen), excluded)])
+        assert self._last_seen is not None
+        keys = [state[f"{prefix}_last"]]
+        thresholds: Thresholds = self._last_seen[prefix].thresholds
+        if self.eviction == Eviction.LFU:
+            assert self._counted is not None
+            keys.insert(0, state[f"{prefix}_count"])
+            thresholds = functools.partial(self._counted[prefix].thresholds, counts=keys[0], lasts=keys[1])
+        return np.concatenate([chosen, _smallest(keys, wanted - len(chosen), excluded, None, thresholds)])
 
 
 def recent_capacity(num_embeddings: int) -> int:
@@ -267,30 +286,42 @@ def _smallest(
     k: int,
     excluded: np.ndarray,
     among: np.ndarray | None = None,
-    histogram: Histogram | None = None,
+    thresholds: Thresholds | None = None,
 ) -> np.ndarray:
     """The k entries (of `among`, ascending, or of all), none of them `excluded` (ascending), first in the
     order of (keys[0], keys[1], ..., index), in that order: those below the first key's threshold (the
     value of its nth smallest, counting the excluded that may all be among the smallest), then those tied
     at it, by the next key (the same way: over all entries, the others masked as KEPT, or among them) or,
     for the last key, by index. Only the k chosen are sorted, and the excluded are found by binary search.
-    `histogram`: the first key's (of all entries), which gives its threshold without a pass over it."""
+    `thresholds` (of all entries), where it tells them: every key's threshold at once, from histograms
+    without a pass over the keys; one scan lists the entries up to the last one needed, ties by index."""
     primary = keys[0] if among is None else keys[0][among]
     if len(primary) == 0 or k == 0:
         return np.zeros(0, dtype=np.int64)
     nth = min(k + len(excluded), len(primary)) - 1
-    # By index, the first k + len(excluded) tied entries will do: no need to list all of them; nor, over the
-    # whole table, for the next key, which takes them with a mask (below).
-    listed = None if len(keys) > 1 and among is not None else k + len(excluded)
-    below, tied, threshold = _split_at_nth(primary, nth, listed, histogram)
-    if among is not None:
-        below, tied = among[below], among[tied]
+    split = None if thresholds is None else thresholds(nth)
+    if split is not None:
+        at, below_count, tied_count, below_earlier = split
+        # Those below on a key before the last (lfu: a lower count) are few and, in a full table, usually all
+        # excluded (the default row, free entries): then the scan reads the last key alone, half the reads.
+        unlisted = _unlisted(keys, at, excluded, below_earlier)
+        wanted_tied = min(tied_count, k + len(excluded))
+        below, tied = _first_at_most(
+            keys, at, below_count - (unlisted or 0), wanted_tied, unlisted is not None
+        )
+    else:
+        # By index, the first k + len(excluded) tied entries will do: no need to list all of them; nor, over
+        # the whole table, for the next key, which takes them with a mask (below).
+        listed = None if len(keys) > 1 and among is not None else k + len(excluded)
+        below, tied, threshold = _split_at_nth(primary, nth, listed)
+        if among is not None:
+            below, tied = among[below], among[tied]
     below = _without(below, excluded)
     below = below[np.lexsort([below, *(key[below] for key in reversed(keys))])][:k]
     need = k - len(below)
     if need == 0:
         return below
-    if len(keys) == 1:  # ties by index: the first ones will do
+    if split is not None or len(keys) == 1:  # ties by index: the first ones will do
         rest = _without(tied[: need + len(excluded)], excluded)[:need]
     elif among is not None:
         rest = _smallest(keys[1:], need, excluded[:0], _without(tied, excluded))
@@ -301,20 +332,13 @@ def _smallest(
     return np.concatenate([below, rest])
 
 
-def _split_at_nth(
-    values: np.ndarray, nth: int, tied_limit: int | None, histogram: Histogram | None = None
-) -> tuple[np.ndarray, np.ndarray, int]:
+def _split_at_nth(values: np.ndarray, nth: int, tied_limit: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """The entries (ascending) whose value is below the nth smallest value, those equal to it (only the
-    first tied_limit, if given), and that value. With the values' histogram, that value and the number of
-    entries below and at it come from it, and one scan lists the entries up to the last one needed. Else the
-    lowest value is the threshold directly where it has enough entries (ties are the rule: a batch's ids
-    share their last sighting); else the nth is selected among the entries up to a bound, doubled from the
-    lowest value until enough lie under it: a few passes over the table (the keys are batch numbers and
-    counts), where np.partition would copy and partially sort all of it."""
-    if histogram is not None:
-        threshold, below, tied = histogram.nth(nth)
-        wanted_tied = tied if tied_limit is None else min(tied, tied_limit)
-        return (*_first_at_most(values, threshold, below, wanted_tied), threshold)
+    first tied_limit, if given), and that value, without a histogram: the lowest value is the threshold
+    directly where it has enough entries (ties are the rule: a batch's ids share their last sighting); else
+    the nth is selected among the entries up to a bound, doubled from the lowest value until enough lie under
+    it: a few passes over the table (the keys are batch numbers and counts), where np.partition would copy
+    and partially sort all of it."""
     lowest = int(values.min())
     at_lowest = values == lowest
     if np.count_nonzero(at_lowest) > nth:
@@ -352,21 +376,55 @@ def _first_true(
     return found if entries is None else entries[found]
 
 
-def _first_at_most(
-    values: np.ndarray, threshold: int, below: int, tied: int
+def _unlisted(
+    keys: list[np.ndarray], thresholds: tuple[int, ...], excluded: np.ndarray, earlier: int
+) -> int | None:
+    """Where all the `earlier` entries below the thresholds on a key before the last are excluded: how many
+    of them a scan of the last key alone does not list (those above its threshold); else None."""
+    if len(keys) == 1:
+        return 0
+    is_earlier, _ = _below_or_at(keys[:-1], thresholds[:-1], excluded)
+    if np.count_nonzero(is_earlier) < earlier:
+        return None
+    return int(np.count_nonzero(is_earlier & (keys[-1][excluded] > thresholds[-1])))
+
+
+def _below_or_at(
+    keys: list[np.ndarray], thresholds: tuple[int, ...], entries: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The `below` entries (ascending) whose value is below the threshold, all of them, and the first `tied`
-    at it: a chunk at a time, up to the chunk that holds the last one needed."""
+    """Which entries are below the thresholds (in the order of keys[0], then keys[1], ...), and which at."""
+    values = keys[0][entries]
+    is_below, is_tied = values < thresholds[0], values == thresholds[0]
+    for key, threshold in zip(keys[1:], thresholds[1:], strict=True):
+        values = key[entries]
+        is_below |= is_tied & (values < threshold)
+        is_tied &= values == threshold
+    return is_below, is_tied
+
+
+def _first_at_most(
+    keys: list[np.ndarray], thresholds: tuple[int, ...], below: int, tied: int, last_only: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `below` entries (ascending) whose keys are below the thresholds (in the order of keys[0], then
+    keys[1], ...), all of them, and the first `tied` at them: a chunk at a time, up to the chunk that holds
+    the last one needed. An entry at most at the thresholds has a key below its threshold, or the last key at
+    most at its own (last_only: only the latter are looked for): only those (few: the thresholds are low
+    values) are read again for the exact order, not all those at most at the first key's threshold (under
+    lfu, the whole lowest count: half a table)."""
     found_below, found_tied = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     below_left, tied_left = below, tied
-    for start in range(0, len(values), SCAN_CHUNK):
+    earlier = [] if last_only else list(zip(keys[:-1], thresholds[:-1], strict=True))
+    for start in range(0, len(keys[0]), SCAN_CHUNK):
         if below_left <= 0 and tied_left <= 0:
             break
-        chunk = values[start : start + SCAN_CHUNK]
-        at_most = np.flatnonzero(chunk <= threshold)
-        is_below = chunk[at_most] < threshold
-        found_below.append(at_most[is_below] + start)
-        found_tied.append(at_most[~is_below] + start)
+        chunk = slice(start, start + SCAN_CHUNK)
+        maybe = keys[-1][chunk] <= thresholds[-1]
+        for key, threshold in earlier:
+            maybe |= key[chunk] < threshold
+        at_most = np.flatnonzero(maybe) + start
+        is_below, is_tied = _below_or_at(keys, thresholds, at_most)
+        found_below.append(at_most[is_below])
+        found_tied.append(at_most[is_tied])
         below_left, tied_left = below_left - len(found_below[-1]), tied_left - len(found_tied[-1])
     return np.concatenate(found_below), np.concatenate(found_tied)[:tied]
 

@@ -12,28 +12,38 @@ SPARSE_ENTRIES = 64  # at most this many entries' values below the dense part, h
 class Histogram:
     """dense[v - base]: the entries whose key is v, for v from base up; sparse[v]: those below base (few: the
     default row, never seen, stays at 0). The key's values are non-negative, and an entry's key only moves
-    up to a new value (the batch counted): when the dense part grows, its lowest values that few entries
-    hold leave it, so that it spans the batches of a full table's entries, not all the batches counted."""
+    up to a new value (the batch counted), or the entry leaves (count_histogram's, one a count): when the
+    dense part grows, its lowest values that few entries hold leave it, so that it spans the batches of a
+    full table's entries, not all the batches counted."""
 
-    def __init__(self, values: np.ndarray):
-        self.dense = np.bincount(values)  # no copy of the key: int64 is bincount's index type
+    def __init__(self, values: np.ndarray, *, counted: bool = False):
+        """values: each entry's key or, counted, how many entries hold each value (from 0)."""
+        self.dense = values if counted else np.bincount(values)  # no copy: int64 is bincount's index type
         self.base = 0
         self.sparse: dict[int, int] = {}
         self._compact(0)
 
     def move(self, old_values: np.ndarray, new_value: int) -> None:
         """Entries (each once) whose key goes from old_values to new_value (at least the highest value)."""
+        self.remove(old_values)
+        self.add(len(old_values), new_value)
+
+    def remove(self, old_values: np.ndarray) -> None:
+        """Entries (each once) that leave, from their values."""
         is_sparse = old_values < self.base
         for value in old_values[is_sparse].tolist():
             self.sparse[value] -= 1
             if self.sparse[value] == 0:
                 del self.sparse[value]
         np.subtract.at(self.dense, old_values[~is_sparse] - self.base, 1)
+
+    def add(self, entries: int, new_value: int) -> None:
+        """`entries` entries that come in at new_value (at least the highest value)."""
         if new_value - self.base >= len(self.dense):
             self._compact(new_value)
             grown = max(new_value - self.base + 1 - len(self.dense), len(self.dense))  # doubled: amortized
             self.dense = np.concatenate([self.dense, np.zeros(grown, dtype=np.int64)])
-        self.dense[new_value - self.base] += len(old_values)
+        self.dense[new_value - self.base] += entries
 
     def nth(self, nth: int) -> tuple[int, int, int]:
         """The value of the nth smallest entry (from 0), how many entries are below it, and how many at it."""
@@ -46,6 +56,12 @@ class Histogram:
         at = int(np.searchsorted(at_or_below, nth - below, side="right"))
         tied = int(self.dense[at])
         return self.base + at, below + int(at_or_below[at]) - tied, tied
+
+    def thresholds(self, nth: int) -> tuple[tuple[int], int, int, int]:
+        """nth's value as the threshold of one key (as id_managed._smallest takes it), the entries below and
+        at it, and those below on a key before it: none."""
+        value, below, tied = self.nth(nth)
+        return (value,), below, tied, 0
 
     def as_dict(self) -> dict[int, int]:
         """value -> entries, for the values that some entry holds."""
