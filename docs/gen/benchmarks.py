@@ -30,6 +30,7 @@ SETTINGS = {
     "defaults": "defaults",
     "demo_tuned": "tuned on the demo",
     "holdout_tuned": "tuned on the holdout",
+    "mmoe": "mmoe, the demo's rates",
 }
 
 
