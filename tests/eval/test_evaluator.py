@@ -165,3 +165,15 @@ def test_an_out_of_memory_is_one_line_naming_the_setting(small_data, trained, mo
     )
     assert main(argv) == 2
     assert last_line(capsys).endswith("; lower validation_data.<split>.global_batch_size")
+
+
+def test_a_step_in_another_scripts_digits_is_not_a_checkpoint(small_data, trained, tmp_path):
+    """int() reads '١٠' (Arabic-Indic digits) as 10: a file step_١٠.pt must not pass for the newest
+    checkpoint, nor its evaluation be written as step 10's."""
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(trained / "checkpoints/step_2.pt", tmp_path / "checkpoints/step_2.pt")
+    shutil.copy(trained / "checkpoints/step_4.pt", tmp_path / "checkpoints/step_\u0661\u0660.pt")
+    config = small_config(small_data, tmp_path, *FAST)
+    assert [step for step, _ in RunFolder(tmp_path).list_checkpoints()] == [2]
+    evaluate_command(config, checkpoint=None, watch=False, split="validation")
+    assert sorted(p.name for p in (tmp_path / "eval/validation").iterdir()) == ["step_2.json"]
