@@ -75,10 +75,22 @@ def dump_config(config: Config) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    data = read_yaml(path, "the config", substitute_env=True)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            str(path), [("", "the top level must be a mapping of sections (training, model, ...)")]
+        )
+    return data
+
+
+def read_yaml(path: Path, what: str, substitute_env: bool = False) -> Any:
+    """The YAML document at `path`, read under the bounds and checks a config is read with (_BoundedLoader:
+    no alias bomb, no key given twice); ${VAR} replaced with `substitute_env`. ConfigError naming the file
+    and line, `what` naming the file in the reader's words ("the search space")."""
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(str(path), [("", f"cannot read the config: {e.strerror}")]) from None
+        raise ConfigError(str(path), [("", f"cannot read {what}: {e.strerror}")]) from None
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), [("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
     try:
@@ -87,16 +99,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             node = loader.get_single_node()
             if node is None:
                 raise ConfigError(str(path), [("", "the file is empty")])
-            _substitute_env(node, loader, str(path))
+            if substitute_env:
+                _substitute_env(node, loader, str(path))
             data = loader.construct_document(node)
         finally:
             loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [_yaml_problem(e)]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            str(path), [("", "the top level must be a mapping of sections (training, model, ...)")]
-        )
     return _unshare(data)
 
 

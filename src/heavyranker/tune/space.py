@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -29,6 +28,7 @@ from optuna.distributions import (
 )
 
 from ..config import Config, ConfigError, load_config
+from ..config.loader import read_yaml
 from ..data.sources.files import select_files
 from ..errors import UserError
 from .settings import check_mapping, flow_yaml, refuse_conflicts, settings
@@ -113,12 +113,9 @@ def read_space(
     """The search space at `space_path`, checked against the config: UserError naming the space file and the
     entry where anything is wrong."""
     where = str(space_path)
-    try:
-        data = yaml.safe_load(Path(space_path).read_text())
-    except OSError as e:
-        raise UserError(f"{where}: cannot read the search space: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    # As a config is read: a key given twice is refused (safe_load kept the last silently), and so are an
+    # alias bomb and bytes that are not UTF-8.
+    data = read_yaml(Path(space_path), "the search space")
     if not isinstance(data, dict):
         raise UserError(f"{where}: the search space is a mapping with `objective:` and `params:`")
     unknown = set(data) - {"objective", "params"}
