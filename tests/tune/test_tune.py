@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
 
 from heavyranker.cli import main
 from heavyranker.config import load_config
+from heavyranker.errors import UserError
 from heavyranker.model import module_name
 from heavyranker.run_folder import list_checkpoints
 from heavyranker.train.loop import Trainer
@@ -85,6 +87,38 @@ def test_report_with_fewer_than_two_complete_trials_says_so(tmp_path, capsys):
     )
     assert main(["tune", "--report", "--out", str(out)]) == 0
     assert "importances: need 2 complete trials, the study has 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "storage, why",
+    [
+        (None, "file is not a database"),  # OUT/study.db holds something else
+        ("sqlite:///{tmp}/no/such/folder/x.db", "unable to open database file"),
+        ("nosuchdialect://host/db", "Can't load plugin: sqlalchemy.dialects:nosuchdialect"),
+    ],
+    ids=["not-a-database", "no-folder", "unknown-dialect"],
+)
+def test_a_storage_that_cannot_be_opened_is_one_line_naming_it(tmp_path, small_data, capsys, storage, why):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.db").write_text("not sqlite")
+    url = storage.format(tmp=tmp_path) if storage else f"sqlite:///{out / 'study.db'}"
+    given = ["--storage", url] if storage else []
+    options = tune_options(tmp_path, small_data, 1)
+    tune = ["tune", "--config", options.config, "--space", options.space, "--trials", "1", "--out", str(out)]
+    tune += [arg for value in options.overrides for arg in ("--set", value)]
+    for args in (tune + given, ["tune", "--report", "--out", str(out), *given]):
+        assert main(args) == 2
+        assert capsys.readouterr().err == f"error: tune: cannot open the study's storage {url}: {why}\n"
+    assert (out / "study.db").read_text() == "not sqlite"
+    assert not (out / "trials").exists()
+
+
+def test_a_heartbeat_below_one_second_is_one_line(tmp_path, small_data, capsys):
+    options = tune_options(tmp_path, small_data, 1, heartbeat=0)
+    with pytest.raises(UserError, match=r"^--heartbeat must be at least 1 second \(got 0\)$"):
+        run_tune(options)
+    assert not options.out.exists()
 
 
 def states(out: Path) -> list[str]:

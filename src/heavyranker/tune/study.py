@@ -18,11 +18,14 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -35,6 +38,7 @@ from ..eval.evaluator import evaluate_command
 from ..run_folder import RunFolder
 from ..runtime import init_runtime
 from ..train.loop import NonFiniteLoss, Trainer
+from ..urls import redact
 from .settings import as_overrides
 from .space import Param, SearchSpace, read_space
 
@@ -62,9 +66,21 @@ def storage_url(out: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{(out / 'study.db').resolve()}"
 
 
+@contextmanager
+def opening_storage(url: str) -> Iterator[None]:
+    """A storage that cannot be opened (no such folder, not a database, an unknown dialect, a server that does
+    not answer) as one line naming it, where SQLAlchemy raises with its background and a traceback."""
+    try:
+        yield
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:  # ImportError: the URL's driver is missing
+        why = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise UserError(f"tune: cannot open the study's storage {redact(url)}: {why}") from None
+
+
 def open_study(out: Path, storage: str | None, seed: int = 0, heartbeat: int = 30) -> optuna.Study:
     """The study in `storage` (default DIR/study.db), created on first use."""
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8: we rely on them
+    # Heartbeats are "experimental" in Optuna since 2.8: we rely on them.
+    with warnings.catch_warnings(), opening_storage(storage_url(out, storage)):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         rdb = RDBStorage(
             storage_url(out, storage),
@@ -91,6 +107,8 @@ def run_tune(options: TuneOptions) -> FrozenTrial | None:
     the best trial (None where none completed)."""
     if options.trials < 1:
         raise UserError(f"--trials must be at least 1 (got {options.trials})")
+    if options.heartbeat < 1:  # Optuna's own check is a traceback
+        raise UserError(f"--heartbeat must be at least 1 second (got {options.heartbeat})")
     space = read_space(options.space, options.config, options.overrides)
     options.out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune logs each trial itself
