@@ -21,6 +21,18 @@ from .urls import redact
 
 EXIT_USER_ERROR = 2
 OUT_OF_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk or quota, a read-only disk: one line
+# A path a person gave that cannot be used as given: a file where a folder is needed (--out under a file, or a
+# file at a save_dir), a folder where a file is, no permission. One line naming the path, what the system said
+# and, where it helps, what to do. Any other OSError is a defect and keeps its traceback.
+IN_THE_WAY = {
+    errno.ENOTDIR: "a file stands where one of its folders should be",
+    errno.EEXIST: "a file stands where a folder is needed",
+    errno.EISDIR: "give the name of a file, not of a folder",
+    errno.EACCES: "",
+    errno.EPERM: "",
+    errno.ENAMETOOLONG: "",
+    errno.ELOOP: "",
+}
 
 
 METAVARS = {int: "N", float: "NUMBER", str: "TEXT"}
@@ -404,11 +416,17 @@ def main(argv: list[str] | None = None) -> int:
         print(redact(f"error: {e}"), file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as e:
-        if e.errno not in OUT_OF_ROOM:
+        if e.errno in OUT_OF_ROOM:
+            # Wherever it happened (TensorBoard's files, a report), what was written before stays: checkpoints
+            # and results are written atomically.
+            print(redact(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}"), file=sys.stderr)
+            return EXIT_USER_ERROR
+        # A rename's filename2 is the name the person gave; its filename is the temporary written first.
+        path = e.filename2 or e.filename
+        if e.errno not in IN_THE_WAY or not path:
             raise
-        # Wherever it happened (TensorBoard's files, a report), what was written before stays: checkpoints and
-        # results are written atomically.
-        print(redact(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}"), file=sys.stderr)
+        hint = IN_THE_WAY[e.errno]
+        print(redact(f"error: {path}: {e.strerror}{' (' + hint + ')' if hint else ''}"), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
