@@ -114,6 +114,27 @@ def test_a_storage_that_cannot_be_opened_is_one_line_naming_it(tmp_path, small_d
     assert not (out / "trials").exists()
 
 
+def test_a_study_of_another_search_space_is_refused(tmp_path, small_data):
+    """Its trials would count towards --trials, and its best (drawn over other parameters) would be written
+    to best.yaml as this space's best: the config without any setting, under another trial's value."""
+    options = tune_options(tmp_path, small_data, 1)
+    options.out.mkdir()
+    seed = optuna.distributions.IntDistribution(0, 9)
+    other = {"objective": ["validation", "rce", "mean"], "params": {"training.seed": {"name": "x"}}}
+    study = optuna.create_study(storage=f"sqlite:///{options.out / 'study.db'}", study_name=STUDY_NAME)
+    study.set_user_attr("space", other)
+    study.add_trial(
+        optuna.create_trial(value=1.0, params={"training.seed": 3}, distributions={"training.seed": seed})
+    )
+    with pytest.raises(UserError) as error:
+        run_tune(options)
+    assert str(error.value) == (
+        f"sqlite:///{options.out / 'study.db'}: the study there was tuned over another search space (params "
+        "training.seed not in this space); give another --out (or --storage), or the space it was tuned with"
+    )
+    assert sorted(p.name for p in options.out.iterdir()) == ["study.db"]  # no best.yaml, no trial
+
+
 def test_a_heartbeat_below_one_second_is_one_line(tmp_path, small_data, capsys):
     options = tune_options(tmp_path, small_data, 1, heartbeat=0)
     with pytest.raises(UserError, match=r"^--heartbeat must be at least 1 second \(got 0\)$"):

@@ -14,6 +14,7 @@ A choice that is a mapping sets the fields it names below the parameter's path (
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from optuna.distributions import (
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
+    distribution_to_json,
 )
 
 from ..config import Config, ConfigError, load_config
@@ -104,6 +106,15 @@ class SearchSpace:
             for p in self.params
             if p.path in drawn
             for path, value in p.settings(drawn[p.path]).items()
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two spaces' trials comparable: the objective, and each parameter's distribution (as
+        Optuna writes it to JSON: kind, range or choices' labels)."""
+        split, metric, tasks = self.objective.split, self.objective.metric, self.objective.tasks
+        return {
+            "objective": [split, metric, tasks if isinstance(tasks, str) else list(tasks)],
+            "params": {p.path: json.loads(distribution_to_json(p.distribution)) for p in self.params},
         }
 
 

@@ -48,6 +48,7 @@ STUDY_NAME = "heavyranker"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts
 RUN = "run"  # user attribute: the number of the trial whose run folder a trial trains in
 SETTINGS = "settings"  # user attribute: what the trial sets in the config, as `--set` arguments
+SPACE = "space"  # the study's user attribute: the search space of its trials (SearchSpace.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def run_tune(options: TuneOptions) -> FrozenTrial | None:
     options.out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune logs each trial itself
     study = open_study(options.out, options.storage, options.seed, options.heartbeat)
+    claim_study(study, space, redact(storage_url(options.out, options.storage)))
     done = len(study.get_trials(deepcopy=False, states=COUNTED))
     if done >= options.trials:
         log.info("the study already holds %d finished trials of %d", done, options.trials)
@@ -128,6 +130,34 @@ def run_tune(options: TuneOptions) -> FrozenTrial | None:
             callbacks=[stop_at, lambda s, t: write_best(s, options, space)],
         )
     return write_best(study, options, space)
+
+
+def claim_study(study: optuna.Study, space: SearchSpace, where: str) -> None:
+    """Record the search space in a new study; refuse a study of another one, whose trials would count
+    towards --trials and whose best (drawn over other parameters) would be written to best.yaml as if it
+    were this space's. A study tuned before spaces were recorded takes this one."""
+    recorded, own = study.user_attrs.get(SPACE), space.fingerprint()
+    if recorded is None:
+        study.set_user_attr(SPACE, own)
+    elif recorded != own:
+        difference = space_difference(recorded, own)
+        raise UserError(
+            f"{where}: the study there was tuned over another search space ({difference}); give another "
+            "--out (or --storage), or the space it was tuned with"
+        )
+
+
+def space_difference(recorded: dict[str, Any], own: dict[str, Any]) -> str:
+    """The first difference between two fingerprints, in a person's words."""
+    if recorded["objective"] != own["objective"]:
+        return f"objective {recorded['objective']}, not {own['objective']}"
+    old, new = recorded["params"], own["params"]
+    if removed := sorted(set(old) - set(new)):
+        return f"params {', '.join(removed)} not in this space"
+    if added := sorted(set(new) - set(old)):
+        return f"params {', '.join(added)} not in that one"
+    changed = next(path for path in new if old[path] != new[path])
+    return f"params.{changed} was {json.dumps(old[changed]['attributes'])}"
 
 
 class TrialObjective:
