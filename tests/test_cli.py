@@ -60,3 +60,11 @@ def test_an_output_path_in_the_way_is_one_line_naming_it(tmp_path, small_data, w
     assert (done.returncode, done.stderr.splitlines()[-1]) == (2, f"error: {expected}")
     assert "Traceback" not in done.stderr
     assert in_the_way.read_text() == "kept"
+
+
+@pytest.mark.parametrize("nproc", ["-1", str(10**5)])
+def test_nproc_out_of_range_is_one_line_before_anything_starts(tmp_path, nproc):
+    done = heavyranker("train", "--config", str(CONFIGS / "local_small.yaml"), "--nproc", nproc)
+    most = 4 * os.cpu_count()
+    expected = f"error: train: --nproc is {nproc}; 0 or 1 is one process, more at most {most} (4 per core)"
+    assert (done.returncode, done.stderr) == (2, expected + "\n")
