@@ -68,3 +68,14 @@ def test_nproc_out_of_range_is_one_line_before_anything_starts(tmp_path, nproc):
     most = 4 * os.cpu_count()
     expected = f"error: train: --nproc is {nproc}; 0 or 1 is one process, more at most {most} (4 per core)"
     assert (done.returncode, done.stderr) == (2, expected + "\n")
+
+
+@pytest.mark.parametrize("value", ["nan", "-inf"])
+def test_a_number_flag_takes_finite_numbers_only(tmp_path, value):
+    """promote --tolerance nan passed `tolerance < 0` and then `high < -tolerance` was never true: every
+    candidate would have been published."""
+    args = ["promote", "--config", str(CONFIGS / "local_small.yaml"), "--repository", str(tmp_path)]
+    done = heavyranker(*args, f"--tolerance={value}")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith(f"argument --tolerance: '{value}' is not a finite number")
+    assert list(tmp_path.iterdir()) == []

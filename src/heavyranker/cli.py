@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import sys
 import typing
@@ -36,6 +37,15 @@ IN_THE_WAY = {
 
 
 METAVARS = {int: "N", float: "NUMBER", str: "TEXT"}
+
+
+def finite_number(text: str) -> float:
+    """A flag's number: float() also takes nan and inf, which pass every `< 0` check (promote --tolerance nan
+    published any candidate, --id-effects nan was a traceback from the generator's solver)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -164,20 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--id-effects",
-        type=float,
+        type=finite_number,
         default=0.0,
         help="plant a per-user and per-author effect of this scale (logits) on Zipf-frequent raw int64 ids, "
         "for id embedding tables to learn (docs/id-embeddings.md; default 0: off)",
     )
     p.add_argument(
         "--rows-per-user",
-        type=float,
+        type=finite_number,
         default=8.0,
         help="train rows per user on average, which sets how many users there are (default 8)",
     )
     p.add_argument(
         "--rows-per-author",
-        type=float,
+        type=finite_number,
         help="train rows per author on average (default: authors a quarter as many as users)",
     )
     p = command(
@@ -316,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=finite_number,
         default=0.0,
         help="how much worse (metric units) the interval's upper end may be (default 0)",
     )
