@@ -3,6 +3,7 @@ is a config train accepts, the report, and a killed study resumes."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -22,9 +23,10 @@ from heavyranker.cli import main
 from heavyranker.config import load_config
 from heavyranker.errors import UserError
 from heavyranker.model import module_name
-from heavyranker.run_folder import list_checkpoints
+from heavyranker.run_folder import RunFolder, list_checkpoints
 from heavyranker.train.loop import Trainer
-from heavyranker.tune.study import STUDY_NAME, TuneOptions, run_tune
+from heavyranker.tune.space import read_space
+from heavyranker.tune.study import STUDY_NAME, TrialObjective, TuneOptions, run_tune
 from tests.conftest import REPO, SMALL_SPLITS, small_config
 from tests.tune.test_space import CONFIG, MMOE, PLE, TOWER_LR, data_overrides
 
@@ -140,6 +142,21 @@ def test_a_heartbeat_below_one_second_is_one_line(tmp_path, small_data, capsys):
     with pytest.raises(UserError, match=r"^--heartbeat must be at least 1 second \(got 0\)$"):
         run_tune(options)
     assert not options.out.exists()
+
+
+def test_a_damaged_evaluation_result_is_evaluated_again(tmp_path, small_data):
+    options = tune_options(tmp_path, small_data, 1)
+    space = read_space(options.space, options.config, options.overrides)
+    steps = ("training.num_train_steps=2", "training.checkpoint_every_n=2", "training.eval_log_every_n=1000")
+    config = small_config(small_data, tmp_path / "run", *steps)
+    Trainer(config).run()
+    written = RunFolder(config.training.save_dir).result("validation", 2)
+    written.parent.mkdir(parents=True)
+    written.write_text('{"step": 2, "metr')  # what a disk that lost a block leaves
+    value = TrialObjective(options, space).score(config)
+    rewritten = json.loads(written.read_text())
+    assert rewritten["step"] == 2
+    assert value == space.objective.value(rewritten["metrics"], config.engagement_weights)
 
 
 def states(out: Path) -> list[str]:

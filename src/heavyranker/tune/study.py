@@ -203,10 +203,8 @@ class TrialObjective:
         split = self.space.objective.split
         checkpoint = resolve_checkpoint(config.training.save_dir, best=True)
         step = int(checkpoint.stem.removeprefix("step_"))
-        written = RunFolder(config.training.save_dir).result(split, step)
-        if written.is_file():
-            metrics = json.loads(written.read_text())["metrics"]
-        else:
+        metrics = written_metrics(RunFolder(config.training.save_dir).result(split, step))
+        if metrics is None:
             results = evaluate_command(config, checkpoint=str(checkpoint), watch=False, split=split)
             metrics = results[split]
         value = self.space.objective.value(metrics, config.engagement_weights)
@@ -216,6 +214,19 @@ class TrialObjective:
                 "for every task (one class only); choose other tasks or another split"
             )
         return value
+
+
+def written_metrics(path: Path) -> dict[str, Any] | None:
+    """The metrics of an evaluation's result file; None where there is none, or where it is damaged (the
+    checkpoint is then evaluated again, and the file rewritten)."""
+    try:
+        metrics = json.loads(path.read_text())["metrics"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # not text, not JSON, not a result
+        log.warning("%s: not an evaluation's result (%s): evaluating the checkpoint again", path, e)
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def suggest(trial: optuna.Trial, param: Param) -> Any:
