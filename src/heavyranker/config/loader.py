@@ -250,6 +250,9 @@ def _apply_override(data: dict[str, Any], override: str, file: str) -> None:
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any, file: str) -> None:
     segments = dotted.split(".")
+    # As deep as a YAML file may nest: finding the longest key at each level of 60,000 took minutes.
+    if len(segments) > MAX_DEPTH:
+        raise ConfigError(file, [("--set", f"{dotted[:40]}...: a path of more than {MAX_DEPTH} segments")])
     node = data
     while True:
         if not isinstance(node, dict):
