@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder holds one",
     )
     p.add_argument(
-        "--resamples", type=int, default=1000, help="bootstrap resamples: at least 100 (default 1000)"
+        "--resamples", type=int, default=1000, help="bootstrap resamples: 100 to 100,000 (default 1000)"
     )
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
     p.add_argument("--html", metavar="FILE", help="also write the table and reliability plots as HTML")
