@@ -433,6 +433,13 @@ def test_a_set_path_deeper_than_a_yaml_may_nest_is_one_line(small_config_path):
     assert problem.startswith(f"{small_config_path}: training.a: unknown field")
 
 
+def test_a_file_past_16_mb_is_refused_before_it_is_parsed(tmp_path):
+    # /dev/zero, or a stream that never ends, was read until memory ran out; a regular file stands for them.
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"#" * (16 * 2**20 + 1))
+    assert problems(path) == [f"{path}: more than 16 MB: not the config"]
+
+
 def test_a_config_error_is_a_user_error(tmp_path):
     """Code that catches a person's mistakes (UserError) catches a bad config too."""
     from heavyranker.errors import UserError

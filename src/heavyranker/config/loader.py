@@ -26,6 +26,9 @@ _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # 10**9 nodes, and PyYAML, _unshare and pydantic recurse once per level of nesting.
 MAX_NODES = 1_000_000  # once aliases are expanded
 MAX_DEPTH = 64
+# Bytes read of a YAML file (local_prod.yaml: 14 KB): /dev/zero, or a stream that never ends, would be read
+# until memory runs out. Not only regular files: `--config <(envsubst < c.yaml)` is a pipe.
+MAX_BYTES = 16 * 2**20
 
 
 class ConfigError(UserError):
@@ -88,7 +91,11 @@ def read_yaml(path: Path, what: str, substitute_env: bool = False) -> Any:
     no alias bomb, no key given twice); ${VAR} replaced with `substitute_env`. ConfigError naming the file
     and line, `what` naming the file in the reader's words ("the search space")."""
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            content = f.read(MAX_BYTES + 1)
+        if len(content) > MAX_BYTES:
+            raise ConfigError(str(path), [("", f"more than {MAX_BYTES // 2**20} MB: not {what}")])
+        text = content.decode()
     except OSError as e:
         raise ConfigError(str(path), [("", f"cannot read {what}: {e.strerror}")]) from None
     except UnicodeDecodeError as e:
