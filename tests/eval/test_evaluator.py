@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from heavyranker.cli import main
 from heavyranker.data.dataset import RecapDataset
+from heavyranker.errors import UserError
 from heavyranker.eval import evaluator
 from heavyranker.eval.evaluator import evaluate_command, watch_checkpoints
 from heavyranker.run_folder import RunFolder
@@ -139,6 +140,14 @@ def test_unknown_split_is_a_user_error(small_data, trained, capsys):
     ]
     assert main(args) == 2
     assert "no validation split 'nope'" in capsys.readouterr().err
+
+
+def test_watch_refuses_an_unknown_split_before_waiting_for_checkpoints(small_data, tmp_path):
+    # It waited eval_timeout_in_s for a checkpoint, then stopped without a word (0.2 s here, else the test would
+    # wait as long before the fix).
+    config = small_config(small_data, tmp_path, *FAST, "training.eval_timeout_in_s=0.2")
+    with pytest.raises(UserError, match=r"^no validation split 'nope' \(the config has validation, "):
+        evaluate_command(config, checkpoint=None, watch=True, split="nope")
 
 
 def running_out_of_memory(build):
