@@ -143,8 +143,8 @@ def test_unknown_split_is_a_user_error(small_data, trained, capsys):
 
 
 def test_watch_refuses_an_unknown_split_before_waiting_for_checkpoints(small_data, tmp_path):
-    # It waited eval_timeout_in_s for a checkpoint, then stopped without a word (0.2 s here, else the test would
-    # wait as long before the fix).
+    # It waited eval_timeout_in_s for a checkpoint, then stopped without a word (0.2 s here, else the test
+    # would wait as long before the fix).
     config = small_config(small_data, tmp_path, *FAST, "training.eval_timeout_in_s=0.2")
     with pytest.raises(UserError, match=r"^no validation split 'nope' \(the config has validation, "):
         evaluate_command(config, checkpoint=None, watch=True, split="nope")
