@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import sys
 import typing
@@ -21,9 +22,30 @@ from .urls import redact
 
 EXIT_USER_ERROR = 2
 OUT_OF_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk or quota, a read-only disk: one line
+# A path a person gave that cannot be used as given: a file where a folder is needed (--out under a file, or a
+# file at a save_dir), a folder where a file is, no permission. One line naming the path, what the system said
+# and, where it helps, what to do. Any other OSError is a defect and keeps its traceback.
+IN_THE_WAY = {
+    errno.ENOTDIR: "a file stands where one of its folders should be",
+    errno.EEXIST: "a file stands where a folder is needed",
+    errno.EISDIR: "give the name of a file, not of a folder",
+    errno.EACCES: "",
+    errno.EPERM: "",
+    errno.ENAMETOOLONG: "",
+    errno.ELOOP: "",
+}
 
 
 METAVARS = {int: "N", float: "NUMBER", str: "TEXT"}
+
+
+def finite_number(text: str) -> float:
+    """A flag's number: float() also takes nan and inf, which pass every `< 0` check (promote --tolerance nan
+    published any candidate, --id-effects nan was a traceback from the generator's solver)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -152,20 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--id-effects",
-        type=float,
+        type=finite_number,
         default=0.0,
         help="plant a per-user and per-author effect of this scale (logits) on Zipf-frequent raw int64 ids, "
         "for id embedding tables to learn (docs/id-embeddings.md; default 0: off)",
     )
     p.add_argument(
         "--rows-per-user",
-        type=float,
+        type=finite_number,
         default=8.0,
         help="train rows per user on average, which sets how many users there are (default 8)",
     )
     p.add_argument(
         "--rows-per-author",
-        type=float,
+        type=finite_number,
         help="train rows per author on average (default: authors a quarter as many as users)",
     )
     p = command(
@@ -245,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder holds one",
     )
     p.add_argument(
-        "--resamples", type=int, default=1000, help="bootstrap resamples: at least 100 (default 1000)"
+        "--resamples", type=int, default=1000, help="bootstrap resamples: 100 to 100,000 (default 1000)"
     )
     p.add_argument("--seed", type=int, default=0, help="of the bootstrap (default 0)")
     p.add_argument("--html", metavar="FILE", help="also write the table and reliability plots as HTML")
@@ -304,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=finite_number,
         default=0.0,
         help="how much worse (metric units) the interval's upper end may be (default 0)",
     )
@@ -404,11 +426,17 @@ def main(argv: list[str] | None = None) -> int:
         print(redact(f"error: {e}"), file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as e:
-        if e.errno not in OUT_OF_ROOM:
+        if e.errno in OUT_OF_ROOM:
+            # Wherever it happened (TensorBoard's files, a report), what was written before stays: checkpoints
+            # and results are written atomically.
+            print(redact(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}"), file=sys.stderr)
+            return EXIT_USER_ERROR
+        # A rename's filename2 is the name the person gave; its filename is the temporary written first.
+        path = e.filename2 or e.filename
+        if e.errno not in IN_THE_WAY or not path:
             raise
-        # Wherever it happened (TensorBoard's files, a report), what was written before stays: checkpoints and
-        # results are written atomically.
-        print(redact(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror}"), file=sys.stderr)
+        hint = IN_THE_WAY[e.errno]
+        print(redact(f"error: {path}: {e.strerror}{' (' + hint + ')' if hint else ''}"), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

@@ -4,6 +4,7 @@ arguments, loads the config and calls the library function that does the work.""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import Config, dump_config, load_config
@@ -95,9 +96,11 @@ def run_model_summary(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    check_nproc(args.nproc)
     if args.nproc and args.nproc > 1:
         from .runtime import launch_torchrun
 
+        _load(args)  # a config's problems once, here, rather than once per rank
         return launch_torchrun(sys.argv[1:], nproc=args.nproc)
     from .train.loop import train
 
@@ -114,6 +117,14 @@ def run_train(args: argparse.Namespace) -> int:
         promoter = Promoter(config)
     train(config, on_checkpoint=promoter)
     return 0
+
+
+def check_nproc(nproc: int) -> None:
+    """0 or 1: one process; more: one rank each, at most 4 per core (enough to try DDP on a small machine;
+    100,000 would start 100,000 processes here)."""
+    most = 4 * (os.cpu_count() or 1)
+    if not 0 <= nproc <= most:
+        raise UserError(f"train: --nproc is {nproc}; 0 or 1 is one process, more at most {most} (4 per core)")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -33,7 +33,9 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-_STEP_FILE = re.compile(r"^step_(\d+)(\.pt|\.json)$")  # a checkpoint, an evaluation's result
+# A checkpoint, an evaluation's result. [0-9], not \d: \d also matches other scripts' digits, which int()
+# reads (step_١٠.pt would be taken for step 10, a file the run never wrote).
+_STEP_FILE = re.compile(r"^step_([0-9]+)(\.pt|\.json)$")
 
 
 class NotAMarker(UserError):

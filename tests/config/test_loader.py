@@ -423,6 +423,23 @@ def test_set_values_go_through_the_same_yaml_checks(small_config_path, value, me
     assert message in line
 
 
+def test_a_set_path_deeper_than_a_yaml_may_nest_is_one_line(small_config_path):
+    # 60,000 segments took minutes: each level looked for the longest run of segments naming a key.
+    path = "training." + "a." * 60_000 + "b"
+    expected = "--set: training.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a...: a path of more than 64 segments"
+    assert problems(small_config_path, [f"{path}=1"]) == [f"{small_config_path}: {expected}"]
+    # 64 segments are still set, and validated as any value is.
+    [problem] = problems(small_config_path, ["training." + "a." * 62 + "b=1"])
+    assert problem.startswith(f"{small_config_path}: training.a: unknown field")
+
+
+def test_a_file_past_16_mb_is_refused_before_it_is_parsed(tmp_path):
+    # /dev/zero, or a stream that never ends, was read until memory ran out; a regular file stands for them.
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"#" * (16 * 2**20 + 1))
+    assert problems(path) == [f"{path}: more than 16 MB: not the config"]
+
+
 def test_a_config_error_is_a_user_error(tmp_path):
     """Code that catches a person's mistakes (UserError) catches a bad config too."""
     from heavyranker.errors import UserError

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from heavyranker.cli import main
+from heavyranker.errors import UserError
 from heavyranker.eval import compare as compare_module
 from heavyranker.eval.compare import ResampledAuroc, Scores, paired_bootstrap, rce_resampled, resample_counts
 from heavyranker.eval.evaluator import evaluate_command
 from heavyranker.eval.metrics import auroc, rce
+from heavyranker.release.rule import PromotionRule
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
 from tests.eval.test_evaluator import running_out_of_memory
@@ -141,6 +143,49 @@ def test_too_few_resamples_is_one_line_before_any_scoring(small_data, tmp_path, 
     expected = f"compare: resamples is {resamples}; a 95% interval needs at least 100 (default 1000)"
     assert err == f"error: {expected}\n"
     assert out == ""
+
+
+def test_too_many_resamples_is_one_line_before_any_scoring(small_data, tmp_path, capsys):
+    # 10**9 resamples would rescore the split 10**9 times and keep 8 GB of differences per task and metric.
+    runs = (str(tmp_path / "a"), str(tmp_path / "b"))  # never read: the count is checked first
+    assert compare(small_data, *runs, "--resamples", str(10**9)) == 2
+    assert (
+        capsys.readouterr().err == "error: compare: resamples is 1000000000; at most 100,000 (default 1000)\n"
+    )
+
+
+def test_promote_refuses_too_many_resamples_before_scoring():
+    rule = PromotionRule(resamples=100_001)
+    with pytest.raises(UserError, match="promote: resamples is 100001; at most 100,000"):
+        rule.check([])
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+def test_an_html_path_that_cannot_be_written_is_one_line_before_scoring(small_data, tmp_path, capsys, where):
+    (tmp_path / "a-file").write_text("kept")
+    html = {"folder": tmp_path, "under-a-file": tmp_path / "a-file" / "compare.html"}[where]
+    runs = (str(tmp_path / "a"), str(tmp_path / "b"))  # never read: the path is checked first
+    assert compare(small_data, *runs, "--html", str(html)) == 2
+    expected = {
+        "folder": f"error: compare: --html {tmp_path} is a folder; give the name of a file to write\n",
+        "under-a-file": f"error: compare: --html {html}: cannot create its folder: File exists\n",
+    }[where]
+    assert capsys.readouterr().err == expected
+    assert (tmp_path / "a-file").read_text() == "kept"
+
+
+def test_the_html_page_is_written_atomically_over_the_old_one(small_data, two_runs, tmp_path, capsys):
+    run_a, _ = two_runs
+    html = tmp_path / "new" / "compare.html"  # its folder is created
+    assert compare(small_data, str(run_a), str(run_a), "--resamples", "100", "--html", str(html)) == 0
+    assert html.read_text().endswith("</html>\n")
+    # A second name for the old page: a write in place would change it, a new file renamed over the name not.
+    old = tmp_path / "old.html"
+    old.hardlink_to(html)
+    html.write_text("the old page")
+    assert compare(small_data, str(run_a), str(run_a), "--resamples", "100", "--html", str(html)) == 0
+    assert old.read_text() == "the old page" and html.read_text().endswith("</html>\n")
+    assert sorted(p.name for p in html.parent.iterdir()) == ["compare.html"]  # no temporary left
 
 
 def test_compare_names_a_missing_step(small_data, two_runs, capsys):

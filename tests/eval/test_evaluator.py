@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from heavyranker.cli import main
 from heavyranker.data.dataset import RecapDataset
+from heavyranker.errors import UserError
 from heavyranker.eval import evaluator
 from heavyranker.eval.evaluator import evaluate_command, watch_checkpoints
 from heavyranker.run_folder import RunFolder
@@ -141,6 +142,14 @@ def test_unknown_split_is_a_user_error(small_data, trained, capsys):
     assert "no validation split 'nope'" in capsys.readouterr().err
 
 
+def test_watch_refuses_an_unknown_split_before_waiting_for_checkpoints(small_data, tmp_path):
+    # It waited eval_timeout_in_s for a checkpoint, then stopped without a word (0.2 s here, else the test
+    # would wait as long before the fix).
+    config = small_config(small_data, tmp_path, *FAST, "training.eval_timeout_in_s=0.2")
+    with pytest.raises(UserError, match=r"^no validation split 'nope' \(the config has validation, "):
+        evaluate_command(config, checkpoint=None, watch=True, split="nope")
+
+
 def running_out_of_memory(build):
     """`build` (a build_model), whose models' forward fails to allocate, as a real allocator refuses."""
 
@@ -165,3 +174,15 @@ def test_an_out_of_memory_is_one_line_naming_the_setting(small_data, trained, mo
     )
     assert main(argv) == 2
     assert last_line(capsys).endswith("; lower validation_data.<split>.global_batch_size")
+
+
+def test_a_step_in_another_scripts_digits_is_not_a_checkpoint(small_data, trained, tmp_path):
+    """int() reads '١٠' (Arabic-Indic digits) as 10: a file step_١٠.pt must not pass for the newest
+    checkpoint, nor its evaluation be written as step 10's."""
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(trained / "checkpoints/step_2.pt", tmp_path / "checkpoints/step_2.pt")
+    shutil.copy(trained / "checkpoints/step_4.pt", tmp_path / "checkpoints/step_\u0661\u0660.pt")
+    config = small_config(small_data, tmp_path, *FAST)
+    assert [step for step, _ in RunFolder(tmp_path).list_checkpoints()] == [2]
+    evaluate_command(config, checkpoint=None, watch=False, split="validation")
+    assert sorted(p.name for p in (tmp_path / "eval/validation").iterdir()) == ["step_2.json"]

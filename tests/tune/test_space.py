@@ -7,6 +7,7 @@ import math
 import pytest
 import yaml
 
+from heavyranker.cli import main
 from heavyranker.config import load_config
 from heavyranker.errors import UserError
 from heavyranker.tune.space import Objective, expand, read_space
@@ -43,6 +44,39 @@ def test_a_bad_space_is_one_line_naming_the_path(tmp_path, small_data, params, n
         read_space(write_space(tmp_path, params), CONFIG, data_overrides(small_data))
     assert named in str(error.value)
     assert "\n" not in str(error.value)
+
+
+LAUGHS = "".join(f"l{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 10)}]\n" for k in range(1, 9))
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        (
+            "objective: {split: validation}\nparams:\n  training.seed: {low: 1, high: 3}\n"
+            "  training.seed: {choices: [5]}\n",
+            "space.yaml: line 4: training.seed is given twice in this mapping (first on line 3)",
+        ),
+        (
+            "objective: {split: validation}\nparams: {training.seed: {choices: [\xff]}}\n",
+            "space.yaml: not UTF-8 text: invalid start byte at byte 66",
+        ),
+        (  # 10 choices of 10**7 strings each: their labels would be dumped for ever
+            "l0: &a0 [x]\n"
+            + LAUGHS
+            + "objective: {split: validation}\nparams: {training.seed: {choices: *a8}}\n",
+            "space.yaml: line 7: more than 1,000,000 nodes once aliases are expanded",
+        ),
+    ],
+    ids=["twice", "not-utf8", "alias-bomb"],
+)
+def test_the_space_file_is_read_as_a_config_is(tmp_path, small_data, capsys, text, line):
+    (tmp_path / "space.yaml").write_bytes(text.encode("latin-1"))
+    args = ["tune", "--config", str(CONFIG), "--space", str(tmp_path / "space.yaml"), "--trials", "1"]
+    args += ["--out", str(tmp_path / "out"), *(a for o in data_overrides(small_data) for a in ("--set", o))]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"{tmp_path}/{line}\n"
+    assert not (tmp_path / "out").exists()  # refused before the study is created
 
 
 def test_the_objective_split_may_not_be_a_training_split(tmp_path, small_data):

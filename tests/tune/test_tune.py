@@ -3,6 +3,7 @@ is a config train accepts, the report, and a killed study resumes."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -13,16 +14,19 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import torch
 import yaml
 from optuna.trial import TrialState
 
 from heavyranker.cli import main
 from heavyranker.config import load_config
+from heavyranker.errors import UserError
 from heavyranker.model import module_name
-from heavyranker.run_folder import list_checkpoints
+from heavyranker.run_folder import RunFolder, list_checkpoints
 from heavyranker.train.loop import Trainer
-from heavyranker.tune.study import STUDY_NAME, TuneOptions, run_tune
+from heavyranker.tune.space import read_space
+from heavyranker.tune.study import STUDY_NAME, TrialObjective, TuneOptions, run_tune
 from tests.conftest import REPO, SMALL_SPLITS, small_config
 from tests.tune.test_space import CONFIG, MMOE, PLE, TOWER_LR, data_overrides
 
@@ -85,6 +89,74 @@ def test_report_with_fewer_than_two_complete_trials_says_so(tmp_path, capsys):
     )
     assert main(["tune", "--report", "--out", str(out)]) == 0
     assert "importances: need 2 complete trials, the study has 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "storage, why",
+    [
+        (None, "file is not a database"),  # OUT/study.db holds something else
+        ("sqlite:///{tmp}/no/such/folder/x.db", "unable to open database file"),
+        ("nosuchdialect://host/db", "Can't load plugin: sqlalchemy.dialects:nosuchdialect"),
+    ],
+    ids=["not-a-database", "no-folder", "unknown-dialect"],
+)
+def test_a_storage_that_cannot_be_opened_is_one_line_naming_it(tmp_path, small_data, capsys, storage, why):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.db").write_text("not sqlite")
+    url = storage.format(tmp=tmp_path) if storage else f"sqlite:///{out / 'study.db'}"
+    given = ["--storage", url] if storage else []
+    options = tune_options(tmp_path, small_data, 1)
+    tune = ["tune", "--config", options.config, "--space", options.space, "--trials", "1", "--out", str(out)]
+    tune += [arg for value in options.overrides for arg in ("--set", value)]
+    for args in (tune + given, ["tune", "--report", "--out", str(out), *given]):
+        assert main(args) == 2
+        assert capsys.readouterr().err == f"error: tune: cannot open the study's storage {url}: {why}\n"
+    assert (out / "study.db").read_text() == "not sqlite"
+    assert not (out / "trials").exists()
+
+
+def test_a_study_of_another_search_space_is_refused(tmp_path, small_data):
+    """Its trials would count towards --trials, and its best (drawn over other parameters) would be written
+    to best.yaml as this space's best: the config without any setting, under another trial's value."""
+    options = tune_options(tmp_path, small_data, 1)
+    options.out.mkdir()
+    seed = optuna.distributions.IntDistribution(0, 9)
+    other = {"objective": ["validation", "rce", "mean"], "params": {"training.seed": {"name": "x"}}}
+    study = optuna.create_study(storage=f"sqlite:///{options.out / 'study.db'}", study_name=STUDY_NAME)
+    study.set_user_attr("space", other)
+    study.add_trial(
+        optuna.create_trial(value=1.0, params={"training.seed": 3}, distributions={"training.seed": seed})
+    )
+    with pytest.raises(UserError) as error:
+        run_tune(options)
+    assert str(error.value) == (
+        f"sqlite:///{options.out / 'study.db'}: the study there was tuned over another search space (params "
+        "training.seed not in this space); give another --out (or --storage), or the space it was tuned with"
+    )
+    assert sorted(p.name for p in options.out.iterdir()) == ["study.db"]  # no best.yaml, no trial
+
+
+def test_a_heartbeat_below_one_second_is_one_line(tmp_path, small_data, capsys):
+    options = tune_options(tmp_path, small_data, 1, heartbeat=0)
+    with pytest.raises(UserError, match=r"^--heartbeat must be at least 1 second \(got 0\)$"):
+        run_tune(options)
+    assert not options.out.exists()
+
+
+def test_a_damaged_evaluation_result_is_evaluated_again(tmp_path, small_data):
+    options = tune_options(tmp_path, small_data, 1)
+    space = read_space(options.space, options.config, options.overrides)
+    steps = ("training.num_train_steps=2", "training.checkpoint_every_n=2", "training.eval_log_every_n=1000")
+    config = small_config(small_data, tmp_path / "run", *steps)
+    Trainer(config).run()
+    written = RunFolder(config.training.save_dir).result("validation", 2)
+    written.parent.mkdir(parents=True)
+    written.write_text('{"step": 2, "metr')  # what a disk that lost a block leaves
+    value = TrialObjective(options, space).score(config)
+    rewritten = json.loads(written.read_text())
+    assert rewritten["step"] == 2
+    assert value == space.objective.value(rewritten["metrics"], config.engagement_weights)
 
 
 def states(out: Path) -> list[str]:

@@ -26,6 +26,9 @@ _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # 10**9 nodes, and PyYAML, _unshare and pydantic recurse once per level of nesting.
 MAX_NODES = 1_000_000  # once aliases are expanded
 MAX_DEPTH = 64
+# Bytes read of a YAML file (local_prod.yaml: 14 KB): /dev/zero, or a stream that never ends, would be read
+# until memory runs out. Not only regular files: `--config <(envsubst < c.yaml)` is a pipe.
+MAX_BYTES = 16 * 2**20
 
 
 class ConfigError(UserError):
@@ -75,10 +78,26 @@ def dump_config(config: Config) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    data = read_yaml(path, "the config", substitute_env=True)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            str(path), [("", "the top level must be a mapping of sections (training, model, ...)")]
+        )
+    return data
+
+
+def read_yaml(path: Path, what: str, substitute_env: bool = False) -> Any:
+    """The YAML document at `path`, read under the bounds and checks a config is read with (_BoundedLoader:
+    no alias bomb, no key given twice); ${VAR} replaced with `substitute_env`. ConfigError naming the file
+    and line, `what` naming the file in the reader's words ("the search space")."""
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            content = f.read(MAX_BYTES + 1)
+        if len(content) > MAX_BYTES:
+            raise ConfigError(str(path), [("", f"more than {MAX_BYTES // 2**20} MB: not {what}")])
+        text = content.decode()
     except OSError as e:
-        raise ConfigError(str(path), [("", f"cannot read the config: {e.strerror}")]) from None
+        raise ConfigError(str(path), [("", f"cannot read {what}: {e.strerror}")]) from None
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), [("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
     try:
@@ -87,16 +106,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             node = loader.get_single_node()
             if node is None:
                 raise ConfigError(str(path), [("", "the file is empty")])
-            _substitute_env(node, loader, str(path))
+            if substitute_env:
+                _substitute_env(node, loader, str(path))
             data = loader.construct_document(node)
         finally:
             loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [_yaml_problem(e)]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            str(path), [("", "the top level must be a mapping of sections (training, model, ...)")]
-        )
     return _unshare(data)
 
 
@@ -241,6 +257,9 @@ def _apply_override(data: dict[str, Any], override: str, file: str) -> None:
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any, file: str) -> None:
     segments = dotted.split(".")
+    # As deep as a YAML file may nest: finding the longest key at each level of 60,000 took minutes.
+    if len(segments) > MAX_DEPTH:
+        raise ConfigError(file, [("--set", f"{dotted[:40]}...: a path of more than {MAX_DEPTH} segments")])
     node = data
     while True:
         if not isinstance(node, dict):

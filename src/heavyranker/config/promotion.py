@@ -45,7 +45,9 @@ class PromoteConfig(StrictModel):
         description="Judge the sum of the tasks' differences weighted by serving.engagement_weights (their "
         "size) instead of each task's.",
     )
-    resamples: Annotated[int, Field(ge=100, strict=True)] = Field(1000, description="Bootstrap resamples.")
+    resamples: Annotated[int, Field(ge=100, le=100_000, strict=True)] = Field(
+        1000, description="Bootstrap resamples (100 to 100,000: each rescores every example)."
+    )
     format: Literal["onnx", "pt2"] = Field("onnx", description="The published version's program.")
     precision: Literal["fp32", "bf16", "int8"] = Field(
         "fp32",

@@ -24,6 +24,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..atomic import atomic_write
 from ..checkpoint import resolve_checkpoint
 from ..config import Config, short_names
 from ..config.data import DataConfig
@@ -43,6 +44,9 @@ BLOCK = 64  # resamples evaluated together: [BLOCK, N] float64 arrays, 30 MB eac
 # Fewest resamples: a 95% interval's ends are the 2.5% tails of the resampled differences; with 100 resamples
 # each end rests on 2 or 3 of them, with fewer on the one or two most extreme (at 0 there is no interval).
 MIN_RESAMPLES = 100
+# Most: each resample rescores every example for every task, and its differences are kept (8 bytes per task
+# and metric); 10**9 would run for days and allocate tens of GB. 100,000 puts 2,500 resamples in each tail.
+MAX_RESAMPLES = 100_000
 
 
 # A model to score (a Ranker, or a program called as one: serve's ServedProgram), where its weights are (a
@@ -241,9 +245,21 @@ def write_html(path: str | Path, table: str, tasks: list[str], a: Scores, b: Sco
         "<!doctype html>\n<html><head><meta charset='utf-8'><title>heavyranker compare</title></head><body>\n"
         f"<pre>{html.escape(table)}</pre>\n{plots}\n</body></html>\n"
     )
+    with atomic_write(path, "w") as f:  # a reader (a browser, a CI artifact) never sees half a page
+        f.write(page)
+    return Path(path)
+
+
+def html_target(path: str | Path) -> Path:
+    """Where --html writes, its folder created: checked before scoring, so that a folder at the name or a
+    file among its folders is one line at once rather than a traceback after the scoring."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page)
+    if path.is_dir():
+        raise UserError(f"compare: --html {path} is a folder; give the name of a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder should be, no permission
+        raise UserError(f"compare: --html {path}: cannot create its folder: {e.strerror}") from None
     return path
 
 
@@ -288,7 +304,7 @@ def compare_runs(
     step: int | None = None,
     resamples: int = 1000,
     seed: int = 0,
-    html_path: str | None = None,
+    html_path: str | Path | None = None,
     config_b: Config | None = None,
     exported: Callable[[str], Loaded | None] = lambda run: None,
 ) -> list[dict[str, Difference]]:
@@ -301,6 +317,9 @@ def compare_runs(
         raise UserError(
             f"compare: resamples is {resamples}; a 95% interval needs at least {MIN_RESAMPLES} (default 1000)"
         )
+    if resamples > MAX_RESAMPLES:
+        raise UserError(f"compare: resamples is {resamples}; at most {MAX_RESAMPLES:,} (default 1000)")
+    html_path = html_target(html_path) if html_path else None
     split, data = validation_split(
         config, split, "compare: the config has no validation_data to score the runs on"
     )

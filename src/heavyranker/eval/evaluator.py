@@ -76,8 +76,7 @@ def evaluate_splits(
 ) -> Results:
     """Evaluate each validation split (or `only`); write eval/<split>/step_<N>.json; print a table. What
     reading met is logged when anything was, and written to the JSON under "data"."""
-    if only is not None and only not in config.validation_data:
-        raise UserError(f"no validation split {only!r} (the config has {', '.join(config.validation_data)})")
+    check_split(config, only)
     results: Results = {}
     for split, data in config.validation_data.items():
         if only is None or split == only:
@@ -89,6 +88,11 @@ def evaluate_splits(
     if runtime.is_main:
         print(format_table(results, step))
     return results
+
+
+def check_split(config: Config, split: str | None) -> None:
+    if split is not None and split not in config.validation_data:
+        raise UserError(f"no validation split {split!r} (the config has {', '.join(config.validation_data)})")
 
 
 def format_table(results: Results, step: int) -> str:
@@ -119,6 +123,7 @@ def _write(
 def evaluate_command(
     config: Config, *, checkpoint: str | None, watch: bool, split: str | None
 ) -> Results | None:
+    check_split(config, split)  # before --watch waits, maybe an hour, for a checkpoint to evaluate it on
     with distributed_runtime() as runtime:
         check_sharding(config.validation_sections, runtime.world_size)
         specs = feature_specs(config.train_data)

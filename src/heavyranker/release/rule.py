@@ -23,7 +23,16 @@ import numpy as np
 
 from ..config import short_names
 from ..errors import UserError
-from ..eval.compare import METRICS, MIN_RESAMPLES, Difference, Scores, differences, interval, resampled_deltas
+from ..eval.compare import (
+    MAX_RESAMPLES,
+    METRICS,
+    MIN_RESAMPLES,
+    Difference,
+    Scores,
+    differences,
+    interval,
+    resampled_deltas,
+)
 
 LEVEL = 0.95
 
@@ -51,6 +60,8 @@ class PromotionRule:
             raise UserError(f"promote: tolerance {self.tolerance} must be at least 0")
         if self.resamples < MIN_RESAMPLES:
             raise UserError(f"promote: resamples is {self.resamples}; at least {MIN_RESAMPLES} are needed")
+        if self.resamples > MAX_RESAMPLES:
+            raise UserError(f"promote: resamples is {self.resamples}; at most {MAX_RESAMPLES:,}")
 
 
 DEFAULT_RULE = PromotionRule()

@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..atomic import atomic_write
 from ..errors import UserError
-from .study import SETTINGS, STUDY_NAME, storage_url
+from .study import SETTINGS, STUDY_NAME, opening_storage, storage_url
 
 
 def report_study(out: Path, storage: str | None) -> Path | None:
@@ -22,7 +22,8 @@ def report_study(out: Path, storage: str | None) -> Path | None:
         raise UserError(f"{out}: no study.db here; give the --out of a tune (or its --storage)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=url)
+        with opening_storage(url):
+            study = optuna.load_study(study_name=STUDY_NAME, storage=url)
     except KeyError:
         raise UserError(f"{out}: the storage holds no tune study") from None
     trials = study.get_trials(deepcopy=False)

@@ -14,21 +14,23 @@ A choice that is a mapping sets the fields it names below the parameter's path (
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
+    distribution_to_json,
 )
 
 from ..config import Config, ConfigError, load_config
+from ..config.loader import read_yaml
 from ..data.sources.files import select_files
 from ..errors import UserError
 from .settings import check_mapping, flow_yaml, refuse_conflicts, settings
@@ -106,6 +108,15 @@ class SearchSpace:
             for path, value in p.settings(drawn[p.path]).items()
         }
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two spaces' trials comparable: the objective, and each parameter's distribution (as
+        Optuna writes it to JSON: kind, range or choices' labels)."""
+        split, metric, tasks = self.objective.split, self.objective.metric, self.objective.tasks
+        return {
+            "objective": [split, metric, tasks if isinstance(tasks, str) else list(tasks)],
+            "params": {p.path: json.loads(distribution_to_json(p.distribution)) for p in self.params},
+        }
+
 
 def read_space(
     space_path: str | os.PathLike, config_path: str | os.PathLike, overrides: list[str]
@@ -113,12 +124,9 @@ def read_space(
     """The search space at `space_path`, checked against the config: UserError naming the space file and the
     entry where anything is wrong."""
     where = str(space_path)
-    try:
-        data = yaml.safe_load(Path(space_path).read_text())
-    except OSError as e:
-        raise UserError(f"{where}: cannot read the search space: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    # As a config is read: a key given twice is refused (safe_load kept the last silently), and so are an
+    # alias bomb and bytes that are not UTF-8.
+    data = read_yaml(Path(space_path), "the search space")
     if not isinstance(data, dict):
         raise UserError(f"{where}: the search space is a mapping with `objective:` and `params:`")
     unknown = set(data) - {"objective", "params"}

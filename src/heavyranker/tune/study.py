@@ -18,11 +18,14 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -35,6 +38,7 @@ from ..eval.evaluator import evaluate_command
 from ..run_folder import RunFolder
 from ..runtime import init_runtime
 from ..train.loop import NonFiniteLoss, Trainer
+from ..urls import redact
 from .settings import as_overrides
 from .space import Param, SearchSpace, read_space
 
@@ -44,6 +48,7 @@ STUDY_NAME = "heavyranker"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what --trials counts
 RUN = "run"  # user attribute: the number of the trial whose run folder a trial trains in
 SETTINGS = "settings"  # user attribute: what the trial sets in the config, as `--set` arguments
+SPACE = "space"  # the study's user attribute: the search space of its trials (SearchSpace.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,21 @@ def storage_url(out: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{(out / 'study.db').resolve()}"
 
 
+@contextmanager
+def opening_storage(url: str) -> Iterator[None]:
+    """A storage that cannot be opened (no such folder, not a database, an unknown dialect, a server that does
+    not answer) as one line naming it, where SQLAlchemy raises with its background and a traceback."""
+    try:
+        yield
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:  # ImportError: the URL's driver is missing
+        why = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise UserError(f"tune: cannot open the study's storage {redact(url)}: {why}") from None
+
+
 def open_study(out: Path, storage: str | None, seed: int = 0, heartbeat: int = 30) -> optuna.Study:
     """The study in `storage` (default DIR/study.db), created on first use."""
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8: we rely on them
+    # Heartbeats are "experimental" in Optuna since 2.8: we rely on them.
+    with warnings.catch_warnings(), opening_storage(storage_url(out, storage)):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         rdb = RDBStorage(
             storage_url(out, storage),
@@ -91,10 +108,13 @@ def run_tune(options: TuneOptions) -> FrozenTrial | None:
     the best trial (None where none completed)."""
     if options.trials < 1:
         raise UserError(f"--trials must be at least 1 (got {options.trials})")
+    if options.heartbeat < 1:  # Optuna's own check is a traceback
+        raise UserError(f"--heartbeat must be at least 1 second (got {options.heartbeat})")
     space = read_space(options.space, options.config, options.overrides)
     options.out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # tune logs each trial itself
     study = open_study(options.out, options.storage, options.seed, options.heartbeat)
+    claim_study(study, space, redact(storage_url(options.out, options.storage)))
     done = len(study.get_trials(deepcopy=False, states=COUNTED))
     if done >= options.trials:
         log.info("the study already holds %d finished trials of %d", done, options.trials)
@@ -110,6 +130,34 @@ def run_tune(options: TuneOptions) -> FrozenTrial | None:
             callbacks=[stop_at, lambda s, t: write_best(s, options, space)],
         )
     return write_best(study, options, space)
+
+
+def claim_study(study: optuna.Study, space: SearchSpace, where: str) -> None:
+    """Record the search space in a new study; refuse a study of another one, whose trials would count
+    towards --trials and whose best (drawn over other parameters) would be written to best.yaml as if it
+    were this space's. A study tuned before spaces were recorded takes this one."""
+    recorded, own = study.user_attrs.get(SPACE), space.fingerprint()
+    if recorded is None:
+        study.set_user_attr(SPACE, own)
+    elif recorded != own:
+        difference = space_difference(recorded, own)
+        raise UserError(
+            f"{where}: the study there was tuned over another search space ({difference}); give another "
+            "--out (or --storage), or the space it was tuned with"
+        )
+
+
+def space_difference(recorded: dict[str, Any], own: dict[str, Any]) -> str:
+    """The first difference between two fingerprints, in a person's words."""
+    if recorded["objective"] != own["objective"]:
+        return f"objective {recorded['objective']}, not {own['objective']}"
+    old, new = recorded["params"], own["params"]
+    if removed := sorted(set(old) - set(new)):
+        return f"params {', '.join(removed)} not in this space"
+    if added := sorted(set(new) - set(old)):
+        return f"params {', '.join(added)} not in that one"
+    changed = next(path for path in new if old[path] != new[path])
+    return f"params.{changed} was {json.dumps(old[changed]['attributes'])}"
 
 
 class TrialObjective:
@@ -155,10 +203,8 @@ class TrialObjective:
         split = self.space.objective.split
         checkpoint = resolve_checkpoint(config.training.save_dir, best=True)
         step = int(checkpoint.stem.removeprefix("step_"))
-        written = RunFolder(config.training.save_dir).result(split, step)
-        if written.is_file():
-            metrics = json.loads(written.read_text())["metrics"]
-        else:
+        metrics = written_metrics(RunFolder(config.training.save_dir).result(split, step))
+        if metrics is None:
             results = evaluate_command(config, checkpoint=str(checkpoint), watch=False, split=split)
             metrics = results[split]
         value = self.space.objective.value(metrics, config.engagement_weights)
@@ -168,6 +214,19 @@ class TrialObjective:
                 "for every task (one class only); choose other tasks or another split"
             )
         return value
+
+
+def written_metrics(path: Path) -> dict[str, Any] | None:
+    """The metrics of an evaluation's result file; None where there is none, or where it is damaged (the
+    checkpoint is then evaluated again, and the file rewritten)."""
+    try:
+        metrics = json.loads(path.read_text())["metrics"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # not text, not JSON, not a result
+        log.warning("%s: not an evaluation's result (%s): evaluating the checkpoint again", path, e)
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def suggest(trial: optuna.Trial, param: Param) -> Any:
