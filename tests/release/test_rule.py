@@ -93,3 +93,10 @@ def test_weights_that_leave_no_task_are_refused(planted):
     current, candidate = planted
     with pytest.raises(UserError, match="no weighted task has a rce"):
         judge(PromotionRule(resamples=200, weighted=True), TASKS, current, candidate, {}, version=1)
+
+
+@pytest.mark.parametrize("tolerance", [-0.5, float("nan")])
+def test_a_tolerance_below_0_or_not_a_number_is_refused(tolerance: float) -> None:
+    """nan passed a `< 0` check, and no interval ends below -nan: every candidate would be published."""
+    with pytest.raises(UserError, match=f"promote: tolerance {tolerance} must be a number at least 0"):
+        PromotionRule(tolerance=tolerance).check(TASKS)

@@ -56,8 +56,8 @@ class PromotionRule:
         unknown = [t for t in self.tasks if t not in tasks]
         if unknown:
             raise UserError(f"promote: no task {unknown[0]!r} on this split (it has {', '.join(tasks)})")
-        if self.tolerance < 0:
-            raise UserError(f"promote: tolerance {self.tolerance} must be at least 0")
+        if not self.tolerance >= 0:  # nan too: no interval would end below -nan, so nothing would be worse
+            raise UserError(f"promote: tolerance {self.tolerance} must be a number at least 0")
         if self.resamples < MIN_RESAMPLES:
             raise UserError(f"promote: resamples is {self.resamples}; at least {MIN_RESAMPLES} are needed")
         if self.resamples > MAX_RESAMPLES:
