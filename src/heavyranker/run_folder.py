@@ -33,7 +33,10 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-_STEP_FILE = re.compile(r"^step_(\d+)(\.pt|\.json)$")  # a checkpoint, an evaluation's result
+# A checkpoint, an evaluation's result, named as RunFolder names them. ASCII digits, no leading zero, and
+# fullmatch: \d and int() take "\u0663" (an Arabic-Indic 3), and $ a final newline, so "step_\u0663.pt",
+# "step_3.pt\n" or "step_03.pt" would pass for a second step 3.
+_STEP_FILE = re.compile(r"step_(0|[1-9][0-9]*)(\.pt|\.json)")
 
 
 class NotAMarker(UserError):
@@ -86,7 +89,7 @@ def list_results(folder: str | Path) -> list[tuple[int, Path]]:
 def _by_step(folder: Path, suffix: str) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
-    found = [_STEP_FILE.match(name) for name in os.listdir(folder)]
+    found = [_STEP_FILE.fullmatch(name) for name in os.listdir(folder)]
     return sorted((int(m.group(1)), folder / m.group(0)) for m in found if m and m.group(2) == suffix)
 
 

@@ -164,6 +164,7 @@ def dated_folders(root: str, since: datetime, hours: bool) -> list[tuple[datetim
         for name in _subfolders(folder):
             if (
                 len(name) == (4 if level == 0 else 2)
+                and name.isascii()  # isdigit() and strptime also take "\u0662", an Arabic-Indic 2
                 and name.isdigit()
                 and not (at_floor and name < floor[level])
             ):
