@@ -134,3 +134,13 @@ def test_a_name_that_is_almost_a_step_is_no_checkpoint(tmp_path, name):
     save_checkpoint(tmp_path, 2, {})
     (tmp_path / name).write_bytes(b"planted")
     assert list_checkpoints(tmp_path) == [(2, tmp_path / "step_2.pt")]
+
+
+@pytest.mark.parametrize("state", [torch.zeros(3), [1, 2]])
+def test_a_file_that_holds_no_dict_is_no_checkpoint(tmp_path, state):
+    # `"model" in state` on a tensor raised a RuntimeError: a traceback for a file of another program.
+    torch.save(state, tmp_path / "step_5.pt")
+    with pytest.raises(
+        UserError, match=r"step_5\.pt: not a heavyranker checkpoint \(it holds a (Tensor|list)"
+    ):
+        load_checkpoint(tmp_path / "step_5.pt")
