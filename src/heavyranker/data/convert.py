@@ -68,6 +68,9 @@ def _destinations(files: list[str], out: str, suffix: str) -> dict[str, str]:
     sources: dict[str, str] = {}  # destination -> the input written there
     for path, name in zip(files, _relative_names(files), strict=True):
         destination = os.path.join(out, os.path.splitext(name)[0] + suffix)
+        # An object key is a name, not a path: "a/../../x.gz" or "a//x.gz" would be written outside --out.
+        if not os.path.normpath(destination).startswith(os.path.join(os.path.normpath(out), "")):
+            raise UserError(f"{path}: its name below the inputs' folder leads outside --out {out}")
         if destination in sources:
             raise UserError(
                 f"{sources[destination]} and {path} would both be written to {destination}; rename one"
