@@ -181,8 +181,13 @@ class RunFolder:
         interleave metrics.jsonl. The lock is an flock on train.lock, which the kernel releases when its
         holder exits in any way, SIGKILL included, so a killed run never blocks the next one. `evaluate`
         (--watch beside a running train) only reads the run and takes no lock."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = without_following(self.lock, os.O_RDWR | os.O_CREAT, mode=0o600)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = without_following(self.lock, os.O_RDWR | os.O_CREAT, mode=0o600)
+        except OSError as e:  # a file at save_dir, a folder at train.lock, no permission
+            raise UserError(
+                f"{e.filename}: cannot take the run folder (training.save_dir): {e.strerror}"
+            ) from None
         with os.fdopen(fd, "r+") as lock:  # closing it releases the lock
             self._lock(lock)
             self._remove_stale_temporaries()

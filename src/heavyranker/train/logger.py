@@ -40,11 +40,14 @@ class TrainLogger:
             return
         from torch.utils.tensorboard import SummaryWriter  # slow import: only where it writes
 
-        run.path.mkdir(parents=True, exist_ok=True)
-        _drop_lines_after(run.metrics, resume_step)
-        self.jsonl = open(run.metrics, "a", opener=without_following)
-        # TensorBoard hides the events of earlier files at steps >= purge_step.
-        self.tensorboard = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1)
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            _drop_lines_after(run.metrics, resume_step)
+            self.jsonl = open(run.metrics, "a", opener=without_following)
+            # TensorBoard hides the events of earlier files at steps >= purge_step.
+            self.tensorboard = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1)
+        except OSError as e:  # a folder at metrics.jsonl, a file at tensorboard/
+            raise UserError(f"{e.filename}: cannot write the training log there: {e.strerror}") from None
 
     def _reset(self) -> None:
         self.steps = 0
