@@ -72,3 +72,11 @@ def test_temporaries_name_the_file_they_replace_and_their_writer(tmp_path):
         ]
     assert temporaries(tmp_path) == []
     assert temporaries(tmp_path / "absent") == []
+
+
+def test_a_name_that_is_almost_a_temporary_is_none(tmp_path):
+    # Arabic-Indic digits as the pid, a newline after it: a stale-temporary sweep must not unlink
+    # ".part-0.gz.tmp-12", another file, for them.
+    (tmp_path / ".part-0.gz.tmp-\u0661\u0662").touch()
+    (tmp_path / ".part-0.gz.tmp-12\n").touch()
+    assert temporaries(tmp_path) == []

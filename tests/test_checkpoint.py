@@ -123,3 +123,24 @@ def test_max_to_keep_spares_the_kept_step_and_resolve_takes_the_marked_best(tmp_
 
 def marker(step: int) -> BestMarker:
     return BestMarker(step, "validation", "mean", "rce", 1.0, 0, evaluated_step=step)
+
+
+@pytest.mark.parametrize(
+    "name", ["step_\u0663.pt", "step_\u00b3.pt", "step_3.pt\n", "step_+3.pt", "step_03.pt"]
+)
+def test_a_name_that_is_almost_a_step_is_no_checkpoint(tmp_path, name):
+    # int() and re's \d take Arabic-Indic digits ("\u0663" is 3) and re's $ a final newline: a file so
+    # named would be the newest checkpoint, or name a file that is not there.
+    save_checkpoint(tmp_path, 2, {})
+    (tmp_path / name).write_bytes(b"planted")
+    assert list_checkpoints(tmp_path) == [(2, tmp_path / "step_2.pt")]
+
+
+@pytest.mark.parametrize("state", [torch.zeros(3), [1, 2]])
+def test_a_file_that_holds_no_dict_is_no_checkpoint(tmp_path, state):
+    # `"model" in state` on a tensor raised a RuntimeError: a traceback for a file of another program.
+    torch.save(state, tmp_path / "step_5.pt")
+    with pytest.raises(
+        UserError, match=r"step_5\.pt: not a heavyranker checkpoint \(it holds a (Tensor|list)"
+    ):
+        load_checkpoint(tmp_path / "step_5.pt")

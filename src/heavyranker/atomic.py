@@ -22,7 +22,7 @@ from typing import IO, Any, NamedTuple
 
 from .errors import UserError
 
-_TEMPORARY = re.compile(r"^\.(.+)\.tmp-(\d+)$")  # the names _replacing gives
+_TEMPORARY = re.compile(r"\.(.+)\.tmp-([0-9]+)")  # the names _replacing gives (fullmatch: $ takes a final \n)
 
 
 class Temporary(NamedTuple):
@@ -92,7 +92,7 @@ def temporaries(folder: str | os.PathLike) -> list[Temporary]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [_TEMPORARY.match(name) for name in os.listdir(folder)]
+    found = [_TEMPORARY.fullmatch(name) for name in os.listdir(folder)]
     return [Temporary(folder / m.group(0), m.group(1), int(m.group(2))) for m in found if m]
 
 

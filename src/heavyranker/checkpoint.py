@@ -44,11 +44,32 @@ def _os_error(error: BaseException | None) -> OSError | None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
     except Exception as e:  # a truncated or foreign file: say which one
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):  # torch.save of a bare tensor or list: a file of another program
+        raise UserError(
+            f"{path}: not a heavyranker checkpoint (it holds a {type(state).__name__}, not a dict)"
+        )
+    return state
+
+
+# What a resume reads of a checkpoint besides the model weights (train/loop.py's Trainer.save writes them).
+_RESUME_STATE = {"optimizer": dict, "scheduler": dict, "step": int, "rng": torch.Tensor}
+
+
+def check_resumable(state: dict[str, Any], path: str | Path) -> None:
+    """UserError naming `path` where `state` lacks what a resume reads (a checkpoint trimmed to its weights,
+    or written by another program): a training run resumes from it or says why not, in one line."""
+    for key, kind in _RESUME_STATE.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            found = "nothing" if key not in state else f"a {type(state[key]).__name__}"
+            raise UserError(
+                f"{path}: cannot resume from this checkpoint: its {key!r} is {found}, not of type "
+                f"{kind.__name__}; move it out of the checkpoints folder to resume from an earlier one"
+            )
 
 
 def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:

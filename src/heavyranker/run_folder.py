@@ -33,9 +33,10 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-# A checkpoint, an evaluation's result. [0-9], not \d: \d also matches other scripts' digits, which int()
-# reads (step_١٠.pt would be taken for step 10, a file the run never wrote).
-_STEP_FILE = re.compile(r"^step_([0-9]+)(\.pt|\.json)$")
+# A checkpoint, an evaluation's result, named as RunFolder names them. ASCII digits, no leading zero, and
+# fullmatch: \d and int() take "\u0663" (an Arabic-Indic 3), and $ a final newline, so "step_\u0663.pt",
+# "step_3.pt\n" or "step_03.pt" would pass for a second step 3.
+_STEP_FILE = re.compile(r"step_(0|[1-9][0-9]*)(\.pt|\.json)")
 
 
 class NotAMarker(UserError):
@@ -88,7 +89,7 @@ def list_results(folder: str | Path) -> list[tuple[int, Path]]:
 def _by_step(folder: Path, suffix: str) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
-    found = [_STEP_FILE.match(name) for name in os.listdir(folder)]
+    found = [_STEP_FILE.fullmatch(name) for name in os.listdir(folder)]
     return sorted((int(m.group(1)), folder / m.group(0)) for m in found if m and m.group(2) == suffix)
 
 
@@ -180,8 +181,13 @@ class RunFolder:
         interleave metrics.jsonl. The lock is an flock on train.lock, which the kernel releases when its
         holder exits in any way, SIGKILL included, so a killed run never blocks the next one. `evaluate`
         (--watch beside a running train) only reads the run and takes no lock."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = without_following(self.lock, os.O_RDWR | os.O_CREAT, mode=0o600)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = without_following(self.lock, os.O_RDWR | os.O_CREAT, mode=0o600)
+        except OSError as e:  # a file at save_dir, a folder at train.lock, no permission
+            raise UserError(
+                f"{e.filename}: cannot take the run folder (training.save_dir): {e.strerror}"
+            ) from None
         with os.fdopen(fd, "r+") as lock:  # closing it releases the lock
             self._lock(lock)
             self._remove_stale_temporaries()

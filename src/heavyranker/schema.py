@@ -28,7 +28,9 @@ def load_schema(path: str) -> dict[str, FeatureSpec]:
     try:
         with open(path) as f:
             entries = json.load(f)["schema"]
-        specs = [FeatureSpec(e["feature_name"], e["dtype"], int(e["length"])) for e in entries]
+        if not isinstance(entries, list):
+            raise TypeError(f"'schema' is {type(entries).__name__}, not a list")
+        specs = [FeatureSpec(e["feature_name"], e["dtype"], e["length"]) for e in entries]
     except OSError as e:
         raise SchemaError(f"{path}: cannot read the schema: {e.strerror}") from None
     except (ValueError, KeyError, TypeError) as e:
@@ -36,11 +38,26 @@ def load_schema(path: str) -> dict[str, FeatureSpec]:
             f"{path}: not a schema (a JSON object with a 'schema' list of "
             f"{{feature_name, dtype, length}}): {e!r}"
         ) from None
+    named: dict[str, FeatureSpec] = {}
     for spec in specs:
-        if spec.dtype not in DTYPES:
-            raise SchemaError(
-                f"{path}: feature {spec.name}: dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}"
-            )
-        if spec.length < 1:
-            raise SchemaError(f"{path}: feature {spec.name}: length must be positive, got {spec.length}")
-    return {spec.name: spec for spec in specs}
+        _check(path, spec)
+        if spec.name in named:  # a dict would keep the last of the two without a word
+            raise SchemaError(f"{path}: feature {spec.name} is named twice")
+        named[spec.name] = spec
+    return named
+
+
+def _check(path: str, spec: FeatureSpec) -> None:
+    if not isinstance(spec.name, str) or not spec.name:
+        raise SchemaError(f"{path}: feature_name {json.dumps(spec.name)} is not a non-empty string")
+    if spec.dtype not in DTYPES:
+        raise SchemaError(
+            f"{path}: feature {spec.name}: dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}"
+        )
+    # Not int(): it turns 2.5 into 2, "3" and true into numbers.
+    if isinstance(spec.length, bool) or not isinstance(spec.length, int):
+        raise SchemaError(
+            f"{path}: feature {spec.name}: length must be a whole number, got {json.dumps(spec.length)}"
+        )
+    if spec.length < 1:
+        raise SchemaError(f"{path}: feature {spec.name}: length must be positive, got {spec.length}")

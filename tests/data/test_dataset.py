@@ -448,3 +448,19 @@ def test_close_returns_once_the_producer_has_ended(folder):
     [producer] = [t for t in threading.enumerate() if t.name == "heavyranker-order"]
     dataset.close()
     assert not producer.is_alive()
+
+
+def test_a_dump_that_fails_mid_write_keeps_the_previous_file(tmp_path, small_data, monkeypatch):
+    # It opened --out itself: a full disk left half an .npz under the name, the previous dump lost.
+    from heavyranker.data.dump import dump_batches
+    from tests.conftest import FullDisk
+
+    out = tmp_path / "dump.npz"
+    out.write_bytes(b"the previous dump")
+    real_savez = np.savez
+    monkeypatch.setattr(np, "savez", lambda f, **arrays: real_savez(FullDisk(f, room=100), **arrays))
+    data = small_config(small_data, tmp_path / "run").train_data
+    with pytest.raises(OSError, match="No space left on device"):
+        dump_batches(data, seed=0, out=str(out))
+    assert out.read_bytes() == b"the previous dump"
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".dump.npz")]  # no temporary left

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from heavyranker.config.data import DataConfig, ExplicitDateInputs, ExplicitDatetimeInputs
-from heavyranker.data.sources.files import date_files, datetime_files, glob_files, select_files
+from heavyranker.data.sources.files import (
+    date_files,
+    dated_folders,
+    datetime_files,
+    glob_files,
+    glob_versions,
+    select_files,
+)
 from heavyranker.errors import UserError
 
 
@@ -86,3 +95,24 @@ def test_select_files_keeps_the_first_n(tmp_path):
         tasks={"a": {}},
     )
     assert select_files(data) == paths[:2]
+
+
+@pytest.mark.parametrize("year", ["\u0662\u0660\u0662\u0663", "\uff12\uff10\uff12\uff13"])
+def test_a_folder_of_digits_other_than_ascii_is_no_date(tmp_path, year):
+    # isdigit() and strptime take Arabic-Indic and full-width digits: the day would be followed twice.
+    touch(tmp_path / "2023/01/03/a.gz")
+    touch(tmp_path / year / "01/03/b.gz")
+    found = dated_folders(str(tmp_path), datetime(2023, 1, 1), hours=False)
+    assert found == [(datetime(2023, 1, 3), os.path.join(tmp_path, "2023", "01", "03"))]
+
+
+def test_a_file_reached_through_links_is_listed_once(tmp_path):
+    # `**` goes through links to folders: a link to the folder above made 41 paths of each file, and
+    # training read each of them.
+    data = touch(tmp_path / "data" / "day" / "part-0.gz")
+    (tmp_path / "data" / "day" / "up").symlink_to("..")
+    (tmp_path / "data" / "latest").symlink_to("day")
+    (tmp_path / "data" / "dangling").symlink_to("nowhere")
+    pattern = str(tmp_path / "data" / "**" / "*.gz")
+    assert glob_files(pattern) == [data]
+    assert list(glob_versions(pattern)) == [data]

@@ -236,3 +236,29 @@ def test_the_convert_command_keeps_paths_below_the_inputs_folder(tmp_path, small
     ]
     rows = [sum(1 for _ in read_records(str(path))) for path in inputs]
     assert [pq.ParquetFile(out / h / "part-0.parquet").metadata.num_rows for h in ("00", "01")] == rows
+
+
+def test_convert_refuses_two_inputs_of_one_output_name_and_writes_nothing(tmp_path, folders):
+    # part-0.gz and part-0.tfrecord both became part-0.parquet: the second silently replaced the first.
+    root, out = tmp_path / "root", tmp_path / "out"
+    root.mkdir()
+    for name in ("part-0.gz", "part-0.tfrecord"):
+        shutil.copy(folders[0] / "part-0.gz", root / name)
+    with pytest.raises(
+        UserError, match=r"root/part-0.gz and .*root/part-0.tfrecord would both be written to"
+    ):
+        convert_files(data_config(root), to="parquet", out=str(out), inputs=f"{root}/part-0.*")
+    assert not out.exists()
+
+
+def test_convert_refuses_to_write_over_one_of_its_inputs(tmp_path, folders):
+    # format: tfrecord reads x.parquet as TFRecord: its output, x.parquet in the same folder, replaced it.
+    named = tmp_path / "named"
+    named.mkdir()
+    for path in sorted(folders[0].glob("*.gz")):
+        shutil.copy(path, named / path.with_suffix(".parquet").name)
+    before = {p.name: p.read_bytes() for p in named.glob("*.parquet")}
+    data = data_config(named, format="tfrecord")
+    with pytest.raises(UserError, match=r"named/part-0.parquet: --out would write over this input"):
+        convert_files(data, to="parquet", out=str(named), inputs=f"{named}/*.parquet")
+    assert {p.name: p.read_bytes() for p in named.glob("*.parquet")} == before

@@ -447,3 +447,17 @@ def test_parquet_in_a_bucket(s3, tmp_path):
     assert_same_batches(
         list(islice(RecapDataset(bucket, **TRAINING), 8)), list(islice(RecapDataset(local, **TRAINING), 8))
     )
+
+
+def test_convert_refuses_an_object_key_that_climbs_out_of_out(s3, small_data, tmp_path, capsys):
+    # S3 keys are names, not paths: "dots/a/../../escape.gz" put the output two folders above --out.
+    data = (small_data / "train" / "part-00000.gz").read_bytes()
+    s3.pipe({f"{BUCKET}/dots/a/ok.gz": data, f"{BUCKET}/dots/a/../../escape.gz": data})
+    out = tmp_path / "deep" / "out"
+    argv = ["data", "convert", "--config", str(CONFIGS / "local_small.yaml"), "--to", "parquet"]
+    assert main([*argv, "--inputs", f"s3://{BUCKET}/dots/**/*.gz", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: s3://{BUCKET}/dots/a/../../escape.gz: its name below the inputs' folder leads outside "
+        f"--out {out}"
+    )
+    assert not list(tmp_path.rglob("*.parquet"))

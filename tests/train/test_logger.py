@@ -1,9 +1,11 @@
 import json
 import time
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from heavyranker.errors import UserError
 from heavyranker.run_folder import RunFolder
 from heavyranker.train.logger import TrainLogger
 
@@ -55,3 +57,29 @@ def test_a_resumed_logger_drops_what_was_logged_past_its_step(tmp_path, monkeypa
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(line["step"], line["loss"]) for line in lines] == [(1, 0.5), (2, 0.5), (3, 0.25), (4, 0.25)]
     assert scalars(tmp_path / "tensorboard")["train/loss"] == [(1, 0.5), (2, 0.5), (3, 0.25), (4, 0.25)]
+
+
+def test_a_last_line_written_whole_but_for_its_newline_is_not_joined_to_the_next(tmp_path):
+    # A write cut short just before the "\n" (a full disk, a kill) left JSON that parses: appending to it
+    # made one line of two, which no JSON reader takes.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.5}')
+    resumed = TrainLogger(RunFolder(tmp_path), resume_step=2)
+    log_steps(resumed, [3], loss=0.25)
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["step"], line["loss"]) for line in lines] == [(1, 0.5), (3, 0.25)]
+
+
+@pytest.mark.parametrize("line", ['{"loss": 1}', "[1, 2]", '{"step": "2"}', '"text"'])
+def test_a_line_train_does_not_write_is_one_error_naming_file_and_line(tmp_path, line):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(f'{{"step": 1, "loss": 0.5}}\n{line}\n')
+    with pytest.raises(UserError, match=r"metrics\.jsonl: line 2 is not a line train writes"):
+        TrainLogger(RunFolder(tmp_path), resume_step=2)
+    assert metrics.read_text() == f'{{"step": 1, "loss": 0.5}}\n{line}\n'  # left as it was
+
+
+def test_a_log_that_is_not_text_is_one_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe\n')
+    with pytest.raises(UserError, match=r"metrics\.jsonl: not a training log"):
+        TrainLogger(RunFolder(tmp_path), resume_step=2)

@@ -428,3 +428,27 @@ def test_a_full_disk_anywhere_else_is_one_line(small_data, tmp_path, capsys, mon
     capsys.readouterr()
     assert cli("train", small_data, tmp_path, "training.num_train_steps=2") == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path}/somewhere: No space left on device"
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        ("optimizer", "its 'optimizer' is nothing, not of type dict"),
+        ("step", "its 'step' is a str, not of type int"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_resumed_is_one_line(small_data, tmp_path, capsys, damage, problem):
+    # A checkpoint trimmed to its weights, or another program's: a KeyError's or a ValueError's traceback.
+    assert cli("train", small_data, tmp_path, "training.num_train_steps=2") == 0
+    path = tmp_path / "checkpoints/step_2.pt"
+    state = load_checkpoint(path)
+    if damage == "step":
+        state["step"] = "two"
+    else:
+        del state[damage]
+    torch.save(state, path)
+    capsys.readouterr()
+    assert cli("train", small_data, tmp_path, "training.num_train_steps=4") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: {path}: cannot resume from this checkpoint: {problem}")

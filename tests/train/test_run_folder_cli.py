@@ -103,3 +103,27 @@ def test_keep_best_on_a_split_without_positives_for_its_task_is_refused_naming_i
         f"reads the same examples and they hold one class only ({FAV}: no positives); choose another task or "
         "split (train resumes from the newest checkpoint)"
     )
+
+
+@pytest.mark.parametrize(
+    "name, is_folder, problem",
+    [
+        ("", False, "cannot take the run folder (training.save_dir): File exists"),
+        ("train.lock", True, "cannot take the run folder (training.save_dir): Is a directory"),
+        ("metrics.jsonl", True, "cannot write the training log there: Is a directory"),
+        ("tensorboard", False, "cannot write the training log there: File exists"),
+    ],
+)
+def test_a_file_or_folder_where_train_wants_the_other_is_one_line(
+    small_data, tmp_path, capsys, name, is_folder, problem
+):
+    # A save_dir that is a file, a folder at train.lock: tracebacks (the CLI takes a full disk's OSError).
+    run = tmp_path / "run"
+    taken = run / name  # the run folder itself for ""
+    taken.parent.mkdir(exist_ok=True)
+    taken.mkdir() if is_folder else taken.write_bytes(PRECIOUS)
+    capsys.readouterr()
+    assert cli("train", small_data, run, "training.num_train_steps=1") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == f"error: {taken}: {problem}"

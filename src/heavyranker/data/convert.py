@@ -50,8 +50,7 @@ def convert_files(data: DataConfig, *, to: str, out: str, inputs: str | None = N
         raise UserError(f"the files are {source.name} already ({files[0]}, ...); --to names the other format")
     specs = data.seg_dense_schema.specs
     written = []
-    for path, name in zip(files, _relative_names(files), strict=True):
-        destination = os.path.join(out, os.path.splitext(name)[0] + target.suffix)
+    for path, destination in _destinations(files, out, target.suffix).items():
         os.makedirs(os.path.dirname(destination), exist_ok=True)
         if target is PARQUET:
             rows = _write_parquet(destination, _tfrecord_chunks(path, specs), specs)
@@ -60,6 +59,28 @@ def convert_files(data: DataConfig, *, to: str, out: str, inputs: str | None = N
         log.info("%s -> %s: %d records", path, destination, rows)
         written.append(destination)
     return written
+
+
+def _destinations(files: list[str], out: str, suffix: str) -> dict[str, str]:
+    """Each input's output path. Refused before anything is written: two inputs of one output name
+    (part-0.gz and part-0.tfrecord), where the second would replace the first, and an output that is an input
+    (format: tfrecord reading x.parquet), which would replace the data it was converted from."""
+    sources: dict[str, str] = {}  # destination -> the input written there
+    for path, name in zip(files, _relative_names(files), strict=True):
+        destination = os.path.join(out, os.path.splitext(name)[0] + suffix)
+        # An object key is a name, not a path: "a/../../x.gz" or "a//x.gz" would be written outside --out.
+        if not os.path.normpath(destination).startswith(os.path.join(os.path.normpath(out), "")):
+            raise UserError(f"{path}: its name below the inputs' folder leads outside --out {out}")
+        if destination in sources:
+            raise UserError(
+                f"{sources[destination]} and {path} would both be written to {destination}; rename one"
+            )
+        sources[destination] = path
+    inputs = {os.path.realpath(path) for path in files if not is_url(path)}
+    for destination in sources:
+        if os.path.realpath(destination) in inputs:
+            raise UserError(f"{destination}: --out would write over this input; name another folder")
+    return {path: destination for destination, path in sources.items()}
 
 
 def _relative_names(files: list[str]) -> list[str]:

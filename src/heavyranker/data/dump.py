@@ -8,6 +8,7 @@ from itertools import islice
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..config.data import DataConfig
 from ..errors import SettingError, UserError
 from .dataset import RecapDataset, describe_counts
@@ -54,7 +55,9 @@ def dump_batches(
     arrays["labels"] = _numpy([b.labels for b in read])
     arrays["weights"] = _numpy([b.weights for b in read])
     arrays["tasks"] = np.array(read[0].tasks)
-    with open(out, "wb") as f:  # a file object: np.savez would append .npz to a name without it
+    # A file object: np.savez would append .npz to a name without it. Atomic: a failed write keeps the
+    # previous dump.
+    with atomic_write(out) as f:
         np.savez(f, **arrays)
     log.info("wrote %d examples of %s (%d batches) to %s", len(arrays["labels"]), split, len(read), out)
 

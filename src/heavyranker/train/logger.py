@@ -40,11 +40,14 @@ class TrainLogger:
             return
         from torch.utils.tensorboard import SummaryWriter  # slow import: only where it writes
 
-        run.path.mkdir(parents=True, exist_ok=True)
-        _drop_lines_after(run.metrics, resume_step)
-        self.jsonl = open(run.metrics, "a", opener=without_following)
-        # TensorBoard hides the events of earlier files at steps >= purge_step.
-        self.tensorboard = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1)
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            _drop_lines_after(run.metrics, resume_step)
+            self.jsonl = open(run.metrics, "a", opener=without_following)
+            # TensorBoard hides the events of earlier files at steps >= purge_step.
+            self.tensorboard = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1)
+        except OSError as e:  # a folder at metrics.jsonl, a file at tensorboard/
+            raise UserError(f"{e.filename}: cannot write the training log there: {e.strerror}") from None
 
     def _reset(self) -> None:
         self.steps = 0
@@ -108,21 +111,37 @@ class TrainLogger:
 
 
 def _drop_lines_after(path: Path, step: int) -> None:
-    """Keep the lines of metrics.jsonl up to `step`."""
+    """Keep the lines of metrics.jsonl up to `step`. A line train does not write is one error: the file is
+    left as it was."""
     if not refuse_link(path).exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if _step(line) <= step]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a training log (no UTF-8 text: {e.reason} at byte {e.start})") from None
+    # Lines end at "\n" alone: splitlines() also splits at "\x1c" and the like, which a JSON string may hold.
+    *ended, last = text.split("\n")
+    lines = [line + "\n" for line in ended] + ([last] if last else [])
+    kept = [line for number, line in enumerate(lines, 1) if _step(path, number, line) <= step]
     if kept != lines:
         with atomic_write(path, "w") as f:
             f.writelines(kept)
 
 
-def _step(line: str) -> float:
+def _step(path: Path, number: int, line: str) -> float:
+    if not line.endswith("\n"):  # cut short by a kill or a full disk, maybe just before its newline: dropped
+        return math.inf
     try:
-        return json.loads(line)["step"]
+        content = json.loads(line)
     except json.JSONDecodeError:  # the end of a line cut short by a kill: dropped
         return math.inf
+    step = content.get("step") if isinstance(content, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise UserError(
+            f"{path}: line {number} is not a line train writes (a JSON object with a step); "
+            "move the file away, or set another training.save_dir"
+        )
+    return step
 
 
 # Counts of ids outside a range table's rows (model.id_mapping), under data/ in metrics.jsonl.

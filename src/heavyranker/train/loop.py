@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import (
+    check_resumable,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
@@ -137,6 +138,7 @@ class Trainer:
         newest = self.runtime.broadcast(self.run_folder.newest_checkpoint())
         if newest is not None:
             state = self._restore_weights(newest)
+            check_resumable(state, newest)
             optimizer_state = state["optimizer"]
             if self.sharded is not None:
                 optimizer_state = self.sharded.local_optimizer_state(self.optimizer, optimizer_state)

@@ -81,7 +81,7 @@ def glob_files(pattern: str) -> list[str]:
     if is_url(pattern):
         files = _url_glob(pattern)
     else:
-        files = sorted(f for f in glob.glob(local(pattern), recursive=True) if os.path.isfile(f))
+        files = _each_file_once(f for f in _local_glob(local(pattern)) if os.path.isfile(f))
     if not files:
         raise UserError(f"no files match inputs {pattern!r}{_missing_bucket(pattern)}")
     return files
@@ -106,7 +106,7 @@ def glob_versions(pattern: str) -> dict[str, dict]:
     if is_url(pattern):
         filesystem(pattern).invalidate_cache()
         return dict(sorted(_url_glob_versions(pattern).items()))
-    return _local_versions(sorted(glob.glob(local(pattern), recursive=True)))
+    return _local_versions(_each_file_once(_local_glob(local(pattern))))
 
 
 def folder_versions(folder: str, suffixes: tuple[str, ...]) -> dict[str, dict]:
@@ -118,6 +118,46 @@ def folder_versions(folder: str, suffixes: tuple[str, ...]) -> dict[str, dict]:
     entries = _listing(lambda: fs.ls(folder, detail=True), folder)
     named = {fs.unstrip_protocol(entry["name"]): entry for entry in entries if entry["type"] == "file"}
     return {path: version_of(named[path]) for path in sorted(named) if path.lower().endswith(suffixes)}
+
+
+def _local_glob(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True), but `**` enters each folder once: glob's follows links to folders
+    without end, and a link loop (a link to a folder above, and one more link) made 2**40 paths, a hang."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return glob.glob(pattern)
+    at = parts.index("**")
+    head, rest = os.sep.join(parts[:at]) or os.sep * (at > 0), os.sep.join(parts[at + 1 :])  # "/**": "/"
+    found: list[str] = []
+    for base in glob.glob(head) if head else [os.curdir]:
+        seen: set[tuple[int, int]] = set()
+        for folder, subfolders, files in os.walk(base, followlinks=True):
+            status = os.stat(folder)
+            if (status.st_dev, status.st_ino) in seen:  # reached through a link already: a loop, or twice
+                subfolders.clear()
+                continue
+            seen.add((status.st_dev, status.st_ino))
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))  # as glob's **
+            prefix = os.path.relpath(folder) if not head else folder
+            if not rest:
+                found += [os.path.join(prefix, name) for name in files if not name.startswith(".")]
+            else:
+                found += _local_glob(os.path.join(glob.escape(prefix), rest) if prefix != os.curdir else rest)
+    return found
+
+
+def _each_file_once(paths: Iterable[str]) -> list[str]:
+    """`paths` sorted, less those of a file listed already: `**` goes through links to folders, so a link
+    to a folder above (a loop) listed each file 40 times, and a second link to a day's folder each of its
+    files twice; each was trained on that often. Of a file's paths, the one of fewest folders is kept."""
+    chosen: dict[tuple[int, int], str] = {}
+    for path in sorted(paths, key=lambda p: (p.count(os.sep), p)):
+        try:
+            status = os.stat(path)
+        except OSError:  # gone since it was listed, or a dangling link: as if not listed
+            continue
+        chosen.setdefault((status.st_dev, status.st_ino), path)
+    return sorted(chosen.values())
 
 
 def _local_versions(paths: list[str]) -> dict[str, dict]:
@@ -164,6 +204,7 @@ def dated_folders(root: str, since: datetime, hours: bool) -> list[tuple[datetim
         for name in _subfolders(folder):
             if (
                 len(name) == (4 if level == 0 else 2)
+                and name.isascii()  # isdigit() and strptime also take "\u0662", an Arabic-Indic 2
                 and name.isdigit()
                 and not (at_floor and name < floor[level])
             ):
