@@ -400,6 +400,17 @@ def test_bad_sizes_and_mixed_schemas_are_refused(tmp_path):
     config = write_config(tmp_path)
     with pytest.raises(UserError, match="must be positive"):
         generate_for_config(config, examples=0)
+    with pytest.raises(
+        UserError, match=r"files per split \(101\) must not exceed the train split's rows \(100\)"
+    ):
+        generate_for_config(config, examples=100, files=101)
+    # a world of 10**14 users: beyond any address space, so refused at once even where memory is
+    # overcommitted; said in one line
+    with pytest.raises(
+        UserError, match="out of memory generating 1,000,000,000,000,000 rows; lower --examples"
+    ):
+        generate_for_config(config, examples=10**15)
+    assert not (tmp_path / "data").exists()  # nothing written
 
     def other_schema(data):
         other = tmp_path / "other.json"

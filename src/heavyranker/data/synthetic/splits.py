@@ -16,6 +16,7 @@ import numpy as np
 from ...config import Config
 from ...config.data import DataConfig
 from ...errors import UserError
+from ...memory import out_of_memory_as_user_error
 from ..sources.tfrecord import write_records
 from ..tf_example import encode_tf_examples
 from .holdout import WORLDS
@@ -77,6 +78,8 @@ def generate_for_config(
     n_train = default_examples(layout) if examples is None else examples
     if n_train < 1 or (files is not None and files < 1):
         raise UserError(f"examples and files must be positive (got {examples} and {files})")
+    if files is not None and files > n_train:  # 10**8 files of no rows: a folder no file system lists
+        raise UserError(f"files per split ({files:,}) must not exceed the train split's rows ({n_train:,})")
     if world not in WORLDS:
         raise UserError(f"no world {world!r} (there are: {', '.join(WORLDS)})")
     if id_effects < 0:
@@ -85,25 +88,28 @@ def generate_for_config(
         raise UserError(
             f"rows per user and per author must be positive (got {rows_per_user}, {rows_per_author})"
         )
-    users = max(64, int(n_train // rows_per_user))
-    authors = None if rows_per_author is None else max(16, int(n_train // rows_per_author))
-    planted = World(
-        layout, users=users, authors=authors, seed=seed, truth=WORLDS[world], id_effects=id_effects
-    )
-    written: list[str] = []
-    writer: dict[str, str] = {}  # folder -> the split written there
-    for plan in _plans(config, out):
-        fresh = [
-            sub for sub, folder in zip(plan.subfolders, plan.folders, strict=True) if folder not in writer
-        ]
-        if len(fresh) < len(plan.subfolders):
-            shared = next(f for f in plan.folders if f in writer)
-            log.info("split %s reads %s, written for split %s", plan.name, shared, writer[shared])
-            plan.subfolders = fresh
-        if plan.subfolders:
-            n = n_train if plan.name == "train" else max(1, round(n_train * VALIDATION_FRACTION))
-            written += _write_split(planted, plan, n, files or DEFAULT_FILES, seed)
-            writer.update(dict.fromkeys(plan.folders, plan.name))
+    # The world holds a vector per user and author, and each split its rows: too many rows is an allocation
+    # that fails at once (numpy's MemoryError), said here in one line.
+    with out_of_memory_as_user_error("--examples", f"generating {n_train:,} rows"):
+        users = max(64, int(n_train // rows_per_user))
+        authors = None if rows_per_author is None else max(16, int(n_train // rows_per_author))
+        planted = World(
+            layout, users=users, authors=authors, seed=seed, truth=WORLDS[world], id_effects=id_effects
+        )
+        written: list[str] = []
+        writer: dict[str, str] = {}  # folder -> the split written there
+        for plan in _plans(config, out):
+            fresh = [
+                sub for sub, folder in zip(plan.subfolders, plan.folders, strict=True) if folder not in writer
+            ]
+            if len(fresh) < len(plan.subfolders):
+                shared = next(f for f in plan.folders if f in writer)
+                log.info("split %s reads %s, written for split %s", plan.name, shared, writer[shared])
+                plan.subfolders = fresh
+            if plan.subfolders:
+                n = n_train if plan.name == "train" else max(1, round(n_train * VALIDATION_FRACTION))
+                written += _write_split(planted, plan, n, files or DEFAULT_FILES, seed)
+                writer.update(dict.fromkeys(plan.folders, plan.name))
     return written
 
 
