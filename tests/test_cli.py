@@ -35,20 +35,25 @@ def heavyranker(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("where", ["under-a-file", "a-file", "a-folder"])
 def test_an_output_path_in_the_way_is_one_line_naming_it(tmp_path, small_data, where):
-    """--out or save_dir under a file, at a file, or a file's name that is a folder: the path, what the
-    system said and what to do, exit 2, no traceback; the file in the way is left as it was."""
+    """--out under a file, at a file, or a file's name that is a folder: the path, what the system said and
+    what to do, exit 2, no traceback; the file in the way is left as it was. (train's save_dir has a message
+    of its own, naming the setting: tests/train/test_run_folder_cli.py.)"""
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("kept")
     sets = [f"train_data.inputs={small_data}/train/*.gz"]
     sets += [f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in SMALL_SPLITS]
     config = ["--config", str(CONFIGS / "local_small.yaml"), *(a for s in sets for a in ("--set", s))]
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "objective: {split: validation}\nparams: {model.multi_task_type: {choices: [share_all]}}\n"
+    )
     args, expected = {
         "under-a-file": (
-            ["train", *config, "--set", f"training.save_dir={in_the_way}/run"],
+            ["data", "generate", *config, "--examples", "100", "--files", "1", "--out", f"{in_the_way}/run"],
             f"{in_the_way}/run: Not a directory (a file stands where one of its folders should be)",
         ),
         "a-file": (
-            ["train", *config, "--set", f"training.save_dir={in_the_way}"],
+            ["tune", *config, "--space", str(space), "--trials", "1", "--out", str(in_the_way)],
             f"{in_the_way}: File exists (a file stands where a folder is needed)",
         ),
         "a-folder": (
