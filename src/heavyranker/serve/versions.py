@@ -85,9 +85,7 @@ class ServedVersions:
                 f"`heavyranker export --repository {repository.root} --model-name {repository.model_name}`)"
             )
         if pin_version is not None:
-            folder = repository.local_folder(pin_version)
-            loaded = Loaded(pin_version, folder, Scorer(folder), repository.published(pin_version))
-            served = cls(loaded, repository, pin_version=pin_version)
+            served = cls(_loaded(repository, pin_version), repository, pin_version=pin_version)
         else:
             served = cls._newest_that_loads(repository, versions)
         served._mark()
@@ -101,8 +99,7 @@ class ServedVersions:
         failed: dict[int, tuple[object, Exception]] = {}
         for version in versions[::-1]:
             try:
-                folder = repository.local_folder(version)
-                loaded = Loaded(version, folder, Scorer(folder), repository.published(version))
+                loaded = _loaded(repository, version)
             except Exception as e:  # whatever a damaged folder raises, as in refresh()
                 failed[version] = (repository.ready_stamp(version), e)
                 log.error("version %d cannot be served (%s): trying the version below", version, e)
@@ -203,6 +200,12 @@ class ServedVersions:
             log.warning(
                 "cannot mark version %s as served in %s: %s", self.current.version, self.repository, e
             )
+
+
+def _loaded(repository: ModelRepository, version: int) -> Loaded:
+    """A version as a server starts with it (the watcher's swaps check it against the served one too)."""
+    folder = repository.local_folder(version)
+    return Loaded(version, folder, Scorer(folder), repository.published(version))
 
 
 def _inputs(scorer: Scorer) -> str:

@@ -80,11 +80,12 @@ def opening_storage(url: str) -> Iterator[None]:
 
 def open_study(out: Path, storage: str | None, seed: int = 0, heartbeat: int = 30) -> optuna.Study:
     """The study in `storage` (default DIR/study.db), created on first use."""
+    url = storage_url(out, storage)
     # Heartbeats are "experimental" in Optuna since 2.8: we rely on them.
-    with warnings.catch_warnings(), opening_storage(storage_url(out, storage)):
+    with warnings.catch_warnings(), opening_storage(url):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         rdb = RDBStorage(
-            storage_url(out, storage),
+            url,
             heartbeat_interval=heartbeat,
             grace_period=2 * heartbeat,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
