@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from heavyranker.cli import main
 from heavyranker.errors import UserError
 from heavyranker.serve.app import create_app
 from heavyranker.serve.scorer import Scorer
@@ -416,6 +418,26 @@ def test_the_serve_command_listens_on_loopback(exported: Exported, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_a_second_server_on_a_port_in_use_is_one_line(exported: Exported, capsys):
+    """Was uvicorn's logged OSError and exit 3, after the model had loaded; a real listener holds the port."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert main(["serve", "--model", str(exported.folder), "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: serve: 127.0.0.1:{port} is in use (another server listens there); choose another --port, "
+        "or 0 for any free one\n"
+    )
+
+
+def test_a_host_not_of_this_machine_is_one_line(exported: Exported, capsys):
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): no machine has it, so binding it fails with EADDRNOTAVAIL.
+    assert main(["serve", "--model", str(exported.folder), "--host", "192.0.2.1", "--port", "0"]) == 2
+    assert re.fullmatch(
+        r"error: serve: cannot listen on 192\.0\.2\.1:0 \(--host, --port\): .*address.*\n",
+        capsys.readouterr().err,
+    )
 
 
 def _text(tmp_path) -> str:

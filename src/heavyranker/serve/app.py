@@ -18,6 +18,8 @@ numbers one by one; the pydantic models below only describe the API in the OpenA
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -263,7 +265,29 @@ def served_versions(model_dir: str | Path | None, overrides: dict[str, object]) 
 def run_server(model_dir: str | None, **overrides: object) -> None:
     """Serves create_app(model_dir, **overrides) on its options' host and port until interrupted."""
     app = create_app(model_dir, **overrides)
-    uvicorn.Server(server_config(app, host=app.state.options.host, port=app.state.options.port)).run()
+    host, port = app.state.options.host, app.state.options.port
+    check_can_listen(host, port)
+    uvicorn.Server(server_config(app, host=host, port=port)).run()
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """A one-line UserError where serve cannot listen on host:port (a second server on the port, an address
+    not of this machine, a port that needs privileges), where uvicorn logs the OSError and exits 3. A probe
+    bound and closed, as uvicorn binds (SO_REUSEADDR): a process that takes the port between the two still
+    meets uvicorn's own line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(
+                f"serve: {where} is in use (another server listens there); choose another --port, "
+                "or 0 for any free one"
+            ) from None
+        raise UserError(f"serve: cannot listen on {where} (--host, --port): {e.strerror or e}") from None
 
 
 def server_config(app: FastAPI, **options: Any) -> uvicorn.Config:
