@@ -336,3 +336,53 @@ def test_a_model_builds_from_specs_alone(tmp_path, monkeypatch):
     uncalibrated = build_model(model_config, specs).eval()  # no label rates: every example was kept
     uncalibrated.load_state_dict(model.state_dict())
     torch.testing.assert_close(uncalibrated(features)["calibrated_probabilities"], out["probabilities"])
+
+
+ONE_LAYER = {"mlp_config": {"layer_sizes": [1]}}
+
+
+def _table(name, index):
+    return {"name": name, "num_embeddings": 5, "embedding_dim": 2, "index": index}
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {"tasks": {"a.b": ONE_LAYER, "a__b": ONE_LAYER}},
+            r"model.tasks.a__b: the name 'a__b' is also model.tasks.a.b's",
+        ),
+        (
+            {"small_embeddings": {"tables": [_table("x", 0), _table("x", 1)]}},
+            r"model.small_embeddings.tables\[1\]: the name 'x' is also model.small_embeddings.tables\[0\]'s",
+        ),
+        (
+            {
+                "large_embeddings": {
+                    "tables": [
+                        {"name": "v.w", "feature_name": "ids", "num_embeddings": 5, "embedding_dim": 2}
+                    ]
+                },
+                "small_embeddings": {"tables": [_table("v__w", 0)]},
+            },
+            r"small_embeddings.tables\[0\]: the name 'v__w' is also model.large_embeddings.tables\[0\]'s",
+        ),
+    ],
+)
+def test_two_tasks_or_tables_under_one_module_name_are_refused(sections, message):
+    """Before: a second table of a name silently replaced the first (one table fewer, no error), and two
+    tasks under one module name failed at the first batch with zip()'s ValueError."""
+    from heavyranker.config.model import ModelConfig
+    from heavyranker.data.batch import Spec
+
+    config = ModelConfig.model_validate(
+        {"featurization_config": {"log1p_abs_config": {}}, "tasks": {"a": ONE_LAYER}, **sections}
+    )
+    specs = {
+        "continuous": Spec((4,), torch.float32),
+        "binary": Spec((3,), torch.float32),
+        "discrete": Spec((2,), torch.int64),
+        "ids": Spec((3,), torch.int64),
+    }
+    with pytest.raises(UserError, match=message):
+        build_model(config, specs)

@@ -175,6 +175,8 @@ def build_model(
     checkpoints either way; "onednn" needs a torch with oneDNN's linear kernel."""
     input_shapes = {name: spec.shape for name, spec in feature_specs.items()}
     task_names = list(model.tasks)
+    _check_module_names([(f"model.tasks.{task}", task) for task in task_names])
+    _check_module_names(_table_names(model))
     featurizer = build_featurizer(model.featurization_config, input_shapes)
     large, small, twhin, position = _embeddings(model, input_shapes)
     widths = [featurizer.out_features] + [m.out_features for m in (*large.values(), *small.values())]
@@ -313,6 +315,28 @@ def _embeddings(
         )
         position = PositionDebias(p.max_position, p.num_dims, p.drop_probability, p.position_feature_index)
     return large, small, twhin, position
+
+
+def _table_names(model: ModelConfig) -> list[tuple[str, str]]:
+    """(config path, name) of every embedding table, large then small."""
+    named = []
+    for section, tables in (("large", model.large_embeddings), ("small", model.small_embeddings)):
+        for i, table in enumerate(tables.tables if tables else []):
+            named.append((f"model.{section}_embeddings.tables[{i}]", table.name))
+    return named
+
+
+def _check_module_names(named: list[tuple[str, str]]) -> None:
+    """Each (config path, name) must have a module name of its own: two tasks or tables under one name would
+    be one module, the other silently dropped (a table) or a tower short (a task)."""
+    first: dict[str, str] = {}
+    for where, name in named:
+        other = first.setdefault(module_name(name), where)
+        if other != where:
+            raise UserError(
+                f"{where}: the name {name!r} is also {other}'s (as module names, '.' and '__' are the same); "
+                "give each its own"
+            )
 
 
 def _check_column(discrete: tuple[int, ...] | None, index: int, where: str) -> None:
