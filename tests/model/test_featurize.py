@@ -274,3 +274,30 @@ def test_periodic_config_errors_are_one_line_and_name_the_field(small_config_pat
     with pytest.raises(ConfigError, match=message) as error:
         load_config(small_config_path, [f"model.featurization_config={json.dumps(featurization)}"])
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "config", "message"),
+    [
+        ({"mean": 1e39, "std": 1.0}, "z_score_log_config", r"features\[3\]: mean 1e\+39 .*finite as float32"),
+        (
+            {"mean": 0.0, "std": 1e39},
+            "z_score_log_config",
+            r"features\[3\]: .*std 1e\+39 .*finite as float32",
+        ),
+        (
+            {"quantiles": [0.0, 1e39]},
+            "piecewise_linear_config",
+            r"features\[3\].quantiles .*finite as float32",
+        ),
+        ({"quantiles": [-3e38, 3e38]}, "piecewise_linear_config", r"features\[3\].quantiles .*differences"),
+    ],
+)
+def test_statistics_beyond_float32_are_refused(tmp_path, entry, config, message):
+    """Finite in the JSON's float64 but not as the float32 buffers: before, a mean of 1e39 made its column's
+    z-scores NaN, a std of 1e39 made them 0, and an edge (or a bin width) beyond float32 left the feature
+    without bins or with a bin of width inf, all silently."""
+    other = {"mean": 0.0, "std": 1.0, "quantiles": [0.0, 1.0]}
+    path = _stats(tmp_path, [other] * 3 + [{**other, **entry}])
+    with pytest.raises(DataError, match=rf"stats.json .*{message}"):
+        _run({config: {"analysis_path": path}})

@@ -232,11 +232,16 @@ def load_feature_stats(path: str, width: int) -> tuple[torch.Tensor, torch.Tenso
             f"from `heavyranker data stats`): {e!r}"
         ) from None
     _check_count(len(entries), width, where)
-    for i, (m, s) in enumerate(zip(mean, std, strict=True)):
+    # Checked as the float32 the model keeps: a value beyond float32's range (1e39) would be an infinity,
+    # every z-score of its column NaN or 0.
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    for i, (m, s) in enumerate(zip(mean_t.tolist(), std_t.tolist(), strict=True)):
         if not (math.isfinite(m) and math.isfinite(s)) or s < 0:
-            raise DataError(f"{where}: features[{i}]: mean {m} and std {s} must be finite, std >= 0")
-    std_t = torch.tensor(std, dtype=torch.float32)
-    return torch.tensor(mean, dtype=torch.float32), torch.where(std_t > 0, std_t, 1.0)
+            raise DataError(
+                f"{where}: features[{i}]: mean {mean[i]} and std {std[i]} must be finite as float32 "
+                "(|v| < 3.4e38), std >= 0"
+            )
+    return mean_t, torch.where(std_t > 0, std_t, 1.0)
 
 
 def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
@@ -255,7 +260,15 @@ def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
             ) from None
         if quantiles.ndim != 1 or not np.isfinite(quantiles).all() or (np.diff(quantiles) < 0).any():
             raise DataError(f"{where}: features[{i}].quantiles must be finite numbers in ascending order")
-        edges.append(np.unique(quantiles.astype(np.float32)))  # float32 first: edges equal in float32 merge
+        with np.errstate(over="ignore"):
+            distinct = np.unique(quantiles.astype(np.float32))  # float32 first: edges equal in float32 merge
+            widths = np.diff(distinct)
+        if not (np.isfinite(distinct).all() and np.isfinite(widths).all()):  # else bins of width inf: zeros
+            raise DataError(
+                f"{where}: features[{i}].quantiles must be finite numbers in ascending order, and they and "
+                "their differences finite as float32 (|v| < 3.4e38)"
+            )
+        edges.append(distinct)
     return edges
 
 
