@@ -301,3 +301,14 @@ def test_statistics_beyond_float32_are_refused(tmp_path, entry, config, message)
     path = _stats(tmp_path, [other] * 3 + [{**other, **entry}])
     with pytest.raises(DataError, match=rf"stats.json .*{message}"):
         _run({config: {"analysis_path": path}})
+
+
+def test_more_bins_than_data_stats_writes_are_refused(tmp_path):
+    """Before: any count was taken, and the [features, most bins] buffers and the input width grew with it
+    (a million quantiles: 4 GB a feature). 1025 quantiles (1024 bins, `data stats --bins`' most) load."""
+    most = _stats(tmp_path, [{"quantiles": np.linspace(0.0, 1.0, 1025).tolist()}] * 4)
+    featurizer, _ = _run({"piecewise_linear_config": {"analysis_path": most}})
+    assert featurizer.out_features == 4 * 1024 + 3
+    more = _stats(tmp_path, [{"quantiles": [0.0, 1.0]}] * 3 + [{"quantiles": list(range(1026))}])
+    with pytest.raises(DataError, match=r"stats.json .*features\[3\] has 1026 quantiles, at most 1025"):
+        _run({"piecewise_linear_config": {"analysis_path": more}})

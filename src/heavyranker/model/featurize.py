@@ -29,6 +29,9 @@ from ..config.model import FeaturizationConfig, LayerNormConfig
 from ..errors import DataError, UserError
 
 WHERE = "model.featurization_config"
+# The most bins a feature may have, as `heavyranker data stats --bins` writes at most: the buffers are
+# [features, most bins] and the input width their sum, so a file's bins must not be unbounded.
+MAX_BINS = 1024
 
 
 def log1p_abs(x: torch.Tensor) -> torch.Tensor:
@@ -260,6 +263,11 @@ def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
             ) from None
         if quantiles.ndim != 1 or not np.isfinite(quantiles).all() or (np.diff(quantiles) < 0).any():
             raise DataError(f"{where}: features[{i}].quantiles must be finite numbers in ascending order")
+        if len(quantiles) > MAX_BINS + 1:
+            raise DataError(
+                f"{where}: features[{i}] has {len(quantiles)} quantiles, at most {MAX_BINS + 1} "
+                f"({MAX_BINS} bins, as `heavyranker data stats --bins` writes)"
+            )
         with np.errstate(over="ignore"):
             distinct = np.unique(quantiles.astype(np.float32))  # float32 first: edges equal in float32 merge
             widths = np.diff(distinct)
