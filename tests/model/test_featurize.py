@@ -312,3 +312,16 @@ def test_more_bins_than_data_stats_writes_are_refused(tmp_path):
     more = _stats(tmp_path, [{"quantiles": [0.0, 1.0]}] * 3 + [{"quantiles": list(range(1026))}])
     with pytest.raises(DataError, match=r"stats.json .*features\[3\] has 1026 quantiles, at most 1025"):
         _run({"piecewise_linear_config": {"analysis_path": more}})
+
+
+def test_a_stats_file_is_read_only_as_far_as_its_features_need(tmp_path):
+    """Before: a file of any size was read whole (a 10 GB one named by mistake: 10 GB in memory), and JSON
+    nested too deep was a RecursionError traceback. A stats file for 4 features is read up to 5 x 64 KiB."""
+    padded = tmp_path / "padded.json"
+    padded.write_text(json.dumps({"features": STATS}) + " " * 5 * 2**16)
+    with pytest.raises(DataError, match=r"padded.json .*over 327,680 characters for 4 features"):
+        _run({"z_score_log_config": {"analysis_path": str(padded)}})
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep.json .*not a feature statistics file.*RecursionError"):
+        _run({"z_score_log_config": {"analysis_path": str(deep)}})

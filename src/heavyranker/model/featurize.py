@@ -3,7 +3,8 @@
 z_score_log reads per-feature statistics from a JSON file (written by `heavyranker data stats`):
     {"features": [{"mean": float, "std": float}, ...]}
 one entry per column of the `continuous` tensor as the model sees it (after truncate_and_slice), in column
-order; mean and std are those of sign(x) * log1p(|x|) over the finite values. Other keys are ignored.
+order; mean and std are those of sign(x) * log1p(|x|) over the finite values. Other keys are ignored; a file
+over 64 Ki characters per feature (plus 64 Ki) is refused unread.
 A std of 0 (a constant column) is read as 1, so the column becomes 0 instead of NaN. Its optional batch norm
 (or renorm) has torch's defaults (affine, momentum 0.1): the config has no settings for it.
 
@@ -32,6 +33,9 @@ WHERE = "model.featurization_config"
 # The most bins a feature may have, as `heavyranker data stats --bins` writes at most: the buffers are
 # [features, most bins] and the input width their sum, so a file's bins must not be unbounded.
 MAX_BINS = 1024
+# The most characters of a stats file read per feature: one of data stats' at MAX_BINS takes about 30,000.
+# A larger file (the training data named by mistake) is refused after that much, not read whole.
+CHARS_PER_FEATURE = 2**16
 
 
 def log1p_abs(x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +229,7 @@ def _layer_norm(width: int, config: LayerNormConfig) -> nn.LayerNorm:
 def load_feature_stats(path: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) float32 [width] from a stats file in the format of this module's docstring."""
     where = f"{path} ({WHERE}.z_score_log_config.analysis_path)"
-    entries = _stats_entries(path, where)
+    entries = _stats_entries(path, where, width)
     try:
         mean = [float(e["mean"]) for e in entries]
         std = [float(e["std"]) for e in entries]
@@ -250,7 +254,7 @@ def load_feature_stats(path: str, width: int) -> tuple[torch.Tensor, torch.Tenso
 def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
     """Each feature's distinct bin edges, ascending float32, from the "quantiles" of a stats file."""
     where = f"{path} ({WHERE}.piecewise_linear_config.analysis_path)"
-    entries = _stats_entries(path, where)
+    entries = _stats_entries(path, where, width)
     _check_count(len(entries), width, where)
     edges = []
     for i, entry in enumerate(entries):
@@ -280,16 +284,23 @@ def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
     return edges
 
 
-def _stats_entries(path: str, where: str) -> list:
-    """The "features" list of a stats file, one entry per continuous column."""
+def _stats_entries(path: str, where: str, width: int) -> list:
+    """The "features" list of a stats file for `width` continuous columns, one entry per column."""
+    limit = (width + 1) * CHARS_PER_FEATURE
     try:
         with open(path) as f:
-            entries = json.load(f)["features"]
+            text = f.read(limit + 1)
+        if len(text) > limit:
+            raise DataError(
+                f"{where}: over {limit:,} characters for {width} features: not a statistics file of "
+                "`heavyranker data stats`"
+            )
+        entries = json.loads(text)["features"]
         if not isinstance(entries, list):
             raise TypeError(f"features is a {type(entries).__name__}, not a list")
     except OSError as e:
         raise DataError(f"{where}: cannot read the feature statistics: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise DataError(
             f'{where}: not a feature statistics file ({{"features": [...]}}, from `heavyranker data stats`): '
             f"{e!r}"
