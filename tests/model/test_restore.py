@@ -42,3 +42,51 @@ def test_weights_of_another_model_name_the_misfit_then_the_hint(tmp_path):
         match=r"does not fit this model: weight: shape \(2, 4\) in the checkpoint, \(2, 3\) in the model$",
     ):
         restore_weights(model, path)
+
+
+def _managed_state():
+    """A managed table of 4 rows (3 ids of their own) after two batches, lfu: its buffers."""
+    from heavyranker.config.model import Eviction
+    from heavyranker.model.id_managed import ManagedMapping
+
+    mapping = ManagedMapping(4, 1, Eviction.LFU, None)
+    mapping(torch.tensor([[10, 20, 30]]))
+    mapping(torch.tensor([[40, 10]]))
+    return mapping
+
+
+@pytest.mark.parametrize(
+    ("buffer", "value", "message"),
+    [
+        ("row_last", -5, r"row_last has a sighting after tick"),
+        ("row_last", 2**40, r"row_last has a sighting after tick"),
+        ("candidate_count", -1, r"candidate_count has a negative count"),
+        ("tick", -10, r"tick is negative"),
+        ("num_resident", 99, r"num_resident is 99, but row_used marks 3 rows"),
+        ("recent_rows", 99, r"recent_rows has a row out of range"),
+        ("recent_ids", 2**62, r"recent_ids is not strictly ascending"),
+    ],
+)
+def test_a_damaged_managed_table_is_one_line_naming_the_file_and_buffer(tmp_path, buffer, value, message):
+    """Before: a negative count or sighting was numpy's ValueError traceback at the first batch, a sighting
+    of 2**40 a MemoryError (8 TiB for its histogram), a negative tick an IndexError, and rows or a size out
+    of place loaded silently."""
+    from heavyranker.errors import DataError
+
+    state = {f"mapping.{k}": v.clone() for k, v in _managed_state().state_dict().items()}
+    tensor = state[f"mapping.{buffer}"]
+    tensor.view(-1)[0] = value
+    path = save(tmp_path / "step_2.pt", {"model": state, "step": 2})
+    model = nn.Module()
+    model.mapping = _managed_state()
+    with pytest.raises(DataError, match=rf"^\S*step_2.pt: a damaged managed id table: mapping.{message}"):
+        restore_weights(model, path)
+        model.mapping(torch.tensor([[50, 60, 70]]))
+
+
+def test_an_undamaged_managed_table_loads_and_maps_the_same():
+    source = _managed_state()
+    target = _managed_state().__class__(4, 1, source.eviction, None)
+    target.load_state_dict(source.state_dict())
+    ids = torch.tensor([[10, 20, 30, 40, 50]])
+    assert torch.equal(target.lookup(ids), source.lookup(ids))

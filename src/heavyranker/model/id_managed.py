@@ -48,6 +48,7 @@ from torch import nn
 from ..config.model import Eviction
 from .count_histogram import CountHistogram
 from .key_histogram import Histogram
+from .managed_state import check_managed_state
 from .sorted_index import SortedIndex, SplitIndex, search
 
 FREE = -1  # the score of a free row or candidate entry: taken before any eviction
@@ -125,6 +126,7 @@ class ManagedMapping(nn.Module):
         for name in SPLIT_STATE:  # a checkpoint of the first layout: all its resident ids in the main part
             state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+        check_managed_state(dict(self.named_buffers()), self.num_embeddings, prefix)
         # Rebuilt from the loaded buffers on the next count:
         self._candidate_index = self._last_seen = self._counted = None
 

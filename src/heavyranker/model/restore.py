@@ -9,19 +9,22 @@ from typing import Any
 from torch import nn
 
 from ..checkpoint import load_checkpoint, load_model_weights
-from ..errors import UserError
+from ..errors import DataError, UserError
 
 
 def restore_weights(model: nn.Module, checkpoint: str | Path, *, misfit_hint: str = "") -> dict[str, Any]:
     """Loads `checkpoint` (a step_<N>.pt file, as resolve_checkpoint finds it) and copies its model weights
     into `model`, every name and shape checked; returns the checkpoint's whole state (its step, and the
-    optimizer's for a resume). Each problem is a UserError naming the file: unreadable, no model weights, or
-    weights that do not fit the model (followed by `misfit_hint`, where given: what to do about it)."""
+    optimizer's for a resume). Each problem is a UserError naming the file: unreadable, no model weights,
+    weights that do not fit the model (followed by `misfit_hint`, where given: what to do about it), or a
+    damaged buffer (a DataError)."""
     state = load_checkpoint(checkpoint)
     if "model" not in state:
         raise UserError(f"{checkpoint}: no 'model' weights in this checkpoint")
     try:
         load_model_weights(model, state["model"], str(checkpoint))
+    except DataError as e:  # a damaged buffer, found by the module's own checks as it loads
+        raise DataError(f"{checkpoint}: {e}") from None
     except UserError as e:
         if not misfit_hint:
             raise
