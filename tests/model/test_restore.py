@@ -90,3 +90,24 @@ def test_an_undamaged_managed_table_loads_and_maps_the_same():
     target.load_state_dict(source.state_dict())
     ids = torch.tensor([[10, 20, 30, 40, 50]])
     assert torch.equal(target.lookup(ids), source.lookup(ids))
+
+
+def test_a_checkpoint_of_the_first_managed_layout_restores(tmp_path):
+    """A checkpoint from before the recent part (no recent_ids, recent_rows, num_recent, num_vacated: every
+    resident id in sorted_ids) maps as it did. Before: restore_weights refused it ("missing recent_ids; ..."),
+    though the table's own load took it: resume, evaluate and export could not read such a checkpoint."""
+    from heavyranker.model.managed_state import SPLIT_STATE
+
+    source = _managed_state()
+    resident = sorted(source.resident().items())  # the first layout: all of them in the main part
+    state = {k: v.clone() for k, v in source.state_dict().items() if k not in SPLIT_STATE}
+    state["sorted_ids"][: len(resident)] = torch.tensor([pair[0] for pair in resident])
+    state["sorted_rows"][: len(resident)] = torch.tensor([pair[1] for pair in resident])
+    path = save(tmp_path / "step_2.pt", {"model": {f"table.mapping.{k}": v for k, v in state.items()}})
+    model = nn.Module()
+    model.table = nn.Module()
+    model.table.mapping = source.__class__(4, 1, source.eviction, None)
+    restore_weights(model, path)
+    ids = torch.tensor([[10, 20, 30, 40, 50]])
+    assert model.table.mapping.lookup(ids).tolist() == [[dict(resident).get(i, 0) for i in ids[0].tolist()]]
+    assert int(model.table.mapping.num_recent) == 0

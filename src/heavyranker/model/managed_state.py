@@ -1,14 +1,26 @@
-"""The checks a managed table's state (model/id_managed.py) passes as it loads: a damaged buffer in a
-checkpoint is a one-line error naming it, where it would be a numpy traceback at the first count (a negative
-count or sighting), an allocation as large as its value (a sighting of 2**40: 8 TiB for its histogram), or
-rows looked up out of place."""
+"""A managed table's state (model/id_managed.py) as it loads: a checkpoint of the first layout completed, and
+the checks it passes: a damaged buffer in a checkpoint is a one-line error naming it, where it would be a
+numpy traceback at the first count (a negative count or sighting), an allocation as large as its value (a
+sighting of 2**40: 8 TiB for its histogram), or rows looked up out of place."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import DataError
+
+# Added after the first layout: a checkpoint without them holds an empty recent part and no vacated row.
+SPLIT_STATE = ("recent_ids", "recent_rows", "num_recent", "num_vacated")
+
+
+def complete_first_layout(mapping: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+    """The buffers a checkpoint of the first layout (all its resident ids in the main part) lacks, put into
+    `state_dict` (the mapping's under `prefix`) as that layout means them, where it holds the mapping's."""
+    if prefix + "sorted_ids" in state_dict:
+        for name in SPLIT_STATE:
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(mapping, name)))
 
 
 def check_managed_state(buffers: dict[str, torch.Tensor], num_embeddings: int, prefix: str) -> None:

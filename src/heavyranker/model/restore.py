@@ -10,6 +10,8 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint, load_model_weights
 from ..errors import DataError, UserError
+from .id_managed import ManagedMapping
+from .managed_state import complete_first_layout
 
 
 def restore_weights(model: nn.Module, checkpoint: str | Path, *, misfit_hint: str = "") -> dict[str, Any]:
@@ -21,6 +23,9 @@ def restore_weights(model: nn.Module, checkpoint: str | Path, *, misfit_hint: st
     state = load_checkpoint(checkpoint)
     if "model" not in state:
         raise UserError(f"{checkpoint}: no 'model' weights in this checkpoint")
+    for name, module in model.named_modules():  # the name check below would refuse what they lack
+        if isinstance(module, ManagedMapping):
+            complete_first_layout(module, state["model"], f"{name}." if name else "")
     try:
         load_model_weights(model, state["model"], str(checkpoint))
     except DataError as e:  # a damaged buffer, found by the module's own checks as it loads
