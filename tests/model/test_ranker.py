@@ -386,3 +386,74 @@ def test_two_tasks_or_tables_under_one_module_name_are_refused(sections, message
     }
     with pytest.raises(UserError, match=message):
         build_model(config, specs)
+
+
+def _spec_model(continuous, featurization, task, **sections):
+    """A model of one task on `continuous` features alone, built from specs (no data, no file)."""
+    from heavyranker.config.model import ModelConfig
+    from heavyranker.data.batch import Spec
+
+    featurization = {**featurization, "feature_names_to_concat": []}
+    config = ModelConfig.model_validate(
+        {"featurization_config": featurization, "tasks": {"a": task}, **sections}
+    )
+    return build_model(config, {"continuous": Spec((continuous,), torch.float32)})
+
+
+LOG = {"log1p_abs_config": {}}
+WIDE_MASK_NET = {"mask_blocks": [{"output_size": 1, "reduction_factor": 16, "input_layer_norm": False}]}
+WIDE_GATE = {"num_experts": 2, "expert": ONE_LAYER, "gate_mlp": {"layer_sizes": [2**15]}}
+
+
+@pytest.mark.parametrize(
+    ("continuous", "featurization", "task", "sections", "message"),
+    [
+        (
+            2**24,
+            LOG,
+            {"dcn_config": {"poly_degree": 1, "output_mlp": {"layer_sizes": [1]}}},
+            {},
+            r"^model.tasks.a: a dense layer of 16,777,216 inputs x 16,777,216 units would hold "
+            r"281,474,976,710,656 weights, over 2\*\*30",
+        ),
+        (
+            2**14,
+            LOG,
+            {"mask_net_config": WIDE_MASK_NET},
+            {},
+            r"^model.tasks.a: a dense layer of 16,384 inputs x 262,144",
+        ),
+        (
+            2**20,
+            LOG,
+            ONE_LAYER,
+            {"multi_task_type": "mmoe", "experts": WIDE_GATE},
+            r"^model.experts.gate_mlp: a dense layer of 1,048,576 inputs x 32,768 units",
+        ),
+        (
+            2117,
+            {"periodic_config": {"n_frequencies": 256, "embedding_dim": 2**15}},
+            ONE_LAYER,
+            {},
+            r"^model.featurization_config.periodic_config: 2,117 features x 2 x 256 frequencies x 32768 "
+            r"dimensions would be 35,517,366,272 weights",
+        ),
+    ],
+)
+def test_a_layer_beyond_2_30_weights_from_a_derived_width_is_refused_before_it_is_allocated(
+    continuous, featurization, task, sections, message
+):
+    """The config bounds each width it names (2**15), so a layer holds at most 2**30 weights; widths from
+    elsewhere (the input's, a MaskNet's aggregation from reduction_factor, the periodic encoding's layers)
+    were not bounded: torch's allocator failed with a RuntimeError traceback (these sizes, all over 23 GiB),
+    or a size the machine could just commit took all its memory. Now each names its config path."""
+    with pytest.raises(UserError, match=message):
+        _spec_model(continuous, featurization, task, **sections)
+
+
+def test_a_layer_of_2_30_weights_is_allowed():
+    from heavyranker.model.linear import MAX_LAYER_WEIGHTS, Linear
+
+    assert MAX_LAYER_WEIGHTS == 2**30
+    with torch.device("meta"):  # the bound is checked before the allocation: none needed to see it pass
+        assert Linear(2**15, 2**15).weight.shape == (2**15, 2**15)

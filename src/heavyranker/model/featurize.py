@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config.model import FeaturizationConfig, LayerNormConfig
 from ..errors import DataError, UserError
+from .linear import MAX_LAYER_WEIGHTS
 
 WHERE = "model.featurization_config"
 # The most bins a feature may have, as `heavyranker data stats --bins` writes at most: the buffers are
@@ -186,6 +187,12 @@ def build_featurizer(config: FeaturizationConfig, input_shapes: dict[str, tuple[
         steps = [NonFiniteToZero(), Log1pAbs(), encoding]
         out = encoding.out_features + concat
     elif (p := config.periodic_config) is not None:
+        weights = width * 2 * p.n_frequencies * p.embedding_dim
+        if weights > MAX_LAYER_WEIGHTS:  # its per-feature layers: the bound of one dense layer
+            raise UserError(
+                f"{WHERE}.periodic_config: {width:,} features x 2 x {p.n_frequencies} frequencies x "
+                f"{p.embedding_dim} dimensions would be {weights:,} weights, over 2**30 (4 GiB of float32)"
+            )
         encoding = Periodic(width, p.n_frequencies, p.sigma, p.embedding_dim)
         steps = [NonFiniteToZero(), Log1pAbs(), encoding]
         out = encoding.out_features + concat

@@ -20,7 +20,7 @@ from .embeddings import LargeEmbedding, PositionDebias, SmallEmbedding
 from .experts import Experts, build_experts
 from .featurize import Featurizer, build_featurizer
 from .id_mapping import RangeMapping, build_id_mapping
-from .linear import DEFAULT_MATMUL, Matmul
+from .linear import DEFAULT_MATMUL, LayerTooLarge, Matmul
 from .masknet import build_mask_net
 from .mlp import build_mlp
 
@@ -189,15 +189,18 @@ def build_model(
     tower_in, tower_vectors = in_features, vectors
     if model.experts is not None:  # mmoe or ple
         build = partial(build_architecture, matmul=matmul)
-        experts = build_experts(
-            model.multi_task_type,
-            model.experts,
-            [module_name(t) for t in task_names],
-            in_features,
-            vectors,
-            build,
-            matmul=matmul,
-        )
+        try:
+            experts = build_experts(
+                model.multi_task_type,
+                model.experts,
+                [module_name(t) for t in task_names],
+                in_features,
+                vectors,
+                build,
+                matmul=matmul,
+            )
+        except LayerTooLarge as e:  # a gate's (an expert's names its own path)
+            raise UserError(f"model.experts.gate_mlp: {e}") from None
         tower_in, tower_vectors = experts.out_features, []
     elif model.multi_task_type != MultiTaskType.SHARE_NONE:
         assert model.backbone is not None  # the config requires one when sharing
@@ -254,14 +257,19 @@ def build_architecture(
 ) -> nn.Module:
     """The one architecture a backbone, tower or expert config names; `where` is its config path, for
     errors."""
-    if task.mlp_config is not None:
-        return build_mlp(in_features, task.mlp_config, matmul=matmul)
-    if task.mask_net_config is not None:
-        return build_mask_net(in_features, task.mask_net_config, f"{where}.mask_net_config", matmul=matmul)
-    if task.dcn_config is not None:
-        return build_dcn(in_features, task.dcn_config, matmul=matmul)
-    assert task.dlrm_config is not None  # the config allows exactly one architecture
-    return build_dlrm(in_features, task.dlrm_config, vector_slices, f"{where}.dlrm_config", matmul=matmul)
+    try:
+        if task.mlp_config is not None:
+            return build_mlp(in_features, task.mlp_config, matmul=matmul)
+        if task.mask_net_config is not None:
+            return build_mask_net(
+                in_features, task.mask_net_config, f"{where}.mask_net_config", matmul=matmul
+            )
+        if task.dcn_config is not None:
+            return build_dcn(in_features, task.dcn_config, matmul=matmul)
+        assert task.dlrm_config is not None  # the config allows exactly one architecture
+        return build_dlrm(in_features, task.dlrm_config, vector_slices, f"{where}.dlrm_config", matmul=matmul)
+    except LayerTooLarge as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def _affine_map(scale: float, bias: float) -> nn.Linear:
