@@ -325,3 +325,17 @@ def test_a_stats_file_is_read_only_as_far_as_its_features_need(tmp_path):
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match=r"deep.json .*not a feature statistics file.*RecursionError"):
         _run({"z_score_log_config": {"analysis_path": str(deep)}})
+
+
+def test_batch_renorm_on_a_training_batch_of_one_row_keeps_its_running_statistics(tmp_path):
+    """Before: one row's unbiased variance (NaN) went into running_var, and every output after it was NaN,
+    silently. Now the row is normalised by the running statistics (what renorm's training output equals)."""
+    config = {"analysis_path": _stats(tmp_path, [{"mean": 0.0, "std": 1.0}] * 4), "use_renorm": True}
+    featurizer = build_featurizer(FeaturizationConfig(z_score_log_config=config), SHAPES)
+    renorm = featurizer.transform[-1]
+    renorm.running_mean.copy_(torch.tensor([0.5, 0.0, -0.5, 1.0]))
+    renorm.running_var.copy_(torch.tensor([4.0, 1.0, 0.25, 1.0]))
+    x = torch.tensor([[2.5, 1.0, 0.0, 1.0]])
+    expected = (x - renorm.running_mean) / (renorm.running_var + 1e-5).sqrt()  # weight 1, bias 0
+    torch.testing.assert_close(renorm.train()(x), expected)
+    assert renorm.running_var.tolist() == [4.0, 1.0, 0.25, 1.0] and torch.isfinite(renorm.running_mean).all()

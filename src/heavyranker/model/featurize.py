@@ -29,6 +29,7 @@ from torch import nn
 from ..config.model import FeaturizationConfig, LayerNormConfig
 from ..errors import DataError, UserError
 from .linear import MAX_LAYER_WEIGHTS
+from .mlp import BatchNorm1d
 
 WHERE = "model.featurization_config"
 # The most bins a feature may have, as `heavyranker data stats --bins` writes at most: the buffers are
@@ -75,13 +76,15 @@ class ZScore(nn.Module):
         return (x - self.mean) / self.std
 
 
-class BatchRenorm1d(nn.BatchNorm1d):
+class BatchRenorm1d(BatchNorm1d):
     """Batch renormalization (Ioffe 2017, arXiv:1702.03275), without clipping of r and d: in training the
     output equals normalisation by the running statistics while gradients flow through the batch ones, so
-    a model trained on small batches serves with the statistics it was trained with."""
+    a model trained on small batches serves with the statistics it was trained with. A batch of one row
+    is normalised by the running statistics alone (BatchNorm1d's): its unbiased variance is NaN, which
+    the running variance took, and every later output with it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or x.shape[0] < 2:
             return super().forward(x)
         mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
         std = (var + self.eps).sqrt()
@@ -206,14 +209,14 @@ def build_featurizer(config: FeaturizationConfig, input_shapes: dict[str, tuple[
         if z.use_renorm:
             steps.append(BatchRenorm1d(width))
         elif z.use_batch_norm:
-            steps.append(nn.BatchNorm1d(width))
+            steps.append(BatchNorm1d(width))
     else:
         d = config.double_norm_log_config
         assert d is not None  # the config allows exactly one featurization
         steps = [NonFiniteToZero(), Log1pAbs()]
         if d.batch_norm_config is not None:
             bn = d.batch_norm_config
-            steps.append(nn.BatchNorm1d(width, affine=bn.affine, momentum=bn.momentum))
+            steps.append(BatchNorm1d(width, affine=bn.affine, momentum=bn.momentum))
         steps.append(Clamp(d.clip_magnitude))
         if d.layer_norm_config is not None:
             layer_norm = _layer_norm(out, d.layer_norm_config)
