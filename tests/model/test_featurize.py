@@ -339,3 +339,16 @@ def test_batch_renorm_on_a_training_batch_of_one_row_keeps_its_running_statistic
     expected = (x - renorm.running_mean) / (renorm.running_var + 1e-5).sqrt()  # weight 1, bias 0
     torch.testing.assert_close(renorm.train()(x), expected)
     assert renorm.running_var.tolist() == [4.0, 1.0, 0.25, 1.0] and torch.isfinite(renorm.running_mean).all()
+
+
+def test_an_empty_list_of_quantiles_is_refused_and_one_edge_is_no_bins(tmp_path):
+    """Before: [] passed the checks, and the buffers' build failed with torch's RuntimeError (a size
+    mismatch) when another feature had two bins or more. One edge (data stats' [0.0] for a column without a
+    finite value) is a feature without bins, as a constant one."""
+    two_bins = {"quantiles": [0.0, 1.0, 2.0]}
+    empty = _stats(tmp_path, [{"quantiles": []}, two_bins, two_bins, two_bins])
+    with pytest.raises(DataError, match=r"stats.json .*features\[0\].quantiles is empty"):
+        _run({"piecewise_linear_config": {"analysis_path": empty}})
+    one_edge = _stats(tmp_path, [{"quantiles": [0.0]}, two_bins, two_bins, two_bins])
+    featurizer, _ = _run({"piecewise_linear_config": {"analysis_path": one_edge}})
+    assert featurizer.out_features == 3 * 2 + 3  # three features of two bins, then the binary

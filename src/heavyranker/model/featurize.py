@@ -277,6 +277,8 @@ def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
             ) from None
         if quantiles.ndim != 1 or not np.isfinite(quantiles).all() or (np.diff(quantiles) < 0).any():
             raise DataError(f"{where}: features[{i}].quantiles must be finite numbers in ascending order")
+        if len(quantiles) == 0:  # data stats writes [0.0] for a column without a finite value
+            raise DataError(f"{where}: features[{i}].quantiles is empty: at least one edge (one: no bins)")
         if len(quantiles) > MAX_BINS + 1:
             raise DataError(
                 f"{where}: features[{i}] has {len(quantiles)} quantiles, at most {MAX_BINS + 1} "
