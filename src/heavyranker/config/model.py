@@ -50,7 +50,8 @@ class LayerNormConfig(StrictModel):
 
 
 class BatchNormConfig(StrictModel):
-    """A BatchNorm; its statistics are per process under DDP."""
+    """A BatchNorm; its statistics are per process under DDP. A training batch of one row (ignore_data_errors
+    can leave one) is normalised by the running statistics, which it leaves as they are."""
 
     affine: bool = Field(True, description="Learn a scale and a bias.")
     momentum: Float = Field(0.1, gt=0.0, le=1.0, description="Weight of the new batch in the running stats.")
