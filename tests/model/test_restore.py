@@ -111,3 +111,31 @@ def test_a_checkpoint_of_the_first_managed_layout_restores(tmp_path):
     ids = torch.tensor([[10, 20, 30, 40, 50]])
     assert model.table.mapping.lookup(ids).tolist() == [[dict(resident).get(i, 0) for i in ids[0].tolist()]]
     assert int(model.table.mapping.num_recent) == 0
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (5, r"step_1.pt: its 'model' is not a dict of tensors"),
+        ({"weight": "abc", "bias": torch.zeros(2)}, r"step_1.pt: its 'model' is not a dict of tensors"),
+        (
+            {"weight": torch.zeros(2, 3, dtype=torch.int64), "bias": torch.zeros(2)},
+            r"step_1.pt does not fit this model: weight: dtype torch.int64 in the checkpoint, torch.float32",
+        ),
+    ],
+)
+def test_weights_that_are_not_the_models_tensors_are_one_line(tmp_path, weights, message):
+    """Before: a TypeError or AttributeError traceback, and an integer tensor silently cast into a float
+    weight (or a float into an id buffer, rounded)."""
+    path = save(tmp_path / "step_1.pt", {"model": weights, "step": 1})
+    with pytest.raises(UserError, match=message):
+        restore_weights(nn.Linear(3, 2), path)
+
+
+def test_weights_of_another_float_precision_are_cast_to_the_models(tmp_path):
+    """A bf16 checkpoint (another program's: ours are fp32) is of the same kind: it loads, cast to fp32."""
+    source = nn.Linear(3, 2).to(torch.bfloat16)
+    path = save(tmp_path / "step_1.pt", {"model": source.state_dict(), "step": 1})
+    target = nn.Linear(3, 2)
+    restore_weights(target, path)
+    assert target.weight.dtype == torch.float32 and torch.equal(target.weight, source.weight.float())
