@@ -457,3 +457,13 @@ def test_a_layer_of_2_30_weights_is_allowed():
     assert MAX_LAYER_WEIGHTS == 2**30
     with torch.device("meta"):  # the bound is checked before the allocation: none needed to see it pass
         assert Linear(2**15, 2**15).weight.shape == (2**15, 2**15)
+
+
+@pytest.mark.parametrize("config_name", ["local_small.yaml", "local_small_ids.yaml"])
+def test_a_batch_of_no_rows_scores_to_no_rows(config_name):
+    """Before: the featurizer's and the large tables' reshape(B, -1) could not resolve -1 for B = 0, a
+    RuntimeError; the dense layers already took an empty batch (model/linear.py)."""
+    config = _config(Path(__file__).resolve().parents[2] / "configs" / config_name)
+    model = _build(config).eval()
+    out = model(_features(config, batch=0))
+    assert out["calibrated_probabilities"].shape == (0, len(config.model.tasks))

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config.model import FeaturizationConfig, LayerNormConfig
 from ..errors import DataError, UserError
+from .embeddings import per_example
 from .linear import MAX_LAYER_WEIGHTS
 from .mlp import BatchNorm1d
 
@@ -165,7 +166,7 @@ class Featurizer(nn.Module):
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         x = features["continuous"]
         parts = [self.transform(x)]
-        parts += [features[name].reshape(x.shape[0], -1).to(torch.float32) for name in self.concat_names]
+        parts += [per_example(features[name]).to(torch.float32) for name in self.concat_names]
         x = torch.cat(parts, dim=1)
         return self.layer_norm(x) if self.layer_norm is not None else x
 
