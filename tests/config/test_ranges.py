@@ -58,6 +58,14 @@ OUT_OF_RANGE = [
         f"model.tasks.{FAV}.pos_weight=true",
         f"model.tasks.{FAV}.pos_weight: a boolean is not a number (got True)",
     ),
+    (  # before: 1e39 loaded, an infinity as the loss's float32: every loss NaN
+        f"model.tasks.{FAV}.pos_weight=1.0e+39",
+        f"model.tasks.{FAV}.pos_weight: Input should be less than or equal to 1000000 (got 1e+39)",
+    ),
+    (  # before: an infinite total loss and gradients
+        f"model.tasks.{FAV}.loss_weight=1.0e+39",
+        f"model.tasks.{FAV}.loss_weight: Input should be less than or equal to 1000000 (got 1e+39)",
+    ),
     ("optimizer.adam.beta_2=1.0", "optimizer.adam.beta_2: Input should be less than 1 (got 1.0)"),
     ("optimizer.adam.beta_1=.nan", "optimizer.adam.beta_1: Input should be a finite number (got nan)"),
     ("optimizer.adam.epsilon=0", "optimizer.adam.epsilon: Input should be greater than 0 (got 0)"),

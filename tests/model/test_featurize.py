@@ -274,3 +274,81 @@ def test_periodic_config_errors_are_one_line_and_name_the_field(small_config_pat
     with pytest.raises(ConfigError, match=message) as error:
         load_config(small_config_path, [f"model.featurization_config={json.dumps(featurization)}"])
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "config", "message"),
+    [
+        ({"mean": 1e39, "std": 1.0}, "z_score_log_config", r"features\[3\]: mean 1e\+39 .*finite as float32"),
+        (
+            {"mean": 0.0, "std": 1e39},
+            "z_score_log_config",
+            r"features\[3\]: .*std 1e\+39 .*finite as float32",
+        ),
+        (
+            {"quantiles": [0.0, 1e39]},
+            "piecewise_linear_config",
+            r"features\[3\].quantiles .*finite as float32",
+        ),
+        ({"quantiles": [-3e38, 3e38]}, "piecewise_linear_config", r"features\[3\].quantiles .*differences"),
+    ],
+)
+def test_statistics_beyond_float32_are_refused(tmp_path, entry, config, message):
+    """Finite in the JSON's float64 but not as the float32 buffers: before, a mean of 1e39 made its column's
+    z-scores NaN, a std of 1e39 made them 0, and an edge (or a bin width) beyond float32 left the feature
+    without bins or with a bin of width inf, all silently."""
+    other = {"mean": 0.0, "std": 1.0, "quantiles": [0.0, 1.0]}
+    path = _stats(tmp_path, [other] * 3 + [{**other, **entry}])
+    with pytest.raises(DataError, match=rf"stats.json .*{message}"):
+        _run({config: {"analysis_path": path}})
+
+
+def test_more_bins_than_data_stats_writes_are_refused(tmp_path):
+    """Before: any count was taken, and the [features, most bins] buffers and the input width grew with it
+    (a million quantiles: 4 GB a feature). 1025 quantiles (1024 bins, `data stats --bins`' most) load."""
+    most = _stats(tmp_path, [{"quantiles": np.linspace(0.0, 1.0, 1025).tolist()}] * 4)
+    featurizer, _ = _run({"piecewise_linear_config": {"analysis_path": most}})
+    assert featurizer.out_features == 4 * 1024 + 3
+    more = _stats(tmp_path, [{"quantiles": [0.0, 1.0]}] * 3 + [{"quantiles": list(range(1026))}])
+    with pytest.raises(DataError, match=r"stats.json .*features\[3\] has 1026 quantiles, at most 1025"):
+        _run({"piecewise_linear_config": {"analysis_path": more}})
+
+
+def test_a_stats_file_is_read_only_as_far_as_its_features_need(tmp_path):
+    """Before: a file of any size was read whole (a 10 GB one named by mistake: 10 GB in memory), and JSON
+    nested too deep was a RecursionError traceback. A stats file for 4 features is read up to 5 x 64 KiB."""
+    padded = tmp_path / "padded.json"
+    padded.write_text(json.dumps({"features": STATS}) + " " * 5 * 2**16)
+    with pytest.raises(DataError, match=r"padded.json .*over 327,680 characters for 4 features"):
+        _run({"z_score_log_config": {"analysis_path": str(padded)}})
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep.json .*not a feature statistics file.*RecursionError"):
+        _run({"z_score_log_config": {"analysis_path": str(deep)}})
+
+
+def test_batch_renorm_on_a_training_batch_of_one_row_keeps_its_running_statistics(tmp_path):
+    """Before: one row's unbiased variance (NaN) went into running_var, and every output after it was NaN,
+    silently. Now the row is normalised by the running statistics (what renorm's training output equals)."""
+    config = {"analysis_path": _stats(tmp_path, [{"mean": 0.0, "std": 1.0}] * 4), "use_renorm": True}
+    featurizer = build_featurizer(FeaturizationConfig(z_score_log_config=config), SHAPES)
+    renorm = featurizer.transform[-1]
+    renorm.running_mean.copy_(torch.tensor([0.5, 0.0, -0.5, 1.0]))
+    renorm.running_var.copy_(torch.tensor([4.0, 1.0, 0.25, 1.0]))
+    x = torch.tensor([[2.5, 1.0, 0.0, 1.0]])
+    expected = (x - renorm.running_mean) / (renorm.running_var + 1e-5).sqrt()  # weight 1, bias 0
+    torch.testing.assert_close(renorm.train()(x), expected)
+    assert renorm.running_var.tolist() == [4.0, 1.0, 0.25, 1.0] and torch.isfinite(renorm.running_mean).all()
+
+
+def test_an_empty_list_of_quantiles_is_refused_and_one_edge_is_no_bins(tmp_path):
+    """Before: [] passed the checks, and the buffers' build failed with torch's RuntimeError (a size
+    mismatch) when another feature had two bins or more. One edge (data stats' [0.0] for a column without a
+    finite value) is a feature without bins, as a constant one."""
+    two_bins = {"quantiles": [0.0, 1.0, 2.0]}
+    empty = _stats(tmp_path, [{"quantiles": []}, two_bins, two_bins, two_bins])
+    with pytest.raises(DataError, match=r"stats.json .*features\[0\].quantiles is empty"):
+        _run({"piecewise_linear_config": {"analysis_path": empty}})
+    one_edge = _stats(tmp_path, [{"quantiles": [0.0]}, two_bins, two_bins, two_bins])
+    featurizer, _ = _run({"piecewise_linear_config": {"analysis_path": one_edge}})
+    assert featurizer.out_features == 3 * 2 + 3  # three features of two bins, then the binary

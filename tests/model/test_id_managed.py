@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from heavyranker.config.model import Eviction
-from heavyranker.model import count_histogram, id_managed
+from heavyranker.model import count_histogram, id_managed, managed_state
 from heavyranker.model.id_managed import ManagedMapping
 from heavyranker.model.sorted_index import SplitIndex
 
@@ -282,7 +282,7 @@ def test_merges_of_small_recent_parts_keep_the_map_of_the_reference(eviction, mi
 def first_layout(mapping: ManagedMapping, reference: ReferenceMap) -> dict[str, torch.Tensor]:
     """The state dict as the layout before the recent parts wrote it: every resident id in sorted_ids,
     ascending (the reference's), and no recent_ids, recent_rows, num_recent or num_vacated."""
-    state = {k: v.clone() for k, v in mapping.state_dict().items() if k not in id_managed.SPLIT_STATE}
+    state = {k: v.clone() for k, v in mapping.state_dict().items() if k not in managed_state.SPLIT_STATE}
     resident = sorted(reference.resident().items())
     for name, column in (("sorted_ids", 0), ("sorted_rows", 1)):
         state[name].zero_()

@@ -96,3 +96,19 @@ def test_batch_norm_uses_batch_statistics_in_training():
     # running mean moves half way from 0 to the batch mean; running var to the unbiased batch variance (2)
     np.testing.assert_allclose(mlp.layers[1].running_mean.numpy(), [1.0, -1.0])
     np.testing.assert_allclose(mlp.layers[1].running_var.numpy(), [1.5, 1.5])
+
+
+def test_a_training_batch_of_one_row_is_normalised_by_the_running_statistics_and_leaves_them():
+    """One row has no variance: torch's BatchNorm1d raised a ValueError (a run whose batch
+    ignore_data_errors cut to one row ended there). Now it is evaluation's normalisation, by hand below."""
+    mlp = Mlp(1, [2, 1], [None, None], batch_norm_momentum=0.5, batch_norm_affine=False)
+    _set(mlp.layers[0], [[1.0], [-1.0]], [0.0, 0.0])
+    _set(mlp.layers[3], [[1.0, 1.0]], [0.0])
+    norm = mlp.layers[1]
+    norm.running_mean.copy_(torch.tensor([1.0, -2.0]))
+    norm.running_var.copy_(torch.tensor([4.0, 0.25]))
+    out = mlp.train()(torch.tensor([[3.0]]))
+    # hidden [3, -3] -> ((3 - 1) / 2, (-3 + 2) / 0.5) = (1, -2) (eps 1e-5); relu: (1, 0); sum: 1
+    np.testing.assert_allclose(out.detach().numpy(), [[1.0]], rtol=1e-4)
+    assert norm.running_mean.tolist() == [1.0, -2.0] and norm.running_var.tolist() == [4.0, 0.25]
+    assert int(norm.num_batches_tracked) == 0

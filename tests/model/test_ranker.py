@@ -336,3 +336,134 @@ def test_a_model_builds_from_specs_alone(tmp_path, monkeypatch):
     uncalibrated = build_model(model_config, specs).eval()  # no label rates: every example was kept
     uncalibrated.load_state_dict(model.state_dict())
     torch.testing.assert_close(uncalibrated(features)["calibrated_probabilities"], out["probabilities"])
+
+
+ONE_LAYER = {"mlp_config": {"layer_sizes": [1]}}
+
+
+def _table(name, index):
+    return {"name": name, "num_embeddings": 5, "embedding_dim": 2, "index": index}
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {"tasks": {"a.b": ONE_LAYER, "a__b": ONE_LAYER}},
+            r"model.tasks.a__b: the name 'a__b' is also model.tasks.a.b's",
+        ),
+        (
+            {"small_embeddings": {"tables": [_table("x", 0), _table("x", 1)]}},
+            r"model.small_embeddings.tables\[1\]: the name 'x' is also model.small_embeddings.tables\[0\]'s",
+        ),
+        (
+            {
+                "large_embeddings": {
+                    "tables": [
+                        {"name": "v.w", "feature_name": "ids", "num_embeddings": 5, "embedding_dim": 2}
+                    ]
+                },
+                "small_embeddings": {"tables": [_table("v__w", 0)]},
+            },
+            r"small_embeddings.tables\[0\]: the name 'v__w' is also model.large_embeddings.tables\[0\]'s",
+        ),
+    ],
+)
+def test_two_tasks_or_tables_under_one_module_name_are_refused(sections, message):
+    """Before: a second table of a name silently replaced the first (one table fewer, no error), and two
+    tasks under one module name failed at the first batch with zip()'s ValueError."""
+    from heavyranker.config.model import ModelConfig
+    from heavyranker.data.batch import Spec
+
+    config = ModelConfig.model_validate(
+        {"featurization_config": {"log1p_abs_config": {}}, "tasks": {"a": ONE_LAYER}, **sections}
+    )
+    specs = {
+        "continuous": Spec((4,), torch.float32),
+        "binary": Spec((3,), torch.float32),
+        "discrete": Spec((2,), torch.int64),
+        "ids": Spec((3,), torch.int64),
+    }
+    with pytest.raises(UserError, match=message):
+        build_model(config, specs)
+
+
+def _spec_model(continuous, featurization, task, **sections):
+    """A model of one task on `continuous` features alone, built from specs (no data, no file)."""
+    from heavyranker.config.model import ModelConfig
+    from heavyranker.data.batch import Spec
+
+    featurization = {**featurization, "feature_names_to_concat": []}
+    config = ModelConfig.model_validate(
+        {"featurization_config": featurization, "tasks": {"a": task}, **sections}
+    )
+    return build_model(config, {"continuous": Spec((continuous,), torch.float32)})
+
+
+LOG = {"log1p_abs_config": {}}
+WIDE_MASK_NET = {"mask_blocks": [{"output_size": 1, "reduction_factor": 16, "input_layer_norm": False}]}
+WIDE_GATE = {"num_experts": 2, "expert": ONE_LAYER, "gate_mlp": {"layer_sizes": [2**15]}}
+
+
+@pytest.mark.parametrize(
+    ("continuous", "featurization", "task", "sections", "message"),
+    [
+        (
+            2**24,
+            LOG,
+            {"dcn_config": {"poly_degree": 1, "output_mlp": {"layer_sizes": [1]}}},
+            {},
+            r"^model.tasks.a: a dense layer of 16,777,216 inputs x 16,777,216 units would hold "
+            r"281,474,976,710,656 weights, over 2\*\*30",
+        ),
+        (
+            2**14,
+            LOG,
+            {"mask_net_config": WIDE_MASK_NET},
+            {},
+            r"^model.tasks.a: a dense layer of 16,384 inputs x 262,144",
+        ),
+        (
+            2**20,
+            LOG,
+            ONE_LAYER,
+            {"multi_task_type": "mmoe", "experts": WIDE_GATE},
+            r"^model.experts.gate_mlp: a dense layer of 1,048,576 inputs x 32,768 units",
+        ),
+        (
+            2117,
+            {"periodic_config": {"n_frequencies": 256, "embedding_dim": 2**15}},
+            ONE_LAYER,
+            {},
+            r"^model.featurization_config.periodic_config: 2,117 features x 2 x 256 frequencies x 32768 "
+            r"dimensions would be 35,517,366,272 weights",
+        ),
+    ],
+)
+def test_a_layer_beyond_2_30_weights_from_a_derived_width_is_refused_before_it_is_allocated(
+    continuous, featurization, task, sections, message
+):
+    """The config bounds each width it names (2**15), so a layer holds at most 2**30 weights; widths from
+    elsewhere (the input's, a MaskNet's aggregation from reduction_factor, the periodic encoding's layers)
+    were not bounded: torch's allocator failed with a RuntimeError traceback (these sizes, all over 23 GiB),
+    or a size the machine could just commit took all its memory. Now each names its config path."""
+    with pytest.raises(UserError, match=message):
+        _spec_model(continuous, featurization, task, **sections)
+
+
+def test_a_layer_of_2_30_weights_is_allowed():
+    from heavyranker.model.linear import MAX_LAYER_WEIGHTS, Linear
+
+    assert MAX_LAYER_WEIGHTS == 2**30
+    with torch.device("meta"):  # the bound is checked before the allocation: none needed to see it pass
+        assert Linear(2**15, 2**15).weight.shape == (2**15, 2**15)
+
+
+@pytest.mark.parametrize("config_name", ["local_small.yaml", "local_small_ids.yaml"])
+def test_a_batch_of_no_rows_scores_to_no_rows(config_name):
+    """Before: the featurizer's and the large tables' reshape(B, -1) could not resolve -1 for B = 0, a
+    RuntimeError; the dense layers already took an empty batch (model/linear.py)."""
+    config = _config(Path(__file__).resolve().parents[2] / "configs" / config_name)
+    model = _build(config).eval()
+    out = model(_features(config, batch=0))
+    assert out["calibrated_probabilities"].shape == (0, len(config.model.tasks))

@@ -42,3 +42,100 @@ def test_weights_of_another_model_name_the_misfit_then_the_hint(tmp_path):
         match=r"does not fit this model: weight: shape \(2, 4\) in the checkpoint, \(2, 3\) in the model$",
     ):
         restore_weights(model, path)
+
+
+def _managed_state():
+    """A managed table of 4 rows (3 ids of their own) after two batches, lfu: its buffers."""
+    from heavyranker.config.model import Eviction
+    from heavyranker.model.id_managed import ManagedMapping
+
+    mapping = ManagedMapping(4, 1, Eviction.LFU, None)
+    mapping(torch.tensor([[10, 20, 30]]))
+    mapping(torch.tensor([[40, 10]]))
+    return mapping
+
+
+@pytest.mark.parametrize(
+    ("buffer", "value", "message"),
+    [
+        ("row_last", -5, r"row_last has a sighting after tick"),
+        ("row_last", 2**40, r"row_last has a sighting after tick"),
+        ("candidate_count", -1, r"candidate_count has a negative count"),
+        ("tick", -10, r"tick is negative"),
+        ("num_resident", 99, r"num_resident is 99, but row_used marks 3 rows"),
+        ("recent_rows", 99, r"recent_rows has a row out of range"),
+        ("recent_ids", 2**62, r"recent_ids is not strictly ascending"),
+    ],
+)
+def test_a_damaged_managed_table_is_one_line_naming_the_file_and_buffer(tmp_path, buffer, value, message):
+    """Before: a negative count or sighting was numpy's ValueError traceback at the first batch, a sighting
+    of 2**40 a MemoryError (8 TiB for its histogram), a negative tick an IndexError, and rows or a size out
+    of place loaded silently."""
+    from heavyranker.errors import DataError
+
+    state = {f"mapping.{k}": v.clone() for k, v in _managed_state().state_dict().items()}
+    tensor = state[f"mapping.{buffer}"]
+    tensor.view(-1)[0] = value
+    path = save(tmp_path / "step_2.pt", {"model": state, "step": 2})
+    model = nn.Module()
+    model.mapping = _managed_state()
+    with pytest.raises(DataError, match=rf"^\S*step_2.pt: a damaged managed id table: mapping.{message}"):
+        restore_weights(model, path)
+        model.mapping(torch.tensor([[50, 60, 70]]))
+
+
+def test_an_undamaged_managed_table_loads_and_maps_the_same():
+    source = _managed_state()
+    target = _managed_state().__class__(4, 1, source.eviction, None)
+    target.load_state_dict(source.state_dict())
+    ids = torch.tensor([[10, 20, 30, 40, 50]])
+    assert torch.equal(target.lookup(ids), source.lookup(ids))
+
+
+def test_a_checkpoint_of_the_first_managed_layout_restores(tmp_path):
+    """A checkpoint from before the recent part (no recent_ids, recent_rows, num_recent, num_vacated: every
+    resident id in sorted_ids) maps as it did. Before: restore_weights refused it ("missing recent_ids; ..."),
+    though the table's own load took it: resume, evaluate and export could not read such a checkpoint."""
+    from heavyranker.model.managed_state import SPLIT_STATE
+
+    source = _managed_state()
+    resident = sorted(source.resident().items())  # the first layout: all of them in the main part
+    state = {k: v.clone() for k, v in source.state_dict().items() if k not in SPLIT_STATE}
+    state["sorted_ids"][: len(resident)] = torch.tensor([pair[0] for pair in resident])
+    state["sorted_rows"][: len(resident)] = torch.tensor([pair[1] for pair in resident])
+    path = save(tmp_path / "step_2.pt", {"model": {f"table.mapping.{k}": v for k, v in state.items()}})
+    model = nn.Module()
+    model.table = nn.Module()
+    model.table.mapping = source.__class__(4, 1, source.eviction, None)
+    restore_weights(model, path)
+    ids = torch.tensor([[10, 20, 30, 40, 50]])
+    assert model.table.mapping.lookup(ids).tolist() == [[dict(resident).get(i, 0) for i in ids[0].tolist()]]
+    assert int(model.table.mapping.num_recent) == 0
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (5, r"step_1.pt: its 'model' is not a dict of tensors"),
+        ({"weight": "abc", "bias": torch.zeros(2)}, r"step_1.pt: its 'model' is not a dict of tensors"),
+        (
+            {"weight": torch.zeros(2, 3, dtype=torch.int64), "bias": torch.zeros(2)},
+            r"step_1.pt does not fit this model: weight: dtype torch.int64 in the checkpoint, torch.float32",
+        ),
+    ],
+)
+def test_weights_that_are_not_the_models_tensors_are_one_line(tmp_path, weights, message):
+    """Before: a TypeError or AttributeError traceback, and an integer tensor silently cast into a float
+    weight (or a float into an id buffer, rounded)."""
+    path = save(tmp_path / "step_1.pt", {"model": weights, "step": 1})
+    with pytest.raises(UserError, match=message):
+        restore_weights(nn.Linear(3, 2), path)
+
+
+def test_weights_of_another_float_precision_are_cast_to_the_models(tmp_path):
+    """A bf16 checkpoint (another program's: ours are fp32) is of the same kind: it loads, cast to fp32."""
+    source = nn.Linear(3, 2).to(torch.bfloat16)
+    path = save(tmp_path / "step_1.pt", {"model": source.state_dict(), "step": 1})
+    target = nn.Linear(3, 2)
+    restore_weights(target, path)
+    assert target.weight.dtype == torch.float32 and torch.equal(target.weight, source.weight.float())

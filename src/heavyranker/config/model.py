@@ -16,6 +16,9 @@ MAX_WIDTH = 2**15
 # An embedding table's rows x dims: 8 GiB of float32.
 MAX_TABLE_ELEMENTS = 2**31
 Width = Annotated[Count, Field(le=MAX_WIDTH)]
+# A task's pos_weight and loss_weight: the loss is float32, in which 1e39 is infinite (the loss NaN) and a
+# weight far below that still overflows a sum; a million times another task's weight is already all the say.
+MAX_LOSS_WEIGHT = 1e6
 
 
 class DropoutConfig(StrictModel):
@@ -47,7 +50,8 @@ class LayerNormConfig(StrictModel):
 
 
 class BatchNormConfig(StrictModel):
-    """A BatchNorm; its statistics are per process under DDP."""
+    """A BatchNorm; its statistics are per process under DDP. A training batch of one row (ignore_data_errors
+    can leave one) is normalised by the running statistics, which it leaves as they are."""
 
     affine: bool = Field(True, description="Learn a scale and a bias.")
     momentum: Float = Field(0.1, gt=0.0, le=1.0, description="Weight of the new batch in the running stats.")
@@ -153,12 +157,19 @@ class TaskModel(ArchitectureConfig):
     """One architecture: a task's tower, or the backbone."""
 
     affine_map: AffineMap | None = None
-    pos_weight: Float = Field(1.0, gt=0.0, description="Weight of positives in this task's loss.")
+    pos_weight: Float = Field(
+        1.0,
+        gt=0.0,
+        le=MAX_LOSS_WEIGHT,
+        description="Weight of positives in this task's loss (at most 1e6: the float32 loss stays finite).",
+    )
     loss_weight: Float = Field(
         1.0,
         gt=0.0,
+        le=MAX_LOSS_WEIGHT,
         description="Multiplies this task's loss in the total, sum(loss_weight * loss) / tasks: a larger "
-        "weight gives the task more say over the shared layers (its own tower's Adam step hardly changes).",
+        "weight gives the task more say over the shared layers (its own tower's Adam step hardly changes). "
+        "At most 1e6.",
     )
     wide: bool = Field(
         False,

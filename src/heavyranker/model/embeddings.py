@@ -78,11 +78,11 @@ class LargeEmbedding(nn.Module):
         """Everything before the table, so that a sharded table (train/sharding.py) looks up the same bags:
         the rows each example's vectors come from [B, L * k], their weights (0: a place the mapping masks;
         1 / k each with mean) and the ids counted [B, 1], what the weighted sum is divided by."""
-        rows, valid = self.mapping(ids.reshape(ids.shape[0], -1))  # [B, L, k], [B, L]
-        batch, _, hashes = rows.shape
+        rows, valid = self.mapping(per_example(ids))  # [B, L, k], [B, L]
+        hashes = rows.shape[-1]
         per_id = valid.to(torch.float32)
         weights = (per_id / hashes if self.mean else per_id).unsqueeze(-1).expand(rows.shape)
-        return rows.reshape(batch, -1), weights.reshape(batch, -1), per_id.sum(dim=1, keepdim=True)
+        return rows.flatten(1), weights.flatten(1), per_id.sum(dim=1, keepdim=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows, weights, counted = self.bag(ids)
@@ -98,6 +98,11 @@ class LargeEmbedding(nn.Module):
             vectors = F.embedding(rows, table.weight) if isinstance(table, nn.EmbeddingBag) else table(rows)
             summed = (vectors * weights.to(vectors.dtype).unsqueeze(-1)).sum(dim=1)
         return bag_mean(summed, counted)
+
+
+def per_example(values: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, values per example]; not reshape(B, -1), which a batch of no rows cannot resolve."""
+    return values.unsqueeze(1) if values.dim() == 1 else values.flatten(1)
 
 
 def bag_mean(summed: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:

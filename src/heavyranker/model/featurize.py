@@ -3,7 +3,8 @@
 z_score_log reads per-feature statistics from a JSON file (written by `heavyranker data stats`):
     {"features": [{"mean": float, "std": float}, ...]}
 one entry per column of the `continuous` tensor as the model sees it (after truncate_and_slice), in column
-order; mean and std are those of sign(x) * log1p(|x|) over the finite values. Other keys are ignored.
+order; mean and std are those of sign(x) * log1p(|x|) over the finite values. Other keys are ignored; a file
+over 64 Ki characters per feature (plus 64 Ki) is refused unread.
 A std of 0 (a constant column) is read as 1, so the column becomes 0 instead of NaN. Its optional batch norm
 (or renorm) has torch's defaults (affine, momentum 0.1): the config has no settings for it.
 
@@ -27,8 +28,17 @@ from torch import nn
 
 from ..config.model import FeaturizationConfig, LayerNormConfig
 from ..errors import DataError, UserError
+from .embeddings import per_example
+from .linear import MAX_LAYER_WEIGHTS
+from .mlp import BatchNorm1d
 
 WHERE = "model.featurization_config"
+# The most bins a feature may have, as `heavyranker data stats --bins` writes at most: the buffers are
+# [features, most bins] and the input width their sum, so a file's bins must not be unbounded.
+MAX_BINS = 1024
+# The most characters of a stats file read per feature: one of data stats' at MAX_BINS takes about 30,000.
+# A larger file (the training data named by mistake) is refused after that much, not read whole.
+CHARS_PER_FEATURE = 2**16
 
 
 def log1p_abs(x: torch.Tensor) -> torch.Tensor:
@@ -67,13 +77,15 @@ class ZScore(nn.Module):
         return (x - self.mean) / self.std
 
 
-class BatchRenorm1d(nn.BatchNorm1d):
+class BatchRenorm1d(BatchNorm1d):
     """Batch renormalization (Ioffe 2017, arXiv:1702.03275), without clipping of r and d: in training the
     output equals normalisation by the running statistics while gradients flow through the batch ones, so
-    a model trained on small batches serves with the statistics it was trained with."""
+    a model trained on small batches serves with the statistics it was trained with. A batch of one row
+    is normalised by the running statistics alone (BatchNorm1d's): its unbiased variance is NaN, which
+    the running variance took, and every later output with it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or x.shape[0] < 2:
             return super().forward(x)
         mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
         std = (var + self.eps).sqrt()
@@ -154,7 +166,7 @@ class Featurizer(nn.Module):
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         x = features["continuous"]
         parts = [self.transform(x)]
-        parts += [features[name].reshape(x.shape[0], -1).to(torch.float32) for name in self.concat_names]
+        parts += [per_example(features[name]).to(torch.float32) for name in self.concat_names]
         x = torch.cat(parts, dim=1)
         return self.layer_norm(x) if self.layer_norm is not None else x
 
@@ -179,6 +191,12 @@ def build_featurizer(config: FeaturizationConfig, input_shapes: dict[str, tuple[
         steps = [NonFiniteToZero(), Log1pAbs(), encoding]
         out = encoding.out_features + concat
     elif (p := config.periodic_config) is not None:
+        weights = width * 2 * p.n_frequencies * p.embedding_dim
+        if weights > MAX_LAYER_WEIGHTS:  # its per-feature layers: the bound of one dense layer
+            raise UserError(
+                f"{WHERE}.periodic_config: {width:,} features x 2 x {p.n_frequencies} frequencies x "
+                f"{p.embedding_dim} dimensions would be {weights:,} weights, over 2**30 (4 GiB of float32)"
+            )
         encoding = Periodic(width, p.n_frequencies, p.sigma, p.embedding_dim)
         steps = [NonFiniteToZero(), Log1pAbs(), encoding]
         out = encoding.out_features + concat
@@ -192,14 +210,14 @@ def build_featurizer(config: FeaturizationConfig, input_shapes: dict[str, tuple[
         if z.use_renorm:
             steps.append(BatchRenorm1d(width))
         elif z.use_batch_norm:
-            steps.append(nn.BatchNorm1d(width))
+            steps.append(BatchNorm1d(width))
     else:
         d = config.double_norm_log_config
         assert d is not None  # the config allows exactly one featurization
         steps = [NonFiniteToZero(), Log1pAbs()]
         if d.batch_norm_config is not None:
             bn = d.batch_norm_config
-            steps.append(nn.BatchNorm1d(width, affine=bn.affine, momentum=bn.momentum))
+            steps.append(BatchNorm1d(width, affine=bn.affine, momentum=bn.momentum))
         steps.append(Clamp(d.clip_magnitude))
         if d.layer_norm_config is not None:
             layer_norm = _layer_norm(out, d.layer_norm_config)
@@ -222,7 +240,7 @@ def _layer_norm(width: int, config: LayerNormConfig) -> nn.LayerNorm:
 def load_feature_stats(path: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) float32 [width] from a stats file in the format of this module's docstring."""
     where = f"{path} ({WHERE}.z_score_log_config.analysis_path)"
-    entries = _stats_entries(path, where)
+    entries = _stats_entries(path, where, width)
     try:
         mean = [float(e["mean"]) for e in entries]
         std = [float(e["std"]) for e in entries]
@@ -232,17 +250,22 @@ def load_feature_stats(path: str, width: int) -> tuple[torch.Tensor, torch.Tenso
             f"from `heavyranker data stats`): {e!r}"
         ) from None
     _check_count(len(entries), width, where)
-    for i, (m, s) in enumerate(zip(mean, std, strict=True)):
+    # Checked as the float32 the model keeps: a value beyond float32's range (1e39) would be an infinity,
+    # every z-score of its column NaN or 0.
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    for i, (m, s) in enumerate(zip(mean_t.tolist(), std_t.tolist(), strict=True)):
         if not (math.isfinite(m) and math.isfinite(s)) or s < 0:
-            raise DataError(f"{where}: features[{i}]: mean {m} and std {s} must be finite, std >= 0")
-    std_t = torch.tensor(std, dtype=torch.float32)
-    return torch.tensor(mean, dtype=torch.float32), torch.where(std_t > 0, std_t, 1.0)
+            raise DataError(
+                f"{where}: features[{i}]: mean {mean[i]} and std {std[i]} must be finite as float32 "
+                "(|v| < 3.4e38), std >= 0"
+            )
+    return mean_t, torch.where(std_t > 0, std_t, 1.0)
 
 
 def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
     """Each feature's distinct bin edges, ascending float32, from the "quantiles" of a stats file."""
     where = f"{path} ({WHERE}.piecewise_linear_config.analysis_path)"
-    entries = _stats_entries(path, where)
+    entries = _stats_entries(path, where, width)
     _check_count(len(entries), width, where)
     edges = []
     for i, entry in enumerate(entries):
@@ -255,20 +278,42 @@ def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
             ) from None
         if quantiles.ndim != 1 or not np.isfinite(quantiles).all() or (np.diff(quantiles) < 0).any():
             raise DataError(f"{where}: features[{i}].quantiles must be finite numbers in ascending order")
-        edges.append(np.unique(quantiles.astype(np.float32)))  # float32 first: edges equal in float32 merge
+        if len(quantiles) == 0:  # data stats writes [0.0] for a column without a finite value
+            raise DataError(f"{where}: features[{i}].quantiles is empty: at least one edge (one: no bins)")
+        if len(quantiles) > MAX_BINS + 1:
+            raise DataError(
+                f"{where}: features[{i}] has {len(quantiles)} quantiles, at most {MAX_BINS + 1} "
+                f"({MAX_BINS} bins, as `heavyranker data stats --bins` writes)"
+            )
+        with np.errstate(over="ignore"):
+            distinct = np.unique(quantiles.astype(np.float32))  # float32 first: edges equal in float32 merge
+            widths = np.diff(distinct)
+        if not (np.isfinite(distinct).all() and np.isfinite(widths).all()):  # else bins of width inf: zeros
+            raise DataError(
+                f"{where}: features[{i}].quantiles must be finite numbers in ascending order, and they and "
+                "their differences finite as float32 (|v| < 3.4e38)"
+            )
+        edges.append(distinct)
     return edges
 
 
-def _stats_entries(path: str, where: str) -> list:
-    """The "features" list of a stats file, one entry per continuous column."""
+def _stats_entries(path: str, where: str, width: int) -> list:
+    """The "features" list of a stats file for `width` continuous columns, one entry per column."""
+    limit = (width + 1) * CHARS_PER_FEATURE
     try:
         with open(path) as f:
-            entries = json.load(f)["features"]
+            text = f.read(limit + 1)
+        if len(text) > limit:
+            raise DataError(
+                f"{where}: over {limit:,} characters for {width} features: not a statistics file of "
+                "`heavyranker data stats`"
+            )
+        entries = json.loads(text)["features"]
         if not isinstance(entries, list):
             raise TypeError(f"features is a {type(entries).__name__}, not a list")
     except OSError as e:
         raise DataError(f"{where}: cannot read the feature statistics: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise DataError(
             f'{where}: not a feature statistics file ({{"features": [...]}}, from `heavyranker data stats`): '
             f"{e!r}"

@@ -48,14 +48,13 @@ from torch import nn
 from ..config.model import Eviction
 from .count_histogram import CountHistogram
 from .key_histogram import Histogram
+from .managed_state import check_managed_state, complete_first_layout
 from .sorted_index import SortedIndex, SplitIndex, search
 
 FREE = -1  # the score of a free row or candidate entry: taken before any eviction
 ROW_STATE = ("row_ids", "row_used", "row_count", "row_last")
 CANDIDATE_STATE = ("candidate_ids", "candidate_used", "candidate_count", "candidate_last")
 STATE = (*ROW_STATE, *CANDIDATE_STATE, "sorted_ids", "sorted_rows", "recent_ids", "recent_rows")
-# Added after the first layout: a checkpoint without them holds an empty recent part and no vacated row.
-SPLIT_STATE = ("recent_ids", "recent_rows", "num_recent", "num_vacated")
 KEPT = np.iinfo(np.int64).max  # the score of an entry that must not be evicted: chosen last, then dropped
 SCAN_CHUNK = 1 << 16  # entries a scan for the first few of a kind reads at a time
 RECENT_PER_ROOT = 4  # the recent parts' capacity, in square roots of the table (see recent_capacity)
@@ -122,9 +121,9 @@ class ManagedMapping(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kw: Any) -> None:
-        for name in SPLIT_STATE:  # a checkpoint of the first layout: all its resident ids in the main part
-            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        complete_first_layout(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+        check_managed_state(dict(self.named_buffers()), self.num_embeddings, prefix)
         # Rebuilt from the loaded buffers on the next count:
         self._candidate_index = self._last_seen = self._counted = None
 

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from ..config.model import MAX_WIDTH
 from ..cpu import Matmul, cpu_info, preferred_matmul
+from ..errors import UserError
 
 # The kernel is an internal torch op: a torch without it builds every layer on aten.
 HAS_ONEDNN: Final = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -45,6 +47,14 @@ DEFAULT_MATMUL: Final[Matmul] = matmul_for("fp32")
 # and a training step makes three per layer. Measured (forward + backward at batch 128): 256x128 379 us on
 # oneDNN against 268 us, 512x256 break-even, 2048x256 3.1 ms against 4.0 ms.
 MIN_WEIGHTS = 1 << 17
+# The most weights a dense layer holds: one between two of the widest layers a config may name (2**30, 4 GiB
+# of float32). Widths that come from elsewhere (the input's, from the schema and piecewise_linear's bins; a
+# MaskNet's aggregation, from reduction_factor) are held to it too: a build never allocates without bound.
+MAX_LAYER_WEIGHTS = MAX_WIDTH**2
+
+
+class LayerTooLarge(UserError):
+    """A dense layer over MAX_LAYER_WEIGHTS; the builder that knows its config path adds it."""
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -106,6 +116,11 @@ class Linear(nn.Linear):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, *, matmul: Matmul = DEFAULT_MATMUL
     ):
+        if in_features * out_features > MAX_LAYER_WEIGHTS:
+            raise LayerTooLarge(
+                f"a dense layer of {in_features:,} inputs x {out_features:,} units would hold "
+                f"{in_features * out_features:,} weights, over 2**30 (4 GiB of float32): narrow one of them"
+            )
         if matmul not in ("onednn", "aten"):
             raise ValueError(f'matmul must be "onednn" or "aten", not {matmul!r}')
         if matmul == "onednn" and not HAS_ONEDNN:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config.model import MlpConfig
@@ -17,6 +18,20 @@ def init_linear(layer: nn.Linear) -> nn.Linear:
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
     return layer
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d, but a training batch of fewer than two rows (ignore_data_errors can leave one) is
+    normalised by the running statistics and leaves them as they are, as in evaluation: one row has no
+    variance, and torch refuses it (a ValueError that ended the run), where the reference's TF layer makes
+    each output its bias and pulls the moving variance towards 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:  # `training` first: an export traces no test of the batch size
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
 
 
 class Mlp(nn.Module):
@@ -43,7 +58,7 @@ class Mlp(nn.Module):
             modules.append(init_linear(Linear(width, size, matmul=matmul)))
             hidden = i < len(layer_sizes) - 1
             if hidden and batch_norm_momentum is not None:
-                modules.append(nn.BatchNorm1d(size, affine=batch_norm_affine, momentum=batch_norm_momentum))
+                modules.append(BatchNorm1d(size, affine=batch_norm_affine, momentum=batch_norm_momentum))
             if hidden or final_layer_activation:
                 modules.append(nn.ReLU())
             if rate:

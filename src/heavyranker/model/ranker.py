@@ -20,7 +20,7 @@ from .embeddings import LargeEmbedding, PositionDebias, SmallEmbedding
 from .experts import Experts, build_experts
 from .featurize import Featurizer, build_featurizer
 from .id_mapping import RangeMapping, build_id_mapping
-from .linear import DEFAULT_MATMUL, Matmul
+from .linear import DEFAULT_MATMUL, LayerTooLarge, Matmul
 from .masknet import build_mask_net
 from .mlp import build_mlp
 
@@ -175,6 +175,8 @@ def build_model(
     checkpoints either way; "onednn" needs a torch with oneDNN's linear kernel."""
     input_shapes = {name: spec.shape for name, spec in feature_specs.items()}
     task_names = list(model.tasks)
+    _check_module_names([(f"model.tasks.{task}", task) for task in task_names])
+    _check_module_names(_table_names(model))
     featurizer = build_featurizer(model.featurization_config, input_shapes)
     large, small, twhin, position = _embeddings(model, input_shapes)
     widths = [featurizer.out_features] + [m.out_features for m in (*large.values(), *small.values())]
@@ -187,15 +189,18 @@ def build_model(
     tower_in, tower_vectors = in_features, vectors
     if model.experts is not None:  # mmoe or ple
         build = partial(build_architecture, matmul=matmul)
-        experts = build_experts(
-            model.multi_task_type,
-            model.experts,
-            [module_name(t) for t in task_names],
-            in_features,
-            vectors,
-            build,
-            matmul=matmul,
-        )
+        try:
+            experts = build_experts(
+                model.multi_task_type,
+                model.experts,
+                [module_name(t) for t in task_names],
+                in_features,
+                vectors,
+                build,
+                matmul=matmul,
+            )
+        except LayerTooLarge as e:  # a gate's (an expert's names its own path)
+            raise UserError(f"model.experts.gate_mlp: {e}") from None
         tower_in, tower_vectors = experts.out_features, []
     elif model.multi_task_type != MultiTaskType.SHARE_NONE:
         assert model.backbone is not None  # the config requires one when sharing
@@ -252,14 +257,19 @@ def build_architecture(
 ) -> nn.Module:
     """The one architecture a backbone, tower or expert config names; `where` is its config path, for
     errors."""
-    if task.mlp_config is not None:
-        return build_mlp(in_features, task.mlp_config, matmul=matmul)
-    if task.mask_net_config is not None:
-        return build_mask_net(in_features, task.mask_net_config, f"{where}.mask_net_config", matmul=matmul)
-    if task.dcn_config is not None:
-        return build_dcn(in_features, task.dcn_config, matmul=matmul)
-    assert task.dlrm_config is not None  # the config allows exactly one architecture
-    return build_dlrm(in_features, task.dlrm_config, vector_slices, f"{where}.dlrm_config", matmul=matmul)
+    try:
+        if task.mlp_config is not None:
+            return build_mlp(in_features, task.mlp_config, matmul=matmul)
+        if task.mask_net_config is not None:
+            return build_mask_net(
+                in_features, task.mask_net_config, f"{where}.mask_net_config", matmul=matmul
+            )
+        if task.dcn_config is not None:
+            return build_dcn(in_features, task.dcn_config, matmul=matmul)
+        assert task.dlrm_config is not None  # the config allows exactly one architecture
+        return build_dlrm(in_features, task.dlrm_config, vector_slices, f"{where}.dlrm_config", matmul=matmul)
+    except LayerTooLarge as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def _affine_map(scale: float, bias: float) -> nn.Linear:
@@ -313,6 +323,28 @@ def _embeddings(
         )
         position = PositionDebias(p.max_position, p.num_dims, p.drop_probability, p.position_feature_index)
     return large, small, twhin, position
+
+
+def _table_names(model: ModelConfig) -> list[tuple[str, str]]:
+    """(config path, name) of every embedding table, large then small."""
+    named = []
+    for section, tables in (("large", model.large_embeddings), ("small", model.small_embeddings)):
+        for i, table in enumerate(tables.tables if tables else []):
+            named.append((f"model.{section}_embeddings.tables[{i}]", table.name))
+    return named
+
+
+def _check_module_names(named: list[tuple[str, str]]) -> None:
+    """Each (config path, name) must have a module name of its own: two tasks or tables under one name would
+    be one module, the other silently dropped (a table) or a tower short (a task)."""
+    first: dict[str, str] = {}
+    for where, name in named:
+        other = first.setdefault(module_name(name), where)
+        if other != where:
+            raise UserError(
+                f"{where}: the name {name!r} is also {other}'s (as module names, '.' and '__' are the same); "
+                "give each its own"
+            )
 
 
 def _check_column(discrete: tuple[int, ...] | None, index: int, where: str) -> None:

@@ -6,24 +6,55 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint, load_model_weights
-from ..errors import UserError
+from ..errors import DataError, UserError
+from .id_managed import ManagedMapping
+from .managed_state import complete_first_layout
 
 
 def restore_weights(model: nn.Module, checkpoint: str | Path, *, misfit_hint: str = "") -> dict[str, Any]:
     """Loads `checkpoint` (a step_<N>.pt file, as resolve_checkpoint finds it) and copies its model weights
     into `model`, every name and shape checked; returns the checkpoint's whole state (its step, and the
-    optimizer's for a resume). Each problem is a UserError naming the file: unreadable, no model weights, or
-    weights that do not fit the model (followed by `misfit_hint`, where given: what to do about it)."""
+    optimizer's for a resume). Each problem is a UserError naming the file: unreadable, no model weights,
+    weights that do not fit the model (followed by `misfit_hint`, where given: what to do about it), or a
+    damaged buffer (a DataError)."""
     state = load_checkpoint(checkpoint)
     if "model" not in state:
         raise UserError(f"{checkpoint}: no 'model' weights in this checkpoint")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"{checkpoint}: its 'model' is not a dict of tensors (damaged, or another program's)")
+    for name, module in model.named_modules():  # the name check below would refuse what they lack
+        if isinstance(module, ManagedMapping):
+            complete_first_layout(module, weights, f"{name}." if name else "")
     try:
-        load_model_weights(model, state["model"], str(checkpoint))
+        _check_kinds(model, weights, str(checkpoint))
+        load_model_weights(model, weights, str(checkpoint))
+    except DataError as e:  # a damaged buffer, found by the module's own checks as it loads
+        raise DataError(f"{checkpoint}: {e}") from None
     except UserError as e:
         if not misfit_hint:
             raise
         raise UserError(f"{e} ({misfit_hint})") from None
     return state
+
+
+def _check_kinds(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """A tensor of another kind (integer, float, bool) than the model's would be cast as it is copied: a
+    float into an id buffer, silently rounded. Another float precision is cast as the fp32 model's."""
+    own = model.state_dict()
+    for name, tensor in weights.items():
+        if name in own and _kind(tensor.dtype) != _kind(own[name].dtype):
+            raise UserError(
+                f"{source} does not fit this model: {name}: dtype {tensor.dtype} in the checkpoint, "
+                f"{own[name].dtype} in the model"
+            )
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    return "float" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
