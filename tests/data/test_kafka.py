@@ -12,7 +12,7 @@ from heavyranker.data.dataset import RecapDataset
 from heavyranker.errors import DataError, UserError
 
 from ..kafka_broker import broker, running_broker  # noqa: F401  (broker: a fixture)
-from ..kafka_data import example, kafka_config
+from ..kafka_data import example, kafka_config, produce_messages
 
 BATCH = 8
 
@@ -277,3 +277,64 @@ def test_a_validation_split_with_files_and_a_topic_is_refused(tmp_path):
             "a topic together with files is read only by train_data in follow mode: keep one of them",
         )
     ]
+
+
+def with_tombstones(count: int, tombstone) -> list[int | None]:
+    """Ids 0..count-1, None (a tombstone) where tombstone(i)."""
+    return [None if tombstone(i) else i for i in range(count)]
+
+
+def test_tombstones_are_skipped_counted_and_passed_over_by_the_position(broker, tmp_path):  # noqa: F811
+    """A message with no value (a delete by key) is not a record: it is not decoded or trained, it is counted
+    (kafka_tombstones_skipped), and the position goes past it, a trailing one included, so that the lag is
+    0 at the end and a dataset resumed there reads (and counts) nothing again. Partition 1 holds
+    tombstones alone: its runs make no batch, which is no error."""
+    broker.create_topic("deletes", 2)
+    first = with_tombstones(23, lambda i: i % 3 == 1 or i == 22)
+    produce_messages(broker.bootstrap, "deletes", 0, first)
+    produce_messages(broker.bootstrap, "deletes", 1, [None] * 9)
+    config = kafka_config(broker.bootstrap, "deletes", tmp_path, "train_data.global_batch_size=4")
+    with dataset(config) as data:
+        read = ids(data)
+        counts, position = data.counts(), data.position()
+    assert sorted(read) == [i for i in first if i is not None]
+    assert counts["kafka_tombstones_skipped"] == first.count(None) + 9
+    assert counts["defaults_filled"] == 0  # no empty tf.Example was made of them
+    assert counts["kafka_lag_records"] == 0
+    assert position == {0: 23, 1: 9}
+    with dataset(config) as again:
+        again.resume(position)
+        assert ids(again) == []
+        assert again.counts()["kafka_tombstones_skipped"] == 0
+
+
+def test_an_empty_value_is_an_empty_example_and_no_tombstone(broker, tmp_path):  # noqa: F811
+    """b"" is a valid serialization (an empty tf.Example): it is read, its features take their defaults."""
+    broker.create_topic("empty", 1)
+    broker.produce("empty", {0: [example(0), b"", example(2)]})
+    config = kafka_config(broker.bootstrap, "empty", tmp_path, "train_data.global_batch_size=3")
+    with dataset(config) as data:
+        (batch,) = list(data)
+        counts = data.counts()
+    assert len(batch) == 3
+    assert batch.features["meta__tweet_id"].reshape(-1).tolist()[0::2] == [0, 2]
+    assert counts["kafka_tombstones_skipped"] == 0
+    assert counts["defaults_filled"] > 0
+
+
+def test_a_training_run_of_tombstones_alone_is_passed_over(broker, tmp_path):  # noqa: F811
+    """As training reads (drop_last, following): a run made only of tombstones is no batch and no error,
+    ready() does not report it as a batch, and the position goes past it."""
+    broker.create_topic("only-deletes", 1)
+    produce_messages(broker.bootstrap, "only-deletes", 0, [None] * 4)
+    config = kafka_config(broker.bootstrap, "only-deletes", tmp_path, "train_data.global_batch_size=4")
+    with dataset(config, follow=True, drop_last=True, repeat=True, shuffle=True) as data:
+        batches = iter(data)
+        deadline = time.monotonic() + 60  # a bound against a hang, not a timing assertion
+        while data.position() != {0: 4}:
+            assert not data.ready(0.2), "a run of tombstones reported as a batch"
+            assert time.monotonic() < deadline, "the tombstones were not passed over"
+        produce_messages(broker.bootstrap, "only-deletes", 0, [4, None, 6, 7])
+        assert ids([next(batches)]) == [4, 6, 7]
+        assert data.position() == {0: 8}
+        assert data.counts()["kafka_tombstones_skipped"] == 5

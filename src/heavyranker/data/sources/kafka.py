@@ -1,4 +1,5 @@
-"""A Kafka topic as a source of records: each message value is one serialized tf.Example.
+"""A Kafka topic as a source of records: each message value is one serialized tf.Example; a message with no
+value (a tombstone: a compacted topic's delete by key) is handed out as None, which the dataset passes over.
 
 confluent-kafka (librdkafka's maintained binding) reads it: partitions are assigned explicitly, each rank
 taking partitions[rank::world_size], and the offsets are ours (no consumer group commits): the dataset hands
@@ -19,8 +20,9 @@ from ...errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
-# An Item of a message: its value, where it comes from ("kafka topic T partition P") and its offset.
-Item = tuple[bytes, str, int]
+# An Item of a message: its value (None: a tombstone), where it comes from ("kafka topic T partition P") and
+# its offset.
+Item = tuple[bytes | None, str, int]
 Offsets = dict[int, int]  # partition -> the next offset to read
 
 
@@ -197,7 +199,7 @@ class KafkaRecords:
                     raise DataError(f"{self.where}.kafka: topic {topic}: {error.str()}")
                 partition, offset = message.partition(), message.offset()
                 self.newest_timestamp = message.timestamp()[1] / 1000
-                yield message.value() or b"", names[partition], offset
+                yield message.value(), names[partition], offset
 
     def _check_brokers(self) -> None:
         if self._broker_error is None:
