@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -338,3 +339,40 @@ def test_a_training_run_of_tombstones_alone_is_passed_over(broker, tmp_path):  #
         assert ids([next(batches)]) == [4, 6, 7]
         assert data.position() == {0: 8}
         assert data.counts()["kafka_tombstones_skipped"] == 5
+
+
+def outcome_of_reading(config, position: dict) -> object:
+    """What reading the topic on from `position` ends with: the ids read, or the error; "hung" if it has not
+    ended after 60 s (a bound against a hang, not a timing assertion)."""
+    outcome: list = []
+
+    def read() -> None:
+        with dataset(config) as data:
+            data.resume(position)
+            try:
+                outcome.append(ids(data))
+            except (DataError, UserError) as error:
+                outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    return outcome[0] if outcome else "hung"
+
+
+def test_a_checkpoint_offset_past_the_partitions_end_is_one_error(broker, tmp_path):  # noqa: F811
+    """The partition holds fewer messages than the checkpoint's run had read (deleted and recreated, or
+    truncated): reading on from there would skip the new messages up to it, reading from the start might
+    train records twice. Neither, silently: one line, with the way out."""
+    broker.create_topic("recreated", 2)
+    produce_ids(broker, "recreated", {0: range(0, 5), 1: range(100, 105)})
+    config = kafka_config(broker.bootstrap, "recreated", tmp_path, "train_data.global_batch_size=2")
+    error = outcome_of_reading(config, {0: 20, 1: 5})
+    assert isinstance(error, DataError), error
+    assert str(error) == (
+        "train_data.kafka: topic recreated partition 0 ends at offset 5, before the checkpoint's next offset "
+        "20: it was recreated or truncated since, and neither reading on from 20 (skipping its messages up "
+        "to there) nor from its start (which may train records twice) is right; to read the topic afresh, "
+        "train into a new training.save_dir (training.initial_checkpoint_dir: the old one, for its weights)"
+    )
+    assert outcome_of_reading(config, {0: 5, 1: 3}) == [103, 104]  # at or before the end: read on
