@@ -376,3 +376,20 @@ def test_a_checkpoint_offset_past_the_partitions_end_is_one_error(broker, tmp_pa
         "train into a new training.save_dir (training.initial_checkpoint_dir: the old one, for its weights)"
     )
     assert outcome_of_reading(config, {0: 5, 1: 3}) == [103, 104]  # at or before the end: read on
+
+
+def test_a_partition_without_a_checkpoint_offset_is_read_from_its_start(broker, tmp_path, caplog):  # noqa: F811
+    """The checkpoint holds offsets of the topic but none of partition 1 (added since, or nothing of it was
+    read): it is read from its earliest offset, whatever `start` says (latest would skip what arrived in
+    it before the restart), with a warning naming it."""
+    broker.create_topic("grown", 2)
+    produce_ids(broker, "grown", {0: range(0, 4), 1: range(100, 104)})
+    config = kafka_config(
+        broker.bootstrap, "grown", tmp_path, "train_data.global_batch_size=4", start="latest"
+    )
+    with caplog.at_level("WARNING"):
+        assert outcome_of_reading(config, {0: 2}) == [2, 3, 100, 101, 102, 103]
+    assert (
+        "train_data.kafka: topic grown partition(s) [1] have no offset in the checkpoint (added since, or "
+        "nothing of them was read): read from their earliest offset, not from start: latest"
+    ) in caplog.messages

@@ -131,7 +131,18 @@ class KafkaRecords:
         starts = self._within_the_partitions({p: resume[p] for p in self.partitions if p in resume})
         if not fresh:
             return starts
-        if self.spec.start == "earliest":
+        if self.spec.start == "earliest" or resume:
+            if resume and self.spec.start != "earliest":
+                # The checkpoint's run started every partition it had at a number: these are new since (or
+                # newly chosen), and whatever arrived in them before this restart would be skipped.
+                log.warning(
+                    "%s.kafka: topic %s partition(s) %s have no offset in the checkpoint (added since, or "
+                    "nothing of them was read): read from their earliest offset, not from start: %s",
+                    self.where,
+                    self.spec.topic,
+                    fresh,
+                    self.spec.start,
+                )
             return starts | {p: OFFSET_BEGINNING for p in fresh}
         if self.spec.start == "latest":
             return starts | self._ends_now(fresh)
