@@ -393,3 +393,13 @@ def test_a_partition_without_a_checkpoint_offset_is_read_from_its_start(broker, 
         "train_data.kafka: topic grown partition(s) [1] have no offset in the checkpoint (added since, or "
         "nothing of them was read): read from their earliest offset, not from start: latest"
     ) in caplog.messages
+
+
+def test_a_start_time_in_the_future_is_refused(broker, tmp_path):  # noqa: F811
+    """No message is at or after it yet: starting at the end now would train on messages older than it."""
+    broker.create_topic("future", 1)
+    when = "2999-01-01T00:00:00+00:00"
+    config = kafka_config(broker.bootstrap, "future", tmp_path, "train_data.global_batch_size=2", start=when)
+    error = outcome_of_reading(config, {})
+    assert isinstance(error, UserError), error
+    assert str(error).startswith(f"train_data.kafka.start: {when} is in the future (now ")

@@ -147,7 +147,15 @@ class KafkaRecords:
         if self.spec.start == "latest":
             return starts | self._ends_now(fresh)
         when = datetime.fromisoformat(self.spec.start)
-        millis = int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() * 1000)
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        now = datetime.now(UTC)
+        if when > now:  # no message is at or after it yet: starting at the end would read older ones
+            raise UserError(
+                f"{self.where}.kafka.start: {self.spec.start} is in the future "
+                f"(now {now:%Y-%m-%dT%H:%M:%S}Z): no message is at or after it; use latest to read what "
+                "arrives from now on"
+            )
+        millis = int(when.timestamp() * 1000)
         found = self._consumer.offsets_for_times(
             [TopicPartition(self.spec.topic, p, millis) for p in fresh],
             timeout=self.spec.broker_timeout_seconds,
