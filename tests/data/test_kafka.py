@@ -403,3 +403,19 @@ def test_a_start_time_in_the_future_is_refused(broker, tmp_path):  # noqa: F811
     error = outcome_of_reading(config, {})
     assert isinstance(error, UserError), error
     assert str(error).startswith(f"train_data.kafka.start: {when} is in the future (now ")
+
+
+def test_a_malformed_start_is_one_config_problem():
+    from heavyranker.config import ConfigError, load_config
+
+    from ..conftest import CONFIGS
+
+    topic = "{bootstrap_servers: 'localhost:9092', topic: t, start: '2026-13-45'}"
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "local_small.yaml", ["train_data.inputs=null", f"train_data.kafka={topic}"])
+    assert error.value.problems == [
+        (
+            "train_data.kafka.start",
+            "start is earliest, latest or an ISO timestamp such as 2026-01-31T05:00 (got '2026-13-45')",
+        )
+    ]
