@@ -63,6 +63,23 @@ def test_ranks_take_their_own_partitions(broker, tmp_path):  # noqa: F811
         assert sorted(ids(second)) == list(range(100, 108))
 
 
+def test_a_position_of_two_ranks_is_read_on_by_one(broker, tmp_path):  # noqa: F811
+    """A restart with another --nproc: each partition goes on from its offset in the 2 ranks' position,
+    whichever rank read it (the partitions without one, from the start)."""
+    broker.create_topic("regrouped", 3)
+    produce_ids(broker, "regrouped", {0: range(0, 8), 1: range(100, 108), 2: range(200, 208)})
+    config = kafka_config(broker.bootstrap, "regrouped", tmp_path, f"train_data.global_batch_size={BATCH}")
+    first, position = [], {}
+    for rank in (0, 1):
+        with dataset(config, rank=rank, world_size=2, follow=True) as data:
+            first += ids([next(iter(data))])
+            position |= data.position()
+    with dataset(config) as data:
+        data.resume(position)
+        rest = ids(data)
+    assert sorted(first + rest) == [*range(0, 8), *range(100, 108), *range(200, 208)]
+
+
 def test_chosen_partitions(broker, tmp_path):  # noqa: F811
     broker.create_topic("chosen", 2)
     produce_ids(broker, "chosen", {0: range(0, 5), 1: range(100, 105)})
