@@ -48,3 +48,18 @@ def kafka_config(bootstrap: str, topic: str, save_dir: Path, *overrides: str, **
             *overrides,
         ],
     )
+
+
+def produce_messages(bootstrap: str, topic: str, partition: int, ids: list[int | None]) -> None:
+    """One message per entry, in order: example(i) for an id, a tombstone (a key, no value: a compacted
+    topic's delete) for None."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for i in ids:
+        if i is None:
+            producer.produce(topic, value=None, key=b"deleted", partition=partition)
+        else:
+            producer.produce(topic, value=example(i), key=str(i).encode(), partition=partition)
+    if producer.flush(30):
+        raise RuntimeError("messages left unsent after 30 s")

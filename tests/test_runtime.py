@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -374,3 +375,42 @@ def test_fewer_files_than_ranks_asks_for_more_files(data, tmp_path):
         check_sharding(config.data_sections, 4)
     with pytest.raises(UserError, match=r"validation_data.validation: 3 data file\(s\) .* for 4 processes"):
         check_sharding(config.validation_sections, 4)
+
+
+def test_a_rank_killed_mid_run_stops_the_other_with_one_line(data, tmp_path):
+    """SIGKILL to rank 1 of `heavyranker train --nproc 2` after its first checkpoint: rank 0 does not wait
+    for it (its next collective fails at once, and torchrun's agent stops it), and says so in one line, not
+    with gloo's traceback."""
+    config = write_config(data, tmp_path / "run", num_train_steps=10**6, checkpoint_every_n=5)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "heavyranker", "train", "--config", str(config), "--nproc", "2"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + TIMEOUT_S  # a bound against a hang
+        while not list((tmp_path / "run" / "checkpoints").glob("step_*.pt")):
+            assert process.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.2)
+        # torchrun replaced the launching process: its workers are its children.
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        rank_1 = next(
+            int(p) for p in children if b"RANK=1" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+        )
+        os.kill(rank_1, signal.SIGKILL)
+        process.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"rank 0 did not stop within {TIMEOUT_S} s")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    errors = (tmp_path / "stderr").read_text()
+    assert process.returncode != 0
+    assert "error: rank 0 of 2: another rank of this job is gone (" in errors, errors[-3000:]
+    assert "[rank0]: Traceback" not in errors

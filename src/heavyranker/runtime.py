@@ -129,11 +129,26 @@ def init_runtime() -> Runtime:
 def distributed_runtime() -> Iterator[Runtime]:
     """init_runtime() for the length of a job, leaving the process group after a clean finish. Not after an
     error: tearing down a group whose other ranks may be inside a collective can block, and the exit of this
-    process ends its part anyway (torchrun then stops the other ranks)."""
+    process ends its part anyway (torchrun then stops the other ranks). A collective that fails because
+    another rank's process is gone is a UserError in one line (gloo's traceback says nothing more)."""
     runtime = init_runtime()
-    yield runtime
+    try:
+        yield runtime
+    except RuntimeError as error:
+        gone = next((words for words in _PEER_GONE if words in str(error)), None)
+        if runtime.world_size > 1 and gone:
+            raise UserError(
+                f"rank {runtime.rank} of {runtime.world_size}: another rank of this job is gone (a "
+                f"collective met: {gone}); its own log, or torchrun's report, says why"
+            ) from None
+        raise
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# What gloo's collectives raise, in a plain RuntimeError, when another rank's process is gone (killed, or
+# exited on an error of its own): its socket is closed or reset.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
 def _collective_timeout() -> float:

@@ -203,6 +203,33 @@ def test_ranks_take_disjoint_shares_of_new_files(tmp_path):
             ]
 
 
+def test_a_position_of_two_ranks_is_read_on_by_any_number_of_ranks(tmp_path):
+    """A restart with another --nproc: the position of 2 ranks, mid-file on both, read on by 1 rank and by 4
+    ranks, whichever rank now takes each file (crc32 of its path modulo the ranks): each rank reads the rest
+    of its files, and with the first run's records that is every record of the glob exactly once."""
+    paths = [tmp_path / f"p{k}.gz" for k in range(6)]
+    for k, path in enumerate(paths):
+        write_file(path, range(10 * k, 10 * k + 6))
+    glob = f"train_data.inputs={tmp_path}/*.gz"
+    first, position = [], {}
+    for rank in (0, 1):
+        with follow(config(glob, "train_data.global_batch_size=8"), rank=rank, world_size=2) as data:
+            first += take(data, iter(data), 1)
+            position |= data.position()
+    assert not all(entry["done"] for entry in position.values())  # a file partly read
+    left = {path: 6 - position.get(str(path), {"next": 0})["next"] for path in paths}  # records not read
+    for world in (1, 4):  # batches of 1 record a rank: no short last batch is left unread
+        read = list(first)
+        for rank in range(world):
+            share = sum(n for path, n in left.items() if zlib.crc32(str(path).encode()) % world == rank)
+            with follow(
+                config(glob, f"train_data.global_batch_size={world}"), rank=rank, world_size=world
+            ) as data:
+                data.resume(position)
+                read += take(data, iter(data), share)
+        assert sorted(read) == [i for k in range(6) for i in range(10 * k, 10 * k + 6)], world
+
+
 @contextlib.contextmanager
 def moto_bucket() -> Iterator[fsspec.AbstractFileSystem]:
     with moto_server() as url, s3_endpoint(url):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -12,7 +13,7 @@ from heavyranker.data.dataset import RecapDataset
 from heavyranker.errors import DataError, UserError
 
 from ..kafka_broker import broker, running_broker  # noqa: F401  (broker: a fixture)
-from ..kafka_data import example, kafka_config
+from ..kafka_data import example, kafka_config, produce_messages
 
 BATCH = 8
 
@@ -60,6 +61,23 @@ def test_ranks_take_their_own_partitions(broker, tmp_path):  # noqa: F811
     with dataset(config, rank=0, world_size=2) as first, dataset(config, rank=1, world_size=2) as second:
         assert sorted(ids(first)) == [*range(0, 8), *range(200, 208)]  # partitions 0 and 2
         assert sorted(ids(second)) == list(range(100, 108))
+
+
+def test_a_position_of_two_ranks_is_read_on_by_one(broker, tmp_path):  # noqa: F811
+    """A restart with another --nproc: each partition goes on from its offset in the 2 ranks' position,
+    whichever rank read it (the partitions without one, from the start)."""
+    broker.create_topic("regrouped", 3)
+    produce_ids(broker, "regrouped", {0: range(0, 8), 1: range(100, 108), 2: range(200, 208)})
+    config = kafka_config(broker.bootstrap, "regrouped", tmp_path, f"train_data.global_batch_size={BATCH}")
+    first, position = [], {}
+    for rank in (0, 1):
+        with dataset(config, rank=rank, world_size=2, follow=True) as data:
+            first += ids([next(iter(data))])
+            position |= data.position()
+    with dataset(config) as data:
+        data.resume(position)
+        rest = ids(data)
+    assert sorted(first + rest) == [*range(0, 8), *range(100, 108), *range(200, 208)]
 
 
 def test_chosen_partitions(broker, tmp_path):  # noqa: F811
@@ -275,5 +293,146 @@ def test_a_validation_split_with_files_and_a_topic_is_refused(tmp_path):
         (
             "validation_data.validation.kafka",
             "a topic together with files is read only by train_data in follow mode: keep one of them",
+        )
+    ]
+
+
+def with_tombstones(count: int, tombstone) -> list[int | None]:
+    """Ids 0..count-1, None (a tombstone) where tombstone(i)."""
+    return [None if tombstone(i) else i for i in range(count)]
+
+
+def test_tombstones_are_skipped_counted_and_passed_over_by_the_position(broker, tmp_path):  # noqa: F811
+    """A message with no value (a delete by key) is not a record: it is not decoded or trained, it is counted
+    (kafka_tombstones_skipped), and the position goes past it, a trailing one included, so that the lag is
+    0 at the end and a dataset resumed there reads (and counts) nothing again. Partition 1 holds
+    tombstones alone: its runs make no batch, which is no error."""
+    broker.create_topic("deletes", 2)
+    first = with_tombstones(23, lambda i: i % 3 == 1 or i == 22)
+    produce_messages(broker.bootstrap, "deletes", 0, first)
+    produce_messages(broker.bootstrap, "deletes", 1, [None] * 9)
+    config = kafka_config(broker.bootstrap, "deletes", tmp_path, "train_data.global_batch_size=4")
+    with dataset(config) as data:
+        read = ids(data)
+        counts, position = data.counts(), data.position()
+    assert sorted(read) == [i for i in first if i is not None]
+    assert counts["kafka_tombstones_skipped"] == first.count(None) + 9
+    assert counts["defaults_filled"] == 0  # no empty tf.Example was made of them
+    assert counts["kafka_lag_records"] == 0
+    assert position == {0: 23, 1: 9}
+    with dataset(config) as again:
+        again.resume(position)
+        assert ids(again) == []
+        assert again.counts()["kafka_tombstones_skipped"] == 0
+
+
+def test_an_empty_value_is_an_empty_example_and_no_tombstone(broker, tmp_path):  # noqa: F811
+    """b"" is a valid serialization (an empty tf.Example): it is read, its features take their defaults."""
+    broker.create_topic("empty", 1)
+    broker.produce("empty", {0: [example(0), b"", example(2)]})
+    config = kafka_config(broker.bootstrap, "empty", tmp_path, "train_data.global_batch_size=3")
+    with dataset(config) as data:
+        (batch,) = list(data)
+        counts = data.counts()
+    assert len(batch) == 3
+    assert batch.features["meta__tweet_id"].reshape(-1).tolist()[0::2] == [0, 2]
+    assert counts["kafka_tombstones_skipped"] == 0
+    assert counts["defaults_filled"] > 0
+
+
+def test_a_training_run_of_tombstones_alone_is_passed_over(broker, tmp_path):  # noqa: F811
+    """As training reads (drop_last, following): a run made only of tombstones is no batch and no error,
+    ready() does not report it as a batch, and the position goes past it."""
+    broker.create_topic("only-deletes", 1)
+    produce_messages(broker.bootstrap, "only-deletes", 0, [None] * 4)
+    config = kafka_config(broker.bootstrap, "only-deletes", tmp_path, "train_data.global_batch_size=4")
+    with dataset(config, follow=True, drop_last=True, repeat=True, shuffle=True) as data:
+        batches = iter(data)
+        deadline = time.monotonic() + 60  # a bound against a hang, not a timing assertion
+        while data.position() != {0: 4}:
+            assert not data.ready(0.2), "a run of tombstones reported as a batch"
+            assert time.monotonic() < deadline, "the tombstones were not passed over"
+        produce_messages(broker.bootstrap, "only-deletes", 0, [4, None, 6, 7])
+        assert ids([next(batches)]) == [4, 6, 7]
+        assert data.position() == {0: 8}
+        assert data.counts()["kafka_tombstones_skipped"] == 5
+
+
+def outcome_of_reading(config, position: dict) -> object:
+    """What reading the topic on from `position` ends with: the ids read, or the error; "hung" if it has not
+    ended after 60 s (a bound against a hang, not a timing assertion)."""
+    outcome: list = []
+
+    def read() -> None:
+        with dataset(config) as data:
+            data.resume(position)
+            try:
+                outcome.append(ids(data))
+            except (DataError, UserError) as error:
+                outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    return outcome[0] if outcome else "hung"
+
+
+def test_a_checkpoint_offset_past_the_partitions_end_is_one_error(broker, tmp_path):  # noqa: F811
+    """The partition holds fewer messages than the checkpoint's run had read (deleted and recreated, or
+    truncated): reading on from there would skip the new messages up to it, reading from the start might
+    train records twice. Neither, silently: one line, with the way out."""
+    broker.create_topic("recreated", 2)
+    produce_ids(broker, "recreated", {0: range(0, 5), 1: range(100, 105)})
+    config = kafka_config(broker.bootstrap, "recreated", tmp_path, "train_data.global_batch_size=2")
+    error = outcome_of_reading(config, {0: 20, 1: 5})
+    assert isinstance(error, DataError), error
+    assert str(error) == (
+        "train_data.kafka: topic recreated partition 0 ends at offset 5, before the checkpoint's next offset "
+        "20: it was recreated or truncated since, and neither reading on from 20 (skipping its messages up "
+        "to there) nor from its start (which may train records twice) is right; to read the topic afresh, "
+        "train into a new training.save_dir (training.initial_checkpoint_dir: the old one, for its weights)"
+    )
+    assert outcome_of_reading(config, {0: 5, 1: 3}) == [103, 104]  # at or before the end: read on
+
+
+def test_a_partition_without_a_checkpoint_offset_is_read_from_its_start(broker, tmp_path, caplog):  # noqa: F811
+    """The checkpoint holds offsets of the topic but none of partition 1 (added since, or nothing of it was
+    read): it is read from its earliest offset, whatever `start` says (latest would skip what arrived in
+    it before the restart), with a warning naming it."""
+    broker.create_topic("grown", 2)
+    produce_ids(broker, "grown", {0: range(0, 4), 1: range(100, 104)})
+    config = kafka_config(
+        broker.bootstrap, "grown", tmp_path, "train_data.global_batch_size=4", start="latest"
+    )
+    with caplog.at_level("WARNING"):
+        assert outcome_of_reading(config, {0: 2}) == [2, 3, 100, 101, 102, 103]
+    assert (
+        "train_data.kafka: topic grown partition(s) [1] have no offset in the checkpoint (added since, or "
+        "nothing of them was read): read from their earliest offset, not from start: latest"
+    ) in caplog.messages
+
+
+def test_a_start_time_in_the_future_is_refused(broker, tmp_path):  # noqa: F811
+    """No message is at or after it yet: starting at the end now would train on messages older than it."""
+    broker.create_topic("future", 1)
+    when = "2999-01-01T00:00:00+00:00"
+    config = kafka_config(broker.bootstrap, "future", tmp_path, "train_data.global_batch_size=2", start=when)
+    error = outcome_of_reading(config, {})
+    assert isinstance(error, UserError), error
+    assert str(error).startswith(f"train_data.kafka.start: {when} is in the future (now ")
+
+
+def test_a_malformed_start_is_one_config_problem():
+    from heavyranker.config import ConfigError, load_config
+
+    from ..conftest import CONFIGS
+
+    topic = "{bootstrap_servers: 'localhost:9092', topic: t, start: '2026-13-45'}"
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "local_small.yaml", ["train_data.inputs=null", f"train_data.kafka={topic}"])
+    assert error.value.problems == [
+        (
+            "train_data.kafka.start",
+            "start is earliest, latest or an ISO timestamp such as 2026-01-31T05:00 (got '2026-13-45')",
         )
     ]

@@ -15,7 +15,7 @@ from heavyranker.checkpoint import load_checkpoint
 from heavyranker.run_folder import RunFolder
 
 from ..kafka_broker import broker  # noqa: F401  (a fixture)
-from ..kafka_data import example, kafka_overrides
+from ..kafka_data import example, kafka_overrides, produce_messages
 from .kafka_train_run import listening, trained_ids
 
 RUN = Path(__file__).with_name("kafka_train_run.py")
@@ -123,3 +123,30 @@ def test_sigterm_while_waiting_for_messages(broker, tmp_path):  # noqa: F811
     newest = load_checkpoint(RunFolder(tmp_path / "run").newest_checkpoint())
     assert newest["step"] == 2
     assert newest["data_position"]["offsets"] == {0: 2 * BATCH}
+
+
+def test_tombstones_are_not_trained_and_a_restart_goes_on_past_them(broker, tmp_path):  # noqa: F811
+    """Messages without a value (deletes by key) among the records, a whole batch's worth of them and a
+    trailing one: the steps train exactly the other records, once; the checkpoint's offset is past the
+    last message (lag 0), and a restart trains only what came after."""
+    broker.create_topic("deletes", 1)
+    deleted = {i for i in range(40) if i % 5 == 3 or 16 <= i < 24 or i == 39}
+    produce_messages(broker.bootstrap, "deletes", 0, [None if i in deleted else i for i in range(40)])
+    log = tmp_path / "trained.log"
+    steps = overrides(broker.bootstrap, "deletes", tmp_path / "run", "training.train_log_every_n=2")
+    # 40 messages in runs of 8; the run of offsets 16..23 holds tombstones alone: 4 steps
+    run = start(log, [*steps, "training.num_train_steps=4"])
+    _, errors = run.communicate(timeout=300)
+    assert run.returncode == 0, errors[-2000:]
+    assert trained_ids(log) == [i for i in range(40) if i not in deleted]
+    assert "kafka: 0 records behind" in errors
+    assert f", {len(deleted)} tombstones skipped" in errors  # at step 4
+    newest = load_checkpoint(RunFolder(tmp_path / "run").newest_checkpoint())
+    assert (newest["step"], newest["data_position"]["offsets"]) == (4, {0: 40})
+
+    produce_messages(broker.bootstrap, "deletes", 0, list(range(40, 56)))
+    run = start(log, [*steps, "training.num_train_steps=6"])
+    _, errors = run.communicate(timeout=300)
+    assert run.returncode == 0, errors[-2000:]
+    assert trained_ids(log) == [*(i for i in range(40) if i not in deleted), *range(40, 56)]
+    assert ", 0 tombstones skipped" in errors  # at step 6: none read again

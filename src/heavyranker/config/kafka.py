@@ -65,7 +65,7 @@ class KafkaInput(StrictModel):
         except ValueError:
             raise PydanticCustomError(
                 "start",
-                "{v!r}: start is earliest, latest or an ISO timestamp such as 2026-01-31T05:00",
+                "start is earliest, latest or an ISO timestamp such as 2026-01-31T05:00",
                 {"v": value},
             ) from None
         return value

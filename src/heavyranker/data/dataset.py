@@ -14,8 +14,9 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..config.data import DataConfig
@@ -104,7 +105,8 @@ class RecapDataset:
         self._offsets: dict = {}  # partition (file) -> next offset (record), of this iteration's batches
         self._resume: Offsets | FilePosition = {}
         self.stream: KafkaRecords | FollowedFiles | FilesAndTopic | None = None
-        self._stream_map: OrderedMap | None = None  # the stream iteration's batches
+        self._stream_results: _StreamResults | None = None  # the open stream iteration's
+        self._tombstones = 0  # Kafka messages without a value passed over by the position
         self.preprocessors = build_preprocessors(data.preprocess, labels=require_labels)
         # What ignore_data_errors skipped; without it, damage raises DataError.
         self._damage = Damage() if data.ignore_data_errors else None
@@ -151,6 +153,8 @@ class RecapDataset:
     def counts(self) -> dict[str, int]:
         """What reading met so far, over every iteration of this dataset; safe to call from any thread.
         kafka_lag_records (a Kafka topic): records behind the partitions' ends (sources/kafka.py: lag);
+        kafka_tombstones_skipped: messages without a value (a delete by key) passed over, neither decoded nor
+        trained, among those the batches handed out so far went past;
         follow_lag_files (followed files): files taken and not handed out to their end yet.
         defaults_filled: features absent from a record, which took the schema default (and, for each
         schema feature that was, defaults_filled/NAME); damaged_files and skipped_records: the files cut
@@ -162,6 +166,7 @@ class RecapDataset:
         kafka, files = self._streams()
         if kafka is not None:
             stream["kafka_lag_records"] = kafka.lag({**self._resume, **self._offsets})
+            stream["kafka_tombstones_skipped"] = self._tombstones
         if files is not None:
             stream["follow_lag_files"] = files.lag(self._offsets)
         return {
@@ -200,7 +205,7 @@ class RecapDataset:
     def ready(self, timeout: float) -> bool:
         """A stream: whether the open iteration's next batch (or its end, or its error) is there to take,
         waiting up to `timeout` seconds for it."""
-        return self._stream_map is not None and self._stream_map.ready(timeout)
+        return self._stream_results is not None and self._stream_results.ready(timeout)
 
     def _file_batches(self, start: int) -> Iterator[Batch]:
         if self._cache is not None:
@@ -261,21 +266,23 @@ class RecapDataset:
             map_workers=self.data.map_num_parallel_calls or max(1, len(os.sched_getaffinity(0)) // 4),
         )
         self._maps.add(batches)
-        self._stream_map = batches
+        self._stream_results = _StreamResults(batches, self._advance)
         return batches
 
     def _stream_batches(self, batches: OrderedMap) -> Iterator[Batch]:
         try:
-            for batch, advanced in batches:
-                self._offsets.update(advanced)
-                if batch is not None:
-                    yield batch
+            yield from self._stream_results
         finally:
             self.stream.stop()  # a stream that waits for data never reaches the producer's stop check
             batches.close()
             self._maps.discard(batches)
-            self._stream_map = None
+            self._stream_results = None
             self.stream.close()
+
+    def _advance(self, advanced: dict, tombstones: int) -> None:
+        """The position past a run of the stream, handed out (or, without a batch, passed over)."""
+        self._offsets.update(advanced)
+        self._tombstones += tombstones
 
     def _streams(self) -> tuple[KafkaRecords | None, FollowedFiles | None]:
         """The open stream's topic and followed files, each None where it has none."""
@@ -288,14 +295,18 @@ class RecapDataset:
             return iter(self.stream)
         return self.stream.records(lambda path: self._open(path, pool))
 
-    def _positioned_batch(self, items: list[Item]) -> tuple[Batch | None, dict]:
-        """The batch of a run of a stream's records, and the next offset of each partition (the next record
-        of each file) after it: a partition by its number, a file by its path. Ascending in each."""
+    def _positioned_batch(self, items: list[Item]) -> tuple[Batch | None, dict, int]:
+        """The batch of a run of a stream's records, the next offset of each partition (the next record
+        of each file) after it, a partition by its number, a file by its path, ascending in each; and how
+        many Kafka tombstones (no value: a delete by key, not a record) the run held. They are left out, so
+        the batch is that much shorter; a run of tombstones alone makes none (no error, even with drop_last:
+        nothing was damaged)."""
         kafka, _ = self._streams()
         names = kafka.names if kafka else {}
         advanced = {names.get(name, name): index + 1 for _, name, index in items}
+        records = [item for item in items if item[0] is not None]
         try:
-            return self._make_batch(items), advanced
+            return (self._make_batch(records) if records else None), advanced, len(items) - len(records)
         except DataError as e:  # a message's index is its offset
             raise DataError(_MESSAGE.sub(r"\1: offset ", str(e), count=1)) from None
 
@@ -339,6 +350,46 @@ class RecapDataset:
     def _decoded_rows(self, items: list[Item]) -> Rows | None:
         decoded = self._columns.decode(items)
         return None if decoded is None else self._columns.rows(decoded[0])
+
+
+class _StreamResults:
+    """A stream's batches, from the (batch, advanced, tombstones) results of its OrderedMap: each result's
+    position goes to `advance` as its batch is handed out. A result without a batch (a run of tombstones
+    alone) is passed over, by ready() too: ready() means a batch is there, so that under DDP no rank told
+    so then waits for data inside the step's collectives."""
+
+    _END = object()
+
+    def __init__(self, results: OrderedMap, advance: Callable[[dict, int], None]):
+        self._map, self._results, self._advance = results, iter(results), advance
+        self._ahead: list = []  # what ready() took and next() has not handed out: a result, _END or an error
+
+    def ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._ahead:
+            if not self._map.ready(max(0.0, deadline - time.monotonic())):
+                return False
+            try:
+                result = next(self._results, self._END)
+            except Exception as error:  # raised when next() reaches it
+                result = error
+            if isinstance(result, tuple) and result[0] is None:
+                self._advance(*result[1:])
+            else:
+                self._ahead.append(result)
+        return True
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            result = self._ahead.pop() if self._ahead else next(self._results, self._END)
+            if isinstance(result, Exception):
+                raise result
+            if result is self._END:
+                return
+            batch, advanced, tombstones = result
+            self._advance(advanced, tombstones)
+            if batch is not None:
+                yield batch
 
 
 def describe_counts(counts: dict[str, int]) -> str:

@@ -183,4 +183,5 @@ def log_stream(stream: Any, config: Config, runtime: Runtime, counts: dict[str, 
         return
     times = [t for t in runtime.gather(stream and stream.newest_timestamp) if t is not None]
     newest = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(max(times))) if times else "none yet"
-    log.info("kafka: %d records behind, newest message %s", counts.get("kafka_lag_records", 0), newest)
+    behind, tombstones = counts.get("kafka_lag_records", 0), counts.get("kafka_tombstones_skipped", 0)
+    log.info("kafka: %d records behind, newest message %s, %d tombstones skipped", behind, newest, tombstones)

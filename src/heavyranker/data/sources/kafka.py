@@ -1,4 +1,5 @@
-"""A Kafka topic as a source of records: each message value is one serialized tf.Example.
+"""A Kafka topic as a source of records: each message value is one serialized tf.Example; a message with no
+value (a tombstone: a compacted topic's delete by key) is handed out as None, which the dataset passes over.
 
 confluent-kafka (librdkafka's maintained binding) reads it: partitions are assigned explicitly, each rank
 taking partitions[rank::world_size], and the offsets are ours (no consumer group commits): the dataset hands
@@ -19,8 +20,9 @@ from ...errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
-# An Item of a message: its value, where it comes from ("kafka topic T partition P") and its offset.
-Item = tuple[bytes, str, int]
+# An Item of a message: its value (None: a tombstone), where it comes from ("kafka topic T partition P") and
+# its offset.
+Item = tuple[bytes | None, str, int]
 Offsets = dict[int, int]  # partition -> the next offset to read
 
 
@@ -56,6 +58,9 @@ class KafkaRecords:
                 "group.id": "heavyranker",  # required by the client; we never join or commit to it
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
+                # An offset out of the partition's range is an error (a resume checks its range first), not
+                # the client's silent jump to the partition's end, which skips whatever lies between.
+                "auto.offset.reset": "error",
                 "error_cb": self._on_error,
                 **_security(spec.security, where),
             }
@@ -123,15 +128,34 @@ class KafkaRecords:
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
         fresh = [p for p in self.partitions if p not in resume]
-        starts = {p: resume[p] for p in self.partitions if p in resume}
+        starts = self._within_the_partitions({p: resume[p] for p in self.partitions if p in resume})
         if not fresh:
             return starts
-        if self.spec.start == "earliest":
+        if self.spec.start == "earliest" or resume:
+            if resume and self.spec.start != "earliest":
+                # The checkpoint's run started every partition it had at a number: these are new since (or
+                # newly chosen), and whatever arrived in them before this restart would be skipped.
+                log.warning(
+                    "%s.kafka: topic %s partition(s) %s have no offset in the checkpoint (added since, or "
+                    "nothing of them was read): read from their earliest offset, not from start: %s",
+                    self.where,
+                    self.spec.topic,
+                    fresh,
+                    self.spec.start,
+                )
             return starts | {p: OFFSET_BEGINNING for p in fresh}
         if self.spec.start == "latest":
             return starts | self._ends_now(fresh)
         when = datetime.fromisoformat(self.spec.start)
-        millis = int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() * 1000)
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        now = datetime.now(UTC)
+        if when > now:  # no message is at or after it yet: starting at the end would read older ones
+            raise UserError(
+                f"{self.where}.kafka.start: {self.spec.start} is in the future "
+                f"(now {now:%Y-%m-%dT%H:%M:%S}Z): no message is at or after it; use latest to read what "
+                "arrives from now on"
+            )
+        millis = int(when.timestamp() * 1000)
         found = self._consumer.offsets_for_times(
             [TopicPartition(self.spec.topic, p, millis) for p in fresh],
             timeout=self.spec.broker_timeout_seconds,
@@ -139,6 +163,39 @@ class KafkaRecords:
         timed = {tp.partition: tp.offset for tp in found if tp.offset >= 0}
         # -1: no message at or after the time: start at the end, on what arrives from now on.
         return starts | timed | self._ends_now([p for p in fresh if p not in timed])
+
+    def _within_the_partitions(self, resumed: Offsets) -> Offsets:
+        """A checkpoint's offsets, against each partition's range now: past its end is a DataError (the
+        partition was recreated or truncated since); before its first offset (its messages from there were
+        deleted by retention before they were read), a warning, and the partition is read from its first."""
+        from confluent_kafka import TopicPartition
+
+        ends = self._ends_now(list(resumed))
+        for partition, offset in resumed.items():
+            if offset > ends[partition]:
+                raise DataError(
+                    f"{self.where}.kafka: topic {self.spec.topic} partition {partition} ends at offset "
+                    f"{ends[partition]}, before the checkpoint's next offset {offset}: it was recreated or "
+                    f"truncated since, and neither reading on from {offset} (skipping its messages up to "
+                    "there) nor from its start (which may train records twice) is right; to read the topic "
+                    "afresh, train into a new training.save_dir (training.initial_checkpoint_dir: the old "
+                    "one, for its weights)"
+                )
+            where = TopicPartition(self.spec.topic, partition)
+            first, _ = self._consumer.get_watermark_offsets(where, self.spec.broker_timeout_seconds)
+            if offset < first:
+                log.warning(
+                    "%s.kafka: topic %s partition %d: its messages from the checkpoint's next offset %d to "
+                    "%d were deleted (retention) before they were read; reading on from %d",
+                    self.where,
+                    self.spec.topic,
+                    partition,
+                    offset,
+                    first - 1,
+                    first,
+                )
+                resumed[partition] = first
+        return resumed
 
     def _ends_now(self, partitions: list[int]) -> Offsets:
         """The end offset of each of `partitions` now, as the high watermark of a fetch answers it: the
@@ -194,10 +251,17 @@ class KafkaRecords:
                         continue
                     if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                         raise UserError(f"{self.where}.kafka.topic: topic {topic!r} is gone ({error.str()})")
+                    if error.code() == KafkaError._AUTO_OFFSET_RESET:
+                        raise DataError(
+                            f"{self.where}.kafka: topic {topic} partition {message.partition()}: the next "
+                            "offset is out of its range (deleted by retention before it was read, or the "
+                            f"partition was recreated: {error.str()}); restart from the newest checkpoint, "
+                            "which checks the range and says which"
+                        )
                     raise DataError(f"{self.where}.kafka: topic {topic}: {error.str()}")
                 partition, offset = message.partition(), message.offset()
                 self.newest_timestamp = message.timestamp()[1] / 1000
-                yield message.value() or b"", names[partition], offset
+                yield message.value(), names[partition], offset
 
     def _check_brokers(self) -> None:
         if self._broker_error is None:
