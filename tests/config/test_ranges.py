@@ -221,3 +221,23 @@ def test_the_walk_finds_the_number_fields():
 def test_no_number_field_takes_a_boolean_nan_or_infinity(annotation, value):
     with pytest.raises(ValidationError):
         TypeAdapter(annotation).validate_python(value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train_data.inputs=null", DATES % ("2023-02-30", 3)],
+            "train_data.explicit_date_inputs.end_date: not a date such as 2023-01-31 (got '2023-02-30')",
+        ),
+        (
+            ["train_data.cache_dir=s3://bucket/cache"],
+            "train_data.cache_dir: the cache is memory-mapped, so it must be on local disk "
+            "(got 's3://bucket/cache')",
+        ),
+    ],
+    ids=["not-a-date", "remote-cache"],
+)
+def test_a_validator_message_names_the_value_once(small_config_path, overrides, message):
+    # Began with a literal "{v!r}": custom errors take {v}, not conversions; the loader adds the value.
+    assert problem(small_config_path, *overrides) == message

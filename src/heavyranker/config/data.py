@@ -62,9 +62,7 @@ class ExplicitDateInputs(StrictModel):
         try:
             datetime.strptime(value, DATE_FORMAT)
         except ValueError:
-            raise PydanticCustomError(
-                "date", "{v!r} is not a date such as 2023-01-31", {"v": value}
-            ) from None
+            raise PydanticCustomError("date", "not a date such as 2023-01-31", {"v": value}) from None
         return value
 
     @cached_property
@@ -287,7 +285,7 @@ class DataConfig(StrictModel):
     def _local(cls, value: str | None) -> str | None:
         if value is not None and "://" in value and not value.startswith("file://"):
             raise PydanticCustomError(
-                "local_path", "{v!r}: the cache is memory-mapped, so it must be on local disk", {"v": value}
+                "local_path", "the cache is memory-mapped, so it must be on local disk", {"v": value}
             )
         return value if value is None else value.removeprefix("file://")
 
