@@ -116,7 +116,19 @@ def run_train(args: argparse.Namespace) -> int:
 
         promoter = Promoter(config)
     train(config, on_checkpoint=promoter)
+    if int(os.environ.get("RANK", 0)) == 0:  # once per run, not once per torchrun worker
+        print(what_the_run_wrote(config.training.save_dir))
     return 0
+
+
+def what_the_run_wrote(save_dir: str | os.PathLike[str]) -> str:
+    """Where a finished train's outputs are, so that the next command (evaluate, export) can be written."""
+    from .run_folder import RunFolder
+
+    run = RunFolder(save_dir)
+    newest = run.newest_checkpoint()
+    checkpoints = f"checkpoints/ (newest {newest.name})" if newest else "checkpoints/ (none)"
+    return f"run folder {run.path}: {checkpoints}, metrics.jsonl, eval/, tensorboard/"
 
 
 def check_nproc(nproc: int) -> None:

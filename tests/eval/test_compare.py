@@ -104,12 +104,15 @@ def table_rows(out: str) -> dict[str, list[str]]:
 
 
 def test_compare_prints_both_runs_metrics_as_evaluate_does_with_intervals_and_writes_html(
-    small_data, two_runs, tmp_path, capsys
+    small_data, two_runs, tmp_path, capsys, caplog
 ):
     run_a, run_b = two_runs
     html = tmp_path / "compare.html"
     capsys.readouterr()
-    assert compare(small_data, str(run_a), str(run_b), "--split", "validation", "--html", str(html)) == 0
+    with caplog.at_level("INFO"):
+        assert compare(small_data, str(run_a), str(run_b), "--split", "validation", "--html", str(html)) == 0
+    # Where the page went, for the user who asked for it.
+    assert f"wrote the table and each task's reliability plot to {html}" in caplog.messages
     rows = table_rows(capsys.readouterr().out)
     config = small_config(small_data, run_a, *FAST)
     assert set(rows) == {task.removeprefix("recap.engagement.") for task in config.task_names}

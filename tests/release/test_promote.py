@@ -6,6 +6,8 @@ promotions.jsonl with its figures."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -77,6 +79,25 @@ def test_a_better_model_is_published_and_a_worse_one_refused(run, noisy, tmp_pat
     assert lines[2]["current"] == {"version": 2, "step": STEPS}
     assert lines[2]["tasks"] == {t: pytest.approx(f, nan_ok=True) for t, f in worse.tasks.items()}
     assert lines[2]["candidate"] == {"checkpoint": str(noisy), "step": STEPS + 1}
+
+
+def test_the_checkpoint_a_version_serves_is_not_scored_against_itself(run, tmp_path):
+    """Was refused as worse than itself: the eager model and its program differ by float rounding alone,
+    which a task with one or two positives put wholly below 0. A file rewritten since is judged again."""
+    config, checkpoints = run
+    candidate = tmp_path / "checkpoints" / f"step_{STEPS}.pt"
+    candidate.parent.mkdir()
+    shutil.copyfile(checkpoints / f"step_{STEPS}.pt", candidate)
+    repository = ModelRepository(tmp_path / "repo", "ranker")
+    assert promote(config, repository, checkpoint=str(candidate)).version == 1
+    again = promote(config, repository, checkpoint=str(candidate))
+    assert not again.published and again.tasks == {}
+    assert again.reason == "version 1 is this checkpoint already, exported as onnx fp32"
+    later = repository.published(1) + 10  # the file written again after the version was published
+    os.utime(candidate, (later, later))
+    assert promote(config, repository, checkpoint=str(candidate)).tasks
+    as_int8 = promote(config, repository, checkpoint=str(candidate), precision="int8")
+    assert as_int8.tasks, "another program of the checkpoint is judged"
 
 
 def test_an_int8_candidate_is_judged_as_the_program_it_publishes(run, tmp_path):

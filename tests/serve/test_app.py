@@ -414,6 +414,10 @@ def test_the_serve_command_listens_on_loopback(exported: Exported, tmp_path):
         with httpx.Client(base_url=url) as http:
             assert post(http, body(2)).status_code == 200
             assert http.get("/v2/models/ranker/ready").status_code == 200
+        # Which model answers, for the operator (the exported checkpoint's step, its precision).
+        assert f"serving {exported.folder} (checkpoint step {STEP}, fp32); the API is described at /docs" in (
+            _text(tmp_path)
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)

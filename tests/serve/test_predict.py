@@ -106,6 +106,21 @@ def test_predict_logs_the_defaults_it_filled(exported: Exported, tmp_path, caplo
     assert f"{tmp_path / '*.gz'}: {counts}" in caplog.messages
 
 
+def test_the_out_folder_is_made_and_a_file_in_its_way_is_one_line_naming_it(
+    exported: Exported, records, tmp_path, capsys
+):
+    folder, _ = records
+    common = ["predict", "--model", str(exported.folder), "--inputs", str(folder / "*.gz")]
+    assert main([*common, "--out", str(tmp_path / "new" / "scores.csv")]) == 0
+    assert pa_csv.read_csv(tmp_path / "new" / "scores.csv").num_rows == EXAMPLES
+    capsys.readouterr()  # the progress bar
+    (tmp_path / "a-file").write_text("")
+    assert main([*common, "--out", str(tmp_path / "a-file" / "scores.csv")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'a-file'}: File exists (a file stands where a folder is needed)\n"
+    )
+
+
 def test_an_unknown_extension_is_refused(exported: Exported, records, tmp_path):
     folder, _ = records
     with pytest.raises(UserError, match=r"^out .*scores\.json: the extension says the format"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from ..run_folder import RunFolder
 from .evaluator import batch_setting, evaluation_tasks
 from .metrics import EPS, MetricAccumulator, auroc, rce
 from .report import reliability_curve
+
+logger = logging.getLogger(__name__)
 
 METRICS = {"auroc": auroc, "rce": rce}
 BLOCK = 64  # resamples evaluated together: [BLOCK, N] float64 arrays, 30 MB each at N = 60k
@@ -336,6 +339,7 @@ def compare_runs(
     print(table)
     if html_path:
         write_html(html_path, table, tasks, a, b)
+        logger.info("wrote the table and each task's reliability plot to %s", html_path)
     return rows
 
 

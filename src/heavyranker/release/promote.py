@@ -17,11 +17,13 @@ line of the log. An empty repository takes the candidate without a comparison.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
@@ -95,11 +97,17 @@ def promote(
         else:
             served, folder, served_step = served_program(repository.local_folder(current))
             decision.current = {"version": current, "step": served.scorer.manifest["checkpoint"]["step"]}
-            a = score(config, served, folder, served_step, data)  # type: ignore[arg-type]
-            b = score(config, model, path, step, data)
-            verdict = judge(rule, tasks, a, b, config.engagement_weights, current)
-            decision.published, decision.reason = verdict.published, verdict.reason
-            decision.tasks, decision.weighted = verdict.tasks, verdict.weighted
+            program = (format, precision, table_precision)
+            if _serves_already(served.scorer.manifest, repository.published(current), path, program):
+                decision.reason = (
+                    f"version {current} is this checkpoint already, exported as {format} {precision}"
+                )
+            else:
+                a = score(config, served, folder, served_step, data)  # type: ignore[arg-type]
+                b = score(config, model, path, step, data)
+                verdict = judge(rule, tasks, a, b, config.engagement_weights, current)
+                decision.published, decision.reason = verdict.published, verdict.reason
+                decision.tasks, decision.weighted = verdict.tasks, verdict.weighted
         if decision.published:
             decision.version = publish()
     repository.append_decision(asdict(decision))
@@ -111,3 +119,26 @@ def promote(
         decision.reason,
     )
     return decision
+
+
+def _serves_already(
+    manifest: dict[str, Any], published: float | None, checkpoint: Path, program: tuple[str, str, str]
+) -> bool:
+    """Whether the version of `manifest` is the program the candidate would be: exported from this checkpoint
+    file as it is now (not rewritten since the version was published) in the same format and precisions.
+    Scored, the two differ by the program's float rounding alone, which the rule read as worse beyond the
+    interval on a task with a positive or two: the served model was refused as worse than itself."""
+    exported_from = manifest["checkpoint"].get("path")
+    exported_as = (
+        manifest.get("program_format"),
+        manifest.get("precision", "fp32"),
+        manifest.get("table_precision", "fp32"),
+    )
+    same_program = exported_as == program
+    return (
+        same_program
+        and exported_from is not None
+        and published is not None
+        and Path(exported_from).resolve() == checkpoint.resolve()
+        and os.stat(checkpoint).st_mtime <= published
+    )

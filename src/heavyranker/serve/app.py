@@ -19,6 +19,7 @@ numbers one by one; the pydantic models below only describe the API in the OpenA
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -52,6 +53,8 @@ from .versions import ServedVersions
 BYTES_PER_VALUE = 32
 BYTES_PER_CANDIDATE = 256  # the id, the keys and the brackets
 RANK_CONTENT_TYPES = ("application/json", "application/octet-stream")
+
+log = logging.getLogger(__name__)
 
 
 class RankedCandidate(BaseModel):
@@ -267,7 +270,22 @@ def run_server(model_dir: str | None, **overrides: object) -> None:
     app = create_app(model_dir, **overrides)
     host, port = app.state.options.host, app.state.options.port
     check_can_listen(host, port)
+    log.info("%s; the API is described at /docs", what_is_served(app.state.versions))
     uvicorn.Server(server_config(app, host=host, port=port)).run()
+
+
+def what_is_served(versions: ServedVersions) -> str:
+    """Which model the server answers with, for its operator: the folder or the repository's version, and
+    the checkpoint it was exported from (uvicorn's own line says where it listens)."""
+    current = versions.current
+    repository = versions.repository
+    what = (
+        str(current.folder)
+        if repository is None
+        else f"version {current.version}, {repository.location(current.version)}"
+    )
+    step = current.scorer.manifest.get("checkpoint", {}).get("step")
+    return f"serving {what} (checkpoint step {step}, {current.scorer.precision})"
 
 
 def check_can_listen(host: str, port: int) -> None:

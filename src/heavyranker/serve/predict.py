@@ -35,6 +35,8 @@ SCORE = "score"
 def predict_files(*, model_dir: str, inputs: str, out: str, batch_size: int = 1024) -> int:
     """Scores every record of the files `inputs` (a glob) matches, in file order; returns the row count."""
     writer_class = _writer_class(out)
+    # Its folder made before any scoring, as other commands' --out: pyarrow's error named the temporary file.
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     scorer = Scorer(model_dir)
     warn_if_slow_here(scorer.precision)
     data = _data_config(scorer, model_dir, batch_size)
