@@ -98,6 +98,25 @@ def test_weight_mismatch_names_each_parameter():
     assert "0.bias" in message and "1.bias" not in message
 
 
+def test_a_checkpoint_of_another_model_names_its_first_misfits_of_each_kind():
+    # Was every misfit: 1-3 kB on one line for a checkpoint of another model.
+    source = {f"{i}.weight": torch.zeros(1) for i in range(8)}
+    with pytest.raises(UserError) as info:
+        load_model_weights(nn.Linear(2, 1), source, "run-a")
+    assert str(info.value) == (
+        "run-a does not fit this model: missing weight, bias; unexpected 0.weight, 1.weight, 2.weight "
+        "(and 5 more)"
+    )
+    wide = nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])
+    with pytest.raises(UserError) as info:
+        load_model_weights(wide, nn.Sequential(*[nn.Linear(3, 2) for _ in range(4)]).state_dict(), "run-b")
+    assert str(info.value) == (
+        "run-b does not fit this model: 0.weight: shape (2, 3) in the checkpoint, (2, 2) in the model; "
+        "1.weight: shape (2, 3) in the checkpoint, (2, 2) in the model; "
+        "2.weight: shape (2, 3) in the checkpoint, (2, 2) in the model (and 1 more)"
+    )
+
+
 def test_resolve_finds_newest_in_a_run_folder(tmp_path):
     save_checkpoint(tmp_path / "checkpoints", 4, {})
     save_checkpoint(tmp_path / "checkpoints", 8, {})

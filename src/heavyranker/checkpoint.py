@@ -86,15 +86,30 @@ def resolve_checkpoint(path: str | Path, best: bool = False) -> Path:
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Copy weights whose names and shapes must all match; a mismatch names every offending parameter."""
+    """Copy weights whose names and shapes must all match; a mismatch names the first few offending
+    parameters of each kind (missing, unexpected, of another shape) and counts the rest."""
     own = model.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state_dict]
-    problems += [f"unexpected {k}" for k in state_dict if k not in own]
-    problems += [
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
         f"{k}: shape {tuple(state_dict[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
         for k, v in own.items()
         if k in state_dict and state_dict[k].shape != v.shape
     ]
+    problems = [f"missing {_first(missing, ', ')}"] if missing else []
+    problems += [f"unexpected {_first(unexpected, ', ')}"] if unexpected else []
+    problems += [_first(shapes, "; ")] if shapes else []
     if problems:
         raise UserError(f"{source} does not fit this model: " + "; ".join(problems))
     model.load_state_dict(state_dict)
+
+
+# A checkpoint of another model misfits in hundreds of names; the first few of each kind say what, and the
+# line stays short.
+SHOWN_PER_KIND = 3
+
+
+def _first(items: list[str], separator: str) -> str:
+    more = len(items) - SHOWN_PER_KIND
+    shown = separator.join(items[:SHOWN_PER_KIND])
+    return shown if more <= 0 else f"{shown} (and {more} more)"

@@ -142,6 +142,19 @@ def test_unknown_split_is_a_user_error(small_data, trained, capsys):
     assert "no validation split 'nope'" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_another_model_says_what_to_give(small_data, trained, capsys):
+    # Was only the list of misfits, which did not say that the config was of another model.
+    tower = f"model.tasks.{FAV}.mlp_config.layer_sizes=[16, 1]"
+    config = ["--config", str(CONFIGS / "local_small.yaml"), "--set", f"training.save_dir={trained}"]
+    assert main(["evaluate", *config, "--set", tower]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {trained}/checkpoints/step_4.pt does not fit this model: ")
+    assert err.endswith(
+        " (a checkpoint of another model: give the config it was trained with, or --checkpoint)\n"
+    )
+    assert err.count("\n") == 1
+
+
 def test_watch_refuses_an_unknown_split_before_waiting_for_checkpoints(small_data, tmp_path):
     # It waited eval_timeout_in_s for a checkpoint, then stopped without a word (0.2 s here, else the test
     # would wait as long before the fix).

@@ -134,6 +134,20 @@ def test_warm_start_shape_mismatch_names_the_parameters(small_data, tmp_path):
     assert "recap__engagement__is_favorited" in str(info.value) and "(16," in str(info.value)
 
 
+def test_a_save_dir_holding_another_models_run_says_so(small_data, tmp_path):
+    # Was only the list of misfits, which did not say that save_dir was the place to change.
+    run(small_data, tmp_path, "training.num_train_steps=1")
+    other = Trainer(
+        small_config(small_data, tmp_path, *FAST, f"model.tasks.{FAV}.mlp_config.layer_sizes=[16, 1]")
+    )
+    with pytest.raises(UserError) as info:
+        other.restore()
+    assert str(info.value).startswith(f"{tmp_path}/checkpoints/step_1.pt does not fit this model: ")
+    assert str(info.value).endswith(
+        " (training.save_dir holds a run of another model: give this one its own save_dir)"
+    )
+
+
 def test_non_finite_loss_stops_naming_step_and_task_and_keeps_last_checkpoint(small_data, tmp_path):
     trainer = Trainer(
         small_config(

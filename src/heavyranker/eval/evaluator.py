@@ -140,7 +140,8 @@ def evaluate_command(
             return None
         # Every rank evaluates the checkpoint rank 0 found, even if a newer one appears meanwhile.
         path = runtime.broadcast(resolve_checkpoint(checkpoint or config.training.save_dir))
-        state = restore_weights(model, path)
+        hint = "a checkpoint of another model: give the config it was trained with, or --checkpoint"
+        state = restore_weights(model, path, misfit_hint=hint)
         with out_of_memory_as_user_error(batch_setting(split), f"evaluating {path}"):
             return evaluate_splits(config, model, int(state["step"]), runtime, split)
 

@@ -137,7 +137,8 @@ class Trainer:
         # Every rank resumes from the checkpoint rank 0 sees (save_dir is one folder that every node shares).
         newest = self.runtime.broadcast(self.run_folder.newest_checkpoint())
         if newest is not None:
-            state = self._restore_weights(newest)
+            hint = "training.save_dir holds a run of another model: give this one its own save_dir"
+            state = self._restore_weights(newest, hint)
             check_resumable(state, newest)
             optimizer_state = state["optimizer"]
             if self.sharded is not None:
@@ -155,15 +156,15 @@ class Trainer:
             log.info("resumed from %s at step %d", newest, self.step)
         elif self.config.training.initial_checkpoint_dir:
             source = self.runtime.broadcast(resolve_checkpoint(self.config.training.initial_checkpoint_dir))
-            self._restore_weights(source)
+            self._restore_weights(source, "training.initial_checkpoint_dir is a run of another model")
             log.info("warm start from the weights of %s", source)
         if self.config.training.keep_best and self.runtime.is_main:
             training = self.config.training
             self.best = BestTracker(training.keep_best, self.run_folder, training.checkpoint_max_to_keep)
 
-    def _restore_weights(self, checkpoint: Path) -> dict:
+    def _restore_weights(self, checkpoint: Path, misfit_hint: str) -> dict:
         if self.sharded is None:
-            return restore_weights(self.model, checkpoint)
+            return restore_weights(self.model, checkpoint, misfit_hint=misfit_hint)
         state = load_checkpoint(checkpoint)
         self.sharded.load_model_state(state["model"], str(checkpoint))
         return state
