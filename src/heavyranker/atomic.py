@@ -64,6 +64,20 @@ def _replacing(path: Path) -> Iterator[Path]:
     _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)  # makes the rename itself durable
 
 
+def output_file(path: str | os.PathLike, flag: str) -> Path:
+    """`path`, checked before the work whose result it will hold, its folder made: a folder at `path`, or a
+    folder of it that cannot be made (a file in the way, no permission), is one line naming `flag` (such as
+    "data stats: --out") at once, where the write would have failed after the work, naming a temporary."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the name of a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create its folder: {e.strerror}") from None
+    return path
+
+
 def without_following(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
     """os.open that refuses a symbolic link at `path` (also as `open(..., opener=without_following)`): a link
     planted there must not make us truncate or append to the file it points at."""

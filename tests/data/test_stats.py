@@ -111,6 +111,24 @@ def test_cli_writes_stats_and_refuses_no_batches(tmp_path, capsys):
         write_feature_stats(config.train_data, seed=config.training.seed, out=str(out), batches=-1)
 
 
+@pytest.mark.parametrize("command", ["stats", "dump"])
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+def test_an_out_that_cannot_be_written_is_one_line_before_any_data_is_read(tmp_path, capsys, command, where):
+    # Was found only after reading the data (none here: the config's files do not exist), and for stats
+    # named the path without --out.
+    write_config(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    out = {"folder": tmp_path, "under-a-file": tmp_path / "a-file" / "out.json"}[where]
+    assert main(["data", command, "--config", str(tmp_path / "config.yaml"), "--out", str(out)]) == 2
+    assert (
+        capsys.readouterr().err
+        == {
+            "folder": f"error: data {command}: --out {out} is a folder; give the name of a file to write\n",
+            "under-a-file": f"error: data {command}: --out {out}: cannot create its folder: File exists\n",
+        }[where]
+    )
+
+
 def test_bins_add_each_columns_quantiles_over_the_finite_values(tmp_path):
     config = write_config(tmp_path)
     rng = np.random.default_rng(1)

@@ -117,7 +117,7 @@ def test_the_out_folder_is_made_and_a_file_in_its_way_is_one_line_naming_it(
     (tmp_path / "a-file").write_text("")
     assert main([*common, "--out", str(tmp_path / "a-file" / "scores.csv")]) == 2
     assert capsys.readouterr().err == (
-        f"error: {tmp_path / 'a-file'}: File exists (a file stands where a folder is needed)\n"
+        f"error: predict: --out {tmp_path / 'a-file' / 'scores.csv'}: cannot create its folder: File exists\n"
     )
 
 

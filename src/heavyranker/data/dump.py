@@ -8,7 +8,7 @@ from itertools import islice
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, output_file
 from ..config.data import DataConfig
 from ..errors import SettingError, UserError
 from .dataset import RecapDataset, describe_counts
@@ -37,6 +37,7 @@ def dump_batches(
     bfloat16)."""
     if batches < 1:
         raise SettingError("batches", f"must be at least 1, got {batches}")
+    output_file(out, "data dump: --out")
     as_training = shuffle and split == "train"
     with RecapDataset(
         data,

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, output_file
 from ..config.data import DataConfig
 from ..errors import DataError, SettingError, UserError
 from .dataset import RecapDataset, describe_counts
@@ -39,6 +38,7 @@ def write_feature_stats(
         raise SettingError("batches", f"must be positive, got {batches}")
     if bins is not None and not 1 <= bins <= 1024:
         raise SettingError("bins", f"must be 1 to 1024, got {bins}")
+    output_file(out, "data stats: --out")
     count, mean, m2, rows = _moments(data, seed, batches)
     std = np.sqrt(np.divide(m2, count, out=np.zeros_like(m2), where=count > 0))
     stats = {
@@ -52,7 +52,6 @@ def write_feature_stats(
     if bins is not None:
         for entry, edges in zip(stats["features"], _quantiles(rows, bins), strict=True):
             entry["quantiles"] = edges
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with atomic_write(out, "w") as f:
         json.dump(stats, f, indent=1)
     log.info(

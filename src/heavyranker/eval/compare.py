@@ -25,7 +25,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, output_file
 from ..checkpoint import resolve_checkpoint
 from ..config import Config, short_names
 from ..config.data import DataConfig
@@ -253,19 +253,6 @@ def write_html(path: str | Path, table: str, tasks: list[str], a: Scores, b: Sco
     return Path(path)
 
 
-def html_target(path: str | Path) -> Path:
-    """Where --html writes, its folder created: checked before scoring, so that a folder at the name or a
-    file among its folders is one line at once rather than a traceback after the scoring."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"compare: --html {path} is a folder; give the name of a file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file where a folder should be, no permission
-        raise UserError(f"compare: --html {path}: cannot create its folder: {e.strerror}") from None
-    return path
-
-
 def _reliability_png(j: int, a: Scores, b: Scores) -> str:
     # A Figure on its own Agg canvas, not pyplot: no global figures, no process-wide backend (see report.py).
     fig = Figure(figsize=(4, 3.2))
@@ -322,7 +309,7 @@ def compare_runs(
         )
     if resamples > MAX_RESAMPLES:
         raise UserError(f"compare: resamples is {resamples}; at most {MAX_RESAMPLES:,} (default 1000)")
-    html_path = html_target(html_path) if html_path else None
+    html_path = output_file(html_path, "compare: --html") if html_path else None
     split, data = validation_split(
         config, split, "compare: the config has no validation_data to score the runs on"
     )

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, output_file
 from ..config.data import DataConfig
 from ..data.batch import Batch
 from ..data.dataset import RecapDataset, describe_counts
@@ -35,8 +35,8 @@ SCORE = "score"
 def predict_files(*, model_dir: str, inputs: str, out: str, batch_size: int = 1024) -> int:
     """Scores every record of the files `inputs` (a glob) matches, in file order; returns the row count."""
     writer_class = _writer_class(out)
-    # Its folder made before any scoring, as other commands' --out: pyarrow's error named the temporary file.
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    # Checked before any scoring: pyarrow's error, after it, named the temporary file.
+    output_file(out, "predict: --out")
     scorer = Scorer(model_dir)
     warn_if_slow_here(scorer.precision)
     data = _data_config(scorer, model_dir, batch_size)
