@@ -118,6 +118,17 @@ def test_a_glob_takes_each_listings_new_files_sorted(tmp_path):
         assert data.stream.newest == str(tmp_path / "c.gz")
 
 
+def test_the_start_line_says_what_is_followed(tmp_path, caplog):
+    # Was "train_data: 0 files for rank 0 of 1, ... (shuffle=True, repeat=True, drop_last=True)": the
+    # settings of a file list that a followed glob does not have.
+    with caplog.at_level(logging.INFO, logger="heavyranker.data.dataset"):
+        follow(config(f"train_data.inputs={tmp_path}/*.gz")).close()
+    assert caplog.messages == [
+        f"train_data: inputs {tmp_path}/*.gz, as it arrives, in arrival order, for rank 0 of 1, "
+        f"batches of {BATCH} examples"
+    ]
+
+
 def test_a_position_resumes_mid_file_and_skips_done_files(tmp_path):
     write_file(tmp_path / "a.gz", range(0, 6))
     write_file(tmp_path / "b.gz", range(6, 12))

@@ -436,3 +436,13 @@ def test_a_malformed_start_is_one_config_problem():
             "start is earliest, latest or an ISO timestamp such as 2026-01-31T05:00 (got '2026-13-45')",
         )
     ]
+
+
+def test_the_start_line_says_earliest_for_the_clients_minus_two():
+    # Was "from offsets {0: -2, 1: 17}": -2 is confluent_kafka's OFFSET_BEGINNING, not an offset.
+    from confluent_kafka import OFFSET_BEGINNING
+
+    from heavyranker.data.sources.kafka import describe_starts
+
+    assert OFFSET_BEGINNING == -2
+    assert describe_starts({0: -2, 1: 17}) == "partition 0 at earliest, partition 1 at offset 17"

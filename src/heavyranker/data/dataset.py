@@ -31,7 +31,13 @@ from .pipeline import READ_AHEAD, FileReader, OrderedMap
 from .preprocess import NegativeDownsampler, build_preprocessors
 from .sources import file_format
 from .sources.files import shard_files
-from .sources.follow import FilePosition, FollowedFiles, check_files_and_topic, files_source_name
+from .sources.follow import (
+    FilePosition,
+    FollowedFiles,
+    check_files_and_topic,
+    files_source_name,
+    source_name,
+)
 from .sources.kafka import KafkaRecords, Offsets
 from .sources.mixed import FilesAndTopic
 
@@ -133,13 +139,25 @@ class RecapDataset:
             self._batch_preprocessors = [downsample] if downsample else []
         self._replayed: Counter[str] = Counter()  # defaults_filled of the files read from the cache
         self._replayed_lock = threading.Lock()
+        self._log_reading(shuffle, repeat, drop_last)
+
+    def _log_reading(self, shuffle: bool, repeat: bool, drop_last: bool) -> None:
+        data, place = self.data, (self.rank, self.world_size, self.batch_size)
+        if self.follow or data.kafka is not None:  # no files of its own: a stream, read in arrival order
+            how = "as it arrives" if self.follow else "to its end"
+            log.info(
+                "%s: %s, %s, in arrival order, for rank %d of %d, batches of %d examples",
+                self.where,
+                source_name(data),
+                how,
+                *place,
+            )
+            return
         log.info(
             "%s: %d files for rank %d of %d, batches of %d examples (shuffle=%s, repeat=%s, drop_last=%s)",
-            where,
+            self.where,
             len(self.files),
-            rank,
-            world_size,
-            self.batch_size,
+            *place,
             shuffle,
             repeat,
             drop_last,

@@ -26,6 +26,15 @@ Item = tuple[bytes | None, str, int]
 Offsets = dict[int, int]  # partition -> the next offset to read
 
 
+def describe_starts(offsets: Offsets) -> str:
+    """Where each partition starts, for a log line: its offset, or `earliest` (the client's -2: the first
+    message still kept, whose offset is not known before reading)."""
+    from confluent_kafka import OFFSET_BEGINNING
+
+    starts = ("earliest" if offset == OFFSET_BEGINNING else f"offset {offset}" for offset in offsets.values())
+    return ", ".join(f"partition {p} at {start}" for p, start in zip(offsets, starts, strict=True))
+
+
 def partition_name(topic: str, partition: int) -> str:
     return f"kafka topic {topic} partition {partition}"
 
@@ -85,13 +94,13 @@ class KafkaRecords:
         self.offsets: Offsets = self._starts(resume or {})
         self.newest_timestamp: float | None = None
         log.info(
-            "%s: kafka topic %s, partitions %s for rank %d of %d, from offsets %s",
+            "%s: kafka topic %s, partitions %s for rank %d of %d, from %s",
             where,
             spec.topic,
             self.partitions,
             rank,
             world_size,
-            self.offsets,
+            describe_starts(self.offsets),
         )
 
     def _on_error(self, error: object) -> None:
