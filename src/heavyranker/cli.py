@@ -398,6 +398,14 @@ def log_level(verbose: bool) -> int:
     return logging.DEBUG if verbose else logging.INFO
 
 
+def quiet_repeated_config_warnings() -> None:
+    """The config's warnings once per job: every torchrun rank loads the config, and `train --nproc`
+    (CONFIG_CHECKED) logged them before it started the ranks; under a torchrun of the user's, rank 0 logs
+    them."""
+    if os.environ.get(handlers.CONFIG_CHECKED) or int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger("heavyranker.config.loader").setLevel(logging.ERROR)
+
+
 def _redact_record(record: logging.LogRecord) -> bool:
     """Every log line as `redact` leaves it (URLs without credentials), whichever library logged it."""
     record.msg, record.args = redact(record.getMessage()), None
@@ -412,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact_record)
+    quiet_repeated_config_warnings()
     try:
         return args.handler(args)
     except ConfigError as e:

@@ -15,6 +15,10 @@ from .memory import keep_freed_memory
 EXIT_REFUSED = 1  # promote: the candidate was compared and refused
 
 
+# Set for the ranks that `train --nproc` starts: it loaded the config before them and logged its warnings.
+CONFIG_CHECKED = "HEAVYRANKER_CONFIG_CHECKED"
+
+
 def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.set)
 
@@ -101,6 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
         from .runtime import launch_torchrun
 
         _load(args)  # a config's problems once, here, rather than once per rank
+        os.environ[CONFIG_CHECKED] = "1"  # and its warnings: the ranks inherit the environment
         return launch_torchrun(sys.argv[1:], nproc=args.nproc)
     from .train.loop import train
 
