@@ -8,7 +8,9 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from heavyranker.errors import UserError
 from heavyranker.serve.repository import (
     DELETING,
     MARKER_TTL_S,
+    NUMBERING_LOCK,
     READY,
     STAGING,
     STAGING_TTL_S,
@@ -44,9 +47,10 @@ def test_versions_are_numbered_from_one_and_complete(tmp_path):
     assert repository.versions() == [1, 2]
     assert (repository.version_folder(2) / "model.txt").read_text() == "b"
     assert (repository.version_folder(2) / READY).is_file()
-    # The model's config.pbtxt is the newest version's; nothing else is left in the model's folder.
+    # The model's config.pbtxt is the newest version's; nothing else is left in the model's folder but the
+    # numbering lock (hidden, and not a number: Triton passes it over).
     assert (repository.folder / TRITON_CONFIG).read_text() == "config of b\n"
-    assert sorted(os.listdir(repository.folder)) == ["1", "2", TRITON_CONFIG]
+    assert sorted(os.listdir(repository.folder)) == [NUMBERING_LOCK, "1", "2", TRITON_CONFIG]
 
 
 def test_a_folder_without_its_marker_is_not_a_version_and_its_number_is_not_reused(tmp_path):
@@ -123,6 +127,41 @@ def test_publishers_at_once_get_distinct_numbers_and_retention_keeps_the_newest(
     assert sorted(d["version"] for d in repository.decisions()) == published
 
 
+class _SlowToNumber(ModelRepository):
+    """A publisher descheduled between choosing its number and taking it: it lists the versions, then waits
+    until `others_done` is set (or a few seconds, where they are waiting for it)."""
+
+    def __init__(self, root: Path, others_done: threading.Event):
+        super().__init__(root, "ranker")
+        self.others_done = others_done
+
+    def _numbered(self) -> list[int]:
+        listed = super()._numbered()
+        self.others_done.wait(timeout=3)
+        self.others_done.set()  # once: a retry lists again at once
+        return listed
+
+
+def test_a_publisher_slow_to_take_its_number_does_not_take_a_removed_ones(tmp_path):
+    # Met in the 3-process test on a loaded machine: a publisher listed the versions (newest 1) and chose 2;
+    # meanwhile the others published 2, 3, 4 and retention (keep 2) removed 2; its rename then took the
+    # free name 2, a second version 2, below the newest.
+    ModelRepository(tmp_path, "ranker").publish(writing("first"), keep=2)
+    others_done = threading.Event()
+    slow = _SlowToNumber(tmp_path, others_done)
+    with ThreadPoolExecutor(1) as pool:
+        # No config.pbtxt: the threads' atomic writes of it would share a temporary (named by the pid).
+        slow_version = pool.submit(slow.publish, lambda f: (f / "model.txt").write_text("slow"), keep=None)
+        time.sleep(0.5)  # the slow publisher has listed by now, or lists after the others: either is correct
+        others = [ModelRepository(tmp_path, "ranker").publish(writing(t), keep=2) for t in "abc"]
+        others_done.set()
+        version = slow_version.result()
+    published = [1, version, *others]
+    assert len(set(published)) == len(published)
+    assert version > max(others) or version < min(others)  # in the order taken, never a removed number
+    assert ModelRepository(tmp_path, "ranker").newest() == max(published)
+
+
 STOPPED_PUBLISHER = """
 import sys, time
 from heavyranker.serve.repository import ModelRepository
@@ -154,7 +193,7 @@ def test_a_publisher_killed_half_way_leaves_no_version_and_its_leftovers_go(tmp_
     old = time.time() - STAGING_TTL_S - 60
     os.utime(staging, (old, old))
     assert repository.publish(writing("c")) == 3
-    assert sorted(os.listdir(repository.folder)) == ["1", "2", "3", TRITON_CONFIG]
+    assert sorted(os.listdir(repository.folder)) == [NUMBERING_LOCK, "1", "2", "3", TRITON_CONFIG]
 
 
 def test_a_stale_server_marker_protects_nothing(tmp_path):

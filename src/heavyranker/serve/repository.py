@@ -6,6 +6,7 @@
     REPO/<model-name>/<version>/READY      the completion marker, written last
     REPO/<model-name>/promotions.jsonl     every decision of `promote`, one JSON object a line
     REPO/<model-name>/.serving-<host>-<pid>  the version a running server serves (retention keeps it)
+    REPO/<model-name>/.numbering.lock      an flock that publishers take their numbers under
 
 A version is complete when its folder's name is a number and READY is in it; readers see nothing else. It is
 written in a hidden staging folder in REPO/<model-name>/ (so on the same file system), READY last, then
@@ -25,6 +26,7 @@ methods (object_repository.py); `open_repository` gives the one a location needs
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -51,6 +53,7 @@ DECISIONS = "promotions.jsonl"
 TRITON_CONFIG = "config.pbtxt"
 SERVING_MARKER = ".serving-"
 STAGING = ".staging-"
+NUMBERING_LOCK = ".numbering.lock"  # publishers take their numbers one at a time (_rename_to_next)
 DELETING = ".deleting-"
 # A server touches its marker at each poll (every few seconds); one older than this is from a server that
 # died without removing it, and no longer protects its version.
@@ -227,18 +230,27 @@ class ModelRepository:
         return [v for v, name in numbered if v is not None and (self.folder / name).is_dir()]
 
     def _rename_to_next(self, staging: Path) -> int:
-        """Renames `staging` to the first number past every numbered folder (complete or not): two
-        publishers racing for one number, the loser's rename fails and it takes the next."""
-        while True:
-            version = max(self._numbered(), default=0) + 1
-            try:
-                os.rename(staging, self.version_folder(version))
-            except OSError as e:
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    continue
-                raise
-            _fsync_folder(self.folder)
-            return version
+        """Renames `staging` to the first number past every numbered folder (complete or not), the number
+        chosen and taken under NUMBERING_LOCK: a publisher that chose a number, then waited (a loaded
+        machine) while others published past it and retention removed it, took a removed version's number,
+        below the newest. Retention never removes the newest, so a fresh listing's highest number is the
+        highest ever given. Where the lock does not hold (a file system without flock), two publishers
+        racing for one number still do not share it: the loser's rename fails and it takes the next."""
+        fd = without_following(self.folder / NUMBERING_LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a listing and a rename; released when fd closes
+            while True:
+                version = max(self._numbered(), default=0) + 1
+                try:
+                    os.rename(staging, self.version_folder(version))
+                except OSError as e:
+                    if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                        continue
+                    raise
+                _fsync_folder(self.folder)
+                return version
+        finally:
+            os.close(fd)
 
 
 def open_repository(root: str | os.PathLike, model_name: str) -> ModelRepository:
