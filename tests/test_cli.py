@@ -33,7 +33,7 @@ def heavyranker(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("where", ["under-a-file", "a-file", "a-folder"])
+@pytest.mark.parametrize("where", ["under-a-file", "a-file", "a-folder", "a-folder-at-a-files-name"])
 def test_an_output_path_in_the_way_is_one_line_naming_it(tmp_path, small_data, where):
     """--out under a file, at a file, or a file's name that is a folder: the path, what the system said and
     what to do, exit 2, no traceback; the file in the way is left as it was. (train's save_dir has a message
@@ -58,9 +58,14 @@ def test_an_output_path_in_the_way_is_one_line_naming_it(tmp_path, small_data, w
         ),
         "a-folder": (
             ["data", "stats", *config, "--batches", "1", "--out", str(tmp_path)],
-            f"{tmp_path}: Is a directory (give the name of a file, not of a folder)",
+            f"data stats: --out {tmp_path} is a folder; give the name of a file to write",
+        ),
+        "a-folder-at-a-files-name": (
+            ["data", "convert", *config, "--to", "parquet", "--out", str(tmp_path / "out")],
+            f"{tmp_path}/out/part-00000.parquet: Is a directory (give the name of a file, not of a folder)",
         ),
     }[where]
+    (tmp_path / "out" / "part-00000.parquet").mkdir(parents=True)
     done = heavyranker(*args)
     assert (done.returncode, done.stderr.splitlines()[-1]) == (2, f"error: {expected}")
     assert "Traceback" not in done.stderr
