@@ -100,22 +100,21 @@ def test_the_checkpoint_a_version_serves_is_not_scored_against_itself(run, tmp_p
     assert as_int8.tasks, "another program of the checkpoint is judged"
 
 
-def test_an_int8_candidate_is_judged_as_the_program_it_publishes(run, tmp_path):
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_a_candidate_is_judged_as_the_program_it_publishes(run, tmp_path, precision):
+    """fp32 too (it was judged as the checkpoint's eager model, which differs from its program by float
+    rounding: enough, on a task with a positive or two, for an interval wholly below 0)."""
     config, checkpoints = run
     repository = ModelRepository(tmp_path / "repo", "ranker")
     promote(config, repository, checkpoint=str(checkpoints / f"step_{EARLY}.pt"))
     trained = checkpoints / f"step_{STEPS}.pt"
-    decision = promote(config, repository, checkpoint=str(trained), precision="int8")
+    decision = promote(config, repository, checkpoint=str(trained), precision=precision)
     assert decision.published and decision.version == 2, decision.reason
-    assert decision.candidate == {
-        "checkpoint": str(trained),
-        "step": STEPS,
-        "precision": "int8",
-        "table_precision": "fp32",
-    }
+    lowered = {"precision": "int8", "table_precision": "fp32"} if precision == "int8" else {}
+    assert decision.candidate == {"checkpoint": str(trained), "step": STEPS, **lowered}
     published = repository.version_folder(2)
-    assert json.loads((published / MANIFEST).read_text())["precision"] == "int8"
-    # The candidate's RCE is the published int8 program's, which rounding moves off the checkpoint's own.
+    assert json.loads((published / MANIFEST).read_text())["precision"] == precision
+    # The candidate's RCE is the published program's, which rounding moves off the checkpoint's own.
     split, data = validation_split(config, None, "")
     tasks = evaluation_tasks(config, data)
     as_served = score(config, ServedProgram(Scorer(published)), published, STEPS, data)

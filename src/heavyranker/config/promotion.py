@@ -52,7 +52,7 @@ class PromoteConfig(StrictModel):
     precision: Literal["fp32", "bf16", "int8"] = Field(
         "fp32",
         description="The published version's dense products (`export --precision`): int8 with format onnx, "
-        "bf16 with pt2. Other than fp32, the candidate is judged as that program, which is then published.",
+        "bf16 with pt2. The candidate is exported first and judged as that program, which is then published.",
     )
     table_precision: Literal["fp32", "int8"] = Field(
         "fp32", description="The published version's id tables (`export --table-precision`)."

@@ -2,14 +2,14 @@
 the version there.
 
 Both are scored on one held-out validation split (`--split`, default the config's first; neither was trained
-on it: the config's validation splits are kept out of training) - the candidate as its checkpoint's model,
-the repository's newest version as the program it serves - and `compare`'s paired bootstrap gives, per task,
-the candidate's difference with its 95% interval. The rule (rule.py's PromotionRule): refused if any task's
-metric (RCE by default) is worse beyond the interval by more than the tolerance, that is if the interval's
-upper end of candidate - current lies below -tolerance; or, weighted, if the engagement-weighted sum of the
-tasks' differences is. Else the candidate is exported as the next version. Every
-decision, published or refused, is one line of REPO/<model-name>/promotions.jsonl, with its figures, and a
-line of the log. An empty repository takes the candidate without a comparison.
+on it: the config's validation splits are kept out of training) - the candidate as the program it would be
+published as (exported first), the repository's newest version as the program it serves - and `compare`'s
+paired bootstrap gives, per task, the candidate's difference with its 95% interval. The rule (rule.py's
+PromotionRule): refused if any task's metric (RCE by default) is worse beyond the interval by more than the
+tolerance, that is if the interval's upper end of candidate - current lies below -tolerance; or, weighted,
+if the engagement-weighted sum of the tasks' differences is. Else the program judged is published as the
+next version. Every decision, published or refused, is one line of REPO/<model-name>/promotions.jsonl, with
+its figures, and a line of the log. An empty repository takes the candidate without a comparison.
 
 `promote(...)` is the function follow-mode training calls every N steps.
 """
@@ -31,7 +31,7 @@ from ..eval.compare import loaded_model, score, validation_split
 from ..eval.evaluator import evaluation_tasks
 from ..serve.export import export_model
 from ..serve.precision import check_precision
-from ..serve.repository import DEFAULT_KEEP, ModelRepository, export_version
+from ..serve.repository import DEFAULT_KEEP, ModelRepository
 from ..serve.scorer import Scorer
 from ..serve.served_program import ServedProgram, served_program
 from ..serve.table_precision import check_table_precision
@@ -67,9 +67,9 @@ def promote(
     keep: int | None = DEFAULT_KEEP,
 ) -> Decision:
     """Scores `checkpoint` (default: training.save_dir's best marked, else newest) against the repository's
-    newest version on `split`, publishes it if `rule` allows, and records the decision. Other than fp32
-    (`precision`, `table_precision`), the candidate is exported first and judged as that program: rounding
-    costs some quality, which the rule must see; the program judged is the one published."""
+    newest version on `split`, publishes it if `rule` allows, and records the decision. The candidate is
+    exported first (`format`, `precision`, `table_precision`) and judged as that program, which is the one
+    published."""
     check_precision(precision, format)
     check_table_precision(table_precision)
     split, data = validation_split(
@@ -79,17 +79,19 @@ def promote(
     rule.check(tasks)
     model, path, step = loaded_model(config, data, tasks, checkpoint or str(config.training.save_dir), None)
     candidate: dict[str, Any] = {"checkpoint": str(path), "step": step}
+    if (precision, table_precision) != ("fp32", "fp32"):
+        candidate.update(precision=precision, table_precision=table_precision)
     with tempfile.TemporaryDirectory(prefix="heavyranker_promote_") as staging:
-        publish = partial(export_version, repository, config, checkpoint=str(path), format=format, keep=keep)
-        if (precision, table_precision) != ("fp32", "fp32"):
-            staged = export_model(
-                config, checkpoint=str(path), out=staging, format=format, precision=precision,
-                table_precision=table_precision,
-            )  # fmt: skip
-            model = ServedProgram(Scorer(staged))  # type: ignore[assignment]
-            candidate.update(precision=precision, table_precision=table_precision)
-            copy_staged = partial(shutil.copytree, staged, dirs_exist_ok=True)  # what was judged is published
-            publish = partial(repository.publish, copy_staged, keep=keep)
+        # Judged as the program it would be published as, as the current version is: the checkpoint's eager
+        # model differs from any program by float rounding, which the paired interval can read as worse on a
+        # task with a positive or two; in bf16 or int8 the program's rounding costs quality the rule must see.
+        staged = export_model(
+            config, checkpoint=str(path), out=staging, format=format, precision=precision,
+            table_precision=table_precision,
+        )  # fmt: skip
+        model = ServedProgram(Scorer(staged))  # type: ignore[assignment]
+        copy_staged = partial(shutil.copytree, staged, dirs_exist_ok=True)  # what was judged is published
+        publish = partial(repository.publish, copy_staged, keep=keep)
         decision = Decision(False, "", split, candidate, None, asdict(rule))
         current = repository.newest()
         if current is None:
