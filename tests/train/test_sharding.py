@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from heavyranker.checkpoint import save_checkpoint
 from heavyranker.config import load_config
 from heavyranker.data.columns import feature_specs
 from heavyranker.data.sources.tfrecord import write_records
@@ -278,3 +279,20 @@ def test_column_wise_and_table_wise_shards_train_as_replicated_tables(data, tmp_
     for index, entry in want_state.items():
         for key, value in entry.items():
             torch.testing.assert_close(sharded["optimizer"]["state"][index][key], value, rtol=1e-4, atol=1e-6)
+
+
+def _refuses_a_damaged_checkpoint(path: Path) -> None:
+    from heavyranker.train.loop import Trainer
+
+    trainer = Trainer(load_config(path))
+    with pytest.raises(UserError, match=r"step_1\.pt: its 'model' is not a dict of tensors"):
+        trainer.restore()
+
+
+def test_a_sharded_resume_checks_the_checkpoint_as_a_replicated_one_does(data, tmp_path):
+    # Was "does not fit this model: missing large_embeddings...": the sharded path read the checkpoint's
+    # "model" without restore_weights' checks (nor its first-layout completion of managed tables, nor the
+    # hint at save_dir).
+    config = _config(data, tmp_path / "run", "torchrec")
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, {"model": [1, 2], "step": 1})
+    on_two_ranks(_refuses_a_damaged_checkpoint, config, logs=tmp_path / "logs")

@@ -3,6 +3,8 @@ compare, export) puts a checkpoint's weights into the model it built."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,19 @@ from .id_managed import ManagedMapping
 from .managed_state import complete_first_layout
 
 
-def restore_weights(model: nn.Module, checkpoint: str | Path, *, misfit_hint: str = "") -> dict[str, Any]:
+def restore_weights(
+    model: nn.Module,
+    checkpoint: str | Path,
+    *,
+    misfit_hint: str = "",
+    load: Callable[[dict[str, torch.Tensor], str], None] | None = None,
+) -> dict[str, Any]:
     """Loads `checkpoint` (a step_<N>.pt file, as resolve_checkpoint finds it) and copies its model weights
     into `model`, every name and shape checked; returns the checkpoint's whole state (its step, and the
     optimizer's for a resume). Each problem is a UserError naming the file: unreadable, no model weights,
     weights that do not fit the model (followed by `misfit_hint`, where given: what to do about it), or a
-    damaged buffer (a DataError)."""
+    damaged buffer (a DataError). `load(weights, source)` copies them (default: load_model_weights into
+    `model`); the sharded path's (train/sharding.py) also puts the tables' weights into this rank's shards."""
     state = load_checkpoint(checkpoint)
     if "model" not in state:
         raise UserError(f"{checkpoint}: no 'model' weights in this checkpoint")
@@ -32,7 +41,7 @@ def restore_weights(model: nn.Module, checkpoint: str | Path, *, misfit_hint: st
             complete_first_layout(module, weights, f"{name}." if name else "")
     try:
         _check_kinds(model, weights, str(checkpoint))
-        load_model_weights(model, weights, str(checkpoint))
+        (load or partial(load_model_weights, model))(weights, str(checkpoint))
     except DataError as e:  # a damaged buffer, found by the module's own checks as it loads
         raise DataError(f"{checkpoint}: {e}") from None
     except UserError as e:

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from ..checkpoint import (
     check_resumable,
-    load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -109,12 +108,6 @@ class Trainer:
             self.train_model, params = self.runtime.wrap(self.model), self.model
         self.loss_fn: MultiTaskLoss = build_loss(config.model).to(self.runtime.device)
         self.optimizer, self.scheduler = build_optimizer(config.optimizer, params)
-        if self.sharded is not None and config.optimizer.embedding is not None:
-            raise UserError(
-                "optimizer.embedding: the tables' own optimizer does not apply to tables sharded with "
-                "torchrec (training.embedding_sharding: torchrec), which the dense optimizer trains: remove "
-                "one of the two"
-            )
         tables = [] if self.sharded is not None else self.model.table_parameters()  # sharded: the dense one's
         self.table_optimizer = build_table_optimizer(config.optimizer, tables)
         self.accumulation = config.training.gradient_accumulation or 1
@@ -163,11 +156,8 @@ class Trainer:
             self.best = BestTracker(training.keep_best, self.run_folder, training.checkpoint_max_to_keep)
 
     def _restore_weights(self, checkpoint: Path, misfit_hint: str) -> dict:
-        if self.sharded is None:
-            return restore_weights(self.model, checkpoint, misfit_hint=misfit_hint)
-        state = load_checkpoint(checkpoint)
-        self.sharded.load_model_state(state["model"], str(checkpoint))
-        return state
+        load = None if self.sharded is None else self.sharded.load_model_state
+        return restore_weights(self.model, checkpoint, misfit_hint=misfit_hint, load=load)
 
     def save(self) -> Path | None:
         if self.sharded is not None:  # every rank takes part in gathering the shards
