@@ -303,6 +303,24 @@ def test_statistics_beyond_float32_are_refused(tmp_path, entry, config, message)
         _run({config: {"analysis_path": path}})
 
 
+@pytest.mark.parametrize(
+    ("entry", "config", "message"),
+    [
+        ({"mean": "1.5", "std": 1.0}, "z_score_log_config", r"not a feature statistics file.*'1\.5' is not"),
+        ({"mean": 0.0, "std": True}, "z_score_log_config", r"not a feature statistics file.*True is not"),
+        ({"quantiles": ["0", "1"]}, "piecewise_linear_config", r"features\[3\] has no list of numbers"),
+        ({"quantiles": [0.0, False]}, "piecewise_linear_config", r"features\[3\] has no list of numbers"),
+    ],
+    ids=["mean-string", "std-boolean", "quantiles-strings", "quantile-boolean"],
+)
+def test_statistics_that_are_not_json_numbers_are_refused(tmp_path, entry, config, message):
+    # Were read as numbers: float("1.5") and float(True) both work, and numpy reads ["0", "1"] as floats.
+    other = {"mean": 0.0, "std": 1.0, "quantiles": [0.0, 1.0]}
+    path = _stats(tmp_path, [other] * 3 + [{**other, **entry}])
+    with pytest.raises(DataError, match=rf"stats.json .*{message}"):
+        _run({config: {"analysis_path": path}})
+
+
 def test_more_bins_than_data_stats_writes_are_refused(tmp_path):
     """Before: any count was taken, and the [features, most bins] buffers and the input width grew with it
     (a million quantiles: 4 GB a feature). 1025 quantiles (1024 bins, `data stats --bins`' most) load."""

@@ -242,8 +242,8 @@ def load_feature_stats(path: str, width: int) -> tuple[torch.Tensor, torch.Tenso
     where = f"{path} ({WHERE}.z_score_log_config.analysis_path)"
     entries = _stats_entries(path, where, width)
     try:
-        mean = [float(e["mean"]) for e in entries]
-        std = [float(e["std"]) for e in entries]
+        mean = [_json_number(e["mean"]) for e in entries]
+        std = [_json_number(e["std"]) for e in entries]
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(
             f'{where}: not a feature statistics file ({{"features": [{{"mean": .., "std": ..}}, ...]}}, '
@@ -270,7 +270,7 @@ def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
     edges = []
     for i, entry in enumerate(entries):
         try:
-            quantiles = np.asarray(entry["quantiles"], dtype=np.float64)
+            quantiles = np.asarray([_json_number(q) for q in entry["quantiles"]], dtype=np.float64)
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(
                 f"{where}: features[{i}] has no list of numbers `quantiles` ({e!r}); write the file with "
@@ -295,6 +295,14 @@ def load_bin_edges(path: str, width: int) -> list[np.ndarray]:
             )
         edges.append(distinct)
     return edges
+
+
+def _json_number(value: object) -> float:
+    """A JSON number: float() and numpy also take "1.5" and true, which `data stats` never writes (a file
+    edited by hand, or another tool's, that means something else)."""
+    if type(value) not in (int, float):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)
 
 
 def _stats_entries(path: str, where: str, width: int) -> list:
