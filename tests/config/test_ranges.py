@@ -66,6 +66,14 @@ OUT_OF_RANGE = [
         f"model.tasks.{FAV}.loss_weight=1.0e+39",
         f"model.tasks.{FAV}.loss_weight: Input should be less than or equal to 1000000 (got 1e+39)",
     ),
+    (  # before: the logit's float32 infinite, its probability 0, 1 or NaN
+        f"model.tasks.{FAV}.affine_map={{scale: 1.0e+39}}",
+        f"model.tasks.{FAV}.affine_map.scale: Input should be less than or equal to 1000000 (got 1e+39)",
+    ),
+    (
+        f"model.tasks.{FAV}.affine_map={{bias: -1.0e+39}}",
+        f"model.tasks.{FAV}.affine_map.bias: Input should be greater than or equal to -1000000 (got -1e+39)",
+    ),
     ("optimizer.adam.beta_2=1.0", "optimizer.adam.beta_2: Input should be less than 1 (got 1.0)"),
     ("optimizer.adam.beta_1=.nan", "optimizer.adam.beta_1: Input should be a finite number (got nan)"),
     ("optimizer.adam.epsilon=0", "optimizer.adam.epsilon: Input should be greater than 0 (got 0)"),

@@ -128,11 +128,18 @@ class DLRMConfig(StrictModel):
     top_mlp: MlpConfig = Field(description="On the bottom output and the pairwise dot products.")
 
 
+# An affine map's scale and bias: the logit is float32, in which 1e39 is infinite (its probability 0, 1 or
+# NaN); a logit moved by a million is already certain either way.
+MAX_AFFINE = 1e6
+
+
 class AffineMap(StrictModel):
     """A fixed `scale * logit + bias` on a tower's logit."""
 
-    scale: Float = Field(1.0, description="Multiplies the logit.")
-    bias: Float = Field(0.0, description="Added after.")
+    scale: Float = Field(
+        1.0, ge=-MAX_AFFINE, le=MAX_AFFINE, description="Multiplies the logit (at most 1e6 in size)."
+    )
+    bias: Float = Field(0.0, ge=-MAX_AFFINE, le=MAX_AFFINE, description="Added after (at most 1e6 in size).")
 
 
 class ArchitectureConfig(StrictModel):
