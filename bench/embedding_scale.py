@@ -305,7 +305,7 @@ def counting_before_after(rev: str, rows: int, args: argparse.Namespace) -> dict
     over enough steps to fill the recent parts of the sorted ids twice (each full one is merged into the main
     part: the amortized cost), the slowest step, and the lookup alone (eval) of the same batches after; with
     --profile, the time its changes of the sorted ids took (a step's share)."""
-    from heavyranker.config.model import Eviction
+    from heavyranker.config.embeddings import Eviction
     from heavyranker.model.id_managed import ManagedMapping, recent_capacity
 
     torch.set_num_threads(args.threads)

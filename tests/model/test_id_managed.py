@@ -13,7 +13,7 @@ import onnxruntime
 import pytest
 import torch
 
-from heavyranker.config.model import Eviction
+from heavyranker.config.embeddings import Eviction
 from heavyranker.model import count_histogram, id_managed, managed_state
 from heavyranker.model.id_managed import ManagedMapping
 from heavyranker.model.sorted_index import SplitIndex

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from heavyranker.config import dump_config, load_config
-from heavyranker.config.model import Eviction
+from heavyranker.config.embeddings import Eviction
 from heavyranker.errors import UserError
 from heavyranker.model.embeddings import LargeEmbedding, SmallEmbedding
 from heavyranker.model.id_managed import ManagedMapping

@@ -46,7 +46,7 @@ def test_weights_of_another_model_name_the_misfit_then_the_hint(tmp_path):
 
 def _managed_state():
     """A managed table of 4 rows (3 ids of their own) after two batches, lfu: its buffers."""
-    from heavyranker.config.model import Eviction
+    from heavyranker.config.embeddings import Eviction
     from heavyranker.model.id_managed import ManagedMapping
 
     mapping = ManagedMapping(4, 1, Eviction.LFU, None)

@@ -57,6 +57,10 @@ def _not_a_boolean(value: object) -> object:
 Float = Annotated[float, AllowInfNan(False), BeforeValidator(_not_a_boolean)]
 Count = Annotated[int, Strict(), Field(ge=1)]  # sizes, counts, steps
 NonNegative = Annotated[int, Strict(), Field(ge=0)]  # column indices, tolerances, step boundaries
+# Bounds on what the model allocates as it is built, before any data is read. A layer between two widths
+# of 2**15 holds 2**30 weights (4 GiB of float32; Adam keeps two more copies); the seed's widest is 2048.
+MAX_WIDTH = 2**15
+Width = Annotated[Count, Field(le=MAX_WIDTH)]  # layer sizes, embedding dimensions
 
 
 def _resolve_path(value: str, info: ValidationInfo) -> str:

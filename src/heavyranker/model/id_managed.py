@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config.model import Eviction
+from ..config.embeddings import Eviction
 from .count_histogram import CountHistogram
 from .key_histogram import Histogram
 from .managed_state import check_managed_state, complete_first_layout

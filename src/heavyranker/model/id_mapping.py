@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config.model import IdMapping, TableConfig
+from ..config.embeddings import IdMapping, TableConfig
 from .id_managed import ManagedMapping
 
 # The hash: an id's 64 bits as three chunks c0, c1, c2 (bits 0-20, 21-41 and 42-63 shifted up by 2**21 to

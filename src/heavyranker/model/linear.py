@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..config.model import MAX_WIDTH
+from ..config.base import MAX_WIDTH
 from ..cpu import Matmul, cpu_info, preferred_matmul
 from ..errors import UserError
 

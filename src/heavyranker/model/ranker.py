@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..config.data import TaskData
-from ..config.model import ArchitectureConfig, Combiner, ModelConfig, MultiTaskType
+from ..config.embeddings import Combiner
+from ..config.model import ArchitectureConfig, ModelConfig, MultiTaskType
 from ..data.batch import Spec
 from ..errors import UserError
 from .calibration import calibrate, downsampling_ratios
