@@ -7,7 +7,6 @@ import argparse
 import errno
 import logging
 import math
-import os
 import sys
 import typing
 from collections.abc import Callable
@@ -393,17 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
 def log_level(verbose: bool) -> int:
     """Under torchrun (RANK set) every rank would log the same progress: rank 0 logs it, the others log
     warnings and errors only. Decided here, where logging is configured, not by the library."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if handlers.torchrun_rank() != 0:
         return logging.WARNING
     return logging.DEBUG if verbose else logging.INFO
-
-
-def quiet_repeated_config_warnings() -> None:
-    """The config's warnings once per job: every torchrun rank loads the config, and `train --nproc`
-    (CONFIG_CHECKED) logged them before it started the ranks; under a torchrun of the user's, rank 0 logs
-    them."""
-    if os.environ.get(handlers.CONFIG_CHECKED) or int(os.environ.get("RANK", "0")) != 0:
-        logging.getLogger("heavyranker.config.loader").setLevel(logging.ERROR)
 
 
 def _redact_record(record: logging.LogRecord) -> bool:
@@ -420,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact_record)
-    quiet_repeated_config_warnings()
+    handlers.quiet_repeated_config_warnings()
     try:
         return args.handler(args)
     except ConfigError as e:

@@ -4,6 +4,7 @@ arguments, loads the config and calls the library function that does the work.""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -17,6 +18,19 @@ EXIT_REFUSED = 1  # promote: the candidate was compared and refused
 
 # Set for the ranks that `train --nproc` starts: it loaded the config before them and logged its warnings.
 CONFIG_CHECKED = "HEAVYRANKER_CONFIG_CHECKED"
+
+
+def torchrun_rank() -> int:
+    """This process's rank in a torchrun job (its RANK), 0 outside one."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def quiet_repeated_config_warnings() -> None:
+    """The config's warnings once per job: every torchrun rank loads the config, and `train --nproc`
+    (CONFIG_CHECKED) logged them before it started the ranks; under a torchrun of the user's, rank 0 logs
+    them."""
+    if os.environ.get(CONFIG_CHECKED) or torchrun_rank() != 0:
+        logging.getLogger("heavyranker.config.loader").setLevel(logging.ERROR)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -121,7 +135,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         promoter = Promoter(config)
     train(config, on_checkpoint=promoter)
-    if int(os.environ.get("RANK", 0)) == 0:  # once per run, not once per torchrun worker
+    if torchrun_rank() == 0:  # once per run, not once per torchrun worker
         print(what_the_run_wrote(config.training.save_dir))
     return 0
 
