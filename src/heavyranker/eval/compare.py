@@ -316,7 +316,7 @@ def compare_runs(
     tasks = evaluation_tasks(config, data)
     # Both models and their weights before scoring either: a run B that does not fit fails at once.
     loaded = [
-        _program(exported(run), run, data, tasks) or loaded_model(c, data, tasks, run, step)
+        scorable_program(exported(run), run, data, tasks) or loaded_model(c, data, tasks, run, step)
         for c, run in ((config, run_a), (config_b or config, run_b))
     ]
     with out_of_memory_as_user_error(batch_setting(split), f"scoring the runs on {split}"):
@@ -330,7 +330,7 @@ def compare_runs(
     return rows
 
 
-def _program(program: Loaded | None, run: str, data: DataConfig, tasks: list[str]) -> Loaded | None:
+def scorable_program(program: Loaded | None, run: str, data: DataConfig, tasks: list[str]) -> Loaded | None:
     """An exported folder's program, if it can score the split: every task, every input in its shape."""
     if program is None:
         return None

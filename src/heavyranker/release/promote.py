@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..eval.compare import loaded_model, score, validation_split
+from ..eval.compare import run_checkpoint, scorable_program, score, validation_split
 from ..eval.evaluator import evaluation_tasks
 from ..serve.export import export_model
 from ..serve.precision import check_precision
 from ..serve.repository import DEFAULT_KEEP, ModelRepository
-from ..serve.scorer import Scorer
-from ..serve.served_program import ServedProgram, served_program
+from ..serve.served_program import served_program
 from ..serve.table_precision import check_table_precision
 from .rule import DEFAULT_RULE, PromotionRule, judge
 
@@ -77,10 +76,7 @@ def promote(
     )
     tasks = evaluation_tasks(config, data)
     rule.check(tasks)
-    model, path, step = loaded_model(config, data, tasks, checkpoint or str(config.training.save_dir), None)
-    candidate: dict[str, Any] = {"checkpoint": str(path), "step": step}
-    if (precision, table_precision) != ("fp32", "fp32"):
-        candidate.update(precision=precision, table_precision=table_precision)
+    path = run_checkpoint(checkpoint or str(config.training.save_dir), None)
     with tempfile.TemporaryDirectory(prefix="heavyranker_promote_") as staging:
         # Judged as the program it would be published as, as the current version is: the checkpoint's eager
         # model differs from any program by float rounding, which the paired interval can read as worse on a
@@ -89,7 +85,10 @@ def promote(
             config, checkpoint=str(path), out=staging, format=format, precision=precision,
             table_precision=table_precision,
         )  # fmt: skip
-        model = ServedProgram(Scorer(staged))  # type: ignore[assignment]
+        model, _, step = scorable_program(served_program(Path(staged)), str(path), data, tasks)
+        candidate: dict[str, Any] = {"checkpoint": str(path), "step": step}
+        if (precision, table_precision) != ("fp32", "fp32"):
+            candidate.update(precision=precision, table_precision=table_precision)
         copy_staged = partial(shutil.copytree, staged, dirs_exist_ok=True)  # what was judged is published
         publish = partial(repository.publish, copy_staged, keep=keep)
         decision = Decision(False, "", split, candidate, None, asdict(rule))
