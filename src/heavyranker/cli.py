@@ -16,6 +16,7 @@ from .config import ConfigError
 from .config.export import PRECISIONS, TABLE_PRECISIONS
 from .config.serving import SERVING, ServeOptions
 from .errors import SettingError, UserError
+from .memory import is_out_of_memory, out_of_memory_words
 from .serve.repository import DEFAULT_KEEP
 from .urls import redact
 
@@ -437,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         hint = IN_THE_WAY[e.errno]
         print(redact(f"error: {path}: {e.strerror}{' (' + hint + ')' if hint else ''}"), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):  # a bug: its traceback
+            raise
+        print(f"error: {out_of_memory_words(e)} in `heavyranker {args.command}`", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 from collections.abc import Iterator
 
 from .errors import UserError
@@ -66,6 +67,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, MemoryError | torch.OutOfMemoryError):
         return True
     return isinstance(error, RuntimeError) and any(words in str(error) for words in ALLOCATOR_FAILED)
+
+
+def out_of_memory_words(error: BaseException) -> str:
+    """ "out of memory" and the size that could not be allocated, where the allocator's message says it."""
+    size = re.search(r"allocate (\d+) bytes", str(error))
+    return "out of memory" + (f" (an allocation of {int(size[1]) / 2**20:,.1f} MiB failed)" if size else "")
 
 
 @contextlib.contextmanager

@@ -103,6 +103,11 @@ class Runtime:
                 dist.broadcast(buffer, src=0)
 
 
+def processes_on_this_host() -> int:
+    """This host's ranks (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun): they share its memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def init_runtime() -> Runtime:
     """CUDA when available (TF32 matmuls on), else CPU. Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK and the
     rendezvous address in the environment) it also joins the job's process group, once per process."""

@@ -6,11 +6,20 @@ import torch
 from torch import nn
 
 from heavyranker.cli import main
+from heavyranker.config.loader import load_config
+from heavyranker.config.optimizer import TableOptimizerConfig
 from heavyranker.data.batch import Spec
 from heavyranker.data.columns import feature_specs
 from heavyranker.errors import UserError
+from heavyranker.model import build_model
 from heavyranker.train import loop, memory_fit
-from heavyranker.train.memory_fit import activation_bytes, check_batch_fits, example_bytes, state_bytes
+from heavyranker.train.memory_fit import (
+    activation_bytes,
+    check_batch_fits,
+    check_model_fits,
+    example_bytes,
+    state_bytes,
+)
 from tests.conftest import CONFIGS, SMALL_SPLITS
 from tests.data.test_dataset import data_config
 
@@ -24,11 +33,24 @@ SPECS = {  # tests/data/test_dataset.py's features as its batches hold them
 EXAMPLE_BYTES = 24 + 16 + 24 + 8 + 2 * 2 * 4
 
 
+class ToyTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(10, 3, mode="sum")
+
+
 class Toy(nn.Module):
+    """What state_bytes reads of a Ranker: parameters, buffers, an id table (not in the forward)."""
+
     def __init__(self):
         super().__init__()
         self.norm = nn.LayerNorm(6)
         self.layers = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 1))
+        self.large_embeddings = nn.ModuleDict({"users": ToyTable()})
+        self.register_buffer("seen", torch.zeros(7, dtype=torch.int64))
+
+    def table_parameters(self):
+        return [self.large_embeddings["users"].embedding.weight]
 
     def forward(self, features):
         return {"logits": self.layers(self.norm(features["continuous"]))}
@@ -36,8 +58,11 @@ class Toy(nn.Module):
 
 # Leaf outputs per example: LayerNorm 6, Linear 5, ReLU 5, Linear 1 float32 values.
 TOY_ACTIVATIONS = (6 + 5 + 5 + 1) * 4
-# Parameters: LayerNorm 6 + 6, Linear 6 x 5 + 5, Linear 5 + 1; held 4 times (weights, gradients, Adam's 2).
-TOY_STATE = (12 + 35 + 6) * 4 * 4
+# Dense parameters: LayerNorm 6 + 6, Linear 6 x 5 + 5, Linear 5 + 1, held 4 times (weights, gradients, Adam's
+# 2); the table's 10 x 3 weights as well (Adam trains them without optimizer.embedding); the buffer's 7 int64.
+DENSE_STATE = (12 + 35 + 6) * 4 * 4
+TABLE_WEIGHTS = 10 * 3 * 4
+TOY_STATE = DENSE_STATE + 4 * TABLE_WEIGHTS + 7 * 8
 
 
 def test_the_estimate_is_the_hand_count(tmp_path):
@@ -46,14 +71,57 @@ def test_the_estimate_is_the_hand_count(tmp_path):
     toy = Toy().train()
     assert activation_bytes(toy, SPECS) == TOY_ACTIVATIONS
     assert toy.training  # the measuring forward left the mode as it was
-    assert state_bytes(toy) == TOY_STATE
+    assert state_bytes(toy, OPTIMIZER) == TOY_STATE
+
+
+OPTIMIZER = load_config(CONFIGS / "local_small.yaml").optimizer
+assert OPTIMIZER.embedding is None
+
+
+def with_table_optimizer(kind: str):
+    return OPTIMIZER.model_copy(update={"embedding": TableOptimizerConfig(type=kind, learning_rate=0.1)})
+
+
+@pytest.mark.parametrize(
+    ("kind", "table_shards", "table_state"),
+    [
+        # weights and gradients, and one float32 a row for each of the 10 rows
+        ("rowwise_adagrad", 1, 2 * TABLE_WEIGHTS + 10 * 4),
+        ("adagrad", 1, 3 * TABLE_WEIGHTS),  # and its sum of squares
+        ("sgd", 1, 2 * TABLE_WEIGHTS),
+        ("adam", 1, 4 * TABLE_WEIGHTS),
+        # split over 2 processes: half of the 4 copies; over 4, still the whole table once (built, gathered)
+        ("adam", 2, 2 * TABLE_WEIGHTS),
+        ("adam", 4, TABLE_WEIGHTS),
+        ("rowwise_adagrad", 2, TABLE_WEIGHTS + 10 * 4),
+    ],
+)
+def test_the_tables_state_is_what_their_optimizer_keeps(kind, table_shards, table_state):
+    state = state_bytes(Toy(), with_table_optimizer(kind), table_shards)
+    assert state == DENSE_STATE + table_state + 7 * 8
+
+
+def test_the_model_is_measured_without_memory_and_refused_naming_its_largest_table():
+    config = load_config(CONFIGS / "local_small_ids.yaml")
+    specs = feature_specs(config.train_data)
+    built = build_model(config.model, specs)
+    state = state_bytes(built, config.optimizer)
+    assert check_model_fits(config.model, specs, config.optimizer, limit=(state, "a test limit")) == state
+    with pytest.raises(UserError) as e:
+        check_model_fits(config.model, specs, config.optimizer, limit=(state - 1, "a test limit"))
+    assert str(e.value).startswith("model: its weights, gradients and optimizer state need at least 0.0 GiB")
+    # users: 2,500 x 16 float32; authors: 1,250 x 16
+    assert str(e.value).endswith(
+        "of a test limit; the largest id table, model.large_embeddings.tables[0] (users), holds 0.0 GiB of "
+        "weights: lower its num_embeddings"
+    )
 
 
 def test_a_batch_over_the_limit_is_refused_naming_the_setting():
     need = TOY_STATE + 10 * (EXAMPLE_BYTES + TOY_ACTIVATIONS)
-    check_batch_fits(SPECS, 2, Toy(), batch_size=10, limit=(need, "a test limit"))
+    check_batch_fits(SPECS, 2, Toy(), batch_size=10, state=TOY_STATE, limit=(need, "a test limit"))
     with pytest.raises(UserError) as e:
-        check_batch_fits(SPECS, 2, Toy(), batch_size=10, world_size=2, limit=(need - 1, "a test limit"))
+        check_batch_fits(SPECS, 2, Toy(), 10, TOY_STATE, world_size=2, limit=(need - 1, "a test limit"))
     assert str(e.value).startswith("train_data.global_batch_size: 20 examples need at least 0.0 GiB")
     # 9 examples fit in each of the 2 processes: the global batch may be 18.
     assert str(e.value).endswith("lower train_data.global_batch_size (this estimate allows at most 18)")
@@ -74,6 +142,30 @@ def test_local_prod_at_the_largest_batch_is_refused_at_start(small_data, tmp_pat
     assert "more than the 64.0 GiB of a test limit; lower train_data.global_batch_size" in err
     assert err.count("\n") == 1
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_model_over_the_limit_is_refused_before_it_is_built(small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(memory_fit, "memory_limit", lambda: (2**20, "a test limit"))
+    monkeypatch.setattr(loop, "build_model", failing_allocation)  # the real build must not be reached
+    assert train(small_data, tmp_path, "small") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model: its weights, gradients and optimizer state need at least ")
+    assert err.endswith("GiB per process, more than the 0.0 GiB of a test limit\n")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_processes_on_one_host_share_its_memory(small_data, tmp_path, monkeypatch, capsys):
+    config = load_config(CONFIGS / "local_small.yaml")
+    state = check_model_fits(config.model, feature_specs(config.train_data), config.optimizer)
+    # One process fits; torchrun's 4 processes on this host (LOCAL_WORLD_SIZE) do not.
+    monkeypatch.setattr(memory_fit, "memory_limit", lambda: (3 * state, "a test limit"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train(small_data, tmp_path, "small") == 2
+    need = f"{4 * state / 2**30:.1f}"
+    assert capsys.readouterr().err == (
+        "error: model: its weights, gradients and optimizer state need at least "
+        f"{need} GiB for the 4 processes on this host, more than the 0.0 GiB of a test limit\n"
+    )
 
 
 def last_line(capsys) -> str:
@@ -98,6 +190,36 @@ def test_an_out_of_memory_in_a_step_is_one_line(small_data, tmp_path, monkeypatc
     monkeypatch.setattr(loop, "build_model", model_that_runs_out)
     assert train(small_data, tmp_path, "small", "training.num_train_steps=2") == 2
     assert last_line(capsys) == "error: out of memory at step 1; lower train_data.global_batch_size"
+
+
+def test_an_out_of_memory_building_the_model_is_one_line(small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "build_model", failing_allocation)
+    assert train(small_data, tmp_path, "small") == 2
+    assert last_line(capsys) == (
+        "error: out of memory building the model; lower the id tables' num_embeddings or the layers' sizes "
+        "(model)"
+    )
+
+
+def test_an_out_of_memory_in_any_command_is_one_line(small_data, tmp_path, monkeypatch, capsys):
+    assert train(small_data, tmp_path, "small", "training.num_train_steps=1") == 0
+    capsys.readouterr()
+    monkeypatch.setattr("heavyranker.eval.evaluator.build_model", failing_allocation)
+    argv = [
+        "evaluate",
+        "--config",
+        str(CONFIGS / "local_small.yaml"),
+        "--set",
+        f"training.save_dir={tmp_path}",
+    ]
+    argv += [
+        arg for s in SMALL_SPLITS for arg in ("--set", f"validation_data.{s}.inputs={small_data}/{s}/*.gz")
+    ]
+    assert main(argv) == 2
+    # torch.empty(2**50) asks for 2**52 bytes
+    assert last_line(capsys) == (
+        "error: out of memory (an allocation of 4,294,967,296.0 MiB failed) in `heavyranker evaluate`"
+    )
 
 
 def test_an_out_of_memory_in_an_evaluation_is_one_line(small_data, tmp_path, monkeypatch, capsys):

@@ -35,11 +35,11 @@ from ..memory import out_of_memory_as_user_error
 from ..model import Ranker, build_model, restore_weights
 from ..model.linear import matmul_for
 from ..run_folder import RunFolder
-from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime
+from ..runtime import Runtime, distributed_runtime, gradient_sync, init_runtime, processes_on_this_host
 from .best import BestTracker, refuse_undefinable
 from .logger import OUT_OF_RANGE, TrainLogger, format_log_line, log_stream, warn_out_of_range
 from .loss import MultiTaskLoss, build_loss
-from .memory_fit import check_batch_fits
+from .memory_fit import check_batch_fits, check_model_fits
 from .optim import build_optimizer, load_optimizer_state
 from .sharding import sharded_tables
 from .table_optim import build_table_optimizer
@@ -62,6 +62,7 @@ FOLLOW_PAST_SCHEDULE = (
     "on (constant: the rate; linear ramp: its rate; cosine: final_learning_rate; piecewise: the last value)"
 )
 
+LAYER_SIZES = "the id tables' num_embeddings or the layers' sizes (model)"
 # Called on rank 0 with each checkpoint written and its step (a run that promotes: release/follow.py).
 CheckpointHook = Callable[[Path, int], None]
 
@@ -94,12 +95,16 @@ class Trainer:
             log.warning(warning)  # once, not once per rank
         torch.manual_seed(config.training.seed)
         specs = feature_specs(config.train_data)
-        matmul = matmul_for(precision)
-        model = build_model(config.model, specs, config.train_data.tasks, matmul=matmul)
-        self.model: Ranker = model.to(self.runtime.device)
         world = self.runtime.world_size
+        table_shards = world if config.training.embedding_sharding == "torchrec" else 1
+        device, here = self.runtime.device, processes_on_this_host()
+        state = check_model_fits(config.model, specs, config.optimizer, table_shards, device, here)
+        matmul = matmul_for(precision)
+        with out_of_memory_as_user_error(LAYER_SIZES, "building the model"):
+            model = build_model(config.model, specs, config.train_data.tasks, matmul=matmul)
+        self.model: Ranker = model.to(self.runtime.device)
         batch_size, tasks = config.train_data.global_batch_size // world, len(config.train_data.tasks)
-        check_batch_fits(specs, tasks, self.model, batch_size, world)
+        check_batch_fits(specs, tasks, self.model, batch_size, state, world)
         # With sharded tables, checkpoints gather the shards into the bare model's layout (train/sharding.py).
         self.sharded = sharded_tables(config.training, self.model, self.runtime)
         if self.sharded is not None:
