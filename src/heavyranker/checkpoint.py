@@ -42,9 +42,13 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return error
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, mapped: bool = False) -> dict[str, Any]:
+    """The checkpoint's state. `mapped`: its tensors are mapped from the file (private pages), not read, so
+    that what the caller never touches (the optimizer's state, for a command that needs the weights only) is
+    never read into memory. Only for a caller that drops the state once it copied what it needs: a mapped
+    file removed on a network file system by another host can fault (SIGBUS) when a page is read."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
     except Exception as e:  # a truncated or foreign file: say which one

@@ -6,6 +6,7 @@ from torch import nn
 
 from heavyranker.errors import UserError
 from heavyranker.model import restore_weights
+from tests.conftest import CONFIGS, SMALL_SPLITS
 
 
 def save(path, state):
@@ -139,3 +140,80 @@ def test_weights_of_another_float_precision_are_cast_to_the_models(tmp_path):
     target = nn.Linear(3, 2)
     restore_weights(target, path)
     assert target.weight.dtype == torch.float32 and torch.equal(target.weight, source.weight.float())
+
+
+def test_a_mapped_restore_copies_the_weights_and_leaves_the_rest_in_the_file(tmp_path):
+    source = nn.Linear(3, 2)
+    adam = torch.optim.Adam(source.parameters())
+    source(torch.ones(1, 3)).sum().backward()
+    adam.step()
+    path = save(tmp_path / "step_1.pt", {"model": source.state_dict(), "optimizer": adam.state_dict()})
+    target = nn.Linear(3, 2)
+    state = restore_weights(target, path, mapped=True)
+    moments = state["optimizer"]["state"][0]["exp_avg"]
+    assert mapped_from(moments, path)  # never read unless touched
+    assert torch.equal(moments, adam.state_dict()["state"][0]["exp_avg"])
+    assert not mapped_from(target.weight, path)  # the model's own memory: a copy
+    del state, moments
+    path.unlink()
+    assert torch.equal(target.weight, source.weight) and torch.equal(target.bias, source.bias)
+
+
+def mapped_from(tensor: torch.Tensor, path) -> bool:
+    """Whether the tensor's memory is a mapping of the file at `path`, as the kernel lists them (Linux)."""
+    address = tensor.data_ptr()
+    for line in open("/proc/self/maps").read().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if len(fields) == 6 and fields[5] == str(path) and start <= address < end:
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def small_run(small_data, tmp_path_factory):
+    from heavyranker.cli import main
+
+    run = tmp_path_factory.mktemp("run")
+    assert main(["train", "--config", str(CONFIGS / "local_small.yaml"), *small_sets(small_data, run)]) == 0
+    return run
+
+
+def small_sets(small_data, run) -> list[str]:
+    sets = [f"train_data.inputs={small_data}/train/*.gz", f"training.save_dir={run}"]
+    sets += [f"validation_data.{s}.inputs={small_data}/{s}/*.gz" for s in SMALL_SPLITS]
+    sets += ["training.num_train_steps=1"]
+    return [arg for value in sets for arg in ("--set", value)]
+
+
+@pytest.mark.parametrize(
+    ("module", "command"),
+    [
+        ("heavyranker.eval.evaluator", ["evaluate"]),
+        ("heavyranker.serve.export", ["export", "--out", "{tmp}/model"]),
+        ("heavyranker.eval.compare", ["compare", "{run}", "{run}", "--resamples", "100"]),
+    ],
+)
+def test_the_commands_that_need_the_weights_only_leave_the_optimizer_state_unread(
+    small_data, small_run, tmp_path, monkeypatch, module, command
+):
+    """evaluate, export and compare: with Adam, 2 of a checkpoint's 3 copies of the parameters are its
+    moments, which they never need (measured: evaluate's peak resident memory 2.30 -> 1.30 GB on a 1.54 GB
+    checkpoint)."""
+    from heavyranker.cli import main
+
+    states = []
+
+    def keeping_the_state(*args, **kwargs):
+        states.append(restore_weights(*args, **kwargs))
+        return states[-1]
+
+    monkeypatch.setattr(f"{module}.restore_weights", keeping_the_state)
+    argv = [part.format(tmp=tmp_path, run=small_run) for part in command]
+    config = ["--config", str(CONFIGS / "local_small.yaml")]
+    assert main([*argv, *config, *small_sets(small_data, small_run)]) == 0
+    assert states
+    for state in states:
+        moments = [t for p in state["optimizer"]["state"].values() for t in p.values() if t.dim() > 0]
+        checkpoint = small_run / "checkpoints" / "step_1.pt"
+        assert moments and all(mapped_from(t, checkpoint) for t in moments)

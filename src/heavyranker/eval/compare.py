@@ -364,5 +364,5 @@ def loaded_model(
         )
     checkpoint = run_checkpoint(run, step)
     hint = "a run of another model: give its config with --config-b or --set-b"
-    state = restore_weights(model, checkpoint, misfit_hint=hint)
+    state = restore_weights(model, checkpoint, misfit_hint=hint, mapped=True)
     return model, checkpoint, int(state["step"])

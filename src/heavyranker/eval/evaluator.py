@@ -141,7 +141,7 @@ def evaluate_command(
         # Every rank evaluates the checkpoint rank 0 found, even if a newer one appears meanwhile.
         path = runtime.broadcast(resolve_checkpoint(checkpoint or config.training.save_dir))
         hint = "a checkpoint of another model: give the config it was trained with, or --checkpoint"
-        state = restore_weights(model, path, misfit_hint=hint)
+        state = restore_weights(model, path, misfit_hint=hint, mapped=True)
         with out_of_memory_as_user_error(batch_setting(split), f"evaluating {path}"):
             return evaluate_splits(config, model, int(state["step"]), runtime, split)
 
@@ -167,7 +167,7 @@ def watch_checkpoints(
             if all(run.result(s, step).exists() for s in splits):
                 continue
             try:
-                restore_weights(model, path)
+                restore_weights(model, path, mapped=True)
             except UserError:
                 if not path.exists():  # pruned by the trainer's checkpoint_max_to_keep meanwhile
                     continue

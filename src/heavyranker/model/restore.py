@@ -23,14 +23,18 @@ def restore_weights(
     *,
     misfit_hint: str = "",
     load: Callable[[dict[str, torch.Tensor], str], None] | None = None,
+    mapped: bool = False,
 ) -> dict[str, Any]:
     """Loads `checkpoint` (a step_<N>.pt file, as resolve_checkpoint finds it) and copies its model weights
     into `model`, every name and shape checked; returns the checkpoint's whole state (its step, and the
     optimizer's for a resume). Each problem is a UserError naming the file: unreadable, no model weights,
     weights that do not fit the model (followed by `misfit_hint`, where given: what to do about it), or a
     damaged buffer (a DataError). `load(weights, source)` copies them (default: load_model_weights into
-    `model`); the sharded path's (train/sharding.py) also puts the tables' weights into this rank's shards."""
-    state = load_checkpoint(checkpoint)
+    `model`); the sharded path's (train/sharding.py) also puts the tables' weights into this rank's shards.
+    `mapped`: for the commands that need the weights only (checkpoint.load_checkpoint's `mapped`), whose
+    memory then holds no copy of the optimizer's state: with Adam, 2 of a checkpoint's 3 copies of the
+    parameters."""
+    state = load_checkpoint(checkpoint, mapped=mapped)
     if "model" not in state:
         raise UserError(f"{checkpoint}: no 'model' weights in this checkpoint")
     weights = state["model"]

@@ -103,7 +103,7 @@ def export_model(
     shapes = {name: spec.shape for name, spec in specs.items()}
     dtypes = {name: spec.dtype for name, spec in specs.items()}
     model = build_model(config.model, specs, config.train_data.tasks)
-    state = restore_weights(model, source)
+    state = restore_weights(model, source, mapped=True)
     model.eval()
     if table_precision == "int8":
         model = with_int8_tables(model)

@@ -154,15 +154,17 @@ class Trainer:
             log.info("resumed from %s at step %d", newest, self.step)
         elif self.config.training.initial_checkpoint_dir:
             source = self.runtime.broadcast(resolve_checkpoint(self.config.training.initial_checkpoint_dir))
-            self._restore_weights(source, "training.initial_checkpoint_dir is a run of another model")
+            hint = "training.initial_checkpoint_dir is a run of another model"
+            self._restore_weights(source, hint, mapped=True)
             log.info("warm start from the weights of %s", source)
         if self.config.training.keep_best and self.runtime.is_main:
             training = self.config.training
             self.best = BestTracker(training.keep_best, self.run_folder, training.checkpoint_max_to_keep)
 
-    def _restore_weights(self, checkpoint: Path, misfit_hint: str) -> dict:
+    def _restore_weights(self, checkpoint: Path, misfit_hint: str, mapped: bool = False) -> dict:
+        """`mapped`: for a warm start, which takes the weights only (model.restore_weights)."""
         load = None if self.sharded is None else self.sharded.load_model_state
-        return restore_weights(self.model, checkpoint, misfit_hint=misfit_hint, load=load)
+        return restore_weights(self.model, checkpoint, misfit_hint=misfit_hint, load=load, mapped=mapped)
 
     def save(self) -> Path | None:
         if self.sharded is not None:  # every rank takes part in gathering the shards
