@@ -236,7 +236,8 @@ def test_no_number_field_takes_a_boolean_nan_or_infinity(annotation, value):
     [
         (
             ["train_data.inputs=null", DATES % ("2023-02-30", 3)],
-            "train_data.explicit_date_inputs.end_date: not a date such as 2023-01-31 (got '2023-02-30')",
+            "train_data.explicit_date_inputs.end_date: not a date such as 2023-01-31, nor latest "
+            "(got '2023-02-30')",
         ),
         (
             ["train_data.cache_dir=s3://bucket/cache"],

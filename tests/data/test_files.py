@@ -116,3 +116,54 @@ def test_a_file_reached_through_links_is_listed_once(tmp_path):
     pattern = str(tmp_path / "data" / "**" / "*.gz")
     assert glob_files(pattern) == [data]
     assert list(glob_versions(pattern)) == [data]
+
+
+def test_latest_ends_at_the_newest_folder_that_holds_a_data_file(tmp_path):
+    touch(tmp_path / "2023/01/01/23/a.gz")
+    b = touch(tmp_path / "2023/01/02/00/b.gz")
+    c = touch(tmp_path / "2023/01/02/01/c.gz")
+    touch(tmp_path / "2023/01/02/02/_SUCCESS")  # newer, but no data file
+    (tmp_path / "2023/01/02/03").mkdir()  # newer, empty: being written
+    (tmp_path / "2024/01/01").mkdir(parents=True)  # a newer year without any hour folder
+    touch(tmp_path / "2024/13/01/00/d.gz")  # no date
+    touch(tmp_path / "2024/01/01/\u0660\u0660/e.gz")  # Arabic-Indic digits: no hour
+    spec = ExplicitDatetimeInputs(data_root=str(tmp_path), end_datetime="latest", hours=2)
+    assert datetime_files(spec) == [b, c]
+    # A newer hour gets its data: the next read of the split moves with it.
+    d = touch(tmp_path / "2023/01/02/02/d.gz")
+    assert datetime_files(spec) == [c, d]
+    days = ExplicitDateInputs(data_root=str(tmp_path), end_date="latest", days=1)
+    with pytest.raises(UserError, match=r"latest, but no YYYY/MM/DD folder under"):  # the files are in hours
+        date_files(days)
+
+
+def test_latest_without_a_dated_folder_is_one_line(tmp_path):
+    touch(tmp_path / "2023/01/02/notes.txt")
+    spec = ExplicitDateInputs(data_root=str(tmp_path), end_date="latest", days=3)
+    with pytest.raises(UserError) as e:
+        date_files(spec)
+    assert str(e.value) == (
+        f"explicit_date_inputs.end_date: latest, but no YYYY/MM/DD folder under {tmp_path} holds a data file"
+    )
+
+
+def test_latest_near_the_year_1_is_one_line(tmp_path):
+    touch(tmp_path / "0001/01/02/a.gz")
+    spec = ExplicitDateInputs(data_root=str(tmp_path), end_date="latest", days=3)
+    with pytest.raises(UserError, match=r"latest is .*0001/01/02, and the folders before it reach before"):
+        date_files(spec)
+
+
+def test_a_followed_split_cannot_end_at_latest(tmp_path):
+    from heavyranker.data.sources.follow import follow_sources
+    from tests.conftest import small_config
+
+    dated = f"{{data_root: {tmp_path}, end_datetime: latest, hours: 2}}"
+    overrides = [
+        "train_data.inputs=null",
+        f"train_data.explicit_datetime_inputs={dated}",
+        "training.follow=true",
+    ]
+    config = small_config(tmp_path, tmp_path, *overrides)
+    with pytest.raises(UserError, match=r"^training.follow .* end at latest, .* a restart must start where"):
+        follow_sources(config)

@@ -461,3 +461,11 @@ def test_convert_refuses_an_object_key_that_climbs_out_of_out(s3, small_data, tm
         f"--out {out}"
     )
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_latest_in_a_bucket_lists_the_newest_branches_only(s3):
+    for path in ("2023/12/31/a.gz", "2024/01/01/b.gz", "2024/01/02/_SUCCESS"):
+        s3.pipe(f"{BUCKET}/latest/{path}", b"x")
+    spec = ExplicitDateInputs(data_root=f"s3://{BUCKET}/latest", end_date="latest", days=2)
+    root = f"s3://{BUCKET}/latest"
+    assert date_files(spec) == [f"{root}/2023/12/31/a.gz", f"{root}/2024/01/01/b.gz"]

@@ -8,6 +8,7 @@ import copy
 import glob
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -335,6 +336,25 @@ def test_dated_inputs_get_a_folder_per_day_and_hour(tmp_path):
     hours = {os.path.relpath(os.path.dirname(f), tmp_path / "hours") for f in files if "/hours/" in f}
     assert hours == {"2023/03/01/00", "2023/03/01/01"}
     assert sorted(f for f in files if "/days/" in f) == select_files(config.train_data)
+
+
+def test_a_latest_split_is_written_to_end_at_this_hour_and_read_back(tmp_path):
+    def latest(data):
+        data["validation_data"]["validation"].pop("inputs")
+        data["validation_data"]["validation"]["explicit_datetime_inputs"] = {
+            "data_root": str(tmp_path / "holdout"),
+            "end_datetime": "latest",
+            "hours": 2,
+        }
+
+    before = datetime.now(UTC)
+    config = write_config(tmp_path, latest)
+    files = generate_for_config(config, examples=600, files=2, seed=0)
+    after = datetime.now(UTC)
+    held_out = sorted(f for f in files if "/holdout/" in f)
+    newest = os.path.relpath(os.path.dirname(held_out[-1]), tmp_path / "holdout")
+    assert newest in {before.strftime("%Y/%m/%d/%H"), after.strftime("%Y/%m/%d/%H")}
+    assert select_files(config.validation_data["validation"]) == held_out
 
 
 def test_out_writes_each_split_in_its_own_folder_and_regenerating_replaces(tmp_path):

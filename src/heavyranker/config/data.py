@@ -25,7 +25,8 @@ def parse_end_datetime(value: str) -> datetime:
         except ValueError:
             continue
     raise ValueError(
-        f"{value!r} is not a date-hour such as 2023-01-31T05 (formats: {', '.join(DATETIME_FORMATS)})"
+        f"{value!r} is not a date-hour such as 2023-01-31T05 (formats: {', '.join(DATETIME_FORMATS)}), nor "
+        "latest"
     )
 
 
@@ -46,11 +47,18 @@ def _within_the_calendar(end: datetime, span: timedelta, what: str) -> None:
         raise PydanticCustomError("date_range", "{what} reach before the year 1", {"what": what})
 
 
+LATEST = "latest"
+LATEST_HELP = (
+    "; or latest: the newest dated folder under data_root that holds data files, found each time the "
+    "split is read (a held-out split that moves with arriving data)"
+)
+
+
 class ExplicitDateInputs(StrictModel):
     """Files under data_root/YYYY/MM/DD for `days` days ending at end_date (inclusive)."""
 
     data_root: ConfigPath = Field(description="The folder (a path or fsspec URL) holding the dated folders.")
-    end_date: str = Field(description="The last day read, YYYY-MM-DD.")
+    end_date: str = Field(description="The last day read, YYYY-MM-DD" + LATEST_HELP + ".")
     days: Count = Field(
         le=MAX_DAYS, description="At most 36,525 (100 years): folders are listed before reading."
     )
@@ -59,22 +67,31 @@ class ExplicitDateInputs(StrictModel):
     @field_validator("end_date")
     @classmethod
     def _date(cls, value: str) -> str:
+        if value == LATEST:
+            return value
         try:
             datetime.strptime(value, DATE_FORMAT)
         except ValueError:
-            raise PydanticCustomError("date", "not a date such as 2023-01-31", {"v": value}) from None
+            raise PydanticCustomError(
+                "date", "not a date such as 2023-01-31, nor latest", {"v": value}
+            ) from None
         return value
+
+    @property
+    def latest(self) -> bool:
+        return self.end_date == LATEST
 
     @cached_property
     def end(self) -> datetime:
-        """end_date as a datetime (midnight), parsed once."""
+        """end_date as a datetime (midnight), parsed once; not for latest (data/sources/files.py finds it)."""
         return datetime.strptime(self.end_date, DATE_FORMAT)
 
     @model_validator(mode="after")
     def _first_day(self) -> ExplicitDateInputs:
-        _within_the_calendar(
-            self.end, timedelta(days=self.days - 1), f"{self.days} days back from {self.end_date}"
-        )
+        if not self.latest:
+            _within_the_calendar(
+                self.end, timedelta(days=self.days - 1), f"{self.days} days back from {self.end_date}"
+            )
         return self
 
 
@@ -82,7 +99,9 @@ class ExplicitDatetimeInputs(StrictModel):
     """Files under data_root/YYYY/MM/DD/HH for `hours` hours ending at end_datetime (inclusive)."""
 
     data_root: ConfigPath = Field(description="The folder (a path or fsspec URL) holding the dated folders.")
-    end_datetime: str = Field(description="The last hour read, such as 2023-01-31T05 or 2023/01/31/05.")
+    end_datetime: str = Field(
+        description="The last hour read, such as 2023-01-31T05 or 2023/01/31/05" + LATEST_HELP + "."
+    )
     hours: Count = Field(
         le=24 * MAX_DAYS, description="At most 876,600 (100 years): folders are listed before reading."
     )
@@ -91,22 +110,30 @@ class ExplicitDatetimeInputs(StrictModel):
     @field_validator("end_datetime")
     @classmethod
     def _datetime(cls, value: str) -> str:
+        if value == LATEST:
+            return value
         try:
             parse_end_datetime(value)
         except ValueError as e:
             raise PydanticCustomError("datetime", str(e), {}) from None
         return value
 
+    @property
+    def latest(self) -> bool:
+        return self.end_datetime == LATEST
+
     @cached_property
     def end(self) -> datetime:
-        """end_datetime as a datetime (minutes as given; the folders are hours), parsed once."""
+        """end_datetime as a datetime (minutes as given; the folders are hours), parsed once; not for
+        latest (data/sources/files.py finds it)."""
         return parse_end_datetime(self.end_datetime)
 
     @model_validator(mode="after")
     def _first_hour(self) -> ExplicitDatetimeInputs:
-        _within_the_calendar(
-            self.end, timedelta(hours=self.hours - 1), f"{self.hours} hours back from {self.end_datetime}"
-        )
+        if not self.latest:
+            _within_the_calendar(
+                self.end, timedelta(hours=self.hours - 1), f"{self.hours} hours back from {self.end_datetime}"
+            )
         return self
 
 

@@ -194,20 +194,14 @@ def dated_folders(root: str, since: datetime, hours: bool) -> list[tuple[datetim
 
     def walk(folder: str, names: list[str]) -> None:
         if len(names) == levels:
-            try:
-                found.append((datetime.strptime("/".join(names), "/".join(DATED_LEVELS[:levels])), folder))
-            except ValueError:  # 2026/13/01: no date
-                pass
+            when = _date_of(names)
+            if when is not None:
+                found.append((when, folder))
             return
         level = len(names)
         at_floor = level < 3 and names == floor[:level]
         for name in _subfolders(folder):
-            if (
-                len(name) == (4 if level == 0 else 2)
-                and name.isascii()  # isdigit() and strptime also take "\u0662", an Arabic-Indic 2
-                and name.isdigit()
-                and not (at_floor and name < floor[level])
-            ):
+            if _dated_name(name, level) and not (at_floor and name < floor[level]):
                 walk(os.path.join(folder, name), [*names, name])
 
     if is_url(root):
@@ -217,6 +211,20 @@ def dated_folders(root: str, since: datetime, hours: bool) -> list[tuple[datetim
 
 
 DATED_LEVELS = ("%Y", "%m", "%d", "%H")
+
+
+def _dated_name(name: str, level: int) -> bool:
+    """Whether a folder name can be the year (level 0), month, day or hour of a dated folder."""
+    # isdigit() and strptime also take "\u0662", an Arabic-Indic 2
+    return len(name) == (4 if level == 0 else 2) and name.isascii() and name.isdigit()
+
+
+def _date_of(names: list[str]) -> datetime | None:
+    """The time the folder names (year, month, day[, hour]) spell, or None: 2026/13/01 is no date."""
+    try:
+        return datetime.strptime("/".join(names), "/".join(DATED_LEVELS[: len(names)]))
+    except ValueError:
+        return None
 
 
 def _subfolders(folder: str) -> list[str]:
@@ -259,7 +267,7 @@ def _missing_bucket(url: str) -> str:
 def date_files(spec: ExplicitDateInputs, suffixes: tuple[str, ...] = (".gz",)) -> list[str]:
     """The files named *.gz (or another of `suffixes`) under data_root/YYYY/MM/DD for the `days` days ending
     at end_date (inclusive)."""
-    end = spec.end
+    end = dated_end(spec, suffixes)
     folders = [
         os.path.join(spec.data_root, (end - timedelta(days=i)).strftime("%Y/%m/%d")) for i in range(spec.days)
     ]
@@ -275,7 +283,7 @@ def date_files(spec: ExplicitDateInputs, suffixes: tuple[str, ...] = (".gz",)) -
 def datetime_files(spec: ExplicitDatetimeInputs, suffixes: tuple[str, ...] = (".gz",)) -> list[str]:
     """The files named *.gz (or another of `suffixes`) under data_root/YYYY/MM/DD/HH, `hours` hours ending at
     end_datetime (inclusive)."""
-    end = spec.end.replace(minute=0)
+    end = dated_end(spec, suffixes)
     folders = [
         os.path.join(spec.data_root, (end - timedelta(hours=i)).strftime("%Y/%m/%d/%H"))
         for i in range(spec.hours)
@@ -287,6 +295,53 @@ def datetime_files(spec: ExplicitDatetimeInputs, suffixes: tuple[str, ...] = (".
         "explicit_datetime_inputs.num_missing_hours_tol",
         suffixes,
     )
+
+
+def dated_end(spec: ExplicitDateInputs | ExplicitDatetimeInputs, suffixes: tuple[str, ...]) -> datetime:
+    """The day (hour) the folders end at: the configured one, or for `latest` the newest folder holding a
+    data file now (newest_dated_folder), checked as the config checks a given end."""
+    if not spec.latest:
+        return spec.end.replace(minute=0)
+    if isinstance(spec, ExplicitDatetimeInputs):
+        field, layout, span = (
+            "explicit_datetime_inputs.end_datetime",
+            "%Y/%m/%d/%H",
+            timedelta(hours=spec.hours - 1),
+        )
+    else:
+        field, layout, span = "explicit_date_inputs.end_date", "%Y/%m/%d", timedelta(days=spec.days - 1)
+    newest = newest_dated_folder(spec.data_root, isinstance(spec, ExplicitDatetimeInputs), suffixes)
+    if newest is None:
+        names = layout.replace("%Y", "YYYY").replace("%m", "MM").replace("%d", "DD").replace("%H", "HH")
+        raise UserError(f"{field}: latest, but no {names} folder under {spec.data_root} holds a data file")
+    end, folder = newest
+    if end - datetime.min < span:
+        raise UserError(f"{field}: latest is {folder}, and the folders before it reach before the year 1")
+    log.info("%s: latest is %s", field, folder)
+    return end
+
+
+def newest_dated_folder(root: str, hours: bool, suffixes: tuple[str, ...]) -> tuple[datetime, str] | None:
+    """The (time, folder) of the newest dated folder under `root` (YYYY/MM/DD, with `hours` YYYY/MM/DD/HH)
+    that holds a data file (named *SUFFIX) now, or None. Each level is listed newest name first and a branch
+    without such a folder is passed over: a few listings for a year of folders, where dated_folders lists
+    them all."""
+    levels = 4 if hours else 3
+    if is_url(root):
+        filesystem(root).invalidate_cache()
+
+    def newest(folder: str, names: list[str]) -> tuple[datetime, str] | None:
+        if len(names) == levels:
+            when = _date_of(names)
+            return (when, folder) if when is not None and _data_files(folder, suffixes) else None
+        for name in reversed(_subfolders(folder)):
+            if _dated_name(name, len(names)):
+                found = newest(os.path.join(folder, name), [*names, name])
+                if found is not None:
+                    return found
+        return None
+
+    return newest(root, [])
 
 
 def _folder_files(

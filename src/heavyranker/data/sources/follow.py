@@ -39,6 +39,13 @@ def follow_sources(config: Config) -> None:
             "files are read once, as they come: set cache: false"
         )
     check_files_and_topic(data, config.training.follow, "train_data")
+    dated = data.explicit_datetime_inputs or data.explicit_date_inputs
+    if config.training.follow and dated is not None and dated.latest:
+        raise UserError(
+            "training.follow (train --follow): train_data's dated folders end at latest, which is for a "
+            "split read whole (a held-out split); a followed run reads on past a given day (hour), and a "
+            "restart must start where the first run did: give one"
+        )
 
 
 def files_source_name(data: DataConfig) -> str | None:

@@ -9,7 +9,7 @@ import logging
 import os
 import zlib
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
@@ -146,13 +146,19 @@ def _plan(name: str, data: DataConfig) -> SplitPlan:
         return SplitPlan(name, data, where, folder, [""], pattern)
     if data.explicit_date_inputs is not None:
         dated, where = data.explicit_date_inputs, f"{where}.explicit_date_inputs.data_root"
-        end = dated.end
+        end = _now(hours=False) if dated.latest else dated.end
         stamps = [(end - timedelta(days=i)).strftime("%Y/%m/%d") for i in range(dated.days)]
     else:
         dated, where = data.explicit_datetime_inputs, f"{where}.explicit_datetime_inputs.data_root"
-        end = dated.end.replace(minute=0)
+        end = _now(hours=True) if dated.latest else dated.end.replace(minute=0)
         stamps = [(end - timedelta(hours=i)).strftime("%Y/%m/%d/%H") for i in range(dated.hours)]
     return SplitPlan(name, data, where, dated.data_root, sorted(stamps))
+
+
+def _now(hours: bool) -> datetime:
+    """Where `latest` dated folders end when they are written: this hour (day), in UTC."""
+    now = datetime.now(UTC).replace(tzinfo=None, minute=0, second=0, microsecond=0)
+    return now if hours else now.replace(hour=0)
 
 
 def _file_name(pattern: str, where: str) -> str:
