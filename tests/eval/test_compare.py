@@ -3,16 +3,29 @@ truth and fresh samples, and the command on two small trained runs."""
 
 import math
 import re
+import shutil
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from heavyranker.cli import main
+from heavyranker.data.columns import feature_specs
 from heavyranker.errors import UserError
 from heavyranker.eval import compare as compare_module
-from heavyranker.eval.compare import ResampledAuroc, Scores, paired_bootstrap, rce_resampled, resample_counts
+from heavyranker.eval.compare import (
+    ResampledAuroc,
+    Scores,
+    paired_bootstrap,
+    rce_resampled,
+    resample_counts,
+    score,
+)
 from heavyranker.eval.evaluator import evaluate_command
 from heavyranker.eval.metrics import auroc, rce
+from heavyranker.model import build_model
 from heavyranker.release.rule import PromotionRule
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
@@ -254,3 +267,41 @@ def test_an_out_of_memory_while_scoring_is_one_line(small_data, two_runs, monkey
         "error: out of memory scoring the runs on validation; "
         "lower validation_data.validation.global_batch_size"
     )
+
+
+class DataArrivingWhileScoring(torch.nn.Module):
+    """A model that, as it scores its first batch, lands a newer hour of data (`arrive`)."""
+
+    def __init__(self, model, arrive):
+        super().__init__()
+        self.model, self.arrive, self.task_names = model, arrive, model.task_names
+
+    def forward(self, features):
+        self.arrive()
+        return self.model(features)
+
+
+def test_both_models_score_the_same_examples_though_data_arrives_while_scoring(small_data, tmp_path):
+    """One read of the split, each batch scored by both: a second read would find the newer hour (an end at
+    latest, or a folder still being written), other examples, and no paired comparison."""
+    files = sorted((small_data / "validation").glob("*.gz"))
+    (tmp_path / "2023/01/01/00").mkdir(parents=True)
+    shutil.copy(files[0], tmp_path / "2023/01/01/00")
+    newer = tmp_path / "2023/01/01/01"
+    arrive = partial(shutil.copytree, small_data / "validation", newer, dirs_exist_ok=True)
+    dated = f"{{data_root: {tmp_path}, end_datetime: latest, hours: 1}}"
+    config = small_config(
+        small_data, tmp_path / "run", "validation_data.validation.inputs=null",
+        f"validation_data.validation.explicit_datetime_inputs={dated}",
+    )  # fmt: skip
+    data = config.validation_data["validation"]
+    specs = feature_specs(config.train_data)
+    a, b = (build_model(config.model, specs) for _ in range(2))
+    joint = score(config, [(DataArrivingWhileScoring(a, arrive), Path("a"), 0), (b, Path("b"), 0)], data)
+    assert np.array_equal(joint[0].labels, joint[1].labels) and len(joint[0].labels) > 0
+    paired_bootstrap(*joint, resamples=100, seed=0)  # pairs them
+    # Read again, once per model, the two see other examples: the hour that arrived.
+    shutil.rmtree(newer)
+    (first,) = score(config, [(DataArrivingWhileScoring(a, arrive), Path("a"), 0)], data)
+    (second,) = score(config, [(b, Path("b"), 0)], data)
+    assert len(first.labels) != len(second.labels)

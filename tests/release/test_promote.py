@@ -117,9 +117,9 @@ def test_a_candidate_is_judged_as_the_program_it_publishes(run, tmp_path, precis
     # The candidate's RCE is the published program's, which rounding moves off the checkpoint's own.
     split, data = validation_split(config, None, "")
     tasks = evaluation_tasks(config, data)
-    as_served = score(config, ServedProgram(Scorer(published)), published, STEPS, data)
     model, _, _ = loaded_model(config, data, tasks, str(trained), None)
-    as_trained = score(config, model, trained, STEPS, data)
+    program = ServedProgram(Scorer(published))
+    as_served, as_trained = score(config, [(program, published, STEPS), (model, trained, STEPS)], data)
     for j, task in enumerate(tasks):
         judged = decision.tasks[task]["candidate"]
         served = rce(as_served.labels[:, j], as_served.probs[:, j], as_served.weights[:, j])

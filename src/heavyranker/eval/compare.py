@@ -15,7 +15,7 @@ import html
 import io
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,23 +91,31 @@ def run_checkpoint(run: str | Path, step: int | None) -> Path:
 
 
 @torch.no_grad()
-def score(config: Config, model: Ranker, checkpoint: Path, step: int, data: DataConfig) -> Scores:
-    """The predictions of `model` (with the weights of `checkpoint`, of `step`) on num_eval_steps batches
-    of the split, in the split's order (the same examples, in the same order, for every checkpoint)."""
-    model.eval()
+def score(config: Config, loaded: Sequence[Loaded], data: DataConfig) -> list[Scores]:
+    """Each model's predictions (with the weights of its checkpoint, of its step) on num_eval_steps batches
+    of the split, in the split's order. The split is read once and each batch scored by every model: they
+    score the same examples even where a second read would find other files (a folder still being written,
+    dated folders that end at latest), and the data is decoded once."""
+    for model, _, _ in loaded:
+        model.eval()
     tasks = evaluation_tasks(config, data)
-    model_columns = [model.task_names.index(t) for t in tasks]
-    accumulator = MetricAccumulator(len(tasks))
+    columns = [[model.task_names.index(t) for t in tasks] for model, _, _ in loaded]
+    accumulators = [MetricAccumulator(len(tasks)) for _ in loaded]
     limit = config.training.num_eval_steps
     with RecapDataset(data, seed=config.training.seed) as dataset:
         for i, batch in enumerate(dataset):
             if 0 <= limit <= i:
                 break
-            probs = model(batch.features)["calibrated_probabilities"][:, model_columns].float()
-            columns = batch.columns(tasks)
-            accumulator.add(batch.labels[:, columns], probs, batch.weights[:, columns])
-    arrays = accumulator.state()
-    return Scores(checkpoint, step, arrays["labels"], arrays["probs"], arrays["weights"])
+            label_columns = batch.columns(tasks)
+            labels, weights = batch.labels[:, label_columns], batch.weights[:, label_columns]
+            for (model, _, _), model_columns, accumulator in zip(loaded, columns, accumulators, strict=True):
+                probs = model(batch.features)["calibrated_probabilities"][:, model_columns].float()
+                accumulator.add(labels, probs, weights)
+    scores = []
+    for (_, checkpoint, step), accumulator in zip(loaded, accumulators, strict=True):
+        arrays = accumulator.state()
+        scores.append(Scores(checkpoint, step, arrays["labels"], arrays["probs"], arrays["weights"]))
+    return scores
 
 
 def resample_counts(n: int, resamples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -320,7 +328,7 @@ def compare_runs(
         for c, run in ((config, run_a), (config_b or config, run_b))
     ]
     with out_of_memory_as_user_error(batch_setting(split), f"scoring the runs on {split}"):
-        a, b = (score(config, model, checkpoint, at, data) for model, checkpoint, at in loaded)
+        a, b = score(config, loaded, data)
     rows = paired_bootstrap(a, b, resamples, seed)
     table = f"split {split}\n" + format_comparison(tasks, rows, a, b)
     print(table)

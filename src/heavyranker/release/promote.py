@@ -104,8 +104,7 @@ def promote(
                     f"version {current} is this checkpoint already, exported as {format} {precision}"
                 )
             else:
-                a = score(config, served, folder, served_step, data)  # type: ignore[arg-type]
-                b = score(config, model, path, step, data)
+                a, b = score(config, [(served, folder, served_step), (model, path, step)], data)
                 verdict = judge(rule, tasks, a, b, config.engagement_weights, current)
                 decision.published, decision.reason = verdict.published, verdict.reason
                 decision.tasks, decision.weighted = verdict.tasks, verdict.weighted
