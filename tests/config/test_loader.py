@@ -481,3 +481,15 @@ def test_the_schema_and_dates_are_resolved_as_the_config_loads(tmp_path, small):
     cont = "home_recap_2022_cont__segdense_vals"
     assert config.train_data.seg_dense_schema.specs[cont] == FeatureSpec(cont, "float_list", 48)
     assert feature_specs(config.train_data)["binary"].dtype == torch.float32  # flags, as the model reads them
+
+
+def test_keep_best_on_a_split_that_ends_at_latest_warns(caplog, small_config_path, tmp_path):
+    dated = f"{{data_root: {tmp_path}, end_datetime: latest, hours: 2}}"
+    overrides = ["validation_data.validation.inputs=null"]
+    overrides += [f"validation_data.validation.explicit_datetime_inputs={dated}"]
+    overrides += ["training.keep_best={split: validation, metric: rce}"]
+    assert warnings(caplog, small_config_path, overrides) == [
+        "training.keep_best.split: validation ends at latest, so each evaluation reads other (the newest) "
+        "examples and the best is chosen among figures of different data; keep a split with a fixed end "
+        "for it"
+    ]

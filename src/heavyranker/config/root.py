@@ -217,7 +217,23 @@ def _feature_problems(where: str, data: DataConfig, specs: dict[str, FeatureSpec
 
 def config_warnings(config: Config) -> list[Problem]:
     """What loads but likely does not do what was meant; each names the field to look at."""
-    return list(_no_effect_fields(config)) + _schedule_ends(config)
+    return list(_no_effect_fields(config)) + _schedule_ends(config) + _moving_best(config)
+
+
+def _moving_best(config: Config) -> list[Problem]:
+    """keep_best on a split whose dated folders end at latest: each evaluation reads the newest ones, so the
+    best is chosen among figures of different examples."""
+    best = config.training.keep_best
+    if best is None or (data := config.validation_data.get(best.split)) is None:
+        return []
+    dated = data.explicit_datetime_inputs or data.explicit_date_inputs
+    if dated is None or not dated.latest:
+        return []
+    reason = (
+        f"{best.split} ends at latest, so each evaluation reads other (the newest) examples and the best "
+        "is chosen among figures of different data; keep a split with a fixed end for it"
+    )
+    return [("training.keep_best.split", reason)]
 
 
 def _no_effect_fields(value: Any, where: str = "") -> Iterator[Problem]:
