@@ -167,3 +167,20 @@ def test_a_followed_split_cannot_end_at_latest(tmp_path):
     config = small_config(tmp_path, tmp_path, *overrides)
     with pytest.raises(UserError, match=r"^training.follow .* end at latest, .* a restart must start where"):
         follow_sources(config)
+
+
+def test_latest_in_the_future_is_taken_with_a_warning(tmp_path, caplog):
+    # A misnamed folder (2062 for 2026) would otherwise hold the split's end for decades, unsaid.
+    touch(tmp_path / "2023/01/01/a.gz")
+    future = touch(tmp_path / "2062/01/01/b.gz")
+    spec = ExplicitDateInputs(data_root=str(tmp_path), end_date="latest", days=1)
+    assert date_files(spec) == [future]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"explicit_date_inputs.end_date: latest is {tmp_path}/2062/01/01, more than a day after now (UTC): "
+        "a misnamed folder?"
+    ]
+    touch(tmp_path / f"{datetime.now().year}/01/01/c.gz")
+    caplog.clear()
+    (tmp_path / "2062/01/01/b.gz").unlink()
+    date_files(spec)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

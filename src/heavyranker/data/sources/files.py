@@ -8,7 +8,7 @@ import glob
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from ...config.data import (
     DataConfig,
@@ -297,6 +297,10 @@ def datetime_files(spec: ExplicitDatetimeInputs, suffixes: tuple[str, ...] = (".
     )
 
 
+# Folders are named in UTC by convention, or in a local time at most 14 hours ahead of it.
+FUTURE_SLACK = timedelta(days=1)
+
+
 def dated_end(spec: ExplicitDateInputs | ExplicitDatetimeInputs, suffixes: tuple[str, ...]) -> datetime:
     """The day (hour) the folders end at: the configured one, or for `latest` the newest folder holding a
     data file now (newest_dated_folder), checked as the config checks a given end."""
@@ -318,6 +322,8 @@ def dated_end(spec: ExplicitDateInputs | ExplicitDatetimeInputs, suffixes: tuple
     if end - datetime.min < span:
         raise UserError(f"{field}: latest is {folder}, and the folders before it reach before the year 1")
     log.info("%s: latest is %s", field, folder)
+    if end - datetime.now(UTC).replace(tzinfo=None) > FUTURE_SLACK:
+        log.warning("%s: latest is %s, more than a day after now (UTC): a misnamed folder?", field, folder)
     return end
 
 
