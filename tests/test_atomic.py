@@ -1,5 +1,6 @@
 import glob
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def test_an_error_mid_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_
 
 def test_the_temporary_is_hidden_from_globs_while_it_is_written(tmp_path):
     with atomic_write(tmp_path / "part-0.gz") as f:
-        assert os.listdir(tmp_path) == [f".part-0.gz.tmp-{os.getpid()}"]  # it exists...
+        writer = f"{os.getpid()}-{threading.get_native_id()}"
+        assert os.listdir(tmp_path) == [f".part-0.gz.tmp-{writer}"]  # it exists...
         assert glob.glob(str(tmp_path / "*")) == []  # ...unseen
         f.write(b"data")
     assert glob.glob(str(tmp_path / "*")) == [str(tmp_path / "part-0.gz")]
@@ -66,12 +68,41 @@ def test_the_file_and_its_folder_are_fsynced(tmp_path, opened, monkeypatch):
 def test_temporaries_name_the_file_they_replace_and_their_writer(tmp_path):
     (tmp_path / ".hidden").touch()
     (tmp_path / "visible.tmp-12").touch()
+    writer = f"{os.getpid()}-{threading.get_native_id()}"
     with atomic_write(tmp_path / "part-0.gz"):
         assert temporaries(tmp_path) == [
-            Temporary(tmp_path / f".part-0.gz.tmp-{os.getpid()}", "part-0.gz", os.getpid())
+            Temporary(tmp_path / f".part-0.gz.tmp-{writer}", "part-0.gz", os.getpid())
         ]
     assert temporaries(tmp_path) == []
     assert temporaries(tmp_path / "absent") == []
+    # One of a version before the thread was in the name, left by a killed writer: still found.
+    (tmp_path / ".part-1.gz.tmp-77").touch()
+    assert temporaries(tmp_path) == [Temporary(tmp_path / ".part-1.gz.tmp-77", "part-1.gz", 77)]
+
+
+def test_threads_writing_one_file_at_once_each_write_a_whole_file(tmp_path):
+    """Two threads of one process shared one temporary: the first rename took it from under the second."""
+    path, start = tmp_path / "out.bin", threading.Barrier(8)
+    errors = []
+
+    def write(i: int) -> None:
+        try:
+            with atomic_write(path) as f:
+                start.wait()  # every thread has its temporary open before any writes
+                for _ in range(64):
+                    f.write(bytes([i]) * 4096)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    content = path.read_bytes()
+    assert len(content) == 64 * 4096 and len(set(content)) == 1  # one thread's file, whole
+    assert temporaries(tmp_path) == []
 
 
 def test_a_name_that_is_almost_a_temporary_is_none(tmp_path):

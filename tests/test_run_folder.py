@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_a_checkpoint_is_not_written_over_a_link(tmp_path):
 @pytest.mark.parametrize("opened", [atomic_write, atomic_path])
 def test_a_link_at_the_temporary_of_an_atomic_write_is_not_written_through(tmp_path, opened):
     target = tmp_path / "run" / "metrics.jsonl"
-    temporary = target.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
+    temporary = target.with_name(f".metrics.jsonl.tmp-{os.getpid()}-{threading.get_native_id()}")
     victim = victim_link(tmp_path, temporary)
     with pytest.raises(UserError) as info, opened(target) as f:
         if opened is atomic_path:

@@ -2,10 +2,11 @@
 model folder, `evaluate --watch`) sees the old file or the new one, never half of one.
 
 The content goes to a temporary in the same folder (a rename is atomic only within one file system), named
-`.NAME.tmp-PID`: hidden, so globs (`*.gz`, `*`) and the checkpoint listing never see it, and distinct per
-process. It is fsynced before the rename, and the folder after it, so that after a power cut the name
-holds either the previous file or the complete new one. On any exception (KeyboardInterrupt included) the
-temporary is removed and the previous file is left as it was.
+`.NAME.tmp-PID-THREAD`: hidden, so globs (`*.gz`, `*`) and the checkpoint listing never see it, and distinct
+per writer (two threads of a process writing one file each write their own). It is fsynced before the
+rename, and the folder after it, so that after a power cut the name holds either the previous file or the
+complete new one. On any exception (KeyboardInterrupt included) the temporary is removed and the previous
+file is left as it was.
 
 A symbolic link at the temporary's name is refused (one line), never written through: the file it points at
 stays as it was."""
@@ -15,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -22,7 +24,8 @@ from typing import IO, Any, NamedTuple
 
 from .errors import UserError
 
-_TEMPORARY = re.compile(r"\.(.+)\.tmp-([0-9]+)")  # the names _replacing gives (fullmatch: $ takes a final \n)
+# The names _replacing gives (fullmatch: $ takes a final \n); the thread is absent from those of before it.
+_TEMPORARY = re.compile(r"\.(.+)\.tmp-([0-9]+)(?:-[0-9]+)?")
 
 
 class Temporary(NamedTuple):
@@ -53,7 +56,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
     # A writer that opens the temporary itself (atomic_path) cannot be told not to follow a link: check first.
-    temporary = refuse_link(path.with_name(f".{path.name}.tmp-{os.getpid()}"))
+    writer = f"{os.getpid()}-{threading.get_native_id()}"
+    temporary = refuse_link(path.with_name(f".{path.name}.tmp-{writer}"))
     try:
         yield temporary
         os.replace(temporary, path)
