@@ -159,9 +159,7 @@ class FollowedFiles:
 
     def lag(self, progress: dict[str, int]) -> int:
         """Files behind: this rank's files taken whose records are not all handed out yet."""
-        return sum(
-            1 for path in self.taken if path not in self._counts or self._counts[path] != progress.get(path)
-        )
+        return sum(1 for path in self.taken if not self._handed_out(path, progress))
 
     def stop(self) -> None:
         """Ends the iteration (from another thread) within a poll."""
@@ -214,6 +212,13 @@ class FollowedFiles:
         self._counts[path] = start if held is None else held[2] + 1
         if held is not None:
             yield held
+
+    def _handed_out(self, path: str, progress: dict[str, int]) -> bool:
+        """Whether every record of `path` is handed out: it was read to its end, and `progress` (this run's
+        records handed out) reaches its count; a file with none to hand out (empty, gone, or trained to its
+        end before a restart) is not in `progress`, and is handed out once read."""
+        start = self._resume[path]["next"] if path in self._resume else 0
+        return path in self._counts and self._counts[path] == progress.get(path, start)
 
     def _check_version(self, path: str, version: dict) -> None:
         if path in self._versions and version != self._versions[path] and path not in self._rewritten:
