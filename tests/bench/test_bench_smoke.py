@@ -97,6 +97,11 @@ BENCHES = {
         ["--source", "folders", "--arrivals", "3", "--interval", "0.2", "--batch", "2", "--poll", "0.2"],
         {"folders_seconds"},
     ),
+    "train_soak": (  # a day of 5-file hour folders; a run of a few seconds that checkpoints and promotes
+        ["--days", "1", "--files-per-folder", "5", "--seconds", "6", "--interval", "0.5"]
+        + ["--files-per-hour", "2", "--checkpoint-every", "2"],
+        {"state", "run"},
+    ),
     "embedding_scale": (
         ["--config", SMALL, "--rows", "1000", "--steps", "2", "--batch", "16", "--managed-baseline", "HEAD"],
         {"threads_per_rank", "ranks"}

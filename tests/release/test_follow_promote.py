@@ -13,6 +13,7 @@ from heavyranker.errors import UserError
 from heavyranker.release.follow import Promoter
 from heavyranker.serve.repository import ModelRepository
 from heavyranker.serve.scorer import MANIFEST
+from heavyranker.train.loop import train
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
 
 FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "training.train_log_every_n=100")
@@ -75,3 +76,24 @@ def test_a_promote_setting_that_cannot_work_is_refused(tmp_path, setting, proble
         spec = f"training.promote={{repository: {tmp_path}, {field}: {value}}}"
     with pytest.raises(UserError, match=problem.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_config(CONFIGS / "local_small.yaml", ["training.checkpoint_every_n=2", spec])
+
+
+def test_a_promoting_run_keeps_no_decision_in_memory(small_data, tmp_path):
+    # Was a list of every decision, which nothing read: it grew with each promotion of a run of weeks. The
+    # decisions are in the repository's promotions.jsonl.
+    repository = tmp_path / "repo"
+    config = small_config(
+        small_data,
+        tmp_path / "run",
+        *FAST,
+        "training.num_train_steps=4",
+        "training.checkpoint_every_n=2",
+        promote_setting(repository, every_steps=2),
+    )
+    promoter = Promoter(config)
+    held = {name: repr(value) for name, value in vars(promoter).items()}
+    train(config, on_checkpoint=promoter)
+    assert [d["candidate"]["step"] for d in ModelRepository(repository, "ranker").decisions()] == [2, 4]
+    assert {name: repr(value) for name, value in vars(promoter).items() if name != "last_promotion"} == {
+        name: value for name, value in held.items() if name != "last_promotion"
+    }

@@ -7,6 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from heavyranker.errors import UserError
 from heavyranker.run_folder import RunFolder
+from heavyranker.train import logger as logger_module
 from heavyranker.train.logger import TrainLogger
 
 
@@ -83,3 +84,19 @@ def test_a_log_that_is_not_text_is_one_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe\n')
     with pytest.raises(UserError, match=r"metrics\.jsonl: not a training log"):
         TrainLogger(RunFolder(tmp_path), resume_step=2)
+
+
+def test_a_resume_reads_the_log_back_from_its_end_only(tmp_path, monkeypatch):
+    # Was every line parsed, and the whole file read and written again: a follow run's log grows for weeks,
+    # and each restart took time and memory in proportion to it.
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(f'{{"step": {step}, "loss": 0.5}}\n' for step in range(1, 1001))
+    )
+    parsed, step_of = [], logger_module._step
+    monkeypatch.setattr(
+        logger_module, "_step", lambda *args: parsed.append(args[-1]) or step_of(*args)
+    )  # the line
+    TrainLogger(RunFolder(tmp_path), resume_step=998).close()
+    assert [json.loads(line)["step"] for line in parsed] == [1000, 999, 998]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 999))

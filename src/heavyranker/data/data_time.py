@@ -23,9 +23,9 @@ def newest_data_time(dataset: RecapDataset, before: float | None = None) -> floa
     if isinstance(stream, KafkaRecords):
         found = stream.newest_timestamp
     elif isinstance(stream, FollowedFiles):  # files are taken in arrival order: the last is the newest
-        found = _modified_or_none(stream.taken[-1]) if stream.taken else None
+        found = _modified_or_none(stream.last_taken) if stream.last_taken else None
     elif isinstance(stream, FilesAndTopic):
-        newest_file = _modified_or_none(stream.taken[-1]) if stream.taken else None
+        newest_file = _modified_or_none(stream.last_taken) if stream.last_taken else None
         found = max((t for t in (newest_file, stream.newest_timestamp) if t is not None), default=None)
     elif before is None:  # a fixed set of files: the same answer at every checkpoint, so asked once
         found = max((t for t in map(_modified_or_none, dataset.files) if t is not None), default=None)

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 from ..config.data import DataConfig
 from ..errors import DataError
@@ -37,6 +38,7 @@ from .sources.follow import (
     check_files_and_topic,
     files_source_name,
     source_name,
+    without_days_before,
 )
 from .sources.kafka import KafkaRecords, Offsets
 from .sources.mixed import FilesAndTopic
@@ -110,6 +112,7 @@ class RecapDataset:
         self.rank, self.world_size, self.where, self.follow = rank, world_size, where, follow
         self._offsets: dict = {}  # partition (file) -> next offset (record), of this iteration's batches
         self._resume: Offsets | FilePosition = {}
+        self._done_before: datetime | None = None
         self.stream: KafkaRecords | FollowedFiles | FilesAndTopic | None = None
         self._stream_results: _StreamResults | None = None  # the open stream iteration's
         self._tombstones = 0  # Kafka messages without a value passed over by the position
@@ -210,9 +213,25 @@ class RecapDataset:
             return self.stream.position(self._offsets)
         return dict(self._offsets)
 
-    def resume(self, position: Offsets | FilePosition) -> None:
-        """A stream's next iteration goes on from `position` (a checkpoint's, as position() gave it)."""
+    def resume(self, position: Offsets | FilePosition, done_before: datetime | None = None) -> None:
+        """A stream's next iteration goes on from `position` (a checkpoint's, as position() gave it), and
+        dated folders from the day `done_before` (the checkpoint's watermark: sources/follow.py)."""
         self._resume = dict(position)
+        self._done_before = done_before
+
+    def folders_done_before(self) -> datetime | None:
+        """Followed dated folders: this rank's watermark (FollowedFiles.done_before); None for anything else,
+        or before the stream is open."""
+        _, files = self._streams()
+        return None if files is None else files.done_before(self._offsets)
+
+    def forget_folders_before(self, day: datetime) -> None:
+        """Followed dated folders: position() and the stream let go of the files of the days before `day`, a
+        watermark every rank has passed (the lowest of their folders_done_before)."""
+        _, files = self._streams()
+        if files is not None:
+            self._offsets = without_days_before(self._offsets, day, self.data)
+            files.forget(day)  # after the progress: position() never names a file the stream let go of
 
     def __iter__(self) -> Iterator[Batch]:
         start, self._start = self._start, 0
@@ -270,7 +289,7 @@ class RecapDataset:
             kafka = KafkaRecords(self.data.kafka, follow=self.follow, resume=offsets, **place)
         if self.follow and files_source_name(self.data) is not None:
             positions = {path: entry for path, entry in self._resume.items() if isinstance(path, str)}
-            files = FollowedFiles(self.data, resume=positions, **place)
+            files = FollowedFiles(self.data, resume=positions, done_before=self._done_before, **place)
         self.stream = FilesAndTopic(files, kafka) if kafka and files else kafka or files
         # Where each partition starts, when a number (start: latest, a time, a resume): a restart goes on from
         # there, even before a message of it is trained on.

@@ -16,14 +16,14 @@ from ..config import Config
 from ..config.promotion import PromoteConfig
 from ..errors import UserError
 from ..serve.repository import open_repository
-from .promote import Decision, promote
+from .promote import promote
 from .rule import PromotionRule
 
 log = logging.getLogger(__name__)
 
 
 class Promoter:
-    """Called with (checkpoint, step) after each checkpoint; promotes the due ones (`decisions`)."""
+    """Called with (checkpoint, step) after each checkpoint; promotes the due ones."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic):
         settings = config.training.promote
@@ -33,7 +33,6 @@ class Promoter:
         self.repository = open_repository(settings.repository, settings.model_name)
         self.rule = promotion_rule(settings)
         self.last_promotion = clock()  # the run's start counts as one, for every_minutes
-        self.decisions: list[Decision] = []
 
     def due(self, step: int) -> bool:
         every_steps, every_minutes = self.settings.every_steps, self.settings.every_minutes
@@ -45,8 +44,8 @@ class Promoter:
         if not self.due(step):
             return
         self.last_promotion = self.clock()
-        try:
-            decision = promote(
+        try:  # the decision goes to the repository's promotions.jsonl: a run of weeks keeps none in memory
+            promote(
                 self.config,
                 self.repository,
                 checkpoint=str(checkpoint),
@@ -59,8 +58,6 @@ class Promoter:
             )
         except Exception as e:  # whatever the repository or the scoring raises: training goes on
             log.error("training.promote: promoting the checkpoint of step %d failed: %s", step, e)
-            return
-        self.decisions.append(decision)
 
 
 def promotion_rule(settings: PromoteConfig) -> PromotionRule:

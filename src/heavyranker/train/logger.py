@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from ..atomic import atomic_write, refuse_link, without_following
+from ..atomic import refuse_link, without_following
 from ..config import Config, short_names
 from ..data.dataset import describe_counts
 from ..data.sources.follow import files_source_name
@@ -111,37 +113,77 @@ class TrainLogger:
 
 
 def _drop_lines_after(path: Path, step: int) -> None:
-    """Keep the lines of metrics.jsonl up to `step`. A line train does not write is one error: the file is
-    left as it was."""
+    """Keep the lines of metrics.jsonl up to `step`. train writes them in step order, so the lines past `step`
+    are the last ones: they are read back from the end to the first line of a step <= `step`, and cut off.
+    A resume reads what was logged past its checkpoint, not the whole run's log (a follow run's grows for
+    weeks). A line train does not write among them is one error: the file is left as it was."""
     if not refuse_link(path).exists():
         return
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not a training log (no UTF-8 text: {e.reason} at byte {e.start})") from None
-    # Lines end at "\n" alone: splitlines() also splits at "\x1c" and the like, which a JSON string may hold.
-    *ended, last = text.split("\n")
-    lines = [line + "\n" for line in ended] + ([last] if last else [])
-    kept = [line for number, line in enumerate(lines, 1) if _step(path, number, line) <= step]
-    if kept != lines:
-        with atomic_write(path, "w") as f:
-            f.writelines(kept)
+    with open(path, "r+b", opener=without_following) as f:
+        end = f.seek(0, os.SEEK_END)
+        for offset, raw in _lines_backwards(f, end):
+            try:
+                line = raw.decode()
+            except UnicodeDecodeError as e:
+                where = f"{e.reason} at byte {offset + e.start}"
+                raise UserError(f"{path}: not a training log (no UTF-8 text: {where})") from None
+            logged = _step(line)
+            if logged is None:
+                number = _line_number(f, offset)
+                raise UserError(
+                    f"{path}: line {number} is not a line train writes (a JSON object with a step); move the "
+                    "file away, or set another training.save_dir"
+                )
+            if logged <= step:
+                f.truncate(offset + len(raw))
+                return
+        f.truncate(0)
 
 
-def _step(path: Path, number: int, line: str) -> float:
-    if not line.endswith("\n"):  # cut short by a kill or a full disk, maybe just before its newline: dropped
+def _lines_backwards(f: BinaryIO, end: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) of the lines of `f` up to `end`, the last first; each with its "\n" (the last may lack
+    it). Lines end at "\n" alone: splitlines() also splits at "\x1c" and the like, which JSON strings hold."""
+    position, pending = end, b""  # pending: the bytes from `position` to the last line handed out
+    while True:
+        cut = pending.rfind(b"\n", 0, len(pending) - 1)  # the end of the line before pending's last
+        if cut >= 0:
+            yield position + cut + 1, pending[cut + 1 :]
+            pending = pending[: cut + 1]
+        elif position == 0:
+            if pending:
+                yield 0, pending
+            return
+        else:
+            size = min(TAIL_BLOCK, position)
+            position -= size
+            f.seek(position)
+            pending = f.read(size) + pending
+
+
+TAIL_BLOCK = 1 << 16
+
+
+def _line_number(f: BinaryIO, offset: int) -> int:
+    """The number (from 1) of the line of `f` that starts at `offset`."""
+    f.seek(0)
+    newlines, left = 0, offset
+    while left:
+        block = f.read(min(TAIL_BLOCK, left))
+        newlines, left = newlines + block.count(b"\n"), left - len(block)
+    return newlines + 1
+
+
+def _step(line: str) -> float | None:
+    """A line's step; math.inf for a line cut short by a kill or a full disk (dropped), None for a line train
+    does not write."""
+    if not line.endswith("\n"):  # cut short, maybe just before its newline
         return math.inf
     try:
         content = json.loads(line)
-    except json.JSONDecodeError:  # the end of a line cut short by a kill: dropped
+    except json.JSONDecodeError:  # the end of a line cut short by a kill
         return math.inf
     step = content.get("step") if isinstance(content, dict) else None
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise UserError(
-            f"{path}: line {number} is not a line train writes (a JSON object with a step); "
-            "move the file away, or set another training.save_dir"
-        )
-    return step
+    return None if isinstance(step, bool) or not isinstance(step, int) else step
 
 
 # Counts of ids outside a range table's rows (model.id_mapping), under data/ in metrics.jsonl.

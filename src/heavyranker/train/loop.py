@@ -25,10 +25,9 @@ from ..config.training import TrainingConfig
 from ..cpu import bf16_warning, cpu_info
 from ..data.batch import Batch
 from ..data.columns import feature_specs
-from ..data.data_time import newest_data_time
 from ..data.dataset import RecapDataset, total_counts
 from ..data.sources.files import check_sharding
-from ..data.sources.follow import checkpoint_position, follow_sources, restore_position
+from ..data.sources.follow import follow_sources
 from ..errors import UserError
 from ..eval.evaluator import Results, evaluate_splits
 from ..memory import out_of_memory_as_user_error
@@ -42,6 +41,7 @@ from .loss import MultiTaskLoss, build_loss
 from .memory_fit import check_batch_fits, check_model_fits
 from .optim import build_optimizer, load_optimizer_state
 from .sharding import sharded_tables
+from .stream_position import StreamPosition
 from .table_optim import build_table_optimizer
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,8 @@ class Trainer:
         self.best: BestTracker | None = None  # with training.keep_best, on rank 0 (which decides)
         # Where a stream stands, all ranks' (data/sources/follow.py): in every checkpoint. A stream: a Kafka
         # topic, or followed files; it may wait for data.
-        self.data_position: dict = {}
+        self.stream_position = StreamPosition(config, self.runtime)
         self._streaming = config.train_data.kafka is not None or config.training.follow
-        self.newest_data_time: float | None = None  # of the data read (data_time.py): in every checkpoint
         self._dataset: RecapDataset | None = None
         follow_sources(config)
 
@@ -146,8 +145,7 @@ class Trainer:
             if self.table_optimizer is not None and "table_optimizer" in state:
                 self.table_optimizer.load_state_dict(state["table_optimizer"])
             self.step = int(state["step"])
-            self.data_position = restore_position(state, self.config.train_data)
-            self.newest_data_time = state.get("newest_data_time")
+            self.stream_position.restore(state)
             torch.set_rng_state(state["rng"])
             if "cuda_rng" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["cuda_rng"])
@@ -181,16 +179,9 @@ class Trainer:
             "step": self.step,
             "rng": torch.get_rng_state(),
         }
-        if self._dataset is not None:
-            self.newest_data_time = newest_data_time(self._dataset, self.newest_data_time)
-        state["newest_data_time"] = self.newest_data_time
+        self.stream_position.save(state, self._dataset)
         if self.table_optimizer is not None:
             state["table_optimizer"] = self.table_optimizer.state_dict()
-        position = checkpoint_position(
-            self.config.train_data, self.data_position, self.config.training.follow
-        )
-        if position is not None:
-            state["data_position"] = position
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         saved = save_checkpoint(self.run_folder.checkpoints, self.step, state)
@@ -226,7 +217,7 @@ class Trainer:
             follow=self._streaming,  # a topic has no end: wait for messages
         ) as dataset:
             dataset.skip_to(self.step * self.accumulation)
-            dataset.resume(self.data_position)
+            self.stream_position.resume(dataset)
             self._dataset = dataset
             logger = TrainLogger(self.run_folder, enabled=self.runtime.is_main, resume_step=self.step)
             try:
@@ -297,23 +288,13 @@ class Trainer:
             self.save()
 
     def _gather_position(self, training: TrainingConfig, every_rank_here: bool = False) -> None:
-        """Every rank's stream position into data_position, after each step (a checkpoint holds the position
-        after the records of its steps). Under DDP a collective: only where a checkpoint may be saved."""
-        if self._dataset is None or not self._streaming:
-            return
-        if self.runtime.world_size == 1:
-            self.data_position.update(self._dataset.position())
-            return
-        due = self.step % training.checkpoint_every_n == 0 or self.step % training.eval_log_every_n == 0
-        if not (due or every_rank_here):
-            return
-        # Each rank reads its own files or partitions: a checkpoint's newest_data_time is the newest any
-        # rank has read, not rank 0's alone.
-        mine = (self._dataset.position(), newest_data_time(self._dataset, self.newest_data_time))
-        ranks = self.runtime.gather(mine)
-        for offsets, _ in ranks:
-            self.data_position.update(offsets)
-        self.newest_data_time = max((t for _, t in ranks if t is not None), default=None)
+        """Every rank's stream position (StreamPosition.gather), after each step; under DDP only where a
+        checkpoint may be saved."""
+        if self._dataset is not None and self._streaming:
+            saving = (
+                self.step % training.checkpoint_every_n == 0 or self.step % training.eval_log_every_n == 0
+            )
+            self.stream_position.gather(self._dataset, saving or every_rank_here)
 
     def _every_rank_has_data(self) -> bool:
         """Under DDP, on a stream: waits until every rank's next batch is there, so that no rank waits for

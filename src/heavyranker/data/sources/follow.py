@@ -4,7 +4,13 @@ glob or dated folders as they come, and the position of a followed source as a c
 A followed file source is read file after file, in arrival order, without a shuffle buffer (it would hold
 records across a checkpoint). Its position is, for each file trained on, the records trained (`next`, the
 index of the next one), whether the file was read to its end (`done`) and its version when it was first
-listed (storage.file_version: size and mtime, or size and ETag on object storage)."""
+listed (storage.file_version: size and mtime, or size and ETag on object storage).
+
+Dated folders also have a watermark, `folders_done_before` (a day): every folder of an earlier day was listed
+and each of its files handed out to its end. The files of those days leave the position and what the stream
+remembers, and a restart lists from that day on, as the running stream does: what a follow run holds stays
+that of a day or two of folders however long it runs (a glob's position keeps every file it matched: a glob
+has no order that says a file will not come again)."""
 
 from __future__ import annotations
 
@@ -78,10 +84,13 @@ def check_files_and_topic(data: DataConfig, follow: bool, where: str) -> None:
         )
 
 
-def checkpoint_position(data: DataConfig, position: dict, follow: bool) -> dict | None:
+def checkpoint_position(
+    data: DataConfig, position: dict, follow: bool, done_before: datetime | None = None
+) -> dict | None:
     """The `data_position` a checkpoint keeps: Kafka's offsets per partition (the number keys of
-    `position`); in follow mode, the files' positions (its path keys); none for files read as a fixed set
-    (their position is the step)."""
+    `position`); in follow mode, the files' positions (its path keys) and, for dated folders, the day
+    `done_before` (folders_done_before: the watermark, see the module's docstring); none for files read as a
+    fixed set (their position is the step)."""
     saved = {}
     if data.kafka is not None:
         offsets = {key: n for key, n in position.items() if isinstance(key, int)}
@@ -89,6 +98,8 @@ def checkpoint_position(data: DataConfig, position: dict, follow: bool) -> dict 
     if follow and files_source_name(data) is not None:
         files = {key: entry for key, entry in position.items() if isinstance(key, str)}
         saved |= {"source": files_source_name(data), "files": files}
+        if done_before is not None:
+            saved["folders_done_before"] = done_before.date().isoformat()
     return saved or None
 
 
@@ -98,9 +109,7 @@ def restore_position(state: dict[str, Any], data: DataConfig) -> Offsets | FileP
     saved = state.get("data_position")
     if saved is None:
         return {}
-    held = " and ".join(
-        name for name in (saved.get("source"), "topic" in saved and f"kafka topic {saved['topic']}") if name
-    )
+    held = _held(saved)
     if held != source_name(data):
         log.warning(
             "the checkpoint holds the position of %s, not of %s: reading %s from its start",
@@ -111,6 +120,40 @@ def restore_position(state: dict[str, Any], data: DataConfig) -> Offsets | FileP
         return {}
     offsets = {int(partition): int(offset) for partition, offset in saved.get("offsets", {}).items()}
     return offsets | dict(saved.get("files", {}))
+
+
+def restore_done_before(state: dict[str, Any], data: DataConfig) -> datetime | None:
+    """The watermark of a checkpoint's dated folders (folders_done_before), where restore_position restores
+    its position; None: none kept (a glob, a checkpoint before it was kept, another source's)."""
+    saved = state.get("data_position") or {}
+    day = saved.get("folders_done_before")
+    if day is None or _held(saved) != source_name(data):
+        return None
+    return datetime.fromisoformat(day)
+
+
+def _held(saved: dict) -> str:
+    """What a checkpoint's data_position belongs to, as source_name says it."""
+    topic = "topic" in saved and f"kafka topic {saved['topic']}"
+    return " and ".join(name for name in (saved.get("source"), topic) if name)
+
+
+def folder_day(folder: str, hours: bool) -> datetime:
+    """The day (midnight) of the dated folder YYYY/MM/DD (with `hours`, YYYY/MM/DD/HH) `folder`."""
+    year, month, day = folder.rstrip("/").split("/")[-4 if hours else -3 :][:3]
+    return datetime(int(year), int(month), int(day))
+
+
+def file_day(path: str, hours: bool) -> datetime:
+    """The day of the dated folder that holds the file `path`."""
+    return folder_day(path.rsplit("/", 1)[0], hours)
+
+
+def without_days_before(position: dict, day: datetime, data: DataConfig) -> dict:
+    """`position` (a file's path -> its entry, a partition -> its offset) less the files of `data`'s dated
+    folders of the days before `day`."""
+    hours = data.explicit_datetime_inputs is not None
+    return {key: n for key, n in position.items() if isinstance(key, int) or file_day(key, hours) >= day}
 
 
 class FollowedFiles:
@@ -124,9 +167,20 @@ class FollowedFiles:
     crc32 of the path is: every rank decides alone, the same way, whenever it lists.
 
     `resume`: a checkpoint's positions. A file done there is not read again; a file partly trained is read
-    on from its `next` record if its version is the one it had, else skipped with a warning."""
+    on from its `next` record if its version is the one it had, else skipped with a warning. `done_before`:
+    its dated folders' watermark (the module's docstring): listing starts at that day, if later than the
+    first configured one."""
 
-    def __init__(self, data: DataConfig, *, rank: int, world_size: int, where: str, resume: FilePosition):
+    def __init__(
+        self,
+        data: DataConfig,
+        *,
+        rank: int,
+        world_size: int,
+        where: str,
+        resume: FilePosition,
+        done_before: datetime | None = None,
+    ):
         self.data, self.rank, self.world_size, self.where = data, rank, world_size, where
         self._resume = resume
         self._versions = {path: entry["version"] for path, entry in resume.items()}  # path -> version read
@@ -134,7 +188,8 @@ class FollowedFiles:
         self._counts: dict[str, int] = {}  # path -> records, of the files read to their end
         self._rewritten: set[str] = set()
         self._stop = threading.Event()
-        self.taken: list[str] = []  # this rank's files, in the order they are read
+        self.taken: list[str] = []  # this rank's files, in the order they are read (since the watermark)
+        self.last_taken: str | None = None  # the newest of them, kept past the watermark
         self.newest: str | None = None  # the newest folder (time) or file listed
         self._dated = data.explicit_datetime_inputs or data.explicit_date_inputs
         self._folders_done: set[str] = set()
@@ -143,7 +198,13 @@ class FollowedFiles:
             hours = data.explicit_datetime_inputs is not None
             span = timedelta(hours=self._dated.hours - 1) if hours else timedelta(days=self._dated.days - 1)
             self._first = (self._dated.end.replace(minute=0) if hours else self._dated.end) - span
-            self._since = self._first
+            self._since = max(self._first, done_before) if done_before else self._first
+            self._hours = hours
+        # The day this rank's listing starts at, published once the files it listed are in `taken`; the
+        # watermark forget() was last given, applied by the reader at its next listing.
+        self._floor = self._since.replace(hour=0) if self._dated else None
+        self._forget_before: datetime | None = None
+        self._let_go_before: datetime | None = None
         self._suffixes = (FORMATS[data.format or "tfrecord"].suffix,)
 
     def records(self, open_file: Callable[[str], Iterator[Item]]) -> Iterator[Item]:
@@ -166,9 +227,22 @@ class FollowedFiles:
 
     def lag(self, progress: dict[str, int]) -> int:
         """Files behind: this rank's files taken whose records are not all handed out yet."""
-        return sum(
-            1 for path in self.taken if path not in self._counts or self._counts[path] != progress.get(path)
-        )
+        return sum(1 for path in self.taken if not self._handed_out(path, progress))
+
+    def done_before(self, progress: dict[str, int]) -> datetime | None:
+        """Dated folders: this rank's watermark, the first day it may still hand out records of: every folder
+        of an earlier day was listed, and each of this rank's files there handed out to its end (`progress`:
+        the records of each file handed out so far). None for a glob."""
+        floor = self._floor  # read before `taken`: a listing publishes it once its files are there
+        if floor is None:
+            return None
+        pending = next((path for path in self.taken if not self._handed_out(path, progress)), None)
+        return floor if pending is None else min(floor, file_day(pending, self._hours))
+
+    def forget(self, before: datetime) -> None:
+        """Let go of the files of the days before `before`, a watermark of every rank (the lowest of their
+        done_before): none of them is listed or handed out again. The reader lets go at its next listing."""
+        self._forget_before = before
 
     def stop(self) -> None:
         """Ends the iteration (from another thread) within a poll."""
@@ -178,6 +252,7 @@ class FollowedFiles:
         pass
 
     def _new_files(self) -> list[str]:
+        self._let_go()
         mine = []
         for path, version, index in self._dated_listing() if self._dated else self._glob_listing():
             if path in self._listed:
@@ -201,7 +276,29 @@ class FollowedFiles:
             self._versions[path] = version
             mine.append(path)
         self.taken += mine
+        self.last_taken = mine[-1] if mine else self.last_taken
+        if self._dated:
+            self._floor = self._since.replace(hour=0)
         return mine
+
+    def _let_go(self) -> None:
+        """What the files of the days before forget()'s watermark took: each structure is replaced whole, so
+        that the consumer's thread reads either the old one or the new one."""
+        before = self._forget_before
+        if before is None or before == self._let_go_before:
+            return
+        self._let_go_before = before
+
+        def kept(paths):
+            return [path for path in paths if file_day(path, self._hours) >= before]
+
+        self.taken = kept(self.taken)
+        self._listed = set(kept(self._listed))
+        self._versions = {path: self._versions[path] for path in kept(self._versions)}
+        self._counts = {path: self._counts[path] for path in kept(self._counts)}
+        self._resume = {path: self._resume[path] for path in kept(self._resume)}
+        self._rewritten = set(kept(self._rewritten))
+        self._folders_done = {f for f in self._folders_done if folder_day(f, self._hours) >= before}
 
     def _read(self, path: str, open_file: Callable[[str], Iterator[Item]]) -> Iterator[Item]:
         if not holds_file(os.path.dirname(path), os.path.basename(path)):
@@ -221,6 +318,13 @@ class FollowedFiles:
         self._counts[path] = start if held is None else held[2] + 1
         if held is not None:
             yield held
+
+    def _handed_out(self, path: str, progress: dict[str, int]) -> bool:
+        """Whether every record of `path` is handed out: it was read to its end, and `progress` (this run's
+        records handed out) reaches its count; a file with none to hand out (empty, gone, or trained to its
+        end before a restart) is not in `progress`, and is handed out once read."""
+        start = self._resume[path]["next"] if path in self._resume else 0
+        return path in self._counts and self._counts[path] == progress.get(path, start)
 
     def _check_version(self, path: str, version: dict) -> None:
         if path in self._versions and version != self._versions[path] and path not in self._rewritten:

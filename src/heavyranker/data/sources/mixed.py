@@ -48,6 +48,10 @@ class FilesAndTopic:
     def taken(self) -> list[str]:
         return self.files.taken
 
+    @property
+    def last_taken(self) -> str | None:
+        return self.files.last_taken
+
     def records(self, open_file: Callable[[str], Iterator[Item]]) -> Iterator[Item]:
         """The records of both streams as their readers put them, until stop(); open_file: FollowedFiles'."""
         arrived: queue.Queue = queue.Queue(QUEUE_RECORDS)
