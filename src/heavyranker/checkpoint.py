@@ -7,6 +7,7 @@ tensors and plain containers, never code."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,11 @@ def load_checkpoint(path: str | Path, *, mapped: bool = False) -> dict[str, Any]
     """The checkpoint's state. `mapped`: its tensors are mapped from the file (private pages), not read, so
     that what the caller never touches (the optimizer's state, for a command that needs the weights only) is
     never read into memory. Only for a caller that drops the state once it copied what it needs: a mapped
-    file removed on a network file system by another host can fault (SIGBUS) when a page is read."""
+    file removed on a network file system by another host can fault (SIGBUS) when a page is read. A file
+    torch cannot map (a legacy, non-zip torch.save; an empty or damaged one) is read whole, as it always was:
+    it loads, or fails with its own message, not torch's advice to save it again."""
     try:
+        mapped = mapped and zipfile.is_zipfile(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None

@@ -217,3 +217,22 @@ def test_the_commands_that_need_the_weights_only_leave_the_optimizer_state_unrea
         moments = [t for p in state["optimizer"]["state"].values() for t in p.values() if t.dim() > 0]
         checkpoint = small_run / "checkpoints" / "step_1.pt"
         assert moments and all(mapped_from(t, checkpoint) for t in moments)
+
+
+def test_a_mapped_restore_reads_a_file_torch_cannot_map_as_an_unmapped_one_does(tmp_path):
+    """A legacy (non-zip) torch.save loads mapped or not; an empty file gets the same line either way, not
+    torch's advice to save it again with another option."""
+    source = nn.Linear(3, 2)
+    legacy = tmp_path / "step_1.pt"
+    torch.save({"model": source.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    target = nn.Linear(3, 2)
+    restore_weights(target, legacy, mapped=True)
+    assert torch.equal(target.weight, source.weight) and torch.equal(target.bias, source.bias)
+    empty = tmp_path / "step_2.pt"
+    empty.write_bytes(b"")
+    lines = []
+    for mapped in (False, True):
+        with pytest.raises(UserError) as error:
+            restore_weights(target, empty, mapped=mapped)
+        lines.append(str(error.value))
+    assert lines[0] == lines[1] and "mmap" not in lines[1]
