@@ -1,5 +1,7 @@
 """restore_weights: the one way a command puts a checkpoint's weights into the model it built."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -236,3 +238,26 @@ def test_a_mapped_restore_reads_a_file_torch_cannot_map_as_an_unmapped_one_does(
             restore_weights(target, empty, mapped=mapped)
         lines.append(str(error.value))
     assert lines[0] == lines[1] and "mmap" not in lines[1]
+
+
+def test_a_checkpoint_replaced_while_it_is_mapped_gives_its_own_weights(tmp_path, monkeypatch):
+    """torch.load(mmap=True) opens the file by name twice: an atomic save of the same name in between (a
+    restarted run saving the step again) must not give one file's layout filled with the other's bytes."""
+    path, other = tmp_path / "step_1.pt", tmp_path / "other.pt"
+    torch.save({"model": {"weight": torch.full((1000,), 1.0), "bias": torch.full((3000,), 2.0)}}, path)
+    torch.save({"model": {"bias": torch.full((4000,), 3.0), "weight": torch.full((1000,), 4.0)}}, other)
+    replaced, size = [], os.path.getsize
+
+    def replacing_the_file_first(name):  # torch asks the size between its two opens
+        if not replaced:
+            replaced.append(os.replace(other, path))
+        return size(name)
+
+    monkeypatch.setattr(os.path, "getsize", replacing_the_file_first)
+    target = nn.Module()
+    target.register_buffer("weight", torch.zeros(1000))
+    target.register_buffer("bias", torch.zeros(3000))
+    restore_weights(target, path, mapped=True)
+    assert replaced and not other.exists()  # the name was replaced while the first file was open
+    assert torch.equal(target.weight, torch.full((1000,), 1.0))
+    assert torch.equal(target.bias, torch.full((3000,), 2.0))
