@@ -167,8 +167,8 @@ def scored(config_path: str, sets: list[str], folder: Path) -> Scores:
     split = next(iter(config.validation_data))
     data = config.validation_data[split]
     tasks = evaluation_tasks(config, data)
-    model, checkpoint, step = loaded_model(config, data, tasks, str(folder), None)
-    return score(config, model, checkpoint, step, data)
+    (scores,) = score(config, [loaded_model(config, data, tasks, str(folder), None)], data)
+    return scores
 
 
 def comparison(a: Scores, b: Scores, tasks: list[str], resamples: int, seed: int) -> dict[str, dict]:

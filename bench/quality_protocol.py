@@ -98,8 +98,7 @@ def test_scores(args: argparse.Namespace, seed: int) -> Scores:
     config = run_config(args, seed, split_on_test=True)
     run = trained(run_config(args, seed))
     data = config.validation_data["validation"]
-    model, checkpoint, step = loaded_model(config, data, config.task_names, str(run), None)
-    scores = score(config, model, checkpoint, step, data)
+    (scores,) = score(config, [loaded_model(config, data, config.task_names, str(run), None)], data)
     np.savez(run / "test_scores.npz", labels=scores.labels, probs=scores.probs, weights=scores.weights)
     return scores
 
