@@ -7,6 +7,7 @@ tensors and plain containers, never code."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,11 @@ def load_checkpoint(path: str | Path, *, mapped: bool = False) -> dict[str, Any]
     """The checkpoint's state. `mapped`: its tensors are mapped from the file (private pages), not read, so
     that what the caller never touches (the optimizer's state, for a command that needs the weights only) is
     never read into memory. Only for a caller that drops the state once it copied what it needs: a mapped
-    file removed on a network file system by another host can fault (SIGBUS) when a page is read."""
+    file removed on a network file system by another host can fault (SIGBUS) when a page is read. A file
+    torch cannot map (a legacy, non-zip torch.save; an empty or damaged one) is read whole, as it always was:
+    it loads, or fails with its own message, not torch's advice to save it again."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+        state = _mapped(path) if mapped else torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint not found: {path}") from None
     except Exception as e:  # a truncated or foreign file: say which one
@@ -58,6 +61,22 @@ def load_checkpoint(path: str | Path, *, mapped: bool = False) -> dict[str, Any]
             f"{path}: not a heavyranker checkpoint (it holds a {type(state).__name__}, not a dict)"
         )
     return state
+
+
+# Where an open file can be opened again by its descriptor: the same file, whatever its name points to now.
+OPEN_FILES = Path("/proc/self/fd")
+
+
+def _mapped(path: str | Path) -> Any:
+    """torch.load with mmap opens the file by name twice (its zip directory, then the mapping): through the
+    descriptor of one open both are the same file, where an atomic save replacing the name in between would
+    pair one file's directory with the other's bytes (the weights of another checkpoint, silently)."""
+    with open(path, "rb") as file:
+        if not zipfile.is_zipfile(file):
+            file.seek(0)  # is_zipfile read its end
+            return torch.load(file, map_location="cpu", weights_only=True)
+        pinned = OPEN_FILES / str(file.fileno()) if OPEN_FILES.is_dir() else path
+        return torch.load(pinned, map_location="cpu", weights_only=True, mmap=True)
 
 
 # What a resume reads of a checkpoint besides the model weights (train/loop.py's Trainer.save writes them).

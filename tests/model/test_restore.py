@@ -1,5 +1,7 @@
 """restore_weights: the one way a command puts a checkpoint's weights into the model it built."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -217,3 +219,45 @@ def test_the_commands_that_need_the_weights_only_leave_the_optimizer_state_unrea
         moments = [t for p in state["optimizer"]["state"].values() for t in p.values() if t.dim() > 0]
         checkpoint = small_run / "checkpoints" / "step_1.pt"
         assert moments and all(mapped_from(t, checkpoint) for t in moments)
+
+
+def test_a_mapped_restore_reads_a_file_torch_cannot_map_as_an_unmapped_one_does(tmp_path):
+    """A legacy (non-zip) torch.save loads mapped or not; an empty file gets the same line either way, not
+    torch's advice to save it again with another option."""
+    source = nn.Linear(3, 2)
+    legacy = tmp_path / "step_1.pt"
+    torch.save({"model": source.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    target = nn.Linear(3, 2)
+    restore_weights(target, legacy, mapped=True)
+    assert torch.equal(target.weight, source.weight) and torch.equal(target.bias, source.bias)
+    empty = tmp_path / "step_2.pt"
+    empty.write_bytes(b"")
+    lines = []
+    for mapped in (False, True):
+        with pytest.raises(UserError) as error:
+            restore_weights(target, empty, mapped=mapped)
+        lines.append(str(error.value))
+    assert lines[0] == lines[1] and "mmap" not in lines[1]
+
+
+def test_a_checkpoint_replaced_while_it_is_mapped_gives_its_own_weights(tmp_path, monkeypatch):
+    """torch.load(mmap=True) opens the file by name twice: an atomic save of the same name in between (a
+    restarted run saving the step again) must not give one file's layout filled with the other's bytes."""
+    path, other = tmp_path / "step_1.pt", tmp_path / "other.pt"
+    torch.save({"model": {"weight": torch.full((1000,), 1.0), "bias": torch.full((3000,), 2.0)}}, path)
+    torch.save({"model": {"bias": torch.full((4000,), 3.0), "weight": torch.full((1000,), 4.0)}}, other)
+    replaced, size = [], os.path.getsize
+
+    def replacing_the_file_first(name):  # torch asks the size between its two opens
+        if not replaced:
+            replaced.append(os.replace(other, path))
+        return size(name)
+
+    monkeypatch.setattr(os.path, "getsize", replacing_the_file_first)
+    target = nn.Module()
+    target.register_buffer("weight", torch.zeros(1000))
+    target.register_buffer("bias", torch.zeros(3000))
+    restore_weights(target, path, mapped=True)
+    assert replaced and not other.exists()  # the name was replaced while the first file was open
+    assert torch.equal(target.weight, torch.full((1000,), 1.0))
+    assert torch.equal(target.bias, torch.full((3000,), 2.0))
