@@ -16,6 +16,7 @@ from heavyranker.data.sources.files import (
     glob_files,
     glob_versions,
     select_files,
+    with_end_pinned,
 )
 from heavyranker.errors import UserError
 
@@ -184,3 +185,24 @@ def test_latest_in_the_future_is_taken_with_a_warning(tmp_path, caplog):
     (tmp_path / "2062/01/01/b.gz").unlink()
     date_files(spec)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_pinned_latest_reads_the_same_folders_after_a_newer_one_lands(tmp_path):
+    a = touch(tmp_path / "0001/01/02/00/a.gz")  # a year of 1 digit under %Y: the pinned end must parse
+    b = touch(tmp_path / "0001/01/02/01/b.gz")
+    dated = ExplicitDatetimeInputs(data_root=str(tmp_path), end_datetime="latest", hours=2)
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"schema": [{"feature_name": "a", "dtype": "int64_list", "length": 1}]}')
+    data = DataConfig(
+        explicit_datetime_inputs=dated,
+        global_batch_size=1,
+        seg_dense_schema={"schema_path": str(schema)},
+        tasks={"a": {}},
+    )
+    pinned = with_end_pinned(data)
+    assert pinned.explicit_datetime_inputs.end_datetime == "0001-01-02T01"
+    touch(tmp_path / "0001/01/02/02/c.gz")
+    assert select_files(pinned) == [a, b]
+    assert select_files(data) != [a, b]  # unpinned, it moves on
+    fixed = data.model_copy(update={"explicit_datetime_inputs": pinned.explicit_datetime_inputs})
+    assert with_end_pinned(fixed) is fixed

@@ -4,6 +4,8 @@ import json
 import shutil
 import threading
 import time
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from heavyranker.cli import main
+from heavyranker.data.columns import feature_specs
 from heavyranker.data.dataset import RecapDataset
 from heavyranker.errors import UserError
 from heavyranker.eval import evaluator
@@ -199,3 +202,52 @@ def test_a_step_in_another_scripts_digits_is_not_a_checkpoint(small_data, traine
     assert [step for step, _ in RunFolder(tmp_path).list_checkpoints()] == [2]
     evaluate_command(config, checkpoint=None, watch=False, split="validation")
     assert sorted(p.name for p in (tmp_path / "eval/validation").iterdir()) == ["step_2.json"]
+
+
+def latest_config(small_data: Path, tmp_path: Path, end: str):
+    """local_small, its validation split in hour folders under tmp_path/hours ending at `end`."""
+    dated = f"{{data_root: {tmp_path / 'hours'}, end_datetime: {end}, hours: 1}}"
+    overrides = ["validation_data.validation.inputs=null"]
+    overrides += [f"validation_data.validation.explicit_datetime_inputs={dated}"]
+    return small_config(small_data, tmp_path / "run", *overrides)
+
+
+def seeded_model(config):
+    from heavyranker.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(config.model, feature_specs(config.train_data)).eval()
+
+
+def evaluate_latest_on_a_rank(small_data: Path, tmp_path: Path) -> None:
+    """evaluate_split of a split ending at latest, each rank's listing finding another newest hour: rank
+    0's came before hour 01 landed, rank 1's after."""
+    from heavyranker.data.sources import files
+
+    runtime = init_runtime()
+    config = latest_config(small_data, tmp_path, "latest")
+    hour = datetime(2023, 1, 1, runtime.rank)
+    root = tmp_path / "hours"
+    files.newest_dated_folder = lambda *args: (hour, f"{root}/{files.folder_name(hour, hours=True)}")
+    data = config.validation_data["validation"]
+    results, _ = evaluator.evaluate_split(config, seeded_model(config), data, runtime)
+    (tmp_path / f"rank_{runtime.rank}.json").write_text(json.dumps(results))
+
+
+def test_the_ranks_read_the_latest_folders_rank_0_finds(small_data, tmp_path):
+    """Each rank finding its own `latest`, a folder landing between two ranks' listings gave them other
+    folders, and each its share (files[rank::world]) of other lists."""
+    from tests.test_runtime import on_two_ranks
+
+    validation = sorted((small_data / "validation").glob("*.gz"))
+    for hour, paths in (("00", validation), ("01", validation[:1])):
+        (tmp_path / f"hours/2023/01/01/{hour}").mkdir(parents=True)
+        for path in paths:
+            shutil.copy(path, tmp_path / f"hours/2023/01/01/{hour}")
+    on_two_ranks(evaluate_latest_on_a_rank, small_data, tmp_path, logs=tmp_path / "logs")
+    # Hour 00 alone, in one process: what both ranks together must have found.
+    config = latest_config(small_data, tmp_path, "2023-01-01T00")
+    data = config.validation_data["validation"]
+    single, _ = evaluator.evaluate_split(config, seeded_model(config), data, init_runtime())
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank_{rank}.json").read_text()) == json.loads(json.dumps(single))

@@ -16,7 +16,7 @@ from ..config import Config, short_names
 from ..config.data import DataConfig
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
-from ..data.sources.files import check_sharding
+from ..data.sources.files import check_sharding, with_end_pinned
 from ..errors import SettingError, UserError
 from ..memory import out_of_memory_as_user_error
 from ..model import Ranker, build_model, restore_weights
@@ -47,6 +47,9 @@ def evaluate_split(
     overall = MetricAccumulator(len(tasks))
     strata = [MetricAccumulator(len(tasks)) for _ in stratifiers]
     limit = config.training.num_eval_steps
+    # Rank 0 finds a `latest` end, for every rank: each finding its own, a folder landing in between would
+    # give the ranks other folders, and a files[rank::world] share of other lists.
+    data = runtime.broadcast(with_end_pinned(data) if runtime.is_main else data)
     with RecapDataset(
         data, seed=config.training.seed, rank=runtime.rank, world_size=runtime.world_size
     ) as dataset:

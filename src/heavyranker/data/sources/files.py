@@ -26,7 +26,7 @@ def select_files(data: DataConfig) -> list[str]:
     """The files `data` names, sorted, cut to `num_files_to_keep`. Raises UserError when none is found,
     or when more dated folders are missing (or hold no data file) than the config tolerates. A dated folder's
     data files are those of data.format (.gz, .parquet), of either when it is not set."""
-    suffixes = tuple(kind.suffix for name, kind in FORMATS.items() if data.format in (None, name))
+    suffixes = _suffixes(data)
     if data.inputs is not None:
         files = glob_files(data.inputs)
     elif data.explicit_date_inputs is not None:
@@ -38,6 +38,26 @@ def select_files(data: DataConfig) -> list[str]:
         log.info("keeping %d of %d files (num_files_to_keep)", data.num_files_to_keep, len(files))
         files = files[: data.num_files_to_keep]
     return files
+
+
+def _suffixes(data: DataConfig) -> tuple[str, ...]:
+    """The data files' suffixes: those of data.format (.gz, .parquet), of either when it is not set."""
+    return tuple(kind.suffix for name, kind in FORMATS.items() if data.format in (None, name))
+
+
+def with_end_pinned(data: DataConfig) -> DataConfig:
+    """`data` with dated folders that end at `latest` made to end at the newest one now (dated_end), so
+    that readers who list them again (each rank of an evaluation) read the same folders."""
+    dated = data.explicit_datetime_inputs or data.explicit_date_inputs
+    if dated is None or not dated.latest:
+        return data
+    end = dated_end(dated, _suffixes(data))
+    day = folder_name(end, hours=False).replace("/", "-")
+    if isinstance(dated, ExplicitDatetimeInputs):
+        pinned = {"explicit_datetime_inputs": dated.model_copy(update={"end_datetime": f"{day}T{end:%H}"})}
+    else:
+        pinned = {"explicit_date_inputs": dated.model_copy(update={"end_date": day})}
+    return data.model_copy(update=pinned)
 
 
 def shard_files(
@@ -189,7 +209,7 @@ def dated_folders(root: str, since: datetime, hours: bool) -> list[tuple[datetim
     since's day or later, oldest first. Only the branches from since's day on are listed; names that are no
     such numbers (or no date) are passed over."""
     levels = 4 if hours else 3
-    floor = since.strftime("%Y/%m/%d").split("/")
+    floor = folder_name(since, hours=False).split("/")
     found: list[tuple[datetime, str]] = []
 
     def walk(folder: str, names: list[str]) -> None:
@@ -211,6 +231,11 @@ def dated_folders(root: str, since: datetime, hours: bool) -> list[tuple[datetim
 
 
 DATED_LEVELS = ("%Y", "%m", "%d", "%H")
+
+
+def folder_name(when: datetime, hours: bool) -> str:
+    """YYYY/MM/DD (with `hours`, YYYY/MM/DD/HH) of `when`; strftime's %Y drops a small year's leading 0s."""
+    return f"{when.year:04d}/{when:%m/%d}" + (f"/{when:%H}" if hours else "")
 
 
 def _dated_name(name: str, level: int) -> bool:
@@ -268,9 +293,8 @@ def date_files(spec: ExplicitDateInputs, suffixes: tuple[str, ...] = (".gz",)) -
     """The files named *.gz (or another of `suffixes`) under data_root/YYYY/MM/DD for the `days` days ending
     at end_date (inclusive)."""
     end = dated_end(spec, suffixes)
-    folders = [
-        os.path.join(spec.data_root, (end - timedelta(days=i)).strftime("%Y/%m/%d")) for i in range(spec.days)
-    ]
+    days = (end - timedelta(days=i) for i in range(spec.days))
+    folders = [os.path.join(spec.data_root, folder_name(day, hours=False)) for day in days]
     return _folder_files(
         sorted(folders),
         spec.num_missing_days_tol,
@@ -285,7 +309,7 @@ def datetime_files(spec: ExplicitDatetimeInputs, suffixes: tuple[str, ...] = (".
     end_datetime (inclusive)."""
     end = dated_end(spec, suffixes)
     folders = [
-        os.path.join(spec.data_root, (end - timedelta(hours=i)).strftime("%Y/%m/%d/%H"))
+        os.path.join(spec.data_root, folder_name(end - timedelta(hours=i), hours=True))
         for i in range(spec.hours)
     ]
     return _folder_files(

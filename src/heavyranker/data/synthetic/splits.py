@@ -17,6 +17,7 @@ from ...config import Config
 from ...config.data import DataConfig
 from ...errors import UserError
 from ...memory import out_of_memory_as_user_error
+from ..sources.files import folder_name
 from ..sources.tfrecord import write_records
 from ..tf_example import encode_tf_examples
 from .holdout import WORLDS
@@ -147,11 +148,11 @@ def _plan(name: str, data: DataConfig) -> SplitPlan:
     if data.explicit_date_inputs is not None:
         dated, where = data.explicit_date_inputs, f"{where}.explicit_date_inputs.data_root"
         end = _now(hours=False) if dated.latest else dated.end
-        stamps = [(end - timedelta(days=i)).strftime("%Y/%m/%d") for i in range(dated.days)]
+        stamps = [folder_name(end - timedelta(days=i), hours=False) for i in range(dated.days)]
     else:
         dated, where = data.explicit_datetime_inputs, f"{where}.explicit_datetime_inputs.data_root"
         end = _now(hours=True) if dated.latest else dated.end.replace(minute=0)
-        stamps = [(end - timedelta(hours=i)).strftime("%Y/%m/%d/%H") for i in range(dated.hours)]
+        stamps = [folder_name(end - timedelta(hours=i), hours=True) for i in range(dated.hours)]
     return SplitPlan(name, data, where, dated.data_root, sorted(stamps))
 
 
