@@ -201,11 +201,22 @@ class ObjectRepository(ModelRepository):
 
     def _listing(self) -> dict[str, dict[str, Any]]:
         """Every object under the model's folder (path -> info), listed afresh."""
-        self.fs.invalidate_cache(self._path)
+        self._forget_listings()
         try:
             return self._call(self.fs.find, self._path, detail=True)
         except FileNotFoundError:  # no bucket, or no model folder (yet, or any more)
             return {}
+
+    def _forget_listings(self) -> None:
+        """Drops the back-end's cached listings of the model's folder and of every folder below it. s3fs's
+        find caches the listing of each folder below the one listed, and only where it has none: the
+        invalidation of the model's folder alone left them, so a version's folder listed while only its
+        claim was there kept that listing, its READY "not found" (the version never served), and the cache
+        grew by a folder per version published in the server's life."""
+        below = self._path + "/"
+        for path in [p for p in self.fs.dircache if p.startswith(below)]:
+            self.fs.dircache.pop(path, None)
+        self.fs.invalidate_cache(self._path)
 
     def _complete(self, version: int, files: dict[str, dict[str, Any]]) -> bool:
         """Whether READY (read once per ETag) parses and names files that are all listed with its sizes."""
@@ -227,7 +238,7 @@ class ObjectRepository(ModelRepository):
             version = max(taken, default=0) + 1
             claim = f"{self._path}/{version}/{CLAIM}{uuid.uuid4().hex}"
             self._call(self.fs.pipe_file, claim, b"")
-            self.fs.invalidate_cache(self._path)
+            self._forget_listings()
             there = self._call(self.fs.find, f"{self._path}/{version}")
             if there == [claim]:
                 return version, claim
@@ -242,7 +253,7 @@ class ObjectRepository(ModelRepository):
         except FileNotFoundError:
             pass
         self._ready.pop(version, None)
-        self.fs.invalidate_cache(self._path)
+        self._forget_listings()
         rest = self._call(self.fs.find, prefix)
         if rest:
             self._call(self.fs.rm, rest)
