@@ -46,3 +46,13 @@ def test_the_listing_cache_holds_only_the_versions_there(s3):  # noqa: F811
     # The two kept versions' folders, whatever the number published.
     assert cached[-1] == [f"{served._path}/7", f"{served._path}/8"]
     assert len(cached[1]) == len(cached[-1]) == 2
+
+
+def test_the_ready_records_held_are_those_of_the_versions_there(s3):  # noqa: F811
+    fs, url = s3
+    served = open_repository(url, NAME)
+    other = publisher(url)
+    for text in "abcdefgh":
+        other.publish(writing(text), keep=2)  # retention in the publisher: the server only lists
+        served.versions()
+    assert sorted(served._ready) == [7, 8]

@@ -83,9 +83,11 @@ class ObjectRepository(ModelRepository):
     def versions(self) -> list[int]:
         """The complete versions, oldest first: a READY that parses, and every file it names listed with
         its size."""
-        listing = self._listing()
+        listed = _by_version(self._listing(), self._path)
+        for gone in self._ready.keys() - listed.keys():  # removed (another process's retention): let go
+            del self._ready[gone]
         complete = []
-        for version, files in _by_version(listing, self._path).items():
+        for version, files in listed.items():
             if READY in files and self._complete(version, files):
                 complete.append(version)
         return sorted(complete)
