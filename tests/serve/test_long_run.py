@@ -5,12 +5,58 @@ process's memory, descriptors and threads over many swaps."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import fsspec
+import pytest
+from moto.server import ThreadedMotoServer
 
 from heavyranker.serve.object_repository import CLAIM, ObjectRepository
 from heavyranker.serve.repository import open_repository
+from tests.data.test_storage import s3_endpoint
 from tests.serve.test_hot_swap import NAME
 from tests.serve.test_object_repository import s3, server, writing  # noqa: F401 (fixtures)
+
+
+class Store:
+    """moto's S3 server on loopback that a test can stop (the store goes away) and start again on the same
+    port, with what it held (moto keeps its buckets in this process)."""
+
+    def __init__(self):
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.moto.start()
+        self.host, self.port = self.moto.get_host_and_port()
+
+    def go_away(self) -> None:
+        self.moto.stop()
+
+    def come_back(self) -> None:
+        self.moto = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
+        self.moto.start()
+
+
+@contextmanager
+def store_that_goes_away(bucket: str) -> Iterator[tuple[Store, str]]:
+    store = Store()
+    try:
+        with s3_endpoint(f"http://{store.host}:{store.port}"):
+            fsspec.filesystem("s3").mkdir(bucket)
+            yield store, f"s3://{bucket}/repository"
+    finally:
+        store.go_away()
+
+
+def going_away_after_one_file(monkeypatch: pytest.MonkeyPatch, repository: ObjectRepository, store: Store):
+    """The store goes away once the first file of a download has arrived."""
+    get_file = repository.fs.get_file
+
+    def get_one_then_go_away(*args, **kwargs):
+        get_file(*args, **kwargs)
+        store.go_away()
+        monkeypatch.undo()
+
+    monkeypatch.setattr(repository.fs, "get_file", get_one_then_go_away)
 
 
 def publisher(url: str) -> ObjectRepository:
@@ -56,3 +102,16 @@ def test_the_ready_records_held_are_those_of_the_versions_there(s3):  # noqa: F8
         other.publish(writing(text), keep=2)  # retention in the publisher: the server only lists
         served.versions()
     assert sorted(served._ready) == [7, 8]
+
+
+def test_a_download_cut_by_the_store_going_away_leaves_nothing_on_disk(monkeypatch):
+    with store_that_goes_away("cut") as (store, url):
+        served = open_repository(url, NAME)
+        served.publish(writing("a"), keep=None)  # two files: model.txt, config.pbtxt
+        going_away_after_one_file(monkeypatch, served, store)
+        with pytest.raises(OSError):
+            served.local_folder(1)
+        assert list(served._cache.iterdir()) == []
+        store.come_back()
+        assert (served.local_folder(1) / "model.txt").read_text() == "a"
+        assert [p.name.split("-")[0] for p in served._cache.iterdir()] == ["1"]

@@ -117,23 +117,32 @@ class ObjectRepository(ModelRepository):
                 f"{self.version_folder(version)}/{READY}: names {outside[0][:100]!r}, outside the version"
             )
         if not folder.is_dir():
-            staging = self._cache / f".download-{version}-{uuid.uuid4().hex[:8]}"
-            for name, expected in record["files"].items():
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self._call(self.fs.get_file, f"{self._path}/{version}/{name}", str(target))
-                if sha256_of(target) != expected["sha256"]:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise UserError(
-                        f"{self.version_folder(version)}/{name}: its SHA-256 differs from READY's: damaged"
-                    )
-            staging.rename(folder)
+            self._download(version, record, folder)
         # A loaded version no longer needs its files (the scorer holds the program): the oldest downloads go.
         downloads = [p for p in self._cache.iterdir() if not p.name.startswith(".")]
         cached = sorted(downloads, key=lambda p: p.stat().st_mtime)
         for stale in [p for p in cached if p != folder][: max(0, len(cached) - CACHED_VERSIONS)]:
             shutil.rmtree(stale, ignore_errors=True)
         return folder
+
+    def _download(self, version: int, record: dict[str, Any], folder: Path) -> None:
+        """The version's files into `folder`, each checked against READY's SHA-256. Into a staging folder
+        first, removed whatever stops the download (the store gone half way, a damaged file): the cache's
+        pruning leaves hidden names alone, so a failed download stayed on disk for the server's life."""
+        staging = self._cache / f".download-{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            for name, expected in record["files"].items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._call(self.fs.get_file, f"{self._path}/{version}/{name}", str(target))
+                if sha256_of(target) != expected["sha256"]:
+                    raise UserError(
+                        f"{self.version_folder(version)}/{name}: its SHA-256 differs from READY's: damaged"
+                    )
+            staging.rename(folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def publish(self, write: Callable[[Path], object], *, keep: int | None = DEFAULT_KEEP) -> int:
         """write(folder) fills a local folder; its files are uploaded under a claimed number, READY last."""
