@@ -5,6 +5,7 @@ process's memory, descriptors and threads over many swaps."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,9 +14,10 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from heavyranker.serve.object_repository import CLAIM, ObjectRepository
-from heavyranker.serve.repository import open_repository
+from heavyranker.serve.repository import ModelRepository, open_repository
+from heavyranker.serve.versions import ServedVersions
 from tests.data.test_storage import s3_endpoint
-from tests.serve.test_hot_swap import NAME
+from tests.serve.test_hot_swap import NAME, other_inputs, programs, publish  # noqa: F401 (fixtures)
 from tests.serve.test_object_repository import s3, server, writing  # noqa: F401 (fixtures)
 
 
@@ -115,3 +117,17 @@ def test_a_download_cut_by_the_store_going_away_leaves_nothing_on_disk(monkeypat
         store.come_back()
         assert (served.local_folder(1) / "model.txt").read_text() == "a"
         assert [p.name.split("-")[0] for p in served._cache.iterdir()] == ["1"]
+
+
+def test_the_failed_versions_held_are_those_still_there(tmp_path, programs):  # noqa: F811
+    repository = ModelRepository(tmp_path / "repo", NAME)
+    publish(repository, programs[0])
+    versions = ServedVersions.from_repository(repository)
+    for attempt in range(3):  # each fails (its inputs differ) and is removed (a rollback)
+        failing = publish(repository, other_inputs(programs[1], tmp_path / f"other{attempt}"))
+        versions.refresh()
+        assert versions.failed_versions == [failing]
+        shutil.rmtree(repository.version_folder(failing))
+    assert repository.versions() == [1] and versions.current.version == 1
+    versions.refresh()
+    assert versions.failed_versions == []

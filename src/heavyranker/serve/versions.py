@@ -147,6 +147,9 @@ class ServedVersions:
                 self._missing_logged = True
             return
         self._missing_logged = False
+        # Those no longer there are let go: a loop that publishes versions that fail (another model's inputs)
+        # every few minutes, their retention removing them, would grow this for the server's life.
+        self._failed = {v: stamp for v, stamp in self._failed.items() if v in versions}
         self._mark()
         wanted = [self.pin_version] if self.pin_version is not None else versions[::-1]
         for version in wanted:
