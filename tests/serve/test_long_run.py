@@ -5,6 +5,7 @@ process's memory, descriptors and threads over many swaps."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,8 @@ class Store:
 def store_that_goes_away(bucket: str) -> Iterator[tuple[Store, str]]:
     store = Store()
     try:
-        with s3_endpoint(f"http://{store.host}:{store.port}"):
+        with s3_endpoint(f"http://{store.host}:{store.port}"), pytest.MonkeyPatch.context() as patch:
+            patch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's: the outage's failures come at once
             fsspec.filesystem("s3").mkdir(bucket)
             yield store, f"s3://{bucket}/repository"
     finally:
@@ -131,3 +133,33 @@ def test_the_failed_versions_held_are_those_still_there(tmp_path, programs):  # 
     assert repository.versions() == [1] and versions.current.version == 1
     versions.refresh()
     assert versions.failed_versions == []
+
+
+def test_a_version_whose_download_the_store_cut_is_served_once_the_store_is_back(
+    monkeypatch,
+    programs,
+    caplog,  # noqa: F811
+):
+    with store_that_goes_away("back") as (store, url):
+        repository = open_repository(url, NAME)
+        publish(repository, programs[0])
+        versions = ServedVersions.from_repository(repository)
+        publish(repository, programs[1])
+        going_away_after_one_file(monkeypatch, repository, store)
+        with caplog.at_level(logging.INFO, logger="heavyranker.serve.versions"):
+            versions.poll()  # the download cut half way
+            versions.poll()  # the store away
+            versions.poll()
+            assert versions.current.version == 1 and versions.failed_versions == []
+            store.come_back()
+            versions.poll()
+        assert versions.current.version == 2
+        lines = [r.getMessage() for r in caplog.records if r.name == "heavyranker.serve.versions"]
+        assert len(lines) == 5, lines
+        assert lines[0].startswith("cannot fetch version 2 (") and lines[0].endswith("): keeping version 1")
+        assert lines[1].startswith(f"polling {url}/{NAME} failed (") and lines[1].endswith("version 1")
+        assert lines[2:] == [
+            "polling the repository works again: serving version 1",
+            "now serving version 2 (was 1)",
+            "fetching a version works again: serving version 2",
+        ]
