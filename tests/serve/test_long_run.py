@@ -5,14 +5,17 @@ process's memory, descriptors and threads over many swaps."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import fsspec
 import pytest
 from moto.server import ThreadedMotoServer
+from torch.fx import graph_module
 
 from heavyranker.serve.object_repository import CLAIM, ObjectRepository
 from heavyranker.serve.repository import ModelRepository, open_repository
@@ -135,11 +138,7 @@ def test_the_failed_versions_held_are_those_still_there(tmp_path, programs):  # 
     assert versions.failed_versions == []
 
 
-def test_a_version_whose_download_the_store_cut_is_served_once_the_store_is_back(
-    monkeypatch,
-    programs,
-    caplog,  # noqa: F811
-):
+def test_a_version_the_store_cut_off_serves_once_it_is_back(programs, monkeypatch, caplog):  # noqa: F811
     with store_that_goes_away("back") as (store, url):
         repository = open_repository(url, NAME)
         publish(repository, programs[0])
@@ -163,3 +162,22 @@ def test_a_version_whose_download_the_store_cut_is_served_once_the_store_is_back
             "now serving version 2 (was 1)",
             "fetching a version works again: serving version 2",
         ]
+
+
+def test_a_version_swapped_out_is_let_go_with_its_generated_sources(tmp_path, programs):  # noqa: F811
+    repository = ModelRepository(tmp_path / "repo", NAME)
+    publish(repository, programs[0])
+    versions = ServedVersions.from_repository(repository)
+    publish(repository, programs[1])
+    versions.refresh()  # the first swap may fill torch's own caches, which stay
+    gc.collect()
+    sources = len(graph_module._loader.eval_cache)  # torch's own and the served version's
+    swapped_out = []
+    for folder in programs * 2:
+        swapped_out.append(weakref.ref(versions.current.scorer.program))
+        publish(repository, folder)
+        versions.refresh()
+    gc.collect()
+    assert versions.current.version == 8
+    assert [program() for program in swapped_out] == [None] * 6
+    assert len(graph_module._loader.eval_cache) == sources  # those of the versions swapped out went too
