@@ -13,15 +13,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import fsspec
+import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 from torch.fx import graph_module
 
+from heavyranker.serve.app import create_app
 from heavyranker.serve.object_repository import CLAIM, ObjectRepository
 from heavyranker.serve.repository import ModelRepository, open_repository
 from heavyranker.serve.versions import ServedVersions
 from tests.data.test_storage import s3_endpoint
-from tests.serve.test_hot_swap import NAME, other_inputs, programs, publish  # noqa: F401 (fixtures)
+from tests.serve.conftest import serving
+from tests.serve.test_hot_swap import NAME, other_inputs, programs, publish, rank  # noqa: F401 (fixtures)
 from tests.serve.test_object_repository import s3, server, writing  # noqa: F401 (fixtures)
 
 
@@ -181,3 +184,17 @@ def test_a_version_swapped_out_is_let_go_with_its_generated_sources(tmp_path, pr
     assert versions.current.version == 8
     assert [program() for program in swapped_out] == [None] * 6
     assert len(graph_module._loader.eval_cache) == sources  # those of the versions swapped out went too
+
+
+def test_a_server_lets_go_of_its_first_version_once_swapped_out(tmp_path, programs):  # noqa: F811
+    repository = ModelRepository(tmp_path / "repo", NAME)
+    publish(repository, programs[0])
+    app = create_app(None, repository=str(repository.root), model_name=NAME)
+    first = weakref.ref(app.state.versions.current.scorer.program)
+    with serving(app) as url, httpx.Client() as client:
+        assert rank(client, url)[0] == "1"
+        publish(repository, programs[1])
+        app.state.versions.refresh()
+        assert rank(client, url)[0] == "2"
+        gc.collect()
+        assert first() is None
