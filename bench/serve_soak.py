@@ -12,10 +12,11 @@ the server gets a round of requests (ROUND): valid ones of several sizes on /v1 
 /v2, malformed ones, one whose client closes the connection half way through its body and one whose
 client gives up before the answer; then the bench reads the server's resident memory (VmRSS), open file
 descriptors, threads, the files under its TMPDIR (downloads of an object-store repository, temporaries)
-and the number of series on /metrics. The figures per variant: each after the first swap and after the
-last, and the growth per swap: the slope of a least-squares line over the last half of the swaps (the
-first ones include allocators' and caches' growth to their working size). A server whose resources are
-bounded has slopes near 0 (RSS moves by allocator noise: a fraction of a MiB per swap).
+and the number of series on /metrics. The figures, a table each with a row per variant: the value after
+the first swap and after the last, and the growth per swap: the slope of a least-squares line over the
+last half of the swaps (the first ones include allocators' and caches' growth to their working size). A
+bounded server's slopes are near 0; its RSS, read right after a swap, moves by what the allocator has not
+yet given back of the version swapped out (a model's size, up or down, from one swap to the next).
 Results go to bench/results/serve_soak.json (--results).
 """
 
@@ -196,10 +197,10 @@ def soak(variant: str, args: argparse.Namespace, tmp: Path, store: str | None) -
     finally:
         server.terminate()
         server.wait()
-    figures: dict[str, float] = {"unexpected_answers": unexpected}
+    figures: dict[str, object] = {"unexpected_answers": unexpected}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        figures |= {f"{key}_first": values[0], f"{key}_last": values[-1], f"{key}_per_swap": slope(values)}
+        figures[key] = {"first_swap": values[0], "last_swap": values[-1], "per_swap": slope(values)}
     return figures
 
 
@@ -216,14 +217,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(cpu_line())
     variants = args.variants.split(",")
-    figures = {}
+    soaked = {}
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(object_store()) if any(v.startswith("s3-") for v in variants) else None
         for variant in variants:
             with tempfile.TemporaryDirectory() as tmp:
-                figures[variant] = soak(variant, args, Path(tmp), store)
-            print(variant, figures[variant], flush=True)
-    write_results("serve_soak", {"swaps": args.swaps, "variants": figures}, args)
+                soaked[variant] = soak(variant, args, Path(tmp), store)
+            print(variant, soaked[variant], flush=True)
+    # One table per figure: a row per variant.
+    figures = {"swaps": args.swaps}
+    for key in soaked[variants[0]]:
+        figures[key] = {variant: soaked[variant][key] for variant in variants}
+    write_results("serve_soak", figures, args)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ BENCHES = {
     ),
     "serve_soak": (
         ["--config", SMALL, "--swaps", "2", "--variants", "local-pt2,s3-onnx", "--threads", "1"],
-        {"swaps", "variants"},
+        {"swaps", "unexpected_answers", "rss_mib", "fds", "threads", "tmp_files", "tmp_mib"}
+        | {"metrics_series"},
     ),
     "onnx_forward": (
         ["--config", SMALL, "--candidates", "4", "--threads", "1", "--rounds", "2"],
