@@ -8,9 +8,12 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
+import socket
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import fsspec
 import httpx
@@ -23,8 +26,9 @@ from heavyranker.serve.object_repository import CLAIM, ObjectRepository
 from heavyranker.serve.repository import ModelRepository, open_repository
 from heavyranker.serve.versions import ServedVersions
 from tests.data.test_storage import s3_endpoint
-from tests.serve.conftest import serving
-from tests.serve.test_hot_swap import NAME, other_inputs, programs, publish, rank  # noqa: F401 (fixtures)
+from tests.serve.conftest import json_request, serving
+from tests.serve.test_hot_swap import FEATURES, IDS, NAME, other_inputs, programs, publish, rank  # noqa: F401
+from tests.serve.test_limits import BOUND_S, head, wait_until
 from tests.serve.test_object_repository import s3, server, writing  # noqa: F401 (fixtures)
 
 
@@ -198,3 +202,37 @@ def test_a_server_lets_go_of_its_first_version_once_swapped_out(tmp_path, progra
         assert rank(client, url)[0] == "2"
         gc.collect()
         assert first() is None
+
+
+def test_requests_given_up_during_a_swap_leave_nothing_queued(tmp_path, programs):  # noqa: F811
+    repository = ModelRepository(tmp_path / "repo", NAME)
+    publish(repository, programs[0])
+    app = create_app(None, repository=str(repository.root), model_name=NAME, max_queue=4)
+    scorer, limits, batcher = app.state.versions.current.scorer, app.state.limits, app.state.batcher
+    forward, entered, release = scorer.program, threading.Event(), threading.Event()
+
+    def held(*inputs):  # the model, busy until the test releases it
+        entered.set()
+        release.wait(BOUND_S)
+        return forward(*inputs)
+
+    scorer.program = held
+    try:
+        with serving(app) as url, httpx.Client() as client:
+            address = urlsplit(url)
+            body = json_request(IDS, FEATURES)
+            for _ in range(3):  # each sends a whole request, then closes its connection without an answer
+                with socket.create_connection((address.hostname, address.port)) as connection:
+                    connection.sendall(head(len(body)) + body)
+                    if not entered.is_set():
+                        assert entered.wait(BOUND_S), "the first request did not reach the model"
+            wait_until(lambda: limits.admitted == 3, "the requests were not admitted")
+            publish(repository, programs[1])
+            app.state.versions.refresh()
+            release.set()
+            wait_until(lambda: limits.admitted == 0, "the requests given up still hold their places")
+            assert batcher.waiting == 0
+            assert rank(client, url)[0] == "2"
+    finally:
+        release.set()
+        scorer.program = forward
