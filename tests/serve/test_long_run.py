@@ -6,6 +6,7 @@ process's memory, descriptors and threads over many swaps."""
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import shutil
 import socket
@@ -29,7 +30,7 @@ from tests.data.test_storage import s3_endpoint
 from tests.serve.conftest import json_request, serving
 from tests.serve.test_hot_swap import FEATURES, IDS, NAME, other_inputs, programs, publish, rank  # noqa: F401
 from tests.serve.test_limits import BOUND_S, head, wait_until
-from tests.serve.test_object_repository import s3, server, writing  # noqa: F401 (fixtures)
+from tests.serve.test_object_repository import writing
 
 
 class Store:
@@ -61,6 +62,16 @@ def store_that_goes_away(bucket: str) -> Iterator[tuple[Store, str]]:
         store.go_away()
 
 
+BUCKETS = itertools.count()  # moto keeps every bucket for the process's life, whichever server made it
+
+
+@pytest.fixture
+def s3() -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
+    """The file system and a repository's URL in a store of the test's own."""
+    with store_that_goes_away(f"long-run-{next(BUCKETS)}") as (_, url):
+        yield fsspec.filesystem("s3"), url
+
+
 def going_away_after_one_file(monkeypatch: pytest.MonkeyPatch, repository: ObjectRepository, store: Store):
     """The store goes away once the first file of a download has arrived."""
     get_file = repository.fs.get_file
@@ -81,7 +92,7 @@ def publisher(url: str) -> ObjectRepository:
     return repository
 
 
-def test_a_version_listed_while_only_its_claim_was_there_is_seen_once_complete(s3):  # noqa: F811
+def test_a_version_listed_while_only_its_claim_was_there_is_seen_once_complete(s3):
     fs, url = s3
     served = open_repository(url, NAME)
     claim = f"{served._path}/1/{CLAIM}other-publisher"
@@ -93,7 +104,7 @@ def test_a_version_listed_while_only_its_claim_was_there_is_seen_once_complete(s
     assert served.versions() == [1]
 
 
-def test_the_listing_cache_holds_only_the_versions_there(s3):  # noqa: F811
+def test_the_listing_cache_holds_only_the_versions_there(s3):
     fs, url = s3
     served = open_repository(url, NAME)
     other = publisher(url)
@@ -108,7 +119,7 @@ def test_the_listing_cache_holds_only_the_versions_there(s3):  # noqa: F811
     assert len(cached[1]) == len(cached[-1]) == 2
 
 
-def test_the_ready_records_held_are_those_of_the_versions_there(s3):  # noqa: F811
+def test_the_ready_records_held_are_those_of_the_versions_there(s3):
     fs, url = s3
     served = open_repository(url, NAME)
     other = publisher(url)
@@ -119,7 +130,7 @@ def test_the_ready_records_held_are_those_of_the_versions_there(s3):  # noqa: F8
 
 
 def test_a_download_cut_by_the_store_going_away_leaves_nothing_on_disk(monkeypatch):
-    with store_that_goes_away("cut") as (store, url):
+    with store_that_goes_away(f"long-run-{next(BUCKETS)}") as (store, url):
         served = open_repository(url, NAME)
         served.publish(writing("a"), keep=None)  # two files: model.txt, config.pbtxt
         going_away_after_one_file(monkeypatch, served, store)
@@ -146,7 +157,7 @@ def test_the_failed_versions_held_are_those_still_there(tmp_path, programs):  # 
 
 
 def test_a_version_the_store_cut_off_serves_once_it_is_back(programs, monkeypatch, caplog):  # noqa: F811
-    with store_that_goes_away("back") as (store, url):
+    with store_that_goes_away(f"long-run-{next(BUCKETS)}") as (store, url):
         repository = open_repository(url, NAME)
         publish(repository, programs[0])
         versions = ServedVersions.from_repository(repository)
