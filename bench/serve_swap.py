@@ -56,12 +56,15 @@ class Answer:
     version: str | None  # None: failed
 
 
-def export(config_path: str, seed: int, folder: Path) -> Path:
+def export(
+    config_path: str, seed: int, folder: Path, *, format: str = "onnx", precision: str = "fp32"
+) -> Path:
     config = load_config(config_path)
     torch.manual_seed(seed)
     model = build_model(config.model, feature_specs(config.train_data), config.train_data.tasks)
     checkpoint = save_checkpoint(folder / f"checkpoints{seed}", 0, {"model": model.state_dict(), "step": 0})
-    return export_model(config, checkpoint=str(checkpoint), out=str(folder / f"model{seed}"))
+    out = folder / f"model{seed}-{format}-{precision}"
+    return export_model(config, checkpoint=str(checkpoint), out=str(out), format=format, precision=precision)
 
 
 def publish(repository: ModelRepository, folder: Path) -> int:

@@ -73,6 +73,11 @@ BENCHES = {
         {"threads", "steady", "during_swaps", "p99_during_swaps_over_steady", "failed_requests", "swaps"}
         | {"swap_window_s_median", "server_rss_mib_one_version", "server_peak_rss_mib"},
     ),
+    "serve_soak": (
+        ["--config", SMALL, "--swaps", "2", "--variants", "local-pt2,s3-onnx", "--threads", "1"],
+        {"swaps", "unexpected_answers", "rss_mib", "fds", "threads", "tmp_files", "tmp_mib"}
+        | {"metrics_series"},
+    ),
     "onnx_forward": (
         ["--config", SMALL, "--candidates", "4", "--threads", "1", "--rounds", "2"],
         {"parameters", "forward", "precision"},

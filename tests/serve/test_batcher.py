@@ -156,7 +156,7 @@ def test_a_request_without_candidates_needs_no_forward(model: HeldModel):
 
 def test_v1_and_v2_requests_share_a_forward_through_the_server(exported: Exported):
     app = create_app(exported.folder)
-    model = HeldModel(app.state.scorer)
+    model = HeldModel(app.state.versions.current.scorer)
     sent = {"json": features(3, seed=1), "binary": features(4, seed=2), "v2": features(5, seed=3)}
     ids = {kind: [f"{kind}-{i}" for i in range(len(values["binary"]))] for kind, values in sent.items()}
     v1_tensors, v1_data = tensors(sent["binary"], binary=True)

@@ -37,9 +37,8 @@ def served(exported: Exported) -> Iterator[tuple[FastAPI, str]]:
 
 def request_body(app: FastAPI, n: int, first_id: int = 0) -> bytes:
     """n valid candidates with ids first_id, first_id + 1, ...: every value 0.5, every flag (binary) 1."""
-    features = {
-        spec.name: [1 if spec.name == "binary" else 0.5] * spec.width for spec in app.state.scorer.inputs
-    }
+    inputs = app.state.versions.current.scorer.inputs
+    features = {spec.name: [1 if spec.name == "binary" else 0.5] * spec.width for spec in inputs}
     return json.dumps({"candidates": [{"id": first_id + i, "features": features} for i in range(n)]}).encode()
 
 
@@ -115,7 +114,7 @@ def test_any_other_content_type_is_a_415(served, content_type: str | None):
 
 def test_beyond_the_queue_a_request_is_a_503_with_retry_after_and_the_queued_ones_are_scored(served):
     app, url = served
-    scorer, limits = app.state.scorer, app.state.limits
+    scorer, limits = app.state.versions.current.scorer, app.state.limits
     forward, entered, release = scorer.program, threading.Event(), threading.Event()
 
     def held(*inputs):  # the model, busy until the test releases it

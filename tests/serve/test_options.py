@@ -131,7 +131,8 @@ def test_the_app_takes_the_folders_section_under_its_overrides(exported: Exporte
     options = app.state.options
     assert (options.max_candidates, options.model_name, options.max_queue) == (5, "from-yaml", 1)
     assert app.state.limits.max_queue == 1
-    candidate = {"id": 1, "features": {spec.name: [0.5] * spec.width for spec in app.state.scorer.inputs}}
+    inputs = app.state.versions.current.scorer.inputs
+    candidate = {"id": 1, "features": {spec.name: [0.5] * spec.width for spec in inputs}}
     with serving(app) as url:
         response = httpx.post(f"{url}/v1/rank", json={"candidates": [candidate] * 6}, timeout=60)
         assert response.status_code == 413

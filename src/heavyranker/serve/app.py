@@ -77,8 +77,8 @@ def create_app(
     """The app for one model folder. `overrides`: options of config.serving.ServeOptions by name, over the
     `serving:` section of the config the folder was exported with (its manifest's); see limits.py for
     max_queue and read_timeout, batcher.py for max_batch and batch_wait_ms. The body limit defaults to what
-    max_candidates candidates need as JSON. `app.state` holds the options, the scorer, the limits, the
-    batcher and the metrics."""
+    max_candidates candidates need as JSON. `app.state` holds the options, the limits, the batcher, the
+    metrics and the versions (`versions.current.scorer`: the one served)."""
     versions = served_versions(model_dir, overrides)
     scorer = versions.current.scorer  # the first version's: later versions take the same requests
     section = scorer.manifest.get("config", {}).get("serving", {})
@@ -92,7 +92,7 @@ def create_app(
     )
     metrics = Metrics(options.max_batch)
     batcher = Batcher(
-        scorer,
+        None,  # each request gives its version's: holding the first would keep it for the server's life
         max_batch=options.max_batch,
         wait_ms=options.batch_wait_ms,
         on_batch=metrics.batch_candidates.observe,
@@ -119,7 +119,7 @@ def create_app(
         summary="Ranks candidates by their weighted engagement probabilities.",
         lifespan=lifespan,
     )
-    app.state.options, app.state.scorer, app.state.limits = options, scorer, limits
+    app.state.options, app.state.limits = options, limits
     app.state.batcher, app.state.metrics, app.state.versions = batcher, metrics, versions
     app.add_middleware(Instrumented, metrics=metrics)
     request_model = _request_model(scorer.inputs, max_candidates)

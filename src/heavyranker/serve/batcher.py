@@ -45,11 +45,13 @@ class Batcher:
 
     `with batcher:` runs the thread that owns the model; `on_batch(candidates)` is called for each forward.
     A request larger than max_batch is scored alone, never split. config.serving.ServeOptions checks the
-    settings (max_batch >= 1, wait_ms >= 0) and gives their defaults."""
+    settings (max_batch >= 1, wait_ms >= 0) and gives their defaults. `scorer`: the one score() uses when
+    given none; None where each call gives its own (a server: a default would hold its first version for
+    the server's life, whatever versions swapped in since)."""
 
     def __init__(
         self,
-        scorer: Scorer,
+        scorer: Scorer | None,
         *,
         max_batch: int,
         wait_ms: float,
@@ -81,6 +83,7 @@ class Batcher:
     async def score(self, arrays: Arrays, scorer: Scorer | None = None) -> Outputs:
         """The rows' outputs from `scorer` (default: the batcher's), batched only with requests to it."""
         scorer = scorer or self.scorer
+        assert scorer is not None, "a Batcher made without a scorer is given one by each call"
         rows = len(next(iter(arrays.values())))
         if rows == 0:
             return np.zeros((0, len(scorer.tasks)), np.float32), np.zeros(0, np.float32)

@@ -83,9 +83,11 @@ class ObjectRepository(ModelRepository):
     def versions(self) -> list[int]:
         """The complete versions, oldest first: a READY that parses, and every file it names listed with
         its size."""
-        listing = self._listing()
+        listed = _by_version(self._listing(), self._path)
+        for gone in self._ready.keys() - listed.keys():  # removed (another process's retention): let go
+            del self._ready[gone]
         complete = []
-        for version, files in _by_version(listing, self._path).items():
+        for version, files in listed.items():
             if READY in files and self._complete(version, files):
                 complete.append(version)
         return sorted(complete)
@@ -115,23 +117,32 @@ class ObjectRepository(ModelRepository):
                 f"{self.version_folder(version)}/{READY}: names {outside[0][:100]!r}, outside the version"
             )
         if not folder.is_dir():
-            staging = self._cache / f".download-{version}-{uuid.uuid4().hex[:8]}"
-            for name, expected in record["files"].items():
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self._call(self.fs.get_file, f"{self._path}/{version}/{name}", str(target))
-                if sha256_of(target) != expected["sha256"]:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise UserError(
-                        f"{self.version_folder(version)}/{name}: its SHA-256 differs from READY's: damaged"
-                    )
-            staging.rename(folder)
+            self._download(version, record, folder)
         # A loaded version no longer needs its files (the scorer holds the program): the oldest downloads go.
         downloads = [p for p in self._cache.iterdir() if not p.name.startswith(".")]
         cached = sorted(downloads, key=lambda p: p.stat().st_mtime)
         for stale in [p for p in cached if p != folder][: max(0, len(cached) - CACHED_VERSIONS)]:
             shutil.rmtree(stale, ignore_errors=True)
         return folder
+
+    def _download(self, version: int, record: dict[str, Any], folder: Path) -> None:
+        """The version's files into `folder`, each checked against READY's SHA-256. Into a staging folder
+        first, removed whatever stops the download (the store gone half way, a damaged file): the cache's
+        pruning leaves hidden names alone, so a failed download stayed on disk for the server's life."""
+        staging = self._cache / f".download-{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            for name, expected in record["files"].items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._call(self.fs.get_file, f"{self._path}/{version}/{name}", str(target))
+                if sha256_of(target) != expected["sha256"]:
+                    raise UserError(
+                        f"{self.version_folder(version)}/{name}: its SHA-256 differs from READY's: damaged"
+                    )
+            staging.rename(folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def publish(self, write: Callable[[Path], object], *, keep: int | None = DEFAULT_KEEP) -> int:
         """write(folder) fills a local folder; its files are uploaded under a claimed number, READY last."""
@@ -201,11 +212,22 @@ class ObjectRepository(ModelRepository):
 
     def _listing(self) -> dict[str, dict[str, Any]]:
         """Every object under the model's folder (path -> info), listed afresh."""
-        self.fs.invalidate_cache(self._path)
+        self._forget_listings()
         try:
             return self._call(self.fs.find, self._path, detail=True)
         except FileNotFoundError:  # no bucket, or no model folder (yet, or any more)
             return {}
+
+    def _forget_listings(self) -> None:
+        """Drops the back-end's cached listings of the model's folder and of every folder below it. s3fs's
+        find caches the listing of each folder below the one listed, and only where it has none: the
+        invalidation of the model's folder alone left them, so a version's folder listed while only its
+        claim was there kept that listing, its READY "not found" (the version never served), and the cache
+        grew by a folder per version published in the server's life."""
+        below = self._path + "/"
+        for path in [p for p in self.fs.dircache if p.startswith(below)]:
+            self.fs.dircache.pop(path, None)
+        self.fs.invalidate_cache(self._path)
 
     def _complete(self, version: int, files: dict[str, dict[str, Any]]) -> bool:
         """Whether READY (read once per ETag) parses and names files that are all listed with its sizes."""
@@ -227,7 +249,7 @@ class ObjectRepository(ModelRepository):
             version = max(taken, default=0) + 1
             claim = f"{self._path}/{version}/{CLAIM}{uuid.uuid4().hex}"
             self._call(self.fs.pipe_file, claim, b"")
-            self.fs.invalidate_cache(self._path)
+            self._forget_listings()
             there = self._call(self.fs.find, f"{self._path}/{version}")
             if there == [claim]:
                 return version, claim
@@ -242,7 +264,7 @@ class ObjectRepository(ModelRepository):
         except FileNotFoundError:
             pass
         self._ready.pop(version, None)
-        self.fs.invalidate_cache(self._path)
+        self._forget_listings()
         rest = self._call(self.fs.find, prefix)
         if rest:
             self._call(self.fs.rm, rest)

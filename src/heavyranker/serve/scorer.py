@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import linecache
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,13 +143,32 @@ class OnnxProgram:
 
 
 def _load_pt2(path: Path, exported_with: str) -> Program:
+    before = set(_fx_sources())
     try:
-        return torch.export.load(str(path)).module()
+        program = torch.export.load(str(path)).module()
     except Exception as e:  # torch raises several kinds; the likely cause is another torch version
         raise ArtifactError(
             f"{path}: cannot load the program (exported with torch {exported_with}, "
             f"this is {torch.__version__}): {e}"
         ) from None
+    # torch.fx keeps the generated Python source of every graph module it builds in a process-wide cache
+    # (for tracebacks' lines), never emptied: a server loading a version every few minutes held each one's
+    # (0.3 MB a load of local_small's program). They go with the program.
+    weakref.finalize(program, _forget_fx_sources, set(_fx_sources()) - before)
+    return program
+
+
+def _fx_sources() -> dict[str, str]:
+    """torch.fx's cache of generated sources (file name -> source); empty where this torch has none."""
+    loader = getattr(torch.fx.graph_module, "_loader", None)
+    return getattr(loader, "eval_cache", {})
+
+
+def _forget_fx_sources(names: set[str]) -> None:
+    sources = _fx_sources()
+    for name in names:
+        sources.pop(name, None)
+        linecache.cache.pop(name, None)
 
 
 def sha256_file(path: Path) -> str:

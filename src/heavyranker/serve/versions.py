@@ -13,7 +13,10 @@ A version that fails to load is logged, counted and not tried again (unless its 
 served one keeps serving. So at the start: a server (re)started while the newest version is damaged serves
 the newest one below it that loads. When the served version's folder disappears, the newest complete one
 below it is loaded instead (a rollback by deleting the bad version). A repository that disappears, or holds
-no complete version, leaves the served version serving, with a warning in the log.
+no complete version, leaves the served version serving, with a warning in the log. So does a store or file
+system that fails (an OSError: the object store away, a download cut half way): one warning while it lasts,
+the version it kept from fetching tried again at each poll (not counted as failed), and a line when it works
+again.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from .repository import ModelRepository
 from .scorer import Scorer
 
 log = logging.getLogger(__name__)
+
+# What can fail for a while (the store or the file system away), warned about once until it works again.
+POLL, FETCH, MARK = "polling the repository", "fetching a version", "marking the served version"
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class ServedVersions:
         self.on_swap, self.on_failed_load = on_swap, on_failed_load
         self._failed: dict[int, object] = {}  # version -> its READY's stamp when it failed
         self._missing_logged = False
+        self._warned: dict[str, str] = {}  # what fails (POLL, FETCH, MARK) -> the warning logged
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -147,6 +154,10 @@ class ServedVersions:
                 self._missing_logged = True
             return
         self._missing_logged = False
+        self._recovered(POLL)
+        # Those no longer there are let go: a loop that publishes versions that fail (another model's inputs)
+        # every few minutes, their retention removing them, would grow this for the server's life.
+        self._failed = {v: stamp for v, stamp in self._failed.items() if v in versions}
         self._mark()
         wanted = [self.pin_version] if self.pin_version is not None else versions[::-1]
         for version in wanted:
@@ -156,6 +167,9 @@ class ServedVersions:
                 continue
             try:
                 loaded = self._load(version)
+            except OSError as e:  # the store or the disk, not the version: it is tried again at the next poll
+                self._warn(FETCH, f"cannot fetch version {version} ({e}): keeping version {served}")
+                return
             except (
                 Exception
             ) as e:  # whatever a damaged or foreign folder raises: the served one keeps serving
@@ -167,6 +181,7 @@ class ServedVersions:
             self._mark()
             self.on_swap()
             log.info("now serving version %d (was %s)", version, served)
+            self._recovered(FETCH)
             return
 
     def _load(self, version: int) -> Loaded:
@@ -184,12 +199,30 @@ class ServedVersions:
         scorer.warm_up((self.warm_batch,))
         return Loaded(version, folder, scorer, self.repository.published(version))
 
+    def poll(self) -> None:
+        """One poll of the watcher: refresh(), whose failure leaves the served version serving. The store or
+        the file system away (an OSError) is one line in the log while it lasts, not one a poll."""
+        try:
+            self.refresh()
+        except OSError as e:
+            where = self.repository.folder if self.repository else None
+            self._warn(POLL, f"polling {where} failed ({e}): keeping version {self.current.version}")
+        except Exception:  # a poll that fails must not end the watcher
+            log.exception("polling %s failed", self.repository.folder if self.repository else None)
+
     def _watch(self, poll_seconds: float) -> None:
         while not self._stop.wait(poll_seconds):
-            try:
-                self.refresh()
-            except Exception:  # a poll that fails (the file system) must not end the watcher
-                log.exception("polling %s failed", self.repository.folder if self.repository else None)
+            self.poll()
+
+    def _warn(self, what: str, message: str) -> None:
+        """A warning about `what` (POLL, FETCH, MARK), logged when it differs from the last one about it."""
+        if self._warned.get(what) != message:
+            log.warning(message)
+            self._warned[what] = message
+
+    def _recovered(self, what: str) -> None:
+        if self._warned.pop(what, None) is not None:
+            log.info("%s works again: serving version %s", what, self.current.version)
 
     def _mark(self) -> None:
         """Retention keeps the served version while this process serves it."""
@@ -197,9 +230,11 @@ class ServedVersions:
         try:
             self.repository.mark_served(self.current.version)
         except OSError as e:  # a read-only repository: serving goes on, retention does not know of it
-            log.warning(
-                "cannot mark version %s as served in %s: %s", self.current.version, self.repository, e
+            self._warn(
+                MARK, f"cannot mark version {self.current.version} as served in {self.repository}: {e}"
             )
+            return
+        self._recovered(MARK)
 
 
 def _loaded(repository: ModelRepository, version: int) -> Loaded:
