@@ -72,7 +72,8 @@ def resources(pid: int, tmp: Path) -> dict[str, float]:
 def slope(values: list[float]) -> float:
     """Growth per swap: the least-squares slope over the last half of the swaps."""
     half = values[len(values) // 2 :]
-    return float(np.polyfit(np.arange(len(half)), half, 1)[0]) if len(half) > 1 else 0.0
+    # Rounded: a flat series' fit leaves float noise (1e-16), not a growth.
+    return round(float(np.polyfit(np.arange(len(half)), half, 1)[0]), 3) if len(half) > 1 else 0.0
 
 
 def wait_for_version(client: httpx.Client, version: int) -> None:
