@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import httpx
@@ -112,18 +113,28 @@ def test_any_other_content_type_is_a_415(served, content_type: str | None):
     assert response.json() == {"detail": expected}
 
 
-def test_beyond_the_queue_a_request_is_a_503_with_retry_after_and_the_queued_ones_are_scored(served):
-    app, url = served
-    scorer, limits = app.state.versions.current.scorer, app.state.limits
+@contextmanager
+def held_model(scorer) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """The scorer's model busy until the test releases it: (entered, set as a request reaches it; release)."""
     forward, entered, release = scorer.program, threading.Event(), threading.Event()
 
-    def held(*inputs):  # the model, busy until the test releases it
+    def held(*inputs):
         entered.set()
         release.wait(BOUND_S)
         return forward(*inputs)
 
     scorer.program = held
     try:
+        yield entered, release
+    finally:
+        release.set()
+        scorer.program = forward
+
+
+def test_beyond_the_queue_a_request_is_a_503_with_retry_after_and_the_queued_ones_are_scored(served):
+    app, url = served
+    limits = app.state.limits
+    with held_model(app.state.versions.current.scorer) as (entered, release):
         with ThreadPoolExecutor(1 + QUEUE) as pool:
             scored = pool.submit(post, url, request_body(app, 1, first_id=0))
             assert entered.wait(BOUND_S), "the first request did not reach the model"
@@ -134,9 +145,6 @@ def test_beyond_the_queue_a_request_is_a_503_with_retry_after_and_the_queued_one
             early, closed = exchange(url, head(10**6, "Connection: close"), BOUND_S)
             release.set()
             answers = [future.result(BOUND_S) for future in [scored, *queued]]
-    finally:
-        release.set()
-        scorer.program = forward
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json() == {
         "detail": f"the server is busy: {1 + QUEUE} requests in progress, the most it takes; retry in 1 s"

@@ -10,7 +10,6 @@ import itertools
 import logging
 import shutil
 import socket
-import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from heavyranker.serve.versions import ServedVersions
 from tests.data.test_storage import s3_endpoint
 from tests.serve.conftest import json_request, serving
 from tests.serve.test_hot_swap import FEATURES, IDS, NAME, other_inputs, programs, publish, rank  # noqa: F401
-from tests.serve.test_limits import BOUND_S, head, wait_until
+from tests.serve.test_limits import BOUND_S, head, held_model, wait_until
 from tests.serve.test_object_repository import writing
 
 
@@ -219,16 +218,8 @@ def test_requests_given_up_during_a_swap_leave_nothing_queued(tmp_path, programs
     repository = ModelRepository(tmp_path / "repo", NAME)
     publish(repository, programs[0])
     app = create_app(None, repository=str(repository.root), model_name=NAME, max_queue=4)
-    scorer, limits, batcher = app.state.versions.current.scorer, app.state.limits, app.state.batcher
-    forward, entered, release = scorer.program, threading.Event(), threading.Event()
-
-    def held(*inputs):  # the model, busy until the test releases it
-        entered.set()
-        release.wait(BOUND_S)
-        return forward(*inputs)
-
-    scorer.program = held
-    try:
+    limits, batcher = app.state.limits, app.state.batcher
+    with held_model(app.state.versions.current.scorer) as (entered, release):
         with serving(app) as url, httpx.Client() as client:
             address = urlsplit(url)
             body = json_request(IDS, FEATURES)
@@ -244,6 +235,3 @@ def test_requests_given_up_during_a_swap_leave_nothing_queued(tmp_path, programs
             wait_until(lambda: limits.admitted == 0, "the requests given up still hold their places")
             assert batcher.waiting == 0
             assert rank(client, url)[0] == "2"
-    finally:
-        release.set()
-        scorer.program = forward
