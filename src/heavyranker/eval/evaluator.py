@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -14,6 +16,7 @@ from ..atomic import atomic_write, refuse_link
 from ..checkpoint import resolve_checkpoint
 from ..config import Config, short_names
 from ..config.data import DataConfig
+from ..data.batch import Batch
 from ..data.columns import feature_specs
 from ..data.dataset import RecapDataset, describe_counts, total_counts
 from ..data.sources.files import check_sharding, with_end_pinned
@@ -28,6 +31,10 @@ log = logging.getLogger(__name__)
 
 Results = dict[str, dict[str, dict[str, float]]]  # split -> task (or task/stratifier) -> metric -> value
 POLL_SECONDS = 2.0
+Scored = Iterable[tuple[Batch, dict[str, torch.Tensor]]]  # each batch (on the device), the model's outputs
+# How an evaluation scores a rank's batches: by default each rank by itself, model(features); with sharded
+# tables every rank in step (train/sharded_eval.py). A context: an error in between reaches the others.
+Scoring = Callable[[Iterable[Batch]], AbstractContextManager[Scored]]
 
 
 def evaluation_tasks(config: Config, data: DataConfig) -> list[str]:
@@ -36,11 +43,11 @@ def evaluation_tasks(config: Config, data: DataConfig) -> list[str]:
 
 @torch.no_grad()
 def evaluate_split(
-    config: Config, model: Ranker, data: DataConfig, runtime: Runtime
+    config: Config, model: Ranker, data: DataConfig, runtime: Runtime, scoring: Scoring | None = None
 ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
     """num_eval_steps batches of the split in order (all of it when < 0), weighted by the split's own weights.
     Metrics use the calibrated probabilities, so a downsampled split measures the population. Returns the
-    metrics and what reading met (RecapDataset.counts(), all ranks' together)."""
+    metrics and what reading met (RecapDataset.counts(), all ranks' together). `scoring`: see Scoring."""
     tasks = evaluation_tasks(config, data)
     model_columns = [model.task_names.index(t) for t in tasks]
     stratifiers = config.model.stratifiers or []
@@ -53,17 +60,16 @@ def evaluate_split(
     with RecapDataset(
         data, seed=config.training.seed, rank=runtime.rank, world_size=runtime.world_size
     ) as dataset:
-        for i, batch in enumerate(dataset):
-            if 0 <= limit <= i:
-                break
-            batch = batch.to(runtime.device)
-            probs = model(batch.features)["calibrated_probabilities"][:, model_columns].float().cpu()
-            columns = batch.columns(tasks)
-            labels, weights = batch.labels[:, columns].cpu(), batch.weights[:, columns].cpu()
-            overall.add(labels, probs, weights)
-            for stratifier, accumulator in zip(stratifiers, strata, strict=True):
-                keep = (batch.features["discrete"][:, stratifier.index] == stratifier.value).cpu()
-                accumulator.add(labels[keep], probs[keep], weights[keep])
+        batches = _first(dataset, limit)
+        with scoring(batches) if scoring else nullcontext(_scored(model, batches, runtime)) as scored:
+            for batch, outputs in scored:
+                probs = outputs["calibrated_probabilities"][:, model_columns].float().cpu()
+                columns = batch.columns(tasks)
+                labels, weights = batch.labels[:, columns].cpu(), batch.weights[:, columns].cpu()
+                overall.add(labels, probs, weights)
+                for stratifier, accumulator in zip(stratifiers, strata, strict=True):
+                    keep = (batch.features["discrete"][:, stratifier.index] == stratifier.value).cpu()
+                    accumulator.add(labels[keep], probs[keep], weights[keep])
         counts = total_counts(runtime.gather(dataset.counts()))
     # Each rank read its own files: the metrics are those of all ranks' examples together.
     overall, strata = gather_metrics(overall, runtime), [gather_metrics(a, runtime) for a in strata]
@@ -74,16 +80,35 @@ def evaluate_split(
     return results, counts
 
 
+def _first(batches: Iterable[Batch], limit: int) -> Iterator[Batch]:
+    """The first `limit` batches (all when < 0)."""
+    for i, batch in enumerate(batches):
+        if 0 <= limit <= i:
+            break
+        yield batch
+
+
+def _scored(model: Ranker, batches: Iterable[Batch], runtime: Runtime) -> Scored:
+    for batch in batches:
+        batch = batch.to(runtime.device)
+        yield batch, model(batch.features)
+
+
 def evaluate_splits(
-    config: Config, model: Ranker, step: int, runtime: Runtime, only: str | None = None
+    config: Config,
+    model: Ranker,
+    step: int,
+    runtime: Runtime,
+    only: str | None = None,
+    scoring: Scoring | None = None,
 ) -> Results:
     """Evaluate each validation split (or `only`); write eval/<split>/step_<N>.json; print a table. What
-    reading met is logged when anything was, and written to the JSON under "data"."""
+    reading met is logged when anything was, and written to the JSON under "data". `scoring`: see Scoring."""
     check_split(config, only)
     results: Results = {}
     for split, data in config.validation_data.items():
         if only is None or split == only:
-            results[split], counts = evaluate_split(config, model, data, runtime)
+            results[split], counts = evaluate_split(config, model, data, runtime, scoring)
             if runtime.is_main:
                 if any(counts.values()):
                     log.info("evaluation of %s: %s", split, describe_counts(counts))

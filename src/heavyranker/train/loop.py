@@ -363,11 +363,9 @@ class Trainer:
     def _evaluate(self, logger: TrainLogger) -> None:
         self.runtime.sync_buffers(self.model)  # evaluate the weights a checkpoint of this step holds
         self.model.eval()
-        try:  # with sharded tables, rank 0 alone on the gathered tables (train/sharding.py)
-            evaluate = lambda model, runtime: evaluate_splits(self.config, model, self.step, runtime)  # noqa: E731
-            results = (
-                self.sharded.on_main_alone(evaluate) if self.sharded else evaluate(self.model, self.runtime)
-            )
+        try:  # with sharded tables, each rank on its shards, in step (train/sharded_eval.py)
+            scoring = self.sharded.in_step(feature_specs(self.config.train_data)) if self.sharded else None
+            results = evaluate_splits(self.config, self.model, self.step, self.runtime, scoring=scoring)
         finally:
             self.model.train()
         logger.eval_scalars(self.step, results)

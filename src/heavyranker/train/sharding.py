@@ -15,9 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,10 +23,12 @@ from torch import nn
 
 from ..checkpoint import load_model_weights
 from ..config.training import TrainingConfig
+from ..data.batch import Spec
 from ..errors import UserError
 from ..model import Ranker
 from ..model.embeddings import bag_mean
 from ..runtime import Runtime
+from .sharded_eval import InStep
 
 # The versions that work together: fbgemm's operators are compiled against one torch release, and a
 # mismatch shows up as an undefined symbol when torchrec is imported.
@@ -38,7 +38,6 @@ INSTALL = (
     "(fbgemm-gpu==1.8.0 instead of fbgemm-gpu-cpu on CUDA; see docs/sharding.md)"
 )
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 WHERE = "training.embedding_sharding: torchrec"
 
@@ -142,15 +141,6 @@ def _weight_key(name: str) -> str:
     return f"large_embeddings.{name}.embedding.weight"
 
 
-@dataclass(frozen=True)
-class _Alone(Runtime):
-    """One process by itself inside a torchrun job: it reads every file of a split and runs no collective."""
-
-    @property
-    def distributed(self) -> bool:
-        return False
-
-
 class ShardedTables:
     """The ranker's large tables, moved into torchrec shards: `module` is what to train (a forward runs
     collectives: every rank calls it on each step), `optimizer_view` what to build the optimizer over."""
@@ -192,28 +182,10 @@ class ShardedTables:
                 state[_weight_key(name)] = gathered
         return state
 
-    def on_main_alone(self, evaluate: Callable[[Ranker, Runtime], T]) -> T:
-        """evaluate(the ranker with its full tables, a runtime of one process) on rank 0; its result (or its
-        error) on every rank. A sharded lookup is a collective, which an evaluation's uneven shares of a
-        split cannot run in step; so rank 0 gathers the tables, as for a checkpoint, and evaluates the
-        whole split by itself while the other ranks wait. Collective: every rank."""
-        full = {name: _gather(weight, self.runtime) for name, weight in self._sharded().items()}
-        outcome: tuple[T | None, Exception | None] = (None, None)
-        if self.runtime.is_main:
-            tables = self.ranker.large_embeddings
-            try:
-                for name, weight in full.items():
-                    tables[name].embedding = nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode="sum")
-                outcome = (evaluate(self.ranker, _Alone(device=self.runtime.device)), None)
-            except Exception as error:  # every rank raises it, rather than the others waiting forever
-                outcome = (None, error)
-            finally:
-                for table in tables.values():
-                    table.embedding = None
-        result, error = self.runtime.broadcast(outcome)
-        if error is not None:
-            raise error
-        return result  # type: ignore[return-value]
+    def in_step(self, specs: dict[str, Spec]) -> InStep:
+        """How an evaluation scores its batches here: each rank its own share of a split on its shards, every
+        rank in step (train/sharded_eval.py); `specs`: the features the ranker reads."""
+        return InStep(self.wrapper, self.runtime, specs)
 
     def load_model_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Replicated-layout weights (a checkpoint's "model", from `source`) into the ranker and this rank's
