@@ -141,8 +141,8 @@ def _evaluating(data: Path, run: Path, sharding: str) -> Path:
 
 
 def test_a_sharded_run_evaluates_and_keeps_its_best_as_a_replicated_run(data, tmp_path):
-    """Rank 0 evaluates the whole split on the gathered tables; the replicated run's 2 ranks each evaluate
-    their file. Same examples, same weights: the same metrics, and keep_best marks and keeps the same step."""
+    """Each rank evaluates its file on its shards (train/sharded_eval.py), as the replicated run's 2 ranks
+    do. Same examples, same weights: the same metrics, and keep_best marks and keeps the same step."""
     for sharding in ("torchrec", "replicated"):
         on_two_ranks(train_config, _evaluating(data, tmp_path / sharding, sharding), logs=tmp_path / "logs")
     sharded, replicated = RunFolder(tmp_path / "torchrec"), RunFolder(tmp_path / "replicated")
