@@ -363,9 +363,12 @@ class Trainer:
     def _evaluate(self, logger: TrainLogger) -> None:
         self.runtime.sync_buffers(self.model)  # evaluate the weights a checkpoint of this step holds
         self.model.eval()
-        try:  # with sharded tables, each rank on its shards, in step (train/sharded_eval.py)
-            scoring = self.sharded.in_step(feature_specs(self.config.train_data)) if self.sharded else None
-            results = evaluate_splits(self.config, self.model, self.step, self.runtime, scoring=scoring)
+        try:
+            if self.sharded:  # each rank on its shards, every rank in step (train/sharded_eval.py)
+                scoring = self.sharded.in_step(feature_specs(self.config.train_data))
+                results = evaluate_splits(self.config, self.model, self.step, self.runtime, scoring=scoring)
+            else:
+                results = evaluate_splits(self.config, self.model, self.step, self.runtime)
         finally:
             self.model.train()
         logger.eval_scalars(self.step, results)
