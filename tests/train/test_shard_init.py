@@ -18,6 +18,7 @@ from heavyranker.model import build_model, embeddings
 from heavyranker.model.embeddings import LargeEmbedding, init_rows
 from heavyranker.runtime import distributed_runtime
 from heavyranker.train.loop import Trainer
+from heavyranker.train.memory_fit import activation_bytes
 from heavyranker.train.shard_init import parameter_order
 from heavyranker.train.sharding import ShardedTables
 from tests.conftest import CONFIGS
@@ -91,6 +92,15 @@ def test_a_ranker_without_its_tables_rows_is_otherwise_the_same_and_names_them_i
     assert set(want) - set(got) == {f"large_embeddings.{n}.embedding.weight" for n in ("users", "authors")}
     for name, value in got.items():
         assert torch.equal(value, want[name]), name
+
+
+def test_the_batch_estimate_of_a_ranker_without_its_tables_rows_is_the_one_with_them():
+    """train checks a batch against a ranker built without the rows (sharded): its probe forward looks the
+    tables up as zeros, after their id mappings, whose outputs count as a replicated ranker's do."""
+    config = load_config(CONFIGS / "local_small_ids.yaml")
+    specs = feature_specs(config.train_data)
+    with_rows, without = (build_model(config.model, specs, allocate_large_tables=a) for a in (True, False))
+    assert activation_bytes(without, specs) == activation_bytes(with_rows, specs) > 0
 
 
 class Allocations(TorchDispatchMode):
