@@ -17,8 +17,8 @@ processes (so that each peak is its own) measure:
            for replicated and managed. Sharded tables always train with the run's Adam (training refuses
            optimizer.embedding with them), so they carry Adam's two moments whatever the option says.
   memory   the larger rank's resident memory after 2 untimed steps (tables, gradients and optimizer state
-           are allocated by then), its peak, and its tables' bytes. The sharded peak includes the full
-           tables every rank builds before they are sharded (train/sharding.py).
+           are allocated by then), its peak, and its tables' bytes. Sharded, the ranker is built as train
+           builds it, without the large tables' rows: each rank allocates and fills its shards only.
 A managed table starts full (every row and candidate entry taken: the steady state of a table far smaller
 than the ids), with min_count 2 and lru; a batch's ids are 1/2 resident, 1/4 candidates (admitted, so each
 evicts a row) and 1/4 new raw 64-bit ids (each evicts a candidate).
@@ -194,7 +194,8 @@ def rank_main(rank: int, port: int, mode: str, rows: int, args: argparse.Namespa
     specs = feature_specs(config.train_data)
     with distributed_runtime() as runtime:
         torch.manual_seed(0)
-        model = build_model(config.model, specs, config.train_data.tasks)
+        allocate = mode != "sharded"  # sharded: built as train builds it, the shards filled by each rank
+        model = build_model(config.model, specs, config.train_data.tasks, allocate_large_tables=allocate)
         managed = None
         if mode == "managed":
             for table in model.large_embeddings.values():

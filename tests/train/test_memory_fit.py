@@ -34,9 +34,9 @@ EXAMPLE_BYTES = 24 + 16 + 24 + 8 + 2 * 2 * 4
 
 
 class ToyTable(nn.Module):
-    def __init__(self):
+    def __init__(self, rows: int = 10, columns: int = 3, device: str = "cpu"):
         super().__init__()
-        self.embedding = nn.EmbeddingBag(10, 3, mode="sum")
+        self.embedding = nn.EmbeddingBag(rows, columns, mode="sum", device=device)
 
 
 class Toy(nn.Module):
@@ -90,15 +90,33 @@ def with_table_optimizer(kind: str):
         ("adagrad", 1, 3 * TABLE_WEIGHTS),  # and its sum of squares
         ("sgd", 1, 2 * TABLE_WEIGHTS),
         ("adam", 1, 4 * TABLE_WEIGHTS),
-        # split over 2 processes: half of the 4 copies; over 4, still the whole table once (built, gathered)
+        # split over 2 processes: half of the 4 copies; over 4, a quarter and, at start, one block of rows
+        # beside it while it is filled: the whole 10-row table (a block has 65,536 rows)
         ("adam", 2, 2 * TABLE_WEIGHTS),
-        ("adam", 4, TABLE_WEIGHTS),
-        ("rowwise_adagrad", 2, TABLE_WEIGHTS + 10 * 4),
+        ("adam", 4, TABLE_WEIGHTS // 4 + TABLE_WEIGHTS),
+        ("rowwise_adagrad", 2, TABLE_WEIGHTS // 2 + TABLE_WEIGHTS + 10 * 4),
     ],
 )
 def test_the_tables_state_is_what_their_optimizer_keeps(kind, table_shards, table_state):
     state = state_bytes(Toy(), with_table_optimizer(kind), table_shards)
     assert state == DENSE_STATE + table_state + 7 * 8
+
+
+@pytest.mark.parametrize(
+    ("table_shards", "table_state"),
+    [
+        # 1,000,000 x 8 float32 (32,000,000 bytes) over 8 processes: Adam's 4 copies of an eighth, no whole
+        # table (the whole table until the shards were filled by block)
+        (8, 4 * 32_000_000 // 8),
+        # over 64: at start its 500,000 bytes and a block of 65,536 rows x 8 float32 beside them while it
+        # fills them, more than the 4 copies of its share (2,000,000)
+        (64, 500_000 + 65_536 * 8 * 4),
+    ],
+)
+def test_a_sharded_table_is_counted_as_its_share_and_one_block_of_rows(table_shards, table_state):
+    toy = Toy()
+    toy.large_embeddings["users"] = ToyTable(1_000_000, 8, device="meta")  # shapes only
+    assert state_bytes(toy, OPTIMIZER, table_shards) == DENSE_STATE + table_state + 7 * 8
 
 
 def test_the_model_is_measured_without_memory_and_refused_naming_its_largest_table():

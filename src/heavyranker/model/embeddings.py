@@ -11,11 +11,43 @@ from torch import nn
 
 from .id_mapping import RangeMapping
 
+# A large table's rows are drawn block by block, each block of this many rows from its own generator, so that
+# any part of the table (a shard) is computed alone with one block of memory beside it (init_rows).
+INIT_BLOCK_ROWS = 65_536
+
 
 def _init_table(weight: torch.Tensor) -> None:
     # TorchRec's default for embedding tables (the reference's large embeddings): U(-1/sqrt(n), 1/sqrt(n)).
     bound = 1.0 / math.sqrt(weight.shape[0])
     nn.init.uniform_(weight, -bound, bound)
+
+
+def table_seed() -> int | None:
+    """A large table's seed: one draw from torch's global RNG, so that what is built after the table draws as
+    deterministically as before; None on the meta device (shapes only), where nn.init draws nothing either."""
+    if torch.get_default_device().type == "meta":
+        return None
+    # 32 bits: torch's CPU generator keeps no more of a seed
+    return int(torch.randint(2**32, (), device="cpu"))
+
+
+@torch.no_grad()
+def init_rows(out: torch.Tensor, seed: int, shape: tuple[int, int], row: int = 0, column: int = 0) -> None:
+    """Fills `out` with its part of the initial table of `seed` and `shape` (rows, columns): the rows from
+    `row` and the columns from `column`, as many as `out` has. The table is _init_table's distribution,
+    U(-1/sqrt(rows), 1/sqrt(rows)), drawn in blocks of INIT_BLOCK_ROWS full rows, block b from a generator
+    seeded with seed + b; only the blocks `out` overlaps are drawn, one at a time."""
+    rows, columns = out.shape
+    bound = 1.0 / math.sqrt(shape[0])
+    generator = torch.Generator()
+    # One buffer for every block: a tensor per block left ~45 MiB more in the heap at 4M x 32 rows
+    buffer = torch.empty(min(INIT_BLOCK_ROWS, shape[0]), shape[1])
+    for block in range(row // INIT_BLOCK_ROWS, -(-(row + rows) // INIT_BLOCK_ROWS)):
+        start = block * INIT_BLOCK_ROWS
+        values = buffer[: min(INIT_BLOCK_ROWS, shape[0] - start)]
+        values.uniform_(-bound, bound, generator=generator.manual_seed((seed + block) % 2**32))
+        first, last = max(row, start), min(row + rows, start + len(values))
+        out[first - row : last - row].copy_(values[first - start : last - start, column : column + columns])
 
 
 class SmallEmbedding(nn.Module):
@@ -55,7 +87,8 @@ class LargeEmbedding(nn.Module):
     id's vector (the sum or mean of its num_hashes rows). `mapping` turns raw ids into rows (default:
     range, ids outside [0, num_embeddings) skipped as padding); the places it masks are left out of the mean
     (an example with none gets zeros). The table has exactly num_embeddings rows, as the reference's TorchRec
-    tables."""
+    tables; its initial rows are init_rows' for its `seed`. `allocate` False builds it without its rows
+    (`embedding` None): train/sharding.py allocates them as shards over the ranks and fills each so."""
 
     def __init__(
         self,
@@ -64,11 +97,17 @@ class LargeEmbedding(nn.Module):
         feature_name: str,
         mapping: nn.Module | None = None,
         mean: bool = False,
+        allocate: bool = True,
     ):
         super().__init__()
         self.mapping = RangeMapping(num_embeddings, -1) if mapping is None else mapping
-        self.embedding = nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum")
-        _init_table(self.embedding.weight)
+        self.seed = table_seed()
+        self.embedding = None
+        if allocate:
+            weight = torch.empty(num_embeddings, embedding_dim)
+            if self.seed is not None:
+                init_rows(weight, self.seed, (num_embeddings, embedding_dim))
+            self.embedding = nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", _weight=weight)
         self.num_embeddings = num_embeddings
         self.feature_name = feature_name
         self.mean = mean  # combine an id's num_hashes vectors by their mean, not their sum

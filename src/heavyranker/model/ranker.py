@@ -167,19 +167,22 @@ def build_model(
     label_rates: Mapping[str, TaskData] | None = None,
     *,
     matmul: Matmul = DEFAULT_MATMUL,
+    allocate_large_tables: bool = True,
 ) -> Ranker:
     """The ranker `model` describes, reading features of these per-example specs (the training data's:
     data.columns.feature_specs; only the shapes matter). No file is read: the specs may come from anywhere.
     `label_rates`: the rates the training data kept each task's positives and negatives at (its `tasks`),
     which the calibrated probabilities undo; None: every example was kept.
     `matmul` is where the dense layers' products run on CPU (model.linear): the same parameters and
-    checkpoints either way; "onednn" needs a torch with oneDNN's linear kernel."""
+    checkpoints either way; "onednn" needs a torch with oneDNN's linear kernel.
+    `allocate_large_tables` False builds the large tables without their rows (LargeEmbedding's `allocate`):
+    train/sharding.py allocates them as shards."""
     input_shapes = {name: spec.shape for name, spec in feature_specs.items()}
     task_names = list(model.tasks)
     _check_module_names([(f"model.tasks.{task}", task) for task in task_names])
     _check_module_names(_table_names(model))
     featurizer = build_featurizer(model.featurization_config, input_shapes)
-    large, small, twhin, position = _embeddings(model, input_shapes)
+    large, small, twhin, position = _embeddings(model, input_shapes, allocate_large_tables)
     widths = [featurizer.out_features] + [m.out_features for m in (*large.values(), *small.values())]
     widths += [input_shapes[name][-1] for name in twhin]
     if position is not None:
@@ -291,7 +294,7 @@ def _wide_path(in_features: int) -> nn.Linear:
 
 
 def _embeddings(
-    model: ModelConfig, input_shapes: dict[str, tuple[int, ...]]
+    model: ModelConfig, input_shapes: dict[str, tuple[int, ...]], allocate_large: bool
 ) -> tuple[
     dict[str, LargeEmbedding], dict[str, SmallEmbedding], dict[str, nn.LayerNorm], PositionDebias | None
 ]:
@@ -305,7 +308,9 @@ def _embeddings(
             )
         mapping = build_id_mapping(t, t.padding_id)
         mean = t.combiner == Combiner.MEAN
-        large[module_name(t.name)] = LargeEmbedding(t.num_embeddings, t.embedding_dim, feature, mapping, mean)
+        large[module_name(t.name)] = LargeEmbedding(
+            t.num_embeddings, t.embedding_dim, feature, mapping, mean, allocate_large
+        )
 
     discrete = input_shapes.get("discrete")
     small = {}

@@ -96,12 +96,20 @@ class Trainer:
         torch.manual_seed(config.training.seed)
         specs = feature_specs(config.train_data)
         world = self.runtime.world_size
-        table_shards = world if config.training.embedding_sharding == "torchrec" else 1
+        sharding = config.training.embedding_sharding == "torchrec"
+        table_shards = world if sharding else 1
         device, here = self.runtime.device, processes_on_this_host()
         state = check_model_fits(config.model, specs, config.optimizer, table_shards, device, here)
         matmul = matmul_for(precision)
         with out_of_memory_as_user_error(LAYER_SIZES, "building the model"):
-            model = build_model(config.model, specs, config.train_data.tasks, matmul=matmul)
+            # Sharded: the large tables' rows are allocated as each rank's shards only (sharded_tables below).
+            model = build_model(
+                config.model,
+                specs,
+                config.train_data.tasks,
+                matmul=matmul,
+                allocate_large_tables=not sharding,
+            )
         self.model: Ranker = model.to(self.runtime.device)
         batch_size, tasks = config.train_data.global_batch_size // world, len(config.train_data.tasks)
         check_batch_fits(specs, tasks, self.model, batch_size, state, world)

@@ -31,6 +31,7 @@ from ..data.batch import Spec
 from ..errors import UserError
 from ..memory import memory_limit
 from ..model import Ranker, build_model
+from ..model.embeddings import INIT_BLOCK_ROWS
 
 CPU = torch.device("cpu")
 GiB = 2**30
@@ -74,7 +75,7 @@ def activation_bytes(model: nn.Module, specs: Mapping[str, Spec]) -> int:
     try:
         model.eval()  # BatchNorm's running statistics stay as they are
         with torch.no_grad():
-            model(features)
+            model(features, **_large_elsewhere(model, features))
     finally:
         model.train(was_training)
         for hook in hooks:
@@ -82,11 +83,24 @@ def activation_bytes(model: nn.Module, specs: Mapping[str, Spec]) -> int:
     return total // PROBE_EXAMPLES
 
 
+def _large_elsewhere(model: nn.Module, features: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """For a ranker built without its large tables' rows (sharded: train/sharding.py looks them up in the
+    shards), zero vectors in their place, after each table's bag (its id mapping's outputs, which the sharded
+    lookup makes too); {} for a model that looks its tables up itself."""
+    tables = list(model.large_embeddings.values()) if isinstance(model, Ranker) else []
+    if all(table.embedding is not None for table in tables):
+        return {}
+    for table in tables:
+        table.bag(features[table.feature_name])
+    device = next(model.parameters()).device
+    return {"large": [torch.zeros(PROBE_EXAMPLES, table.out_features, device=device) for table in tables]}
+
+
 def state_bytes(model: Ranker, optimizer: OptimizerConfig, table_shards: int = 1) -> int:
     """Bytes of the model's state in one training process: its parameters and buffers, and each parameter's
     gradient and optimizer state. `table_shards`: the processes the large tables are split over
-    (training.embedding_sharding: torchrec); each still holds a whole table once, as it builds it and as
-    rank 0 gathers it for a checkpoint."""
+    (training.embedding_sharding: torchrec); each holds its share of a table, and at start one block of the
+    table's rows beside it while it fills its shards (model/embeddings.py init_rows)."""
     own = optimizer.embedding.type if optimizer.embedding is not None else None  # the tables' optimizer
     tables = {id(p) for p in model.table_parameters()}
     large = {id(table.embedding.weight) for table in model.large_embeddings.values()}
@@ -99,7 +113,11 @@ def state_bytes(model: Ranker, optimizer: OptimizerConfig, table_shards: int = 1
                 total += p.shape[0] * p.element_size()  # one value per row
         else:  # in Adam
             copies = 2 + ADAM_MOMENTS
-        total += max(weight, copies * weight // table_shards) if id(p) in large else copies * weight
+        if id(p) in large:  # at start its share and a block of rows; in a step the share's copies
+            block = min(INIT_BLOCK_ROWS, p.shape[0]) * p.shape[1] * p.element_size()
+            total += max(weight // table_shards + block, copies * weight // table_shards)
+        else:
+            total += copies * weight
     return total
 
 

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..model import Ranker
 from ..model.embeddings import bag_mean
 from ..runtime import Runtime
+from .shard_init import fill_shards, parameter_order
 from .sharded_eval import InStep
 
 # The versions that work together: fbgemm's operators are compiled against one torch release, and a
@@ -155,13 +156,22 @@ class ShardedTables:
             raise UserError(f"{WHERE}: the model has no model.large_embeddings tables to shard")
         self.ranker = ranker
         self.runtime = runtime
-        full = {name: table.embedding.weight.detach() for name, table in ranker.large_embeddings.items()}
-        order = [name for name, _ in ranker.named_parameters()]
-        for table in ranker.large_embeddings.values():
+        tables = ranker.large_embeddings
+        # Built with their rows (tests): they are copied into the shards. Built without (train: build_model's
+        # allocate_large_tables=False): each rank fills its shards alone, holding no whole table.
+        built = {name: table.embedding for name, table in tables.items() if table.embedding is not None}
+        full = {name: embedding.weight.detach() for name, embedding in built.items()}
+        order = parameter_order(ranker)
+        for table in tables.values():
             table.embedding = None  # its rows live in the shards from here on
-        self.wrapper = _TablesAndRanker(ranker, _collection(full))
+        shapes = {name: (table.num_embeddings, table.out_features) for name, table in tables.items()}
+        self.wrapper = _TablesAndRanker(ranker, _collection(shapes))
         self.module = _distribute(self.wrapper, runtime, sharding_types)
-        self.load_model_state({_weight_key(n): w for n, w in full.items()} | ranker.state_dict(), "the model")
+        if full:
+            state = {_weight_key(n): w for n, w in full.items()} | ranker.state_dict()
+            self.load_model_state(state, "the model")
+        else:
+            fill_shards(self._sharded(), ranker)
         own = dict(ranker.named_parameters())
         # embedding_bags.<name>.weight: this rank's part of the table (an empty parameter where it has none)
         self.table_params = {n.split(".")[1]: p for n, p in self.wrapper.tables.named_parameters()}
@@ -254,20 +264,20 @@ class ShardedTables:
         return {"state": entries, "param_groups": full["param_groups"]}
 
 
-def _collection(weights: dict[str, torch.Tensor]) -> nn.Module:
-    """An EmbeddingBagCollection with a table (and a feature key) per large embedding, on the meta device:
-    DistributedModelParallel allocates each rank's shards only."""
+def _collection(shapes: dict[str, tuple[int, int]]) -> nn.Module:
+    """An EmbeddingBagCollection with a table (and a feature key) per large embedding (name -> its rows and
+    columns), on the meta device: DistributedModelParallel allocates each rank's shards only."""
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
     configs = [
         EmbeddingBagConfig(
             name=name,
-            num_embeddings=weight.shape[0],
-            embedding_dim=weight.shape[1],
+            num_embeddings=rows,
+            embedding_dim=columns,
             feature_names=[name],
             pooling=PoolingType.SUM,  # weighted by LargeEmbedding.bag's weights; bag_mean divides
         )
-        for name, weight in weights.items()
+        for name, (rows, columns) in shapes.items()
     ]
     return EmbeddingBagCollection(tables=configs, is_weighted=True, device=torch.device("meta"))
 
