@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -32,12 +33,12 @@ BLOCK = 16  # rows per block in the 2-rank runs: users (40 rows) is 3 blocks, au
 
 
 def whole_table(seed: int, rows: int, columns: int, block: int) -> torch.Tensor:
-    """The definition, one block after the other: block b's rows from a generator seeded with seed + b,
-    U(-1/sqrt(rows), 1/sqrt(rows))."""
+    """The definition, one block after the other: block b's rows from a generator seeded with (seed, b)
+    mixed by numpy's SeedSequence, U(-1/sqrt(rows), 1/sqrt(rows))."""
     bound = 1 / math.sqrt(rows)
     blocks = []
     for b, start in enumerate(range(0, rows, block)):
-        generator = torch.Generator().manual_seed(seed + b)
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence((seed, b)).generate_state(1)[0]))
         blocks.append(
             torch.empty(min(block, rows - start), columns).uniform_(-bound, bound, generator=generator)
         )

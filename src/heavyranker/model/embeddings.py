@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,12 +32,18 @@ def table_seed() -> int | None:
     return int(torch.randint(2**32, (), device="cpu"))
 
 
+def block_seed(seed: int, block: int) -> int:
+    """The seed of a table's block of rows: (seed, block) mixed by numpy's SeedSequence, not seed + block,
+    under which a table whose seed is another's + k would start with that table's rows from block k on."""
+    return int(np.random.SeedSequence((seed, block)).generate_state(1)[0])
+
+
 @torch.no_grad()
 def init_rows(out: torch.Tensor, seed: int, shape: tuple[int, int], row: int = 0, column: int = 0) -> None:
     """Fills `out` with its part of the initial table of `seed` and `shape` (rows, columns): the rows from
     `row` and the columns from `column`, as many as `out` has. The table is _init_table's distribution,
     U(-1/sqrt(rows), 1/sqrt(rows)), drawn in blocks of INIT_BLOCK_ROWS full rows, block b from a generator
-    seeded with seed + b; only the blocks `out` overlaps are drawn, one at a time."""
+    seeded by block_seed(seed, b); only the blocks `out` overlaps are drawn, one at a time."""
     rows, columns = out.shape
     bound = 1.0 / math.sqrt(shape[0])
     generator = torch.Generator()
@@ -45,7 +52,7 @@ def init_rows(out: torch.Tensor, seed: int, shape: tuple[int, int], row: int = 0
     for block in range(row // INIT_BLOCK_ROWS, -(-(row + rows) // INIT_BLOCK_ROWS)):
         start = block * INIT_BLOCK_ROWS
         values = buffer[: min(INIT_BLOCK_ROWS, shape[0] - start)]
-        values.uniform_(-bound, bound, generator=generator.manual_seed((seed + block) % 2**32))
+        values.uniform_(-bound, bound, generator=generator.manual_seed(block_seed(seed, block)))
         first, last = max(row, start), min(row + rows, start + len(values))
         out[first - row : last - row].copy_(values[first - start : last - start, column : column + columns])
 
