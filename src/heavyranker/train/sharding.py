@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import load_model_weights
+from ..checkpoint import TableShards, load_model_weights
 from ..config.training import TrainingConfig
 from ..errors import UserError
 from ..model import Ranker
@@ -215,24 +215,33 @@ class ShardedTables:
             raise error
         return result  # type: ignore[return-value]
 
-    def load_model_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+    def load_model_state(
+        self, state: dict[str, torch.Tensor], source: str, shards: TableShards | None = None
+    ) -> None:
         """Replicated-layout weights (a checkpoint's "model", from `source`) into the ranker and this rank's
-        shards, every name and shape checked."""
+        shards, every name and shape checked. `shards`: a sharded checkpoint's tables, of which this rank
+        reads the parts its own shards hold (the overlapping parts of several files where the plan
+        changed), never a whole table."""
         tables = {_weight_key(name): name for name in self.ranker.large_embeddings}
-        missing = [key for key in tables if key not in state]
+        in_files = shards.tables if shards is not None else {}
+        missing = [key for key, name in tables.items() if key not in state and name not in in_files]
         if missing:
             raise UserError(f"{source} does not fit this model: missing {', '.join(missing)}")
         load_model_weights(self.ranker, {k: v for k, v in state.items() if k not in tables}, source)
         for name, weight in self._sharded().items():
-            full = state[_weight_key(name)]
-            if tuple(full.shape) != tuple(weight.size()):
+            full = state.get(_weight_key(name))
+            shape = tuple(full.shape) if name not in in_files else in_files[name].shape
+            if shape != tuple(weight.size()):
                 raise UserError(
-                    f"{source} does not fit this model: {_weight_key(name)}: shape {tuple(full.shape)} "
+                    f"{source} does not fit this model: {_weight_key(name)}: shape {shape} "
                     f"in the checkpoint, {tuple(weight.size())} in the model"
                 )
             with torch.no_grad():
                 for shard in weight.local_shards():
-                    shard.tensor.copy_(_slice(full, shard.metadata))
+                    if name in in_files:
+                        shards.read_into(name, "weight", shard.tensor, shard.metadata.shard_offsets)
+                    else:
+                        shard.tensor.copy_(_slice(full, shard.metadata))
 
     def _table_indices(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
         """Index in the optimizer's state dict -> table name, for the tables' parameters."""
@@ -261,18 +270,29 @@ class ShardedTables:
                 entries[index] = entry
         return {"state": entries, "param_groups": state["param_groups"]}
 
-    def local_optimizer_state(self, optimizer: torch.optim.Optimizer, full: dict[str, Any]) -> dict[str, Any]:
+    def local_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, full: dict[str, Any], shards: TableShards | None = None
+    ) -> dict[str, Any]:
         """A replicated-layout optimizer state (a checkpoint's "optimizer") with each table's per-row state
-        cut to this rank's shards: what optimizer.load_state_dict takes here."""
+        cut to this rank's shards: what optimizer.load_state_dict takes here. `shards`: a sharded
+        checkpoint's tables, whose per-row state this rank reads for its own shards only."""
         entries = dict(full["state"])
         sharded = self._sharded()
         for index, name in self._table_indices(optimizer).items():
             param, entry = self.table_params[name], entries.pop(index, None)
+            if shards is not None and name in shards.tables:
+                record = shards.tables[name].optimizer
+                entry = None if record is None else record["scalars"] | dict.fromkeys(record["per_row"])
             if entry is None or param.numel() == 0:
                 continue
             local = {}
             for key, value in entry.items():
-                if torch.is_tensor(value) and tuple(value.shape) == tuple(sharded[name].size()):
+                if value is None:  # in the shard files
+                    local[key] = torch.zeros_like(param)
+                    for shard in sharded[name].local_shards():
+                        part = _view(local[key], param, shard.tensor)
+                        shards.read_into(name, key, part, shard.metadata.shard_offsets)
+                elif torch.is_tensor(value) and tuple(value.shape) == tuple(sharded[name].size()):
                     local[key] = torch.zeros_like(param)
                     for shard in sharded[name].local_shards():
                         _view(local[key], param, shard.tensor).copy_(_slice(value, shard.metadata))
