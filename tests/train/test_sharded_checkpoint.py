@@ -117,6 +117,10 @@ def test_each_rank_writes_its_shards_and_one_process_reads_them_whole(runs, data
         for name, value in want["model"].items():
             torch.testing.assert_close(assembled["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
         assert assembled["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
+        for position, entry in want["optimizer"]["state"].items():
+            for key, value in entry.items():
+                got = assembled["optimizer"]["state"][position][key]
+                torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-6, msg=f"{position} {key}")
 
     # evaluate and export, on one process, read the sharded checkpoint as the replicated run's
     config = _evaluating(data, tmp_path / "evaluation", "replicated")
@@ -290,3 +294,15 @@ def test_a_sharded_resume_under_another_plan_reads_the_parts_of_each_file(data, 
     assembled = load_checkpoint(checkpoints / "step_1.pt")
     for table, key in TABLES.items():
         assert torch.equal(assembled["model"][key], model[key]), table
+
+
+def test_a_run_taking_its_folder_sweeps_what_killed_saves_left_of_shards(tmp_path):
+    run = RunFolder(tmp_path)
+    for step in (3, 5):
+        run.shards(step).mkdir(parents=True)
+        (run.shards(step) / "rank-0.0a1b2c3d.pt").write_bytes(b"shards")
+    run.checkpoint(5).write_bytes(b"a checkpoint")
+    (run.shards(5) / ".rank-1.0a1b2c3d.pt.tmp-999999-1").write_bytes(b"half")  # its writer was killed
+    with run.claim():
+        assert sorted(path.name for path in run.checkpoints.iterdir()) == ["step_5.pt", "step_5.shards"]
+        assert [path.name for path in run.shards(5).iterdir()] == ["rank-0.0a1b2c3d.pt"]
