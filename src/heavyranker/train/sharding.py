@@ -6,9 +6,9 @@ ranker's (LargeEmbedding.bag): only the lookup moves. The tables use torchrec's 
 that their parameters train with the same optimizer and schedule as in a replicated run (the fused kernels
 would apply a sparse optimizer of their own inside backward).
 
-Checkpoints keep the replicated layout: the shards are gathered into full tensors under the replicated
-model's state-dict keys, and the optimizer state under the replicated model's parameter order, so a sharded
-run's checkpoint is evaluated and exported on one machine, and either mode resumes from either's."""
+Each rank checkpoints its own shards (train/sharded_checkpoint.py), under the replicated model's state-dict
+keys and parameter order, so a sharded run's checkpoint is evaluated and exported on one machine, and
+either mode resumes from either's."""
 
 from __future__ import annotations
 
@@ -184,7 +184,8 @@ class ShardedTables:
         return {name: state[f"embedding_bags.{name}.weight"] for name in self.ranker.large_embeddings}
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The replicated model's state dict on rank 0 (the other ranks get {}). Collective: every rank."""
+        """The replicated model's state dict on rank 0 (the other ranks get {}), each table gathered in full
+        there: to compare with a replicated model's, not for checkpoints. Collective: every rank."""
         state = self.ranker.state_dict() if self.runtime.is_main else {}
         for name, weight in self._sharded().items():
             gathered = _gather(weight, self.runtime)
@@ -251,7 +252,7 @@ class ShardedTables:
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer's state dict as the replicated model's optimizer holds it, on rank 0: the tables'
-        per-row state (Adam's moments) gathered in full. Collective: every rank."""
+        per-row state (Adam's moments) gathered in full, as full_model_state. Collective: every rank."""
         state = optimizer.state_dict()
         entries = dict(state["state"])
         sharded = self._sharded()
