@@ -74,7 +74,7 @@ def load_checkpoint(path: str | Path, *, mapped: bool = False, assemble: bool = 
         shards = TableShards(state[SHARDED_TABLES], Path(path))
         state[SHARDED_TABLES] = shards
         if assemble:
-            shards.assemble(state, optimizer=not mapped)
+            shards.assemble(state, mapped)
     return state
 
 
@@ -140,21 +140,27 @@ class TableShards:
                 f"{self.checkpoint}: its {SHARDED_TABLES!r} is damaged ({table}'s shards do not cover it)"
             )
 
-    def full(self, table: str, key: str) -> torch.Tensor:
+    def full(self, table: str, key: str, mapped: bool = False) -> torch.Tensor:
+        """`table`'s tensor `key` whole, each shard copied in place. `mapped`: a table that one shard holds
+        whole is that shard's tensor, mapped from its file (load_checkpoint's `mapped`)."""
         record = self.tables[table]
+        if mapped and len(record.shards) == 1 and tuple(record.shards[0]["sizes"]) == record.shape:
+            shard = record.shards[0]
+            file = self.checkpoint.parent / shard["file"]
+            return self._tensor(file, shard_key(table, shard["offsets"]), key, shard["sizes"])
         tensor = torch.empty(record.shape, dtype=record.dtype)
         self.read_into(table, key, tensor, [0, 0])
         return tensor
 
-    def assemble(self, state: dict[str, Any], optimizer: bool) -> None:
-        """Put the tables into `state` in the replicated layout (load_checkpoint's `assemble`): the full
-        tensor once per table and state, each shard copied in place."""
+    def assemble(self, state: dict[str, Any], mapped: bool) -> None:
+        """Put the tables into `state` in the replicated layout (load_checkpoint's `assemble`): each table
+        in memory once. `mapped`: the weights only, for a caller that reads nothing else."""
         for table, record in self.tables.items():
             if isinstance(state.get("model"), dict):
-                state["model"][record.key] = self.full(table, "weight")
+                state["model"][record.key] = self.full(table, "weight", mapped)
             optimizer_state = state.get("optimizer")
             entries = optimizer_state.get("state") if isinstance(optimizer_state, dict) else None
-            if optimizer and record.optimizer is not None and isinstance(entries, dict):
+            if not mapped and record.optimizer is not None and isinstance(entries, dict):
                 per_row = {key: self.full(table, key) for key in record.optimizer["per_row"]}
                 entries[record.optimizer["index"]] = {**record.optimizer["scalars"], **per_row}
         del state[SHARDED_TABLES]
