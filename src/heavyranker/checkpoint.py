@@ -203,8 +203,16 @@ class _TableRecord(NamedTuple):
             }
             for s in record["shards"]
         ]
+        optimizer = record.get("optimizer")
+        if optimizer is not None:
+            per_row = [str(name) for name in optimizer["per_row"]]
+            optimizer = {
+                "index": int(optimizer["index"]),
+                "per_row": per_row,
+                "scalars": dict(optimizer["scalars"]),
+            }
         rows, columns = (int(n) for n in record["shape"])
-        return cls(str(record["key"]), (rows, columns), dtype, record.get("optimizer"), shards)
+        return cls(str(record["key"]), (rows, columns), dtype, optimizer, shards)
 
 
 def _overlap(

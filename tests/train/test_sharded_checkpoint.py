@@ -5,6 +5,7 @@ The references are replicated runs of the same seed (tests/train/test_sharding.p
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from heavyranker.serve.scorer import Scorer
 from heavyranker.train.loop import train
 from heavyranker.train.optim import build_optimizer, load_optimizer_state
 from heavyranker.train.sharding import ShardedTables
+from tests.conftest import FullDisk
 from tests.test_runtime import (  # _cpu: autouse, the CPU also on a machine with a GPU
     _cpu,  # noqa: F401
     assert_close,
@@ -306,3 +308,36 @@ def test_a_run_taking_its_folder_sweeps_what_killed_saves_left_of_shards(tmp_pat
     with run.claim():
         assert sorted(path.name for path in run.checkpoints.iterdir()) == ["step_5.pt", "step_5.shards"]
         assert [path.name for path in run.shards(5).iterdir()] == ["rank-0.0a1b2c3d.pt"]
+
+
+def _save_on_a_full_disk(config_path: Path, checkpoints: Path, out: Path) -> None:
+    """On each of 2 ranks: a save whose rank 1 finds its disk full; what each rank raised goes to `out`."""
+    from heavyranker.train.sharded_checkpoint import write_shards
+
+    with distributed_runtime() as runtime:
+        config, _, model = _fresh_model(config_path)
+        sharded = ShardedTables(model, runtime)
+        optimizer, _ = build_optimizer(config.optimizer, sharded.optimizer_view)
+        if runtime.rank == 1:
+            real_save = torch.save
+            torch.save = lambda state, f: real_save(state, FullDisk(f, room=100))
+        try:
+            write_shards(sharded, optimizer, checkpoints, 1)
+            raised = "nothing"
+        except UserError as e:
+            raised = str(e)
+        (out / f"rank_{runtime.rank}.txt").write_text(raised)
+
+
+def test_a_rank_that_cannot_write_its_shards_stops_every_rank_with_one_line(data, tmp_path):  # noqa: F811 (the fixture)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    config = _config(data, tmp_path / "run", "torchrec")
+    on_two_ranks(_save_on_a_full_disk, config, checkpoints, tmp_path, logs=tmp_path / "logs")
+    raised = {(tmp_path / f"rank_{rank}.txt").read_text() for rank in range(2)}
+    assert len(raised) == 1  # the same on both
+    (message,) = raised
+    shards = RunFolder.of_checkpoints(checkpoints).shards(1)
+    full = "cannot write the checkpoint's shards: No space left on device"
+    assert re.fullmatch(rf"{re.escape(str(shards))}/rank-1\.[0-9a-f]+\.pt: {full}", message)
+    assert not (checkpoints / "step_1.pt").exists()
+    assert not [path for path in shards.iterdir() if path.name.startswith(".")]  # no temporary left
