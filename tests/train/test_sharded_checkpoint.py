@@ -227,16 +227,20 @@ def test_retention_removes_shards_with_their_checkpoint_and_sweeps_those_without
         assert {path.name for path in run.shards(step).iterdir()} == named
 
 
-def _save(sharded: ShardedTables, optimizer: torch.optim.Optimizer, checkpoints: Path, step: int) -> None:
-    """As Trainer.save: every rank's shards, then rank 0's step_<step>.pt."""
+def saved_state(sharded: ShardedTables, optimizer: torch.optim.Optimizer, checkpoints: Path) -> tuple:
+    """As Trainer.save (every rank's shards, then rank 0's step_1.pt), then the checkpoint's model and
+    optimizer as one process reads them, in the replicated layout, on rank 0 (the other ranks get {})."""
     from heavyranker.checkpoint import SHARDED_TABLES, save_checkpoint
     from heavyranker.train.sharded_checkpoint import write_shards
 
-    shards = write_shards(sharded, optimizer, checkpoints, step)
-    if sharded.runtime.is_main:
-        state = {"model": shards.model, "optimizer": shards.optimizer, SHARDED_TABLES: shards.index}
-        save_checkpoint(checkpoints, step, state)
-        shards.remove_replaced()
+    shards = write_shards(sharded, optimizer, checkpoints, 1)
+    if not sharded.runtime.is_main:
+        return {}, {}
+    state = {"model": shards.model, "optimizer": shards.optimizer, SHARDED_TABLES: shards.index}
+    save_checkpoint(checkpoints, 1, state)
+    shards.remove_replaced()
+    state = load_checkpoint(checkpoints / "step_1.pt")
+    return state["model"], state["optimizer"]
 
 
 def _layout(checkpoint: Path) -> dict[str, int]:
@@ -258,17 +262,16 @@ def _resume_under_another_plan(config_path: Path, checkpoints: Path, out: Path) 
         first = ShardedTables(model, runtime, sharding_types=plans[0])
         optimizer, _ = build_optimizer(config.optimizer, first.optimizer_view)
         _steps(first.module, optimizer, specs, slice(4 * runtime.rank, 4 * runtime.rank + 4))
-        saved = first.full_model_state(), first.full_optimizer_state(optimizer)
-        _save(first, optimizer, checkpoints, 1)
+        saved = saved_state(first, optimizer, checkpoints)
         layouts = [_layout(checkpoints / "step_1.pt")] if runtime.is_main else []  # rank 0 wrote it
         _, _, model = _fresh_model(config_path)
+        # its collectives wait for rank 0, which wrote step_1.pt before: every rank reads that file next
         second = ShardedTables(model, runtime, sharding_types=plans[1])
         optimizer, _ = build_optimizer(config.optimizer, second.optimizer_view)
         state = restore_weights(model, checkpoints / "step_1.pt", load=second.load_model_state)
         shards = state[SHARDED_TABLES]
         load_optimizer_state(optimizer, second.local_optimizer_state(optimizer, state["optimizer"], shards))
-        resumed = second.full_model_state(), second.full_optimizer_state(optimizer)
-        _save(second, optimizer, checkpoints, 1)
+        resumed = saved_state(second, optimizer, checkpoints)  # replaces the first plan's files
         if runtime.is_main:
             layouts.append(_layout(checkpoints / "step_1.pt"))
             torch.save({"saved": saved, "resumed": resumed, "layouts": layouts}, out)

@@ -183,16 +183,6 @@ class ShardedTables:
         state = self.wrapper.tables.state_dict()
         return {name: state[f"embedding_bags.{name}.weight"] for name in self.ranker.large_embeddings}
 
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The replicated model's state dict on rank 0 (the other ranks get {}), each table gathered in full
-        there: to compare with a replicated model's, not for checkpoints. Collective: every rank."""
-        state = self.ranker.state_dict() if self.runtime.is_main else {}
-        for name, weight in self._sharded().items():
-            gathered = _gather(weight, self.runtime)
-            if gathered is not None:
-                state[_weight_key(name)] = gathered
-        return state
-
     def on_main_alone(self, evaluate: Callable[[Ranker, Runtime], T]) -> T:
         """evaluate(the ranker with its full tables, a runtime of one process) on rank 0; its result (or its
         error) on every rank. A sharded lookup is a collective, which an evaluation's uneven shares of a
@@ -249,27 +239,6 @@ class ShardedTables:
         names = {id(param): name for name, param in self.table_params.items()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return {i: names[id(p)] for i, p in enumerate(params) if id(p) in names}
-
-    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer's state dict as the replicated model's optimizer holds it, on rank 0: the tables'
-        per-row state (Adam's moments) gathered in full, as full_model_state. Collective: every rank."""
-        state = optimizer.state_dict()
-        entries = dict(state["state"])
-        sharded = self._sharded()
-        for index, name in self._table_indices(optimizer).items():
-            param, local = self.table_params[name], entries.pop(index, {})
-            per_row = {k: v for k, v in local.items() if torch.is_tensor(v) and v.dim() > 0}
-            scalars = {k: v for k, v in local.items() if k not in per_row}
-            owners = [(keys, s) for keys, s in self.runtime.gather((sorted(per_row), scalars)) if keys]
-            if not owners:  # no step taken yet
-                continue
-            keys, entry = owners[0]
-            for key in keys:
-                gathered = _gather(_sharded_like(sharded[name], param, per_row.get(key)), self.runtime)
-                entry[key] = gathered
-            if self.runtime.is_main:
-                entries[index] = entry
-        return {"state": entries, "param_groups": state["param_groups"]}
 
     def local_optimizer_state(
         self, optimizer: torch.optim.Optimizer, full: dict[str, Any], shards: TableShards | None = None
@@ -375,18 +344,6 @@ def _view(like_param: torch.Tensor, param: torch.Tensor, shard: torch.Tensor) ->
     into `param`, is of `param`."""
     offset = shard.storage_offset() - param.storage_offset()
     return like_param.as_strided(shard.shape, shard.stride(), like_param.storage_offset() + offset)
-
-
-def _sharded_like(weight: Any, param: torch.Tensor, values: torch.Tensor | None) -> Any:
-    """`values` (shaped as this rank's `param`) as a ShardedTensor placed as `weight`'s shards."""
-    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-
-    shards = [
-        Shard(tensor=_view(values, param, shard.tensor), metadata=shard.metadata)
-        for shard in weight.local_shards()
-        if values is not None
-    ]
-    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, weight.metadata())
 
 
 def _gather(weight: Any, runtime: Runtime) -> torch.Tensor | None:
