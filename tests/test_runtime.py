@@ -35,6 +35,7 @@ from heavyranker.data.tf_example import encode_example
 from heavyranker.errors import UserError
 from heavyranker.eval.evaluator import evaluate_command
 from heavyranker.model import build_model
+from heavyranker.run_folder import RunFolder
 from heavyranker.train.loop import train
 
 SCHEMA = [
@@ -229,9 +230,12 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 def resume_from(source: Path, step: int, run: Path) -> None:
-    """A new run folder holding only `source`'s checkpoint of `step`."""
+    """A new run folder holding only `source`'s checkpoint of `step` (and its shards, where it has any)."""
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(source / "checkpoints" / f"step_{step}.pt", run / "checkpoints")
+    shards = RunFolder(source).shards(step)
+    if shards.is_dir():
+        shutil.copytree(shards, RunFolder(run).shards(step))
 
 
 def test_ddp_steps_equal_one_process_on_the_whole_batch_and_resume_across_world_sizes(data, tmp_path):

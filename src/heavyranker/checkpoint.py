@@ -3,13 +3,17 @@
 A checkpoint is one file `step_<N>.pt` in a run folder's checkpoints/ (run_folder.py: where they are, which
 are kept, which is the best). A file of that name is complete by construction (os.replace is atomic), so the
 newest one is always safe to resume from. Loading uses `torch.load(weights_only=True)`: a checkpoint holds
-tensors and plain containers, never code."""
+tensors and plain containers, never code.
+
+A run with sharded tables (train/sharded_checkpoint.py) leaves its large tables out of step_<N>.pt: each rank
+writes its shards (weights and per-row optimizer state) to step_<N>.shards/, and step_<N>.pt, written last,
+holds where they are under SHARDED_TABLES. TableShards reads them, mapped, a part of a table at a time."""
 
 from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -43,13 +47,19 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return error
 
 
-def load_checkpoint(path: str | Path, *, mapped: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, mapped: bool = False, assemble: bool = True) -> dict[str, Any]:
     """The checkpoint's state. `mapped`: its tensors are mapped from the file (private pages), not read, so
     that what the caller never touches (the optimizer's state, for a command that needs the weights only) is
     never read into memory. Only for a caller that drops the state once it copied what it needs: a mapped
     file removed on a network file system by another host can fault (SIGBUS) when a page is read. A file
     torch cannot map (a legacy, non-zip torch.save; an empty or damaged one) is read whole, as it always was:
-    it loads, or fails with its own message, not torch's advice to save it again."""
+    it loads, or fails with its own message, not torch's advice to save it again.
+
+    A checkpoint with sharded tables comes in the replicated layout: each table's weight assembled from its
+    shard files under the replicated model's key, and (unless `mapped`: the weights are all such a caller
+    reads) its per-row optimizer state under the replicated optimizer's index. With `assemble` False the
+    tables stay in their files: SHARDED_TABLES then holds their TableShards (a sharded resume reads its
+    own parts of them)."""
     try:
         state = _mapped(path) if mapped else torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -60,6 +70,11 @@ def load_checkpoint(path: str | Path, *, mapped: bool = False) -> dict[str, Any]
         raise UserError(
             f"{path}: not a heavyranker checkpoint (it holds a {type(state).__name__}, not a dict)"
         )
+    if SHARDED_TABLES in state:
+        shards = TableShards(state[SHARDED_TABLES], Path(path))
+        state[SHARDED_TABLES] = shards
+        if assemble:
+            shards.assemble(state, mapped)
     return state
 
 
@@ -77,6 +92,145 @@ def _mapped(path: str | Path) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
         pinned = OPEN_FILES / str(file.fileno()) if OPEN_FILES.is_dir() else path
         return torch.load(pinned, map_location="cpu", weights_only=True, mmap=True)
+
+
+# In a checkpoint of a run with sharded tables: table name -> where its shards are, as
+# train/sharded_checkpoint.py writes it: {"key": the replicated model's state-dict key, "shape": [rows,
+# columns], "dtype": "float32", "optimizer": {"index", "per_row": [names], "scalars": {name: value}} (absent
+# before the first step), "shards": [{"file": relative to the checkpoint's folder, "offsets", "sizes"}]}.
+# A shard file holds {"<table>@<row>,<column>": {"weight": tensor, <per-row optimizer state>: tensor}}.
+SHARDED_TABLES = "sharded_tables"
+
+
+def shard_key(table: str, offsets: list[int]) -> str:
+    """A shard's name in its file: its table and where it starts."""
+    return f"{table}@{offsets[0]},{offsets[1]}"
+
+
+class TableShards:
+    """The large tables of a checkpoint with sharded tables, left in their shard files: any part of a
+    table's weight or per-row optimizer state is read from the shards it overlaps (mapped, one file at a
+    time), never the whole table unless asked for."""
+
+    def __init__(self, index: Any, checkpoint: Path):
+        self.checkpoint = checkpoint
+        try:
+            self.tables = {str(name): _TableRecord.of(record) for name, record in index.items()}
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(
+                f"{checkpoint}: its {SHARDED_TABLES!r} is damaged ({type(e).__name__}: {e})"
+            ) from None
+
+    def read_into(self, table: str, key: str, out: torch.Tensor, offsets: list[int]) -> None:
+        """Copy into `out` the part of `table`'s tensor `key` ("weight", or a per-row optimizer state such
+        as "exp_avg") that starts at `offsets` (row, column) and has out's shape."""
+        record, covered = self.tables[table], 0
+        for shard in record.shards:
+            region = _overlap(offsets, list(out.shape), shard["offsets"], shard["sizes"])
+            if region is None:
+                continue
+            file = self.checkpoint.parent / shard["file"]
+            source = self._tensor(file, shard_key(table, shard["offsets"]), key, shard["sizes"])
+            into, outof = _within(region, offsets), _within(region, shard["offsets"])
+            out[into].copy_(source[outof])
+            covered += out[into].numel()
+            del source  # unmaps the file before the next one is mapped
+        if covered != out.numel():
+            raise UserError(
+                f"{self.checkpoint}: its {SHARDED_TABLES!r} is damaged ({table}'s shards do not cover it)"
+            )
+
+    def full(self, table: str, key: str, mapped: bool = False) -> torch.Tensor:
+        """`table`'s tensor `key` whole, each shard copied in place. `mapped`: a table that one shard holds
+        whole is that shard's tensor, mapped from its file (load_checkpoint's `mapped`)."""
+        record = self.tables[table]
+        if mapped and len(record.shards) == 1 and tuple(record.shards[0]["sizes"]) == record.shape:
+            shard = record.shards[0]
+            file = self.checkpoint.parent / shard["file"]
+            return self._tensor(file, shard_key(table, shard["offsets"]), key, shard["sizes"])
+        tensor = torch.empty(record.shape, dtype=record.dtype)
+        self.read_into(table, key, tensor, [0, 0])
+        return tensor
+
+    def assemble(self, state: dict[str, Any], mapped: bool) -> None:
+        """Put the tables into `state` in the replicated layout (load_checkpoint's `assemble`): each table
+        in memory once. `mapped`: the weights only, for a caller that reads nothing else."""
+        for table, record in self.tables.items():
+            if isinstance(state.get("model"), dict):
+                state["model"][record.key] = self.full(table, "weight", mapped)
+            optimizer_state = state.get("optimizer")
+            entries = optimizer_state.get("state") if isinstance(optimizer_state, dict) else None
+            if not mapped and record.optimizer is not None and isinstance(entries, dict):
+                per_row = {key: self.full(table, key) for key in record.optimizer["per_row"]}
+                entries[record.optimizer["index"]] = {**record.optimizer["scalars"], **per_row}
+        del state[SHARDED_TABLES]
+
+    def _tensor(self, file: Path, shard: str, key: str, sizes: list[int]) -> torch.Tensor:
+        """Tensor `key` of `shard` in `file`, mapped; a one-line UserError naming the file if it is missing,
+        unreadable, or not what the index says."""
+        try:
+            content = _mapped(file)
+        except FileNotFoundError:
+            raise UserError(f"{file}: a shard file of {self.checkpoint} is missing") from None
+        except Exception as e:  # a truncated or foreign file
+            why = " ".join(f"{type(e).__name__}: {e}".split())
+            raise UserError(f"{file}: not a readable shard file of {self.checkpoint} ({why})") from None
+        tensor = content.get(shard, {}).get(key) if isinstance(content, dict) else None
+        if not isinstance(tensor, torch.Tensor) or list(tensor.shape) != list(sizes):
+            raise UserError(
+                f"{file}: not the shard file {self.checkpoint} names (no {key} of {shard} shaped {sizes})"
+            )
+        return tensor
+
+
+class _TableRecord(NamedTuple):
+    key: str
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    optimizer: dict[str, Any] | None
+    shards: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> _TableRecord:
+        dtype = getattr(torch, record["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype {record['dtype']!r}")
+        shards = [
+            {
+                "file": str(s["file"]),
+                "offsets": [int(n) for n in s["offsets"]],
+                "sizes": [int(n) for n in s["sizes"]],
+            }
+            for s in record["shards"]
+        ]
+        optimizer = record.get("optimizer")
+        if optimizer is not None:
+            per_row = [str(name) for name in optimizer["per_row"]]
+            optimizer = {
+                "index": int(optimizer["index"]),
+                "per_row": per_row,
+                "scalars": dict(optimizer["scalars"]),
+            }
+        rows, columns = (int(n) for n in record["shape"])
+        return cls(str(record["key"]), (rows, columns), dtype, optimizer, shards)
+
+
+def _overlap(
+    offsets: list[int], sizes: list[int], other_offsets: list[int], other_sizes: list[int]
+) -> list[tuple[int, int]] | None:
+    """The (start, end) per dimension that two blocks of a table share, or None where they share nothing."""
+    region = []
+    for start, size, other_start, other_size in zip(offsets, sizes, other_offsets, other_sizes, strict=True):
+        begin, end = max(start, other_start), min(start + size, other_start + other_size)
+        if begin >= end:
+            return None
+        region.append((begin, end))
+    return region
+
+
+def _within(region: list[tuple[int, int]], offsets: list[int]) -> tuple[slice, ...]:
+    """`region` (of the table) as slices of a block that starts at `offsets`."""
+    return tuple(slice(begin - at, end - at) for (begin, end), at in zip(region, offsets, strict=True))
 
 
 # What a resume reads of a checkpoint besides the model weights (train/loop.py's Trainer.save writes them).

@@ -5,6 +5,8 @@ checkpoints it keeps.
     metrics.jsonl                   a line per train_log_every_n steps
     tensorboard/                    the same, and the evaluations, for TensorBoard
     checkpoints/step_<N>.pt         complete by construction (atomic writes), so the newest is safe to resume
+    checkpoints/step_<N>.shards/    with sharded tables: every rank's shards of step N, written before
+                                    step_<N>.pt (train/sharded_checkpoint.py), removed with it
     checkpoints/best.json           with training.keep_best: the best checkpoint's step and the state early
                                     stopping resumes from (BestMarker)
     eval/<split>/step_<N>.json      evaluation results
@@ -20,6 +22,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 # A checkpoint, an evaluation's result, named as RunFolder names them. ASCII digits, no leading zero, and
 # fullmatch: \d and int() take "\u0663" (an Arabic-Indic 3), and $ a final newline, so "step_\u0663.pt",
 # "step_3.pt\n" or "step_03.pt" would pass for a second step 3.
-_STEP_FILE = re.compile(r"step_(0|[1-9][0-9]*)(\.pt|\.json)")
+_STEP_FILE = re.compile(r"step_(0|[1-9][0-9]*)(\.pt|\.json|\.shards)")
 
 
 class NotAMarker(UserError):
@@ -113,6 +116,10 @@ class RunFolder:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step_{step}.pt"
 
+    def shards(self, step: int) -> Path:
+        """The folder of the shard files of checkpoint `step` (a run with sharded tables)."""
+        return self.checkpoints / f"step_{step}.shards"
+
     def results(self, split: str) -> Path:
         return self.evaluations / split
 
@@ -171,6 +178,17 @@ class RunFolder:
             for step, old in self.list_checkpoints()[:-max_to_keep]:
                 if step != keep:
                     old.unlink(missing_ok=True)
+                    shutil.rmtree(self.shards(step), ignore_errors=True)
+        self._remove_orphan_shards()
+
+    def _remove_orphan_shards(self) -> None:
+        """Shard folders without their step_<N>.pt: left by a save killed before it wrote that file (the
+        shards come first), or by a removal killed halfway. Only between saves: a save's shards are written
+        before its checkpoint."""
+        for step, shards in _by_step(self.checkpoints, ".shards"):
+            if not self.checkpoint(step).exists():
+                shutil.rmtree(shards, ignore_errors=True)
+                log.info("removed %s, whose checkpoint was never written or was removed", shards)
 
     @contextmanager
     def claim(self) -> Iterator[None]:
@@ -212,7 +230,9 @@ class RunFolder:
         those among the files a train writes. Checkpoints and metrics.jsonl have no other writer while the
         lock is held; evaluation results also come from `evaluate`, which takes no lock and may be writing
         one now."""
+        self._remove_orphan_shards()
         stale = temporaries(self.checkpoints)
+        stale += [t for _, shards in _by_step(self.checkpoints, ".shards") for t in temporaries(shards)]
         stale += [t for t in temporaries(self.path) if t.target == self.metrics.name]
         for results in sorted(self.evaluations.iterdir()) if self.evaluations.is_dir() else []:
             stale += [t for t in temporaries(results) if not _running(t.pid)]

@@ -245,7 +245,9 @@ def _pinned_sharded_steps(config_path: Path, out: Path) -> None:
         optimizer, _ = build_optimizer(config.optimizer, sharded.optimizer_view)
         half = slice(4 * runtime.rank, 4 * runtime.rank + 4)
         losses = [runtime.mean(loss) for loss in _steps(sharded.module, optimizer, specs, half)]
-        model_state, optimizer_state = sharded.full_model_state(), sharded.full_optimizer_state(optimizer)
+        from tests.train.test_sharded_checkpoint import saved_state  # the checkpoint, read back whole
+
+        model_state, optimizer_state = saved_state(sharded, optimizer, out.parent / "checkpoints")
         # The checkpoint's optimizer state cut back to this rank is this rank's state.
         local = sharded.local_optimizer_state(optimizer, runtime.broadcast(optimizer_state))
         own = optimizer.state_dict()["state"]

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import (
+    SHARDED_TABLES,
     check_resumable,
     resolve_checkpoint,
     save_checkpoint,
@@ -40,6 +41,7 @@ from .logger import OUT_OF_RANGE, TrainLogger, format_log_line, log_stream, warn
 from .loss import MultiTaskLoss, build_loss
 from .memory_fit import check_batch_fits, check_model_fits
 from .optim import build_optimizer, load_optimizer_state
+from .sharded_checkpoint import write_shards
 from .sharding import sharded_tables
 from .stream_position import StreamPosition
 from .table_optim import build_table_optimizer
@@ -113,7 +115,7 @@ class Trainer:
         self.model: Ranker = model.to(self.runtime.device)
         batch_size, tasks = config.train_data.global_batch_size // world, len(config.train_data.tasks)
         check_batch_fits(specs, tasks, self.model, batch_size, state, world)
-        # With sharded tables, checkpoints gather the shards into the bare model's layout (train/sharding.py).
+        # With sharded tables, each rank saves its own shards (train/sharded_checkpoint.py).
         self.sharded = sharded_tables(config.training, self.model, self.runtime)
         if self.sharded is not None:
             self.train_model, params = self.sharded.module, self.sharded.optimizer_view
@@ -147,7 +149,8 @@ class Trainer:
             check_resumable(state, newest)
             optimizer_state = state["optimizer"]
             if self.sharded is not None:
-                optimizer_state = self.sharded.local_optimizer_state(self.optimizer, optimizer_state)
+                shards = state.get(SHARDED_TABLES)  # a sharded checkpoint's: each rank reads its own parts
+                optimizer_state = self.sharded.local_optimizer_state(self.optimizer, optimizer_state, shards)
             load_optimizer_state(self.optimizer, optimizer_state)
             self.scheduler.load_state_dict(state["scheduler"])
             if self.table_optimizer is not None and "table_optimizer" in state:
@@ -173,9 +176,10 @@ class Trainer:
         return restore_weights(self.model, checkpoint, misfit_hint=misfit_hint, load=load, mapped=mapped)
 
     def save(self) -> Path | None:
-        if self.sharded is not None:  # every rank takes part in gathering the shards
-            model = self.sharded.full_model_state()
-            optimizer = self.sharded.full_optimizer_state(self.optimizer)
+        shards = None
+        if self.sharded is not None:  # every rank writes its own shards first (train/sharded_checkpoint.py)
+            shards = write_shards(self.sharded, self.optimizer, self.run_folder.checkpoints, self.step)
+            model, optimizer = shards.model, shards.optimizer
         else:
             model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         if not self.runtime.is_main:
@@ -192,7 +196,11 @@ class Trainer:
             state["table_optimizer"] = self.table_optimizer.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
+        if shards is not None:  # where they are; step_<N>.pt, written last, makes the checkpoint exist
+            state[SHARDED_TABLES] = shards.index
         saved = save_checkpoint(self.run_folder.checkpoints, self.step, state)
+        if shards is not None:
+            shards.remove_replaced()
         best = self.best.step if self.best else None
         self.run_folder.prune(self.config.training.checkpoint_max_to_keep, keep=best)
         if self.on_checkpoint is not None:  # promotion (release/follow.py): the steps wait for it
@@ -387,7 +395,7 @@ class Trainer:
             if self.sharded and self.runtime.broadcast(
                 self.best is not None and self.best.saves(self.step, results)
             ):
-                self.save()  # gathering shards takes every rank: before rank 0's update, which finds it saved
+                self.save()  # saving shards takes every rank: before rank 0's update, which finds it saved
             stop = self.best is not None and self.best.update(self.step, results, self.save)
         if self.on_evaluation is not None and self.runtime.is_main:
             stop = self.on_evaluation(self.step, results) or stop

@@ -6,9 +6,9 @@ ranker's (LargeEmbedding.bag): only the lookup moves. The tables use torchrec's 
 that their parameters train with the same optimizer and schedule as in a replicated run (the fused kernels
 would apply a sparse optimizer of their own inside backward).
 
-Checkpoints keep the replicated layout: the shards are gathered into full tensors under the replicated
-model's state-dict keys, and the optimizer state under the replicated model's parameter order, so a sharded
-run's checkpoint is evaluated and exported on one machine, and either mode resumes from either's."""
+Each rank checkpoints its own shards (train/sharded_checkpoint.py), under the replicated model's state-dict
+keys and parameter order, so a sharded run's checkpoint is evaluated and exported on one machine, and
+either mode resumes from either's."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import load_model_weights
+from ..checkpoint import TableShards, load_model_weights
 from ..config.training import TrainingConfig
 from ..data.batch import Spec
 from ..errors import UserError
@@ -183,38 +183,38 @@ class ShardedTables:
         state = self.wrapper.tables.state_dict()
         return {name: state[f"embedding_bags.{name}.weight"] for name in self.ranker.large_embeddings}
 
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The replicated model's state dict on rank 0 (the other ranks get {}). Collective: every rank."""
-        state = self.ranker.state_dict() if self.runtime.is_main else {}
-        for name, weight in self._sharded().items():
-            gathered = _gather(weight, self.runtime)
-            if gathered is not None:
-                state[_weight_key(name)] = gathered
-        return state
-
     def in_step(self, specs: dict[str, Spec]) -> InStep:
         """How an evaluation scores its batches here: each rank its own share of a split on its shards, every
         rank in step (train/sharded_eval.py); `specs`: the features the ranker reads."""
         return InStep(self.wrapper, self.runtime, specs)
 
-    def load_model_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+    def load_model_state(
+        self, state: dict[str, torch.Tensor], source: str, shards: TableShards | None = None
+    ) -> None:
         """Replicated-layout weights (a checkpoint's "model", from `source`) into the ranker and this rank's
-        shards, every name and shape checked."""
+        shards, every name and shape checked. `shards`: a sharded checkpoint's tables, of which this rank
+        reads the parts its own shards hold (the overlapping parts of several files where the plan
+        changed), never a whole table."""
         tables = {_weight_key(name): name for name in self.ranker.large_embeddings}
-        missing = [key for key in tables if key not in state]
+        in_files = shards.tables if shards is not None else {}
+        missing = [key for key, name in tables.items() if key not in state and name not in in_files]
         if missing:
             raise UserError(f"{source} does not fit this model: missing {', '.join(missing)}")
         load_model_weights(self.ranker, {k: v for k, v in state.items() if k not in tables}, source)
         for name, weight in self._sharded().items():
-            full = state[_weight_key(name)]
-            if tuple(full.shape) != tuple(weight.size()):
+            full = state.get(_weight_key(name))
+            shape = tuple(full.shape) if name not in in_files else in_files[name].shape
+            if shape != tuple(weight.size()):
                 raise UserError(
-                    f"{source} does not fit this model: {_weight_key(name)}: shape {tuple(full.shape)} "
+                    f"{source} does not fit this model: {_weight_key(name)}: shape {shape} "
                     f"in the checkpoint, {tuple(weight.size())} in the model"
                 )
             with torch.no_grad():
                 for shard in weight.local_shards():
-                    shard.tensor.copy_(_slice(full, shard.metadata))
+                    if name in in_files:
+                        shards.read_into(name, "weight", shard.tensor, shard.metadata.shard_offsets)
+                    else:
+                        shard.tensor.copy_(_slice(full, shard.metadata))
 
     def _table_indices(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
         """Index in the optimizer's state dict -> table name, for the tables' parameters."""
@@ -222,39 +222,29 @@ class ShardedTables:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return {i: names[id(p)] for i, p in enumerate(params) if id(p) in names}
 
-    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer's state dict as the replicated model's optimizer holds it, on rank 0: the tables'
-        per-row state (Adam's moments) gathered in full. Collective: every rank."""
-        state = optimizer.state_dict()
-        entries = dict(state["state"])
-        sharded = self._sharded()
-        for index, name in self._table_indices(optimizer).items():
-            param, local = self.table_params[name], entries.pop(index, {})
-            per_row = {k: v for k, v in local.items() if torch.is_tensor(v) and v.dim() > 0}
-            scalars = {k: v for k, v in local.items() if k not in per_row}
-            owners = [(keys, s) for keys, s in self.runtime.gather((sorted(per_row), scalars)) if keys]
-            if not owners:  # no step taken yet
-                continue
-            keys, entry = owners[0]
-            for key in keys:
-                gathered = _gather(_sharded_like(sharded[name], param, per_row.get(key)), self.runtime)
-                entry[key] = gathered
-            if self.runtime.is_main:
-                entries[index] = entry
-        return {"state": entries, "param_groups": state["param_groups"]}
-
-    def local_optimizer_state(self, optimizer: torch.optim.Optimizer, full: dict[str, Any]) -> dict[str, Any]:
+    def local_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, full: dict[str, Any], shards: TableShards | None = None
+    ) -> dict[str, Any]:
         """A replicated-layout optimizer state (a checkpoint's "optimizer") with each table's per-row state
-        cut to this rank's shards: what optimizer.load_state_dict takes here."""
+        cut to this rank's shards: what optimizer.load_state_dict takes here. `shards`: a sharded
+        checkpoint's tables, whose per-row state this rank reads for its own shards only."""
         entries = dict(full["state"])
         sharded = self._sharded()
         for index, name in self._table_indices(optimizer).items():
             param, entry = self.table_params[name], entries.pop(index, None)
+            if shards is not None and name in shards.tables:
+                record = shards.tables[name].optimizer
+                entry = None if record is None else record["scalars"] | dict.fromkeys(record["per_row"])
             if entry is None or param.numel() == 0:
                 continue
             local = {}
             for key, value in entry.items():
-                if torch.is_tensor(value) and tuple(value.shape) == tuple(sharded[name].size()):
+                if value is None:  # in the shard files
+                    local[key] = torch.zeros_like(param)
+                    for shard in sharded[name].local_shards():
+                        part = _view(local[key], param, shard.tensor)
+                        shards.read_into(name, key, part, shard.metadata.shard_offsets)
+                elif torch.is_tensor(value) and tuple(value.shape) == tuple(sharded[name].size()):
                     local[key] = torch.zeros_like(param)
                     for shard in sharded[name].local_shards():
                         _view(local[key], param, shard.tensor).copy_(_slice(value, shard.metadata))
@@ -336,25 +326,6 @@ def _view(like_param: torch.Tensor, param: torch.Tensor, shard: torch.Tensor) ->
     into `param`, is of `param`."""
     offset = shard.storage_offset() - param.storage_offset()
     return like_param.as_strided(shard.shape, shard.stride(), like_param.storage_offset() + offset)
-
-
-def _sharded_like(weight: Any, param: torch.Tensor, values: torch.Tensor | None) -> Any:
-    """`values` (shaped as this rank's `param`) as a ShardedTensor placed as `weight`'s shards."""
-    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-
-    shards = [
-        Shard(tensor=_view(values, param, shard.tensor), metadata=shard.metadata)
-        for shard in weight.local_shards()
-        if values is not None
-    ]
-    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, weight.metadata())
-
-
-def _gather(weight: Any, runtime: Runtime) -> torch.Tensor | None:
-    """A ShardedTensor's full tensor on rank 0 (None on the others). Collective: every rank."""
-    full = torch.empty(tuple(weight.size()), dtype=weight.dtype) if runtime.is_main else None
-    weight.gather(dst=0, out=full)
-    return full
 
 
 def sharded_tables(training: TrainingConfig, ranker: Ranker, runtime: Runtime) -> ShardedTables | None:
