@@ -113,6 +113,11 @@ BENCHES = {
         | {f"1,000 rows, {mode}" for mode in ("replicated", "sharded", "managed", "managed counting step")}
         | {f"1,000 rows, {mode} over replicated" for mode in ("sharded", "managed")},
     ),
+    "sharding_memory": (
+        ["--config", SMALL, "--rows", "1000", "--dim", "4", "--batch", "16"],
+        {"rows", "dim", "ranks", "tables_training_state_mib", "replicated", "torchrec"}
+        | {"torchrec_over_replicated"},
+    ),
     # Without CUDA it measures nothing and writes nothing.
     "gpu_train": (["--config", SMALL, "--batch", "8", "--steps", "2"], {"gpu", "batch 8"}),
 }
