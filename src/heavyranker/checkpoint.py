@@ -32,14 +32,14 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any]) -> Pat
         with atomic_write(final) as f:
             torch.save(state, f)
     except Exception as e:
-        cause = _os_error(e)
+        cause = os_error_in(e)
         if cause is None:
             raise
         raise UserError(f"{final}: cannot write the checkpoint: {cause.strerror or cause}") from None
     return final
 
 
-def _os_error(error: BaseException | None) -> OSError | None:
+def os_error_in(error: BaseException | None) -> OSError | None:
     """The OSError that `error` is, or that it was raised while handling: torch.save raises a RuntimeError of
     its own when it closes an archive after a failed write."""
     while error is not None and not isinstance(error, OSError):

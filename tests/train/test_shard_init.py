@@ -123,7 +123,7 @@ def _holds_whole(sharded: ShardedTables) -> dict[str, bool]:
     """Table name -> whether this rank's shards of it are all of it (a table-wise shard, or every column)."""
     return {
         name: sum(math.prod(s.metadata.shard_sizes) for s in weight.local_shards()) == math.prod(TABLES[name])
-        for name, weight in sharded._sharded().items()
+        for name, weight in sharded.sharded_weights().items()
     }
 
 
@@ -142,7 +142,7 @@ def _column_wise_start(config_path: Path, out: Path) -> None:
             )
         shards = {
             name: [(list(s.metadata.shard_offsets), s.tensor.detach().clone()) for s in weight.local_shards()]
-            for name, weight in sharded._sharded().items()
+            for name, weight in sharded.sharded_weights().items()
         }
         got = {"shapes": allocations.shapes, "whole": _holds_whole(sharded), "shards": shards}
         torch.save(got | {"ranker": model.state_dict()}, out / f"rank_{runtime.rank}.pt")

@@ -241,7 +241,9 @@ def _pinned_sharded_steps(config_path: Path, out: Path) -> None:
         sharded = ShardedTables(
             model, runtime, sharding_types={"users": "column_wise", "authors": "table_wise"}
         )
-        plans = runtime.gather(sorted((n, len(w.local_shards())) for n, w in sharded._sharded().items()))
+        plans = runtime.gather(
+            sorted((n, len(w.local_shards())) for n, w in sharded.sharded_weights().items())
+        )
         optimizer, _ = build_optimizer(config.optimizer, sharded.optimizer_view)
         half = slice(4 * runtime.rank, 4 * runtime.rank + 4)
         losses = [runtime.mean(loss) for loss in _steps(sharded.module, optimizer, specs, half)]

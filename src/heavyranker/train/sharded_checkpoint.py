@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write
-from ..checkpoint import _os_error, shard_key
+from ..checkpoint import os_error_in, shard_key
 from ..errors import UserError
 from ..run_folder import RunFolder
-from .sharding import ShardedTables, _view, _weight_key
+from .sharding import ShardedTables, shard_view, weight_key
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def write_shards(
     if not runtime.is_main:
         return WrittenShards({}, {}, {}, folder)
     files = [f"{folder.name}/rank-{rank}.{save}.pt" for rank in range(len(reports))]
-    indices = {name: index for index, name in sharded._table_indices(optimizer).items()}
+    indices = {name: index for index, name in sharded.table_indices(optimizer).items()}
     state = optimizer.state_dict()
     others = {i: entry for i, entry in state["state"].items() if i not in indices.values()}
     dense = {"state": others, "param_groups": state["param_groups"]}
@@ -79,9 +79,9 @@ def _index(
     """checkpoint.SHARDED_TABLES: per table, its shards (in the file of the rank that holds each, `files`)
     as every rank's report says, and its optimizer state's index (`indices`) and scalars."""
     index = {}
-    for name, weight in sharded._sharded().items():
+    for name, weight in sharded.sharded_weights().items():
         index[name] = {
-            "key": _weight_key(name),
+            "key": weight_key(name),
             "shape": list(weight.size()),
             "dtype": str(weight.dtype).removeprefix("torch."),
             "shards": [
@@ -105,7 +105,7 @@ def _own_shards(
     (table, offsets, sizes), and per table whose optimizer state it holds: the names of the per-row states
     and the others (Adam's step)."""
     content, written, moments = {}, [], {}
-    for name, weight in sharded._sharded().items():
+    for name, weight in sharded.sharded_weights().items():
         param = sharded.table_params[name]
         state = optimizer.state.get(param, {})
         per_row = {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
@@ -114,7 +114,7 @@ def _own_shards(
         for shard in weight.local_shards():
             offsets, sizes = list(shard.metadata.shard_offsets), list(shard.metadata.shard_sizes)
             tensors = {"weight": shard.tensor.detach()}
-            tensors |= {key: _view(value, param, shard.tensor) for key, value in per_row.items()}
+            tensors |= {key: shard_view(value, param, shard.tensor) for key, value in per_row.items()}
             content[shard_key(name, offsets)] = {key: _alone(t) for key, t in tensors.items()}
             written.append((name, offsets, sizes))
     return content, written, moments
@@ -134,7 +134,7 @@ def _write(path: Path, content: dict[str, dict[str, torch.Tensor]]) -> str | Non
         with atomic_write(path) as f:
             torch.save(content, f)
     except Exception as e:
-        cause = _os_error(e)
+        cause = os_error_in(e)
         if cause is None:
             raise
         return f"{path}: cannot write the checkpoint's shards: {cause.strerror or cause}"

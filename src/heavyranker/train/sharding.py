@@ -137,7 +137,7 @@ class _OptimizerView:
         return list(self.ordered)
 
 
-def _weight_key(name: str) -> str:
+def weight_key(name: str) -> str:
     """A large table's key in the replicated ranker's state dict."""
     return f"large_embeddings.{name}.embedding.weight"
 
@@ -168,17 +168,17 @@ class ShardedTables:
         self.wrapper = _TablesAndRanker(ranker, _collection(shapes))
         self.module = _distribute(self.wrapper, runtime, sharding_types)
         if full:
-            state = {_weight_key(n): w for n, w in full.items()} | ranker.state_dict()
+            state = {weight_key(n): w for n, w in full.items()} | ranker.state_dict()
             self.load_model_state(state, "the model")
         else:
-            fill_shards(self._sharded(), ranker)
+            fill_shards(self.sharded_weights(), ranker)
         own = dict(ranker.named_parameters())
         # embedding_bags.<name>.weight: this rank's part of the table (an empty parameter where it has none)
         self.table_params = {n.split(".")[1]: p for n, p in self.wrapper.tables.named_parameters()}
-        by_key = own | {_weight_key(n): p for n, p in self.table_params.items()}
+        by_key = own | {weight_key(n): p for n, p in self.table_params.items()}
         self.optimizer_view = _OptimizerView(ranker, [by_key[key] for key in order])
 
-    def _sharded(self) -> dict[str, Any]:
+    def sharded_weights(self) -> dict[str, Any]:
         """Table name -> its weight as a torchrec ShardedTensor (its shards here, and where the rest is)."""
         state = self.wrapper.tables.state_dict()
         return {name: state[f"embedding_bags.{name}.weight"] for name in self.ranker.large_embeddings}
@@ -195,18 +195,18 @@ class ShardedTables:
         shards, every name and shape checked. `shards`: a sharded checkpoint's tables, of which this rank
         reads the parts its own shards hold (the overlapping parts of several files where the plan
         changed), never a whole table."""
-        tables = {_weight_key(name): name for name in self.ranker.large_embeddings}
+        tables = {weight_key(name): name for name in self.ranker.large_embeddings}
         in_files = shards.tables if shards is not None else {}
         missing = [key for key, name in tables.items() if key not in state and name not in in_files]
         if missing:
             raise UserError(f"{source} does not fit this model: missing {', '.join(missing)}")
         load_model_weights(self.ranker, {k: v for k, v in state.items() if k not in tables}, source)
-        for name, weight in self._sharded().items():
-            full = state.get(_weight_key(name))
+        for name, weight in self.sharded_weights().items():
+            full = state.get(weight_key(name))
             shape = tuple(full.shape) if name not in in_files else in_files[name].shape
             if shape != tuple(weight.size()):
                 raise UserError(
-                    f"{source} does not fit this model: {_weight_key(name)}: shape {shape} "
+                    f"{source} does not fit this model: {weight_key(name)}: shape {shape} "
                     f"in the checkpoint, {tuple(weight.size())} in the model"
                 )
             with torch.no_grad():
@@ -216,7 +216,7 @@ class ShardedTables:
                     else:
                         shard.tensor.copy_(_slice(full, shard.metadata))
 
-    def _table_indices(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    def table_indices(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
         """Index in the optimizer's state dict -> table name, for the tables' parameters."""
         names = {id(param): name for name, param in self.table_params.items()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -229,8 +229,8 @@ class ShardedTables:
         cut to this rank's shards: what optimizer.load_state_dict takes here. `shards`: a sharded
         checkpoint's tables, whose per-row state this rank reads for its own shards only."""
         entries = dict(full["state"])
-        sharded = self._sharded()
-        for index, name in self._table_indices(optimizer).items():
+        sharded = self.sharded_weights()
+        for index, name in self.table_indices(optimizer).items():
             param, entry = self.table_params[name], entries.pop(index, None)
             if shards is not None and name in shards.tables:
                 record = shards.tables[name].optimizer
@@ -242,12 +242,12 @@ class ShardedTables:
                 if value is None:  # in the shard files
                     local[key] = torch.zeros_like(param)
                     for shard in sharded[name].local_shards():
-                        part = _view(local[key], param, shard.tensor)
+                        part = shard_view(local[key], param, shard.tensor)
                         shards.read_into(name, key, part, shard.metadata.shard_offsets)
                 elif torch.is_tensor(value) and tuple(value.shape) == tuple(sharded[name].size()):
                     local[key] = torch.zeros_like(param)
                     for shard in sharded[name].local_shards():
-                        _view(local[key], param, shard.tensor).copy_(_slice(value, shard.metadata))
+                        shard_view(local[key], param, shard.tensor).copy_(_slice(value, shard.metadata))
                 else:
                     local[key] = value
             entries[index] = local
@@ -321,7 +321,7 @@ def _slice(full: torch.Tensor, metadata: Any) -> torch.Tensor:
     return full[row : row + rows, column : column + columns]
 
 
-def _view(like_param: torch.Tensor, param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+def shard_view(like_param: torch.Tensor, param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
     """The part of `like_param` (a tensor shaped as `param`, as Adam's moments are) that `shard`, a view
     into `param`, is of `param`."""
     offset = shard.storage_offset() - param.storage_offset()
