@@ -29,7 +29,6 @@ import shutil
 import tempfile
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Collection
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -38,6 +37,7 @@ from ..data.data_time import info_time
 from ..data.storage import error_line, filesystem
 from ..errors import UserError
 from ..urls import redact
+from .download_folder import DownloadFolder
 from .repository import (
     DECISIONS,
     DEFAULT_KEEP,
@@ -57,6 +57,7 @@ from .repository import (
 log = logging.getLogger(__name__)
 
 CLAIM = ".claim-"
+DOWNLOADS = "heavyranker-repository-"  # the local folders' prefix, in the temporary folder
 CACHED_VERSIONS = 2  # downloaded versions kept on local disk: the one being loaded and the one before
 
 
@@ -71,8 +72,8 @@ class ObjectRepository(ModelRepository):
         self.folder = f"{self.root}/{model_name}"  # type: ignore[assignment]
         self._path = self.fs._strip_protocol(self.folder)
         self._ready: dict[int, tuple[Any, dict[str, Any]]] = {}  # version -> (READY's ETag, READY's record)
-        self._cache = Path(tempfile.mkdtemp(prefix="heavyranker-repository-"))
-        weakref.finalize(self, shutil.rmtree, self._cache, True)
+        self._downloads = DownloadFolder(DOWNLOADS)  # sweeps those of killed servers
+        self._cache = self._downloads.path
 
     def version_folder(self, version: int) -> str:  # type: ignore[override]
         return f"{self.folder}/{version}"
