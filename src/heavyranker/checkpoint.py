@@ -12,7 +12,7 @@ holds where they are under SHARDED_TABLES. TableShards reads them, mapped, a par
 from __future__ import annotations
 
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import torch
@@ -197,7 +197,7 @@ class _TableRecord(NamedTuple):
             raise ValueError(f"dtype {record['dtype']!r}")
         shards = [
             {
-                "file": str(s["file"]),
+                "file": _shard_file(s["file"]),
                 "offsets": [int(n) for n in s["offsets"]],
                 "sizes": [int(n) for n in s["sizes"]],
             }
@@ -213,6 +213,15 @@ class _TableRecord(NamedTuple):
             }
         rows, columns = (int(n) for n in record["shape"])
         return cls(str(record["key"]), (rows, columns), dtype, optimizer, shards)
+
+
+def _shard_file(name: object) -> str:
+    """A shard file's name as the index holds it, relative to the checkpoint's folder: inside a folder
+    `step_<N>.shards`, never elsewhere (an index naming `../x` or `/x` would have a load read any file)."""
+    parts = PurePosixPath(str(name)).parts
+    if len(parts) != 2 or not parts[0].endswith(".shards") or ".." in parts or parts[0].startswith("/"):
+        raise ValueError(f"shard file {str(name)!r} is not in a step_<N>.shards folder")
+    return str(name)
 
 
 def _overlap(

@@ -205,6 +205,22 @@ def test_a_missing_or_damaged_shard_file_is_one_line_naming_it(runs, tmp_path, d
         assert ("is missing" if damage == "missing" else "not a readable shard file") in message
 
 
+@pytest.mark.parametrize("name", ["../../elsewhere.pt", "/tmp/elsewhere.pt", "step_10.pt", "a/b/c.pt"])
+def test_an_index_naming_a_file_outside_its_shard_folder_is_damaged(runs, tmp_path, name):
+    from heavyranker.checkpoint import SHARDED_TABLES
+
+    state = _raw(runs / "sharded" / "checkpoints" / "step_10.pt")
+    next(iter(state[SHARDED_TABLES].values()))["shards"][0]["file"] = name
+    checkpoint = tmp_path / "step_10.pt"
+    torch.save(state, checkpoint)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(checkpoint)
+    assert str(info.value) == (
+        f"{checkpoint}: its {SHARDED_TABLES!r} is damaged (ValueError: shard file {name!r} is not in a "
+        "step_<N>.shards folder)"
+    )
+
+
 def test_retention_removes_shards_with_their_checkpoint_and_sweeps_those_without(data, tmp_path):  # noqa: F811 (the fixture)
     config = _config(data, tmp_path / "run", "torchrec")
     settings = yaml.safe_load(config.read_text())
