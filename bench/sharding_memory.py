@@ -3,14 +3,16 @@
 
     .venv/bin/python bench/sharding_memory.py [--config configs/local_small.yaml] [--rows 4000000]
                                               [--dim 32] [--batch 256] [--threads 1] [--results PATH]
+                                              [--table-optimizer rowwise_adagrad|adagrad|sgd|adam]
 
 Per mode, `heavyranker train --nproc 2` runs as a user runs it: the model built, 4 steps with an evaluation
 and a checkpoint every 2, then a second `train` resumes from the newest checkpoint for 2 more; then
 `heavyranker evaluate` reads the last checkpoint on one process. Each command's peak is the largest resident
 memory of its processes (the kernel's accounting of the waited command and its descendants: wait4's
 ru_maxrss), so a rank's build, steps, evaluations, checkpoints and resume are all in it. The tables' training
-state (weights, gradients and Adam's two moments, both tables) is given beside it: what a rank of a
-replicated run holds, and what the ranks of a sharded run hold together. The config's data is generated
+state (weights, gradients and their optimizer's state: Adam's two moments, or --table-optimizer's, which sets
+optimizer.embedding in both modes; both tables) is given beside it: what a rank of a replicated run holds,
+and what the ranks of a sharded run hold together. The config's data is generated
 (local_small's synthetic data); the tables are over meta__user_id and meta__author_id. The summary goes to
 bench/results/sharding_memory.json (--results).
 """
@@ -27,13 +29,14 @@ from pathlib import Path
 from results import add_results_option, cpu_line, write_results
 
 from heavyranker.config import load_config
+from heavyranker.config.optimizer import TableOptimizerType
 from heavyranker.data.synthetic import generate_for_config
+from heavyranker.train.memory_fit import ADAM_MOMENTS, TABLE_OPTIMIZER_COPIES
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("replicated", "torchrec")
 SPLITS = ("validation", "validation_downsampled")
 STEPS, MORE_STEPS = 4, 2  # evaluations and checkpoints at 2 and 4; the resume runs to 6
-TABLE_STATE_COPIES = 4  # weights, gradients, Adam's two moments
 
 
 def overrides(data: Path, run: Path, mode: str, rows: int, steps: int, args: argparse.Namespace) -> list[str]:
@@ -45,6 +48,8 @@ def overrides(data: Path, run: Path, mode: str, rows: int, steps: int, args: arg
     sets += [f"train_data.inputs={data}/train/*.gz", f"train_data.global_batch_size={args.batch}"]
     sets += [f"validation_data.{s}.inputs={data}/{s}/*.gz" for s in SPLITS]
     sets += [f"training.save_dir={run}", f"training.num_train_steps={steps}", "training.num_eval_steps=4"]
+    if args.table_optimizer is not None:
+        sets.append(f"optimizer.embedding={{type: {args.table_optimizer}, learning_rate: 0.01}}")
     return sets + ["training.checkpoint_every_n=2", "training.eval_log_every_n=2"]
 
 
@@ -88,10 +93,15 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=32, help="a multiple of 4 (fbgemm's kernels)")
     parser.add_argument("--batch", type=int, default=256, help="global batch (both ranks)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument(
+        "--table-optimizer",
+        choices=[t.value for t in TableOptimizerType],
+        help="optimizer.embedding's type in both modes (learning rate 0.01); default: none, the run's Adam",
+    )
     add_results_option(parser, "sharding_memory")
     args = parser.parse_args()
     print(cpu_line())
-    table_state = 2 * args.rows * args.dim * 4 * TABLE_STATE_COPIES / 2**20
+    table_state = 2 * _table_state_bytes(args) / 2**20
     figures: dict = {"rows": args.rows, "dim": args.dim, "ranks": 2, "tables_training_state_mib": table_state}
     with tempfile.TemporaryDirectory(prefix="sharding_memory_") as folder:
         data = Path(folder) / "data"
@@ -103,6 +113,14 @@ def main() -> None:
         key: figures["torchrec"][key] / figures["replicated"][key] for key in figures["torchrec"]
     }
     write_results("sharding_memory", figures, args)
+
+
+def _table_state_bytes(args: argparse.Namespace) -> int:
+    """One table's weights, gradients and optimizer state (row-wise Adagrad: a float32 a row besides)."""
+    kind = args.table_optimizer
+    copies = 2 + (ADAM_MOMENTS if kind is None else TABLE_OPTIMIZER_COPIES[TableOptimizerType(kind)])
+    per_row = args.rows * 4 if kind == TableOptimizerType.ROWWISE_ADAGRAD.value else 0
+    return args.rows * args.dim * 4 * copies + per_row
 
 
 if __name__ == "__main__":

@@ -96,9 +96,12 @@ def _mapped(path: str | Path) -> Any:
 
 # In a checkpoint of a run with sharded tables: table name -> where its shards are, as
 # train/sharded_checkpoint.py writes it: {"key": the replicated model's state-dict key, "shape": [rows,
-# columns], "dtype": "float32", "optimizer": {"index", "per_row": [names], "scalars": {name: value}} (absent
-# before the first step), "shards": [{"file": relative to the checkpoint's folder, "offsets", "sizes"}]}.
-# A shard file holds {"<table>@<row>,<column>": {"weight": tensor, <per-row optimizer state>: tensor}}.
+# columns], "dtype": "float32", "optimizer": {"index", "per_row": [names], "one_per_row": [those of them
+# that are a value per row, not shaped as the weight], "scalars": {name: value}, "in": "optimizer" or
+# "table_optimizer" (optimizer.embedding's; absent: "optimizer")} (absent before the first step), "shards":
+# [{"file": relative to the checkpoint's folder, "offsets", "sizes"}]}. A shard file holds
+# {"<table>@<row>,<column>": {"weight": tensor, <per-row optimizer state>: tensor}} (a value per row: the
+# shard's rows').
 SHARDED_TABLES = "sharded_tables"
 
 
@@ -123,15 +126,19 @@ class TableShards:
 
     def read_into(self, table: str, key: str, out: torch.Tensor, offsets: list[int]) -> None:
         """Copy into `out` the part of `table`'s tensor `key` ("weight", or a per-row optimizer state such
-        as "exp_avg") that starts at `offsets` (row, column) and has out's shape."""
-        record, covered = self.tables[table], 0
+        as "exp_avg") that starts at `offsets` (row, column) and has out's shape. A 1-D `out` is a value per
+        row (row-wise Adagrad's sum), read from the shards of the table's first column."""
+        record, covered, dims = self.tables[table], 0, out.dim()
         for shard in record.shards:
-            region = _overlap(offsets, list(out.shape), shard["offsets"], shard["sizes"])
+            if dims == 1 and shard["offsets"][1] != 0:  # the other columns' shards hold the same rows' values
+                continue
+            at, sizes = shard["offsets"][:dims], shard["sizes"][:dims]
+            region = _overlap(offsets[:dims], list(out.shape), at, sizes)
             if region is None:
                 continue
             file = self.checkpoint.parent / shard["file"]
-            source = self._tensor(file, shard_key(table, shard["offsets"]), key, shard["sizes"])
-            into, outof = _within(region, offsets), _within(region, shard["offsets"])
+            source = self._tensor(file, shard_key(table, shard["offsets"]), key, sizes)
+            into, outof = _within(region, offsets[:dims]), _within(region, at)
             out[into].copy_(source[outof])
             covered += out[into].numel()
             del source  # unmaps the file before the next one is mapped
@@ -148,7 +155,8 @@ class TableShards:
             shard = record.shards[0]
             file = self.checkpoint.parent / shard["file"]
             return self._tensor(file, shard_key(table, shard["offsets"]), key, shard["sizes"])
-        tensor = torch.empty(record.shape, dtype=record.dtype)
+        one_per_row = record.optimizer is not None and key in record.optimizer["one_per_row"]
+        tensor = torch.empty(record.shape[:1] if one_per_row else record.shape, dtype=record.dtype)
         self.read_into(table, key, tensor, [0, 0])
         return tensor
 
@@ -158,9 +166,9 @@ class TableShards:
         for table, record in self.tables.items():
             if isinstance(state.get("model"), dict):
                 state["model"][record.key] = self.full(table, "weight", mapped)
-            optimizer_state = state.get("optimizer")
+            optimizer_state = state.get(record.optimizer["in"]) if record.optimizer is not None else None
             entries = optimizer_state.get("state") if isinstance(optimizer_state, dict) else None
-            if not mapped and record.optimizer is not None and isinstance(entries, dict):
+            if not mapped and isinstance(entries, dict):
                 per_row = {key: self.full(table, key) for key in record.optimizer["per_row"]}
                 entries[record.optimizer["index"]] = {**record.optimizer["scalars"], **per_row}
         del state[SHARDED_TABLES]
@@ -209,7 +217,9 @@ class _TableRecord(NamedTuple):
             optimizer = {
                 "index": int(optimizer["index"]),
                 "per_row": per_row,
+                "one_per_row": [str(name) for name in optimizer.get("one_per_row", [])],
                 "scalars": dict(optimizer["scalars"]),
+                "in": str(optimizer.get("in", "optimizer")),
             }
         rows, columns = (int(n) for n in record["shape"])
         return cls(str(record["key"]), (rows, columns), dtype, optimizer, shards)

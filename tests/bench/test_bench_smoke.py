@@ -130,6 +130,11 @@ MODES = {
         [*BENCHES["model_step"][0], "--precision", "bf16"],
         BENCHES["model_step"][1] | {"bf16_over_fp32"},
     ),
+    "sharding_memory --table-optimizer rowwise_adagrad": (
+        "sharding_memory",
+        [*BENCHES["sharding_memory"][0], "--table-optimizer", "rowwise_adagrad"],
+        BENCHES["sharding_memory"][1],
+    ),
 }
 
 

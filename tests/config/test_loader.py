@@ -144,17 +144,12 @@ def test_model_task_without_label(tmp_path, small):
     assert any(f"model.tasks.{FAV}: no label of that name in train_data.tasks" in line for line in lines)
 
 
-def test_sharded_tables_with_their_own_optimizer_are_refused():
-    # Was, with --nproc 2, an AttributeError traceback on every rank ('_OptimizerView' has no
-    # table_parameters), though docs/sharding.md said the combination is refused.
+def test_sharded_tables_take_their_own_optimizer():
+    # Was refused ("the tables' own optimizer is not offered with training.embedding_sharding: torchrec"):
+    # sharded tables now train with optimizer.embedding's optimizer (tests/train/test_sharded_table_optim.py).
     path = CONFIGS / "local_small_ids.yaml"
-    load_config(path, ["training.embedding_sharding=torchrec", "optimizer.embedding=null"])
-    [line] = problems(path, ["training.embedding_sharding=torchrec"])
-    assert line == (
-        f"{path}: optimizer.embedding: the tables' own optimizer is not offered with "
-        "training.embedding_sharding: torchrec (sharded tables train with the run's Adam); "
-        "set optimizer.embedding: null"
-    )
+    config = load_config(path, ["training.embedding_sharding=torchrec"])
+    assert config.optimizer.embedding is not None and config.training.embedding_sharding == "torchrec"
 
 
 def test_evaluation_task_not_in_split(tmp_path, small):

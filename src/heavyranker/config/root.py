@@ -119,12 +119,6 @@ def cross_check(config: Config) -> list[Problem]:
 
     problems += _keep_best_problems(config)
     problems += _promote_problems(config)
-    if config.training.embedding_sharding == "torchrec" and config.optimizer.embedding is not None:
-        reason = (
-            "the tables' own optimizer is not offered with training.embedding_sharding: torchrec (sharded "
-            "tables train with the run's Adam); set optimizer.embedding: null"
-        )
-        problems.append(("optimizer.embedding", reason))
 
     for task in config.serving.engagement_weights or {}:
         if task not in config.model.tasks:

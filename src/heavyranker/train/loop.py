@@ -123,8 +123,8 @@ class Trainer:
             self.train_model, params = self.runtime.wrap(self.model), self.model
         self.loss_fn: MultiTaskLoss = build_loss(config.model).to(self.runtime.device)
         self.optimizer, self.scheduler = build_optimizer(config.optimizer, params)
-        tables = [] if self.sharded is not None else self.model.table_parameters()  # sharded: the dense one's
-        self.table_optimizer = build_table_optimizer(config.optimizer, tables)
+        splits = self.sharded.column_splits() if self.sharded is not None else None
+        self.table_optimizer = build_table_optimizer(config.optimizer, params.table_parameters(), splits)
         self.accumulation = config.training.gradient_accumulation or 1
         self.step = 0
         self.run_folder = RunFolder(config.training.save_dir)
@@ -154,7 +154,13 @@ class Trainer:
             load_optimizer_state(self.optimizer, optimizer_state)
             self.scheduler.load_state_dict(state["scheduler"])
             if self.table_optimizer is not None and "table_optimizer" in state:
-                self.table_optimizer.load_state_dict(state["table_optimizer"])
+                table_state = state["table_optimizer"]
+                if self.sharded is not None:
+                    shards = state.get(SHARDED_TABLES)
+                    table_state = self.sharded.local_optimizer_state(
+                        self.table_optimizer, table_state, shards, kind="table_optimizer"
+                    )
+                self.table_optimizer.load_state_dict(table_state)
             self.step = int(state["step"])
             self.stream_position.restore(state)
             torch.set_rng_state(state["rng"])
@@ -178,7 +184,8 @@ class Trainer:
     def save(self) -> Path | None:
         shards = None
         if self.sharded is not None:  # every rank writes its own shards first (train/sharded_checkpoint.py)
-            shards = write_shards(self.sharded, self.optimizer, self.run_folder.checkpoints, self.step)
+            checkpoints = self.run_folder.checkpoints
+            shards = write_shards(self.sharded, self.optimizer, checkpoints, self.step, self.table_optimizer)
             model, optimizer = shards.model, shards.optimizer
         else:
             model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
@@ -192,8 +199,9 @@ class Trainer:
             "rng": torch.get_rng_state(),
         }
         self.stream_position.save(state, self._dataset)
-        if self.table_optimizer is not None:
-            state["table_optimizer"] = self.table_optimizer.state_dict()
+        if self.table_optimizer is not None:  # sharded: the large tables' state is in their shards
+            table = self.table_optimizer.state_dict() if shards is None else shards.table_optimizer
+            state["table_optimizer"] = table
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         if shards is not None:  # where they are; step_<N>.pt, written last, makes the checkpoint exist

@@ -2,9 +2,10 @@
 gathering a table anywhere.
 
 Each rank writes its own shards of the large tables (their rows or columns of the weight and of the per-row
-optimizer state, Adam's moments) to checkpoints/step_<N>.shards/rank-<K>.<save>.pt; then rank 0 writes
-step_<N>.pt with the rest (the dense weights, the optimizer's other state, scheduler, step, rng, stream
-position) and, under checkpoint.SHARDED_TABLES, where each table's shards are. Every file is written
+optimizer state: Adam's moments, or optimizer.embedding's, such as row-wise Adagrad's value per row) to
+checkpoints/step_<N>.shards/rank-<K>.<save>.pt; then rank 0 writes step_<N>.pt with the rest (the dense
+weights, the optimizers' other state, scheduler, step, rng, stream position) and, under
+checkpoint.SHARDED_TABLES, where each table's shards are. Every file is written
 atomically, and step_<N>.pt last: its presence is what makes the checkpoint exist (a save killed before it
 leaves a shard folder that run_folder.py sweeps). Readers: checkpoint.TableShards.
 
@@ -39,6 +40,7 @@ class WrittenShards:
     optimizer: dict[str, Any]
     index: dict[str, Any]
     folder: Path
+    table_optimizer: dict[str, Any] | None = None  # optimizer.embedding's, without the large tables' entries
 
     def remove_replaced(self) -> None:
         """Once step_<N>.pt is written (rank 0): remove the files of the shard folder its index does not
@@ -50,14 +52,21 @@ class WrittenShards:
 
 
 def write_shards(
-    sharded: ShardedTables, optimizer: torch.optim.Optimizer, checkpoints: Path, step: int
+    sharded: ShardedTables,
+    optimizer: torch.optim.Optimizer,
+    checkpoints: Path,
+    step: int,
+    table_optimizer: torch.optim.Optimizer | None = None,
 ) -> WrittenShards:
-    """Every rank writes its shards of checkpoint `step` in `checkpoints`. A rank that cannot write (a full
-    disk) makes every rank raise its one-line UserError. Collective: every rank."""
+    """Every rank writes its shards of checkpoint `step` in `checkpoints`, with the per-row state of the
+    optimizer that trains each table (`table_optimizer`, optimizer.embedding's, where set). A rank that
+    cannot write (a full disk) makes every rank raise its one-line UserError. Collective: every rank."""
     runtime = sharded.runtime
     save = runtime.broadcast(secrets.token_hex(4))
     folder = RunFolder.of_checkpoints(checkpoints).shards(step)
-    content, written, moments = _own_shards(sharded, optimizer)
+    optimizers = {"optimizer": optimizer, "table_optimizer": table_optimizer}
+    optimizers = {kind: o for kind, o in optimizers.items() if o is not None}
+    content, written, moments = _own_shards(sharded, optimizers)
     problem = _write(folder / f"rank-{runtime.rank}.{save}.pt", content) if content else None
     reports = runtime.gather((problem, written, moments))
     problems = [problem for problem, _, _ in reports if problem]
@@ -66,18 +75,24 @@ def write_shards(
     if not runtime.is_main:
         return WrittenShards({}, {}, {}, folder)
     files = [f"{folder.name}/rank-{rank}.{save}.pt" for rank in range(len(reports))]
-    indices = {name: index for index, name in sharded.table_indices(optimizer).items()}
-    state = optimizer.state_dict()
-    others = {i: entry for i, entry in state["state"].items() if i not in indices.values()}
-    dense = {"state": others, "param_groups": state["param_groups"]}
-    return WrittenShards(sharded.ranker.state_dict(), dense, _index(sharded, files, reports, indices), folder)
+    indices, rest = {}, {}
+    for kind, held in optimizers.items():
+        own = {name: (kind, index) for index, name in sharded.table_indices(held).items()}
+        state = held.state_dict()
+        others = {i: entry for i, entry in state["state"].items() if (kind, i) not in own.values()}
+        rest[kind] = {"state": others, "param_groups": state["param_groups"]}
+        indices |= own
+    index = _index(sharded, files, reports, indices)
+    model = sharded.ranker.state_dict()
+    return WrittenShards(model, rest["optimizer"], index, folder, rest.get("table_optimizer"))
 
 
 def _index(
-    sharded: ShardedTables, files: list[str], reports: list[tuple], indices: dict[str, int]
+    sharded: ShardedTables, files: list[str], reports: list[tuple], indices: dict[str, tuple[str, int]]
 ) -> dict[str, Any]:
     """checkpoint.SHARDED_TABLES: per table, its shards (in the file of the rank that holds each, `files`)
-    as every rank's report says, and its optimizer state's index (`indices`) and scalars."""
+    as every rank's report says, and where its optimizer state is (`indices`: which optimizer's, at which
+    index) with its scalars."""
     index = {}
     for name, weight in sharded.sharded_weights().items():
         index[name] = {
@@ -93,24 +108,33 @@ def _index(
         }
         owners = [moments[name] for _, _, moments in reports if name in moments]
         if owners:  # absent before the first step
-            per_row, scalars = owners[0]
-            index[name]["optimizer"] = {"index": indices[name], "per_row": per_row, "scalars": scalars}
+            per_row, one_per_row, scalars = owners[0]
+            kind, at = indices[name]
+            index[name]["optimizer"] = {
+                "index": at,
+                "per_row": per_row,
+                "one_per_row": one_per_row,
+                "scalars": scalars,
+                "in": kind,
+            }
     return index
 
 
 def _own_shards(
-    sharded: ShardedTables, optimizer: torch.optim.Optimizer
+    sharded: ShardedTables, optimizers: dict[str, torch.optim.Optimizer]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[tuple[str, list[int], list[int]]], dict[str, Any]]:
     """This rank's shard file's content (checkpoint.SHARDED_TABLES says its layout), which shards it holds
-    (table, offsets, sizes), and per table whose optimizer state it holds: the names of the per-row states
-    and the others (Adam's step)."""
+    (table, offsets, sizes), and per table whose optimizer state it holds: the names of the per-row states,
+    those of them that are a value per row, and the others (Adam's step)."""
     content, written, moments = {}, [], {}
     for name, weight in sharded.sharded_weights().items():
         param = sharded.table_params[name]
-        state = optimizer.state.get(param, {})
+        state = next((o.state[param] for o in optimizers.values() if param in o.state), {})
         per_row = {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
-        if per_row:
-            moments[name] = (sorted(per_row), {k: v for k, v in state.items() if k not in per_row})
+        if per_row and param.numel() > 0:
+            scalars = {k: v for k, v in state.items() if k not in per_row}
+            one_per_row = sorted(k for k, v in per_row.items() if v.dim() == 1 and param.dim() == 2)
+            moments[name] = (sorted(per_row), one_per_row, scalars)
         for shard in weight.local_shards():
             offsets, sizes = list(shard.metadata.shard_offsets), list(shard.metadata.shard_sizes)
             tensors = {"weight": shard.tensor.detach()}

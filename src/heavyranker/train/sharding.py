@@ -30,6 +30,7 @@ from ..model.embeddings import bag_mean
 from ..runtime import Runtime
 from .shard_init import fill_shards, parameter_order
 from .sharded_eval import InStep
+from .table_optim import ColumnSplit
 
 # The versions that work together: fbgemm's operators are compiled against one torch release, and a
 # mismatch shows up as an undefined symbol when torchrec is imported.
@@ -126,15 +127,20 @@ class _OptimizerView:
     replicated ranker's order with each table's local shard at its table's place, so that optimizer state
     indices mean the same in both modes."""
 
-    def __init__(self, ranker: Ranker, ordered: list[nn.Parameter]):
+    def __init__(self, ranker: Ranker, ordered: list[nn.Parameter], tables: list[nn.Parameter]):
         self.ranker = ranker
         self.ordered = ordered
+        self.tables = tables
 
     def tower_parameters(self) -> dict[str, list[nn.Parameter]]:
         return self.ranker.tower_parameters()
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.ordered)
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        """As Ranker.table_parameters: the large tables' (their local shards here), then the small ones'."""
+        return list(self.tables)
 
 
 def weight_key(name: str) -> str:
@@ -176,12 +182,24 @@ class ShardedTables:
         # embedding_bags.<name>.weight: this rank's part of the table (an empty parameter where it has none)
         self.table_params = {n.split(".")[1]: p for n, p in self.wrapper.tables.named_parameters()}
         by_key = own | {weight_key(n): p for n, p in self.table_params.items()}
-        self.optimizer_view = _OptimizerView(ranker, [by_key[key] for key in order])
+        small = [table.embedding.weight for table in ranker.small_embeddings.values()]
+        large = [self.table_params[name] for name in tables]
+        self.optimizer_view = _OptimizerView(ranker, [by_key[key] for key in order], large + small)
 
     def sharded_weights(self) -> dict[str, Any]:
         """Table name -> its weight as a torchrec ShardedTensor (its shards here, and where the rest is)."""
         state = self.wrapper.tables.state_dict()
         return {name: state[f"embedding_bags.{name}.weight"] for name in self.ranker.large_embeddings}
+
+    def column_splits(self) -> dict[nn.Parameter, ColumnSplit]:
+        """The tables whose columns are split over the ranks (a column-wise plan): their local parameters
+        (empty where a rank holds none of it) and whole sizes, as RowWiseAdagrad takes them."""
+        splits = {}
+        for name, weight in self.sharded_weights().items():
+            rows, columns = weight.size()
+            if any(m.shard_sizes[1] < columns for m in weight.metadata().shards_metadata):
+                splits[self.table_params[name]] = ColumnSplit(rows, columns)
+        return splits
 
     def in_step(self, specs: dict[str, Spec]) -> InStep:
         """How an evaluation scores its batches here: each rank its own share of a split on its shards, every
@@ -223,35 +241,62 @@ class ShardedTables:
         return {i: names[id(p)] for i, p in enumerate(params) if id(p) in names}
 
     def local_optimizer_state(
-        self, optimizer: torch.optim.Optimizer, full: dict[str, Any], shards: TableShards | None = None
+        self,
+        optimizer: torch.optim.Optimizer,
+        full: dict[str, Any],
+        shards: TableShards | None = None,
+        kind: str = "optimizer",
     ) -> dict[str, Any]:
-        """A replicated-layout optimizer state (a checkpoint's "optimizer") with each table's per-row state
-        cut to this rank's shards: what optimizer.load_state_dict takes here. `shards`: a sharded
-        checkpoint's tables, whose per-row state this rank reads for its own shards only."""
+        """A replicated-layout optimizer state (a checkpoint's `kind`: "optimizer", or "table_optimizer"
+        for optimizer.embedding's) with each table's per-row state cut to this rank's shards: what
+        optimizer.load_state_dict takes here. `shards`: a sharded checkpoint's tables, whose per-row state
+        this rank reads for its own shards only (where that checkpoint kept it in `kind`)."""
         entries = dict(full["state"])
         sharded = self.sharded_weights()
         for index, name in self.table_indices(optimizer).items():
-            param, entry = self.table_params[name], entries.pop(index, None)
+            param, entry, one_per_row = self.table_params[name], entries.pop(index, None), set()
             if shards is not None and name in shards.tables:
                 record = shards.tables[name].optimizer
-                entry = None if record is None else record["scalars"] | dict.fromkeys(record["per_row"])
+                entry = None if record is None or record.get("in", "optimizer") != kind else record
+                if entry is not None:
+                    one_per_row = set(record.get("one_per_row", []))
+                    entry = record["scalars"] | dict.fromkeys(record["per_row"])
             if entry is None or param.numel() == 0:
                 continue
             local = {}
             for key, value in entry.items():
-                if value is None:  # in the shard files
-                    local[key] = torch.zeros_like(param)
-                    for shard in sharded[name].local_shards():
-                        part = shard_view(local[key], param, shard.tensor)
-                        shards.read_into(name, key, part, shard.metadata.shard_offsets)
-                elif torch.is_tensor(value) and tuple(value.shape) == tuple(sharded[name].size()):
-                    local[key] = torch.zeros_like(param)
-                    for shard in sharded[name].local_shards():
-                        shard_view(local[key], param, shard.tensor).copy_(_slice(value, shard.metadata))
+                whole = torch.is_tensor(value) and tuple(value.shape) in _per_row_shapes(sharded[name])
+                if value is None or whole:
+                    local[key] = self._local_part(name, key, value, key in one_per_row, shards)
                 else:
                     local[key] = value
             entries[index] = local
         return {"state": entries, "param_groups": full["param_groups"]}
+
+    def _local_part(
+        self, name: str, key: str, whole: torch.Tensor | None, one_per_row: bool, shards: TableShards | None
+    ) -> torch.Tensor:
+        """Table `name`'s per-row state `key` for this rank's shards: cut from `whole` (the table's, shaped
+        as its weight or one value per row), else read from the shard files (`one_per_row`: a value a
+        row)."""
+        param, weight = self.table_params[name], self.sharded_weights()[name]
+        rows_only = one_per_row if whole is None else whole.dim() == 1
+        local = torch.zeros(
+            param.shape[0] if rows_only else param.shape, dtype=param.dtype, device=param.device
+        )
+        for shard in weight.local_shards():
+            part = shard_view(local, param, shard.tensor)
+            if whole is None:
+                shards.read_into(name, key, part, shard.metadata.shard_offsets)
+            else:
+                part.copy_(_slice(whole, shard.metadata))
+        return local
+
+
+def _per_row_shapes(weight: Any) -> tuple[tuple[int, ...], ...]:
+    """The shapes a table's whole per-row optimizer state takes: its weight's (Adam's moments, Adagrad's
+    sum), or one value per row (row-wise Adagrad's sum)."""
+    return tuple(weight.size()), (weight.size()[0],)
 
 
 def _collection(shapes: dict[str, tuple[int, int]]) -> nn.Module:
@@ -316,15 +361,21 @@ def _distribute(wrapper: nn.Module, runtime: Runtime, sharding_types: dict[str, 
 
 
 def _slice(full: torch.Tensor, metadata: Any) -> torch.Tensor:
-    """The part of a full table a shard holds (its offsets and sizes in rows and columns)."""
+    """The part of a full table a shard holds (its offsets and sizes in rows and columns); of a value per
+    row (a 1-D `full`), its rows'."""
     (row, column), (rows, columns) = metadata.shard_offsets, metadata.shard_sizes
+    if full.dim() == 1:
+        return full[row : row + rows]
     return full[row : row + rows, column : column + columns]
 
 
 def shard_view(like_param: torch.Tensor, param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
-    """The part of `like_param` (a tensor shaped as `param`, as Adam's moments are) that `shard`, a view
-    into `param`, is of `param`."""
+    """The part of `like_param` (a tensor shaped as `param`, as Adam's moments are, or a value per row of
+    `param`, as row-wise Adagrad's sum) that `shard`, a view into `param`, is of `param`."""
     offset = shard.storage_offset() - param.storage_offset()
+    if like_param.dim() == 1 and param.dim() == 2:  # the shard's rows
+        first = offset // param.stride(0)
+        return like_param[first : first + shard.shape[0]]
     return like_param.as_strided(shard.shape, shard.stride(), like_param.storage_offset() + offset)
 
 
