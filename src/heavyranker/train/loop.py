@@ -15,12 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import (
-    SHARDED_TABLES,
-    check_resumable,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from ..checkpoint import SHARDED_TABLES, check_resumable, resolve_checkpoint, save_checkpoint
 from ..config import Config
 from ..config.training import TrainingConfig
 from ..cpu import bf16_warning, cpu_info
@@ -147,19 +142,10 @@ class Trainer:
             hint = "training.save_dir holds a run of another model: give this one its own save_dir"
             state = self._restore_weights(newest, hint)
             check_resumable(state, newest)
-            optimizer_state = state["optimizer"]
-            if self.sharded is not None:
-                shards = state.get(SHARDED_TABLES)  # a sharded checkpoint's: each rank reads its own parts
-                optimizer_state = self.sharded.local_optimizer_state(self.optimizer, optimizer_state, shards)
-            load_optimizer_state(self.optimizer, optimizer_state)
+            load_optimizer_state(self.optimizer, self._local_state(self.optimizer, state, "optimizer"))
             self.scheduler.load_state_dict(state["scheduler"])
             if self.table_optimizer is not None and "table_optimizer" in state:
-                table_state = state["table_optimizer"]
-                if self.sharded is not None:
-                    shards = state.get(SHARDED_TABLES)
-                    table_state = self.sharded.local_optimizer_state(
-                        self.table_optimizer, table_state, shards, kind="table_optimizer"
-                    )
+                table_state = self._local_state(self.table_optimizer, state, "table_optimizer")
                 self.table_optimizer.load_state_dict(table_state)
             self.step = int(state["step"])
             self.stream_position.restore(state)
@@ -175,6 +161,14 @@ class Trainer:
         if self.config.training.keep_best and self.runtime.is_main:
             training = self.config.training
             self.best = BestTracker(training.keep_best, self.run_folder, training.checkpoint_max_to_keep)
+
+    def _local_state(self, optimizer: torch.optim.Optimizer, state: dict, kind: str) -> dict:
+        """A checkpoint's state[kind] as `optimizer` takes it here: with sharded tables, this rank's parts of
+        the tables' per-row state (read from a sharded checkpoint's shard files, or cut from a full one)."""
+        if self.sharded is None:
+            return state[kind]
+        shards = state.get(SHARDED_TABLES)
+        return self.sharded.local_optimizer_state(optimizer, state[kind], shards, kind=kind)
 
     def _restore_weights(self, checkpoint: Path, misfit_hint: str, mapped: bool = False) -> dict:
         """`mapped`: for a warm start, which takes the weights only (model.restore_weights)."""
