@@ -120,34 +120,24 @@ def torch_leftovers() -> dict[str, int]:
     }
 
 
-def test_promotions_in_one_process_leave_nothing_of_torch_behind(run, tmp_path):
+def test_promotions_in_one_process_leave_nothing_behind(small_data, run, tmp_path):
     """A follow run promotes in its training process for weeks: each promotion grew it by ~1 MiB that torch
-    kept of the programs it exported and loaded, for the process's life."""
-    config, checkpoints = run
-    repository = ModelRepository(tmp_path / "repo", "ranker")
-    early, trained = (str(checkpoints / f"step_{step}.pt") for step in (EARLY, STEPS))
-    promote(config, repository, checkpoint=early, format="pt2")
-    before = torch_leftovers()
-    for checkpoint in (trained, early):  # each one exported, loaded and scored against the version
-        promote(config, repository, checkpoint=checkpoint, format="pt2")
-    assert torch_leftovers() == before
-    assert before["shape env lru entries"] == 0
-
-
-def test_a_promoting_run_frees_what_each_promotion_scored_at_once(small_data, run, tmp_path):
-    """A torch program is cyclic garbage, which a training process's own collections freed late."""
+    kept, for the process's life, of the programs it exported and loaded (release/leftovers.py); and the
+    programs it scored, cyclic garbage, waited for the process's next full collection."""
     _, checkpoints = run
     setting = promote_setting(tmp_path / "repo", every_steps=EARLY)
     promoter = Promoter(small_config(small_data, tmp_path / "run", *RUN, setting))
     promoter(checkpoints / f"step_{EARLY}.pt", EARLY)
+    before, programs = torch_leftovers(), graph_modules()
     gc.disable()
     try:
-        before = graph_modules()
-        for step in (STEPS, EARLY):
+        for step in (STEPS, EARLY):  # each one exported, loaded and scored against the version
             promoter(checkpoints / f"step_{step}.pt", step)
-        assert graph_modules() == before
+        assert graph_modules() == programs  # freed, not waiting as garbage
     finally:
         gc.enable()
+    assert torch_leftovers() == before
+    assert before["shape env lru entries"] == 0
     assert len(ModelRepository(tmp_path / "repo", "ranker").decisions()) == 3  # each one promoted
 
 
