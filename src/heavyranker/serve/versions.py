@@ -227,11 +227,13 @@ class ServedVersions:
         (memory.return_freed_memory). Over many swaps, RSS moved by up to a model's size a swap
         (bench/serve_soak.py). The collection holds the interpreter while it runs, once a swap: 0.3 to 0.45
         s in a local_prod server, measured on a loaded 2-CPU machine."""
-        if self._swapped_out is None:
+        swapped_out = self._swapped_out  # once: a test's refresh() may run beside the watcher's poll
+        if swapped_out is None:
             return
         gc.collect()
-        if self._swapped_out() is None:
-            self._swapped_out = None
+        if swapped_out() is None:
+            if self._swapped_out is swapped_out:
+                self._swapped_out = None
             return_freed_memory()
 
     def _watch(self, poll_seconds: float) -> None:
