@@ -15,8 +15,9 @@ descriptors, threads, the files under its TMPDIR (downloads of an object-store r
 and the number of series on /metrics. The figures, a table each with a row per variant: the value after
 the first swap and after the last, and the growth per swap: the slope of a least-squares line over the
 last half of the swaps (the first ones include allocators' and caches' growth to their working size). A
-bounded server's slopes are near 0; its RSS, read right after a swap, moves by what the allocator has not
-yet given back of the version swapped out (a model's size, up or down, from one swap to the next).
+bounded server's slopes are near 0. Its RSS, read right after a swap and a round, used to move by up to a
+model's size from one swap to the next (the version swapped out freed at Python's next full collection,
+then kept by glibc's heap); the server now frees it at the swap and hands its memory back (versions.py).
 Results go to bench/results/serve_soak.json (--results).
 """
 

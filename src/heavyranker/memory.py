@@ -29,13 +29,25 @@ def keep_freed_memory() -> None:
     so keeping it costs no more memory than the peak itself. Blocks over 32 MiB
     stay mapped and unmapped one by one, as by default: forcing them into the heap too (M_MMAP_MAX=0)
     fragments it, several times a large tensor's size. A no-op off glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "mallopt"):
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, LARGEST_HEAP_BLOCK)
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # a C int: 2 GiB
+
+
+def return_freed_memory() -> None:
+    """Hands the free pages of glibc's heaps back to the OS (malloc_trim), for a process that is done with
+    a model: freed, a model's smaller tensors (under glibc's mmap threshold, which rises to 32 MiB as large
+    blocks are freed) stay in the heap, in pieces that glibc's own trimming (of the heap's top alone) does
+    not reach. A no-op off glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return None if name is None else ctypes.CDLL(name)
 
 
 CGROUP_LIMITS = (

@@ -5,12 +5,15 @@ promotions.jsonl with its figures."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 
 import pytest
 import torch
+from torch.fx import graph_module
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from heavyranker.checkpoint import load_checkpoint, save_checkpoint
 from heavyranker.cli import main
@@ -19,12 +22,14 @@ from heavyranker.eval.compare import loaded_model, score, validation_split
 from heavyranker.eval.evaluator import evaluation_tasks
 from heavyranker.eval.metrics import rce
 from heavyranker.handlers import EXIT_REFUSED
+from heavyranker.release.follow import Promoter
 from heavyranker.release.promote import PromotionRule, promote
 from heavyranker.serve.repository import ModelRepository
 from heavyranker.serve.scorer import MANIFEST, Scorer
 from heavyranker.serve.served_program import ServedProgram
 from heavyranker.train.loop import Trainer
 from tests.conftest import CONFIGS, SMALL_SPLITS, small_config
+from tests.release.test_follow_promote import promote_setting
 
 STEPS, EARLY = 60, 5
 FAST = ("train_data.global_batch_size=64", "training.eval_log_every_n=1000", "training.train_log_every_n=100")
@@ -98,6 +103,47 @@ def test_the_checkpoint_a_version_serves_is_not_scored_against_itself(run, tmp_p
     assert promote(config, repository, checkpoint=str(candidate)).tasks
     as_int8 = promote(config, repository, checkpoint=str(candidate), precision="int8")
     assert as_int8.tasks, "another program of the checkpoint is judged"
+
+
+def torch_leftovers() -> dict[str, int]:
+    """What torch holds for the process's life of the programs exported and loaded (release/leftovers.py)."""
+    gc.collect()
+    shape_envs = [o for o in gc.get_objects() if type(o) is ShapeEnv]  # isinstance: deprecation warnings
+    return {
+        "fake tensor cache entries": sum(len(env.fake_tensor_cache) for env in shape_envs),
+        "shape env lru entries": sum(
+            member.cache_info().currsize
+            for member in vars(ShapeEnv).values()
+            if hasattr(member, "cache_info")
+        ),
+        "generated sources": len(graph_module._loader.eval_cache),
+    }
+
+
+def test_promotions_in_one_process_leave_nothing_behind(small_data, run, tmp_path):
+    """A follow run promotes in its training process for weeks: each promotion grew it by ~1 MiB that torch
+    kept, for the process's life, of the programs it exported and loaded (release/leftovers.py); and the
+    programs it scored, cyclic garbage, waited for the process's next full collection."""
+    _, checkpoints = run
+    setting = promote_setting(tmp_path / "repo", every_steps=EARLY)
+    promoter = Promoter(small_config(small_data, tmp_path / "run", *RUN, setting))
+    promoter(checkpoints / f"step_{EARLY}.pt", EARLY)
+    before, programs = torch_leftovers(), graph_modules()
+    gc.disable()
+    try:
+        for step in (STEPS, EARLY):  # each one exported, loaded and scored against the version
+            promoter(checkpoints / f"step_{step}.pt", step)
+        assert graph_modules() == programs  # freed, not waiting as garbage
+    finally:
+        gc.enable()
+    assert torch_leftovers() == before
+    assert before["shape env lru entries"] == 0
+    assert len(ModelRepository(tmp_path / "repo", "ranker").decisions()) == 3  # each one promoted
+
+
+def graph_modules() -> int:
+    """torch programs tracked by the collector, garbage not yet freed included."""
+    return sum(issubclass(type(o), graph_module.GraphModule) for o in gc.get_objects())
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])

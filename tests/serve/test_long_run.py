@@ -20,7 +20,9 @@ import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 from torch.fx import graph_module
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from heavyranker.serve import versions as versions_module
 from heavyranker.serve.app import create_app
 from heavyranker.serve.object_repository import CLAIM, ObjectRepository
 from heavyranker.serve.repository import ModelRepository, open_repository
@@ -189,6 +191,7 @@ def test_a_version_swapped_out_is_let_go_with_its_generated_sources(tmp_path, pr
     versions.refresh()  # the first swap may fill torch's own caches, which stay
     gc.collect()
     sources = len(graph_module._loader.eval_cache)  # torch's own and the served version's
+    shape_envs = count_shape_envs()
     swapped_out = []
     for folder in programs * 2:
         swapped_out.append(weakref.ref(versions.current.scorer.program))
@@ -198,6 +201,63 @@ def test_a_version_swapped_out_is_let_go_with_its_generated_sources(tmp_path, pr
     assert versions.current.version == 8
     assert [program() for program in swapped_out] == [None] * 6
     assert len(graph_module._loader.eval_cache) == sources  # those of the versions swapped out went too
+    # torch.export.load makes one a program, which the lru_caches on ShapeEnv's methods held for good.
+    assert count_shape_envs() == shape_envs
+
+
+def count_shape_envs() -> int:
+    gc.collect()
+    return sum(type(o) is ShapeEnv for o in gc.get_objects())  # isinstance: deprecation warnings
+
+
+@contextmanager
+def automatic_collection_off() -> Iterator[None]:
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def test_a_version_swapped_out_is_freed_at_once_and_its_memory_handed_back(tmp_path, programs, monkeypatch):  # noqa: F811
+    """A torch program is cyclic garbage, which Python's own collections freed late: a server held versions
+    swapped out long after; and what it freed stayed in glibc's heap (memory.return_freed_memory)."""
+    returned = []  # for each hand-back, whether the version swapped out was freed by then
+
+    def hand_back() -> None:
+        returned.append(gone() is None)
+
+    monkeypatch.setattr(versions_module, "return_freed_memory", hand_back, raising=False)
+    repository = ModelRepository(tmp_path / "repo", NAME)
+    publish(repository, programs[0])
+    versions = ServedVersions.from_repository(repository)
+    gone = weakref.ref(versions.current.scorer.program)
+    with automatic_collection_off():
+        publish(repository, programs[1])
+        versions.refresh()
+        assert gone() is None and returned == [True]
+        in_flight = versions.current.scorer  # a request still scoring on version 2 as version 3 swaps in
+        gone = weakref.ref(in_flight.program)
+        publish(repository, programs[2])
+        versions.refresh()
+        assert gone() is not None and returned == [True]
+        del in_flight  # the request ends: the next poll frees it
+        versions.poll()
+        assert gone() is None and returned == [True, True]
+
+
+def test_an_idle_server_lets_go_of_the_version_it_swapped_out(tmp_path, programs):  # noqa: F811
+    """The batcher's thread held the last batch it scored, and so its version, until the next request."""
+    repository = ModelRepository(tmp_path / "repo", NAME)
+    publish(repository, programs[0])
+    app = create_app(None, repository=str(repository.root), model_name=NAME)
+    first = weakref.ref(app.state.versions.current.scorer.program)
+    with serving(app) as url, httpx.Client() as client:
+        assert rank(client, url)[0] == "1"
+        publish(repository, programs[1])
+        app.state.versions.refresh()
+        # Its answer may reach the client before the batcher's thread is back to waiting for the next.
+        wait_until(lambda: gc.collect() >= 0 and first() is None, "version 1 is still held")
 
 
 def test_a_server_lets_go_of_its_first_version_once_swapped_out(tmp_path, programs):  # noqa: F811

@@ -34,6 +34,7 @@ from ..serve.precision import check_precision
 from ..serve.repository import DEFAULT_KEEP, ModelRepository
 from ..serve.served_program import served_program
 from ..serve.table_precision import check_table_precision
+from .leftovers import torch_leftovers_released
 from .rule import DEFAULT_RULE, PromotionRule, judge
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,10 @@ def promote(
     tasks = evaluation_tasks(config, data)
     rule.check(tasks)
     path = run_checkpoint(checkpoint or str(config.training.save_dir), None)
-    with tempfile.TemporaryDirectory(prefix="heavyranker_promote_") as staging:
+    with (
+        torch_leftovers_released(),  # a follow run promotes in its training process for weeks
+        tempfile.TemporaryDirectory(prefix="heavyranker_promote_") as staging,
+    ):
         # Judged as the program it would be published as, as the current version is: the checkpoint's eager
         # model differs from any program by float rounding, which the paired interval can read as worse on a
         # task with a positive or two; in bf16 or int8 the program's rounding costs quality the rule must see.

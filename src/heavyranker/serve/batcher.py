@@ -99,6 +99,9 @@ class Batcher:
                 return
             batch, carried = self._gather(first)
             self._forward(batch)
+            # Not held while waiting for the next: it holds its version's scorer, which an idle server kept
+            # beside the one swapped in since, a model's size, until the next request came.
+            del first, batch
 
     def _gather(self, first: _Job) -> tuple[list[_Job], _Job | None]:
         """`first` and the jobs queued behind it that fit; the next job if it did not fit."""

@@ -143,7 +143,7 @@ class OnnxProgram:
 
 
 def _load_pt2(path: Path, exported_with: str) -> Program:
-    before = set(_fx_sources())
+    before = set(fx_sources())
     try:
         program = torch.export.load(str(path)).module()
     except Exception as e:  # torch raises several kinds; the likely cause is another torch version
@@ -154,21 +154,40 @@ def _load_pt2(path: Path, exported_with: str) -> Program:
     # torch.fx keeps the generated Python source of every graph module it builds in a process-wide cache
     # (for tracebacks' lines), never emptied: a server loading a version every few minutes held each one's
     # (0.3 MB a load of local_small's program). They go with the program.
-    weakref.finalize(program, _forget_fx_sources, set(_fx_sources()) - before)
+    weakref.finalize(program, forget_fx_sources, set(fx_sources()) - before)
+    clear_shape_env_caches()
     return program
 
 
-def _fx_sources() -> dict[str, str]:
+def fx_sources() -> dict[str, str]:
     """torch.fx's cache of generated sources (file name -> source); empty where this torch has none."""
     loader = getattr(torch.fx.graph_module, "_loader", None)
     return getattr(loader, "eval_cache", {})
 
 
-def _forget_fx_sources(names: set[str]) -> None:
-    sources = _fx_sources()
+def forget_fx_sources(names: set[str]) -> None:
+    """Drops these generated sources from torch.fx's cache and linecache's (tracebacks lose their lines)."""
+    sources = fx_sources()
     for name in names:
         sources.pop(name, None)
         linecache.cache.pop(name, None)
+
+
+def clear_shape_env_caches() -> None:
+    """Empties the functools.lru_cache's on torch's ShapeEnv methods (ShapeEnv.get_implications,
+    constrain_symbol_range, _find, ...): they sit on the class and key on the ShapeEnv itself, several
+    without a bound, so each ShapeEnv that torch.export.load or torch.export makes stays, with its fake
+    tensors and symbols, for the process's life: one per version loaded, for a server swapping in one every
+    few minutes. They are caches: emptied, torch computes again what it asks next. A no-op where this torch
+    has no such class."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    except ImportError:
+        return
+    for member in vars(ShapeEnv).values():
+        cache_clear = getattr(member, "cache_clear", None)
+        if callable(cache_clear):
+            cache_clear()
 
 
 def sha256_file(path: Path) -> str:
