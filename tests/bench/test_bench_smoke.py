@@ -113,8 +113,19 @@ BENCHES = {
         | {f"1,000 rows, {mode}" for mode in ("replicated", "sharded", "managed", "managed counting step")}
         | {f"1,000 rows, {mode} over replicated" for mode in ("sharded", "managed")},
     ),
-    "sharding_memory": (
-        ["--config", SMALL, "--rows", "1000", "--dim", "4", "--batch", "16"],
+    "sharding_memory": (  # with the option, which adds one setting: each run of it takes 6 commands
+        [
+            "--config",
+            SMALL,
+            "--rows",
+            "1000",
+            "--dim",
+            "4",
+            "--batch",
+            "16",
+            "--table-optimizer",
+            "rowwise_adagrad",
+        ],
         {"rows", "dim", "ranks", "tables_training_state_mib", "replicated", "torchrec"}
         | {"torchrec_over_replicated"},
     ),
@@ -129,11 +140,6 @@ MODES = {
         "model_step",
         [*BENCHES["model_step"][0], "--precision", "bf16"],
         BENCHES["model_step"][1] | {"bf16_over_fp32"},
-    ),
-    "sharding_memory --table-optimizer rowwise_adagrad": (
-        "sharding_memory",
-        [*BENCHES["sharding_memory"][0], "--table-optimizer", "rowwise_adagrad"],
-        BENCHES["sharding_memory"][1],
     ),
 }
 
