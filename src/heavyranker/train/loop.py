@@ -110,7 +110,6 @@ class Trainer:
         self.model: Ranker = model.to(self.runtime.device)
         batch_size, tasks = config.train_data.global_batch_size // world, len(config.train_data.tasks)
         check_batch_fits(specs, tasks, self.model, batch_size, state, world)
-        # With sharded tables, each rank saves its own shards (train/sharded_checkpoint.py).
         self.sharded = sharded_tables(config.training, self.model, self.runtime)
         if self.sharded is not None:
             self.train_model, params = self.sharded.module, self.sharded.optimizer_view
@@ -194,8 +193,7 @@ class Trainer:
         }
         self.stream_position.save(state, self._dataset)
         if self.table_optimizer is not None:  # sharded: the large tables' state is in their shards
-            table = self.table_optimizer.state_dict() if shards is None else shards.table_optimizer
-            state["table_optimizer"] = table
+            state["table_optimizer"] = shards.table_optimizer if shards else self.table_optimizer.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         if shards is not None:  # where they are; step_<N>.pt, written last, makes the checkpoint exist
@@ -417,10 +415,14 @@ class Trainer:
             yield
             return
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        failed = True
         try:
             yield
+            failed = False
         finally:
-            for s, handler in previous.items():
+            # A rank's error ends its process: torchrun's SIGTERM (another rank is gone) must not kill it
+            # before the error reaches its one line (the default handler did: no line, exit -15).
+            for s, handler in previous.items() if not (failed and self.runtime.distributed) else ():
                 signal.signal(s, handler)
 
 
