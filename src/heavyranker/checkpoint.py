@@ -27,16 +27,25 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any]) -> Pat
     """Write `state` as folder/step_<step>.pt. A write that fails (a full disk) raises UserError naming the
     file and the OS error; the file is left as it was. A symbolic link at the file's name is refused."""
     final = refuse_link(RunFolder.of_checkpoints(folder).checkpoint(step))
+    problem = save_atomically(final, state, "the checkpoint")
+    if problem:
+        raise UserError(problem) from None
+    return final
+
+
+def save_atomically(path: Path, content: Any, what: str) -> str | None:
+    """torch.save `content` to `path` with atomic_write; a write that fails (a full disk) leaves the file as
+    it was and is one line saying so ("PATH: cannot write WHAT: ..."), returned; None when written."""
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(final) as f:
-            torch.save(state, f)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            torch.save(content, f)
     except Exception as e:
         cause = os_error_in(e)
         if cause is None:
             raise
-        raise UserError(f"{final}: cannot write the checkpoint: {cause.strerror or cause}") from None
-    return final
+        return f"{path}: cannot write {what}: {cause.strerror or cause}"
+    return None
 
 
 def os_error_in(error: BaseException | None) -> OSError | None:

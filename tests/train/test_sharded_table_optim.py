@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from heavyranker.checkpoint import SHARDED_TABLES, load_checkpoint, save_checkpoint
@@ -29,10 +28,9 @@ from tests.test_runtime import (  # _cpu: autouse, the CPU also on a machine wit
 )
 from tests.train.test_sharded_checkpoint import _from_files, _index
 from tests.train.test_sharding import (
-    STEPS,
-    _batch,
     _config,
     _fresh_model,
+    _steps,
     data,  # noqa: F401  (the module's examples, a fixture)
 )
 
@@ -126,18 +124,6 @@ class _Both:
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
             optimizer.zero_grad()
-
-
-def _steps(model: torch.nn.Module, optimizer: _Both, specs: dict, rows: slice) -> list:
-    losses = []
-    for step in range(STEPS):
-        features, labels = _batch(specs, step, rows)
-        loss = F.binary_cross_entropy_with_logits(model(features)["logits"], labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-    return losses
 
 
 def _column_wise_steps(config_path: Path, out: Path) -> None:

@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write
-from ..checkpoint import os_error_in, shard_key
+from ..checkpoint import save_atomically, shard_key
 from ..errors import UserError
 from ..run_folder import RunFolder
 from .sharding import ShardedTables, shard_view, weight_key
@@ -67,7 +66,8 @@ def write_shards(
     optimizers = {"optimizer": optimizer, "table_optimizer": table_optimizer}
     optimizers = {kind: o for kind, o in optimizers.items() if o is not None}
     content, written, moments = _own_shards(sharded, optimizers)
-    problem = _write(folder / f"rank-{runtime.rank}.{save}.pt", content) if content else None
+    shard_file = folder / f"rank-{runtime.rank}.{save}.pt"
+    problem = save_atomically(shard_file, content, "the checkpoint's shards") if content else None
     reports = runtime.gather((problem, written, moments))
     problems = [problem for problem, _, _ in reports if problem]
     if problems:
@@ -149,17 +149,3 @@ def _alone(tensor: torch.Tensor) -> torch.Tensor:
     storage (the rank's other shards of the table, with a column-wise plan)."""
     whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     return tensor if whole and tensor.is_contiguous() and tensor.storage_offset() == 0 else tensor.clone()
-
-
-def _write(path: Path, content: dict[str, dict[str, torch.Tensor]]) -> str | None:
-    """Write `content` to `path` atomically; what went wrong, in one line, or None."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as f:
-            torch.save(content, f)
-    except Exception as e:
-        cause = os_error_in(e)
-        if cause is None:
-            raise
-        return f"{path}: cannot write the checkpoint's shards: {cause.strerror or cause}"
-    return None
