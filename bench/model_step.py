@@ -31,6 +31,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -105,7 +106,9 @@ class MatmulRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in self.MATMULS:
             operands = [
-                torch.empty_strided(a.shape, a.stride()).copy_(a) if isinstance(a, torch.Tensor) else a
+                torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).copy_(a)
+                if isinstance(a, torch.Tensor)
+                else a
                 for a in args
             ]
             self.calls.append((func, operands, kwargs))
@@ -165,7 +168,11 @@ def main() -> int:
     parser.add_argument("--matmul-size", type=int, default=4096, help="n of the large n x n x n matmul")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training.precision")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of a few steps")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler's table of 3 steps, then each op's wall time (OpTimer)",
+    )
     parser.add_argument(
         "--glibc-default",
         action="store_true",
@@ -351,6 +358,37 @@ def _quiet_count(measured: list[tuple[T, float]]) -> dict[str, int]:
     return {"quiet": sum(share >= QUIET for _, share in measured), "measured": len(measured)}
 
 
+class OpTimer(TorchDispatchMode):
+    """Wall time of each aten op that runs under it, by op and by op with its first two operands' shapes and
+    dtypes. Why beside torch.profiler: under the profiler a bf16 step of local_prod took 2.7x as long on an
+    AMX CPU (its casts 5x), so its shares were not the step's; this adds a few microseconds per op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: Counter[tuple[str, str]] = Counter()
+        self.calls: Counter[tuple[str, str]] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        operands = [f"{tuple(a.shape)} {str(a.dtype)[6:]}" for a in args if isinstance(a, torch.Tensor)][:2]
+        key = (str(func), ", ".join(operands))
+        self.seconds[key] += time.perf_counter() - start
+        self.calls[key] += 1
+        return out
+
+    def print_table(self, steps: int, rows: int = 25) -> None:
+        by_op: Counter[str] = Counter()
+        for (op, _), seconds in self.seconds.items():
+            by_op[op] += seconds
+        print(f"per step: {1e3 * sum(by_op.values()) / steps:.1f} ms in aten ops; by op (ms):")
+        for op, seconds in by_op.most_common(rows // 2):
+            print(f"  {1e3 * seconds / steps:8.1f}  {op}")
+        print("by op and operands (ms, calls per step):")
+        for key, seconds in self.seconds.most_common(rows):
+            print(f"  {1e3 * seconds / steps:8.1f} {self.calls[key] // steps:4d}  {key[0]} {key[1]}")
+
+
 def profile(model, optimizer, loss_fn, features, labels, weights, bf16: bool) -> None:
     model.train()
     for _ in range(2):
@@ -359,6 +397,11 @@ def profile(model, optimizer, loss_fn, features, labels, weights, bf16: bool) ->
         for _ in range(3):
             train_step_times(model, optimizer, loss_fn, features, labels, weights, bf16)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    timer = OpTimer()
+    with timer:
+        for _ in range(3):
+            train_step_times(model, optimizer, loss_fn, features, labels, weights, bf16)
+    timer.print_table(steps=3)
 
 
 if __name__ == "__main__":
