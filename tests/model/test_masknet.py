@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from heavyranker.config.model import MaskNetConfig
 from heavyranker.errors import UserError
@@ -58,6 +59,40 @@ def test_mask_block_against_numpy(input_layer_norm):
     out = block(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(m, dtype=torch.float32))
     assert out.shape == (7, 4)
     np.testing.assert_allclose(out.detach().numpy(), _block_numpy(block, x, m), atol=1e-4)
+
+
+class _MulDtypes(TorchDispatchMode):
+    """The operand dtypes of every elementwise product that runs under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mul.Tensor:
+            self.seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("matmul", ["onednn", "aten"])
+def test_under_bf16_autocast_the_gate_runs_in_bf16_and_x_keeps_an_fp32_gradient(matmul):
+    rng = np.random.default_rng(1)
+    # 512 x 256 = 2**17 weights: with "onednn" the hidden layer runs on model/linear.py's own bf16 path
+    block = MaskBlock(512, 8, output_size=256, aggregation_size=16, input_layer_norm=True, matmul=matmul)
+    _fill(block, rng)
+    x = torch.tensor(rng.normal(size=(6, 512)), dtype=torch.float32, requires_grad=True)
+    m = torch.as_tensor(rng.normal(size=(6, 8)), dtype=torch.float32)
+    products = _MulDtypes()
+    with products, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x, m)
+    out.float().sum().backward()
+    # forward and backward: no product of an fp32 tensor by a bf16 one (the slow, promoting kind)
+    assert products.seen and all(dtypes == {torch.bfloat16} for dtypes in products.seen)
+    assert x.grad.dtype == torch.float32
+    # bf16 rounds every operand to 8 bits: the LayerNorm'd output agrees with fp32's to a few hundredths
+    reference = _block_numpy(block, x.detach().double().numpy(), m.double().numpy())
+    np.testing.assert_allclose(out.float().detach().numpy(), reference, atol=0.15)
+    assert np.abs(out.float().detach().numpy() - reference).mean() < 0.02
 
 
 def _config(use_parallel, mlp=None):

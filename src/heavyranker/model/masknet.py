@@ -39,7 +39,14 @@ class MaskBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask_input: torch.Tensor) -> torch.Tensor:
         if self.input_layer_norm is not None:
             x = self.input_layer_norm(x)
-        return self.layer_norm(self.hidden_layer(x * self.mask_layer(mask_input)))
+        mask = self.mask_layer(mask_input)
+        if mask.dtype != x.dtype:
+            # bf16 autocast (training.precision: bf16): the mask comes out of its product in bf16 while x is
+            # fp32 (a LayerNorm's or the input's). Gating in bf16 hands the hidden layer the bf16 input it
+            # casts to anyway; an fp32 x would make a mixed-dtype product (3-4x slower than bf16's, forward
+            # and backward) and then that cast (bench/model_step.py --precision bf16).
+            x = x.to(mask.dtype)
+        return self.layer_norm(self.hidden_layer(x * mask))
 
 
 class MaskNet(nn.Module):
