@@ -69,7 +69,8 @@ def preferred_matmul(cpu: CpuInfo, precision: str) -> Matmul:
     """Where the dense layers' products run fastest on this CPU (model/linear.py), by a measured rule.
 
     fp32: oneDNN on AMD (Zen 4: training step 249-261 ms against 285-325 ms on MKL), aten (MKL) on Intel
-    (a Sapphire Rapids: 454 examples/s against 424; the Xeon of docs/precision.md: 393 against 375).
+    (a Sapphire Rapids: 454 examples/s against 424; docs/precision.md's Xeons: 393 against 375 without AMX,
+    381 against 362 with it).
     bf16: oneDNN everywhere: aten sends a bf16 product to oneDNN too, through addmm and extra casts."""
     if precision == "fp32" and cpu.vendor == "GenuineIntel":
         return "aten"
