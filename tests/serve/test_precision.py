@@ -4,6 +4,7 @@ measured."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -79,6 +80,31 @@ def test_bf16_stores_the_dense_weights_in_bf16_and_scores_close_to_fp32(folders:
     assert p_bf16.dtype == s_bf16.dtype == torch.float32
     # bf16 keeps 8 bits of each weight and activation: probabilities move in their third digit, not more.
     assert 0 < float((p_bf16 - p_fp32).abs().max()) < 2e-2
+
+
+def _readers(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
+    """The nodes that read `node`'s value, through casts to bf16 of a bf16 value (no-ops when run) and past
+    the exporter's metadata checks."""
+    for user in node.users:
+        if user.target == torch.ops.aten.to.dtype and user.args[1] == torch.bfloat16:
+            yield from _readers(user)
+        elif user.target != torch.ops.aten._assert_tensor_metadata.default:
+            yield user
+
+
+def test_the_bf16_program_gates_in_bf16_and_normalizes_in_fp32(folders: dict[str, Path]):
+    graph = torch.export.load(str(folders["bf16"] / "model.pt2")).graph
+    ops = torch.ops.aten
+
+    def dtypes(node: torch.fx.Node) -> list[torch.dtype]:
+        return [a.meta["val"].dtype for a in node.args if isinstance(a, torch.fx.Node)]
+
+    # local_small's two mask blocks: x times the mask, both bf16, read by the hidden layer as it is
+    gates = [n for n in graph.nodes if n.target == ops.mul.Tensor and dtypes(n) == [torch.bfloat16] * 2]
+    assert len(gates) == 2
+    assert all(user.target == ops.linear.default for gate in gates for user in _readers(gate))
+    norms = [n for n in graph.nodes if n.target in (ops.layer_norm.default, ops.batch_norm.default)]
+    assert norms and all(dtypes(n)[0] == torch.float32 for n in norms)
 
 
 @pytest.mark.parametrize(
