@@ -92,7 +92,9 @@ def _readers(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
             yield user
 
 
-def test_the_bf16_program_gates_in_bf16_and_normalizes_in_fp32(folders: dict[str, Path]):
+def test_the_bf16_program_gates_in_bf16_casts_each_tensor_once_and_normalizes_in_fp32(
+    folders: dict[str, Path],
+):
     graph = torch.export.load(str(folders["bf16"] / "model.pt2")).graph
     ops = torch.ops.aten
 
@@ -103,6 +105,9 @@ def test_the_bf16_program_gates_in_bf16_and_normalizes_in_fp32(folders: dict[str
     gates = [n for n in graph.nodes if n.target == ops.mul.Tensor and dtypes(n) == [torch.bfloat16] * 2]
     assert len(gates) == 2
     assert all(user.target == ops.linear.default for gate in gates for user in _readers(gate))
+    # the mask blocks read one input, the towers another: each cast to bf16 once
+    casts = [(n.args[0], n.args[1]) for n in graph.nodes if n.target == ops.to.dtype]
+    assert len(casts) > 2 and len(casts) == len(set(casts))
     norms = [n for n in graph.nodes if n.target in (ops.layer_norm.default, ops.batch_norm.default)]
     assert norms and all(dtypes(n)[0] == torch.float32 for n in norms)
 
