@@ -26,6 +26,7 @@ from heavyranker.errors import DataError
 from heavyranker.eval import evaluator
 from heavyranker.model import build_model
 from heavyranker.run_folder import RunFolder
+from heavyranker.train import sharded_eval
 from heavyranker.train.loop import Trainer, train
 from tests.test_runtime import TASKS, _cpu, on_two_ranks, train_config  # noqa: F401 (_cpu: autouse)
 from tests.train.test_sharding import AUTHORS, USERS, _evaluating, _examples, data  # noqa: F401 (fixture)
@@ -174,3 +175,34 @@ def test_an_error_on_one_rank_during_evaluation_ends_every_rank_with_it(held, tm
         log = (tmp_path / "logs" / f"rank_{rank}.log").read_text()
         assert "error: held/part-1.gz: record 24: injected damage\n" in log, log[-2000:]
         assert "Traceback" not in log
+
+
+def _train_failing_in_rank_1s_lookup(config: Path) -> None:
+    """`heavyranker train` where rank 1's evaluation forward fails at its third call before its lookup,
+    while rank 0 goes into the lookup's collective."""
+    if os.environ["RANK"] == "1":
+        init = sharded_eval.InStep.__init__
+
+        def failing_init(self, forward, runtime, specs):  # noqa: ANN001, ANN202
+            calls = []
+
+            def failing(features):  # noqa: ANN001, ANN202
+                calls.append(1)
+                if len(calls) == 3:
+                    raise DataError("injected: a lookup that fails on one rank")
+                return forward(features)
+
+            init(self, failing, runtime, specs)
+
+        sharded_eval.InStep.__init__ = failing_init
+    assert main(["train", "--config", str(config)]) != 0
+
+
+def test_an_error_inside_one_ranks_lookup_ends_both_without_waiting_for_the_timeout(held, tmp_path):
+    config = _config(held, tmp_path / "run", "torchrec")
+    on_two_ranks(_train_failing_in_rank_1s_lookup, config, logs=tmp_path / "logs")  # fails on a hang
+    failed, other = ((tmp_path / "logs" / f"rank_{rank}.log").read_text() for rank in (1, 0))
+    assert "error: injected: a lookup that fails on one rank\n" in failed, failed[-2000:]
+    # rank 0 cannot be told what (rank 1 left in the middle of a collective), only that rank 1 is gone
+    assert "error: rank 0 of 2: another rank of this job is gone" in other, other[-2000:]
+    assert "Traceback" not in failed + other

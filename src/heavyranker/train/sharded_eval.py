@@ -5,8 +5,10 @@ A sharded lookup is a collective: every rank must run it as many times as the ot
 a split differ in batches, so they go in rounds: each round one all-reduce tells every rank whether any rank
 still has a batch, and whether any rank failed; a rank out of batches scores a filler (one example of zeros,
 whose outputs count in no metric) so that the others' lookups complete; no rank having a batch ends the
-rounds. A failure (reading, scoring, or the caller's use of a batch) reaches the other ranks in the round
-they wait in, and every rank raises it, rather than the others waiting forever."""
+rounds. A failure reading a batch, or in the caller's use of its outputs, reaches the other ranks in the
+round they wait in, and every rank raises it, rather than the others waiting forever. A failure in the
+forward itself ends this rank's process without a round (see _Rounds._forward): the others then fail on
+its closed connection, with a line that says another rank is gone."""
 
 from __future__ import annotations
 
@@ -53,16 +55,26 @@ class _Rounds:
         self.open = True  # the other ranks are still in rounds, or will come to the next one
 
     def __iter__(self) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
-        forward = self.in_step.forward
         while True:
             batch, error = self._next()
             if not self._agree(batch is not None, error):
                 self.open = False
                 return
             if batch is None:
-                forward(self.in_step.filler)  # for the others' lookups: its outputs count nowhere
+                self._forward(self.in_step.filler)  # for the others' lookups: its outputs count nowhere
             else:
-                yield batch, forward(batch.features)
+                yield batch, self._forward(batch.features)
+
+    def _forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's forward. After an error in it this rank cannot know how far the others went into its
+        lookup's collectives, so it tells them nothing (a round's all-reduce would meet their lookup and
+        wait out the collective timeout) and its error ends its process; the others' collective then fails
+        on the closed connection, in one line (runtime.distributed_runtime)."""
+        try:
+            return self.in_step.forward(features)
+        except Exception:
+            self.open = False
+            raise
 
     def fail(self, error: Exception) -> None:
         """This rank's error outside a round's agreement: told in the round the others wait in, so that they
