@@ -13,6 +13,7 @@ import socket
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import fsspec
@@ -246,29 +247,32 @@ def test_a_version_swapped_out_is_freed_at_once_and_its_memory_handed_back(tmp_p
         assert gone() is None and returned == [True, True]
 
 
-def test_an_idle_server_lets_go_of_the_version_it_swapped_out(tmp_path, programs):  # noqa: F811
-    """The batcher's thread held the last batch it scored, and so its version, until the next request."""
+@contextmanager
+def served_then_swapped(
+    tmp_path: Path, folders: list[Path]
+) -> Iterator[tuple[httpx.Client, str, weakref.ref]]:
+    """A server that answered a request on version 1 and then swapped in version 2: a client, the server's
+    URL and a weak reference to version 1's program."""
     repository = ModelRepository(tmp_path / "repo", NAME)
-    publish(repository, programs[0])
+    publish(repository, folders[0])
     app = create_app(None, repository=str(repository.root), model_name=NAME)
     first = weakref.ref(app.state.versions.current.scorer.program)
     with serving(app) as url, httpx.Client() as client:
         assert rank(client, url)[0] == "1"
-        publish(repository, programs[1])
+        publish(repository, folders[1])
         app.state.versions.refresh()
+        yield client, url, first
+
+
+def test_an_idle_server_lets_go_of_the_version_it_swapped_out(tmp_path, programs):  # noqa: F811
+    """The batcher's thread held the last batch it scored, and so its version, until the next request."""
+    with served_then_swapped(tmp_path, programs) as (_, _, first):
         # Its answer may reach the client before the batcher's thread is back to waiting for the next.
         wait_until(lambda: gc.collect() >= 0 and first() is None, "version 1 is still held")
 
 
 def test_a_server_lets_go_of_its_first_version_once_swapped_out(tmp_path, programs):  # noqa: F811
-    repository = ModelRepository(tmp_path / "repo", NAME)
-    publish(repository, programs[0])
-    app = create_app(None, repository=str(repository.root), model_name=NAME)
-    first = weakref.ref(app.state.versions.current.scorer.program)
-    with serving(app) as url, httpx.Client() as client:
-        assert rank(client, url)[0] == "1"
-        publish(repository, programs[1])
-        app.state.versions.refresh()
+    with served_then_swapped(tmp_path, programs) as (client, url, first):
         assert rank(client, url)[0] == "2"
         gc.collect()
         assert first() is None
