@@ -191,3 +191,10 @@ def test_a_bfloat16_input_is_refused(exported: Exported, tmp_path):
     config = load_config(CONFIGS / "local_small.yaml", [*OVERRIDES, downcast])
     with pytest.raises(UserError, match="^format onnx: input user_embedding is bfloat16 .* format pt2"):
         export_model(config, checkpoint=str(exported.checkpoint), out=str(tmp_path), format="onnx")
+
+
+def test_onnxruntime_threads_do_not_spin_between_calls(exported_onnx: Path):
+    """Spinning idle threads took the cores that torch, the server's own threads and other processes need
+    (serve/scorer.py)."""
+    options = Scorer(exported_onnx).program.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

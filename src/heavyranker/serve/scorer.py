@@ -126,6 +126,14 @@ class OnnxProgram:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        # onnxruntime's pool threads spin after each run, waiting for the next, on the cores that the server's
+        # own threads (reading and parsing the next request), other programs in the process and other
+        # processes need. Measured on 2 cores, 2 threads, local_prod: in bench/onnx_forward.py's process of
+        # several programs, torch's forward of 100 candidates took 75 ms beside spinning sessions, 44 without;
+        # served at concurrency 4 (bench/serve_latency.py, 2 runs each), 100 candidates a request, fp32
+        # 2,455-2,472 -> 2,489-2,563 candidates/s and int8 7,576-8,017 -> 8,157-8,345; at concurrency 1 no
+        # change past the noise.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(
                 str(model) if isinstance(model, Path) else model, options, providers=["CPUExecutionProvider"]
