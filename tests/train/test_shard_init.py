@@ -105,16 +105,17 @@ def test_the_batch_estimate_of_a_ranker_without_its_tables_rows_is_the_one_with_
 
 
 class Allocations(TorchDispatchMode):
-    """The shapes of the tensors every op makes, off the meta device (which holds no memory)."""
+    """The shapes of the tensors every op makes, off the meta device (which holds no memory) unless `meta`."""
 
-    def __init__(self) -> None:
+    def __init__(self, meta: bool = False) -> None:
         super().__init__()
+        self.meta = meta
         self.shapes: set[tuple[int, ...]] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+            if isinstance(tensor, torch.Tensor) and (self.meta or not tensor.is_meta):
                 self.shapes.add(tuple(tensor.shape))
         return out
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 from sklearn.metrics import roc_auc_score
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from heavyranker.checkpoint import load_checkpoint
 from heavyranker.cli import main
@@ -29,6 +28,7 @@ from heavyranker.run_folder import RunFolder
 from heavyranker.train import sharded_eval
 from heavyranker.train.loop import Trainer, train
 from tests.test_runtime import TASKS, _cpu, on_two_ranks, train_config  # noqa: F401 (_cpu: autouse)
+from tests.train.test_shard_init import Allocations
 from tests.train.test_sharding import AUTHORS, USERS, _evaluating, _examples, data  # noqa: F401 (fixture)
 
 pytest.importorskip("torchrec", reason="the torchrec extra (docs/sharding.md)")
@@ -100,28 +100,14 @@ def _sklearn_auroc(run: Path, step: int, num_eval_steps: int) -> dict[str, float
     return {task: roc_auc_score(y[:, i], p[:, i]) for i, task in enumerate(TASKS)}
 
 
-class _Shapes(TorchDispatchMode):
-    """The shape of every tensor an operator makes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: set[tuple[int, ...]] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, tuple | list) else [out]:
-            if isinstance(value, torch.Tensor):
-                self.shapes.add(tuple(value.shape))
-        return out
-
-
 def _train_recording_evaluations(config: Path, out: Path) -> None:
-    """train, each evaluation under _Shapes; this rank's shapes into `out`/rank_<r>.json."""
+    """train, each evaluation under Allocations (meta tensors too); this rank's shapes into
+    `out`/rank_<r>.json."""
     shapes: set[tuple[int, ...]] = set()
     evaluate = Trainer._evaluate
 
     def recorded(self: Trainer, logger: object) -> None:
-        with _Shapes() as mode:
+        with Allocations(meta=True) as mode:
             evaluate(self, logger)
         shapes.update(mode.shapes)
 

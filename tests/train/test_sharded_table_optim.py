@@ -31,6 +31,7 @@ from tests.train.test_sharding import (
     _config,
     _fresh_model,
     _steps,
+    assert_state_is,
     data,  # noqa: F401  (the module's examples, a fixture)
 )
 
@@ -151,11 +152,7 @@ def _column_wise_steps(config_path: Path, out: Path) -> None:
         local = sharded.local_optimizer_state(
             table_optimizer, raw["table_optimizer"], raw[SHARDED_TABLES], kind="table_optimizer"
         )
-        own = table_optimizer.state_dict()["state"]
-        assert local["state"].keys() == own.keys()
-        for index, entry in own.items():
-            for key, value in entry.items():
-                torch.testing.assert_close(local["state"][index][key], value, rtol=0, atol=0)
+        assert_state_is(local, table_optimizer)
         if runtime.is_main:
             torch.save({"losses": losses}, out)
 

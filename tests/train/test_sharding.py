@@ -252,11 +252,7 @@ def _pinned_sharded_steps(config_path: Path, out: Path) -> None:
         model_state, optimizer_state = saved_state(sharded, optimizer, out.parent / "checkpoints")
         # The checkpoint's optimizer state cut back to this rank is this rank's state.
         local = sharded.local_optimizer_state(optimizer, runtime.broadcast(optimizer_state))
-        own = optimizer.state_dict()["state"]
-        assert local["state"].keys() == own.keys()
-        for index, entry in own.items():
-            for key, value in entry.items():
-                torch.testing.assert_close(local["state"][index][key], value, rtol=0, atol=0)
+        assert_state_is(local, optimizer)
         if runtime.is_main:
             torch.save(
                 {"plans": plans, "losses": losses, "model": model_state, "optimizer": optimizer_state}, out
@@ -300,3 +296,12 @@ def test_a_sharded_resume_checks_the_checkpoint_as_a_replicated_one_does(data, t
     config = _config(data, tmp_path / "run", "torchrec")
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, {"model": [1, 2], "step": 1})
     on_two_ranks(_refuses_a_damaged_checkpoint, config, logs=tmp_path / "logs")
+
+
+def assert_state_is(local: dict, optimizer: torch.optim.Optimizer) -> None:
+    """`local` (an optimizer state_dict cut back to this rank) holds exactly `optimizer`'s state."""
+    own = optimizer.state_dict()["state"]
+    assert local["state"].keys() == own.keys()
+    for index, entry in own.items():
+        for key, value in entry.items():
+            torch.testing.assert_close(local["state"][index][key], value, rtol=0, atol=0)
